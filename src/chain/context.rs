@@ -1,0 +1,55 @@
+//! The per-request context: what middlewares learn about a request and pass on to later
+//! middlewares, to the response phase, and to the audit event.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+/// State of one request as it travels down the chain and back up.
+///
+/// Plain owned fields, no maps: it lives on the request task's stack and costs nothing
+/// to create.
+#[derive(Debug)]
+pub struct Context {
+    /// The client's address, after `server.trusted_proxies` have been peeled off.
+    pub client_ip: IpAddr,
+    /// When the request head was received; the origin of every timing.
+    pub start: Instant,
+    /// The id set by a `request_id` middleware, echoed in every response gatehouse makes.
+    pub request_id: Option<HeaderValue>,
+    /// How long the upstream took to answer with a response head, once it was asked.
+    pub upstream_time: Option<Duration>,
+    /// Streamed request bytes allowed, and the index of the middleware that set the limit.
+    pub body_limit: Option<(u64, usize)>,
+    /// The `access-control-allow-origin` value a `cors` middleware decided on, if any.
+    pub cors_allow_origin: Option<HeaderValue>,
+    /// Index of the middleware that rejected the request.
+    pub denied_by: Option<usize>,
+    /// Index of the middleware whose phase is running, so it can name itself in the context.
+    pub current: usize,
+    /// Bit `i` is set when middleware `i`'s request phase ran: only those see the response.
+    pub(crate) ran: u64,
+}
+
+impl Context {
+    pub fn new(client_ip: IpAddr, start: Instant) -> Self {
+        Context {
+            client_ip,
+            start,
+            request_id: None,
+            upstream_time: None,
+            body_limit: None,
+            cors_allow_origin: None,
+            denied_by: None,
+            current: 0,
+            ran: 0,
+        }
+    }
+
+    /// SPEC's JSON error response, carrying this request's id.
+    pub fn reject(&self, status: StatusCode, message: &str) -> Response<Bytes> {
+        super::reply::error(status, message, self.request_id.as_ref())
+    }
+}

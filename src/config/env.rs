@@ -1,0 +1,125 @@
+//! `${VAR}` / `${VAR:-default}` interpolation, so secrets come from the environment
+//! (Kubernetes Secrets) instead of the file. Applied to every string value, never to keys.
+
+use super::error::KeyPath;
+
+/// Replaces every `${VAR}` and `${VAR:-default}` in the string values of `value`, in place.
+/// `$${` stands for a literal `${`. On failure, returns where and why.
+pub fn interpolate(
+    value: &mut toml::Value,
+    path: &mut KeyPath,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (KeyPath, String)> {
+    match value {
+        toml::Value::String(s) if s.contains('$') => match expand(s, lookup) {
+            Ok(expanded) => *s = expanded,
+            Err(msg) => return Err((path.clone(), msg)),
+        },
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                path.push_index(i);
+                interpolate(item, path, lookup)?;
+                path.pop();
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                path.push_key(key);
+                interpolate(item, path, lookup)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("${") {
+            let end = after.find('}').ok_or_else(|| {
+                format!("unterminated \"${{\" in {s:?}: expected ${{VAR}} or ${{VAR:-default}}")
+            })?;
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            if !is_var_name(name) {
+                return Err(format!(
+                    "invalid variable name {name:?} in {s:?}: expected letters, digits and '_', not starting with a digit"
+                ));
+            }
+            match (lookup(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable {name} is not set (use ${{{name}:-default}} to give a default)"
+                    ))
+                }
+            }
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn is_var_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "KEY" => Some("s3cret".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands() {
+        assert_eq!(expand("a ${KEY} b", &env).unwrap(), "a s3cret b");
+        assert_eq!(expand("${NOPE:-fallback}", &env).unwrap(), "fallback");
+        assert_eq!(expand("${KEY:-fallback}", &env).unwrap(), "s3cret");
+        assert_eq!(expand("${EMPTY:-x}", &env).unwrap(), "");
+        assert_eq!(expand("cost $5 $${KEY}", &env).unwrap(), "cost $5 ${KEY}");
+        assert_eq!(expand("${NOPE:-}", &env).unwrap(), "");
+    }
+
+    #[test]
+    fn refuses() {
+        assert!(expand("${NOPE}", &env)
+            .unwrap_err()
+            .contains("NOPE is not set"));
+        assert!(expand("${KEY", &env).unwrap_err().contains("unterminated"));
+        assert!(expand("${1X}", &env)
+            .unwrap_err()
+            .contains("invalid variable name"));
+    }
+
+    #[test]
+    fn walks_nested_values_and_reports_the_path() {
+        let mut v: toml::Value = toml::from_str("a = [{ b = \"${NOPE}\" }]").unwrap();
+        let (path, msg) = interpolate(&mut v, &mut KeyPath::default(), &env).unwrap_err();
+        assert_eq!(path.to_string(), "a[0].b");
+        assert!(msg.contains("NOPE"));
+    }
+}

@@ -1,0 +1,246 @@
+//! Config errors that say where: file, line and column, key path, and what was expected.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml_edit::{Item, TableLike, Value};
+
+/// A key path such as `middleware[2].rate`: how operators and error messages name a key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPath(Vec<Segment>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    pub fn push_key(&mut self, key: &str) {
+        self.0.push(Segment::Key(key.to_owned()));
+    }
+
+    pub fn push_index(&mut self, index: usize) {
+        self.0.push(Segment::Index(index));
+    }
+
+    pub fn ends_with_key(&self, key: &str) -> bool {
+        matches!(self.0.last(), Some(Segment::Key(k)) if k == key)
+    }
+
+    pub fn pop(&mut self) {
+        self.0.pop();
+    }
+
+    /// `self` followed by `more`.
+    pub fn join(&self, more: &KeyPath) -> KeyPath {
+        KeyPath(self.0.iter().chain(&more.0).cloned().collect())
+    }
+
+    /// `self` followed by one key.
+    pub fn key(&self, key: &str) -> KeyPath {
+        let mut p = self.clone();
+        p.push_key(key);
+        p
+    }
+
+    /// Converts serde_path_to_error's path.
+    pub fn from_serde(path: &serde_path_to_error::Path) -> KeyPath {
+        use serde_path_to_error::Segment as S;
+        KeyPath(
+            path.iter()
+                .filter_map(|s| match s {
+                    S::Seq { index } => Some(Segment::Index(*index)),
+                    S::Map { key } => Some(Segment::Key(key.clone())),
+                    S::Enum { variant } => Some(Segment::Key(variant.clone())),
+                    S::Unknown => None,
+                })
+                .collect(),
+        )
+    }
+
+    /// The span of the deepest part of this path that exists in the parsed document: the
+    /// key itself when present, else its closest parent (e.g. for a missing key).
+    fn locate(&self, root: &Item) -> Option<Range<usize>> {
+        let mut span = None;
+        let mut node = Node::Item(root);
+        for seg in &self.0 {
+            let Some((next, here)) = node.child(seg) else {
+                break;
+            };
+            span = here.or(span);
+            node = next;
+        }
+        span
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a Item),
+    Table(&'a toml_edit::Table),
+    Value(&'a Value),
+}
+
+impl<'a> Node<'a> {
+    /// The child at `seg` and its span (the key's, for a table entry).
+    fn child(self, seg: &Segment) -> Option<(Node<'a>, Option<Range<usize>>)> {
+        match (self, seg) {
+            (node, Segment::Key(k)) => {
+                let (key, item) = node.table_like()?.get_key_value(k)?;
+                Some((Node::Item(item), key.span().or_else(|| item.span())))
+            }
+            (Node::Item(Item::ArrayOfTables(a)), Segment::Index(i)) => {
+                let t = a.get(*i)?;
+                Some((Node::Table(t), t.span()))
+            }
+            (node, Segment::Index(i)) => {
+                let v = node.array_value(*i)?;
+                Some((Node::Value(v), v.span()))
+            }
+        }
+    }
+
+    fn table_like(self) -> Option<&'a dyn TableLike> {
+        match self {
+            Node::Item(i) => i.as_table_like(),
+            Node::Table(t) => Some(t),
+            Node::Value(Value::InlineTable(t)) => Some(t),
+            Node::Value(_) => None,
+        }
+    }
+
+    fn array_value(self, i: usize) -> Option<&'a Value> {
+        match self {
+            Node::Item(Item::Value(Value::Array(a))) | Node::Value(Value::Array(a)) => a.get(i),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Segment::Key(k) if i == 0 => f.write_str(k)?,
+                Segment::Key(k) => write!(f, ".{k}")?,
+                Segment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a config file was refused, with enough context to fix it without guessing.
+#[derive(Debug)]
+pub struct ConfigError {
+    file: PathBuf,
+    /// 1-based line and column, when the problem has a place in the file.
+    position: Option<(usize, usize)>,
+    path: Option<KeyPath>,
+    message: String,
+}
+
+impl ConfigError {
+    /// A problem with the file as a whole (cannot read it).
+    pub fn file(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            position: None,
+            path: None,
+            message: message.into(),
+        }
+    }
+
+    /// A problem at a byte offset of the source, e.g. a TOML syntax error.
+    pub fn at_span(
+        file: &Path,
+        source: &str,
+        span: Option<Range<usize>>,
+        message: impl Into<String>,
+    ) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            position: span.map(|s| line_col(source, s.start)),
+            path: None,
+            message: message.into(),
+        }
+    }
+
+    /// A problem with one key, located in the parsed document.
+    pub fn at_key(
+        file: &Path,
+        source: &str,
+        doc: &Item,
+        path: KeyPath,
+        message: impl Into<String>,
+    ) -> Self {
+        let position = path.locate(doc).map(|s| line_col(source, s.start));
+        ConfigError {
+            file: file.to_owned(),
+            position,
+            path: Some(path),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        match &self.path {
+            Some(path) if !path.0.is_empty() => write!(f, ": {path}: {}", self.message),
+            _ => write!(f, ": {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locates_nested_keys() {
+        let src = "[server]\nlisten = \"x\"\n\n[[middleware]]\ntype = \"a\"\n\n[[middleware]]\ntype = \"b\"\nrate = \"5/x\"\nh = { set = { a = \"b\" } }\n";
+        let doc = toml_edit::ImDocument::parse(src).unwrap();
+        let root = doc.as_item();
+        let mut p = KeyPath::default();
+        p.push_key("middleware");
+        p.push_index(1);
+        p.push_key("rate");
+        let err = ConfigError::at_key(Path::new("proxy.toml"), src, root, p, "bad rate");
+        assert_eq!(
+            err.to_string(),
+            "proxy.toml:9:1: middleware[1].rate: bad rate"
+        );
+
+        let mut p = KeyPath::default();
+        p.push_key("middleware");
+        p.push_index(1);
+        p.push_key("h");
+        p.push_key("set");
+        p.push_key("a");
+        let err = ConfigError::at_key(Path::new("f"), src, root, p, "m");
+        assert_eq!(err.to_string(), "f:10:15: middleware[1].h.set.a: m");
+
+        // A missing key points at its parent.
+        let mut p = KeyPath::default();
+        p.push_key("server");
+        p.push_key("upstream");
+        let err = ConfigError::at_key(Path::new("f"), src, root, p, "missing");
+        assert_eq!(err.to_string(), "f:1:2: server.upstream: missing");
+    }
+}

@@ -1,0 +1,502 @@
+//! The config file: schema, value types, `${VAR}` interpolation and validation.
+//!
+//! Loading goes: TOML syntax (with spans) → interpolation of every string value → typed
+//! deserialization (unknown keys refused) → semantic checks. Every failure becomes one
+//! [`ConfigError`] naming the file, line and column, the key path and what was expected.
+
+pub mod env;
+pub mod error;
+pub mod value;
+
+use std::path::{Path, PathBuf};
+
+use http::Method;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+pub use error::{ConfigError, KeyPath};
+pub use value::UpstreamUrl;
+use value::{ByteSize, Cidr, Duration, HttpMethod, ListenAddr, PathPattern};
+
+use crate::chain::MAX_LINKS;
+use crate::middleware::Spec;
+
+/// A validated config, ready to build a server from.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub middleware: Vec<MiddlewareEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: ServerConfig,
+    upstream: UpstreamConfig,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    middleware: Vec<toml::Table>,
+}
+
+/// `[server]`: the public listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: ListenAddr,
+    /// Runtime worker threads; 0 means one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Duration,
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::zero")]
+    pub shutdown_delay: Duration,
+    #[serde(default = "defaults::shutdown_grace")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// `[upstream]`: the service gatehouse stands in front of.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Time to the upstream's response head.
+    #[serde(default = "defaults::upstream_timeout")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::yes")]
+    pub preserve_host: bool,
+    /// How long an idle pooled connection is kept: below the app's own keep-alive timeout,
+    /// so gatehouse never sends a request on a connection the app is closing.
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pub idle_timeout: Duration,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// One `[[middleware]]` entry: the keys every type accepts, and the type's own settings.
+#[derive(Debug)]
+pub struct MiddlewareEntry {
+    pub name: String,
+    pub paths: Vec<PathPattern>,
+    pub skip_paths: Vec<PathPattern>,
+    pub methods: Vec<Method>,
+    pub spec: Spec,
+}
+
+/// Keys every middleware entry accepts besides `type`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Common {
+    name: Option<String>,
+    #[serde(default)]
+    paths: Vec<PathPattern>,
+    #[serde(default)]
+    skip_paths: Vec<PathPattern>,
+    #[serde(default)]
+    methods: Vec<HttpMethod>,
+}
+
+const COMMON_KEYS: [&str; 4] = ["name", "paths", "skip_paths", "methods"];
+
+mod defaults {
+    use super::{ByteSize, Duration};
+    use std::time::Duration as D;
+
+    pub fn max_header_bytes() -> ByteSize {
+        ByteSize(64 << 10)
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration(D::from_secs(10))
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration(D::from_secs(60))
+    }
+    pub fn zero() -> Duration {
+        Duration(D::ZERO)
+    }
+    pub fn shutdown_grace() -> Duration {
+        Duration(D::from_secs(20))
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration(D::from_secs(2))
+    }
+    pub fn upstream_timeout() -> Duration {
+        Duration(D::from_secs(30))
+    }
+    pub fn pool_idle_timeout() -> Duration {
+        Duration(D::from_secs(2))
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+}
+
+/// A problem found below some key, before it is placed in the file.
+pub type Problem = (KeyPath, String);
+
+/// Deserializes `value` into `T`, reporting the failing key's path.
+pub fn deserialize<T: DeserializeOwned>(value: toml::Value) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut path = KeyPath::from_serde(e.path());
+        let message = e.inner().message().to_owned();
+        // serde names an unknown or missing key in the message, at its parent's path:
+        // point at the key itself, so the line and column are the offending line's.
+        for marker in ["unknown field `", "missing field `"] {
+            if let Some(name) = message
+                .strip_prefix(marker)
+                .and_then(|rest| rest.split('`').next())
+            {
+                if !path.ends_with_key(name) {
+                    path.push_key(name);
+                }
+            }
+        }
+        (path, message)
+    })
+}
+
+impl Config {
+    /// Reads, interpolates and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::file(path, format!("cannot read the config file: {e}")))?;
+        Config::parse(path, &source, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses `source` as if read from `file`, taking `${VAR}`s from `lookup`.
+    pub fn parse(
+        file: &Path,
+        source: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let doc = toml_edit::ImDocument::parse(source).map_err(|e| {
+            ConfigError::at_span(
+                file,
+                source,
+                e.span(),
+                format!("invalid TOML: {}", e.message().trim()),
+            )
+        })?;
+        let at = |(path, message): Problem| {
+            ConfigError::at_key(file, source, doc.as_item(), path, message)
+        };
+
+        let mut value: toml::Value = toml::from_str(source).map_err(|e| {
+            ConfigError::at_span(
+                file,
+                source,
+                e.span(),
+                format!("invalid TOML: {}", e.message().trim()),
+            )
+        })?;
+        env::interpolate(&mut value, &mut KeyPath::default(), lookup).map_err(at)?;
+        let raw: RawConfig = deserialize(value).map_err(at)?;
+
+        let mut middleware = Vec::with_capacity(raw.middleware.len());
+        for (i, table) in raw.middleware.into_iter().enumerate() {
+            let mut base = KeyPath::default();
+            base.push_key("middleware");
+            base.push_index(i);
+            let entry = parse_entry(table).map_err(|(p, m)| at((base.join(&p), m)))?;
+            if let Some(first) = middleware
+                .iter()
+                .position(|m: &MiddlewareEntry| m.name == entry.name)
+            {
+                return Err(at((
+                    base.key("name"),
+                    format!(
+                        "duplicate middleware name {:?} (also middleware[{first}]): give one of them a distinct `name`",
+                        entry.name
+                    ),
+                )));
+            }
+            middleware.push(entry);
+        }
+        if middleware.len() > MAX_LINKS {
+            return Err(at((
+                KeyPath::default().key("middleware"),
+                format!(
+                    "{} middlewares: at most {MAX_LINKS} are supported",
+                    middleware.len()
+                ),
+            )));
+        }
+
+        let config = Config {
+            file: file.to_owned(),
+            server: raw.server,
+            upstream: raw.upstream,
+            log: raw.log,
+            middleware,
+        };
+        config.validate().map_err(at)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Problem> {
+        let key = |section: &str, name: &str| KeyPath::default().key(section).key(name);
+        let s = &self.server;
+        if s.workers > 1024 {
+            return Err((
+                key("server", "workers"),
+                format!("{} workers: expected 0 (one per CPU) up to 1024", s.workers),
+            ));
+        }
+        if !(1 << 10..=1 << 20).contains(&s.max_header_bytes.0) {
+            return Err((
+                key("server", "max_header_bytes"),
+                format!("{}: expected between 1KiB and 1MiB", s.max_header_bytes),
+            ));
+        }
+        for (name, d) in [
+            ("header_read_timeout", s.header_read_timeout),
+            ("idle_timeout", s.idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err((key("server", name), "expected a duration above zero".into()));
+            }
+        }
+        let u = &self.upstream;
+        for (name, d) in [
+            ("connect_timeout", u.connect_timeout),
+            ("timeout", u.timeout),
+            ("idle_timeout", u.idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err((
+                    key("upstream", name),
+                    "expected a duration above zero".into(),
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err((
+                key("log", "level"),
+                format!(
+                    "invalid level {:?}: expected error, warn, info, debug or trace",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Worker threads to run: `server.workers`, or one per CPU.
+    pub fn workers(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+fn parse_entry(mut table: toml::Table) -> Result<MiddlewareEntry, Problem> {
+    let kind = match table.remove("type") {
+        Some(toml::Value::String(kind)) => kind,
+        Some(_) => {
+            return Err((
+                KeyPath::default().key("type"),
+                "expected a string such as \"request_id\"".into(),
+            ))
+        }
+        None => {
+            return Err((
+                KeyPath::default().key("type"),
+                format!(
+                    "missing field `type`: expected one of {}",
+                    crate::middleware::TYPES.join(", ")
+                ),
+            ))
+        }
+    };
+    let common_table: toml::Table = COMMON_KEYS
+        .iter()
+        .filter_map(|k| table.remove(*k).map(|v| (k.to_string(), v)))
+        .collect();
+    let common: Common = deserialize(toml::Value::Table(common_table))?;
+    let spec = Spec::parse(&kind, toml::Value::Table(table))?;
+    Ok(MiddlewareEntry {
+        name: common.name.unwrap_or(kind),
+        paths: common.paths,
+        skip_paths: common.skip_paths,
+        methods: common.methods.into_iter().map(|m| m.0).collect(),
+        spec,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, String> {
+        let env = |name: &str| (name == "SET").then(|| "from-env".to_owned());
+        Config::parse(Path::new("proxy.toml"), src, &env).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str =
+        "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.server.max_header_bytes.0, 64 << 10);
+        assert_eq!(c.server.idle_timeout.0.as_secs(), 60);
+        assert!(c.upstream.preserve_host);
+        assert_eq!(
+            c.upstream.url,
+            UpstreamUrl::Tcp {
+                host: "127.0.0.1".into(),
+                port: 8000
+            }
+        );
+        assert!(c.middleware.is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_key() {
+        let err = parse(&format!(
+            "{BASE}[[middleware]]\ntype = \"request_id\"\nheder = \"x\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("proxy.toml:7:1: middleware[0].heder: unknown field `heder`"),
+            "{err}"
+        );
+
+        let err = parse(&format!("{BASE}[[middleware]]\ntype = \"body_limit\"\n\n[[middleware]]\ntype = \"body_limit\"\nname = \"b2\"\nmax = \"5 parsecs\"\n")).unwrap_err();
+        assert!(
+            err.starts_with("proxy.toml:11:1: middleware[1].max: invalid size \"5 parsecs\""),
+            "{err}"
+        );
+
+        let err =
+            parse("[server]\nlisten = \"nope\"\n[upstream]\nurl = \"http://x:1\"\n").unwrap_err();
+        assert!(
+            err.starts_with("proxy.toml:2:1: server.listen: invalid listen address"),
+            "{err}"
+        );
+
+        let err = parse("[server]\n[upstream]\nurl = \"http://x:1\"\n").unwrap_err();
+        assert!(
+            err.starts_with("proxy.toml:1:2: server.listen: missing field `listen`"),
+            "{err}"
+        );
+
+        let err = parse(&format!("bogus = 1\n{BASE}")).unwrap_err();
+        assert!(
+            err.starts_with("proxy.toml:1:1: bogus: unknown field `bogus`"),
+            "{err}"
+        );
+        let err = parse(&format!("{BASE}bogus = 1\n")).unwrap_err();
+        assert!(
+            err.starts_with("proxy.toml:5:1: upstream.bogus: unknown field `bogus`"),
+            "{err}"
+        );
+
+        let err = parse("[server\n").unwrap_err();
+        assert!(err.starts_with("proxy.toml:1:8: invalid TOML"), "{err}");
+    }
+
+    #[test]
+    fn unknown_type_lists_the_known_ones() {
+        let err = parse(&format!("{BASE}[[middleware]]\ntype = \"teleport\"\n")).unwrap_err();
+        assert!(
+            err.contains("middleware[0].type: unknown middleware type \"teleport\""),
+            "{err}"
+        );
+        assert!(err.contains("request_id"), "{err}");
+    }
+
+    #[test]
+    fn interpolation_and_missing_variables() {
+        let c = parse("[server]\nlisten = \"127.0.0.1:${PORT:-9000}\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n").unwrap();
+        assert_eq!(c.server.listen.0.port(), 9000);
+        let err = parse("[server]\nlisten = \"${MISSING}\"\n[upstream]\nurl = \"http://x:1\"\n")
+            .unwrap_err();
+        assert!(
+            err.starts_with(
+                "proxy.toml:2:1: server.listen: environment variable MISSING is not set"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let err = parse(&format!(
+            "{BASE}[[middleware]]\ntype = \"timing\"\n[[middleware]]\ntype = \"timing\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("middleware[1].name: duplicate middleware name \"timing\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert_eq!(
+            "unix:/run/app.sock".parse::<UpstreamUrl>().unwrap(),
+            UpstreamUrl::Unix("/run/app.sock".into())
+        );
+        assert_eq!(
+            "http://app".parse::<UpstreamUrl>().unwrap(),
+            UpstreamUrl::Tcp {
+                host: "app".into(),
+                port: 80
+            }
+        );
+        assert_eq!(
+            "http://[::1]:9".parse::<UpstreamUrl>().unwrap(),
+            UpstreamUrl::Tcp {
+                host: "::1".into(),
+                port: 9
+            }
+        );
+        assert!("https://app"
+            .parse::<UpstreamUrl>()
+            .unwrap_err()
+            .contains("TLS"));
+        assert!("unix:relative".parse::<UpstreamUrl>().is_err());
+        assert!("http://app/path".parse::<UpstreamUrl>().is_err());
+    }
+}

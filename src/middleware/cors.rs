@@ -1,0 +1,286 @@
+//! `cors`: answers browsers' preflight requests itself (the app never sees them) and adds
+//! the CORS response headers for allowed origins, so the app needs no CORS code.
+
+use http::header::{
+    ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
+    ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN, VARY,
+};
+use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use serde::Deserialize;
+
+use crate::chain::{Context, Flow, Middleware};
+use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
+use crate::config::{KeyPath, Problem};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Exact origins (`"https://app.example.com"`), subdomain wildcards
+    /// (`"https://*.example.com"`), or `"*"` for any origin.
+    allow_origins: Vec<String>,
+    #[serde(default = "default_methods")]
+    allow_methods: Vec<HttpMethod>,
+    /// Request headers a browser may send; `"*"` allows whatever the preflight asks for.
+    #[serde(default)]
+    allow_headers: Vec<HeaderNameValue>,
+    #[serde(default)]
+    expose_headers: Vec<HeaderNameValue>,
+    #[serde(default)]
+    allow_credentials: bool,
+    #[serde(default = "default_max_age")]
+    max_age: Duration,
+}
+
+fn default_methods() -> Vec<HttpMethod> {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ]
+    .into_iter()
+    .map(HttpMethod)
+    .collect()
+}
+
+fn default_max_age() -> Duration {
+    Duration(std::time::Duration::from_secs(600))
+}
+
+impl super::Settings for Settings {
+    fn validate(&self) -> Result<(), Problem> {
+        let at = |i: usize| {
+            let mut p = KeyPath::default().key("allow_origins");
+            p.push_index(i);
+            p
+        };
+        if self.allow_origins.is_empty() {
+            return Err((
+                KeyPath::default().key("allow_origins"),
+                "expected at least one origin, or \"*\"".into(),
+            ));
+        }
+        for (i, origin) in self.allow_origins.iter().enumerate() {
+            if origin == "*" {
+                if self.allow_credentials {
+                    return Err((at(i), "\"*\" cannot be combined with allow_credentials = true (browsers refuse it): list the origins".into()));
+                }
+                continue;
+            }
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let valid = host.is_some_and(|h| {
+                let h = h.strip_prefix("*.").unwrap_or(h);
+                !h.is_empty()
+                    && !h.contains(['/', '*', ' '])
+                    && HeaderValue::from_str(origin).is_ok()
+            });
+            if !valid {
+                return Err((at(i), format!("invalid origin {origin:?}: expected \"https://host[:port]\", \"https://*.domain\" or \"*\"")));
+            }
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "allow_origins=[{}] allow_credentials={} max_age={}",
+            self.allow_origins.join(", "),
+            self.allow_credentials,
+            self.max_age
+        )
+    }
+
+    fn build(&self) -> Box<dyn Middleware> {
+        let join = |names: Vec<&str>| {
+            (!names.is_empty())
+                .then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
+        };
+        let reflect_headers = self.allow_headers.iter().any(|h| h.0.as_str() == "*");
+        Box::new(Cors {
+            any_origin: self.allow_origins.iter().any(|o| o == "*"),
+            origins: self
+                .allow_origins
+                .iter()
+                .filter(|o| *o != "*")
+                .map(|o| OriginRule::new(o))
+                .collect(),
+            methods: self.allow_methods.iter().map(|m| m.0.clone()).collect(),
+            allow_methods: join(self.allow_methods.iter().map(|m| m.0.as_str()).collect()),
+            allow_headers: if reflect_headers {
+                None
+            } else {
+                join(self.allow_headers.iter().map(|h| h.0.as_str()).collect())
+            },
+            reflect_headers,
+            expose_headers: join(self.expose_headers.iter().map(|h| h.0.as_str()).collect()),
+            credentials: self.allow_credentials,
+            max_age: HeaderValue::from(self.max_age.0.as_secs()),
+        })
+    }
+}
+
+enum OriginRule {
+    Exact(String),
+    /// `https://*.example.com`: scheme and the `.example.com` suffix.
+    Subdomains {
+        scheme: String,
+        suffix: String,
+    },
+}
+
+impl OriginRule {
+    fn new(origin: &str) -> Self {
+        let lower = origin.to_ascii_lowercase();
+        match lower.split_once("://*") {
+            Some((scheme, suffix)) => OriginRule::Subdomains {
+                scheme: format!("{scheme}://"),
+                suffix: suffix.to_owned(),
+            },
+            None => OriginRule::Exact(lower),
+        }
+    }
+
+    fn matches(&self, origin: &str) -> bool {
+        match self {
+            OriginRule::Exact(o) => o.eq_ignore_ascii_case(origin),
+            OriginRule::Subdomains { scheme, suffix } => {
+                let lower = origin.to_ascii_lowercase();
+                lower.strip_prefix(scheme.as_str()).is_some_and(|host| {
+                    host.len() > suffix.len() && host.ends_with(suffix.as_str())
+                })
+            }
+        }
+    }
+}
+
+struct Cors {
+    any_origin: bool,
+    origins: Vec<OriginRule>,
+    methods: Vec<Method>,
+    allow_methods: Option<HeaderValue>,
+    allow_headers: Option<HeaderValue>,
+    reflect_headers: bool,
+    expose_headers: Option<HeaderValue>,
+    credentials: bool,
+    max_age: HeaderValue,
+}
+
+static WILDCARD: HeaderValue = HeaderValue::from_static("*");
+static TRUE: HeaderValue = HeaderValue::from_static("true");
+static VARY_ORIGIN: HeaderValue = HeaderValue::from_static("origin");
+static VARY_PREFLIGHT: HeaderValue = HeaderValue::from_static(
+    "origin, access-control-request-method, access-control-request-headers",
+);
+
+impl Cors {
+    /// The `access-control-allow-origin` value for `origin`, or `None` if it is not allowed.
+    fn allow_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
+        if self.any_origin {
+            return Some(WILDCARD.clone());
+        }
+        let text = origin.to_str().ok()?;
+        self.origins
+            .iter()
+            .any(|r| r.matches(text))
+            .then(|| origin.clone())
+    }
+
+    fn preflight(
+        &self,
+        req: &request::Parts,
+        ctx: &Context,
+        origin: &HeaderValue,
+    ) -> Response<bytes::Bytes> {
+        let method = req
+            .headers
+            .get(ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+        let allow_origin = match (self.allow_origin(origin), method) {
+            (Some(allow), Some(m)) if self.methods.contains(&m) => allow,
+            (Some(_), _) => {
+                return ctx.reject(StatusCode::FORBIDDEN, "CORS preflight: method not allowed")
+            }
+            (None, _) => {
+                return ctx.reject(StatusCode::FORBIDDEN, "CORS preflight: origin not allowed")
+            }
+        };
+        let mut resp = Response::new(bytes::Bytes::new());
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        let h = resp.headers_mut();
+        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+        if let Some(methods) = &self.allow_methods {
+            h.insert(ACCESS_CONTROL_ALLOW_METHODS, methods.clone());
+        }
+        let allow_headers = if self.reflect_headers {
+            req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS).cloned()
+        } else {
+            self.allow_headers.clone()
+        };
+        if let Some(headers) = allow_headers {
+            h.insert(ACCESS_CONTROL_ALLOW_HEADERS, headers);
+        }
+        h.insert(ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
+        self.credentials_and_vary(h, VARY_PREFLIGHT.clone());
+        resp
+    }
+
+    fn credentials_and_vary(&self, h: &mut HeaderMap, vary: HeaderValue) {
+        if self.credentials {
+            h.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
+        }
+        if !self.any_origin {
+            h.append(VARY, vary);
+        }
+    }
+}
+
+impl Middleware for Cors {
+    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow {
+        let Some(origin) = req.headers.get(ORIGIN) else {
+            return Flow::Continue;
+        };
+        if req.method == Method::OPTIONS && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            return Flow::Respond(self.preflight(req, ctx, origin));
+        }
+        ctx.cors_allow_origin = self.allow_origin(origin);
+        Flow::Continue
+    }
+
+    fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
+        let Some(allow) = ctx.cors_allow_origin.take() else {
+            if !self.any_origin {
+                resp.headers.append(VARY, VARY_ORIGIN.clone());
+            }
+            return;
+        };
+        resp.headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        if let Some(expose) = &self.expose_headers {
+            resp.headers
+                .insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+        }
+        self.credentials_and_vary(&mut resp.headers, VARY_ORIGIN.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_rules() {
+        assert!(OriginRule::new("https://app.example.com").matches("https://APP.example.com"));
+        assert!(!OriginRule::new("https://app.example.com").matches("http://app.example.com"));
+        let sub = OriginRule::new("https://*.example.com");
+        assert!(sub.matches("https://a.example.com"));
+        assert!(sub.matches("https://a.b.example.com"));
+        assert!(!sub.matches("https://example.com"));
+        assert!(!sub.matches("https://evilexample.com"));
+        assert!(!sub.matches("http://a.example.com"));
+    }
+}

@@ -1,0 +1,228 @@
+//! What a proxy must do to headers on the way through: drop hop-by-hop headers, say who
+//! the client was (`x-forwarded-*`), and find the client's address behind trusted proxies.
+
+use std::net::IpAddr;
+
+use http::header::{
+    CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::value::Cidr;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop's connection, not the message (RFC 9110 §7.6.1, and the
+/// same list as Go's and nginx's proxies).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ]
+    .contains(&name)
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection`. For an upgrade,
+/// `Upgrade` stays and `Connection: upgrade` is set, so the upstream sees the handshake.
+/// `te: trailers` stays: it is end-to-end in meaning (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the names first: most messages have none of these.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let listed: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+    for value in &listed {
+        for token in value.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            let keep = token.is_empty() || (upgrade && token.eq_ignore_ascii_case("upgrade"));
+            if !keep {
+                headers.remove(token);
+            }
+        }
+    }
+    let trailers_only = headers
+        .get_all(TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if !trailers_only {
+        headers.remove(TE);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Whether the request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers.get_all(CONNECTION).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+}
+
+/// Appends the peer to `x-forwarded-for`, and sets `x-forwarded-proto` and `-host`.
+///
+/// `peer` is the connection's address, formatted once per connection.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
+    proto: &HeaderValue,
+    host: Option<HeaderValue>,
+) {
+    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if prior.peek().is_none() {
+        peer.clone()
+    } else {
+        let mut joined = Vec::with_capacity(64);
+        for v in prior {
+            joined.extend_from_slice(v.as_bytes());
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(peer.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer.clone())
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_PROTO.clone(), proto.clone());
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+/// The client's address: the peer, unless the peer is a trusted proxy, in which case the
+/// right-most `x-forwarded-for` entry that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if trusted.is_empty() || !is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+    for value in values.iter().rev() {
+        for entry in value.to_str().unwrap_or("").rsplit(',') {
+            // A malformed entry cannot be believed, nor anything left of it.
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip.to_canonical();
+            if !is_trusted(client) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("x-end", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end"));
+
+        let mut h = headers(&[("te", "trailers"), ("connection", "close")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_the_handshake() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let proto = HeaderValue::from_static("http");
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "spoofed"),
+        ]);
+        add_forwarded(
+            &mut h,
+            &peer,
+            &proto,
+            Some(HeaderValue::from_static("api.example")),
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "api.example");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn client_ip_behind_trusted_proxies() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.7")]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client_ip("8.8.8.8".parse().unwrap(), &h, &trusted),
+            "8.8.8.8".parse::<IpAddr>().unwrap()
+        );
+        // Garbage stops the walk at the last trusted hop.
+        let h = headers(&[("x-forwarded-for", "junk, 10.0.0.7")]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "10.0.0.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted), peer);
+    }
+}

@@ -1,0 +1,238 @@
+//! Proxying one request: down the chain, to the upstream, and back up the chain.
+//!
+//! A [`Proxy`] is everything one config generation needs to serve requests (chain,
+//! upstream, settings); a reload swaps in a new one while in-flight requests finish on
+//! the old.
+
+pub mod body;
+pub mod forwarded;
+pub mod upstream;
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+pub use body::{Body, RequestBody};
+use upstream::{Upstream, UpstreamError};
+
+use crate::chain::{reply, Chain, Context};
+use crate::config::value::{ByteSize, Cidr};
+use crate::config::Config;
+use crate::middleware::body_limit::too_large_message;
+
+/// What the server knows about the client connection a request came on.
+pub struct Client {
+    pub ip: IpAddr,
+    /// `ip` as an `x-forwarded-for` entry, formatted once per connection.
+    pub forwarded_for: HeaderValue,
+    /// `x-forwarded-proto`: `http` or `https`.
+    pub proto: HeaderValue,
+}
+
+impl Client {
+    pub fn new(ip: IpAddr, tls: bool) -> Client {
+        let ip = ip.to_canonical();
+        Client {
+            ip,
+            forwarded_for: HeaderValue::from_str(&ip.to_string())
+                .expect("an IP is a valid header value"),
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+        }
+    }
+}
+
+/// One config generation's request handling.
+pub struct Proxy {
+    chain: Chain,
+    upstream: Upstream,
+    trusted_proxies: Vec<Cidr>,
+    max_header_bytes: usize,
+    preserve_host: bool,
+}
+
+impl Proxy {
+    pub fn new(config: &Config) -> Proxy {
+        Proxy {
+            chain: Chain::build(&config.middleware),
+            upstream: Upstream::new(&config.upstream, config.workers()),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            max_header_bytes: config.server.max_header_bytes.0 as usize,
+            preserve_host: config.upstream.preserve_host,
+        }
+    }
+
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// Serves one request. Never fails: every problem becomes a response.
+    pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let mut ctx = Context::new(
+            forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies),
+            Instant::now(),
+        );
+
+        if let Some((status, message)) = self.malformed(&parts) {
+            return self.respond(reply::error(status, message, None), &mut ctx);
+        }
+        if let Some(answer) = self.chain.on_request(&mut parts, &mut ctx) {
+            return self.respond(answer, &mut ctx);
+        }
+
+        let upgrade = parts.version == Version::HTTP_11 && forwarded::is_upgrade(&parts.headers);
+        let client_upgrade = if upgrade {
+            parts.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+        self.prepare_upstream_request(&mut parts, client, upgrade);
+        let req = Request::from_parts(
+            parts,
+            RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit)),
+        );
+
+        let sent = Instant::now();
+        let result = self.upstream.send(req, upgrade).await;
+        ctx.upstream_time = Some(sent.elapsed());
+        match result {
+            Ok((mut resp, conn)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    tunnel(client_upgrade, resp.extensions_mut().remove::<OnUpgrade>());
+                } else {
+                    forwarded::strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                let (mut head, incoming) = resp.into_parts();
+                // The client's protocol decides the response's, not the upstream's.
+                head.version = Version::default();
+                self.chain.on_response(&mut head, &mut ctx);
+                Response::from_parts(head, Body::upstream(incoming, conn))
+            }
+            Err(e) => self.upstream_failed(e, &mut ctx),
+        }
+    }
+
+    /// Answers requests gatehouse refuses before any middleware runs.
+    fn malformed(&self, parts: &http::request::Parts) -> Option<(StatusCode, &'static str)> {
+        let head_bytes = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + parts
+                .headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_bytes > self.max_header_bytes {
+            return Some((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request head is larger than server.max_header_bytes",
+            ));
+        }
+        // `paths` patterns must see the path the app will act on: dot-segments would let
+        // `/public/../admin` match `/public/**`.
+        if parts.uri.path().split('/').any(|s| {
+            s == "."
+                || s == ".."
+                || s.eq_ignore_ascii_case("%2e")
+                || s.eq_ignore_ascii_case("%2e%2e")
+        }) {
+            return Some((StatusCode::BAD_REQUEST, "the request path has dot-segments"));
+        }
+        None
+    }
+
+    /// Upstream-bound request: origin-form URI, Host, hop-by-hop removed, `x-forwarded-*`.
+    fn prepare_upstream_request(
+        &self,
+        parts: &mut http::request::Parts,
+        client: &Client,
+        upgrade: bool,
+    ) {
+        let host = parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            parts.uri = Uri::from(path);
+        }
+        parts.version = Version::HTTP_11;
+        forwarded::strip_hop_by_hop(&mut parts.headers, upgrade);
+        forwarded::add_forwarded(
+            &mut parts.headers,
+            &client.forwarded_for,
+            &client.proto,
+            host.clone(),
+        );
+        match (self.preserve_host, host) {
+            (true, Some(host)) => parts.headers.insert(HOST, host),
+            _ => parts
+                .headers
+                .insert(HOST, self.upstream.authority().clone()),
+        };
+    }
+
+    fn upstream_failed(&self, e: UpstreamError, ctx: &mut Context) -> Response<Body> {
+        let resp = match (&e, ctx.body_limit) {
+            (UpstreamError::BodyTooLarge, Some((limit, index))) => {
+                ctx.denied_by = Some(index);
+                ctx.reject(e.status(), &too_large_message(ByteSize(limit)))
+            }
+            _ => {
+                tracing::warn!(kind = e.kind(), error = ?e, "upstream request failed");
+                ctx.reject(e.status(), e.message())
+            }
+        };
+        self.respond(resp, ctx)
+    }
+
+    /// Sends an answer gatehouse made back up the chain.
+    fn respond(&self, resp: Response<Bytes>, ctx: &mut Context) -> Response<Body> {
+        let (mut head, bytes) = resp.into_parts();
+        self.chain.on_response(&mut head, ctx);
+        Response::from_parts(head, Body::full(bytes))
+    }
+}
+
+/// After a `101 Switching Protocols`, splices the client and upstream connections.
+fn tunnel(client: Option<OnUpgrade>, upstream: Option<OnUpgrade>) {
+    let (Some(client), Some(upstream)) = (client, upstream) else {
+        tracing::warn!("upstream switched protocols on a request that did not ask to");
+        return;
+    };
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+}
+
+/// The answer to requests that arrive once the server has stopped taking new work.
+pub fn draining_response() -> Response<Body> {
+    let (mut head, bytes) = reply::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "gatehouse is shutting down",
+        None,
+    )
+    .into_parts();
+    head.headers
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    Response::from_parts(head, Body::full(bytes))
+}

@@ -1,0 +1,243 @@
+//! One client connection: HTTP/1.1 or HTTP/2 (h2c prior knowledge) detected from the first
+//! bytes, the slow-header and idle timeouts, and a graceful close when the server drains.
+//!
+//! The timeouts are checked lazily: the connection's IO and requests bump plain counters,
+//! and one timer per connection, re-armed once per period rather than per request,
+//! compares them. A request costs no clock read and no timer operation.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::Shared;
+use crate::proxy::{draining_response, Body, Client};
+
+/// Per-connection settings, fixed at start-up.
+pub struct ConnSettings {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Builds the hyper connection builder every connection of a worker uses.
+pub fn builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // Heads up to max_header_bytes are parsed and then refused with SPEC's JSON 431 by
+    // the proxy; hyper's own (bodiless) 431 only meets heads far past the limit.
+    b.http1()
+        .max_buf_size((max_header_bytes * 2).max(64 << 10))
+        .header_read_timeout(None)
+        .keep_alive(true);
+    b.http2().max_header_list_size(max_header_bytes as u32);
+    b
+}
+
+/// What the driver watches, bumped by the IO and the service.
+#[derive(Default)]
+struct Activity {
+    reads: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Snapshot {
+    reads: u64,
+    requests: u64,
+    in_flight: usize,
+}
+
+impl Activity {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            reads: self.reads.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+        }
+    }
+}
+
+/// Everything a request on this connection needs, behind one `Arc`.
+struct Conn {
+    shared: Arc<Shared>,
+    client: Client,
+    activity: Activity,
+}
+
+/// Serves one accepted connection until it closes, times out, or the server drains.
+pub async fn serve(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let _open = shared.open_connection();
+    let conn = Arc::new(Conn {
+        client: Client::new(peer.ip(), false),
+        activity: Activity::default(),
+        shared,
+    });
+    let io = TokioIo::new(Counted {
+        inner: stream,
+        conn: conn.clone(),
+    });
+    let service = {
+        let conn = conn.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let conn = conn.clone();
+            async move {
+                conn.activity.requests.fetch_add(1, Relaxed);
+                conn.activity.in_flight.fetch_add(1, Relaxed);
+                let resp = if conn.shared.is_refusing() {
+                    draining_response()
+                } else {
+                    let proxy = conn.shared.proxy.load_full();
+                    proxy.handle(req, &conn.client).await
+                };
+                Ok::<_, Infallible>(resp.map(|body| InFlight { body, conn }))
+            }
+        })
+    };
+    let http = builder.serve_connection_with_upgrades(io, service);
+    let mut http = std::pin::pin!(http);
+
+    // Poll the connection; close it on timeouts, and gracefully when the server drains.
+    let settings = &conn.shared.conn_settings;
+    let timer = tokio::time::sleep(settings.header_read_timeout);
+    let mut timer = std::pin::pin!(timer);
+    let mut stop = conn.shared.stop.subscribe();
+    let mut seen = conn.activity.snapshot();
+    let mut head_pending = false;
+    let mut draining = *stop.borrow_and_update();
+    if draining {
+        http.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            biased;
+            result = http.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, client = %conn.client.ip, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                http.as_mut().graceful_shutdown();
+            }
+            _ = timer.as_mut(), if !draining => {
+                let now = conn.activity.snapshot();
+                let next = if now.in_flight > 0 || now.requests != seen.requests {
+                    head_pending = false;
+                    settings.idle_timeout
+                } else if now.reads != seen.reads && !head_pending {
+                    // Bytes came but no complete head: one more header_read_timeout at most.
+                    head_pending = true;
+                    settings.header_read_timeout
+                } else {
+                    tracing::debug!(client = %conn.client.ip, slow_header = head_pending, "closing an idle connection");
+                    return;
+                };
+                seen = now;
+                timer.as_mut().reset(tokio::time::Instant::now() + next);
+            }
+        }
+    }
+}
+
+/// The response body, holding the connection "busy" until it has been sent or dropped,
+/// so a long stream is never taken for an idle connection.
+struct InFlight {
+    body: Body,
+    conn: Arc<Conn>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn.activity.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl HttpBody for InFlight {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client socket, counting reads for the timeouts.
+struct Counted {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.conn.activity.reads.fetch_add(1, Relaxed);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,260 @@
+//! The server: listener, worker threads, signals, reload and graceful drain.
+//!
+//! Workers are thread-per-core: each runs a single-threaded tokio runtime that accepts
+//! from the shared listening socket and serves its connections start to finish, with its
+//! own shard of the upstream pool, so no request crosses a thread. The main thread runs a
+//! small control runtime for signals.
+
+mod conn;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify};
+
+use crate::config::Config;
+use crate::proxy::{upstream, Proxy};
+use conn::ConnSettings;
+
+/// State every worker and the control thread share.
+pub struct Shared {
+    /// The current config generation; swapped whole on reload.
+    pub proxy: ArcSwap<Proxy>,
+    /// Set after `shutdown_delay`: new requests get 503, nothing new reaches the upstream.
+    refusing: AtomicBool,
+    /// `true` tells workers to stop accepting and connections to close gracefully.
+    stop: watch::Sender<bool>,
+    connections: AtomicUsize,
+    all_closed: Notify,
+    conn_settings: ConnSettings,
+}
+
+impl Shared {
+    fn is_refusing(&self) -> bool {
+        self.refusing.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection as open until the guard drops.
+    fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+}
+
+struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Why `run` could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+/// Binds, serves until SIGTERM/SIGINT, drains, and returns. Errors are start-up failures.
+pub fn run(config: Config) -> Result<(), StartError> {
+    let listener = bind(config.server.listen.0)
+        .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
+    let workers = config.workers();
+    let shared = Arc::new(Shared {
+        proxy: ArcSwap::from_pointee(Proxy::new(&config)),
+        refusing: AtomicBool::new(false),
+        stop: watch::channel(false).0,
+        connections: AtomicUsize::new(0),
+        all_closed: Notify::new(),
+        conn_settings: ConnSettings {
+            header_read_timeout: config.server.header_read_timeout.0,
+            idle_timeout: config.server.idle_timeout.0,
+        },
+    });
+
+    for index in 0..workers {
+        let listener = listener
+            .try_clone()
+            .map_err(|e| StartError(format!("cannot share the listener: {e}")))?;
+        let shared = shared.clone();
+        let max_header_bytes = config.server.max_header_bytes.0 as usize;
+        std::thread::Builder::new()
+            .name(format!("gatehouse-w{index}"))
+            .spawn(move || worker(index, listener, shared, max_header_bytes))
+            .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
+    }
+    // Only the workers hold the socket now: when they stop accepting, it closes.
+    drop(listener);
+
+    let chain: Vec<String> = shared
+        .proxy
+        .load()
+        .chain()
+        .names()
+        .map(str::to_owned)
+        .collect();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen = %config.server.listen.0,
+        upstream = %config.upstream.url,
+        workers,
+        ?chain,
+        "gatehouse started"
+    );
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
+    control.block_on(control_loop(config, shared));
+    Ok(())
+}
+
+/// A worker thread: accepts and serves until told to stop, then lets its connections finish.
+fn worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    max_header_bytes: usize,
+) {
+    upstream::set_worker_index(index);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a worker runtime starts");
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::from_std(listener).expect("the listener is non-blocking");
+        let builder = Arc::new(conn::builder(max_header_bytes));
+        let mut stop = shared.stop.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|stop| *stop) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(conn::serve(stream, peer, shared.clone(), builder.clone()));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors, usually: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        // Connections finish on this runtime; the control thread ends the process.
+        std::future::pending::<()>().await
+    })
+}
+
+/// Waits for signals: SIGHUP reloads, SIGTERM/SIGINT drain. Returns when drained.
+async fn control_loop(mut config: Config, shared: Arc<Shared>) {
+    let mut hup = signal(SignalKind::hangup()).expect("signal handlers install");
+    let mut term = signal(SignalKind::terminate()).expect("signal handlers install");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handlers install");
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Some(new) = reload(&config, &shared) {
+                    config = new;
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let (delay, grace) = (
+        config.server.shutdown_delay.0,
+        config.server.shutdown_grace.0,
+    );
+    tracing::info!(shutdown_delay = ?delay, shutdown_grace = ?grace, "draining: still serving for shutdown_delay");
+    let second_signal = async {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    };
+    tokio::pin!(second_signal);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = &mut second_signal => exit_now(),
+    }
+
+    shared.refusing.store(true, Ordering::Relaxed);
+    shared.stop.send_replace(true);
+    let open = shared.connections.load(Ordering::Acquire);
+    tracing::info!(
+        open_connections = open,
+        "stopped accepting; waiting for in-flight requests"
+    );
+    let drained = async {
+        loop {
+            let notified = shared.all_closed.notified();
+            if shared.connections.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    tokio::select! {
+        _ = drained => tracing::info!("drained; exiting"),
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(open_connections = shared.connections.load(Ordering::Acquire), "shutdown_grace passed; closing the remaining connections");
+        }
+        _ = &mut second_signal => exit_now(),
+    }
+}
+
+fn exit_now() -> ! {
+    tracing::warn!("second signal: exiting without waiting");
+    std::process::exit(1)
+}
+
+/// Re-reads the config; a valid one serves new requests, an invalid one is logged.
+fn reload(config: &Config, shared: &Shared) -> Option<Config> {
+    match Config::load(&config.file) {
+        Ok(new) => {
+            for (key, changed) in [
+                ("server.listen", new.server.listen != config.server.listen),
+                (
+                    "server.workers",
+                    new.server.workers != config.server.workers,
+                ),
+            ] {
+                if changed {
+                    tracing::warn!(key, "changed in the file, but only takes effect on restart");
+                }
+            }
+            shared.proxy.store(Arc::new(Proxy::new(&new)));
+            tracing::info!(file = %config.file.display(), "config reloaded");
+            Some(new)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; the running config stays");
+            None
+        }
+    }
+}
+
+/// The listening socket, shared by all workers: whichever worker is free accepts next.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
