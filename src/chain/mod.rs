@@ -7,6 +7,7 @@
 //! decides from what it already holds, so a request pays no boxed future per hop.
 
 pub mod context;
+pub mod path;
 pub mod reply;
 
 use bytes::Bytes;
@@ -92,13 +93,15 @@ impl Chain {
     }
 
     /// Runs the request phases in order; returns the answer of the middleware that answered.
+    /// `path` is the request path as scopes match it (see [`path::normalize`]).
     pub fn on_request(
         &self,
         req: &mut request::Parts,
+        path: &str,
         ctx: &mut Context,
     ) -> Option<Response<Bytes>> {
         for (i, link) in self.links.iter().enumerate() {
-            if !link.scope.is_everything() && !link.scope.applies(&req.method, req.uri.path()) {
+            if !link.scope.is_everything() && !link.scope.applies(&req.method, path) {
                 continue;
             }
             ctx.current = i;
@@ -188,7 +191,7 @@ mod tests {
     fn run(chain: &Chain, path: &str) -> Context {
         let (mut parts, ()) = Request::get(path).body(()).unwrap().into_parts();
         let mut ctx = Context::new([127, 0, 0, 1].into(), std::time::Instant::now());
-        let answer = chain.on_request(&mut parts, &mut ctx);
+        let answer = chain.on_request(&mut parts, path, &mut ctx);
         let (mut resp, _) = answer
             .unwrap_or_else(|| Response::new(Bytes::new()))
             .into_parts();

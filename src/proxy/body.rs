@@ -110,6 +110,15 @@ impl Body {
     }
 }
 
+impl Drop for Body {
+    fn drop(&mut self) {
+        // Ended but not seen to end (e.g. its trailers were never asked for): still reusable.
+        if self.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
 impl HttpBody for Body {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -121,12 +130,14 @@ impl HttpBody for Body {
         match &mut self.0 {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(incoming, conn) => {
-                let frame = ready!(Pin::new(incoming).poll_frame(cx));
+                let frame = ready!(Pin::new(&mut *incoming).poll_frame(cx));
                 match &frame {
-                    None => self.release(),
                     // A broken upstream body closes its connection instead of pooling it.
                     Some(Err(_)) => *conn = None,
-                    Some(Ok(_)) => {}
+                    // hyper stops polling once a body says it has ended, so the last frame,
+                    // not a final `None`, is where the connection is done.
+                    _ if incoming.is_end_stream() => self.release(),
+                    _ => {}
                 }
                 Poll::Ready(frame)
             }

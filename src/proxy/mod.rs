@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 pub use body::{Body, RequestBody};
 use upstream::{Upstream, UpstreamError};
 
-use crate::chain::{reply, Chain, Context};
+use crate::chain::{path, reply, Chain, Context};
 use crate::config::value::{ByteSize, Cidr};
 use crate::config::Config;
 use crate::middleware::body_limit::too_large_message;
@@ -80,10 +80,18 @@ impl Proxy {
             Instant::now(),
         );
 
-        if let Some((status, message)) = self.malformed(&parts) {
-            return self.respond(reply::error(status, message, None), &mut ctx);
-        }
-        if let Some(answer) = self.chain.on_request(&mut parts, &mut ctx) {
+        // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
+        // path is borrowed, not copied, while middlewares hold `parts` mutably.
+        let uri = parts.uri.clone();
+        let path = self.check_head(&parts).and_then(|()| {
+            path::normalize(uri.path())
+                .map_err(|_| (StatusCode::BAD_REQUEST, "the request path has dot-segments"))
+        });
+        let answer = match path {
+            Ok(path) => self.chain.on_request(&mut parts, &path, &mut ctx),
+            Err((status, message)) => Some(reply::error(status, message, None)),
+        };
+        if let Some(answer) = answer {
             return self.respond(answer, &mut ctx);
         }
 
@@ -119,8 +127,8 @@ impl Proxy {
         }
     }
 
-    /// Answers requests gatehouse refuses before any middleware runs.
-    fn malformed(&self, parts: &http::request::Parts) -> Option<(StatusCode, &'static str)> {
+    /// Refuses what no middleware should ever see.
+    fn check_head(&self, parts: &http::request::Parts) -> Result<(), (StatusCode, &'static str)> {
         let head_bytes = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
             + parts
                 .headers
@@ -128,22 +136,23 @@ impl Proxy {
                 .map(|(n, v)| n.as_str().len() + v.len() + 4)
                 .sum::<usize>();
         if head_bytes > self.max_header_bytes {
-            return Some((
+            return Err((
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "the request head is larger than server.max_header_bytes",
             ));
         }
-        // `paths` patterns must see the path the app will act on: dot-segments would let
-        // `/public/../admin` match `/public/**`.
-        if parts.uri.path().split('/').any(|s| {
-            s == "."
-                || s == ".."
-                || s.eq_ignore_ascii_case("%2e")
-                || s.eq_ignore_ascii_case("%2e%2e")
-        }) {
-            return Some((StatusCode::BAD_REQUEST, "the request path has dot-segments"));
+        // RFC 9112 §3.2: exactly one Host in HTTP/1.1, so gatehouse and the app agree on it.
+        let mut hosts = parts.headers.get_all(HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (_, Some(_)) => Err((
+                StatusCode::BAD_REQUEST,
+                "the request has more than one Host header",
+            )),
+            (None, _) if parts.version == Version::HTTP_11 && parts.uri.authority().is_none() => {
+                Err((StatusCode::BAD_REQUEST, "the request has no Host header"))
+            }
+            _ => Ok(()),
         }
-        None
     }
 
     /// Upstream-bound request: origin-form URI, Host, hop-by-hop removed, `x-forwarded-*`.

@@ -142,7 +142,9 @@ impl Upstream {
         loop {
             let (mut sender, reused) = match self.pool.checkout().await {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: connecting is rare, and its large future would otherwise be
+                // carried (and copied) by every request's future.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match tokio::time::timeout(self.timeout, sender.try_send_request(req)).await {
                 Err(_) => return Err(UpstreamError::Timeout),

@@ -1,0 +1,383 @@
+//! The listening side: keep-alive, h2c, header limits, malformed requests, timeouts.
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn http1_keep_alive_serves_several_requests_on_one_connection() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let mut conn = H1::connect(gh.port).await;
+    for i in 0..5 {
+        let resp = conn
+            .send(
+                request("GET", &format!("/echo?i={i}"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(resp.status, 200, "request {i}: {resp:?}");
+        assert_eq!(resp.json()["uri"], format!("/echo?i={i}"));
+    }
+    assert_eq!(up.request_count(), 5);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_on_the_same_port() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let resp = h2_send(gh.port, "GET", "/echo?via=h2", empty()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.version, http::Version::HTTP_2);
+    let json = resp.json();
+    assert_eq!(json["method"], "GET");
+    assert_eq!(json["uri"], "/echo?via=h2");
+
+    let resp = h2_send(gh.port, "POST", "/echo", full("h2 body")).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["body"], "h2 body");
+
+    // HTTP/1.1 still works on the same port.
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.version, http::Version::HTTP_11);
+    assert_eq!(up.request_count(), 3);
+}
+
+#[tokio::test]
+async fn oversized_request_head_gets_431() {
+    let (up, gh) = proxy_with("max_header_bytes = \"8KiB\"", "", "").await;
+    let big = "a".repeat(20 * 1024);
+    let resp = send(
+        gh.port,
+        request("GET", "/echo")
+            .header("x-big", big)
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 431, "{resp:?}");
+    if !resp.body.is_empty() {
+        resp.assert_gatehouse_error(431, "headers_too_large");
+    }
+    assert_eq!(up.request_count(), 0, "the upstream must not be reached");
+
+    // A normal request on a new connection still works.
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn many_small_headers_over_the_limit_get_431() {
+    let (up, gh) = proxy_with("max_header_bytes = \"8KiB\"", "", "").await;
+    let mut req = request("GET", "/echo");
+    for i in 0..400 {
+        req = req.header(
+            format!("x-h-{i}"),
+            "0123456789012345678901234567890123456789",
+        );
+    }
+    let resp = send(gh.port, req.body(empty()).unwrap()).await;
+    assert_eq!(resp.status, 431, "{resp:?}");
+    if !resp.body.is_empty() {
+        resp.assert_gatehouse_error(431, "headers_too_large");
+    }
+    assert_eq!(up.request_count(), 0);
+}
+
+#[tokio::test]
+async fn oversized_request_line_gets_431() {
+    let (up, gh) = proxy_with("max_header_bytes = \"8KiB\"", "", "").await;
+    let path = format!("/echo?q={}", "a".repeat(20 * 1024));
+    let resp = get(gh.port, &path).await;
+    assert_eq!(resp.status, 431, "{:?}", resp.status);
+    if !resp.body.is_empty() {
+        resp.assert_gatehouse_error(431, "headers_too_large");
+    }
+    assert_eq!(up.request_count(), 0);
+}
+
+#[tokio::test]
+async fn oversized_h2_request_head_gets_431() {
+    let (up, gh) = proxy_with("max_header_bytes = \"8KiB\"", "", "").await;
+    let stream = TcpStream::connect(("127.0.0.1", gh.port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = request("GET", &format!("http://127.0.0.1:{}/echo", gh.port))
+        .header("x-big", "a".repeat(20 * 1024))
+        .body(empty())
+        .unwrap();
+    let resp = within(STEP, "h2 response", sender.send_request(req))
+        .await
+        .expect("an HTTP response (431), not a stream error");
+    let resp = collect(resp).await;
+    assert_eq!(resp.status, 431, "{resp:?}");
+    if !resp.body.is_empty() {
+        resp.assert_gatehouse_error(431, "headers_too_large");
+    }
+    assert_eq!(up.request_count(), 0);
+}
+
+#[tokio::test]
+async fn request_head_just_under_the_limit_passes() {
+    let (_up, gh) = proxy_with("max_header_bytes = \"8KiB\"", "", "").await;
+    let resp = send(
+        gh.port,
+        request("GET", "/echo")
+            .header("x-big", "a".repeat(6 * 1024))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+}
+
+/// Either a 400 status line or a closed connection without a response.
+fn assert_400_or_closed(reply: &[u8], closed: bool) {
+    let text = String::from_utf8_lossy(reply);
+    assert!(
+        (reply.is_empty() && closed) || text.starts_with("HTTP/1.1 400"),
+        "expected a 400 or a closed connection, got (closed={closed}): {text:?}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_header_line_gets_400_or_close() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_400_or_closed(&reply, closed);
+    assert_eq!(up.request_count(), 0);
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200, "other connections keep working");
+}
+
+#[tokio::test]
+async fn garbage_bytes_get_400_or_close() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"\x16\x03\x01\x00\xa5garbage \x00\xff\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_400_or_closed(&reply, closed);
+    assert_eq!(up.request_count(), 0);
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200, "other connections keep working");
+}
+
+#[tokio::test]
+async fn malformed_request_does_not_disturb_open_connections() {
+    let (_up, gh) = proxy_with("", "", "").await;
+    let mut conn = H1::connect(gh.port).await;
+    assert_eq!(
+        conn.send(request("GET", "/echo").body(empty()).unwrap())
+            .await
+            .status,
+        200
+    );
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_400_or_closed(&reply, closed);
+    let resp = conn
+        .send(request("GET", "/echo").body(empty()).unwrap())
+        .await;
+    assert_eq!(resp.status, 200);
+}
+
+#[tokio::test]
+async fn slow_request_head_is_disconnected() {
+    let (up, gh) = proxy_with("header_read_timeout = \"1s\"", "", "").await;
+    let mut stream = TcpStream::connect(("127.0.0.1", gh.port)).await.unwrap();
+    stream
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Partial: ")
+        .await
+        .unwrap();
+    let (reply, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "a stalled request head must be cut off by header_read_timeout; got so far: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    // If anything was answered it must not be a proxied response.
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.is_empty() || text.starts_with("HTTP/1.1 408") || text.starts_with("HTTP/1.1 400"),
+        "unexpected reply: {text:?}"
+    );
+    assert_eq!(up.request_count(), 0);
+    assert_eq!(get(gh.port, "/echo").await.status, 200);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let (_up, gh) = proxy_with("idle_timeout = \"1s\"", "", "").await;
+    let mut conn = H1::connect(gh.port).await;
+    let resp = conn
+        .send(request("GET", "/echo").body(empty()).unwrap())
+        .await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        conn.closed_within(Duration::from_secs(10)).await,
+        "an idle keep-alive connection must be closed after idle_timeout"
+    );
+}
+
+#[tokio::test]
+async fn silent_connection_is_disconnected() {
+    // A connection that never sends a byte is held by nothing but the header read timeout.
+    let (_up, gh) = proxy_with("header_read_timeout = \"1s\"", "", "").await;
+    let mut stream = TcpStream::connect(("127.0.0.1", gh.port)).await.unwrap();
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "a connection that never sends anything must be closed"
+    );
+}
+
+#[tokio::test]
+async fn idle_timeout_does_not_cut_a_request_in_flight() {
+    let (_up, gh) = proxy_with("idle_timeout = \"1s\"", "", "").await;
+    let resp = get(gh.port, "/slow?ms=2500").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.text(), "slow done");
+}
+
+#[tokio::test]
+async fn idle_timeout_does_not_cut_a_slow_streaming_response() {
+    let (_up, gh) = proxy_with("idle_timeout = \"1s\"", "", "").await;
+    let resp = get(gh.port, "/stream?chunks=3&ms=1500").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.text(), "data: 0\n\ndata: 1\n\ndata: 2\n\n");
+}
+
+#[tokio::test]
+async fn pipelined_requests_and_connection_close() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /status/201 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(20),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        closed,
+        "Connection: close must close the connection: {text:?}"
+    );
+    let first = text.find("HTTP/1.1 200").expect("first response");
+    let second = text.find("HTTP/1.1 201").expect("second response");
+    assert!(first < second, "responses out of order: {text:?}");
+    assert_eq!(up.request_count(), 2);
+}
+
+#[tokio::test]
+async fn h2c_requests_go_through_the_chain() {
+    let (up, gh) = proxy_with(
+        "",
+        "",
+        r#"
+[[middleware]]
+type = "request_id"
+
+[[middleware]]
+type = "ip_filter"
+deny = ["0.0.0.0/0", "::/0"]
+paths = ["/denied/**"]
+"#,
+    )
+    .await;
+    let resp = h2_send(gh.port, "GET", "/echo", empty()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = resp.upstream_headers();
+    let authority = format!("127.0.0.1:{}", gh.port);
+    assert_eq!(seen.get("host"), Some(&vec![authority.clone()]), "{seen:?}");
+    assert_eq!(seen.get("x-forwarded-host"), Some(&vec![authority]));
+    assert!(seen.contains_key("x-request-id"), "{seen:?}");
+
+    let resp = h2_send(gh.port, "GET", "/denied/x", empty()).await;
+    let json = resp.assert_gatehouse_error(403, "forbidden");
+    assert_eq!(
+        json["request_id"],
+        resp.header("x-request-id").unwrap().as_str()
+    );
+    assert_eq!(up.request_count(), 1);
+}
+
+/// Status code of a raw HTTP/1.x response (0 if there was none).
+fn raw_status(reply: &[u8]) -> u16 {
+    let text = String::from_utf8_lossy(reply);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn http11_request_without_host_is_rejected() {
+    // RFC 9112 section 3.2: a server MUST respond 400 to an HTTP/1.1 request without Host.
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let status = raw_status(&reply);
+    assert!(
+        status == 400 || (reply.is_empty() && closed),
+        "got: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert_eq!(up.request_count(), 0);
+    // HTTP/1.0 needs no Host.
+    let (reply, _) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.0\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        raw_status(&reply),
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+#[tokio::test]
+async fn duplicate_host_headers_are_rejected() {
+    // RFC 9112 section 3.2: more than one Host field line MUST get a 400; forwarding one of
+    // them lets the proxy and the app disagree about the host.
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let status = raw_status(&reply);
+    assert!(
+        status == 400 || (reply.is_empty() && closed),
+        "got: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert_eq!(up.request_count(), 0);
+}
