@@ -650,7 +650,6 @@ async fn x_forwarded_for_with_several_header_lines() {
 }
 
 #[tokio::test]
-#[ignore = "known limitation: hyper's HTTP/1 client reports the body-write error (EPIPE) instead of the response already received; see the README's known limitations"]
 async fn early_upstream_response_to_an_upload_is_passed_through() {
     // The upstream answers 401 without reading a 10 MiB upload (as an app rejecting an
     // unauthenticated upload does). The client must get that 401, not a 502.

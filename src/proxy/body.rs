@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::upstream::Pooled;
+use super::upstream::UpstreamBody;
 
 /// The client's request body on its way upstream, counted against the chain's body limit.
 pub struct RequestBody {
@@ -79,82 +79,42 @@ impl HttpBody for RequestBody {
 }
 
 /// A response body to the client: the upstream's, streamed, or one gatehouse made.
-pub struct Body(Kind);
-
-enum Kind {
+pub enum Body {
     Full(Option<Bytes>),
-    /// The upstream connection goes back to the pool when the body has been read to its end.
-    Upstream(Incoming, Option<Pooled>),
+    Upstream(UpstreamBody),
 }
 
 impl Body {
     pub fn full(bytes: Bytes) -> Self {
-        Body(Kind::Full((!bytes.is_empty()).then_some(bytes)))
-    }
-
-    pub fn upstream(incoming: Incoming, conn: Option<Pooled>) -> Self {
-        let mut body = Body(Kind::Upstream(incoming, conn));
-        // An empty body (204, HEAD, content-length: 0) is never polled: release now.
-        if body.is_end_stream() {
-            body.release();
-        }
-        body
-    }
-
-    fn release(&mut self) {
-        if let Kind::Upstream(_, conn) = &mut self.0 {
-            if let Some(conn) = conn.take() {
-                conn.release();
-            }
-        }
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        // Ended but not seen to end (e.g. its trailers were never asked for): still reusable.
-        if self.is_end_stream() {
-            self.release();
-        }
+        Body::Full((!bytes.is_empty()).then_some(bytes))
     }
 }
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.0 {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(incoming, conn) => {
-                let frame = ready!(Pin::new(&mut *incoming).poll_frame(cx));
-                match &frame {
-                    // A broken upstream body closes its connection instead of pooling it.
-                    Some(Err(_)) => *conn = None,
-                    // hyper stops polling once a body says it has ended, so the last frame,
-                    // not a final `None`, is where the connection is done.
-                    _ if incoming.is_end_stream() => self.release(),
-                    _ => {}
-                }
-                Poll::Ready(frame)
-            }
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Upstream(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(incoming, _) => incoming.is_end_stream(),
+        match self {
+            Body::Full(bytes) => bytes.is_none(),
+            Body::Upstream(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream(incoming, _) => incoming.size_hint(),
+        match self {
+            Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Upstream(body) => body.size_hint(),
         }
     }
 }

@@ -16,63 +16,82 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one hop's connection, not the message (RFC 9110 §7.6.1, and the
-/// same list as Go's and nginx's proxies).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-    ]
-    .contains(&name)
-}
+/// Headers that describe one hop's connection, not the message (RFC 9110 §7.6.1; the same
+/// list as Go's and nginx's proxies). `upgrade` is last: an upgrade request keeps it.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY_AUTHENTICATE,
+    &PROXY_AUTHORIZATION,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
+const CONNECTION_BIT: u16 = 1;
+const TE_BIT: u16 = 1 << 5;
+const UPGRADE_BIT: u16 = 1 << 8;
 
 /// Removes hop-by-hop headers and every header named in `Connection`. For an upgrade,
 /// `Upgrade` stays and `Connection: upgrade` is set, so the upstream sees the handshake.
 /// `te: trailers` stays: it is end-to-end in meaning (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names first: most messages have none of these.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let listed: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
-    for value in &listed {
-        for token in value.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            let keep = token.is_empty() || (upgrade && token.eq_ignore_ascii_case("upgrade"));
-            if !keep {
-                headers.remove(token);
-            }
+    // One pass over the names, then a removal only for those present: most messages
+    // carry one or two of these (`connection: keep-alive`), if any.
+    let mut present: u16 = 0;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
         }
     }
-    let trailers_only = headers
-        .get_all(TE)
-        .iter()
-        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
+    if present & CONNECTION_BIT != 0 {
+        remove_connection_listed(headers);
     }
-    if !trailers_only {
-        headers.remove(TE);
+    if present & TE_BIT != 0
+        && headers
+            .get_all(TE)
+            .iter()
+            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        present &= !TE_BIT;
+    }
+    if upgrade {
+        present &= !UPGRADE_BIT;
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(UPGRADE);
+    }
+}
+
+/// Removes the headers a `Connection` header names, other than the hop-by-hop ones that
+/// are removed anyway (`keep-alive`, `upgrade`) and `close`.
+fn remove_connection_listed(headers: &mut HeaderMap) {
+    let is_known = |t: &str| {
+        t.is_empty()
+            || ["close", "keep-alive", "upgrade"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k))
+    };
+    let listed = headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map_or(true, |v| v.split(',').any(|t| !is_known(t.trim())))
+    });
+    if !listed {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+    for value in &values {
+        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            if !is_known(token) {
+                headers.remove(token);
+            }
+        }
     }
 }
 

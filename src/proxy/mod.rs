@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod forwarded;
+pub mod h1;
 pub mod upstream;
 
 use std::net::IpAddr;
@@ -20,7 +21,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 pub use body::{Body, RequestBody};
-use upstream::{Upstream, UpstreamError};
+use tokio::io::AsyncWriteExt;
+use upstream::{Answer, Upgraded, Upstream, UpstreamError};
 
 use crate::chain::{path, reply, Chain, Context};
 use crate::config::value::{ByteSize, Cidr};
@@ -102,29 +104,26 @@ impl Proxy {
             None
         };
         self.prepare_upstream_request(&mut parts, client, upgrade);
-        let req = Request::from_parts(
-            parts,
-            RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit)),
-        );
+        let body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
 
         let sent = Instant::now();
-        let result = self.upstream.send(req, upgrade).await;
+        let result = self.upstream.send(&parts, body).await;
         ctx.upstream_time = Some(sent.elapsed());
-        match result {
-            Ok((mut resp, conn)) => {
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    tunnel(client_upgrade, resp.extensions_mut().remove::<OnUpgrade>());
-                } else {
-                    forwarded::strip_hop_by_hop(resp.headers_mut(), false);
-                }
-                let (mut head, incoming) = resp.into_parts();
-                // The client's protocol decides the response's, not the upstream's.
-                head.version = Version::default();
-                self.chain.on_response(&mut head, &mut ctx);
-                Response::from_parts(head, Body::upstream(incoming, conn))
+        let (mut head, body) = match result {
+            Ok(Answer::Response(mut head, body)) => {
+                forwarded::strip_hop_by_hop(&mut head.headers, false);
+                (head, Body::Upstream(body))
             }
-            Err(e) => self.upstream_failed(e, &mut ctx),
-        }
+            Ok(Answer::Upgrade(head, upstream)) => {
+                tunnel(client_upgrade, upstream);
+                (head, Body::full(Bytes::new()))
+            }
+            Err(e) => return self.upstream_failed(e, &mut ctx),
+        };
+        // The client's protocol decides the response's, not the upstream's.
+        head.version = Version::default();
+        self.chain.on_response(&mut head, &mut ctx);
+        Response::from_parts(head, body)
     }
 
     /// Refuses what no middleware should ever see.
@@ -215,20 +214,25 @@ impl Proxy {
 }
 
 /// After a `101 Switching Protocols`, splices the client and upstream connections.
-fn tunnel(client: Option<OnUpgrade>, upstream: Option<OnUpgrade>) {
-    let (Some(client), Some(upstream)) = (client, upstream) else {
+fn tunnel(client: Option<OnUpgrade>, mut upstream: Upgraded) {
+    let Some(client) = client else {
         tracing::warn!("upstream switched protocols on a request that did not ask to");
         return;
     };
     tokio::spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((client, upstream)) => {
-                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!(error = %e, "upgraded connection ended");
-                }
+        let mut client = match client.await {
+            Ok(client) => TokioIo::new(client),
+            Err(e) => return tracing::debug!(error = %e, "client upgrade failed"),
+        };
+        // Bytes the upstream sent right after its 101 were read with the head.
+        if !upstream.read.is_empty() {
+            if let Err(e) = client.write_all(&upstream.read).await {
+                return tracing::debug!(error = %e, "upgraded connection ended");
             }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            upstream.read.clear();
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
         }
     });
 }

@@ -173,12 +173,12 @@ impl Drop for InFlight {
 
 impl HttpBody for InFlight {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, std::io::Error>>> {
         Pin::new(&mut self.body).poll_frame(cx)
     }
 

@@ -1,0 +1,459 @@
+//! The HTTP/1.1 wire format towards the upstream: request heads out, response heads in,
+//! and body framing (RFC 9112 §6). Pure functions over buffers; `upstream.rs` does the IO.
+//!
+//! gatehouse speaks to its app with its own lean codec rather than a general-purpose
+//! client: a request head is written straight from the incoming request's parts, the
+//! response head is parsed once, and no channel or task stands between them.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// The largest response head accepted from the upstream.
+pub const MAX_HEAD: usize = 64 << 10;
+const MAX_HEADERS: usize = 128;
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes the request head for `parts`, with framing headers that match `framing` (the
+/// client's own `content-length` is replaced: the length hyper decoded is authoritative).
+pub fn encode_request(parts: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::None
+            if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) =>
+        {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        RequestFraming::None => {}
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Frames one chunk of a chunked request body.
+pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
+    let mut hex = [0u8; 16];
+    let mut n = data.len();
+    let mut i = hex.len();
+    loop {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&hex[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// How the response body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub parts: response::Parts,
+    pub framing: ResponseFraming,
+    /// The connection may carry another request once this response has been read.
+    pub keep_alive: bool,
+}
+
+/// Why the upstream's bytes are not an HTTP/1.1 response.
+#[derive(Debug)]
+pub struct InvalidResponse(pub &'static str);
+
+/// Parses a response head from the start of `buf`. `Ok(None)`: not complete yet.
+/// On success, the head's bytes are removed from `buf`.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<Head>, InvalidResponse> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(InvalidResponse("response head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(InvalidResponse("too many response headers"))
+        }
+        Err(_) => return Err(InvalidResponse("malformed response head")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(InvalidResponse("invalid status"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| InvalidResponse("invalid header name"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| InvalidResponse("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let _ = buf.split_to(len);
+
+    let framing = framing(&headers, status, method)?;
+    if framing == ResponseFraming::Chunked || headers.contains_key(TRANSFER_ENCODING) {
+        // A message with both is a smuggling attempt; Transfer-Encoding wins (RFC 9112 §6.3).
+        headers.remove(CONTENT_LENGTH);
+    }
+    let close = has_token(&headers, "close");
+    let keep_alive = framing != ResponseFraming::Close
+        && !close
+        && (version == Version::HTTP_11 || has_token(&headers, "keep-alive"));
+    let mut parts = response::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head {
+        parts,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn framing(
+    headers: &HeaderMap,
+    status: StatusCode,
+    method: &Method,
+) -> Result<ResponseFraming, InvalidResponse> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(ResponseFraming::Empty);
+    }
+    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        let chunked = last
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        return Ok(if chunked {
+            ResponseFraming::Chunked
+        } else {
+            ResponseFraming::Close
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value
+            .to_str()
+            .map_err(|_| InvalidResponse("invalid content-length"))?
+            .split(',')
+        {
+            let n: u64 = item
+                .trim()
+                .parse()
+                .map_err(|_| InvalidResponse("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(InvalidResponse("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => ResponseFraming::Empty,
+        Some(n) => ResponseFraming::Length(n),
+        None => ResponseFraming::Close,
+    })
+}
+
+fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Decodes a chunked body incrementally from a read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk with this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+/// What the decoder found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The buffer holds no complete piece: read more.
+    NeedMore,
+    End,
+}
+
+impl Chunked {
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, InvalidResponse> {
+        loop {
+            match *self {
+                Chunked::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = line[..].split(|&b| b == b';').next().unwrap_or(&[]);
+                    let size = std::str::from_utf8(size)
+                        .ok()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty() && s.len() <= 16);
+                    let size = size
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        .ok_or(InvalidResponse("invalid chunk size"))?;
+                    *self = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    *self = if take == left {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left - take)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(InvalidResponse("chunk data not followed by CRLF"));
+                    }
+                    let _ = buf.split_to(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    if line.is_empty() {
+                        *self = Chunked::Done;
+                    }
+                }
+                Chunked::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// Removes and returns one CRLF-terminated line (without the CRLF).
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, InvalidResponse> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => {
+            let mut line = buf.split_to(end + 2);
+            line.truncate(end);
+            Ok(Some(line))
+        }
+        None if buf.len() > 8 << 10 => Err(InvalidResponse("chunk line too long")),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn encode(req: Request<()>, framing: RequestFraming) -> String {
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_request(&parts, framing, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn request_heads() {
+        let req = Request::get("/a?b=1")
+            .header("host", "x")
+            .header("content-length", "99")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            encode(req, RequestFraming::None),
+            "GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n"
+        );
+        let req = Request::post("/")
+            .header("host", "x")
+            .header("content-length", "99")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            encode(req, RequestFraming::Length(12)),
+            "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n"
+        );
+        let req = Request::put("/").header("host", "x").body(()).unwrap();
+        assert_eq!(
+            encode(req, RequestFraming::Chunked),
+            "PUT / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let req = Request::post("/").header("host", "x").body(()).unwrap();
+        assert!(encode(req, RequestFraming::None).ends_with("content-length: 0\r\n\r\n"));
+        let mut out = Vec::new();
+        encode_chunk(&[b'a'; 300], &mut out);
+        assert!(out.starts_with(b"12c\r\naaa") && out.ends_with(b"a\r\n"));
+    }
+
+    fn parse(raw: &str, method: Method) -> Result<Option<Head>, InvalidResponse> {
+        parse_response(&mut BytesMut::from(raw), &method)
+    }
+
+    #[test]
+    fn response_framing() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (head.framing, head.keep_alive),
+            (ResponseFraming::Length(5), true)
+        );
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.framing, ResponseFraming::Chunked);
+        assert!(!head.parts.headers.contains_key("content-length"));
+        let head = parse("HTTP/1.1 200 OK\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (head.framing, head.keep_alive),
+            (ResponseFraming::Close, false)
+        );
+        let head = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, ResponseFraming::Empty);
+        let head = parse(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.framing, ResponseFraming::Empty);
+        let head = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert!(!head.keep_alive);
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!head.keep_alive);
+        assert!(parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            Method::GET
+        )
+        .is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", Method::GET).is_err());
+        assert!(parse("garbage\r\n\r\n", Method::GET).is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Le", Method::GET)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn chunked_decoding_across_reads() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        // Feed the body one byte at a time: every split point must decode the same.
+        let mut state = Chunked::Size;
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        for &b in wire.iter() {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match state.decode(&mut buf).unwrap() {
+                    Decoded::Data(d) => body.extend_from_slice(&d),
+                    Decoded::NeedMore => break,
+                    Decoded::End => break,
+                }
+            }
+        }
+        assert_eq!(body, b"hello world");
+        assert_eq!(state, Chunked::Done);
+        assert!(Chunked::Size.decode(&mut BytesMut::from("zz\r\n")).is_err());
+        assert!(Chunked::DataEnd.decode(&mut BytesMut::from("xx")).is_err());
+    }
+}
