@@ -5,13 +5,16 @@
 //! client: a request head is written straight from the incoming request's parts, the
 //! response head is parsed once, and no channel or task stands between them.
 
-use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
 use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// The largest response head accepted from the upstream.
 pub const MAX_HEAD: usize = 64 << 10;
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 
 /// How the request body is framed on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +123,11 @@ pub struct InvalidResponse(pub &'static str);
 
 /// Parses a response head from the start of `buf`. `Ok(None)`: not complete yet.
 /// On success, the head's bytes are removed from `buf`.
+///
+/// One pass over the header lines decides the framing and the connection's fate, and
+/// leaves out hop-by-hop headers (RFC 9110 §7.6.1), which describe this hop only; a
+/// `101` keeps `Connection` and `Upgrade` for the client. Header values share the head's
+/// single copy of the head instead of one allocation each.
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
@@ -146,25 +154,86 @@ pub fn parse_response(
     } else {
         Version::HTTP_11
     };
+    // One copy of the head backs every header value (instead of one allocation each),
+    // and the read buffer stays unshared for the next read.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let base = buf.as_ptr() as usize;
+
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding: Option<bool> = None; // Some(last coding is chunked)
+    let mut conn = ConnectionTokens::default();
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| InvalidResponse("invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| InvalidResponse("invalid header value"))?;
+        let value = if h.value.is_empty() {
+            HeaderValue::from_static("")
+        } else {
+            let at = h.value.as_ptr() as usize - base;
+            HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
+                .map_err(|_| InvalidResponse("invalid header value"))?
+        };
+        if name == CONTENT_LENGTH {
+            for item in value
+                .to_str()
+                .map_err(|_| InvalidResponse("invalid content-length"))?
+                .split(',')
+            {
+                let n: u64 = item
+                    .trim()
+                    .parse()
+                    .map_err(|_| InvalidResponse("invalid content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(InvalidResponse("conflicting content-length"));
+                }
+                length = Some(n);
+            }
+        } else if name == TRANSFER_ENCODING {
+            let last = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .unwrap_or("");
+            transfer_encoding = Some(last.trim().eq_ignore_ascii_case("chunked"));
+            continue;
+        } else if name == CONNECTION {
+            conn.add(&value);
+            if !upgrade {
+                continue;
+            }
+        } else if HOP_BY_HOP.iter().any(|h| *h == name) && !(upgrade && name == UPGRADE) {
+            continue;
+        }
         headers.append(name, value);
     }
-    let _ = buf.split_to(len);
+    buf.advance(len);
 
-    let framing = framing(&headers, status, method)?;
-    if framing == ResponseFraming::Chunked || headers.contains_key(TRANSFER_ENCODING) {
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        ResponseFraming::Empty
+    } else {
+        match (transfer_encoding, length) {
+            (Some(true), _) => ResponseFraming::Chunked,
+            (Some(false), _) => ResponseFraming::Close,
+            (None, Some(0)) => ResponseFraming::Empty,
+            (None, Some(n)) => ResponseFraming::Length(n),
+            (None, None) => ResponseFraming::Close,
+        }
+    };
+    if transfer_encoding.is_some() {
         // A message with both is a smuggling attempt; Transfer-Encoding wins (RFC 9112 §6.3).
         headers.remove(CONTENT_LENGTH);
     }
-    let close = has_token(&headers, "close");
+    if conn.other && !upgrade {
+        conn.remove_listed(&mut headers);
+    }
     let keep_alive = framing != ResponseFraming::Close
-        && !close
-        && (version == Version::HTTP_11 || has_token(&headers, "keep-alive"));
+        && !conn.close
+        && (version == Version::HTTP_11 || conn.keep_alive);
     let mut parts = response::Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
@@ -176,59 +245,51 @@ pub fn parse_response(
     }))
 }
 
-fn framing(
-    headers: &HeaderMap,
-    status: StatusCode,
-    method: &Method,
-) -> Result<ResponseFraming, InvalidResponse> {
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(ResponseFraming::Empty);
-    }
-    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let chunked = last
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked {
-            ResponseFraming::Chunked
-        } else {
-            ResponseFraming::Close
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value
-            .to_str()
-            .map_err(|_| InvalidResponse("invalid content-length"))?
-            .split(',')
-        {
-            let n: u64 = item
-                .trim()
-                .parse()
-                .map_err(|_| InvalidResponse("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(InvalidResponse("conflicting content-length"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => ResponseFraming::Empty,
-        Some(n) => ResponseFraming::Length(n),
-        None => ResponseFraming::Close,
-    })
+/// Hop-by-hop headers other than `Connection` and `Transfer-Encoding`, which the parser
+/// handles itself.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY_AUTHENTICATE,
+    &PROXY_AUTHORIZATION,
+    &TE,
+    &TRAILER,
+    &UPGRADE,
+];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What the `Connection` header lines said.
+#[derive(Default)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// Names other headers, which are hop-by-hop too.
+    other: bool,
+    values: Vec<HeaderValue>,
 }
 
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+impl ConnectionTokens {
+    fn add(&mut self, value: &HeaderValue) {
+        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case("keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() && !token.eq_ignore_ascii_case("upgrade") {
+                self.other = true;
+                self.values.push(value.clone());
+            }
+        }
+    }
+
+    fn remove_listed(&self, headers: &mut HeaderMap) {
+        for value in &self.values {
+            for token in value.to_str().unwrap_or("").split(',') {
+                headers.remove(token.trim());
+            }
+        }
+    }
 }
 
 /// Decodes a chunked body incrementally from a read buffer.
@@ -432,6 +493,32 @@ mod tests {
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Le", Method::GET)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn empty_header_values() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nx-empty:\r\nx-b: \r\nContent-Length: 0\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.parts.headers.get("x-empty").unwrap(), "");
+        assert_eq!(head.parts.headers.get("x-b").unwrap(), "");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_this_hop() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nx-hop: 1\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\nx-end: 2\r\n\r\n";
+        let head = parse(raw, Method::GET).unwrap().unwrap();
+        let names: Vec<&str> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
+        assert_eq!(head.framing, ResponseFraming::Chunked);
+        let raw =
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let head = parse(raw, Method::GET).unwrap().unwrap();
+        assert_eq!(head.parts.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(head.parts.headers.get("connection").unwrap(), "Upgrade");
     }
 
     #[test]

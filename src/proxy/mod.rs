@@ -110,10 +110,8 @@ impl Proxy {
         let result = self.upstream.send(&parts, body).await;
         ctx.upstream_time = Some(sent.elapsed());
         let (mut head, body) = match result {
-            Ok(Answer::Response(mut head, body)) => {
-                forwarded::strip_hop_by_hop(&mut head.headers, false);
-                (head, Body::Upstream(body))
-            }
+            // The codec left the upstream's hop-by-hop headers out already.
+            Ok(Answer::Response(head, body)) => (head, Body::Upstream(body)),
             Ok(Answer::Upgrade(head, upstream)) => {
                 tunnel(client_upgrade, upstream);
                 (head, Body::full(Bytes::new()))

@@ -457,6 +457,9 @@ enum BodyState {
     Length(u64),
     Chunked(Chunked),
     Close,
+    /// The upstream broke off; reported on the next poll, once what came before it has
+    /// been flushed (hyper drops unflushed bytes when a body fails).
+    Failed(io::ErrorKind),
     Done,
 }
 
@@ -508,6 +511,11 @@ impl HttpBody for UpstreamBody {
             };
             let data = match &mut this.state {
                 BodyState::Done => None,
+                BodyState::Failed(kind) => {
+                    let kind = *kind;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(kind.into())));
+                }
                 BodyState::Length(left) if !conn.read.is_empty() => {
                     let take = (*left).min(conn.read.len() as u64);
                     *left -= take;
@@ -554,13 +562,15 @@ impl HttpBody for UpstreamBody {
                 }
                 Ok(0) => {
                     // Cut short: the client must see an error, never a truncated success.
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+                    this.state = BodyState::Failed(io::ErrorKind::UnexpectedEof);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
+                    this.state = BodyState::Failed(e.kind());
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
             }
         }
