@@ -47,6 +47,34 @@ impl RequestBody {
     }
 }
 
+impl RequestBody {
+    /// The client's body, for [`linger`].
+    pub fn into_inner(self) -> Incoming {
+        self.inner
+    }
+}
+
+/// How long the rest of a request body is drained after gatehouse has answered.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards what is left of a request body once the answer is out, as nginx's
+/// lingering close does: closing a socket with unread bytes makes the kernel send a reset,
+/// and a client still uploading would lose the answer (a 401, a 413) that was sent to it.
+pub fn linger(body: Incoming) {
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let drain = async {
+            while let Some(Ok(_)) =
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            {}
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    });
+}
+
 impl HttpBody for RequestBody {
     type Data = Bytes;
     type Error = BodyError;

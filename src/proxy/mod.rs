@@ -94,6 +94,7 @@ impl Proxy {
             Err((status, message)) => Some(reply::error(status, message, None)),
         };
         if let Some(answer) = answer {
+            body::linger(body);
             return self.respond(answer, &mut ctx);
         }
 
@@ -104,11 +105,13 @@ impl Proxy {
             None
         };
         self.prepare_upstream_request(&mut parts, client, upgrade);
-        let body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
+        let mut body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
 
         let sent = Instant::now();
-        let result = self.upstream.send(&parts, body).await;
+        let result = self.upstream.send(&parts, &mut body).await;
         ctx.upstream_time = Some(sent.elapsed());
+        // The upstream may have answered without reading all of it (or the limit cut it).
+        body::linger(body.into_inner());
         let (mut head, body) = match result {
             // The codec left the upstream's hop-by-hop headers out already.
             Ok(Answer::Response(head, body)) => (head, Body::Upstream(body)),

@@ -143,7 +143,7 @@ impl Upstream {
     pub async fn send(
         &self,
         parts: &request::Parts,
-        mut body: RequestBody,
+        body: &mut RequestBody,
     ) -> Result<Answer, UpstreamError> {
         let framing = if body.is_end_stream() {
             RequestFraming::None
@@ -161,7 +161,7 @@ impl Upstream {
             };
             conn.out.clear();
             h1::encode_request(parts, framing, &mut conn.out);
-            let exchange = conn.exchange(&parts.method, framing, &mut body);
+            let exchange = conn.exchange(&parts.method, framing, body);
             let head = match tokio::time::timeout(self.timeout, exchange).await {
                 Err(_) => return Err(UpstreamError::Timeout),
                 Ok(Ok(head)) => head,
