@@ -18,7 +18,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Headers that describe one hop's connection, not the message (RFC 9110 §7.6.1; the same
 /// list as Go's and nginx's proxies). `upgrade` is last: an upgrade request keeps it.
-static HOP_BY_HOP: [&HeaderName; 9] = [
+pub(crate) static HOP_BY_HOP: [&HeaderName; 9] = [
     &CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,

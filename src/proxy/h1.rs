@@ -6,11 +6,10 @@
 //! response head is parsed once, and no channel or task stands between them.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+use super::forwarded::HOP_BY_HOP;
 
 /// The largest response head accepted from the upstream.
 pub const MAX_HEAD: usize = 64 << 10;
@@ -244,20 +243,6 @@ pub fn parse_response(
         keep_alive,
     }))
 }
-
-/// Hop-by-hop headers other than `Connection` and `Transfer-Encoding`, which the parser
-/// handles itself.
-static HOP_BY_HOP: [&HeaderName; 7] = [
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &PROXY_AUTHENTICATE,
-    &PROXY_AUTHORIZATION,
-    &TE,
-    &TRAILER,
-    &UPGRADE,
-];
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// What the `Connection` header lines said.
 #[derive(Default)]

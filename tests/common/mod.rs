@@ -335,29 +335,31 @@ pub struct Upstream {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// A listener the test upstream accepts connections from: TCP or Unix.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_one(&self) -> std::io::Result<TcpStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<tokio::net::UnixStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
 impl Upstream {
     pub async fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (requests, connections): (Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
-        let (r, c) = (Arc::clone(&requests), Arc::clone(&connections));
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve_upstream_conn(stream, Arc::clone(&r)));
-            }
-        });
-        Upstream {
-            addr: Some(addr),
-            unix_path: None,
-            requests,
-            connections,
-            task,
-            _dir: None,
-        }
+        Upstream::serve(listener, Some(addr), None, None)
     }
 
     /// The same service on a Unix socket in a fresh temp dir.
@@ -365,11 +367,20 @@ impl Upstream {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("upstream.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        Upstream::serve(listener, None, Some(path), Some(dir))
+    }
+
+    fn serve(
+        listener: impl Accept,
+        addr: Option<SocketAddr>,
+        unix_path: Option<PathBuf>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Upstream {
         let (requests, connections): (Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
         let (r, c) = (Arc::clone(&requests), Arc::clone(&connections));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok(stream) = listener.accept_one().await else {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
@@ -377,12 +388,12 @@ impl Upstream {
             }
         });
         Upstream {
-            addr: None,
-            unix_path: Some(path),
+            addr,
+            unix_path,
             requests,
             connections,
             task,
-            _dir: Some(dir),
+            _dir: dir,
         }
     }
 
