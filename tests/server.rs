@@ -381,3 +381,63 @@ async fn duplicate_host_headers_are_rejected() {
     );
     assert_eq!(up.request_count(), 0);
 }
+
+#[tokio::test]
+async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
+    let headers = |generation: &str| {
+        format!("[[middleware]]\ntype = \"headers\"\nresponse = {{ set = {{ \"x-generation\" = \"{generation}\" }} }}\n")
+    };
+    let (up, gh) = proxy_with("", "", &headers("1")).await;
+    assert_eq!(
+        get(gh.port, "/echo")
+            .await
+            .header("x-generation")
+            .as_deref(),
+        Some("1")
+    );
+
+    // A valid new file: new requests use the new chain.
+    let new = std::fs::read_to_string(&gh.config_path)
+        .unwrap()
+        .replace("\"1\"", "\"2\"");
+    std::fs::write(&gh.config_path, new).unwrap();
+    gh.send_signal("HUP");
+    within(Duration::from_secs(10), "reload to take effect", async {
+        while get(gh.port, "/echo")
+            .await
+            .header("x-generation")
+            .as_deref()
+            != Some("2")
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // An invalid file: logged with its location, and the running chain stays.
+    std::fs::write(
+        &gh.config_path,
+        "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"http://x:1\"\nbogus = 1\n",
+    )
+    .unwrap();
+    gh.send_signal("HUP");
+    within(
+        Duration::from_secs(10),
+        "reload failure to be logged",
+        async {
+            while !gh.stderr().contains("config reload failed") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    assert!(
+        gh.stderr().contains("proxy.toml:5:1: upstream.bogus"),
+        "{}",
+        gh.output()
+    );
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-generation").as_deref(), Some("2"));
+    assert!(up.request_count() >= 3);
+}
