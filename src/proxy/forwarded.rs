@@ -106,35 +106,6 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Appends the peer to `x-forwarded-for`, and sets `x-forwarded-proto` and `-host`.
-///
-/// `peer` is the connection's address, formatted once per connection.
-pub fn add_forwarded(
-    headers: &mut HeaderMap,
-    peer: &HeaderValue,
-    proto: &HeaderValue,
-    host: Option<HeaderValue>,
-) {
-    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    let xff = if prior.peek().is_none() {
-        peer.clone()
-    } else {
-        let mut joined = Vec::with_capacity(64);
-        for v in prior {
-            joined.extend_from_slice(v.as_bytes());
-            joined.extend_from_slice(b", ");
-        }
-        joined.extend_from_slice(peer.as_bytes());
-        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer.clone())
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
-    headers.insert(X_FORWARDED_PROTO.clone(), proto.clone());
-    match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
-}
-
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
 /// right-most `x-forwarded-for` entry that is not itself a trusted proxy.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
@@ -201,25 +172,6 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.get("connection").unwrap(), "upgrade");
-    }
-
-    #[test]
-    fn forwarded_headers() {
-        let peer = HeaderValue::from_static("10.0.0.9");
-        let proto = HeaderValue::from_static("http");
-        let mut h = headers(&[
-            ("x-forwarded-for", "1.2.3.4"),
-            ("x-forwarded-host", "spoofed"),
-        ]);
-        add_forwarded(
-            &mut h,
-            &peer,
-            &proto,
-            Some(HeaderValue::from_static("api.example")),
-        );
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
-        assert_eq!(h.get("x-forwarded-host").unwrap(), "api.example");
-        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
     }
 
     #[test]

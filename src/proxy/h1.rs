@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use super::forwarded::HOP_BY_HOP;
+use super::forwarded::{HOP_BY_HOP, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// The largest response head accepted from the upstream.
 pub const MAX_HEAD: usize = 64 << 10;
@@ -23,9 +23,24 @@ pub enum RequestFraming {
     Chunked,
 }
 
+/// The `x-forwarded-*` values for one request, written straight into its head: they
+/// replace whatever the client sent under those names (x-forwarded-for is appended to).
+pub struct Forwarded<'a> {
+    /// The peer's address, formatted once per connection.
+    pub peer: &'a HeaderValue,
+    pub proto: &'a HeaderValue,
+    pub host: Option<&'a HeaderValue>,
+}
+
 /// Writes the request head for `parts`, with framing headers that match `framing` (the
 /// client's own `content-length` is replaced: the length hyper decoded is authoritative).
-pub fn encode_request(parts: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>) {
+/// The `x-forwarded-*` headers come from `forwarded`.
+pub fn encode_request(
+    parts: &request::Parts,
+    framing: RequestFraming,
+    forwarded: &Forwarded,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -36,14 +51,29 @@ pub fn encode_request(parts: &request::Parts, framing: RequestFraming, out: &mut
             .as_bytes(),
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut prior_for = false;
     for (name, value) in &parts.headers {
-        if name == CONTENT_LENGTH {
+        if name == X_FORWARDED_FOR {
+            prior_for = true;
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        if name == CONTENT_LENGTH || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST {
+            continue;
+        }
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if prior_for {
+        for value in parts.headers.get_all(&X_FORWARDED_FOR) {
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(forwarded.peer.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    header_line(out, b"x-forwarded-proto", forwarded.proto.as_bytes());
+    if let Some(host) = forwarded.host {
+        header_line(out, b"x-forwarded-host", host.as_bytes());
     }
     match framing {
         RequestFraming::Length(n) => {
@@ -59,6 +89,13 @@ pub fn encode_request(parts: &request::Parts, framing: RequestFraming, out: &mut
         RequestFraming::None => {}
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -376,10 +413,19 @@ mod tests {
     use super::*;
     use http::Request;
 
+    const XF: &str = "x-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n";
+
     fn encode(req: Request<()>, framing: RequestFraming) -> String {
         let (parts, ()) = req.into_parts();
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let proto = HeaderValue::from_static("http");
+        let forwarded = Forwarded {
+            peer: &peer,
+            proto: &proto,
+            host: None,
+        };
         let mut out = Vec::new();
-        encode_request(&parts, framing, &mut out);
+        encode_request(&parts, framing, &forwarded, &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -392,7 +438,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             encode(req, RequestFraming::None),
-            "GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n"
+            format!("GET /a?b=1 HTTP/1.1\r\nhost: x\r\n{XF}\r\n")
         );
         let req = Request::post("/")
             .header("host", "x")
@@ -401,18 +447,45 @@ mod tests {
             .unwrap();
         assert_eq!(
             encode(req, RequestFraming::Length(12)),
-            "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n"
+            format!("POST / HTTP/1.1\r\nhost: x\r\n{XF}content-length: 12\r\n\r\n")
         );
         let req = Request::put("/").header("host", "x").body(()).unwrap();
         assert_eq!(
             encode(req, RequestFraming::Chunked),
-            "PUT / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            format!("PUT / HTTP/1.1\r\nhost: x\r\n{XF}transfer-encoding: chunked\r\n\r\n")
         );
         let req = Request::post("/").header("host", "x").body(()).unwrap();
         assert!(encode(req, RequestFraming::None).ends_with("content-length: 0\r\n\r\n"));
         let mut out = Vec::new();
         encode_chunk(&[b'a'; 300], &mut out);
         assert!(out.starts_with(b"12c\r\naaa") && out.ends_with(b"a\r\n"));
+    }
+
+    #[test]
+    fn forwarded_headers_replace_the_clients() {
+        let req = Request::get("/")
+            .header("x-forwarded-for", "1.2.3.4")
+            .header("x-forwarded-for", "5.6.7.8")
+            .header("x-forwarded-host", "spoofed")
+            .header("x-forwarded-proto", "gopher")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let proto = HeaderValue::from_static("https");
+        let host = HeaderValue::from_static("api.example");
+        let forwarded = Forwarded {
+            peer: &peer,
+            proto: &proto,
+            host: Some(&host),
+        };
+        let mut out = Vec::new();
+        encode_request(&parts, RequestFraming::None, &forwarded, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nx-forwarded-for: 1.2.3.4, 5.6.7.8, 10.0.0.9\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: api.example\r\n\r\n"
+        );
     }
 
     fn parse(raw: &str, method: Method) -> Result<Option<Head>, InvalidResponse> {

@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST};
-use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 pub use body::{Body, RequestBody};
+use h1::Forwarded;
 use tokio::io::AsyncWriteExt;
 use upstream::{Answer, Upgraded, Upstream, UpstreamError};
 
@@ -104,11 +104,16 @@ impl Proxy {
         } else {
             None
         };
-        self.prepare_upstream_request(&mut parts, client, upgrade);
+        let host = self.prepare_upstream_request(&mut parts, upgrade);
+        let forwarded = Forwarded {
+            peer: &client.forwarded_for,
+            proto: &client.proto,
+            host: host.as_ref(),
+        };
         let mut body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
 
         let sent = Instant::now();
-        let result = self.upstream.send(&parts, &mut body).await;
+        let result = self.upstream.send(&parts, &forwarded, &mut body).await;
         ctx.upstream_time = Some(sent.elapsed());
         // The upstream may have answered without reading all of it (or the limit cut it).
         body::linger(body.into_inner());
@@ -155,41 +160,26 @@ impl Proxy {
         }
     }
 
-    /// Upstream-bound request: origin-form URI, Host, hop-by-hop removed, `x-forwarded-*`.
+    /// Upstream-bound headers: hop-by-hop removed, `Host` set. Returns the client's host,
+    /// for `x-forwarded-host` (the codec writes the `x-forwarded-*` headers).
     fn prepare_upstream_request(
         &self,
         parts: &mut http::request::Parts,
-        client: &Client,
         upgrade: bool,
-    ) {
+    ) -> Option<HeaderValue> {
         let host = parts.headers.get(HOST).cloned().or_else(|| {
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let path = parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            parts.uri = Uri::from(path);
-        }
-        parts.version = Version::HTTP_11;
         forwarded::strip_hop_by_hop(&mut parts.headers, upgrade);
-        forwarded::add_forwarded(
-            &mut parts.headers,
-            &client.forwarded_for,
-            &client.proto,
-            host.clone(),
-        );
-        match (self.preserve_host, host) {
-            (true, Some(host)) => parts.headers.insert(HOST, host),
-            _ => parts
-                .headers
-                .insert(HOST, self.upstream.authority().clone()),
+        let upstream_host = match (&host, self.preserve_host) {
+            (Some(host), true) => host.clone(),
+            _ => self.upstream.authority().clone(),
         };
+        parts.headers.insert(HOST, upstream_host);
+        host
     }
 
     fn upstream_failed(&self, e: UpstreamError, ctx: &mut Context) -> Response<Body> {

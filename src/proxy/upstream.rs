@@ -143,6 +143,7 @@ impl Upstream {
     pub async fn send(
         &self,
         parts: &request::Parts,
+        forwarded: &h1::Forwarded<'_>,
         body: &mut RequestBody,
     ) -> Result<Answer, UpstreamError> {
         let framing = if body.is_end_stream() {
@@ -160,7 +161,7 @@ impl Upstream {
                 None => (Box::pin(self.connect()).await?, false),
             };
             conn.out.clear();
-            h1::encode_request(parts, framing, &mut conn.out);
+            h1::encode_request(parts, framing, forwarded, &mut conn.out);
             let exchange = conn.exchange(&parts.method, framing, body);
             let head = match tokio::time::timeout(self.timeout, exchange).await {
                 Err(_) => return Err(UpstreamError::Timeout),
