@@ -79,6 +79,15 @@ fn assert_location(text: &str, line: usize) {
     assert!(found, "expected `{needle}COL` in the error, got:\n{text}");
 }
 
+/// `check` refuses `contents`, pointing at `line` and naming each of `mentions`.
+fn assert_invalid_at(contents: &str, line: usize, mentions: &[&str]) {
+    let err = check_invalid(contents);
+    assert_location(&err, line);
+    for what in mentions {
+        assert_mentions(&err, what);
+    }
+}
+
 fn assert_mentions(text: &str, what: &str) {
     assert!(
         text.contains(what),
@@ -186,7 +195,7 @@ fn check_missing_file_is_invalid() {
 
 #[test]
 fn unknown_key_in_middleware_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
@@ -197,15 +206,14 @@ url = "http://127.0.0.1:18000"
 type = "request_id"
 heder = "x-id"
 "#,
+        9,
+        &["middleware[0]", "heder"],
     );
-    assert_location(&err, 9);
-    assert_mentions(&err, "middleware[0]");
-    assert_mentions(&err, "heder");
 }
 
 #[test]
 fn unknown_key_in_later_middleware_names_its_index() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
@@ -219,15 +227,14 @@ type = "timing"
 type = "ip_filter"
 alow = ["10.0.0.0/8"]
 "#,
+        12,
+        &["middleware[1]", "alow"],
     );
-    assert_location(&err, 12);
-    assert_mentions(&err, "middleware[1]");
-    assert_mentions(&err, "alow");
 }
 
 #[test]
 fn unknown_top_level_key_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
@@ -237,14 +244,14 @@ url = "http://127.0.0.1:18000"
 [logging]
 level = "debug"
 "#,
+        7,
+        &["logging"],
     );
-    assert_location(&err, 7);
-    assert_mentions(&err, "logging");
 }
 
 #[test]
 fn unknown_key_in_server_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 idle_timout = "5s"
@@ -252,9 +259,9 @@ idle_timout = "5s"
 [upstream]
 url = "http://127.0.0.1:18000"
 "#,
+        3,
+        &["idle_timout"],
     );
-    assert_location(&err, 3);
-    assert_mentions(&err, "idle_timout");
 }
 
 #[test]
@@ -331,7 +338,7 @@ max = "lots"
 
 #[test]
 fn bad_size_in_server_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 max_header_bytes = "8 kilobytes please"
@@ -339,23 +346,23 @@ max_header_bytes = "8 kilobytes please"
 [upstream]
 url = "http://127.0.0.1:18000"
 "#,
+        3,
+        &["server.max_header_bytes"],
     );
-    assert_location(&err, 3);
-    assert_mentions(&err, "server.max_header_bytes");
 }
 
 #[test]
 fn wrong_value_type_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = 8080
 
 [upstream]
 url = "http://127.0.0.1:18000"
 "#,
+        2,
+        &["server.listen"],
     );
-    assert_location(&err, 2);
-    assert_mentions(&err, "server.listen");
 }
 
 #[test]
@@ -374,7 +381,7 @@ url = "${GATEHOUSE_TEST_SURELY_UNSET_7731}"
 
 #[test]
 fn toml_syntax_error_has_line_and_column() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 idle_timeout = = "5s"
@@ -382,8 +389,9 @@ idle_timeout = = "5s"
 [upstream]
 url = "http://127.0.0.1:18000"
 "#,
+        3,
+        &[],
     );
-    assert_location(&err, 3);
 }
 
 #[test]
@@ -440,13 +448,7 @@ async fn run_with_invalid_config_exits_2() {
         &[],
         &[],
     );
-    let status = gh.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(2),
-        "status {status:?}\n{}",
-        gh.output()
-    );
+    gh.assert_exits_with(2).await;
     assert!(gh.stderr().contains("bogus"), "{}", gh.output());
 }
 
@@ -459,13 +461,7 @@ async fn run_with_port_taken_exits_1() {
         &[("port", &port)],
         &[],
     );
-    let status = gh.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(1),
-        "status {status:?}\n{}",
-        gh.output()
-    );
+    gh.assert_exits_with(1).await;
     drop(taken);
 }
 
@@ -474,26 +470,14 @@ async fn sigterm_when_idle_exits_0() {
     let (_up, mut gh) = proxy_with("", "", "").await;
     assert_eq!(get(gh.port, "/echo").await.status, 200);
     gh.send_signal("TERM");
-    let status = gh.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "status {status:?}\n{}",
-        gh.output()
-    );
+    gh.assert_exits_with(0).await;
 }
 
 #[tokio::test]
 async fn sigint_when_idle_exits_0() {
     let (_up, mut gh) = proxy_with("", "", "").await;
     gh.send_signal("INT");
-    let status = gh.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "status {status:?}\n{}",
-        gh.output()
-    );
+    gh.assert_exits_with(0).await;
 }
 
 #[tokio::test]
@@ -518,18 +502,12 @@ async fn sigterm_drains_in_flight_request() {
         .unwrap();
     assert_eq!(resp.status, 200, "{resp:?}\n{}", gh.output());
     assert_eq!(resp.text(), "slow done");
-    let status = gh.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "status {status:?}\n{}",
-        gh.output()
-    );
+    gh.assert_exits_with(0).await;
 }
 
 #[test]
 fn unknown_key_in_nested_headers_table_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
@@ -540,15 +518,14 @@ url = "http://127.0.0.1:18000"
 type = "headers"
 request = { sett = { "x-env" = "prod" } }
 "#,
+        9,
+        &["middleware[0].request", "sett"],
     );
-    assert_location(&err, 9);
-    assert_mentions(&err, "middleware[0].request");
-    assert_mentions(&err, "sett");
 }
 
 #[test]
 fn invalid_cidr_is_an_error() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
@@ -559,10 +536,9 @@ url = "http://127.0.0.1:18000"
 type = "ip_filter"
 deny = ["10.0.0.0/8", "10.0.0.0/99"]
 "#,
+        9,
+        &["middleware[0].deny", "10.0.0.0/99"],
     );
-    assert_location(&err, 9);
-    assert_mentions(&err, "middleware[0].deny");
-    assert_mentions(&err, "10.0.0.0/99");
 }
 
 #[test]
@@ -589,32 +565,31 @@ name = "dup"
 
 #[test]
 fn invalid_listen_and_upstream_url_are_errors() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "not an address"
 
 [upstream]
 url = "http://127.0.0.1:18000"
 "#,
+        2,
+        &["server.listen"],
     );
-    assert_location(&err, 2);
-    assert_mentions(&err, "server.listen");
-
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
 [upstream]
 url = "ftp://127.0.0.1:18000"
 "#,
+        5,
+        &["upstream.url"],
     );
-    assert_location(&err, 5);
-    assert_mentions(&err, "upstream.url");
 }
 
 #[test]
 fn paths_must_be_a_list() {
-    let err = check_invalid(
+    assert_invalid_at(
         r#"[server]
 listen = "127.0.0.1:18080"
 
@@ -625,9 +600,9 @@ url = "http://127.0.0.1:18000"
 type = "timing"
 paths = "/api/**"
 "#,
+        9,
+        &["middleware[0].paths"],
     );
-    assert_location(&err, 9);
-    assert_mentions(&err, "middleware[0].paths");
 }
 
 #[tokio::test]
@@ -671,8 +646,7 @@ async fn after_sigterm_new_requests_never_reach_the_upstream() {
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
-    let status = gh.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", gh.output());
+    gh.assert_exits_with(0).await;
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one hop's connection, not the message (RFC 9110 §7.6.1; the same
-/// list as Go's and nginx's proxies). `upgrade` is last: an upgrade request keeps it.
+/// list as Go's and nginx's proxies).
 pub(crate) static HOP_BY_HOP: [&HeaderName; 9] = [
     &CONNECTION,
     &KEEP_ALIVE,
@@ -29,9 +29,6 @@ pub(crate) static HOP_BY_HOP: [&HeaderName; 9] = [
     &TRANSFER_ENCODING,
     &UPGRADE,
 ];
-const CONNECTION_BIT: u16 = 1;
-const TE_BIT: u16 = 1 << 5;
-const UPGRADE_BIT: u16 = 1 << 8;
 
 /// Removes hop-by-hop headers and every header named in `Connection`. For an upgrade,
 /// `Upgrade` stays and `Connection: upgrade` is set, so the upstream sees the handshake.
@@ -45,22 +42,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             present |= 1 << i;
         }
     }
-    if present & CONNECTION_BIT != 0 {
+    if present == 0 {
+        return;
+    }
+    if headers.contains_key(CONNECTION) {
         remove_connection_listed(headers);
     }
-    if present & TE_BIT != 0
-        && headers
-            .get_all(TE)
-            .iter()
-            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        present &= !TE_BIT;
-    }
-    if upgrade {
-        present &= !UPGRADE_BIT;
-    }
+    let keep_te = headers
+        .get_all(TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
+        let kept = (*name == TE && keep_te) || (*name == UPGRADE && upgrade);
+        if present & (1 << i) != 0 && !kept {
             headers.remove(*name);
         }
     }

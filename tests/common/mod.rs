@@ -179,6 +179,17 @@ impl Gatehouse {
         }
     }
 
+    /// Waits (up to 20 s) for the process to exit and asserts its exit code.
+    pub async fn assert_exits_with(&mut self, code: i32) {
+        let status = self.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(code),
+            "status {status:?}\n{}",
+            self.output()
+        );
+    }
+
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
     }
