@@ -486,16 +486,7 @@ async fn sigterm_drains_in_flight_request() {
     let port = gh.port;
     let in_flight = tokio::spawn(async move { get(port, "/slow?ms=1500").await });
     // Wait until the request has reached the upstream, then ask gatehouse to stop.
-    within(
-        Duration::from_secs(10),
-        "request reaching upstream",
-        async {
-            while up.request_count() == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
-    )
-    .await;
+    up.wait_for_requests(1).await;
     gh.send_signal("TERM");
     let resp = within(Duration::from_secs(30), "in-flight response", in_flight)
         .await
@@ -610,16 +601,7 @@ async fn after_sigterm_new_requests_never_reach_the_upstream() {
     let (up, mut gh) = proxy_with("shutdown_grace = \"10s\"", "", "").await;
     let port = gh.port;
     let in_flight = tokio::spawn(async move { get(port, "/slow?ms=4000").await });
-    within(
-        Duration::from_secs(10),
-        "request reaching upstream",
-        async {
-            while up.request_count() == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
-    )
-    .await;
+    up.wait_for_requests(1).await;
     gh.send_signal("TERM");
     // shutdown_delay is 0s: give the process a moment to act on the signal.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -660,16 +642,7 @@ async fn shutdown_grace_bounds_the_drain() {
         .write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    within(
-        Duration::from_secs(10),
-        "request reaching upstream",
-        async {
-            while up.request_count() == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
-    )
-    .await;
+    up.wait_for_requests(1).await;
     gh.send_signal("TERM");
     let status = gh.wait_exit(Duration::from_secs(20)).await;
     assert!(

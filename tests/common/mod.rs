@@ -421,6 +421,20 @@ impl Upstream {
         self.requests.load(Ordering::SeqCst)
     }
 
+    /// Waits (up to 10 s) until at least `n` requests have reached this upstream.
+    pub async fn wait_for_requests(&self, n: usize) {
+        within(
+            Duration::from_secs(10),
+            "requests reaching the upstream",
+            async {
+                while self.request_count() < n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        )
+        .await;
+    }
+
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
