@@ -8,6 +8,7 @@
 pub mod chain;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod server;

@@ -2,6 +2,7 @@
 //! middlewares, to the response phase, and to the audit event.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,6 +20,9 @@ pub struct Context {
     pub start: Instant,
     /// The id set by a `request_id` middleware, echoed in every response gatehouse makes.
     pub request_id: Option<HeaderValue>,
+    /// Who the request is from, once an authentication middleware has said so (api key id,
+    /// user name, JWT `sub`): read by `rate_limit` (`key = "subject"`) and the audit event.
+    pub subject: Option<Arc<str>>,
     /// How long the upstream took to answer with a response head, once it was asked.
     pub upstream_time: Option<Duration>,
     /// Streamed request bytes allowed, and the index of the middleware that set the limit.
@@ -39,6 +43,7 @@ impl Context {
             client_ip,
             start,
             request_id: None,
+            subject: None,
             upstream_time: None,
             body_limit: None,
             cors_allow_origin: None,

@@ -3,33 +3,49 @@
 //!
 //! Order and short-circuit (SPEC): request phases run top to bottom; a middleware may
 //! answer instead of forwarding, and then only the middlewares before it see the response,
-//! bottom to top. Phases are synchronous on purpose: every middleware of the core chain
-//! decides from what it already holds, so a request pays no boxed future per hop.
+//! bottom to top. Phases are synchronous by default: most middlewares decide from what they
+//! already hold, so a request pays no boxed future per hop. A middleware that must wait
+//! (an auth service, a password hash, Redis) returns [`Flow::Wait`], and only it pays.
 
 pub mod context;
 pub mod path;
 pub mod reply;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use bytes::Bytes;
-use http::{request, response, Method, Response};
+use http::{request, response, Method, Response, StatusCode};
 
 pub use context::Context;
 
 use crate::config::value::PathPattern;
 use crate::config::MiddlewareEntry;
+use crate::metrics::{self, ByStatus};
 
 /// What a request phase decided.
-pub enum Flow {
+pub enum Flow<'a> {
     /// Go on down the chain and then to the upstream.
     Continue,
     /// Answer with this response; the upstream and later middlewares never see the request.
     Respond(Response<Bytes>),
+    /// The decision needs to wait (network, a slow hash): the chain awaits this future,
+    /// which may still change the request and the context it borrows.
+    Wait(Pin<Box<dyn Future<Output = Flow<'static>> + Send + 'a>>),
+}
+
+impl<'a> Flow<'a> {
+    /// Wraps an async decision; the future may borrow the request and the context.
+    pub fn wait(future: impl Future<Output = Flow<'static>> + Send + 'a) -> Flow<'a> {
+        Flow::Wait(Box::pin(future))
+    }
 }
 
 /// One middleware. Implementations are built once per config and shared by all requests.
 pub trait Middleware: Send + Sync + 'static {
     /// Request phase: may change the request on its way upstream, or answer it.
-    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow;
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a>;
 
     /// Response phase: runs only if this middleware's request phase ran and let the request
     /// through, for upstream responses and for answers of later middlewares alike.
@@ -57,9 +73,11 @@ impl Scope {
 }
 
 struct Link {
-    name: String,
+    name: Arc<str>,
     scope: Scope,
     middleware: Box<dyn Middleware>,
+    /// `gatehouse_rejections_total{middleware=name, status}` handles.
+    rejections: ByStatus,
 }
 
 /// The ordered chain of one config generation.
@@ -80,7 +98,8 @@ impl Chain {
         let links = entries
             .iter()
             .map(|e| Link {
-                name: e.name.clone(),
+                name: e.name.as_str().into(),
+                rejections: ByStatus::new(400),
                 scope: Scope {
                     paths: e.paths.clone(),
                     skip_paths: e.skip_paths.clone(),
@@ -94,7 +113,7 @@ impl Chain {
 
     /// Runs the request phases in order; returns the answer of the middleware that answered.
     /// `path` is the request path as scopes match it (see [`path::normalize`]).
-    pub fn on_request(
+    pub async fn on_request(
         &self,
         req: &mut request::Parts,
         path: &str,
@@ -105,9 +124,20 @@ impl Chain {
                 continue;
             }
             ctx.current = i;
-            match link.middleware.on_request(req, ctx) {
-                Flow::Continue => ctx.ran |= 1 << i,
-                Flow::Respond(resp) => {
+            let answer = match link.middleware.on_request(req, ctx) {
+                Flow::Continue => None,
+                Flow::Respond(resp) => Some(resp),
+                Flow::Wait(mut decision) => loop {
+                    match decision.await {
+                        Flow::Continue => break None,
+                        Flow::Respond(resp) => break Some(resp),
+                        Flow::Wait(next) => decision = next,
+                    }
+                },
+            };
+            match answer {
+                None => ctx.ran |= 1 << i,
+                Some(resp) => {
                     if resp.status().is_client_error() || resp.status().is_server_error() {
                         ctx.denied_by = Some(i);
                     }
@@ -130,21 +160,29 @@ impl Chain {
     }
 
     /// The configured name of middleware `i` (for audit events, metrics and logs).
-    pub fn name(&self, i: usize) -> &str {
+    pub fn name(&self, i: usize) -> &Arc<str> {
         &self.links[i].name
+    }
+
+    /// Counts a rejection by middleware `i` in `gatehouse_rejections_total`.
+    pub fn count_rejection(&self, i: usize, status: StatusCode) {
+        let link = &self.links[i];
+        link.rejections.inc(status.as_u16(), || {
+            metrics::global().rejection(&link.name, status.as_u16())
+        });
     }
 
     /// The names, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|l| l.name.as_str())
+        self.links.iter().map(|l| &*l.name)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Request, StatusCode};
-    use std::sync::{Arc, Mutex};
+    use http::Request;
+    use std::sync::Mutex;
 
     /// Records the order of phases, and rejects when told to.
     struct Probe {
@@ -154,10 +192,14 @@ mod tests {
     }
 
     impl Middleware for Probe {
-        fn on_request(&self, _: &mut request::Parts, ctx: &mut Context) -> Flow {
+        fn on_request<'a>(&'a self, _: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
             self.log.lock().unwrap().push(format!("req{}", self.id));
             if self.reject {
                 return Flow::Respond(ctx.reject(StatusCode::FORBIDDEN, "no"));
+            }
+            // Odd probes decide asynchronously, so both kinds of phase are exercised.
+            if self.id % 2 == 1 {
+                return Flow::wait(async { Flow::Continue });
             }
             Flow::Continue
         }
@@ -169,7 +211,8 @@ mod tests {
     fn chain(log: &Arc<Mutex<Vec<String>>>, reject_at: usize, scoped: Option<usize>) -> Chain {
         let links = (0..4)
             .map(|id| Link {
-                name: format!("m{id}"),
+                name: format!("m{id}").into(),
+                rejections: ByStatus::new(400),
                 scope: Scope {
                     paths: if scoped == Some(id) {
                         vec!["/only/**".parse().unwrap()]
@@ -191,7 +234,10 @@ mod tests {
     fn run(chain: &Chain, path: &str) -> Context {
         let (mut parts, ()) = Request::get(path).body(()).unwrap().into_parts();
         let mut ctx = Context::new([127, 0, 0, 1].into(), std::time::Instant::now());
-        let answer = chain.on_request(&mut parts, path, &mut ctx);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answer = runtime.block_on(chain.on_request(&mut parts, path, &mut ctx));
         let (mut resp, _) = answer
             .unwrap_or_else(|| Response::new(Bytes::new()))
             .into_parts();

@@ -43,7 +43,7 @@ struct BodyLimit {
 }
 
 impl Middleware for BodyLimit {
-    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow {
+    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow<'_> {
         let declared = req
             .headers
             .get(CONTENT_LENGTH)

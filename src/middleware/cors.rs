@@ -240,7 +240,7 @@ impl Cors {
 }
 
 impl Middleware for Cors {
-    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow {
+    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow<'_> {
         let Some(origin) = req.headers.get(ORIGIN) else {
             return Flow::Continue;
         };

@@ -98,7 +98,7 @@ struct Headers {
 }
 
 impl Middleware for Headers {
-    fn on_request(&self, req: &mut request::Parts, _: &mut Context) -> Flow {
+    fn on_request(&self, req: &mut request::Parts, _: &mut Context) -> Flow<'_> {
         self.request.apply(&mut req.headers);
         Flow::Continue
     }

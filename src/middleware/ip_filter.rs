@@ -52,7 +52,7 @@ struct IpFilter {
 }
 
 impl Middleware for IpFilter {
-    fn on_request(&self, _: &mut request::Parts, ctx: &mut Context) -> Flow {
+    fn on_request(&self, _: &mut request::Parts, ctx: &mut Context) -> Flow<'_> {
         let ip = ctx.client_ip;
         let denied = self.deny.iter().any(|n| n.contains(ip));
         let allowed = self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip));

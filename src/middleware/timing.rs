@@ -51,7 +51,7 @@ struct Timing {
 static SERVER_TIMING: HeaderName = http::header::HeaderName::from_static("server-timing");
 
 impl Middleware for Timing {
-    fn on_request(&self, _: &mut request::Parts, _: &mut Context) -> Flow {
+    fn on_request(&self, _: &mut request::Parts, _: &mut Context) -> Flow<'_> {
         Flow::Continue
     }
 

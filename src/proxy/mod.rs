@@ -27,6 +27,7 @@ use upstream::{Answer, Upgraded, Upstream, UpstreamError};
 use crate::chain::{path, reply, Chain, Context};
 use crate::config::value::{ByteSize, Cidr};
 use crate::config::Config;
+use crate::metrics;
 use crate::middleware::body_limit::too_large_message;
 
 /// What the server knows about the client connection a request came on.
@@ -75,11 +76,17 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every problem becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
+    /// `start` is when the request head arrived.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: &Client,
+        start: Instant,
+    ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         let mut ctx = Context::new(
             forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies),
-            Instant::now(),
+            start,
         );
 
         // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
@@ -90,7 +97,7 @@ impl Proxy {
                 .map_err(|_| (StatusCode::BAD_REQUEST, "the request path has dot-segments"))
         });
         let answer = match path {
-            Ok(path) => self.chain.on_request(&mut parts, &path, &mut ctx),
+            Ok(path) => self.chain.on_request(&mut parts, &path, &mut ctx).await,
             Err((status, message)) => Some(reply::error(status, message, None)),
         };
         if let Some(answer) = answer {
@@ -114,7 +121,9 @@ impl Proxy {
 
         let sent = Instant::now();
         let result = self.upstream.send(&parts, &forwarded, &mut body).await;
-        ctx.upstream_time = Some(sent.elapsed());
+        let upstream_time = sent.elapsed();
+        ctx.upstream_time = Some(upstream_time);
+        metrics::global().upstream_duration.observe(upstream_time);
         // The upstream may have answered without reading all of it (or the limit cut it).
         body::linger(body.into_inner());
         let (mut head, body) = match result {
@@ -189,6 +198,9 @@ impl Proxy {
                 ctx.reject(e.status(), &too_large_message(ByteSize(limit)))
             }
             _ => {
+                if e.is_upstream_fault() {
+                    metrics::global().upstream_error(e.kind());
+                }
                 tracing::warn!(kind = e.kind(), error = ?e, "upstream request failed");
                 ctx.reject(e.status(), e.message())
             }
@@ -199,6 +211,9 @@ impl Proxy {
     /// Sends an answer gatehouse made back up the chain.
     fn respond(&self, resp: Response<Bytes>, ctx: &mut Context) -> Response<Body> {
         let (mut head, bytes) = resp.into_parts();
+        if let Some(i) = ctx.denied_by {
+            self.chain.count_rejection(i, head.status);
+        }
         self.chain.on_response(&mut head, ctx);
         Response::from_parts(head, Body::full(bytes))
     }

@@ -80,6 +80,23 @@ impl UpstreamError {
         }
     }
 
+    /// Every [`kind`](Self::kind) of failure that is the upstream's doing (not the client's).
+    pub const KINDS: [&'static str; 5] = [
+        "connect",
+        "connect_timeout",
+        "timeout",
+        "reset",
+        "invalid_response",
+    ];
+
+    /// Whether the upstream failed (rather than the client's body or its limit).
+    pub fn is_upstream_fault(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::BodyTooLarge | UpstreamError::ClientBody
+        )
+    }
+
     /// A short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -11,9 +11,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::Request;
+use http::{Request, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::Shared;
+use crate::metrics;
 use crate::proxy::{draining_response, Body, Client};
 
 /// Per-connection settings, fixed at start-up.
@@ -102,15 +103,22 @@ pub async fn serve(
         service_fn(move |req: Request<Incoming>| {
             let conn = conn.clone();
             async move {
+                let start = Instant::now();
                 conn.activity.requests.fetch_add(1, Relaxed);
                 conn.activity.in_flight.fetch_add(1, Relaxed);
                 let resp = if conn.shared.is_refusing() {
                     draining_response()
                 } else {
                     let proxy = conn.shared.proxy.load_full();
-                    proxy.handle(req, &conn.client).await
+                    proxy.handle(req, &conn.client, start).await
                 };
-                Ok::<_, Infallible>(resp.map(|body| InFlight { body, conn }))
+                let status = resp.status();
+                Ok::<_, Infallible>(resp.map(|body| InFlight {
+                    body,
+                    conn,
+                    status,
+                    start,
+                }))
             }
         })
     };
@@ -162,15 +170,19 @@ pub async fn serve(
 }
 
 /// The response body, holding the connection "busy" until it has been sent or dropped,
-/// so a long stream is never taken for an idle connection.
+/// so a long stream is never taken for an idle connection. Its end is the request's end
+/// for metrics.
 struct InFlight {
     body: Body,
     conn: Arc<Conn>,
+    status: StatusCode,
+    start: Instant,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.activity.in_flight.fetch_sub(1, Relaxed);
+        metrics::global().record_request(self.status.as_u16(), self.start.elapsed());
     }
 }
 

@@ -218,7 +218,9 @@ fn exit_now() -> ! {
 
 /// Re-reads the config; a valid one serves new requests, an invalid one is logged.
 fn reload(config: &Config, shared: &Shared) -> Option<Config> {
-    match Config::load(&config.file) {
+    let loaded = Config::load(&config.file);
+    crate::metrics::global().config_reload(loaded.is_ok());
+    match loaded {
         Ok(new) => {
             for (key, changed) in [
                 ("server.listen", new.server.listen != config.server.listen),
