@@ -3,7 +3,7 @@
 //! Workers are thread-per-core: each runs a single-threaded tokio runtime that accepts
 //! from the shared listening socket and serves its connections start to finish, with its
 //! own shard of the upstream pool, so no request crosses a thread. The main thread runs a
-//! small control runtime for signals.
+//! small control runtime for signals, reloads and the chain's background tasks.
 
 mod conn;
 
@@ -61,6 +61,13 @@ pub struct StartError(pub String);
 
 /// Binds, serves until SIGTERM/SIGINT, drains, and returns. Errors are start-up failures.
 pub fn run(config: Config) -> Result<(), StartError> {
+    // The control runtime exists before the chain is built: middlewares spawn their
+    // background work on it (key refreshes, file reloads), at start and on every reload.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
+    let _control = control.enter();
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
     let workers = config.workers();
@@ -106,10 +113,6 @@ pub fn run(config: Config) -> Result<(), StartError> {
         "gatehouse started"
     );
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
     control.block_on(control_loop(config, shared));
     Ok(())
 }
