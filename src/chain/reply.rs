@@ -12,6 +12,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         401 => "unauthorized",
         403 => "forbidden",
         404 => "not_found",
+        405 => "method_not_allowed",
         413 => "payload_too_large",
         429 => "rate_limited",
         431 => "headers_too_large",

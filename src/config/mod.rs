@@ -27,6 +27,7 @@ pub struct Config {
     pub file: PathBuf,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    pub admin: Option<AdminConfig>,
     pub log: LogConfig,
     pub middleware: Vec<MiddlewareEntry>,
 }
@@ -36,6 +37,7 @@ pub struct Config {
 struct RawConfig {
     server: ServerConfig,
     upstream: UpstreamConfig,
+    admin: Option<AdminConfig>,
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
@@ -62,6 +64,28 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// Present: the public listener terminates TLS.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: PEM files, re-read on SIGHUP and when their content changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: PathBuf,
+}
+
+/// `[admin]`: the probe and metrics listener, on its own port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: ListenAddr,
+    /// When set, the upstream is probed (a connect) this often and `/readyz` answers 503
+    /// while the last probe failed, so a pod whose app is down leaves the endpoints.
+    pub upstream_check: Option<Duration>,
 }
 
 /// `[upstream]`: the service gatehouse stands in front of.
@@ -265,6 +289,7 @@ impl Config {
             file: file.to_owned(),
             server: raw.server,
             upstream: raw.upstream,
+            admin: raw.admin,
             log: raw.log,
             middleware,
         };
@@ -293,6 +318,35 @@ impl Config {
         ] {
             if d.0.is_zero() {
                 return Err((key("server", name), "expected a duration above zero".into()));
+            }
+        }
+        if let Some(tls) = &s.tls {
+            for (name, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if path.as_os_str().is_empty() {
+                    return Err((
+                        KeyPath::default().key("server").key("tls").key(name),
+                        "expected the path of a PEM file".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(admin) = &self.admin {
+            let (a, p) = (admin.listen.0, s.listen.0);
+            if a.port() == p.port()
+                && (a.ip() == p.ip() || a.ip().is_unspecified() || p.ip().is_unspecified())
+            {
+                return Err((
+                    key("admin", "listen"),
+                    format!(
+                        "{a} overlaps server.listen {p}: the admin listener needs its own port"
+                    ),
+                ));
+            }
+            if admin.upstream_check.is_some_and(|d| d.0.is_zero()) {
+                return Err((
+                    key("admin", "upstream_check"),
+                    "expected a duration above zero (or leave it out to not probe)".into(),
+                ));
             }
         }
         let u = &self.upstream;
@@ -458,6 +512,39 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn admin_and_tls_sections() {
+        let c = parse(&format!(
+            "{BASE}[server.tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n[admin]\nlisten = \"127.0.0.1:9901\"\nupstream_check = \"2s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.tls.unwrap().cert, PathBuf::from("/c.pem"));
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.listen.0.port(), 9901);
+        assert_eq!(admin.upstream_check.unwrap().0.as_secs(), 2);
+
+        let err = parse(&format!("{BASE}[admin]\nlisten = \"0.0.0.0:8080\"\n")).unwrap_err();
+        assert!(
+            err.contains("admin.listen: 0.0.0.0:8080 overlaps server.listen"),
+            "{err}"
+        );
+        let err = parse(&format!("{BASE}[admin]\nupstream_check = \"1s\"\n")).unwrap_err();
+        assert!(
+            err.contains("admin.listen: missing field `listen`"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{BASE}[admin]\nlisten = \"127.0.0.1:1\"\nupstream_check = \"0s\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("admin.upstream_check: expected a duration above zero"),
+            "{err}"
+        );
+        let err = parse(&format!("{BASE}[server.tls]\ncert = \"/c.pem\"\n")).unwrap_err();
+        assert!(err.contains("server.tls.key: missing field `key`"), "{err}");
     }
 
     #[test]

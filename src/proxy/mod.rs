@@ -75,6 +75,10 @@ impl Proxy {
         &self.chain
     }
 
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// Serves one request. Never fails: every problem becomes a response.
     /// `start` is when the request head arrived.
     pub async fn handle(

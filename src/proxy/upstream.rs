@@ -203,6 +203,11 @@ impl Upstream {
         }
     }
 
+    /// Opens (and drops) one connection: the readiness probe of `[admin] upstream_check`.
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        self.connect().await.map(drop)
+    }
+
     async fn connect(&self) -> Result<Conn, UpstreamError> {
         let connect = async {
             Ok::<_, io::Error>(match &self.target {

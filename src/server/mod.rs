@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
+use crate::admin::{self, Health};
 use crate::config::Config;
 use crate::proxy::{upstream, Proxy};
 use conn::ConnSettings;
@@ -31,6 +32,8 @@ pub struct Shared {
     connections: AtomicUsize,
     all_closed: Notify,
     conn_settings: ConnSettings,
+    /// What `/readyz` reports.
+    health: Arc<Health>,
 }
 
 impl Shared {
@@ -70,6 +73,16 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let _control = control.enter();
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(
+            bind(admin.listen.0)
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|e| {
+                    StartError(format!("cannot listen on {} (admin): {e}", admin.listen.0))
+                })?,
+        ),
+        None => None,
+    };
     let workers = config.workers();
     let shared = Arc::new(Shared {
         proxy: ArcSwap::from_pointee(Proxy::new(&config)),
@@ -81,7 +94,23 @@ pub fn run(config: Config) -> Result<(), StartError> {
             header_read_timeout: config.server.header_read_timeout.0,
             idle_timeout: config.server.idle_timeout.0,
         },
+        health: Arc::default(),
     });
+    if let Some(listener) = admin_listener {
+        tokio::spawn(admin::serve(listener, shared.health.clone()));
+    }
+    if let Some(every) = config.admin.as_ref().and_then(|a| a.upstream_check) {
+        let probed = shared.clone();
+        tokio::spawn(admin::check_upstream(
+            shared.health.clone(),
+            every.0,
+            move || {
+                // The current generation's upstream, so a reloaded url is probed.
+                let proxy = probed.proxy.load_full();
+                async move { proxy.upstream().probe().await.map_err(|e| format!("{e:?}")) }
+            },
+        ));
+    }
 
     for index in 0..workers {
         let listener = listener
@@ -107,6 +136,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = %config.server.listen.0,
+        admin = %config.admin.as_ref().map_or("off".to_owned(), |a| a.listen.0.to_string()),
         upstream = %config.upstream.url,
         workers,
         ?chain,
@@ -172,6 +202,8 @@ async fn control_loop(mut config: Config, shared: Arc<Shared>) {
             _ = int.recv() => break,
         }
     }
+    // Readiness goes first, so endpoints are updated during shutdown_delay.
+    shared.health.set_draining();
     let (delay, grace) = (
         config.server.shutdown_delay.0,
         config.server.shutdown_grace.0,
@@ -231,6 +263,7 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     "server.workers",
                     new.server.workers != config.server.workers,
                 ),
+                ("admin", new.admin != config.admin),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
