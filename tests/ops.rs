@@ -228,3 +228,339 @@ async fn admin_port_taken_exits_1() {
     assert!(gh.stderr().contains("(admin)"), "{}", gh.output());
     drop(taken);
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A test CA that issues `localhost` certificates; clients trust only the CA.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+/// A leaf certificate as PEM files would hold it, and its DER to recognise it.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn issue(&self) -> Leaf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+}
+
+/// Where gatehouse reads its certificate; written like cert-manager does (new files, then
+/// a rename over the old ones), so a poll never sees half a file.
+struct CertFiles {
+    dir: tempfile::TempDir,
+}
+
+impl CertFiles {
+    fn new(leaf: &Leaf) -> CertFiles {
+        let files = CertFiles {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        files.write(&leaf.cert_pem, &leaf.key_pem);
+        files
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("tls.crt")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("tls.key")
+    }
+
+    fn write(&self, cert: &str, key: &str) {
+        for (path, content) in [(self.key(), key), (self.cert(), cert)] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, content).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        }
+    }
+
+    fn vars(&self) -> [(&'static str, String); 2] {
+        [
+            ("cert", self.cert().display().to_string()),
+            ("key", self.key().display().to_string()),
+        ]
+    }
+}
+
+const TLS_SECTION: &str = "[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n";
+
+/// A gatehouse terminating TLS with `files`, in front of a test upstream.
+async fn with_tls(files: &CertFiles, server: &str) -> (Upstream, Gatehouse) {
+    let up = Upstream::start().await;
+    let [(c, cert), (k, key)] = files.vars();
+    let gh = Gatehouse::start(
+        &config(server, "", TLS_SECTION),
+        &[("upstream", &up.url()), (c, &cert), (k, &key)],
+    )
+    .await;
+    (up, gh)
+}
+
+/// A TLS client connection trusting `ca`, offering `alpn`, limited to `versions`.
+async fn tls_connect(
+    port: u16,
+    ca: &Ca,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    within(
+        STEP,
+        "TLS handshake",
+        connector.connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("TLS handshake with gatehouse")
+}
+
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The certificate gatehouse presented on `stream`.
+fn served(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// An HTTP client on a TLS connection, speaking what ALPN chose.
+enum TlsClient {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+impl TlsClient {
+    async fn new(stream: TlsStream<TcpStream>) -> TlsClient {
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = hyper_util::rt::TokioIo::new(stream);
+        if h2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            TlsClient::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            TlsClient::H1(sender)
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Resp {
+        let resp = match self {
+            TlsClient::H1(sender) => {
+                let req = request("GET", path)
+                    .header("host", "localhost")
+                    .body(empty())
+                    .unwrap();
+                within(STEP, "sender ready", sender.ready()).await.unwrap();
+                within(STEP, "h1 response", sender.send_request(req)).await
+            }
+            TlsClient::H2(sender) => {
+                let req = request("GET", &format!("https://localhost{path}"))
+                    .body(empty())
+                    .unwrap();
+                within(STEP, "h2 response", sender.send_request(req)).await
+            }
+        };
+        collect(resp.expect("a response over TLS")).await
+    }
+}
+
+/// One GET on a new TLS connection; also returns the certificate it was served with.
+async fn tls_get(port: u16, ca: &Ca, path: &str) -> (Resp, CertificateDer<'static>) {
+    let stream = tls_connect(port, ca, &[b"h2", b"http/1.1"], BOTH).await;
+    let cert = served(&stream);
+    (TlsClient::new(stream).await.get(path).await, cert)
+}
+
+#[tokio::test]
+async fn tls_serves_h2_and_http1_by_alpn_with_forwarded_proto_https() {
+    let ca = Ca::new();
+    let leaf = ca.issue();
+    let files = CertFiles::new(&leaf);
+    let (up, gh) = with_tls(&files, "").await;
+
+    for (alpn, versions, version) in [
+        (&[&b"h2"[..], b"http/1.1"][..], BOTH, http::Version::HTTP_2),
+        (&[&b"http/1.1"[..]][..], BOTH, http::Version::HTTP_11),
+        (&[][..], BOTH, http::Version::HTTP_11),
+        (
+            &[&b"h2"[..]][..],
+            &[&rustls::version::TLS12][..],
+            http::Version::HTTP_2,
+        ),
+    ] {
+        let stream = tls_connect(gh.port, &ca, alpn, versions).await;
+        assert_eq!(served(&stream), leaf.der);
+        let mut client = TlsClient::new(stream).await;
+        let resp = client.get("/echo").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.version, version, "ALPN {alpn:?}");
+        let seen = resp.upstream_headers();
+        assert_eq!(seen["x-forwarded-proto"], ["https"], "{seen:?}");
+        // The connection stays usable (keep-alive, or further h2 streams).
+        assert_eq!(client.get("/echo").await.status, 200);
+    }
+    assert_eq!(up.request_count(), 8);
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(closed && !reply.starts_with(b"HTTP/"), "{reply:?}");
+    assert_eq!(up.request_count(), 8);
+}
+
+#[tokio::test]
+async fn tls_client_that_sends_nothing_is_closed() {
+    let files = CertFiles::new(&Ca::new().issue());
+    let (_up, gh) = with_tls(&files, "header_read_timeout = \"1s\"").await;
+    let mut stream = TcpStream::connect(("127.0.0.1", gh.port)).await.unwrap();
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "a TLS handshake that never starts must be cut off");
+}
+
+/// Polls until `gh`'s stderr has `n` lines containing `text` (10 s at most).
+async fn wait_log(gh: &Gatehouse, text: &str, n: usize) {
+    within(Duration::from_secs(10), text, async {
+        while gh.stderr().matches(text).count() < n {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn certificate_rotates_on_file_change_and_sighup_keeping_open_connections() {
+    let ca = Ca::new();
+    let (first, second, third) = (ca.issue(), ca.issue(), ca.issue());
+    let files = CertFiles::new(&first);
+    let (_up, gh) = with_tls(&files, "").await;
+
+    let old = tls_connect(gh.port, &ca, &[b"http/1.1"], BOTH).await;
+    assert_eq!(served(&old), first.der);
+    let mut old = TlsClient::new(old).await;
+    assert_eq!(old.get("/echo").await.status, 200);
+
+    // The files change: new connections get the new certificate...
+    files.write(&second.cert_pem, &second.key_pem);
+    within(Duration::from_secs(10), "the new certificate", async {
+        while tls_get(gh.port, &ca, "/echo").await.1 != second.der {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // ...and the connection opened before keeps working.
+    assert_eq!(old.get("/echo").await.status, 200);
+
+    // A bad new certificate (a key that does not fit it) is logged; the last good one stays.
+    let failed = gh.stderr().matches("TLS certificate reload failed").count();
+    files.write(&third.cert_pem, &second.key_pem);
+    wait_log(&gh, "TLS certificate reload failed", failed + 1).await;
+    assert!(
+        gh.stderr().contains("does not fit the certificate"),
+        "{}",
+        gh.output()
+    );
+    let (resp, cert) = tls_get(gh.port, &ca, "/echo").await;
+    assert_eq!((resp.status.as_u16(), cert), (200, second.der.clone()));
+    assert_eq!(old.get("/echo").await.status, 200);
+
+    // Fixed, and SIGHUP re-reads the files at once (besides the poll).
+    files.write(&third.cert_pem, &third.key_pem);
+    gh.send_signal("HUP");
+    within(Duration::from_secs(10), "the third certificate", async {
+        while tls_get(gh.port, &ca, "/echo").await.1 != third.der {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let loaded = gh.stderr().matches("TLS certificate loaded").count();
+    gh.send_signal("HUP");
+    wait_log(&gh, "TLS certificate loaded", loaded + 1).await;
+    assert_eq!(old.get("/echo").await.status, 200);
+}
+
+/// `gatehouse run` with `[server.tls]` at `cert` and `key` exits 1 naming `expected`.
+async fn assert_tls_start_fails(cert: &Path, key: &Path, expected: &str) {
+    let mut gh = Gatehouse::spawn(
+        &config("", "", TLS_SECTION),
+        &[
+            ("upstream", "http://127.0.0.1:9"),
+            ("cert", &cert.display().to_string()),
+            ("key", &key.display().to_string()),
+        ],
+        &[],
+    );
+    gh.assert_exits_with(1).await;
+    let err = gh.stderr();
+    assert!(
+        err.contains("cannot load the TLS certificate") && err.contains(expected),
+        "expected {expected:?}:\n{}",
+        gh.output()
+    );
+}
+
+#[tokio::test]
+async fn unreadable_or_invalid_certificate_at_start_exits_1() {
+    let ca = Ca::new();
+    let (a, b) = (ca.issue(), ca.issue());
+    let files = CertFiles::new(&a);
+    let missing = files.dir.path().join("missing.crt");
+    assert_tls_start_fails(&missing, &files.key(), "missing.crt (server.tls.cert)").await;
+
+    let garbage = files.dir.path().join("garbage.crt");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    assert_tls_start_fails(&garbage, &files.key(), "no CERTIFICATE block").await;
+    assert_tls_start_fails(&files.cert(), &garbage, "no usable private key").await;
+
+    files.write(&a.cert_pem, &b.key_pem);
+    assert_tls_start_fails(&files.cert(), &files.key(), "does not fit the certificate").await;
+}

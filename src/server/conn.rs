@@ -1,5 +1,5 @@
 //! One client connection: HTTP/1.1 or HTTP/2 (h2c prior knowledge) detected from the first
-//! bytes, the slow-header and idle timeouts, and a graceful close when the server drains.
+//! bytes (under TLS, ALPN decides: see `tls.rs`), the slow-header and idle timeouts, and a graceful close when the server drains.
 //!
 //! The timeouts are checked lazily: the connection's IO and requests bump plain counters,
 //! and one timer per connection, re-armed once per period rather than per request,
@@ -20,7 +20,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::Shared;
 use crate::metrics;
@@ -80,17 +79,20 @@ struct Conn {
     activity: Activity,
 }
 
-/// Serves one accepted connection until it closes, times out, or the server drains.
-pub async fn serve(
-    stream: TcpStream,
+/// Serves one accepted connection (plain TCP, or TLS after the handshake) until it
+/// closes, times out, or the server drains.
+pub async fn serve<S>(
+    stream: S,
     peer: std::net::SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let _open = shared.open_connection();
     let conn = Arc::new(Conn {
-        client: Client::new(peer.ip(), false),
+        client: Client::new(peer.ip(), tls),
         activity: Activity::default(),
         shared,
     });
@@ -207,12 +209,12 @@ impl HttpBody for InFlight {
 }
 
 /// The client socket, counting reads for the timeouts.
-struct Counted {
-    inner: TcpStream,
+struct Counted<S> {
+    inner: S,
     conn: Arc<Conn>,
 }
 
-impl AsyncRead for Counted {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -227,7 +229,7 @@ impl AsyncRead for Counted {
     }
 }
 
-impl AsyncWrite for Counted {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -6,6 +6,7 @@
 //! small control runtime for signals, reloads and the chain's background tasks.
 
 mod conn;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -73,6 +74,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let _control = control.enter();
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
+    let tls = match &config.server.tls {
+        Some(tls) => Some(
+            tls::setup(tls)
+                .map_err(|e| StartError(format!("cannot load the TLS certificate: {e}")))?,
+        ),
+        None => None,
+    };
+    let (tls, rotation) = tls.unzip();
     let admin_listener = match &config.admin {
         Some(admin) => Some(
             bind(admin.listen.0)
@@ -118,9 +127,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
             .map_err(|e| StartError(format!("cannot share the listener: {e}")))?;
         let shared = shared.clone();
         let max_header_bytes = config.server.max_header_bytes.0 as usize;
+        let tls = tls.clone();
         std::thread::Builder::new()
             .name(format!("gatehouse-w{index}"))
-            .spawn(move || worker(index, listener, shared, max_header_bytes))
+            .spawn(move || worker(index, listener, shared, max_header_bytes, tls))
             .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
     }
     // Only the workers hold the socket now: when they stop accepting, it closes.
@@ -136,6 +146,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = %config.server.listen.0,
+        tls = tls.is_some(),
         admin = %config.admin.as_ref().map_or("off".to_owned(), |a| a.listen.0.to_string()),
         upstream = %config.upstream.url,
         workers,
@@ -143,7 +154,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         "gatehouse started"
     );
 
-    control.block_on(control_loop(config, shared));
+    control.block_on(control_loop(config, shared, rotation));
     Ok(())
 }
 
@@ -153,6 +164,7 @@ fn worker(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     max_header_bytes: usize,
+    tls: Option<tls::Tls>,
 ) {
     upstream::set_worker_index(index);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -162,7 +174,9 @@ fn worker(
     runtime.block_on(async move {
         let listener =
             tokio::net::TcpListener::from_std(listener).expect("the listener is non-blocking");
-        let builder = Arc::new(conn::builder(max_header_bytes));
+        let builder = conn::builder(max_header_bytes);
+        let alpn_builders = Arc::new(tls::Builders::new(&builder));
+        let builder = Arc::new(builder);
         let mut stop = shared.stop.subscribe();
         loop {
             tokio::select! {
@@ -170,7 +184,11 @@ fn worker(
                 _ = stop.wait_for(|stop| *stop) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tokio::spawn(conn::serve(stream, peer, shared.clone(), builder.clone()));
+                        let _ = stream.set_nodelay(true);
+                        match &tls {
+                            None => tokio::spawn(conn::serve(stream, peer, false, shared.clone(), builder.clone())),
+                            Some(tls) => tokio::spawn(tls::serve(tls.clone(), stream, peer, shared.clone(), alpn_builders.clone())),
+                        };
                     }
                     Err(e) => {
                         // Out of file descriptors, usually: back off instead of spinning.
@@ -186,16 +204,34 @@ fn worker(
     })
 }
 
-/// Waits for signals: SIGHUP reloads, SIGTERM/SIGINT drain. Returns when drained.
-async fn control_loop(mut config: Config, shared: Arc<Shared>) {
+/// How often the TLS certificate files are compared with the served certificate.
+const CERT_POLL: Duration = Duration::from_secs(2);
+
+/// Waits for signals: SIGHUP reloads, SIGTERM/SIGINT drain; follows the certificate files.
+/// Returns when drained.
+async fn control_loop(
+    mut config: Config,
+    shared: Arc<Shared>,
+    mut rotation: Option<tls::Rotation>,
+) {
     let mut hup = signal(SignalKind::hangup()).expect("signal handlers install");
     let mut term = signal(SignalKind::terminate()).expect("signal handlers install");
     let mut int = signal(SignalKind::interrupt()).expect("signal handlers install");
+    let mut cert_poll = tokio::time::interval(CERT_POLL);
+    cert_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 if let Some(new) = reload(&config, &shared) {
                     config = new;
+                }
+                if let (Some(rotation), Some(tls)) = (&mut rotation, &config.server.tls) {
+                    rotation.refresh(tls, true);
+                }
+            }
+            _ = cert_poll.tick(), if rotation.is_some() => {
+                if let (Some(rotation), Some(tls)) = (&mut rotation, &config.server.tls) {
+                    rotation.refresh(tls, false);
                 }
             }
             _ = term.recv() => break,
@@ -264,6 +300,10 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     new.server.workers != config.server.workers,
                 ),
                 ("admin", new.admin != config.admin),
+                (
+                    "server.tls",
+                    new.server.tls.is_some() != config.server.tls.is_some(),
+                ),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
