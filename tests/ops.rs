@@ -564,3 +564,129 @@ async fn unreadable_or_invalid_certificate_at_start_exits_1() {
     files.write(&a.cert_pem, &b.key_pem);
     assert_tls_start_fails(&files.cert(), &files.key(), "does not fit the certificate").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reload and drain with requests in flight
+// ---------------------------------------------------------------------------------------------
+
+/// A `headers` middleware stamping responses with `x-generation: {generation}`.
+fn generation(generation: &str) -> String {
+    format!("[[middleware]]\ntype = \"headers\"\nresponse = {{ set = {{ \"x-generation\" = \"{generation}\" }} }}\n")
+}
+
+async fn generation_of(port: u16) -> Option<String> {
+    get(port, "/echo").await.header("x-generation")
+}
+
+#[tokio::test]
+async fn reload_with_a_request_in_flight_finishes_it_on_the_old_chain() {
+    let (up, gh, admin) = with_admin("", &generation("1")).await;
+    let port = gh.port;
+    let slow = tokio::spawn(async move { get(port, "/slow?ms=6000").await });
+    up.wait_for_requests(1).await;
+
+    // A failed reload while it is in flight changes nothing.
+    let valid = std::fs::read_to_string(&gh.config_path).unwrap();
+    std::fs::write(&gh.config_path, format!("{valid}\nbogus = 1\n")).unwrap();
+    gh.send_signal("HUP");
+    wait_sample(
+        admin,
+        "gatehouse_config_reloads_total{result=\"failure\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(generation_of(port).await.as_deref(), Some("1"));
+
+    // A successful one: new requests get the new chain...
+    std::fs::write(&gh.config_path, valid.replace("\"1\"", "\"2\"")).unwrap();
+    gh.send_signal("HUP");
+    wait_sample(
+        admin,
+        "gatehouse_config_reloads_total{result=\"success\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(generation_of(port).await.as_deref(), Some("2"));
+    assert!(
+        !slow.is_finished(),
+        "the slow request must still be in flight across both reloads"
+    );
+    // ...and the one in flight finishes on the chain it started with.
+    let resp = within(Duration::from_secs(30), "the slow response", slow)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.text(), "slow done");
+    assert_eq!(resp.header("x-generation").as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_request_and_a_stream_finish_and_closes_idle_connections() {
+    let (up, mut gh, admin) = with_admin("shutdown_grace = \"30s\"", "").await;
+    let port = gh.port;
+    let slow = tokio::spawn(async move { get(port, "/slow?ms=6000").await });
+    let stream =
+        tokio::spawn(
+            async move { h2_send(port, "GET", "/stream?chunks=10&ms=600", empty()).await },
+        );
+    // Idle connections: HTTP/1.1 keep-alive and HTTP/2, each after one request.
+    let mut idle_h1 = H1::connect(port).await;
+    assert_eq!(
+        idle_h1
+            .send(request("GET", "/echo").body(empty()).unwrap())
+            .await
+            .status,
+        200
+    );
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut idle_h2, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let req = request("GET", &format!("http://127.0.0.1:{port}/echo"))
+        .body(empty())
+        .unwrap();
+    assert_eq!(idle_h2.send_request(req).await.unwrap().status(), 200);
+    up.wait_for_requests(4).await;
+
+    gh.send_signal("TERM");
+    wait_readyz(admin, 503).await;
+    // Idle connections are closed (HTTP/2 by GOAWAY) while the others are still busy.
+    assert!(
+        idle_h1.closed_within(Duration::from_secs(10)).await,
+        "an idle keep-alive connection must be closed by the drain"
+    );
+    within(
+        Duration::from_secs(10),
+        "GOAWAY on the idle h2 connection",
+        h2_conn,
+    )
+    .await
+    .unwrap()
+    .expect("a graceful HTTP/2 close");
+    assert!(
+        !slow.is_finished() && !stream.is_finished(),
+        "both requests must still be in flight"
+    );
+    // The admin listener answers through the drain.
+    assert_eq!(get(admin, "/healthz").await.status, 200);
+
+    let resp = within(Duration::from_secs(30), "the slow response", slow)
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status.as_u16(), resp.text().as_str()),
+        (200, "slow done")
+    );
+    let resp = within(Duration::from_secs(30), "the stream", stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let expected: String = (0..10).map(|i| format!("data: {i}\n\n")).collect();
+    assert_eq!(resp.text(), expected);
+    gh.assert_exits_with(0).await;
+    assert_eq!(up.request_count(), 4);
+}

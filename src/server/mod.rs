@@ -273,13 +273,18 @@ async fn control_loop(
             notified.await;
         }
     };
+    // One shutdown_grace for both the requests in flight and the audit queue.
+    let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
-        _ = drained => tracing::info!("drained; exiting"),
-        _ = tokio::time::sleep(grace) => {
+        _ = drained => tracing::info!("in-flight requests finished"),
+        _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!(open_connections = shared.connections.load(Ordering::Acquire), "shutdown_grace passed; closing the remaining connections");
         }
         _ = &mut second_signal => exit_now(),
     }
+    // The audit queue is flushed here, after the last request's event and before `deadline`
+    // (a second signal still exits at once); the audit issue fills this in.
+    tracing::info!("drained; exiting");
 }
 
 fn exit_now() -> ! {
