@@ -250,6 +250,8 @@ struct Ca {
 struct Leaf {
     cert_pem: String,
     key_pem: String,
+    /// The key as PKCS#8 DER.
+    key_der: Vec<u8>,
     der: CertificateDer<'static>,
 }
 
@@ -271,9 +273,34 @@ impl Ca {
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
             der: cert.der().clone(),
         }
     }
+}
+
+impl Leaf {
+    /// The EC key as SEC1 (`BEGIN EC PRIVATE KEY`), the form openssl and older tools
+    /// write: the ECPrivateKey that PKCS#8 wraps in its OCTET STRING.
+    fn sec1_key_pem(&self) -> String {
+        let (_, info, _) = der_element(&self.key_der);
+        let (_, _, rest) = der_element(info); // version
+        let (_, _, rest) = der_element(rest); // algorithm
+        let (tag, sec1, _) = der_element(rest);
+        assert_eq!(tag, 0x04, "PKCS#8 privateKey is an OCTET STRING");
+        pem::encode(&pem::Pem::new("EC PRIVATE KEY", sec1))
+    }
+}
+
+/// Splits one DER element off `der`: (tag, content, rest).
+fn der_element(der: &[u8]) -> (u8, &[u8], &[u8]) {
+    let (len, header) = match der[1] {
+        n if n < 0x80 => (usize::from(n), 2),
+        0x81 => (usize::from(der[2]), 3),
+        0x82 => (usize::from(u16::from_be_bytes([der[2], der[3]])), 4),
+        _ => panic!("DER length too long for a test key"),
+    };
+    (der[0], &der[header..header + len], &der[header + len..])
 }
 
 /// Where gatehouse reads its certificate; written like cert-manager does (new files, then
@@ -456,6 +483,19 @@ async fn tls_serves_h2_and_http1_by_alpn_with_forwarded_proto_https() {
     .await;
     assert!(closed && !reply.starts_with(b"HTTP/"), "{reply:?}");
     assert_eq!(up.request_count(), 8);
+}
+
+#[tokio::test]
+async fn sec1_ec_key_is_accepted() {
+    let ca = Ca::new();
+    let leaf = ca.issue();
+    let files = CertFiles::new(&leaf);
+    let sec1 = leaf.sec1_key_pem();
+    assert!(sec1.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{sec1}");
+    files.write(&leaf.cert_pem, &sec1);
+    let (_up, gh) = with_tls(&files, "").await;
+    let (resp, cert) = tls_get(gh.port, &ca, "/echo").await;
+    assert_eq!((resp.status.as_u16(), cert), (200, leaf.der));
 }
 
 #[tokio::test]
