@@ -250,7 +250,7 @@ struct Ca {
 struct Leaf {
     cert_pem: String,
     key_pem: String,
-    /// The key as PKCS#8 DER.
+    /// The DER inside `key_pem` (PKCS#8 for generated keys).
     key_der: Vec<u8>,
     der: CertificateDer<'static>,
 }
@@ -280,7 +280,7 @@ impl Ca {
 }
 
 impl Leaf {
-    /// The EC key as SEC1 (`BEGIN EC PRIVATE KEY`), the form openssl and older tools
+    /// A generated (PKCS#8) EC key as SEC1 (`BEGIN EC PRIVATE KEY`), the form openssl and older tools
     /// write: the ECPrivateKey that PKCS#8 wraps in its OCTET STRING.
     fn sec1_key_pem(&self) -> String {
         let (_, info, _) = der_element(&self.key_der);
@@ -289,6 +289,47 @@ impl Leaf {
         let (tag, sec1, _) = der_element(rest);
         assert_eq!(tag, 0x04, "PKCS#8 privateKey is an OCTET STRING");
         pem::encode(&pem::Pem::new("EC PRIVATE KEY", sec1))
+    }
+}
+
+/// The public half of an RSA key, for rcgen to put into a certificate.
+struct RsaPublicKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for RsaPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_RSA_SHA256
+    }
+}
+
+impl Ca {
+    /// A leaf for the RSA key in `tests/fixtures/rsa-pkcs1.key` (PKCS#1, `BEGIN RSA PRIVATE
+    /// KEY`, made by `openssl genrsa -traditional 2048`; ring cannot generate RSA keys).
+    fn issue_rsa(&self) -> Leaf {
+        let key_pem = include_str!("fixtures/rsa-pkcs1.key");
+        let pkcs1 = pem::parse(key_pem).unwrap().into_contents();
+        // RSAPrivateKey is SEQUENCE { version, n, e, ... }; RSAPublicKey is SEQUENCE { n, e }.
+        let (_, fields, _) = der_element(&pkcs1);
+        let (_, _, n_e) = der_element(fields);
+        let (_, _, after_n) = der_element(n_e);
+        let (_, _, after_e) = der_element(after_n);
+        let n_e = &n_e[..n_e.len() - after_e.len()];
+        let mut public = vec![0x30, 0x82];
+        public.extend_from_slice(&u16::try_from(n_e.len()).unwrap().to_be_bytes());
+        public.extend_from_slice(n_e);
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&RsaPublicKey(public), &self.cert, &self.key)
+            .unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key_pem.to_owned(),
+            key_der: pkcs1,
+            der: cert.der().clone(),
+        }
     }
 }
 
@@ -486,16 +527,20 @@ async fn tls_serves_h2_and_http1_by_alpn_with_forwarded_proto_https() {
 }
 
 #[tokio::test]
-async fn sec1_ec_key_is_accepted() {
+async fn sec1_ec_and_pkcs1_rsa_keys_are_accepted() {
     let ca = Ca::new();
-    let leaf = ca.issue();
-    let files = CertFiles::new(&leaf);
-    let sec1 = leaf.sec1_key_pem();
+    let ec = ca.issue();
+    let sec1 = ec.sec1_key_pem();
     assert!(sec1.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{sec1}");
-    files.write(&leaf.cert_pem, &sec1);
-    let (_up, gh) = with_tls(&files, "").await;
-    let (resp, cert) = tls_get(gh.port, &ca, "/echo").await;
-    assert_eq!((resp.status.as_u16(), cert), (200, leaf.der));
+    let rsa = ca.issue_rsa();
+    assert!(rsa.key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    for (leaf, key_pem) in [(&ec, &sec1), (&rsa, &rsa.key_pem)] {
+        let files = CertFiles::new(leaf);
+        files.write(&leaf.cert_pem, key_pem);
+        let (_up, gh) = with_tls(&files, "").await;
+        let (resp, cert) = tls_get(gh.port, &ca, "/echo").await;
+        assert_eq!((resp.status.as_u16(), cert), (200, leaf.der.clone()));
+    }
 }
 
 #[tokio::test]
