@@ -1,5 +1,6 @@
 //! One client connection: HTTP/1.1 or HTTP/2 (h2c prior knowledge) detected from the first
-//! bytes (under TLS, ALPN decides: see `tls.rs`), the slow-header and idle timeouts, and a graceful close when the server drains.
+//! bytes (under TLS, ALPN decides: see `tls.rs`), the slow-header and idle timeouts, and a
+//! graceful close when the server drains.
 //!
 //! The timeouts are checked lazily: the connection's IO and requests bump plain counters,
 //! and one timer per connection, re-armed once per period rather than per request,

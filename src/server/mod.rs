@@ -175,7 +175,7 @@ fn worker(
         let listener =
             tokio::net::TcpListener::from_std(listener).expect("the listener is non-blocking");
         let builder = conn::builder(max_header_bytes);
-        let alpn_builders = Arc::new(tls::Builders::new(&builder));
+        let tls = tls.map(|tls| (tls, Arc::new(tls::Builders::new(&builder))));
         let builder = Arc::new(builder);
         let mut stop = shared.stop.subscribe();
         loop {
@@ -187,7 +187,7 @@ fn worker(
                         let _ = stream.set_nodelay(true);
                         match &tls {
                             None => tokio::spawn(conn::serve(stream, peer, false, shared.clone(), builder.clone())),
-                            Some(tls) => tokio::spawn(tls::serve(tls.clone(), stream, peer, shared.clone(), alpn_builders.clone())),
+                            Some((tls, builders)) => tokio::spawn(tls::serve(tls.clone(), stream, peer, shared.clone(), builders.clone())),
                         };
                     }
                     Err(e) => {
