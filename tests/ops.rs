@@ -344,18 +344,26 @@ fn der_element(der: &[u8]) -> (u8, &[u8], &[u8]) {
     (der[0], &der[header..header + len], &der[header + len..])
 }
 
-/// Where gatehouse reads its certificate; written like cert-manager does (new files, then
-/// a rename over the old ones), so a poll never sees half a file.
+/// Where gatehouse reads its certificate, laid out as the kubelet lays out a mounted
+/// Secret (which cert-manager updates): `tls.crt -> ..data/tls.crt`, `..data -> ..N`.
+/// An update writes a new `..N` and renames a new `..data` link over the old one, so both
+/// files change at once and the visible links themselves never change.
 struct CertFiles {
     dir: tempfile::TempDir,
+    generation: std::cell::Cell<usize>,
 }
 
 impl CertFiles {
     fn new(leaf: &Leaf) -> CertFiles {
         let files = CertFiles {
             dir: tempfile::tempdir().unwrap(),
+            generation: Default::default(),
         };
         files.write(&leaf.cert_pem, &leaf.key_pem);
+        for name in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), files.dir.path().join(name))
+                .unwrap();
+        }
         files
     }
 
@@ -368,11 +376,15 @@ impl CertFiles {
     }
 
     fn write(&self, cert: &str, key: &str) {
-        for (path, content) in [(self.key(), key), (self.cert(), cert)] {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, content).unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-        }
+        let generation = format!("..{}", self.generation.get() + 1);
+        self.generation.set(self.generation.get() + 1);
+        let data = self.dir.path().join(&generation);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("tls.crt"), cert).unwrap();
+        std::fs::write(data.join("tls.key"), key).unwrap();
+        let link = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&generation, &link).unwrap();
+        std::fs::rename(&link, self.dir.path().join("..data")).unwrap();
     }
 
     fn vars(&self) -> [(&'static str, String); 2] {
