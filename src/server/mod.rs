@@ -116,7 +116,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
             move || {
                 // The current generation's upstream, so a reloaded url is probed.
                 let proxy = probed.proxy.load_full();
-                async move { proxy.upstream().probe().await.map_err(|e| format!("{e:?}")) }
+                async move {
+                    let probe = proxy.upstream().probe().await;
+                    probe.map_err(|e| format!("{} ({e:?})", e.message()))
+                }
             },
         ));
     }
