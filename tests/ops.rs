@@ -68,6 +68,12 @@ async fn wait_readyz(admin: u16, status: u16) {
 #[tokio::test]
 async fn admin_endpoints_answer_on_their_own_port() {
     let (up, gh, admin) = with_admin("", "").await;
+    wait_log(&gh, "gatehouse started", 1).await;
+    let started = gh.stderr();
+    assert!(
+        started.contains(&format!("\"admin\":\"127.0.0.1:{admin}\"")),
+        "the start-up line names the admin address: {started}"
+    );
     let resp = get(admin, "/healthz").await;
     assert_eq!((resp.status.as_u16(), resp.text().as_str()), (200, "ok\n"));
     let resp = get(admin, "/readyz").await;
