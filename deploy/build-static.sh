@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 TARGET=x86_64-unknown-linux-musl
 BIN="target/$TARGET/release/gatehouse"
 
-if ! rustup target list --installed | grep -qx "$TARGET"; then
+if ! grep -qx "$TARGET" <<<"$(rustup target list --installed)"; then
     echo "build-static: adding rust target $TARGET"
     rustup target add "$TARGET"
 fi

@@ -17,8 +17,8 @@ K8S_VERSION="${K8S_VERSION:-1.29.0}"
 KV_VERSION=1.37.0
 VENV="${CI_VENV:-target/ci-venv}"
 
-if [ ! -x "$VENV/bin/kubernetes-validate" ] \
-    || ! "$VENV/bin/pip" show kubernetes-validate 2>/dev/null | grep -qx "Version: $KV_VERSION"; then
+installed="$("$VENV/bin/pip" show kubernetes-validate 2>/dev/null || true)"
+if [ ! -x "$VENV/bin/kubernetes-validate" ] || ! grep -qx "Version: $KV_VERSION" <<<"$installed"; then
     echo "validate: installing kubernetes-validate==$KV_VERSION into $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
