@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Render every kustomization under deploy/kubernetes and validate each resource offline
-# against the Kubernetes API schemas (kubernetes-validate, pinned). Fails on any error.
+# against the Kubernetes API schemas (kubernetes-validate, pinned), then check that each
+# pod's preStop and terminationGracePeriodSeconds agree with its proxy.toml's
+# shutdown_delay/shutdown_grace (check_drain.py). Fails on any error.
 #
 #   bash deploy/validate.sh
 #
@@ -83,6 +85,10 @@ for kfile in $(find deploy/kubernetes -name kustomization.yaml | sort); do
     echo "validate: $dir ($count resources, Kubernetes $K8S_VERSION schemas)"
     # --strict: unknown fields are errors, like gatehouse's own config.
     if ! "$VENV/bin/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" "$rendered"; then
+        status=1
+    fi
+    # The pod's drain settings must agree with its proxy.toml (see check_drain.py).
+    if ! "$VENV/bin/python" deploy/check_drain.py "$rendered"; then
         status=1
     fi
 done
