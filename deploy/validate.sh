@@ -26,6 +26,8 @@ if [ ! -x "$VENV/bin/kubernetes-validate" ] || ! grep -qx "Version: $KV_VERSION"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
 fi
 
+status=0
+
 render() {
     local dir="$1"
     if command -v kubectl >/dev/null 2>&1; then
@@ -64,9 +66,19 @@ if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&
         "components or generators applied)" >&2
 fi
 
+# components/redis/proxy.toml is base/proxy.toml with the rate limit on Redis: a change to one
+# must be made to the other, so any difference beyond the backend lines and comments fails.
+drift="$(diff deploy/kubernetes/base/proxy.toml deploy/kubernetes/components/redis/proxy.toml \
+    | grep '^[<>]' | grep -vE '^[<>] *(#.*)?$|^[<>] (backend|redis_url|on_backend_error) =' || true)"
+if [ -n "$drift" ]; then
+    echo "validate: components/redis/proxy.toml differs from base/proxy.toml beyond the rate" \
+        "limit backend:" >&2
+    echo "$drift" >&2
+    status=1
+fi
+
 out="target/k8s-rendered"
 mkdir -p "$out"
-status=0
 for kfile in $(find deploy/kubernetes -name kustomization.yaml | sort); do
     dir="$(dirname "$kfile")"
     # Components are only meaningful inside a kustomization; they are validated through it.

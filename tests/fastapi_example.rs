@@ -452,12 +452,16 @@ fn deploy_configs_pass_gatehouse_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for config in [
         "deploy/kubernetes/base/proxy.toml",
+        "deploy/kubernetes/components/redis/proxy.toml",
         "deploy/examples/fastapi/proxy.toml",
     ] {
         let path = root.join(config);
         let out = cli(
             &["check", "--config", path.to_str().unwrap()],
-            &[("API_KEY", API_KEY)],
+            &[
+                ("API_KEY", API_KEY),
+                ("REDIS_URL", "redis://rate-limit-redis:6379"),
+            ],
             None,
         );
         assert_eq!(
