@@ -8,9 +8,10 @@
 #
 # Rendering uses `kubectl kustomize` (or a standalone `kustomize`). Without either, a small
 # Python fallback concatenates the YAML files each kustomization lists under `resources`
-# (recursively) as they are: it applies no patches, components, images, name prefixes or
-# hash suffixes and renders no configMapGenerator/secretGenerator, so it checks the
-# hand-written resources only. CI has kubectl; the fallback says when it is used.
+# and `components` (recursively, the components' own `resources` included) as they are: it
+# applies no patches, images, namespaces, replicas, name prefixes or hash suffixes and
+# renders no configMapGenerator/secretGenerator, so it checks the hand-written resources
+# only, and the drain check is skipped (no rendered proxy.toml). It says when it is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
