@@ -126,6 +126,20 @@ async fn local_burst_then_429_then_refill() {
 }
 
 #[tokio::test]
+async fn stacked_limiters_report_the_tightest_and_a_refusal_its_own() {
+    let mw = [
+        limiter("name = \"wide\"\nrate = \"1/h\"\nburst = 10\nkey = \"global\""),
+        limiter("name = \"narrow\"\nrate = \"1/h\"\nburst = 2\nkey = \"global\""),
+    ]
+    .concat();
+    let (_up, gh) = proxy_with("", "", &mw).await;
+    assert_passed(&get(gh.port, "/echo").await, 2, 1);
+    assert_passed(&get(gh.port, "/echo").await, 2, 0);
+    // "narrow" refuses; "wide" (which counted it, 7 left) still sees the response.
+    assert_limited(&get(gh.port, "/echo").await, 2);
+}
+
+#[tokio::test]
 async fn keys_are_kept_apart() {
     let mw = [
         limiter("paths = [\"/tenant/**\"]\nrate = \"1/h\"\nburst = 1\nkey = \"header:x-tenant\""),

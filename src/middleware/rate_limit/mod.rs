@@ -363,6 +363,8 @@ impl RateLimit {
             reset: ceil_secs(out.reset),
         };
         if !out.allowed {
+            // Earlier limiters' response phases then repeat these headers, not their own.
+            ctx.rate_limit = Some(quota);
             let mut resp = ctx.reject(StatusCode::TOO_MANY_REQUESTS, "too many requests");
             quota.write(resp.headers_mut());
             resp.headers_mut()
