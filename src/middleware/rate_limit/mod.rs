@@ -230,11 +230,11 @@ impl super::Settings for Settings {
         LazyLock::force(&EPOCH);
         let backend = match self.backend {
             Backend::Local => Store::Local(local_state(name, self)),
-            Backend::Redis => Store::Redis(redis::Remote::new(
+            Backend::Redis => Store::Redis(Box::new(redis::Remote::new(
                 name,
                 self.redis_url.as_deref().expect("validated"),
                 self.timeout.0,
-            )),
+            ))),
         };
         Box::new(RateLimit {
             gcra: self.gcra(),
@@ -343,7 +343,7 @@ fn ceil_secs(micros: u64) -> u32 {
 
 enum Store {
     Local(Arc<local::Store>),
-    Redis(redis::Remote),
+    Redis(Box<redis::Remote>),
 }
 
 struct RateLimit {

@@ -2,17 +2,17 @@
 //! script doing the same GCRA as [`super::Gcra::decide`] atomically on the server, with the
 //! server's clock (`TIME`), so replicas' clocks do not matter.
 //!
-//! Connection: one `redis` multiplexed connection per limiter, behind a `ConnectionManager`
-//! that reconnects by itself. It is created while the chain is built, inside the control
-//! runtime, and a first `PING` is sent from there, so its driver task lives on the control
-//! thread, not on whichever worker happened to ask first. Workers pipeline their calls over
-//! it through channels: the control thread only moves bytes, and Redis sees one connection
-//! per replica instead of one per worker.
+//! Connection: each worker thread has its own multiplexed connection per limiter, behind a
+//! `ConnectionManager` that reconnects by itself, created on that worker's first decision.
+//! Its driver task then runs on the worker's own runtime (the `redis` crate spawns it, and
+//! any reconnection, on the runtime of the caller), so a decision never crosses threads:
+//! the thread-per-core way, at the price of one Redis connection per worker and limiter.
 
+use std::cell::RefCell;
 use std::fmt::Display;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -45,11 +45,19 @@ return {1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 
 /// At most one warning per limiter this often while Redis fails; the metric counts each.
 const WARN_EVERY_SECS: u64 = 10;
 
+thread_local! {
+    /// This worker's connections, one per live limiter (`Remote::alive`).
+    static CONNECTIONS: RefCell<Vec<(Weak<()>, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
+}
+
 pub(super) struct Remote {
     name: Arc<str>,
     /// `gatehouse:rl:<name>:`
     prefix: Vec<u8>,
-    conn: ConnectionManager,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Identifies this limiter's connections in [`CONNECTIONS`]; they go when it goes.
+    alive: Arc<()>,
     timeout: Duration,
     /// `gatehouse_rate_limit_backend_errors_total{middleware=name}`.
     errors: Counter,
@@ -59,7 +67,6 @@ pub(super) struct Remote {
 }
 
 impl Remote {
-    /// Must run inside a tokio runtime (the control runtime, when the chain is built).
     pub(super) fn new(name: &str, url: &str, timeout: Duration) -> Remote {
         let client = redis::Client::open(url).expect("validated");
         let config = ConnectionManagerConfig::new()
@@ -67,19 +74,14 @@ impl Remote {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = client
-            .get_connection_manager_lazy(config)
-            .expect("no push sender is configured");
-        let mut first = conn.clone();
-        tokio::spawn(async move {
-            let _ = redis::cmd("PING").query_async::<()>(&mut first).await;
-        });
         let name: Arc<str> = name.into();
         Remote {
             prefix: format!("gatehouse:rl:{name}:").into_bytes(),
             errors: crate::metrics::global().rate_limit_backend_errors(&name),
             name,
-            conn,
+            client,
+            config,
+            alive: Arc::new(()),
             timeout,
             last_warn: AtomicU64::new(0),
         }
@@ -97,7 +99,7 @@ impl Remote {
             }
             KeyRef::Shared => redis_key.push(b'-'),
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let mut call = SCRIPT.key(redis_key);
         call.arg(gcra.interval).arg(gcra.tolerance);
         let answer = tokio::time::timeout(
@@ -116,6 +118,26 @@ impl Remote {
             Ok(Err(e)) => self.failed(e),
             Err(_) => self.failed(format_args!("no answer within {:?}", self.timeout)),
         }
+    }
+
+    /// This worker's connection for this limiter (connecting lazily, on this runtime).
+    fn connection(&self) -> ConnectionManager {
+        CONNECTIONS.with_borrow_mut(|conns| {
+            if let Some((_, conn)) = conns
+                .iter()
+                .find(|(alive, _)| alive.as_ptr() == Arc::as_ptr(&self.alive))
+            {
+                return conn.clone();
+            }
+            // Limiters replaced by a reload leave their connections here: drop those.
+            conns.retain(|(alive, _)| alive.strong_count() > 0);
+            let conn = self
+                .client
+                .get_connection_manager_lazy(self.config.clone())
+                .expect("no push sender is configured");
+            conns.push((Arc::downgrade(&self.alive), conn.clone()));
+            conn
+        })
     }
 
     /// Counts a failure, and logs it unless one was logged recently.
