@@ -212,10 +212,14 @@ impl super::Settings for Settings {
             )
             .to_lowercase(),
         };
+        let unit = match self.rate.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
         format!(
-            "rate={}/{}s burst={} key={} backend={backend}",
+            "rate={}/{unit} burst={} key={} backend={backend}",
             self.rate.count,
-            self.rate.per.as_secs(),
             self.burst(),
             self.key
         )
