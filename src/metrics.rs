@@ -40,6 +40,7 @@ pub struct Metrics {
     /// `gatehouse_audit_queue_depth`: events waiting for the sink workers.
     pub audit_queue_depth: Gauge,
     config_reloads: Family<ResultLabel, Counter>,
+    rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,6 +63,11 @@ struct KindLabel {
 struct AuditLabels {
     sink: Arc<str>,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MiddlewareLabel {
+    middleware: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +101,7 @@ impl Metrics {
         let audit_dropped = Counter::default();
         let audit_queue_depth = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
+        let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
         // A family with no label set yet still prints its HELP and TYPE lines; the reload
         // outcomes are known up front, so they print as zeros.
         for result in ["success", "failure"] {
@@ -146,6 +153,11 @@ impl Metrics {
             "Config reloads, by result",
             Listed(config_reloads.clone()),
         );
+        registry.register(
+            "gatehouse_rate_limit_backend_errors",
+            "Rate limit decisions the backend (Redis) failed or timed out, by middleware name",
+            Listed(rate_limit_backend_errors.clone()),
+        );
 
         Metrics {
             registry,
@@ -168,6 +180,7 @@ impl Metrics {
             audit_dropped,
             audit_queue_depth,
             config_reloads,
+            rate_limit_backend_errors,
         }
     }
 
@@ -223,6 +236,15 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    /// A handle for `gatehouse_rate_limit_backend_errors_total{middleware}`, resolved when
+    /// the limiter is built.
+    pub fn rate_limit_backend_errors(&self, middleware: &Arc<str>) -> Counter {
+        self.rate_limit_backend_errors
+            .get_or_create_owned(&MiddlewareLabel {
+                middleware: middleware.clone(),
+            })
     }
 
     /// The Prometheus text exposition of every family.
@@ -363,6 +385,7 @@ mod tests {
             "gatehouse_audit_dropped_total",
             "gatehouse_audit_queue_depth",
             "gatehouse_config_reloads_total",
+            "gatehouse_rate_limit_backend_errors_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {} ", family.trim_end_matches("_total"))),

@@ -29,6 +29,9 @@ pub struct Context {
     pub body_limit: Option<(u64, usize)>,
     /// The `access-control-allow-origin` value a `cors` middleware decided on, if any.
     pub cors_allow_origin: Option<HeaderValue>,
+    /// The tightest `rate_limit` quota the request was counted against, for its
+    /// `ratelimit-*` response headers.
+    pub rate_limit: Option<crate::middleware::rate_limit::Quota>,
     /// Index of the middleware that rejected the request.
     pub denied_by: Option<usize>,
     /// Index of the middleware whose phase is running, so it can name itself in the context.
@@ -47,6 +50,7 @@ impl Context {
             upstream_time: None,
             body_limit: None,
             cors_allow_origin: None,
+            rate_limit: None,
             denied_by: None,
             current: 0,
             ran: 0,

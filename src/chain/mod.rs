@@ -105,7 +105,7 @@ impl Chain {
                     skip_paths: e.skip_paths.clone(),
                     methods: e.methods.clone(),
                 },
-                middleware: e.spec.build(),
+                middleware: e.spec.build(&e.name),
             })
             .collect();
         Chain { links }

@@ -8,6 +8,7 @@ pub mod body_limit;
 pub mod cors;
 pub mod headers;
 pub mod ip_filter;
+pub mod rate_limit;
 pub mod request_id;
 pub mod timing;
 
@@ -21,6 +22,11 @@ pub trait Settings: std::fmt::Debug {
     fn summary(&self) -> String;
     /// The middleware these settings describe.
     fn build(&self) -> Box<dyn Middleware>;
+    /// The middleware of the entry called `name`: for types whose state is keyed by name
+    /// (kept across reloads, shared through Redis).
+    fn build_named(&self, _name: &str) -> Box<dyn Middleware> {
+        self.build()
+    }
 }
 
 /// Declares the registry: TOML `type` name → module, in one place.
@@ -65,8 +71,9 @@ macro_rules! registry {
                 }
             }
 
-            pub fn build(&self) -> Box<dyn Middleware> {
-                self.settings().build()
+            /// Builds the middleware of the entry called `name`.
+            pub fn build(&self, name: &str) -> Box<dyn Middleware> {
+                self.settings().build_named(name)
             }
         }
     };
@@ -79,6 +86,7 @@ registry! {
     "ip_filter" => IpFilter(ip_filter),
     "cors" => Cors(cors),
     "body_limit" => BodyLimit(body_limit),
+    "rate_limit" => RateLimit(rate_limit),
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.

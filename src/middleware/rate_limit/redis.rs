@@ -1,0 +1,191 @@
+//! The Redis backend: one budget for every replica. Each decision is one `EVALSHA` of a Lua
+//! script doing the same GCRA as [`super::Gcra::decide`] atomically on the server, with the
+//! server's clock (`TIME`), so replicas' clocks do not matter.
+//!
+//! Connection: each worker thread has its own multiplexed connection per limiter, behind a
+//! `ConnectionManager` that reconnects by itself, created on that worker's first decision.
+//! Its driver task then runs on the worker's own runtime (the `redis` crate spawns it, and
+//! any reconnection, on the runtime of the caller), so a decision never crosses threads:
+//! the thread-per-core way, at the price of one Redis connection per worker and limiter.
+
+use std::cell::RefCell;
+use std::fmt::Display;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Weak};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::{Gcra, KeyRef, Outcome, EPOCH};
+
+/// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval and tolerance.
+/// Returns {allowed, remaining, reset, retry_after}. The key expires when its bucket is full
+/// again, which is exactly when forgetting it changes nothing.
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+local new_tat = tat + interval
+if new_tat - now > tolerance then
+  return {0, 0, tat - now, new_tat - tolerance - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 0}
+",
+    )
+});
+
+/// At most one warning per limiter this often while Redis fails; the metric counts each.
+const WARN_EVERY_SECS: u64 = 10;
+
+thread_local! {
+    /// This worker's connections, one per live limiter (`Remote::alive`).
+    static CONNECTIONS: RefCell<Vec<(Weak<()>, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
+}
+
+pub(super) struct Remote {
+    name: Arc<str>,
+    /// `gatehouse:rl:<name>:`
+    prefix: Vec<u8>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Identifies this limiter's connections in [`CONNECTIONS`]; they go when it goes.
+    alive: Arc<()>,
+    timeout: Duration,
+    /// `gatehouse_rate_limit_backend_errors_total{middleware=name}`.
+    errors: Counter,
+    /// When the last warning was logged, in seconds since [`EPOCH`] plus `WARN_EVERY_SECS`
+    /// (so 0 means never).
+    last_warn: AtomicU64,
+}
+
+impl Remote {
+    pub(super) fn new(name: &str, url: &str, timeout: Duration) -> Remote {
+        let client = redis::Client::open(url).expect("validated");
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let name: Arc<str> = name.into();
+        Remote {
+            prefix: format!("gatehouse:rl:{name}:").into_bytes(),
+            errors: crate::metrics::global().rate_limit_backend_errors(&name),
+            name,
+            client,
+            config,
+            alive: Arc::new(()),
+            timeout,
+            last_warn: AtomicU64::new(0),
+        }
+    }
+
+    /// One round trip; `None` when Redis failed or did not answer within the timeout.
+    pub(super) async fn decide(&self, key: KeyRef<'_>, gcra: &Gcra) -> Option<Outcome> {
+        let mut redis_key = Vec::with_capacity(self.prefix.len() + 40);
+        redis_key.extend_from_slice(&self.prefix);
+        match key {
+            KeyRef::Ip(ip) => write!(redis_key, "{ip}").expect("writing to a Vec"),
+            KeyRef::Text(text) => {
+                redis_key.push(b'=');
+                redis_key.extend_from_slice(text);
+            }
+            KeyRef::Shared => redis_key.push(b'-'),
+        }
+        let mut conn = self.connection();
+        let mut call = SCRIPT.key(redis_key);
+        call.arg(gcra.interval).arg(gcra.tolerance);
+        let answer = tokio::time::timeout(
+            self.timeout,
+            call.invoke_async::<(u8, u64, u64, u64)>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok((allowed, remaining, reset, retry_after))) => Some(Outcome {
+                allowed: allowed == 1,
+                tat: 0,
+                remaining,
+                reset,
+                retry_after,
+            }),
+            Ok(Err(e)) => self.failed(e),
+            Err(_) => self.failed(format_args!("no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// This worker's connection for this limiter (connecting lazily, on this runtime).
+    fn connection(&self) -> ConnectionManager {
+        CONNECTIONS.with_borrow_mut(|conns| {
+            if let Some((_, conn)) = conns
+                .iter()
+                .find(|(alive, _)| alive.as_ptr() == Arc::as_ptr(&self.alive))
+            {
+                return conn.clone();
+            }
+            // Limiters replaced by a reload leave their connections here: drop those.
+            conns.retain(|(alive, _)| alive.strong_count() > 0);
+            let conn = self
+                .client
+                .get_connection_manager_lazy(self.config.clone())
+                .expect("no push sender is configured");
+            conns.push((Arc::downgrade(&self.alive), conn.clone()));
+            conn
+        })
+    }
+
+    /// Counts a failure, and logs it unless one was logged recently.
+    fn failed(&self, error: impl Display) -> Option<Outcome> {
+        self.errors.inc();
+        let now = EPOCH.elapsed().as_secs() + WARN_EVERY_SECS;
+        let last = self.last_warn.load(Relaxed);
+        if now >= last + WARN_EVERY_SECS
+            && self
+                .last_warn
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                middleware = %self.name,
+                %error,
+                "rate limit backend failed; on_backend_error applies (logged at most every {WARN_EVERY_SECS}s)"
+            );
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_failure_counted_per_decision() {
+        // Nothing listens on port 1: every decision fails at once.
+        let remote = Remote::new(
+            "rl-unreachable",
+            "redis://127.0.0.1:1",
+            Duration::from_millis(50),
+        );
+        let gcra = Gcra {
+            interval: 1_000,
+            tolerance: 1_000,
+        };
+        for _ in 0..3 {
+            assert_eq!(remote.decide(KeyRef::Shared, &gcra).await, None);
+        }
+        let metrics = crate::metrics::global().encode();
+        assert!(
+            metrics.contains(
+                "gatehouse_rate_limit_backend_errors_total{middleware=\"rl-unreachable\"} 3"
+            ),
+            "{metrics}"
+        );
+    }
+}
