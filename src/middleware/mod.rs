@@ -4,6 +4,8 @@
 use crate::chain::Middleware;
 use crate::config::{deserialize, KeyPath, Problem};
 
+pub mod api_key;
+mod auth;
 pub mod body_limit;
 pub mod cors;
 pub mod headers;
@@ -79,6 +81,7 @@ registry! {
     "ip_filter" => IpFilter(ip_filter),
     "cors" => Cors(cors),
     "body_limit" => BodyLimit(body_limit),
+    "api_key" => ApiKey(api_key),
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.
