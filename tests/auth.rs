@@ -226,3 +226,109 @@ fn api_key_config_errors_name_the_key() {
         "middleware[0].query",
     );
 }
+
+// ----- basic_auth ---------------------------------------------------------------------------
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+/// An argon2id hash with small parameters, so a debug build verifies it quickly.
+fn argon2id(password: &str) -> String {
+    use argon2::PasswordHasher;
+    let params = argon2::Params::new(64, 1, 1, None).unwrap();
+    let hasher = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    hasher
+        .hash_password(password.as_bytes())
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn basic_auth_inline_argon2_and_htpasswd_bcrypt() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let bob = bcrypt::hash("bob-pw", 4).unwrap();
+    std::fs::write(&htpasswd, format!("# users\nbob:{bob}\n")).unwrap();
+    let up = Upstream::start().await;
+    let rest = format!(
+        r#"
+[[middleware]]
+type = "basic_auth"
+realm = "staff only"
+users = [{{ user = "alice", password_hash = "{}" }}]
+htpasswd_file = "{}"
+"#,
+        argon2id("alice-pw"),
+        htpasswd.display()
+    );
+    let gh = Gatehouse::start(&config("", "", &rest), &[("upstream", &up.url())]).await;
+    let challenge = Some("Basic realm=\"staff only\", charset=\"UTF-8\"");
+
+    for (user, pw) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
+        // Twice: the second one is answered from the verification cache.
+        for _ in 0..2 {
+            let resp = send(
+                gh.port,
+                get_with("/echo", &[("authorization", &basic(user, pw))]),
+            )
+            .await;
+            assert_eq!(resp.status, 200, "{user}: {resp:?}");
+            let seen = resp.upstream_headers();
+            assert!(
+                !seen.contains_key("authorization"),
+                "credential forwarded: {seen:?}"
+            );
+        }
+    }
+    for auth in [
+        basic("alice", "bob-pw"),
+        basic("bob", "alice-pw"),
+        basic("mallory", "alice-pw"),
+        basic("alice", ""),
+        "Bearer abc".into(),
+        "Basic !!".into(),
+    ] {
+        assert_rejected(
+            &gh,
+            &up,
+            get_with("/echo", &[("authorization", &auth)]),
+            401,
+            challenge,
+        )
+        .await;
+    }
+    assert_rejected(&gh, &up, get_with("/echo", &[]), 401, challenge).await;
+}
+
+#[tokio::test]
+async fn basic_auth_without_strip_forwards_authorization() {
+    let rest = format!(
+        "[[middleware]]\ntype = \"basic_auth\"\nstrip = false\nusers = [{{ user = \"u\", password_hash = \"{}\" }}]\n",
+        bcrypt::hash("pw", 4).unwrap()
+    );
+    let (_up, gh) = proxy_with("", "", &rest).await;
+    let auth = basic("u", "pw");
+    let resp = send(gh.port, get_with("/echo", &[("authorization", &auth)])).await;
+    assert_eq!(resp.upstream_headers()["authorization"], [auth]);
+}
+
+#[test]
+fn basic_auth_plaintext_password_is_a_config_error() {
+    assert_config_error(
+        "[[middleware]]\ntype = \"basic_auth\"\nusers = [{ user = \"u\", password_hash = \"hunter2\" }]\n",
+        "middleware[0].users[0].password_hash: expected a bcrypt",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("htpasswd");
+    std::fs::write(&file, "carol:$apr1$abc$def\n").unwrap();
+    assert_config_error(
+        &format!(
+            "[[middleware]]\ntype = \"basic_auth\"\nhtpasswd_file = \"{}\"\n",
+            file.display()
+        ),
+        "middleware[0].htpasswd_file:",
+    );
+}

@@ -6,6 +6,7 @@ use crate::config::{deserialize, KeyPath, Problem};
 
 pub mod api_key;
 mod auth;
+pub mod basic_auth;
 pub mod body_limit;
 pub mod cors;
 pub mod headers;
@@ -82,6 +83,7 @@ registry! {
     "cors" => Cors(cors),
     "body_limit" => BodyLimit(body_limit),
     "api_key" => ApiKey(api_key),
+    "basic_auth" => BasicAuth(basic_auth),
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.
