@@ -11,6 +11,7 @@ pub mod body_limit;
 pub mod cors;
 pub mod headers;
 pub mod ip_filter;
+pub mod jwt;
 pub mod request_id;
 pub mod timing;
 
@@ -84,6 +85,7 @@ registry! {
     "body_limit" => BodyLimit(body_limit),
     "api_key" => ApiKey(api_key),
     "basic_auth" => BasicAuth(basic_auth),
+    "jwt" => Jwt(jwt),
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.
