@@ -732,3 +732,113 @@ fn jwt_config_errors_name_the_key() {
         "middleware[0].jwks_url: invalid URL",
     );
 }
+
+// ----- forward_auth -------------------------------------------------------------------------
+
+/// An auth service that decides by `authorization`: `Bearer good` passes (answering with
+/// `x-user`, and echoing what it was told as `x-auth-saw`), `Bearer deny` gets a 403 with
+/// its own body, anything else a 401 with a challenge.
+async fn auth_service() -> TestServer {
+    TestServer::start(|req| {
+        let h = |name: &str| {
+            req.headers
+                .get(name)
+                .map_or("-", |v| v.to_str().unwrap())
+                .to_owned()
+        };
+        match h("authorization").as_str() {
+            "Bearer good" => {
+                let saw = format!(
+                    "{} {} {} cookie={} body-length={}",
+                    h("x-forwarded-method"),
+                    h("x-forwarded-uri"),
+                    h("x-forwarded-host"),
+                    h("cookie"),
+                    h("content-length"),
+                );
+                reply(
+                    200,
+                    &[("x-user", "alice"), ("x-user", "ops"), ("x-auth-saw", &saw)],
+                    "",
+                )
+            }
+            "Bearer deny" => reply(403, &[("content-type", "text/plain")], "no entry for you"),
+            _ => reply(401, &[("www-authenticate", "Bearer realm=\"sso\"")], ""),
+        }
+    })
+    .await
+}
+
+fn forward_auth_config(url: &str) -> String {
+    format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n[[middleware]]\ntype = \"forward_auth\"\nurl = \"{url}\"\ntimeout = \"500ms\"\ncopy_headers = [\"x-user\", \"x-auth-saw\"]\n"
+    )
+}
+
+#[tokio::test]
+async fn forward_auth_allows_copies_headers_and_passes_denials_through() {
+    let auth = auth_service().await;
+    let (up, gh) = proxy_with("", "", &forward_auth_config(&auth.url("/verify"))).await;
+
+    let req = request("POST", "/echo/x?y=1")
+        .header("authorization", "Bearer good")
+        .header("cookie", "s=1")
+        .header("x-user", "root") // spoofed: must not reach the app
+        .body(full("request body"))
+        .unwrap();
+    let resp = send(gh.port, req).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = resp.upstream_headers();
+    assert_eq!(seen["x-user"], ["alice", "ops"]);
+    let host = format!("127.0.0.1:{}", gh.port);
+    assert_eq!(
+        seen["x-auth-saw"],
+        [format!("POST /echo/x?y=1 {host} cookie=s=1 body-length=-")]
+    );
+    assert_eq!(resp.json()["body"], "request body");
+
+    let before = up.request_count();
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("authorization", "Bearer deny")]),
+    )
+    .await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.text(), "no entry for you");
+    assert_eq!(resp.header("content-type").as_deref(), Some("text/plain"));
+    assert!(
+        resp.header("x-request-id").is_some(),
+        "earlier middlewares see the answer"
+    );
+    let resp = send(gh.port, get_with("/echo", &[])).await;
+    assert_eq!(resp.status, 401);
+    assert_eq!(
+        resp.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"sso\"")
+    );
+    assert_eq!(
+        up.request_count(),
+        before,
+        "a denied request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn forward_auth_fails_closed() {
+    // Nothing listens: refused.
+    let refused = format!("http://127.0.0.1:{}/verify", free_port());
+    // Accepts connections (the kernel does) but never answers: timed out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/verify", silent.local_addr().unwrap());
+    for url in [refused, silent_url] {
+        let (up, gh) = proxy_with("", "", &forward_auth_config(&url)).await;
+        let resp = send(
+            gh.port,
+            get_with("/echo", &[("authorization", "Bearer good")]),
+        )
+        .await;
+        let body = resp.assert_gatehouse_error(503, "unavailable");
+        assert!(body["request_id"].is_string(), "{body}");
+        assert_eq!(up.request_count(), 0, "{url}: the upstream was reached");
+    }
+}

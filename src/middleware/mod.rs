@@ -9,6 +9,7 @@ mod auth;
 pub mod basic_auth;
 pub mod body_limit;
 pub mod cors;
+pub mod forward_auth;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwt;
@@ -86,6 +87,7 @@ registry! {
     "api_key" => ApiKey(api_key),
     "basic_auth" => BasicAuth(basic_auth),
     "jwt" => Jwt(jwt),
+    "forward_auth" => ForwardAuth(forward_auth),
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.
