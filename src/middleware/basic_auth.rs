@@ -339,6 +339,30 @@ mod tests {
     }
 
     #[test]
+    fn verification_cache_is_bounded() {
+        let hash: PasswordHash = "$2y$04$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW"
+            .parse()
+            .unwrap();
+        let m = BasicAuth {
+            users: HashMap::new(),
+            decoy: hash,
+            challenge: HeaderValue::from_static("Basic"),
+            strip: true,
+            verified: Mutex::new(HashMap::new()),
+        };
+        let key = |i: usize| digest(&[b"u", i.to_string().as_bytes()]);
+        m.remember(key(0));
+        assert!(m.recently_verified(&key(0)));
+        assert!(!m.recently_verified(&key(1)));
+        for i in 1..=CACHE_MAX {
+            m.remember(key(i));
+        }
+        let len = m.verified.lock().unwrap().len();
+        assert!(len <= CACHE_MAX, "{len}");
+        assert!(m.recently_verified(&key(CACHE_MAX)));
+    }
+
+    #[test]
     fn htpasswd_lines() {
         let users = parse_htpasswd(
             "# team\n\nbob:$2y$04$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW\n",

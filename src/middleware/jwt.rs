@@ -615,35 +615,36 @@ impl Middleware for Jwt {
             return Flow::Respond(unauthorized(ctx, &self.challenge, "missing bearer token"));
         };
         // `alg: none` (and any name outside the allow-list's enum) fails here.
-        let Ok(header) = jsonwebtoken::decode_header(&token) else {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
             return self.reject(ctx, "malformed token");
         };
-        match self.verify(&token, header.alg, header.kid.as_deref()) {
+        match self.verify(token, header.alg, header.kid.as_deref()) {
             Ok(claims) => self.admit(claims, req, ctx),
             Err(Failure::Invalid) => self.reject(ctx, "invalid token"),
             Err(Failure::NoKey) => match &self.remote {
                 None => self.reject(ctx, "no key for this token"),
-                Some(remote) => Flow::wait(async move {
-                    if !remote.refetch().await {
-                        return self.reject(ctx, "no key for this token");
-                    }
-                    match self.verify(&token, header.alg, header.kid.as_deref()) {
-                        Ok(claims) => self.admit(claims, req, ctx),
-                        Err(_) => self.reject(ctx, "invalid token"),
-                    }
-                }),
+                Some(remote) => {
+                    let token = token.to_owned();
+                    Flow::wait(async move {
+                        if !remote.refetch().await {
+                            return self.reject(ctx, "no key for this token");
+                        }
+                        match self.verify(&token, header.alg, header.kid.as_deref()) {
+                            Ok(claims) => self.admit(claims, req, ctx),
+                            Err(_) => self.reject(ctx, "invalid token"),
+                        }
+                    })
+                }
             },
         }
     }
 }
 
 /// The token from `authorization: Bearer …`, else from the named cookie.
-fn bearer(req: &request::Parts, cookie: Option<&str>) -> Option<String> {
+fn bearer<'r>(req: &'r request::Parts, cookie: Option<&str>) -> Option<&'r str> {
     if let Some(value) = req.headers.get(AUTHORIZATION) {
         let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_owned());
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
     }
     let name = cookie?;
     req.headers
@@ -653,7 +654,7 @@ fn bearer(req: &request::Parts, cookie: Option<&str>) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
-            (k == name && !v.is_empty()).then(|| v.to_owned())
+            (k == name && !v.is_empty()).then_some(v)
         })
 }
 
@@ -709,11 +710,11 @@ mod tests {
             b.body(()).unwrap().into_parts().0
         };
         assert_eq!(
-            bearer(&parts(&[("authorization", "Bearer a.b.c")]), None).as_deref(),
+            bearer(&parts(&[("authorization", "Bearer a.b.c")]), None),
             Some("a.b.c")
         );
         assert_eq!(
-            bearer(&parts(&[("authorization", "bearer  a.b.c ")]), None).as_deref(),
+            bearer(&parts(&[("authorization", "bearer  a.b.c ")]), None),
             Some("a.b.c")
         );
         assert_eq!(
@@ -721,7 +722,7 @@ mod tests {
             None
         );
         let c = parts(&[("cookie", "x=1; t=a.b.c"), ("cookie", "y=2")]);
-        assert_eq!(bearer(&c, Some("t")).as_deref(), Some("a.b.c"));
+        assert_eq!(bearer(&c, Some("t")), Some("a.b.c"));
         assert_eq!(bearer(&c, None), None);
         assert_eq!(bearer(&c, Some("z")), None);
     }
