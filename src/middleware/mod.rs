@@ -4,10 +4,15 @@
 use crate::chain::Middleware;
 use crate::config::{deserialize, KeyPath, Problem};
 
+pub mod api_key;
+mod auth;
+pub mod basic_auth;
 pub mod body_limit;
 pub mod cors;
+pub mod forward_auth;
 pub mod headers;
 pub mod ip_filter;
+pub mod jwt;
 pub mod rate_limit;
 pub mod request_id;
 pub mod timing;
@@ -87,6 +92,10 @@ registry! {
     "cors" => Cors(cors),
     "body_limit" => BodyLimit(body_limit),
     "rate_limit" => RateLimit(rate_limit),
+    "api_key" => ApiKey(api_key),
+    "basic_auth" => BasicAuth(basic_auth),
+    "jwt" => Jwt(jwt),
+    "forward_auth" => ForwardAuth(forward_auth),
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.

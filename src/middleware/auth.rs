@@ -1,0 +1,39 @@
+//! What the authentication middlewares share: the 401 with its challenge, and the
+//! digest that credentials are compared (and cached) by.
+
+use http::header::WWW_AUTHENTICATE;
+use http::{HeaderValue, Response, StatusCode};
+use sha2::{Digest, Sha256};
+
+use crate::chain::Context;
+
+/// SHA-256 of `parts`, fed one after another (with a separator byte between them, so
+/// `("ab", "c")` and `("a", "bc")` differ). Comparing fixed-size digests instead of the
+/// secrets themselves makes the comparison constant-time whatever the secrets' lengths.
+pub(crate) fn digest(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            hasher.update([0u8]);
+        }
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// SPEC's 401 JSON body with the scheme's `www-authenticate` challenge.
+pub(crate) fn unauthorized(
+    ctx: &Context,
+    challenge: &HeaderValue,
+    message: &str,
+) -> Response<bytes::Bytes> {
+    let mut resp = ctx.reject(StatusCode::UNAUTHORIZED, message);
+    resp.headers_mut()
+        .insert(WWW_AUTHENTICATE, challenge.clone());
+    resp
+}
+
+/// Serde default for `strip = true`.
+pub(crate) fn yes() -> bool {
+    true
+}

@@ -1,0 +1,748 @@
+//! `jwt`: a signed token (Bearer, or a cookie) checked against an allow-list of algorithms
+//! and a key from a secret, a PEM file, a JWKS file or a JWKS URL fetched in the background.
+//!
+//! Algorithm confusion is impossible by construction: a `secret` is only allowed with the
+//! HS algorithms and the public-key sources never with them, and every key carries its own
+//! validation whose algorithms are the allowed ones of that key's family (and of the JWK's
+//! `alg`, when it names one). Keys are decoded once, when loaded; a check verifies one
+//! signature against a ready key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, COOKIE, HOST};
+use http::{request, HeaderName, HeaderValue, StatusCode, Uri};
+use jsonwebtoken::jwk::{JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::{watch, Notify};
+
+use super::auth::unauthorized;
+use crate::chain::{Context, Flow, Middleware};
+use crate::config::value::{Duration, HeaderNameValue};
+use crate::config::{KeyPath, Problem};
+
+/// An unknown `kid` asks for a JWKS refetch at most this often.
+const REFETCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one JWKS fetch (connect, request, body) may take.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The largest JWKS document accepted.
+const JWKS_MAX_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    algorithms: Vec<Alg>,
+    secret: Option<Secret>,
+    // Boxed: the settings of every middleware type share one enum.
+    public_key_file: Option<Box<PemFile>>,
+    jwks_file: Option<Box<JwksFile>>,
+    jwks_url: Option<Box<JwksUrl>>,
+    #[serde(default = "default_refresh")]
+    jwks_refresh: Duration,
+    issuer: Option<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default = "default_leeway")]
+    leeway: Duration,
+    /// Read the token from this cookie when there is no `authorization: Bearer`.
+    cookie: Option<String>,
+    #[serde(default)]
+    require_claims: BTreeMap<String, String>,
+    #[serde(default)]
+    forward_claims: BTreeMap<String, HeaderNameValue>,
+}
+
+fn default_refresh() -> Duration {
+    Duration(std::time::Duration::from_secs(300))
+}
+
+fn default_leeway() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+
+/// One allowed algorithm; `none` does not exist here.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Alg(Algorithm);
+
+impl<'de> Deserialize<'de> for Alg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Algorithm::from_str(&s).map(Alg).map_err(|_| {
+            de::Error::custom(format!(
+                "unknown algorithm {s:?}: expected HS256, HS384, HS512, RS256, RS384, RS512, \
+                 PS256, PS384, PS512, ES256, ES384 or EdDSA"
+            ))
+        })
+    }
+}
+
+/// The HMAC secret; never printed.
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// Reads a file when the config is loaded (at start and on SIGHUP).
+fn read_file<E: de::Error>(path: &PathBuf) -> Result<Vec<u8>, E> {
+    std::fs::read(path).map_err(|e| E::custom(format!("cannot read {}: {e}", path.display())))
+}
+
+#[derive(Debug)]
+struct PemFile {
+    path: PathBuf,
+    pem: Vec<u8>,
+}
+
+impl<'de> Deserialize<'de> for PemFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let path = PathBuf::from(String::deserialize(d)?);
+        let pem = read_file(&path)?;
+        Ok(PemFile { path, pem })
+    }
+}
+
+#[derive(Debug)]
+struct JwksFile {
+    path: PathBuf,
+    set: JwkSet,
+}
+
+impl<'de> Deserialize<'de> for JwksFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let path = PathBuf::from(String::deserialize(d)?);
+        let set = serde_json::from_slice(&read_file::<D::Error>(&path)?).map_err(|e| {
+            de::Error::custom(format!("{}: not a JWKS document: {e}", path.display()))
+        })?;
+        Ok(JwksFile { path, set })
+    }
+}
+
+/// `http://host[:port]/path` of a JWKS document.
+#[derive(Clone, Debug)]
+struct JwksUrl(Uri);
+
+impl FromStr for JwksUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let uri: Uri = s
+            .parse()
+            .map_err(|_| format!("invalid URL {s:?}: expected http://host:port/path"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(format!(
+                "invalid URL {s:?}: expected http://host:port/path (https is not supported: \
+                 fetch the keys into a `jwks_file`, or reach the issuer through a local proxy)"
+            ));
+        }
+        Ok(JwksUrl(uri))
+    }
+}
+
+impl<'de> Deserialize<'de> for JwksUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Settings {
+    fn sources(&self) -> usize {
+        [
+            self.secret.is_some(),
+            self.public_key_file.is_some(),
+            self.jwks_file.is_some(),
+            self.jwks_url.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count()
+    }
+
+    /// The checks every key shares; each key narrows `algorithms` to its own.
+    fn base_validation(&self) -> Validation {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = self.leeway.0.as_secs();
+        v.validate_nbf = true;
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+        }
+        if self.audiences.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audiences);
+        }
+        v
+    }
+
+    /// The key of `public_key_file`, parsed by the family of the allowed algorithms.
+    fn pem_key(&self, pem: &PemFile) -> Result<DecodingKey, String> {
+        let parsed = match self.algorithms[0].0.family() {
+            AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem.pem),
+            AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem.pem),
+            AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem.pem),
+            AlgorithmFamily::Hmac => unreachable!("validated: no HS algorithm with a PEM key"),
+        };
+        parsed.map_err(|e| {
+            format!(
+                "{}: not a public key for {:?}: {e}",
+                pem.path.display(),
+                self.algorithms[0].0
+            )
+        })
+    }
+
+    /// Every key of the configured static source, ready to verify with.
+    fn static_keys(&self) -> Result<Vec<Key>, Problem> {
+        let at = KeyPath::default();
+        let base = self.base_validation();
+        if let Some(secret) = &self.secret {
+            let key = DecodingKey::from_secret(secret.0.as_bytes());
+            return Ok(Key::new(None, key, None, &self.algorithms, &base)
+                .into_iter()
+                .collect());
+        }
+        if let Some(pem) = &self.public_key_file {
+            let key = self
+                .pem_key(pem)
+                .map_err(|e| (at.key("public_key_file"), e))?;
+            return Ok(Key::new(None, key, None, &self.algorithms, &base)
+                .into_iter()
+                .collect());
+        }
+        if let Some(file) = &self.jwks_file {
+            let keys = jwks_keys(&file.set, &self.algorithms, &base);
+            if keys.is_empty() {
+                return Err((
+                    at.key("jwks_file"),
+                    format!(
+                        "{}: no key usable with the allowed algorithms",
+                        file.path.display()
+                    ),
+                ));
+            }
+            return Ok(keys);
+        }
+        Ok(Vec::new())
+    }
+}
+
+impl super::Settings for Settings {
+    fn validate(&self) -> Result<(), Problem> {
+        let at = KeyPath::default();
+        if self.algorithms.is_empty() {
+            return Err((at.key("algorithms"), "list at least one algorithm".into()));
+        }
+        if self.sources() != 1 {
+            return Err((
+                at.key("secret"),
+                "set exactly one of `secret`, `public_key_file`, `jwks_file`, `jwks_url`".into(),
+            ));
+        }
+        let hmac = |a: &Alg| a.0.family() == AlgorithmFamily::Hmac;
+        if self.secret.is_some() && !self.algorithms.iter().all(hmac) {
+            return Err((
+                at.key("algorithms"),
+                "a `secret` verifies only HS256, HS384 and HS512".into(),
+            ));
+        }
+        if self.secret.is_none() && self.algorithms.iter().any(hmac) {
+            return Err((
+                at.key("algorithms"),
+                "HS algorithms need a `secret`; public keys verify only RS, PS, ES and EdDSA"
+                    .into(),
+            ));
+        }
+        if self.public_key_file.is_some()
+            && self
+                .algorithms
+                .iter()
+                .any(|a| a.0.family() != self.algorithms[0].0.family())
+        {
+            return Err((
+                at.key("algorithms"),
+                "one public key cannot serve algorithms of different families".into(),
+            ));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.0.is_empty()) {
+            return Err((at.key("secret"), "the secret is empty".into()));
+        }
+        if self.cookie.as_deref() == Some("") {
+            return Err((at.key("cookie"), "the cookie name is empty".into()));
+        }
+        if self.jwks_refresh.0 < std::time::Duration::from_secs(1) {
+            return Err((at.key("jwks_refresh"), "at least 1s".into()));
+        }
+        self.static_keys().map(|_| ())
+    }
+
+    fn summary(&self) -> String {
+        let source = if self.secret.is_some() {
+            "secret".to_owned()
+        } else if let Some(p) = &self.public_key_file {
+            format!("public_key_file={}", p.path.display())
+        } else if let Some(f) = &self.jwks_file {
+            format!("jwks_file={}", f.path.display())
+        } else if let Some(u) = &self.jwks_url {
+            format!("jwks_url={} refresh={}", u.0, self.jwks_refresh)
+        } else {
+            String::new()
+        };
+        let algs: Vec<String> = self
+            .algorithms
+            .iter()
+            .map(|a| format!("{:?}", a.0))
+            .collect();
+        format!(
+            "algorithms={} {source} issuer={:?} audiences={:?} require={:?} forward={:?}",
+            super::list(&algs),
+            self.issuer,
+            self.audiences,
+            self.require_claims,
+            self.forward_claims
+                .iter()
+                .map(|(c, h)| (c, h.0.as_str()))
+                .collect::<Vec<_>>()
+        )
+    }
+
+    fn build(&self) -> Box<dyn Middleware> {
+        let keys = Arc::new(ArcSwap::from_pointee(
+            self.static_keys().expect("validated"),
+        ));
+        let remote = self.jwks_url.as_ref().map(|url| {
+            let remote = Arc::new(Remote {
+                kick: Notify::new(),
+                fetched: watch::Sender::new(0),
+                last_kick: Mutex::new(None),
+            });
+            // `gatehouse check` builds nothing; `run` builds inside the control runtime.
+            let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
+                rt.spawn(refresh_loop(
+                    JwksUrl::clone(url),
+                    self.jwks_refresh.0,
+                    self.algorithms.clone(),
+                    self.base_validation(),
+                    Arc::clone(&keys),
+                    Arc::clone(&remote),
+                ))
+            });
+            (remote, task)
+        });
+        let (remote, task) = match remote {
+            Some((r, t)) => (Some(r), t),
+            None => (None, None),
+        };
+        Box::new(Jwt {
+            keys,
+            remote,
+            task,
+            cookie: self.cookie.clone(),
+            require: self
+                .require_claims
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            forward: self
+                .forward_claims
+                .iter()
+                .map(|(c, h)| (c.clone(), h.0.clone()))
+                .collect(),
+            challenge: HeaderValue::from_static("Bearer"),
+            invalid: HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        })
+    }
+}
+
+/// A verification key with the validation that goes with it.
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Key {
+    /// The key, if one of the allowed algorithms is of its family (and is `only`, if set).
+    fn new(
+        kid: Option<String>,
+        key: DecodingKey,
+        only: Option<Algorithm>,
+        allowed: &[Alg],
+        base: &Validation,
+    ) -> Option<Key> {
+        let algorithms: Vec<Algorithm> = allowed
+            .iter()
+            .map(|a| a.0)
+            .filter(|a| a.family() == key.family() && only.is_none_or(|o| o == *a))
+            .collect();
+        if algorithms.is_empty() {
+            return None;
+        }
+        let mut validation = base.clone();
+        validation.algorithms = algorithms;
+        Some(Key {
+            kid,
+            key,
+            validation,
+        })
+    }
+}
+
+/// The signing keys of a JWKS usable with the allowed algorithms; symmetric (`oct`) keys
+/// and encryption keys are left out.
+fn jwks_keys(set: &JwkSet, allowed: &[Alg], base: &Validation) -> Vec<Key> {
+    set.keys
+        .iter()
+        .filter(|jwk| !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)))
+        .filter_map(|jwk| {
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            if key.family() == AlgorithmFamily::Hmac {
+                return None;
+            }
+            let only = match jwk.common.key_algorithm {
+                Some(a) => Some(Algorithm::from_str(&a.to_string()).ok()?),
+                None => None,
+            };
+            Key::new(jwk.common.key_id.clone(), key, only, allowed, base)
+        })
+        .collect()
+}
+
+/// What the request path shares with the background JWKS task.
+struct Remote {
+    /// Wakes the task for an early refetch.
+    kick: Notify,
+    /// Counts finished fetch attempts, so a request can wait for the one it asked for.
+    fetched: watch::Sender<u64>,
+    /// When a request last asked for a refetch.
+    last_kick: Mutex<Option<Instant>>,
+}
+
+impl Remote {
+    /// Asks for a refetch (at most once per [`REFETCH_EVERY`]) and waits for it; false
+    /// when none was due.
+    async fn refetch(&self) -> bool {
+        {
+            let mut last = self.last_kick.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < REFETCH_EVERY) {
+                return false;
+            }
+            *last = Some(now);
+        }
+        let mut fetched = self.fetched.subscribe();
+        fetched.borrow_and_update();
+        self.kick.notify_one();
+        tokio::time::timeout(FETCH_TIMEOUT * 2, fetched.changed())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Fetches the JWKS now, then every `every` or when kicked; a failed fetch keeps the last
+/// good set.
+async fn refresh_loop(
+    url: JwksUrl,
+    every: std::time::Duration,
+    allowed: Vec<Alg>,
+    base: Validation,
+    keys: Arc<ArcSwap<Vec<Key>>>,
+    remote: Arc<Remote>,
+) {
+    loop {
+        match fetch_jwks(&url.0).await {
+            Ok(set) => {
+                let fresh = jwks_keys(&set, &allowed, &base);
+                tracing::debug!(url = %url.0, keys = fresh.len(), "JWKS fetched");
+                keys.store(Arc::new(fresh));
+            }
+            Err(e) => {
+                tracing::warn!(url = %url.0, error = %e, "JWKS fetch failed; keeping the last keys")
+            }
+        }
+        remote.fetched.send_modify(|n| *n += 1);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = remote.kick.notified() => {}
+        }
+    }
+}
+
+/// One GET of `url` on a fresh connection (fetches are minutes apart: nothing to pool).
+async fn fetch_jwks(url: &Uri) -> Result<JwkSet, String> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = url.port_u16().unwrap_or(80);
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let path = url.path_and_query().map_or("/", |p| p.as_str());
+        let authority = url.authority().map_or("", |a| a.as_str());
+        let req = http::Request::get(path)
+            .header(HOST, authority)
+            .header("accept", "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), JWKS_MAX_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("not a JWKS document: {e}"))
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+struct Jwt {
+    keys: Arc<ArcSwap<Vec<Key>>>,
+    remote: Option<Arc<Remote>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    cookie: Option<String>,
+    require: Vec<(String, String)>,
+    forward: Vec<(String, HeaderName)>,
+    challenge: HeaderValue,
+    invalid: HeaderValue,
+}
+
+impl Drop for Jwt {
+    /// A reloaded chain stops the old generation's JWKS refreshes.
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Why a token did not verify.
+enum Failure {
+    /// No key for its `kid` (or no key at all yet): a JWKS refetch may help.
+    NoKey,
+    Invalid,
+}
+
+impl Jwt {
+    fn verify(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Map<String, Value>, Failure> {
+        let keys = self.keys.load();
+        let mut candidates = keys
+            .iter()
+            .filter(|k| kid.is_none() || k.kid.as_deref() == kid)
+            .filter(|k| k.validation.algorithms.contains(&alg))
+            .peekable();
+        if candidates.peek().is_none() {
+            let kid_known =
+                kid.is_some_and(|kid| keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
+            return Err(if kid_known {
+                Failure::Invalid
+            } else {
+                Failure::NoKey
+            });
+        }
+        candidates
+            .find_map(|k| {
+                jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &k.validation).ok()
+            })
+            .map(|data| data.claims)
+            .ok_or(Failure::Invalid)
+    }
+
+    /// The request goes on with the verified claims, or gets a 403 for a missing claim.
+    fn admit(
+        &self,
+        claims: Map<String, Value>,
+        req: &mut request::Parts,
+        ctx: &mut Context,
+    ) -> Flow<'static> {
+        if !self
+            .require
+            .iter()
+            .all(|(name, want)| claim_satisfies(claims.get(name), name, want))
+        {
+            return Flow::Respond(
+                ctx.reject(StatusCode::FORBIDDEN, "the token lacks a required claim"),
+            );
+        }
+        if let Some(Value::String(sub)) = claims.get("sub") {
+            ctx.subject = Some(sub.as_str().into());
+        }
+        for (claim, header) in &self.forward {
+            req.headers.remove(header);
+            if let Some(value) = claims.get(claim).and_then(claim_header_value) {
+                req.headers.insert(header.clone(), value);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn reject(&self, ctx: &Context, message: &str) -> Flow<'static> {
+        Flow::Respond(unauthorized(ctx, &self.invalid, message))
+    }
+}
+
+impl Middleware for Jwt {
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
+        let Some(token) = bearer(req, self.cookie.as_deref()) else {
+            return Flow::Respond(unauthorized(ctx, &self.challenge, "missing bearer token"));
+        };
+        // `alg: none` (and any name outside the allow-list's enum) fails here.
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return self.reject(ctx, "malformed token");
+        };
+        match self.verify(token, header.alg, header.kid.as_deref()) {
+            Ok(claims) => self.admit(claims, req, ctx),
+            Err(Failure::Invalid) => self.reject(ctx, "invalid token"),
+            Err(Failure::NoKey) => match &self.remote {
+                None => self.reject(ctx, "no key for this token"),
+                Some(remote) => {
+                    let token = token.to_owned();
+                    Flow::wait(async move {
+                        if !remote.refetch().await {
+                            return self.reject(ctx, "no key for this token");
+                        }
+                        match self.verify(&token, header.alg, header.kid.as_deref()) {
+                            Ok(claims) => self.admit(claims, req, ctx),
+                            Err(_) => self.reject(ctx, "invalid token"),
+                        }
+                    })
+                }
+            },
+        }
+    }
+}
+
+/// The token from `authorization: Bearer …`, else from the named cookie.
+fn bearer<'r>(req: &'r request::Parts, cookie: Option<&str>) -> Option<&'r str> {
+    if let Some(value) = req.headers.get(AUTHORIZATION) {
+        let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
+    }
+    let name = cookie?;
+    req.headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then_some(v)
+        })
+}
+
+/// String equality; membership for an array claim and for space-separated `scope`.
+fn claim_satisfies(value: Option<&Value>, name: &str, want: &str) -> bool {
+    match value {
+        Some(Value::String(s)) if name == "scope" => s.split(' ').any(|p| p == want),
+        Some(Value::String(s)) => s == want,
+        Some(Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(want)),
+        Some(Value::Bool(b)) => b.to_string() == want,
+        Some(Value::Number(n)) => n.to_string() == want,
+        _ => false,
+    }
+}
+
+/// A claim as a header value: strings as they are, anything else as JSON text.
+fn claim_header_value(value: &Value) -> Option<HeaderValue> {
+    match value {
+        Value::String(s) => HeaderValue::from_str(s).ok(),
+        other => HeaderValue::from_str(&other.to_string()).ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn claim_requirements() {
+        let scope = json!("read write");
+        assert!(claim_satisfies(Some(&scope), "scope", "write"));
+        assert!(!claim_satisfies(Some(&scope), "scope", "wri"));
+        assert!(!claim_satisfies(Some(&scope), "role", "read"));
+        assert!(claim_satisfies(Some(&json!(["a", "b"])), "groups", "b"));
+        assert!(!claim_satisfies(Some(&json!(["a", "b"])), "groups", "c"));
+        assert!(claim_satisfies(Some(&json!("admin")), "role", "admin"));
+        assert!(claim_satisfies(
+            Some(&json!(true)),
+            "email_verified",
+            "true"
+        ));
+        assert!(!claim_satisfies(None, "role", "admin"));
+    }
+
+    #[test]
+    fn token_from_header_or_cookie() {
+        let parts = |headers: &[(&str, &str)]| {
+            let mut b = http::Request::get("/");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert_eq!(
+            bearer(&parts(&[("authorization", "Bearer a.b.c")]), None),
+            Some("a.b.c")
+        );
+        assert_eq!(
+            bearer(&parts(&[("authorization", "bearer  a.b.c ")]), None),
+            Some("a.b.c")
+        );
+        assert_eq!(
+            bearer(&parts(&[("authorization", "Basic xyz")]), Some("t")),
+            None
+        );
+        let c = parts(&[("cookie", "x=1; t=a.b.c"), ("cookie", "y=2")]);
+        assert_eq!(bearer(&c, Some("t")), Some("a.b.c"));
+        assert_eq!(bearer(&c, None), None);
+        assert_eq!(bearer(&c, Some("z")), None);
+    }
+
+    #[test]
+    fn jwks_url_is_http() {
+        assert!("http://idp:8080/.well-known/jwks.json"
+            .parse::<JwksUrl>()
+            .is_ok());
+        assert!("https://idp/jwks".parse::<JwksUrl>().is_err());
+        assert!("idp/jwks".parse::<JwksUrl>().is_err());
+    }
+
+    #[test]
+    fn claims_as_header_values() {
+        assert_eq!(claim_header_value(&json!("alice")).unwrap(), "alice");
+        assert_eq!(
+            claim_header_value(&json!(["a", "b"])).unwrap(),
+            "[\"a\",\"b\"]"
+        );
+        assert!(claim_header_value(&json!("bad\nvalue")).is_none());
+    }
+}

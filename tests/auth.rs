@@ -1,0 +1,844 @@
+//! Authentication middlewares against the real binary: api_key, basic_auth, jwt (with a
+//! JWKS server whose keys rotate) and forward_auth (with a real auth service).
+mod common;
+
+use common::*;
+
+fn get_with(path: &str, headers: &[(&str, &str)]) -> http::Request<Body> {
+    let mut b = request("GET", path);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(empty()).unwrap()
+}
+
+/// A rejection: the status, SPEC's body, the challenge, and the upstream never reached.
+async fn assert_rejected(
+    gh: &Gatehouse,
+    up: &Upstream,
+    req: http::Request<Body>,
+    status: u16,
+    challenge: Option<&str>,
+) -> Resp {
+    let before = up.request_count();
+    let resp = send(gh.port, req).await;
+    let code = if status == 401 {
+        "unauthorized"
+    } else {
+        "forbidden"
+    };
+    resp.assert_gatehouse_error(status, code);
+    assert_eq!(
+        resp.header("www-authenticate").as_deref(),
+        challenge,
+        "{resp:?}"
+    );
+    assert_eq!(
+        up.request_count(),
+        before,
+        "a rejected request reached the upstream"
+    );
+    resp
+}
+
+/// `gatehouse check` of `rest` (middlewares) fails naming `needle`.
+fn assert_config_error(rest: &str, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let text = config("", "", rest)
+        .replace("{port}", "1")
+        .replace("{upstream}", "http://127.0.0.1:1");
+    std::fs::write(&path, text).unwrap();
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[], None);
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains(needle),
+        "{needle:?} not in {}",
+        out.stderr
+    );
+}
+
+// ----- api_key ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn api_key_header_sets_subject_strips_and_rejects() {
+    let (up, gh) = proxy_with(
+        "",
+        "",
+        r#"
+[[middleware]]
+type = "request_id"
+
+[[middleware]]
+type = "api_key"
+keys = [{ id = "ci", key = "${CI_KEY:-s3cret-ci}" }, { id = "ops", key = "s3cret-ops" }]
+"#,
+    )
+    .await;
+    let resp = send(gh.port, get_with("/echo", &[("x-api-key", "s3cret-ops")])).await;
+    assert_eq!(resp.status, 200);
+    let seen = resp.upstream_headers();
+    assert!(
+        !seen.contains_key("x-api-key"),
+        "credential forwarded: {seen:?}"
+    );
+    let resp = send(gh.port, get_with("/echo", &[("x-api-key", "s3cret-ci")])).await;
+    assert_eq!(resp.status, 200);
+
+    for bad in [
+        vec![],
+        vec![("x-api-key", "s3cret-c")],
+        vec![("x-api-key", "S3CRET-CI")],
+    ] {
+        let resp = assert_rejected(&gh, &up, get_with("/echo", &bad), 401, Some("ApiKey")).await;
+        // The request id middleware before it still ran on the 401.
+        assert!(resp.json()["request_id"].is_string(), "{resp:?}");
+    }
+    // The key must come from the header, not the query.
+    assert_rejected(
+        &gh,
+        &up,
+        get_with("/echo?api_key=s3cret-ci", &[]),
+        401,
+        Some("ApiKey"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn api_key_query_parameter_is_removed_and_the_rest_kept() {
+    let (up, gh) = proxy_with(
+        "",
+        "",
+        r#"
+[[middleware]]
+type = "api_key"
+query = "api_key"
+keys = [{ id = "ci", key = "k+1/2" }]
+"#,
+    )
+    .await;
+    let resp = get(gh.port, "/echo?a=%20b&api_key=k%2B1%2F2&c").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["uri"], "/echo?a=%20b&c");
+    let resp = get(gh.port, "/echo?api_key=k%2B1%2F2").await;
+    assert_eq!(resp.json()["uri"], "/echo");
+    assert_rejected(
+        &gh,
+        &up,
+        get_with("/echo?api_key=k", &[]),
+        401,
+        Some("ApiKey"),
+    )
+    .await;
+    assert_rejected(
+        &gh,
+        &up,
+        get_with("/echo", &[("x-api-key", "k+1/2")]),
+        401,
+        Some("ApiKey"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn api_key_without_strip_forwards_the_credential() {
+    let (_up, gh) = proxy_with(
+        "",
+        "",
+        r#"
+[[middleware]]
+type = "api_key"
+header = "authorization"
+strip = false
+keys = [{ id = "ci", key = "Token abc" }]
+"#,
+    )
+    .await;
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("authorization", "Token abc")]),
+    )
+    .await;
+    assert_eq!(resp.upstream_headers()["authorization"], ["Token abc"]);
+}
+
+#[tokio::test]
+async fn api_key_keys_file_is_reread_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# rotated monthly\nalpha:one\n").unwrap();
+    let up = Upstream::start().await;
+    let rest = format!(
+        "[[middleware]]\ntype = \"api_key\"\nkeys_file = \"{}\"\n",
+        keys.display()
+    );
+    let gh = Gatehouse::start(&config("", "", &rest), &[("upstream", &up.url())]).await;
+    assert_eq!(
+        send(gh.port, get_with("/echo", &[("x-api-key", "one")]))
+            .await
+            .status,
+        200
+    );
+    assert_rejected(
+        &gh,
+        &up,
+        get_with("/echo", &[("x-api-key", "two")]),
+        401,
+        Some("ApiKey"),
+    )
+    .await;
+
+    std::fs::write(&keys, "beta:two\n").unwrap();
+    gh.send_signal("HUP");
+    within(STEP, "the new keys file to take effect", async {
+        while send(gh.port, get_with("/echo", &[("x-api-key", "two")]))
+            .await
+            .status
+            != 200
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_rejected(
+        &gh,
+        &up,
+        get_with("/echo", &[("x-api-key", "one")]),
+        401,
+        Some("ApiKey"),
+    )
+    .await;
+}
+
+#[test]
+fn api_key_config_errors_name_the_key() {
+    assert_config_error(
+        "[[middleware]]\ntype = \"api_key\"\nkeys = []\n",
+        "middleware[0].keys",
+    );
+    assert_config_error(
+        "[[middleware]]\ntype = \"api_key\"\nkeys_file = \"/nonexistent/keys\"\n",
+        "middleware[0].keys_file: cannot read /nonexistent/keys",
+    );
+    assert_config_error(
+        "[[middleware]]\ntype = \"api_key\"\nheader = \"x-k\"\nquery = \"k\"\nkeys = [{ id = \"a\", key = \"b\" }]\n",
+        "middleware[0].query",
+    );
+}
+
+// ----- basic_auth ---------------------------------------------------------------------------
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+/// An argon2id hash with small parameters, so a debug build verifies it quickly.
+fn argon2id(password: &str) -> String {
+    use argon2::PasswordHasher;
+    let params = argon2::Params::new(64, 1, 1, None).unwrap();
+    let hasher = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    hasher
+        .hash_password(password.as_bytes())
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn basic_auth_inline_argon2_and_htpasswd_bcrypt() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let bob = bcrypt::hash("bob-pw", 4).unwrap();
+    std::fs::write(&htpasswd, format!("# users\nbob:{bob}\n")).unwrap();
+    let up = Upstream::start().await;
+    let rest = format!(
+        r#"
+[[middleware]]
+type = "basic_auth"
+realm = "staff only"
+users = [{{ user = "alice", password_hash = "{}" }}]
+htpasswd_file = "{}"
+"#,
+        argon2id("alice-pw"),
+        htpasswd.display()
+    );
+    let gh = Gatehouse::start(&config("", "", &rest), &[("upstream", &up.url())]).await;
+    let challenge = Some("Basic realm=\"staff only\", charset=\"UTF-8\"");
+
+    for (user, pw) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
+        // Twice: the second one is answered from the verification cache.
+        for _ in 0..2 {
+            let resp = send(
+                gh.port,
+                get_with("/echo", &[("authorization", &basic(user, pw))]),
+            )
+            .await;
+            assert_eq!(resp.status, 200, "{user}: {resp:?}");
+            let seen = resp.upstream_headers();
+            assert!(
+                !seen.contains_key("authorization"),
+                "credential forwarded: {seen:?}"
+            );
+        }
+    }
+    for auth in [
+        basic("alice", "bob-pw"),
+        basic("bob", "alice-pw"),
+        basic("mallory", "alice-pw"),
+        basic("alice", ""),
+        "Bearer abc".into(),
+        "Basic !!".into(),
+    ] {
+        assert_rejected(
+            &gh,
+            &up,
+            get_with("/echo", &[("authorization", &auth)]),
+            401,
+            challenge,
+        )
+        .await;
+    }
+    assert_rejected(&gh, &up, get_with("/echo", &[]), 401, challenge).await;
+}
+
+#[tokio::test]
+async fn basic_auth_without_strip_forwards_authorization() {
+    let rest = format!(
+        "[[middleware]]\ntype = \"basic_auth\"\nstrip = false\nusers = [{{ user = \"u\", password_hash = \"{}\" }}]\n",
+        bcrypt::hash("pw", 4).unwrap()
+    );
+    let (_up, gh) = proxy_with("", "", &rest).await;
+    let auth = basic("u", "pw");
+    let resp = send(gh.port, get_with("/echo", &[("authorization", &auth)])).await;
+    assert_eq!(resp.upstream_headers()["authorization"], [auth]);
+}
+
+#[test]
+fn basic_auth_plaintext_password_is_a_config_error() {
+    assert_config_error(
+        "[[middleware]]\ntype = \"basic_auth\"\nusers = [{ user = \"u\", password_hash = \"hunter2\" }]\n",
+        "middleware[0].users[0].password_hash: expected a bcrypt",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("htpasswd");
+    std::fs::write(&file, "carol:$apr1$abc$def\n").unwrap();
+    assert_config_error(
+        &format!(
+            "[[middleware]]\ntype = \"basic_auth\"\nhtpasswd_file = \"{}\"\n",
+            file.display()
+        ),
+        "middleware[0].htpasswd_file:",
+    );
+}
+
+// ----- a small real HTTP server for JWKS documents and forward-auth decisions ---------------
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+type Handler = dyn Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync;
+
+/// Answers every request with `handler`, counting them.
+struct TestServer {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(
+        handler: impl Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync + 'static,
+    ) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let counter = Arc::clone(&hits);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (handler, counter) = (Arc::clone(&handler), Arc::clone(&counter));
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let (parts, _) = req.into_parts();
+                    let resp = handler(&parts);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        TestServer { addr, hits, task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> http::Response<Body> {
+    let mut b = http::Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(full(body.to_owned())).unwrap()
+}
+
+// ----- jwt ----------------------------------------------------------------------------------
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).unwrap()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn mint(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: serde_json::Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+fn bearer(token: &str) -> http::Request<Body> {
+    get_with("/echo", &[("authorization", &format!("Bearer {token}"))])
+}
+
+/// Claims that pass the HS test's checks; `extra` overrides.
+fn claims(extra: serde_json::Value) -> serde_json::Value {
+    let mut c = json!({
+        "sub": "alice", "iss": "https://idp.test", "aud": "api",
+        "exp": now() + 600, "scope": "read write", "email": "a@example.com",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+/// The DER bytes of a PEM fixture.
+fn pem_der(name: &str) -> Vec<u8> {
+    use base64::Engine;
+    let text = String::from_utf8(fixture_bytes(name)).unwrap();
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+fn b64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+#[tokio::test]
+async fn jwt_hs256_claims_forwarding_and_every_rejection() {
+    let (up, gh) = proxy_with(
+        "",
+        "",
+        r#"
+[[middleware]]
+type = "jwt"
+algorithms = ["HS256"]
+secret = "${JWT_SECRET:-test-secret}"
+issuer = "https://idp.test"
+audiences = ["api", "admin"]
+cookie = "session"
+require_claims = { scope = "read" }
+forward_claims = { sub = "x-auth-subject", email = "x-auth-email" }
+"#,
+    )
+    .await;
+    let key = EncodingKey::from_secret(b"test-secret");
+    let hs = |extra| mint(Algorithm::HS256, &key, None, claims(extra));
+
+    let token = hs(json!({}));
+    let mut req = bearer(&token);
+    req.headers_mut()
+        .insert("x-auth-subject", "admin".parse().unwrap());
+    let resp = send(gh.port, req).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = resp.upstream_headers();
+    assert_eq!(seen["x-auth-subject"], ["alice"]);
+    assert_eq!(seen["x-auth-email"], ["a@example.com"]);
+
+    // A spoofed header of a claim the token lacks is removed, not passed through.
+    let mut req = bearer(&hs(json!({ "email": null })));
+    req.headers_mut()
+        .insert("x-auth-email", "ceo@example.com".parse().unwrap());
+    let seen = send(gh.port, req).await.upstream_headers();
+    assert!(!seen.contains_key("x-auth-email"), "{seen:?}");
+
+    // From the cookie, when there is no authorization header.
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("cookie", &format!("a=b; session={token}"))]),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+
+    let invalid = Some("Bearer error=\"invalid_token\"");
+    let unsigned = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims(json!({})).to_string().as_bytes())
+    );
+    let rejected = [
+        hs(json!({ "exp": now() - 120 })), // expired (past the leeway)
+        hs(json!({ "nbf": now() + 120 })), // not yet valid
+        hs(json!({ "exp": null })),        // no expiry at all
+        hs(json!({ "iss": "https://evil.test" })), // wrong issuer
+        hs(json!({ "aud": "other" })),     // wrong audience
+        mint(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(b"guess"),
+            None,
+            claims(json!({})),
+        ),
+        mint(Algorithm::HS384, &key, None, claims(json!({}))), // not an allowed algorithm
+        unsigned,
+        format!("{}x", &token[..token.len() - 1]),
+        "not-a-token".into(),
+    ];
+    for token in rejected {
+        assert_rejected(&gh, &up, bearer(&token), 401, invalid).await;
+    }
+    // Within the leeway, an expired token still passes; an audience list matches any.
+    assert_eq!(
+        send(gh.port, bearer(&hs(json!({ "exp": now() - 5 }))))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(gh.port, bearer(&hs(json!({ "aud": ["x", "admin"] }))))
+            .await
+            .status,
+        200
+    );
+
+    assert_rejected(&gh, &up, get_with("/echo", &[]), 401, Some("Bearer")).await;
+    for scope in [json!("write"), json!("readonly"), json!(null)] {
+        assert_rejected(&gh, &up, bearer(&hs(json!({ "scope": scope }))), 403, None).await;
+    }
+}
+
+#[tokio::test]
+async fn jwt_public_key_file_and_algorithm_confusion() {
+    let rest = format!(
+        "[[middleware]]\ntype = \"jwt\"\nalgorithms = [\"RS256\", \"PS256\"]\npublic_key_file = \"{}\"\n",
+        fixture("rsa_public.pem")
+    );
+    let (up, gh) = proxy_with("", "", &rest).await;
+    let rsa = EncodingKey::from_rsa_pem(&fixture_bytes("rsa_private.pem")).unwrap();
+    for alg in [Algorithm::RS256, Algorithm::PS256] {
+        let resp = send(gh.port, bearer(&mint(alg, &rsa, None, claims(json!({}))))).await;
+        assert_eq!(resp.status, 200, "{alg:?}: {resp:?}");
+    }
+    let invalid = Some("Bearer error=\"invalid_token\"");
+    // The classic confusion: the RSA public key used as an HMAC secret.
+    let public_as_secret = EncodingKey::from_secret(&fixture_bytes("rsa_public.pem"));
+    for alg in [Algorithm::HS256, Algorithm::HS512] {
+        let token = mint(alg, &public_as_secret, None, claims(json!({})));
+        assert_rejected(&gh, &up, bearer(&token), 401, invalid).await;
+    }
+    // Another RSA key, and an allowed-family algorithm not in the list.
+    let other = EncodingKey::from_rsa_pem(&fixture_bytes("rsa2_private.pem")).unwrap();
+    assert_rejected(
+        &gh,
+        &up,
+        bearer(&mint(Algorithm::RS256, &other, None, claims(json!({})))),
+        401,
+        invalid,
+    )
+    .await;
+    assert_rejected(
+        &gh,
+        &up,
+        bearer(&mint(Algorithm::RS512, &rsa, None, claims(json!({})))),
+        401,
+        invalid,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn jwt_jwks_file_with_ec_and_ed25519_keys() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let ec = EncodingKey::from_ec_pem(&fixture_bytes("ec_private.pem")).unwrap();
+    let ed = EncodingKey::from_ed_pem(&fixture_bytes("ed_private.pem")).unwrap();
+    let mut ec_jwk = Jwk::from_encoding_key(&ec, Algorithm::ES256).unwrap();
+    ec_jwk.common.key_id = Some("ec".into());
+    // jsonwebtoken cannot make an Ed25519 JWK: its `x` is the last 32 bytes of the SPKI DER.
+    let ed_jwk: Jwk = serde_json::from_value(json!({
+        "kty": "OKP", "crv": "Ed25519", "x": b64(&pem_der("ed_public.pem")[12..]),
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    let set = JwkSet {
+        keys: vec![ec_jwk, ed_jwk],
+    };
+    std::fs::write(&path, serde_json::to_string(&set).unwrap()).unwrap();
+    let rest = format!(
+        "[[middleware]]\ntype = \"jwt\"\nalgorithms = [\"ES256\", \"EdDSA\"]\njwks_file = \"{}\"\n",
+        path.display()
+    );
+    let (up, gh) = proxy_with("", "", &rest).await;
+    let ok = [
+        mint(Algorithm::ES256, &ec, Some("ec"), claims(json!({}))),
+        mint(Algorithm::ES256, &ec, None, claims(json!({}))),
+        mint(Algorithm::EdDSA, &ed, None, claims(json!({}))),
+    ];
+    for token in ok {
+        assert_eq!(send(gh.port, bearer(&token)).await.status, 200);
+    }
+    let invalid = Some("Bearer error=\"invalid_token\"");
+    let rejected = [
+        mint(Algorithm::EdDSA, &ed, Some("ec"), claims(json!({}))), // kid of another family
+        mint(Algorithm::ES256, &ec, Some("gone"), claims(json!({}))), // unknown kid, no URL
+    ];
+    for token in rejected {
+        assert_rejected(&gh, &up, bearer(&token), 401, invalid).await;
+    }
+}
+
+#[tokio::test]
+async fn jwt_jwks_url_rotates_refetches_on_unknown_kid_and_keeps_the_last_good_set() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let rsa = EncodingKey::from_rsa_pem(&fixture_bytes("rsa_private.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&fixture_bytes("ec_private.pem")).unwrap();
+    let jwk = |key: &EncodingKey, alg, kid: &str| {
+        let mut jwk = Jwk::from_encoding_key(key, alg).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        jwk
+    };
+    let document = |keys| serde_json::to_string(&JwkSet { keys }).unwrap();
+    // (status, body) the JWKS server answers with.
+    let state = Arc::new(Mutex::new((
+        200,
+        document(vec![jwk(&rsa, Algorithm::RS256, "k1")]),
+    )));
+    let served = Arc::clone(&state);
+    let jwks = TestServer::start(move |_| {
+        let (status, body) = served.lock().unwrap().clone();
+        reply(status, &[("content-type", "application/json")], &body)
+    })
+    .await;
+    let rest = format!(
+        "[[middleware]]\ntype = \"jwt\"\nalgorithms = [\"RS256\", \"ES256\"]\njwks_url = \"{}\"\njwks_refresh = \"1h\"\n",
+        jwks.url("/.well-known/jwks.json")
+    );
+    let (up, gh) = proxy_with("", "", &rest).await;
+    let k1 = mint(Algorithm::RS256, &rsa, Some("k1"), claims(json!({})));
+    let k2 = mint(Algorithm::ES256, &ec, Some("k2"), claims(json!({})));
+    within(STEP, "the first JWKS fetch", async {
+        while send(gh.port, bearer(&k1)).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // The issuer rotates to k2: the first k2 token triggers a refetch and passes.
+    state.lock().unwrap().1 = document(vec![jwk(&ec, Algorithm::ES256, "k2")]);
+    let before = jwks.hits();
+    let resp = send(gh.port, bearer(&k2)).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(jwks.hits(), before + 1, "one refetch for the unknown kid");
+    // k1 is gone now; another unknown kid right after is not refetched again (rate limit).
+    let invalid = Some("Bearer error=\"invalid_token\"");
+    assert_rejected(&gh, &up, bearer(&k1), 401, invalid).await;
+    assert_eq!(jwks.hits(), before + 1, "refetches are rate-limited");
+    drop(gh);
+
+    // A failing JWKS endpoint: the keys already fetched stay in use.
+    let rest = rest.replace("\"1h\"", "\"1s\"");
+    let (_up, gh) = proxy_with("", "", &rest).await;
+    within(STEP, "the first JWKS fetch", async {
+        while send(gh.port, bearer(&k2)).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    state.lock().unwrap().0 = 500;
+    let failing_from = jwks.hits();
+    within(STEP, "two failed refreshes", async {
+        while jwks.hits() < failing_from + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(send(gh.port, bearer(&k2)).await.status, 200);
+}
+
+#[test]
+fn jwt_config_errors_name_the_key() {
+    let jwt = |rest: &str| format!("[[middleware]]\ntype = \"jwt\"\n{rest}\n");
+    assert_config_error(
+        &jwt("algorithms = [\"none\"]\nsecret = \"s\""),
+        "middleware[0].algorithms[0]: unknown algorithm \"none\"",
+    );
+    assert_config_error(
+        &jwt("algorithms = [\"HS256\", \"RS256\"]\nsecret = \"s\""),
+        "middleware[0].algorithms: a `secret` verifies only",
+    );
+    let pem = fixture("rsa_public.pem");
+    assert_config_error(
+        &jwt(&format!(
+            "algorithms = [\"RS256\", \"HS256\"]\npublic_key_file = \"{pem}\""
+        )),
+        "middleware[0].algorithms: HS algorithms need a `secret`",
+    );
+    assert_config_error(
+        &jwt(&format!(
+            "algorithms = [\"ES256\"]\npublic_key_file = \"{pem}\""
+        )),
+        "middleware[0].public_key_file:",
+    );
+    assert_config_error(&jwt(&format!("algorithms = [\"RS256\"]\npublic_key_file = \"{pem}\"\njwks_url = \"http://127.0.0.1:1/\"")), "set exactly one of");
+    assert_config_error(
+        &jwt("algorithms = [\"RS256\"]\njwks_url = \"https://idp/jwks\""),
+        "middleware[0].jwks_url: invalid URL",
+    );
+}
+
+// ----- forward_auth -------------------------------------------------------------------------
+
+/// An auth service that decides by `authorization`: `Bearer good` passes (answering with
+/// `x-user`, and echoing what it was told as `x-auth-saw`), `Bearer deny` gets a 403 with
+/// its own body, anything else a 401 with a challenge.
+async fn auth_service() -> TestServer {
+    TestServer::start(|req| {
+        let h = |name: &str| {
+            req.headers
+                .get(name)
+                .map_or("-", |v| v.to_str().unwrap())
+                .to_owned()
+        };
+        match h("authorization").as_str() {
+            "Bearer good" => {
+                let saw = format!(
+                    "{} {} {} cookie={} body-length={}",
+                    h("x-forwarded-method"),
+                    h("x-forwarded-uri"),
+                    h("x-forwarded-host"),
+                    h("cookie"),
+                    h("content-length"),
+                );
+                reply(
+                    200,
+                    &[("x-user", "alice"), ("x-user", "ops"), ("x-auth-saw", &saw)],
+                    "",
+                )
+            }
+            "Bearer deny" => reply(403, &[("content-type", "text/plain")], "no entry for you"),
+            _ => reply(401, &[("www-authenticate", "Bearer realm=\"sso\"")], ""),
+        }
+    })
+    .await
+}
+
+fn forward_auth_config(url: &str) -> String {
+    format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n[[middleware]]\ntype = \"forward_auth\"\nurl = \"{url}\"\ntimeout = \"500ms\"\ncopy_headers = [\"x-user\", \"x-auth-saw\"]\n"
+    )
+}
+
+#[tokio::test]
+async fn forward_auth_allows_copies_headers_and_passes_denials_through() {
+    let auth = auth_service().await;
+    let (up, gh) = proxy_with("", "", &forward_auth_config(&auth.url("/verify"))).await;
+
+    let req = request("POST", "/echo/x?y=1")
+        .header("authorization", "Bearer good")
+        .header("cookie", "s=1")
+        .header("x-user", "root") // spoofed: must not reach the app
+        .body(full("request body"))
+        .unwrap();
+    let resp = send(gh.port, req).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = resp.upstream_headers();
+    assert_eq!(seen["x-user"], ["alice", "ops"]);
+    let host = format!("127.0.0.1:{}", gh.port);
+    assert_eq!(
+        seen["x-auth-saw"],
+        [format!("POST /echo/x?y=1 {host} cookie=s=1 body-length=-")]
+    );
+    assert_eq!(resp.json()["body"], "request body");
+
+    let before = up.request_count();
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("authorization", "Bearer deny")]),
+    )
+    .await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.text(), "no entry for you");
+    assert_eq!(resp.header("content-type").as_deref(), Some("text/plain"));
+    assert!(
+        resp.header("x-request-id").is_some(),
+        "earlier middlewares see the answer"
+    );
+    let resp = send(gh.port, get_with("/echo", &[])).await;
+    assert_eq!(resp.status, 401);
+    assert_eq!(
+        resp.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"sso\"")
+    );
+    assert_eq!(
+        up.request_count(),
+        before,
+        "a denied request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn forward_auth_fails_closed() {
+    // Nothing listens: refused.
+    let refused = format!("http://127.0.0.1:{}/verify", free_port());
+    // Accepts connections (the kernel does) but never answers: timed out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/verify", silent.local_addr().unwrap());
+    for url in [refused, silent_url] {
+        let (up, gh) = proxy_with("", "", &forward_auth_config(&url)).await;
+        let resp = send(
+            gh.port,
+            get_with("/echo", &[("authorization", "Bearer good")]),
+        )
+        .await;
+        let body = resp.assert_gatehouse_error(503, "unavailable");
+        assert!(body["request_id"].is_string(), "{body}");
+        assert_eq!(up.request_count(), 0, "{url}: the upstream was reached");
+    }
+}
