@@ -5,6 +5,7 @@
 //! request through the [`chain`] of [`middleware`] to the upstream and back, all built
 //! from [`config`].
 
+pub mod audit;
 pub mod chain;
 pub mod config;
 pub mod logging;

@@ -18,6 +18,7 @@ pub use error::{ConfigError, KeyPath};
 pub use value::UpstreamUrl;
 use value::{ByteSize, Cidr, Duration, HttpMethod, ListenAddr, PathPattern};
 
+use crate::audit::settings::{AuditConfig, RawAudit};
 use crate::chain::MAX_LINKS;
 use crate::middleware::Spec;
 
@@ -29,6 +30,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
     pub middleware: Vec<MiddlewareEntry>,
+    /// `[audit]`, when audit events are wanted.
+    pub audit: Option<AuditConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +43,7 @@ struct RawConfig {
     log: LogConfig,
     #[serde(default)]
     middleware: Vec<toml::Table>,
+    audit: Option<RawAudit>,
 }
 
 /// `[server]`: the public listener.
@@ -261,12 +265,19 @@ impl Config {
             )));
         }
 
+        let audit = raw
+            .audit
+            .map(AuditConfig::from_raw)
+            .transpose()
+            .map_err(|(p, m)| at((KeyPath::default().key("audit").join(&p), m)))?;
+
         let config = Config {
             file: file.to_owned(),
             server: raw.server,
             upstream: raw.upstream,
             log: raw.log,
             middleware,
+            audit,
         };
         config.validate().map_err(at)?;
         Ok(config)

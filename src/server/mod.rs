@@ -68,6 +68,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .build()
         .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
     let _control = control.enter();
+    if let Some(audit) = &config.audit {
+        crate::audit::start(audit);
+    }
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
     let workers = config.workers();
@@ -114,6 +117,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
     );
 
     control.block_on(control_loop(config, shared));
+    // An audit sink stuck in a blocking write (a full pipe) must not hold up the exit.
+    drop(_control);
+    control.shutdown_background();
     Ok(())
 }
 
@@ -205,14 +211,24 @@ async fn control_loop(mut config: Config, shared: Arc<Shared>) {
             notified.await;
         }
     };
+    let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
-        _ = drained => tracing::info!("drained; exiting"),
+        _ = drained => tracing::info!("drained; flushing the audit queue and exiting"),
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(open_connections = shared.connections.load(Ordering::Acquire), "shutdown_grace passed; closing the remaining connections");
         }
         _ = &mut second_signal => exit_now(),
     }
+    // What is left of the grace, but never so little that a ready batch can't be written.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    tokio::select! {
+        _ = crate::audit::shutdown(left.max(AUDIT_FLUSH_FLOOR)) => {}
+        _ = &mut second_signal => exit_now(),
+    }
 }
+
+/// The least time the audit queue gets at shutdown, even when draining used all the grace.
+const AUDIT_FLUSH_FLOOR: Duration = Duration::from_millis(250);
 
 fn exit_now() -> ! {
     tracing::warn!("second signal: exiting without waiting");
@@ -225,12 +241,15 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
     crate::metrics::global().config_reload(loaded.is_ok());
     match loaded {
         Ok(new) => {
+            // logrotate sends SIGHUP after moving the files away.
+            crate::audit::reopen();
             for (key, changed) in [
                 ("server.listen", new.server.listen != config.server.listen),
                 (
                     "server.workers",
                     new.server.workers != config.server.workers,
                 ),
+                ("audit", new.audit != config.audit),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");

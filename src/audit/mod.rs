@@ -1,0 +1,237 @@
+//! Audit events: one per response, recorded after the response has been sent (or the
+//! client went away), on a bounded in-process queue the request path never waits on.
+//!
+//! Flow: the proxy captures an [`Event`] only when it will be recorded (`include`), the
+//! connection's response body finishes it and [`Audit::record`]s it with a `try_send`
+//! (a full queue drops and counts it). A dispatcher task serializes each event once and
+//! fans the JSON out to every sink's own bounded buffer, so a slow sink only ever fills
+//! its own buffer; each sink's worker batches (`batch_size`, `flush_interval`) and
+//! delivers. Everything runs on the control runtime; blocking writes go to its blocking
+//! pool. The queue is process-wide: reloads never touch it, and `[audit]` is fixed at start.
+
+pub mod event;
+mod file;
+pub mod settings;
+mod sink;
+mod stdout;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{request, HeaderValue, Uri};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+pub use event::{Decision, Event};
+pub use settings::{AuditConfig, Include};
+
+use crate::metrics;
+use sink::SinkState;
+
+/// The running audit pipeline. There is at most one per process: see [`start`].
+pub struct Audit {
+    include: Include,
+    /// `request_headers`, read from the request, and the fields they are written as.
+    headers: Vec<http::HeaderName>,
+    fields: Vec<String>,
+    queue: mpsc::Sender<Box<Event>>,
+    sinks: Vec<Arc<SinkState>>,
+    /// Bumped by SIGHUP: file sinks reopen their file before their next write.
+    reopen: AtomicU64,
+    closing: Notify,
+    workers: Mutex<JoinSet<()>>,
+    full_warning: Throttle,
+}
+
+static AUDIT: OnceLock<Audit> = OnceLock::new();
+
+/// The pipeline, when `[audit]` is configured.
+#[inline]
+pub fn get() -> Option<&'static Audit> {
+    AUDIT.get()
+}
+
+/// Starts the dispatcher and one worker per sink on the current tokio runtime.
+/// Called once, at start-up; a second call is ignored (the config is fixed at start).
+pub fn start(config: &AuditConfig) {
+    let (queue, rx) = mpsc::channel(config.queue_capacity);
+    let sinks: Vec<Arc<SinkState>> = config
+        .sinks
+        .iter()
+        .map(|s| Arc::new(SinkState::new(&s.name)))
+        .collect();
+    let audit = Audit {
+        include: config.include,
+        headers: config.request_headers.iter().map(|h| h.0.clone()).collect(),
+        fields: config
+            .request_headers
+            .iter()
+            .map(settings::field_name)
+            .collect(),
+        queue,
+        sinks: sinks.clone(),
+        reopen: AtomicU64::new(0),
+        closing: Notify::new(),
+        workers: Mutex::new(JoinSet::new()),
+        full_warning: Throttle::default(),
+    };
+    if AUDIT.set(audit).is_err() {
+        return;
+    }
+    let audit = get().expect("just set");
+    let mut workers = audit.workers.lock().expect("not poisoned");
+    let mut buffers = Vec::with_capacity(sinks.len());
+    for (sink, state) in config.sinks.iter().zip(sinks) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        buffers.push(tx);
+        workers.spawn(sink::run(
+            sink::Writer::new(&sink.kind),
+            rx,
+            state,
+            config.batch_size,
+            config.flush_interval.0,
+        ));
+    }
+    workers.spawn(dispatch(audit, rx, buffers));
+}
+
+impl Audit {
+    /// Whether a request so decided produces an event.
+    #[inline]
+    pub fn wants(&self, denied: bool) -> bool {
+        denied || self.include == Include::All
+    }
+
+    /// Captures what the request says about itself, once its decision is known.
+    /// `uri` is the target as the client sent it, `host` its Host.
+    pub fn capture(
+        &self,
+        parts: &request::Parts,
+        uri: &Uri,
+        host: Option<HeaderValue>,
+        client_ip: IpAddr,
+        start: Instant,
+    ) -> Box<Event> {
+        Box::new(Event {
+            start,
+            ts: SystemTime::UNIX_EPOCH,
+            request_id: None,
+            method: parts.method.clone(),
+            host,
+            uri: uri.clone(),
+            status: 0,
+            duration: Duration::ZERO,
+            upstream: None,
+            client_ip,
+            subject: None,
+            decision: Decision::Allow,
+            denied_by: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            completed: false,
+            headers: self
+                .headers
+                .iter()
+                .map(|h| parts.headers.get(h).cloned())
+                .collect(),
+        })
+    }
+
+    /// Puts a finished event on the queue, or drops and counts it when the queue is full.
+    /// Never waits.
+    pub fn record(&self, event: Box<Event>) {
+        let m = metrics::global();
+        match self.queue.try_send(event) {
+            Ok(()) => {
+                m.audit_queue_depth.inc();
+            }
+            Err(_) => {
+                m.audit_dropped.inc();
+                if self.full_warning.ready() {
+                    tracing::warn!(
+                        dropped_total = m.audit_dropped.get(),
+                        "audit queue full: events are being dropped (raise audit.queue_capacity or check the sinks)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Makes file sinks reopen their files (after logrotate moved them), at their next write.
+pub fn reopen() {
+    if let Some(audit) = get() {
+        audit.reopen.fetch_add(1, Relaxed);
+    }
+}
+
+/// Flushes the queue to every sink within `within`; whatever is still undelivered then is
+/// counted (`outcome="lost"`) and logged with its number. Called once, at shutdown.
+pub async fn shutdown(within: Duration) {
+    let Some(audit) = get() else { return };
+    audit.closing.notify_one();
+    let mut workers = std::mem::take(&mut *audit.workers.lock().expect("not poisoned"));
+    let all_done = async { while workers.join_next().await.is_some() {} };
+    if tokio::time::timeout(within, all_done).await.is_ok() {
+        tracing::info!("audit queue flushed");
+        return;
+    }
+    let queued = audit.queue.max_capacity() - audit.queue.capacity();
+    for sink in &audit.sinks {
+        let lost = sink.pending.load(Relaxed) + queued as u64;
+        if lost > 0 {
+            sink.lost.inc_by(lost);
+            tracing::error!(sink = %sink.name, lost, "audit events lost: the sink did not take them within shutdown_grace");
+        }
+    }
+}
+
+/// Moves events from the queue to every sink's buffer, serializing each once.
+async fn dispatch(
+    audit: &'static Audit,
+    mut rx: mpsc::Receiver<Box<Event>>,
+    buffers: Vec<mpsc::Sender<Bytes>>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    let forward = |event: Box<Event>| {
+        metrics::global().audit_queue_depth.dec();
+        let json = Bytes::from(event.to_json(&audit.fields));
+        for (tx, sink) in buffers.iter().zip(&audit.sinks) {
+            match tx.try_send(json.clone()) {
+                Ok(()) => {
+                    sink.pending.fetch_add(1, Relaxed);
+                }
+                Err(_) => sink.overflow(),
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = audit.closing.notified() => break,
+            _ = rx.recv_many(&mut batch, 256) => batch.drain(..).for_each(&forward),
+        }
+    }
+    while let Ok(event) = rx.try_recv() {
+        forward(event);
+    }
+    // Dropping the buffers' senders lets every sink deliver what it holds and finish.
+}
+
+/// Lets a warning through at most once per 10 seconds.
+#[derive(Default)]
+struct Throttle(AtomicU64);
+
+impl Throttle {
+    fn ready(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.0.load(Relaxed);
+        (last == 0 || now >= last + 10)
+            && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    }
+}

@@ -1,0 +1,402 @@
+//! Audit events against the real binary: the event's fields, `include`, the sinks, a stuck
+//! sink, flushing on SIGTERM and reopening on SIGHUP.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A gatehouse with an `[audit]` section in front of a test upstream; `{events}` in the
+/// template is a file in a temp dir the test keeps.
+struct Setup {
+    up: Upstream,
+    gh: Gatehouse,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(rest: &str) -> Setup {
+        let up = Upstream::start().await;
+        Setup::start_with(&up.url(), rest, up).await
+    }
+
+    async fn start_with(upstream_url: &str, rest: &str, up: Upstream) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("events.jsonl");
+        let gh = Gatehouse::start(
+            &config("shutdown_grace = \"3s\"", "", rest),
+            &[
+                ("upstream", upstream_url),
+                ("events", events.to_str().unwrap()),
+                ("dir", dir.path().to_str().unwrap()),
+            ],
+        )
+        .await;
+        Setup { up, gh, dir }
+    }
+
+    fn events_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    /// SIGTERM, a clean exit, and the events the file sink got.
+    async fn stop(&mut self) -> Vec<Value> {
+        self.gh.send_signal("TERM");
+        self.gh.assert_exits_with(0).await;
+        read_events(&self.events_path())
+    }
+}
+
+fn read_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Waits (up to 10 s) until the file at `path` holds `n` events.
+async fn wait_for_events(path: &Path, n: usize) -> Vec<Value> {
+    within(Duration::from_secs(10), "audit events in the file", async {
+        loop {
+            let events = read_events(path);
+            if events.len() >= n {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// Waits (up to 10 s) until gatehouse has logged `text`.
+async fn wait_for_log(gh: &Gatehouse, text: &str) {
+    within(Duration::from_secs(10), text, async {
+        while !gh.stderr().contains(text) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+fn the_event<'a>(events: &'a [Value], path: &str) -> &'a Value {
+    let found: Vec<&Value> = events.iter().filter(|e| e["path"] == path).collect();
+    assert_eq!(found.len(), 1, "one event for {path} in {events:#?}");
+    found[0]
+}
+
+const FILE_SINK: &str = "[[audit.sinks]]\ntype = \"file\"\npath = \"{events}\"\n";
+
+/// `concurrency` keep-alive connections sending `total` GETs of `path` between them; returns
+/// the `x-request-id`s the client saw.
+async fn load(port: u16, total: usize, concurrency: usize, path: &str) -> Vec<String> {
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|c| {
+            let path = path.to_owned();
+            tokio::spawn(async move {
+                let mut h1 = H1::connect(port).await;
+                let mut ids = Vec::new();
+                for _ in (c..total).step_by(concurrency) {
+                    let resp = h1.send(request("GET", &path).body(empty()).unwrap()).await;
+                    assert_eq!(resp.status, 200);
+                    ids.extend(resp.header("x-request-id"));
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::with_capacity(total);
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn ten_thousand_requests_give_ten_thousand_events_with_the_ids_clients_saw() {
+    let mut s = Setup::start(&format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n[audit]\n{FILE_SINK}"
+    ))
+    .await;
+    let seen: HashSet<String> = load(s.gh.port, 10_000, 50, "/echo")
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(seen.len(), 10_000);
+    let events = s.stop().await;
+    assert_eq!(events.len(), 10_000);
+    let ids: HashSet<String> = events
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, seen);
+    assert!(events
+        .iter()
+        .all(|e| e["status"] == 200 && e["decision"] == "allow" && e["completed"] == true));
+}
+
+#[tokio::test]
+async fn events_carry_spec_fields() {
+    let mut s = Setup::start(&format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n\
+         [[middleware]]\ntype = \"ip_filter\"\nname = \"block\"\npaths = [\"/denied\"]\ndeny = [\"127.0.0.0/8\"]\n\n\
+         [audit]\nrequest_headers = [\"user-agent\", \"X-Tenant\"]\n{FILE_SINK}"
+    ))
+    .await;
+    let port = s.gh.port;
+    let allowed = send(
+        port,
+        request("GET", "/echo?page=2&x")
+            .header("user-agent", "t/1")
+            .header("x-tenant", "acme")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(allowed.status, 200);
+    let upload = send(
+        port,
+        request("POST", "/upload")
+            .body(full(vec![b'u'; 1000]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(upload.status, 200);
+    let denied = get(port, "/denied").await;
+    assert_eq!(denied.status, 403);
+
+    // A client that goes away in the middle of a streamed response.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /stream?chunks=50&ms=100 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("data: 0") {
+        let mut buf = [0; 4096];
+        let n = within(STEP, "first chunk", stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let events = wait_for_events(&s.events_path(), 4).await;
+    let events_now = s.stop().await;
+    assert_eq!(events.len(), events_now.len());
+
+    let e = the_event(&events, "/echo");
+    let obj = e.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut expected = vec![
+        "ts",
+        "request_id",
+        "method",
+        "host",
+        "path",
+        "query",
+        "status",
+        "duration_ms",
+        "upstream_ms",
+        "client_ip",
+        "subject",
+        "decision",
+        "denied_by",
+        "bytes_in",
+        "bytes_out",
+        "completed",
+        "user_agent",
+        "x_tenant",
+    ];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    let ts = e["ts"].as_str().unwrap();
+    assert!(
+        ts.len() == 24 && ts.ends_with('Z') && &ts[10..11] == "T" && &ts[19..20] == ".",
+        "{ts}"
+    );
+    assert_eq!(
+        e["request_id"].as_str(),
+        allowed.header("x-request-id").as_deref()
+    );
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["host"], format!("127.0.0.1:{port}"));
+    assert_eq!(e["query"], "page=2&x");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["client_ip"], "127.0.0.1");
+    assert_eq!(e["subject"], Value::Null);
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(e["denied_by"], Value::Null);
+    assert_eq!(e["bytes_in"], 0);
+    assert_eq!(e["bytes_out"], allowed.body.len() as u64);
+    assert_eq!(e["completed"], true);
+    assert_eq!(e["user_agent"], "t/1");
+    assert_eq!(e["x_tenant"], "acme");
+    let (duration, upstream) = (
+        e["duration_ms"].as_f64().unwrap(),
+        e["upstream_ms"].as_f64().unwrap(),
+    );
+    assert!(
+        upstream > 0.0 && duration >= upstream,
+        "{duration} {upstream}"
+    );
+
+    let e = the_event(&events, "/upload");
+    assert_eq!(e["method"], "POST");
+    assert_eq!(e["query"], Value::Null);
+    assert_eq!(e["bytes_in"], 1000);
+    assert_eq!(e["bytes_out"], upload.body.len() as u64);
+    assert_eq!(e["user_agent"], Value::Null);
+
+    let e = the_event(&events, "/denied");
+    assert_eq!(e["status"], 403);
+    assert_eq!(e["decision"], "deny");
+    assert_eq!(e["denied_by"], "block");
+    assert_eq!(e["upstream_ms"], Value::Null);
+    assert_eq!(e["bytes_out"], denied.body.len() as u64);
+    assert_eq!(e["completed"], true);
+    assert_eq!(
+        e["request_id"].as_str(),
+        denied.header("x-request-id").as_deref()
+    );
+
+    let e = the_event(&events, "/stream");
+    assert_eq!(e["completed"], false);
+    assert_eq!(e["status"], 200);
+    let out = e["bytes_out"].as_u64().unwrap();
+    assert!(out > 0 && out < 50 * "data: 49\n\n".len() as u64, "{out}");
+}
+
+#[tokio::test]
+async fn include_denied_records_only_denials() {
+    let mut s = Setup::start(&format!(
+        "[[middleware]]\ntype = \"ip_filter\"\npaths = [\"/denied\"]\ndeny = [\"127.0.0.0/8\"]\n\n\
+         [audit]\ninclude = \"denied\"\n{FILE_SINK}"
+    ))
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(s.gh.port, "/echo").await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(s.gh.port, "/denied").await.status, 403);
+    }
+    assert_eq!(s.up.request_count(), 5);
+    let events = s.stop().await;
+    assert_eq!(events.len(), 3, "{events:#?}");
+    assert!(events.iter().all(|e| e["decision"] == "deny"
+        && e["denied_by"] == "ip_filter"
+        && e["path"] == "/denied"));
+}
+
+#[tokio::test]
+async fn stdout_sink_and_a_dead_upstream_as_error() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let up = Upstream::start().await;
+    let mut s = Setup::start_with(&dead, "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\n", up).await;
+    assert_eq!(get(s.gh.port, "/x?y").await.status, 502);
+    s.stop().await;
+    let lines: Vec<Value> =
+        s.gh.stdout()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(lines.len(), 1, "{}", s.gh.stdout());
+    let e = &lines[0];
+    assert_eq!(e["status"], 502);
+    assert_eq!(e["decision"], "error");
+    assert_eq!(e["denied_by"], Value::Null);
+    assert_eq!(e["query"], "y");
+}
+
+#[tokio::test]
+async fn a_stuck_sink_drops_for_itself_while_requests_and_other_sinks_go_on() {
+    let fifo_dir = tempfile::tempdir().unwrap();
+    let fifo = fifo_dir.path().join("nobody-reads");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut s = Setup::start(&format!(
+        "[audit]\nqueue_capacity = 8\n\
+         [[audit.sinks]]\ntype = \"file\"\nname = \"stuck\"\npath = \"{}\"\n{FILE_SINK}",
+        fifo.display()
+    ))
+    .await;
+    for _ in 0..300 {
+        assert_eq!(get(s.gh.port, "/echo").await.status, 200);
+    }
+    let events = s.stop().await;
+    assert_eq!(events.len(), 300);
+    let log = s.gh.stderr();
+    assert!(
+        log.contains("audit sink too slow") && log.contains("\"sink\":\"stuck\""),
+        "{log}"
+    );
+    // The stuck sink holds a batch and a full buffer when the grace runs out.
+    let lost = log
+        .lines()
+        .find(|l| l.contains("audit events lost"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let lost: Value = serde_json::from_str(lost).unwrap();
+    assert_eq!(lost["sink"], "stuck");
+    assert!(lost["lost"].as_u64().unwrap() >= 8, "{lost}");
+}
+
+#[tokio::test]
+async fn sigterm_flushes_a_full_queue() {
+    let mut s = Setup::start(&format!(
+        "[audit]\nqueue_capacity = 4096\nbatch_size = 65536\nflush_interval = \"1h\"\n{FILE_SINK}"
+    ))
+    .await;
+    load(s.gh.port, 3000, 20, "/echo").await;
+    // Neither the batch size nor the interval is reached: only the shutdown writes.
+    assert!(read_events(&s.events_path()).is_empty());
+    assert_eq!(s.stop().await.len(), 3000);
+}
+
+#[tokio::test]
+async fn sighup_reopens_the_file_for_logrotate() {
+    let mut s = Setup::start(&format!("[audit]\nflush_interval = \"10ms\"\n{FILE_SINK}")).await;
+    assert_eq!(get(s.gh.port, "/first").await.status, 200);
+    wait_for_events(&s.events_path(), 1).await;
+    let rotated = s.dir.path().join("events.jsonl.1");
+    std::fs::rename(s.events_path(), &rotated).unwrap();
+    s.gh.send_signal("HUP");
+    wait_for_log(&s.gh, "config reloaded").await;
+    assert_eq!(get(s.gh.port, "/second").await.status, 200);
+    let events = wait_for_events(&s.events_path(), 1).await;
+    assert_eq!(events[0]["path"], "/second");
+    let old = read_events(&rotated);
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0]["path"], "/first");
+    assert_eq!(s.stop().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_changed_audit_section_takes_effect_on_restart() {
+    let mut s = Setup::start(&format!("[audit]\n{FILE_SINK}")).await;
+    let source = std::fs::read_to_string(&s.gh.config_path).unwrap();
+    std::fs::write(
+        &s.gh.config_path,
+        source.replace("[audit]", "[audit]\ninclude = \"denied\""),
+    )
+    .unwrap();
+    s.gh.send_signal("HUP");
+    wait_for_log(&s.gh, "only takes effect on restart").await;
+    assert!(
+        s.gh.stderr().contains("\"key\":\"audit\""),
+        "{}",
+        s.gh.stderr()
+    );
+    assert_eq!(get(s.gh.port, "/echo").await.status, 200);
+    assert_eq!(s.stop().await.len(), 1, "include = \"all\" still holds");
+}
