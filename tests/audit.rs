@@ -400,3 +400,156 @@ async fn a_changed_audit_section_takes_effect_on_restart() {
     assert_eq!(get(s.gh.port, "/echo").await.status, 200);
     assert_eq!(s.stop().await.len(), 1, "include = \"all\" still holds");
 }
+
+/// An HTTP audit collector: answers the statuses of `script` to the first POSTs, then 200;
+/// keeps the events of the batches it accepted, in arrival order.
+struct Collector {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<CollectorState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct CollectorState {
+    script: std::sync::Mutex<std::collections::VecDeque<u16>>,
+    accepted: std::sync::Mutex<Vec<Value>>,
+    attempts: std::sync::atomic::AtomicUsize,
+    /// `authorization` and `content-type` of the last POST.
+    last_headers: std::sync::Mutex<(String, String)>,
+}
+
+impl Collector {
+    async fn start(script: &[u16]) -> Collector {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = std::sync::Arc::new(CollectorState {
+            script: std::sync::Mutex::new(script.iter().copied().collect()),
+            ..Default::default()
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let st = st.clone();
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let st = st.clone();
+                        async move {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .map(|v| v.to_str().unwrap().to_owned())
+                                    .unwrap_or_default()
+                            };
+                            *st.last_headers.lock().unwrap() =
+                                (header("authorization"), header("content-type"));
+                            let body = http_body_util::BodyExt::collect(req.into_body())
+                                .await
+                                .unwrap()
+                                .to_bytes();
+                            st.attempts
+                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let status = st.script.lock().unwrap().pop_front().unwrap_or(200);
+                            if status == 200 {
+                                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                                st.accepted.lock().unwrap().extend(batch);
+                            }
+                            let resp = http::Response::builder()
+                                .status(status)
+                                .body(empty())
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        Collector { addr, state, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/ingest", self.addr)
+    }
+
+    fn attempts(&self) -> usize {
+        self.state
+            .attempts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn accepted_ids(&self) -> Vec<String> {
+        self.state
+            .accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn http_sink(collector: &Collector, more: &str) -> String {
+    format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n[audit]\nbatch_size = 5\nflush_interval = \"20ms\"\n\
+         [[audit.sinks]]\ntype = \"http\"\nurl = \"{}\"\nbackoff = \"10ms\"\n{more}\n",
+        collector.url()
+    )
+}
+
+#[tokio::test]
+async fn http_sink_retries_5xx_and_429_until_the_collector_recovers() {
+    let collector = Collector::start(&[503, 503, 429, 500, 503]).await;
+    let mut s = Setup::start(&http_sink(
+        &collector,
+        "retries = 10\nheaders = { authorization = \"Bearer t\" }",
+    ))
+    .await;
+    let mut sent = Vec::new();
+    for _ in 0..40 {
+        let resp = get(s.gh.port, "/echo").await;
+        sent.extend(resp.header("x-request-id"));
+    }
+    s.stop().await;
+    let mut got = collector.accepted_ids();
+    assert_eq!(got.len(), 40, "every event exactly once");
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    assert!(
+        collector.attempts() > 5 + 40 / 5 - 1,
+        "{}",
+        collector.attempts()
+    );
+    let headers = collector.state.last_headers.lock().unwrap().clone();
+    assert_eq!(headers, ("Bearer t".into(), "application/json".into()));
+}
+
+#[tokio::test]
+async fn http_sink_fails_a_batch_on_4xx_without_retrying() {
+    let collector = Collector::start(&[400]).await;
+    let mut s = Setup::start(&http_sink(&collector, "retries = 10")).await;
+    let first = get(s.gh.port, "/first").await;
+    wait_for_log(&s.gh, "audit sink failed to deliver a batch").await;
+    assert!(
+        s.gh.stderr().contains("400 Bad Request"),
+        "{}",
+        s.gh.stderr()
+    );
+    let second = get(s.gh.port, "/second").await;
+    s.stop().await;
+    assert_eq!(collector.attempts(), 2);
+    assert_eq!(
+        collector.accepted_ids(),
+        vec![second.header("x-request-id").unwrap()]
+    );
+    assert_ne!(first.header("x-request-id"), second.header("x-request-id"));
+}

@@ -11,6 +11,7 @@
 
 pub mod event;
 mod file;
+mod http;
 pub mod settings;
 mod sink;
 mod stdout;
@@ -20,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use ::http::{request, HeaderValue, Uri};
 use bytes::Bytes;
-use http::{request, HeaderValue, Uri};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
@@ -35,7 +36,7 @@ use sink::SinkState;
 pub struct Audit {
     include: Include,
     /// `request_headers`, read from the request, and the fields they are written as.
-    headers: Vec<http::HeaderName>,
+    headers: Vec<::http::HeaderName>,
     fields: Vec<String>,
     queue: mpsc::Sender<Box<Event>>,
     sinks: Vec<Arc<SinkState>>,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::value::{Duration, HeaderNameValue};
+use crate::config::value::{Duration, HeaderNameValue, HeaderPairs};
 use crate::config::{deserialize, KeyPath, Problem};
 
 /// The validated `[audit]` section.
@@ -42,10 +42,74 @@ pub struct SinkConfig {
 pub enum SinkKind {
     Stdout,
     File(FileSettings),
+    Http(HttpSettings),
 }
 
 /// The sink types `type` accepts.
-pub const SINK_TYPES: [&str; 2] = ["stdout", "file"];
+pub const SINK_TYPES: [&str; 3] = ["stdout", "file", "http"];
+
+/// `type = "http"`: POSTs each batch as a JSON array.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `http://host:port/path`.
+    pub url: String,
+    /// Sent with every POST (e.g. `authorization`).
+    #[serde(default)]
+    pub headers: HeaderPairs,
+    /// For one attempt, connecting included.
+    #[serde(default = "default_http_timeout")]
+    pub timeout: Duration,
+    /// Attempts after the first, on 5xx, 429, timeouts and connection errors.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The wait before the first retry; doubled for each next one (with jitter).
+    #[serde(default = "default_backoff")]
+    pub backoff: Duration,
+}
+
+fn default_http_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(5))
+}
+fn default_retries() -> u32 {
+    5
+}
+fn default_backoff() -> Duration {
+    Duration(std::time::Duration::from_millis(200))
+}
+
+impl HttpSettings {
+    fn validate(self) -> Result<HttpSettings, Problem> {
+        let key = |name: &str| KeyPath::default().key(name);
+        let uri: ::http::Uri = self.url.parse().map_err(|_| {
+            (
+                key("url"),
+                format!("invalid URL {:?}: expected http://host:port/path", self.url),
+            )
+        })?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err((
+                key("url"),
+                format!(
+                    "invalid URL {:?}: expected http://host:port/path (https is not supported by this sink; send to a local collector)",
+                    self.url
+                ),
+            ));
+        }
+        for (name, d) in [("timeout", self.timeout), ("backoff", self.backoff)] {
+            if d.0.is_zero() {
+                return Err((key(name), "expected a duration above zero".into()));
+            }
+        }
+        if self.retries > 100 {
+            return Err((
+                key("retries"),
+                format!("{}: expected 0 up to 100", self.retries),
+            ));
+        }
+        Ok(self)
+    }
+}
 
 /// `type = "file"`.
 #[derive(Debug, PartialEq, Deserialize)]
@@ -211,6 +275,7 @@ fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
     let kind = match kind.as_str() {
         "stdout" => deserialize::<NoKeys>(rest).map(|_| SinkKind::Stdout)?,
         "file" => SinkKind::File(deserialize(rest)?),
+        "http" => SinkKind::Http(deserialize::<HttpSettings>(rest)?.validate()?),
         other => {
             return Err((
                 type_key(),
@@ -276,11 +341,23 @@ mod tests {
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"kafka\"\n",
-                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file",
+                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file, http",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"file\"\n",
                 "audit.sinks[0].path: missing field `path`",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"https://c/x\"\n",
+                "proxy.toml:8:1: audit.sinks[0].url: invalid URL \"https://c/x\"",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"http://c/x\"\nheaders = { \"bad header\" = \"v\" }\n",
+                "audit.sinks[0].headers: invalid header name",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"http://c/x\"\nbackoff = \"0s\"\n",
+                "proxy.toml:9:1: audit.sinks[0].backoff: expected a duration above zero",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\npath = \"/x\"\n",

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use super::settings::SinkKind;
-use super::{file, stdout, Throttle};
+use super::{file, http, stdout, Throttle};
 use crate::metrics;
 
 /// What the dispatcher, the worker and shutdown share about one sink.
@@ -57,6 +57,7 @@ impl SinkState {
 pub enum Writer {
     Stdout,
     File(file::FileWriter),
+    Http(Box<http::HttpWriter>),
 }
 
 impl Writer {
@@ -64,13 +65,17 @@ impl Writer {
         match kind {
             SinkKind::Stdout => Writer::Stdout,
             SinkKind::File(s) => Writer::File(file::FileWriter::new(s.path.clone())),
+            SinkKind::Http(s) => Writer::Http(Box::new(http::HttpWriter::new(s))),
         }
     }
 
-    async fn deliver(&mut self, batch: &[Bytes]) -> std::io::Result<()> {
+    async fn deliver(&mut self, batch: &[Bytes]) -> Result<(), String> {
         match self {
-            Writer::Stdout => stdout::write(json_lines(batch)).await,
-            Writer::File(f) => f.write(json_lines(batch)).await,
+            Writer::Stdout => stdout::write(json_lines(batch))
+                .await
+                .map_err(|e| e.to_string()),
+            Writer::File(f) => f.write(json_lines(batch)).await.map_err(|e| e.to_string()),
+            Writer::Http(h) => h.write(batch).await,
         }
     }
 }
