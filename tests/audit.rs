@@ -553,3 +553,105 @@ async fn http_sink_fails_a_batch_on_4xx_without_retrying() {
     );
     assert_ne!(first.header("x-request-id"), second.header("x-request-id"));
 }
+
+/// `count` GETs on one keep-alive connection (so events are produced in this order);
+/// returns the request ids.
+async fn in_order(port: u16, count: usize) -> Vec<String> {
+    let mut h1 = H1::connect(port).await;
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        let resp = h1
+            .send(request("GET", "/echo").body(empty()).unwrap())
+            .await;
+        assert_eq!(resp.status, 200);
+        ids.push(resp.header("x-request-id").unwrap());
+    }
+    ids
+}
+
+async fn wait_for_accepted(collector: &Collector, n: usize) {
+    within(Duration::from_secs(10), "events at the collector", async {
+        while collector.accepted_ids().len() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+fn spool_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+#[tokio::test]
+async fn with_a_spool_every_event_arrives_once_and_in_order_through_an_outage() {
+    let collector = Collector::start(&[503; 20]).await;
+    let mut s = Setup::start(
+        &http_sink(&collector, "retries = 0")
+            .replace("[audit]\n", "[audit]\nspool_dir = \"{dir}/spool\"\n"),
+    )
+    .await;
+    let sent = in_order(s.gh.port, 60).await;
+    wait_for_accepted(&collector, 60).await;
+    s.stop().await;
+    assert_eq!(collector.accepted_ids(), sent);
+    assert!(s.gh.stderr().contains("spooling it"), "{}", s.gh.stderr());
+    assert_eq!(spool_files(&s.dir.path().join("spool/http")), 0);
+}
+
+#[tokio::test]
+async fn the_spool_is_delivered_by_the_next_process() {
+    let collector = Collector::start(&[503; 10_000]).await;
+    let spool = tempfile::tempdir().unwrap();
+    let template = http_sink(&collector, "retries = 0").replace(
+        "[audit]\n",
+        &format!("[audit]\nspool_dir = \"{}\"\n", spool.path().display()),
+    );
+    let mut first = Setup::start(&template).await;
+    let sent = in_order(first.gh.port, 20).await;
+    first.stop().await;
+    assert!(collector.accepted_ids().is_empty());
+    assert!(spool_files(&spool.path().join("http")) > 0);
+
+    collector.state.script.lock().unwrap().clear();
+    let mut second = Setup::start(&template).await;
+    wait_for_accepted(&collector, 20).await;
+    assert_eq!(collector.accepted_ids(), sent);
+    assert!(second
+        .gh
+        .stderr()
+        .contains("audit spool from an earlier run"));
+    second.stop().await;
+    assert_eq!(spool_files(&spool.path().join("http")), 0);
+}
+
+#[tokio::test]
+async fn a_torn_spool_file_is_replayed_up_to_its_last_intact_record() {
+    let spool = tempfile::tempdir().unwrap();
+    let sink_dir = spool.path().join("file");
+    std::fs::create_dir_all(&sink_dir).unwrap();
+    let records: Vec<bytes::Bytes> = (0..3)
+        .map(|i| format!("{{\"request_id\":\"old-{i}\"}}").into())
+        .collect();
+    let data = gatehouse::audit::spool::encode(&records);
+    // A crash while the last record was being written.
+    std::fs::write(
+        sink_dir.join("00000000000000000000-3.spool"),
+        &data[..data.len() - 5],
+    )
+    .unwrap();
+    let mut s = Setup::start(&format!(
+        "[audit]\nflush_interval = \"10ms\"\nspool_dir = \"{}\"\n{FILE_SINK}",
+        spool.path().display()
+    ))
+    .await;
+    let replayed = wait_for_events(&s.events_path(), 2).await;
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(replayed[0]["request_id"], "old-0");
+    assert_eq!(replayed[1]["request_id"], "old-1");
+    assert!(s.gh.stderr().contains("torn record"), "{}", s.gh.stderr());
+    assert_eq!(get(s.gh.port, "/new").await.status, 200);
+    let events = s.stop().await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["path"], "/new");
+    assert_eq!(spool_files(&sink_dir), 0);
+}

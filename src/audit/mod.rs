@@ -14,6 +14,7 @@ mod file;
 mod http;
 pub mod settings;
 mod sink;
+pub mod spool;
 mod stdout;
 
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ use ::http::{request, HeaderValue, Uri};
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 pub use event::{Decision, Event};
 pub use settings::{AuditConfig, Include};
@@ -43,6 +45,8 @@ pub struct Audit {
     /// Bumped by SIGHUP: file sinks reopen their file before their next write.
     reopen: AtomicU64,
     closing: Notify,
+    /// Set when `spool_dir` is: at shutdown, what cannot be delivered in time is spooled.
+    spool_now: Option<CancellationToken>,
     workers: Mutex<JoinSet<()>>,
     full_warning: Throttle,
 }
@@ -55,9 +59,26 @@ pub fn get() -> Option<&'static Audit> {
     AUDIT.get()
 }
 
-/// Starts the dispatcher and one worker per sink on the current tokio runtime.
-/// Called once, at start-up; a second call is ignored (the config is fixed at start).
-pub fn start(config: &AuditConfig) {
+/// Starts the dispatcher and one worker per sink on the current tokio runtime, taking over
+/// the spool a previous process left. Called once, at start-up; a second call is ignored
+/// (the config is fixed at start). Fails when a spool directory is unusable.
+pub fn start(config: &AuditConfig) -> Result<(), String> {
+    let mut spools = Vec::with_capacity(config.sinks.len());
+    for sink in &config.sinks {
+        spools.push(match &config.spool_dir {
+            Some(dir) => {
+                let dir = dir.join(&sink.name);
+                let spool = spool::Spool::open(dir.clone(), config.spool_max_bytes.0)
+                    .map_err(|e| format!("cannot open the audit spool {}: {e}", dir.display()))?;
+                if !spool.is_empty() {
+                    tracing::info!(sink = %sink.name, events = spool.events(), "audit spool from an earlier run: replaying it");
+                }
+                Some(spool)
+            }
+            None => None,
+        });
+    }
+    let spool_now = CancellationToken::new();
     let (queue, rx) = mpsc::channel(config.queue_capacity);
     let sinks: Vec<Arc<SinkState>> = config
         .sinks
@@ -76,27 +97,32 @@ pub fn start(config: &AuditConfig) {
         sinks: sinks.clone(),
         reopen: AtomicU64::new(0),
         closing: Notify::new(),
+        spool_now: config.spool_dir.is_some().then(|| spool_now.clone()),
         workers: Mutex::new(JoinSet::new()),
         full_warning: Throttle::default(),
     };
     if AUDIT.set(audit).is_err() {
-        return;
+        return Ok(());
     }
     let audit = get().expect("just set");
     let mut workers = audit.workers.lock().expect("not poisoned");
     let mut buffers = Vec::with_capacity(sinks.len());
-    for (sink, state) in config.sinks.iter().zip(sinks) {
+    for ((sink, state), spool) in config.sinks.iter().zip(sinks).zip(spools) {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         buffers.push(tx);
-        workers.spawn(sink::run(
-            sink::Writer::new(&sink.kind),
+        let worker = sink::Worker {
+            writer: sink::Writer::new(&sink.kind),
             rx,
             state,
-            config.batch_size,
-            config.flush_interval.0,
-        ));
+            batch_size: config.batch_size,
+            flush_interval: config.flush_interval.0,
+            spool,
+            spool_now: spool_now.clone(),
+        };
+        workers.spawn(worker.run());
     }
     workers.spawn(dispatch(audit, rx, buffers));
+    Ok(())
 }
 
 impl Audit {
@@ -169,16 +195,31 @@ pub fn reopen() {
     }
 }
 
-/// Flushes the queue to every sink within `within`; whatever is still undelivered then is
-/// counted (`outcome="lost"`) and logged with its number. Called once, at shutdown.
+/// Flushes the queue to every sink within `within`. With a spool, the last part of that
+/// time goes to spooling what could not be delivered; whatever is still undelivered then
+/// is counted (`outcome="lost"`) and logged with its number. Called once, at shutdown.
 pub async fn shutdown(within: Duration) {
     let Some(audit) = get() else { return };
     audit.closing.notify_one();
     let mut workers = std::mem::take(&mut *audit.workers.lock().expect("not poisoned"));
-    let all_done = async { while workers.join_next().await.is_some() {} };
-    if tokio::time::timeout(within, all_done).await.is_ok() {
+    let reserve = match audit.spool_now {
+        Some(_) => (within / 4).min(SPOOL_RESERVE),
+        None => Duration::ZERO,
+    };
+    let mut all_done = std::pin::pin!(async { while workers.join_next().await.is_some() {} });
+    if tokio::time::timeout(within - reserve, all_done.as_mut())
+        .await
+        .is_ok()
+    {
         tracing::info!("audit queue flushed");
         return;
+    }
+    if let Some(spool_now) = &audit.spool_now {
+        spool_now.cancel();
+        if tokio::time::timeout(reserve, all_done).await.is_ok() {
+            tracing::info!("audit queue flushed; what the sinks did not take in time is spooled");
+            return;
+        }
     }
     let queued = audit.queue.max_capacity() - audit.queue.capacity();
     for sink in &audit.sinks {
@@ -189,6 +230,9 @@ pub async fn shutdown(within: Duration) {
         }
     }
 }
+
+/// The most of the shutdown time kept for spooling what the sinks did not take.
+const SPOOL_RESERVE: Duration = Duration::from_secs(1);
 
 /// Moves events from the queue to every sink's buffer, serializing each once.
 async fn dispatch(

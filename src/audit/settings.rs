@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::value::{Duration, HeaderNameValue, HeaderPairs};
+use crate::config::value::{ByteSize, Duration, HeaderNameValue, HeaderPairs};
 use crate::config::{deserialize, KeyPath, Problem};
 
 /// The validated `[audit]` section.
@@ -16,6 +16,7 @@ pub struct AuditConfig {
     pub batch_size: usize,
     pub flush_interval: Duration,
     pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: ByteSize,
     pub sinks: Vec<SinkConfig>,
 }
 
@@ -138,12 +139,17 @@ pub(crate) struct RawAudit {
     #[serde(default = "default_flush_interval")]
     flush_interval: Duration,
     spool_dir: Option<PathBuf>,
+    #[serde(default = "default_spool_max_bytes")]
+    spool_max_bytes: ByteSize,
     #[serde(default)]
     sinks: Vec<toml::Table>,
 }
 
 fn default_queue_capacity() -> usize {
     65536
+}
+fn default_spool_max_bytes() -> ByteSize {
+    ByteSize(1 << 30)
 }
 fn default_batch_size() -> usize {
     256
@@ -212,6 +218,9 @@ impl AuditConfig {
             }
             fields.push(field);
         }
+        if raw.spool_max_bytes.0 == 0 {
+            return Err((key("spool_max_bytes"), "expected a size above zero".into()));
+        }
         if raw.sinks.is_empty() {
             return Err((
                 key("sinks"),
@@ -241,9 +250,17 @@ impl AuditConfig {
             batch_size: raw.batch_size,
             flush_interval: raw.flush_interval,
             spool_dir: raw.spool_dir,
+            spool_max_bytes: raw.spool_max_bytes,
             sinks,
         })
     }
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
@@ -263,13 +280,12 @@ fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
     };
     let name = match table.remove("name") {
         None => kind.clone(),
-        Some(toml::Value::String(name)) if !name.is_empty() => name,
-        Some(_) => {
-            return Err((
-                KeyPath::default().key("name"),
-                "expected a non-empty string".into(),
-            ))
-        }
+        Some(toml::Value::String(name)) if is_plain_name(&name) => name,
+        Some(_) => return Err((
+            KeyPath::default().key("name"),
+            "expected a name of letters, digits, `-` and `_` (it names the sink's spool directory)"
+                .into(),
+        )),
     };
     let rest = toml::Value::Table(table);
     let kind = match kind.as_str() {
@@ -314,6 +330,7 @@ mod tests {
         assert_eq!(a.batch_size, 256);
         assert_eq!(a.flush_interval.0.as_secs(), 1);
         assert_eq!(a.spool_dir, None);
+        assert_eq!(a.spool_max_bytes.0, 1 << 30);
         assert_eq!(a.sinks[0].name, "stdout");
         assert_eq!(a.sinks[0].kind, SinkKind::Stdout);
         assert_eq!(a.sinks[1].name, "f");
@@ -338,6 +355,10 @@ mod tests {
             (
                 "[audit]\nrequest_headers = [\"user-agent\", \"Host\"]\n[[audit.sinks]]\ntype = \"stdout\"\n",
                 "audit.request_headers[1]: header \"host\" would be recorded as the field \"host\"",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\nname = \"../x\"\n",
+                "proxy.toml:8:1: audit.sinks[0].name: expected a name of letters",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"kafka\"\n",

@@ -69,7 +69,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
     let _control = control.enter();
     if let Some(audit) = &config.audit {
-        crate::audit::start(audit);
+        crate::audit::start(audit).map_err(StartError)?;
     }
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
