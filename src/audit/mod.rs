@@ -12,6 +12,7 @@
 pub mod event;
 mod file;
 mod http;
+mod redis_stream;
 pub mod settings;
 mod sink;
 pub mod spool;

@@ -44,10 +44,60 @@ pub enum SinkKind {
     Stdout,
     File(FileSettings),
     Http(HttpSettings),
+    RedisStream(RedisSettings),
 }
 
 /// The sink types `type` accepts.
-pub const SINK_TYPES: [&str; 3] = ["stdout", "file", "http"];
+pub const SINK_TYPES: [&str; 4] = ["stdout", "file", "http", "redis_stream"];
+
+/// `type = "redis_stream"`: `XADD` per event.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://` is refused: no TLS).
+    pub url: String,
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Approximate length the stream is trimmed to (`MAXLEN ~`).
+    #[serde(default = "default_maxlen")]
+    pub maxlen: u64,
+    /// For one batch, connecting included.
+    #[serde(default = "default_http_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_stream() -> String {
+    "gatehouse:audit".into()
+}
+fn default_maxlen() -> u64 {
+    1_000_000
+}
+
+impl RedisSettings {
+    fn validate(self) -> Result<RedisSettings, Problem> {
+        let key = |name: &str| KeyPath::default().key(name);
+        let tcp = self.url.starts_with("redis://") || self.url.starts_with("redis+unix://");
+        if !tcp || redis::Client::open(self.url.as_str()).is_err() {
+            return Err((
+                key("url"),
+                format!(
+                    "invalid URL {:?}: expected redis://[user:password@]host:port[/db]",
+                    self.url
+                ),
+            ));
+        }
+        if self.stream.is_empty() {
+            return Err((key("stream"), "expected a stream name".into()));
+        }
+        if self.maxlen == 0 {
+            return Err((key("maxlen"), "expected a length above zero".into()));
+        }
+        if self.timeout.0.is_zero() {
+            return Err((key("timeout"), "expected a duration above zero".into()));
+        }
+        Ok(self)
+    }
+}
 
 /// `type = "http"`: POSTs each batch as a JSON array.
 #[derive(Debug, PartialEq, Deserialize)]
@@ -292,6 +342,7 @@ fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
         "stdout" => deserialize::<NoKeys>(rest).map(|_| SinkKind::Stdout)?,
         "file" => SinkKind::File(deserialize(rest)?),
         "http" => SinkKind::Http(deserialize::<HttpSettings>(rest)?.validate()?),
+        "redis_stream" => SinkKind::RedisStream(deserialize::<RedisSettings>(rest)?.validate()?),
         other => {
             return Err((
                 type_key(),
@@ -362,7 +413,7 @@ mod tests {
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"kafka\"\n",
-                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file, http",
+                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file, http, redis_stream",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"file\"\n",
@@ -379,6 +430,14 @@ mod tests {
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"http://c/x\"\nbackoff = \"0s\"\n",
                 "proxy.toml:9:1: audit.sinks[0].backoff: expected a duration above zero",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"http://r:6379\"\n",
+                "proxy.toml:8:1: audit.sinks[0].url: invalid URL \"http://r:6379\": expected redis://",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"redis://r\"\nmaxlen = 0\n",
+                "proxy.toml:9:1: audit.sinks[0].maxlen: expected a length above zero",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\npath = \"/x\"\n",

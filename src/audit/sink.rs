@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::settings::SinkKind;
 use super::spool::Spool;
-use super::{file, http, stdout, Throttle};
+use super::{file, http, redis_stream, stdout, Throttle};
 use crate::metrics;
 
 /// What the dispatcher, the worker and shutdown share about one sink.
@@ -62,6 +62,7 @@ pub enum Writer {
     Stdout,
     File(file::FileWriter),
     Http(Box<http::HttpWriter>),
+    Redis(Box<redis_stream::RedisWriter>),
 }
 
 impl Writer {
@@ -70,6 +71,7 @@ impl Writer {
             SinkKind::Stdout => Writer::Stdout,
             SinkKind::File(s) => Writer::File(file::FileWriter::new(s.path.clone())),
             SinkKind::Http(s) => Writer::Http(Box::new(http::HttpWriter::new(s))),
+            SinkKind::RedisStream(s) => Writer::Redis(Box::new(redis_stream::RedisWriter::new(s))),
         }
     }
 
@@ -80,6 +82,7 @@ impl Writer {
                 .map_err(|e| e.to_string()),
             Writer::File(f) => f.write(json_lines(batch)).await.map_err(|e| e.to_string()),
             Writer::Http(h) => h.write(batch).await,
+            Writer::Redis(r) => r.write(batch).await,
         }
     }
 }
