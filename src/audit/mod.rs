@@ -168,22 +168,22 @@ impl Audit {
         })
     }
 
+    /// Events on the queue, not yet handed to the sinks.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
     /// Puts a finished event on the queue, or drops and counts it when the queue is full.
-    /// Never waits.
+    /// Never waits, and wakes nobody: the dispatcher polls.
     pub fn record(&self, event: Box<Event>) {
-        let m = metrics::global();
-        match self.queue.try_send(event) {
-            Ok(()) => {
-                m.audit_queue_depth.inc();
-            }
-            Err(_) => {
-                m.audit_dropped.inc();
-                if self.full_warning.ready() {
-                    tracing::warn!(
-                        dropped_total = m.audit_dropped.get(),
-                        "audit queue full: events are being dropped (raise audit.queue_capacity or check the sinks)"
-                    );
-                }
+        if self.queue.try_send(event).is_err() {
+            let m = metrics::global();
+            m.audit_dropped.inc();
+            if self.full_warning.ready() {
+                tracing::warn!(
+                    dropped_total = m.audit_dropped.get(),
+                    "audit queue full: events are being dropped (raise audit.queue_capacity or check the sinks)"
+                );
             }
         }
     }
@@ -201,6 +201,13 @@ pub fn reopen() {
 /// is counted (`outcome="lost"`) and logged with its number. Called once, at shutdown.
 pub async fn shutdown(within: Duration) {
     let Some(audit) = get() else { return };
+    let dropped = metrics::global().audit_dropped.get();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "audit events dropped during this run because the queue was full"
+        );
+    }
     audit.closing.notify_one();
     let mut workers = std::mem::take(&mut *audit.workers.lock().expect("not poisoned"));
     let reserve = match audit.spool_now {
@@ -222,7 +229,7 @@ pub async fn shutdown(within: Duration) {
             return;
         }
     }
-    let queued = audit.queue.max_capacity() - audit.queue.capacity();
+    let queued = audit.queued();
     for sink in &audit.sinks {
         let lost = sink.pending.load(Relaxed) + queued as u64;
         if lost > 0 {
@@ -235,15 +242,17 @@ pub async fn shutdown(within: Duration) {
 /// The most of the shutdown time kept for spooling what the sinks did not take.
 const SPOOL_RESERVE: Duration = Duration::from_secs(1);
 
+/// How often the dispatcher empties the queue. It polls rather than being woken: a wake
+/// per event would cost the request's thread a syscall to unpark the control thread.
+const DISPATCH_TICK: Duration = Duration::from_millis(10);
+
 /// Moves events from the queue to every sink's buffer, serializing each once.
 async fn dispatch(
     audit: &'static Audit,
     mut rx: mpsc::Receiver<Box<Event>>,
     buffers: Vec<mpsc::Sender<Bytes>>,
 ) {
-    let mut batch = Vec::with_capacity(256);
     let forward = |event: Box<Event>| {
-        metrics::global().audit_queue_depth.dec();
         let json = Bytes::from(event.to_json(&audit.fields));
         for (tx, sink) in buffers.iter().zip(&audit.sinks) {
             match tx.try_send(json.clone()) {
@@ -254,16 +263,31 @@ async fn dispatch(
             }
         }
     };
+    let depth = &metrics::global().audit_queue_depth;
+    let mut tick = tokio::time::interval(DISPATCH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = audit.closing.notified() => break,
-            _ = rx.recv_many(&mut batch, 256) => batch.drain(..).for_each(&forward),
+            _ = tick.tick() => {
+                depth.set(rx.len() as i64);
+                let mut n = 0u32;
+                while let Ok(event) = rx.try_recv() {
+                    forward(event);
+                    n += 1;
+                    if n % 256 == 0 {
+                        // Let the sinks and the signal handlers in during a burst.
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
         }
     }
     while let Ok(event) = rx.try_recv() {
         forward(event);
     }
+    depth.set(0);
     // Dropping the buffers' senders lets every sink deliver what it holds and finish.
 }
 
