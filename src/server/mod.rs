@@ -237,12 +237,12 @@ fn exit_now() -> ! {
 
 /// Re-reads the config; a valid one serves new requests, an invalid one is logged.
 fn reload(config: &Config, shared: &Shared) -> Option<Config> {
+    // logrotate sends SIGHUP after moving the audit files away, whatever the config says.
+    crate::audit::reopen();
     let loaded = Config::load(&config.file);
     crate::metrics::global().config_reload(loaded.is_ok());
     match loaded {
         Ok(new) => {
-            // logrotate sends SIGHUP after moving the files away.
-            crate::audit::reopen();
             for (key, changed) in [
                 ("server.listen", new.server.listen != config.server.listen),
                 (
