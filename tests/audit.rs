@@ -775,3 +775,74 @@ async fn a_redis_that_comes_up_late_gets_the_spooled_events_in_order() {
     s.stop().await;
     assert_eq!(redis.stream_ids("audit"), sent);
 }
+
+/// A collector that accepts connections and never answers; returns its URL.
+async fn silent_collector() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn an_http_collector_that_never_answers_times_out() {
+    let (url, task) = silent_collector().await;
+    let mut s = Setup::start(&format!(
+        "[audit]\nflush_interval = \"10ms\"\n\
+         [[audit.sinks]]\ntype = \"http\"\nurl = \"{url}\"\ntimeout = \"100ms\"\nretries = 1\nbackoff = \"10ms\"\n"
+    ))
+    .await;
+    assert_eq!(get(s.gh.port, "/echo").await.status, 200);
+    wait_for_log(&s.gh, "audit sink failed to deliver a batch").await;
+    assert!(
+        s.gh.stderr()
+            .contains("no answer within 100ms (after 2 attempts)"),
+        "{}",
+        s.gh.stderr()
+    );
+    s.stop().await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn at_shutdown_what_a_hung_sink_holds_goes_to_the_spool() {
+    let (url, task) = silent_collector().await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut s = Setup::start(&format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n\
+         [audit]\nflush_interval = \"10ms\"\nspool_dir = \"{}\"\n\
+         [[audit.sinks]]\ntype = \"http\"\nurl = \"{url}\"\ntimeout = \"1h\"\n",
+        spool.path().display()
+    ))
+    .await;
+    let sent = in_order(s.gh.port, 25).await;
+    s.stop().await;
+    assert!(
+        s.gh.stderr()
+            .contains("what the sinks did not take in time is spooled"),
+        "{}",
+        s.gh.stderr()
+    );
+    let mut files: Vec<_> = std::fs::read_dir(spool.path().join("http"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let spooled: Vec<String> = files
+        .iter()
+        .flat_map(|f| gatehouse::audit::spool::decode(&std::fs::read(f).unwrap()).events)
+        .map(|e| {
+            serde_json::from_slice::<Value>(&e).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(spooled, sent);
+    task.abort();
+}
