@@ -6,6 +6,7 @@
 //! from [`config`].
 
 pub mod admin;
+pub mod audit;
 pub mod chain;
 pub mod config;
 pub mod logging;

@@ -18,6 +18,7 @@ pub use error::{ConfigError, KeyPath};
 pub use value::UpstreamUrl;
 use value::{ByteSize, Cidr, Duration, HttpMethod, ListenAddr, PathPattern};
 
+use crate::audit::settings::{AuditConfig, RawAudit};
 use crate::chain::MAX_LINKS;
 use crate::middleware::Spec;
 
@@ -30,6 +31,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub log: LogConfig,
     pub middleware: Vec<MiddlewareEntry>,
+    /// `[audit]`, when audit events are wanted.
+    pub audit: Option<AuditConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +45,7 @@ struct RawConfig {
     log: LogConfig,
     #[serde(default)]
     middleware: Vec<toml::Table>,
+    audit: Option<RawAudit>,
 }
 
 /// `[server]`: the public listener.
@@ -285,6 +289,12 @@ impl Config {
             )));
         }
 
+        let audit = raw
+            .audit
+            .map(AuditConfig::from_raw)
+            .transpose()
+            .map_err(|(p, m)| at((KeyPath::default().key("audit").join(&p), m)))?;
+
         let config = Config {
             file: file.to_owned(),
             server: raw.server,
@@ -292,6 +302,7 @@ impl Config {
             admin: raw.admin,
             log: raw.log,
             middleware,
+            audit,
         };
         config.validate().map_err(at)?;
         Ok(config)

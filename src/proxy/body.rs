@@ -48,6 +48,11 @@ impl RequestBody {
 }
 
 impl RequestBody {
+    /// Body bytes taken from the client so far (for the audit event's `bytes_in`).
+    pub fn bytes_read(&self) -> u64 {
+        self.seen
+    }
+
     /// The client's body, for [`linger`].
     pub fn into_inner(self) -> Incoming {
         self.inner

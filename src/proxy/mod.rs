@@ -24,6 +24,7 @@ use h1::Forwarded;
 use tokio::io::AsyncWriteExt;
 use upstream::{Answer, Upgraded, Upstream, UpstreamError};
 
+use crate::audit;
 use crate::chain::{path, reply, Chain, Context};
 use crate::config::value::{ByteSize, Cidr};
 use crate::config::Config;
@@ -80,33 +81,82 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every problem becomes a response.
-    /// `start` is when the request head arrived.
+    /// `start` is when the request head arrived. The event, when audit wants one, is
+    /// finished and recorded by whoever sends the response body.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         client: &Client,
         start: Instant,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Option<Box<audit::Event>>) {
         let (mut parts, body) = req.into_parts();
         let mut ctx = Context::new(
             forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies),
             start,
         );
+        let mut event = None;
+        let resp = self
+            .serve(&mut parts, body, client, &mut ctx, &mut event)
+            .await;
+        if let Some(e) = event.as_deref_mut() {
+            e.status = resp.status().as_u16();
+            e.request_id = ctx.request_id;
+            e.subject = ctx.subject;
+            e.upstream = ctx.upstream_time;
+            e.denied_by = ctx.denied_by.map(|i| self.chain.name(i).clone());
+        }
+        (resp, event)
+    }
 
+    /// The answer to a request arriving once the server has stopped taking new work.
+    pub fn refuse_draining(
+        &self,
+        req: Request<Incoming>,
+        client: &Client,
+        start: Instant,
+    ) -> (Response<Body>, Option<Box<audit::Event>>) {
+        let event = audit::get().filter(|a| a.wants(true)).map(|a| {
+            let (parts, _) = req.into_parts();
+            let ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
+            let mut e = a.capture(&parts, &parts.uri, client_host(&parts), ip, start);
+            e.decision = audit::Decision::Deny;
+            e.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
+            e
+        });
+        (draining_response(), event)
+    }
+
+    async fn serve(
+        &self,
+        parts: &mut http::request::Parts,
+        body: Incoming,
+        client: &Client,
+        ctx: &mut Context,
+        event: &mut Option<Box<audit::Event>>,
+    ) -> Response<Body> {
         // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
         // path is borrowed, not copied, while middlewares hold `parts` mutably.
         let uri = parts.uri.clone();
-        let path = self.check_head(&parts).and_then(|()| {
+        let path = self.check_head(parts).and_then(|()| {
             path::normalize(uri.path())
                 .map_err(|_| (StatusCode::BAD_REQUEST, "the request path has dot-segments"))
         });
         let answer = match path {
-            Ok(path) => self.chain.on_request(&mut parts, &path, &mut ctx).await,
+            Ok(path) => self.chain.on_request(parts, &path, ctx).await,
             Err((status, message)) => Some(reply::error(status, message, None)),
         };
+        let audit = audit::get();
+        let denied = answer.is_some();
+        if let Some(a) = audit.filter(|a| a.wants(denied)) {
+            let mut e = a.capture(parts, &uri, client_host(parts), ctx.client_ip, ctx.start);
+            if denied {
+                e.decision = audit::Decision::Deny;
+            }
+            *event = Some(e);
+        }
         if let Some(answer) = answer {
             body::linger(body);
-            return self.respond(answer, &mut ctx);
+            return self.respond(answer, ctx);
         }
 
         let upgrade = parts.version == Version::HTTP_11 && forwarded::is_upgrade(&parts.headers);
@@ -115,7 +165,7 @@ impl Proxy {
         } else {
             None
         };
-        let host = self.prepare_upstream_request(&mut parts, upgrade);
+        let host = self.prepare_upstream_request(parts, upgrade);
         let forwarded = Forwarded {
             peer: &client.forwarded_for,
             proto: &client.proto,
@@ -124,10 +174,13 @@ impl Proxy {
         let mut body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
 
         let sent = Instant::now();
-        let result = self.upstream.send(&parts, &forwarded, &mut body).await;
+        let result = self.upstream.send(parts, &forwarded, &mut body).await;
         let upstream_time = sent.elapsed();
         ctx.upstream_time = Some(upstream_time);
         metrics::global().upstream_duration.observe(upstream_time);
+        if let Some(e) = event.as_deref_mut() {
+            e.bytes_in = body.bytes_read();
+        }
         // The upstream may have answered without reading all of it (or the limit cut it).
         body::linger(body.into_inner());
         let (mut head, body) = match result {
@@ -137,11 +190,27 @@ impl Proxy {
                 tunnel(client_upgrade, upstream);
                 (head, Body::full(Bytes::new()))
             }
-            Err(e) => return self.upstream_failed(e, &mut ctx),
+            Err(e) => {
+                let resp = self.upstream_failed(e, ctx);
+                let denied = ctx.denied_by.is_some();
+                if event.is_none() && audit.is_some_and(|a| a.wants(denied)) {
+                    // Only a streamed body over the limit turns an allowed request denied.
+                    let a = audit.expect("checked");
+                    *event = Some(a.capture(parts, &uri, host, ctx.client_ip, ctx.start));
+                }
+                if let Some(e) = event.as_deref_mut() {
+                    e.decision = if denied {
+                        audit::Decision::Deny
+                    } else {
+                        audit::Decision::Error
+                    };
+                }
+                return resp;
+            }
         };
         // The client's protocol decides the response's, not the upstream's.
         head.version = Version::default();
-        self.chain.on_response(&mut head, &mut ctx);
+        self.chain.on_response(&mut head, ctx);
         Response::from_parts(head, body)
     }
 
@@ -180,12 +249,7 @@ impl Proxy {
         parts: &mut http::request::Parts,
         upgrade: bool,
     ) -> Option<HeaderValue> {
-        let host = parts.headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = client_host(parts);
         forwarded::strip_hop_by_hop(&mut parts.headers, upgrade);
         let upstream_host = match (&host, self.preserve_host) {
             (Some(host), true) => host.clone(),
@@ -221,6 +285,16 @@ impl Proxy {
         self.chain.on_response(&mut head, ctx);
         Response::from_parts(head, Body::full(bytes))
     }
+}
+
+/// The request's Host as the client sent it: the header, else the URI's authority (HTTP/2).
+fn client_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
 }
 
 /// After a `101 Switching Protocols`, splices the client and upstream connections.

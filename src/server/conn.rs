@@ -23,8 +23,8 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Shared;
-use crate::metrics;
-use crate::proxy::{draining_response, Body, Client};
+use crate::proxy::{Body, Client};
+use crate::{audit, metrics};
 
 /// Per-connection settings, fixed at start-up.
 pub struct ConnSettings {
@@ -109,10 +109,10 @@ pub async fn serve<S>(
                 let start = Instant::now();
                 conn.activity.requests.fetch_add(1, Relaxed);
                 conn.activity.in_flight.fetch_add(1, Relaxed);
-                let resp = if conn.shared.is_refusing() {
-                    draining_response()
+                let proxy = conn.shared.proxy.load_full();
+                let (resp, audit) = if conn.shared.is_refusing() {
+                    proxy.refuse_draining(req, &conn.client, start)
                 } else {
-                    let proxy = conn.shared.proxy.load_full();
                     proxy.handle(req, &conn.client, start).await
                 };
                 let status = resp.status();
@@ -121,6 +121,7 @@ pub async fn serve<S>(
                     conn,
                     status,
                     start,
+                    audit,
                 }))
             }
         })
@@ -174,18 +175,29 @@ pub async fn serve<S>(
 
 /// The response body, holding the connection "busy" until it has been sent or dropped,
 /// so a long stream is never taken for an idle connection. Its end is the request's end
-/// for metrics.
+/// for metrics and for the audit event, which counts the body bytes sent on the way.
 struct InFlight {
     body: Body,
     conn: Arc<Conn>,
     status: StatusCode,
     start: Instant,
+    audit: Option<Box<audit::Event>>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.activity.in_flight.fetch_sub(1, Relaxed);
-        metrics::global().record_request(self.status.as_u16(), self.start.elapsed());
+        let end = Instant::now();
+        metrics::global().record_request(self.status.as_u16(), end - self.start);
+        if let Some(mut event) = self.audit.take() {
+            // hyper stops polling a body that says it ended, so its last frame may be
+            // the end without a `None` ever being seen.
+            event.completed |= self.body.is_end_stream();
+            event.finish(end);
+            if let Some(audit) = audit::get() {
+                audit.record(event);
+            }
+        }
     }
 }
 
@@ -197,7 +209,17 @@ impl HttpBody for InFlight {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, std::io::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        if let Some(event) = self.audit.as_deref_mut() {
+            match &poll {
+                Poll::Ready(Some(Ok(frame))) => {
+                    event.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                Poll::Ready(None) => event.completed = true,
+                _ => {}
+            }
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

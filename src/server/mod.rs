@@ -72,6 +72,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .build()
         .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
     let _control = control.enter();
+    if let Some(audit) = &config.audit {
+        crate::audit::start(audit).map_err(StartError)?;
+    }
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
     let tls = match &config.server.tls {
@@ -158,6 +161,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
     );
 
     control.block_on(control_loop(config, shared, rotation));
+    // An audit sink stuck in a blocking write (a full pipe) must not hold up the exit.
+    drop(_control);
+    control.shutdown_background();
     Ok(())
 }
 
@@ -279,16 +285,22 @@ async fn control_loop(
     // One shutdown_grace for both the requests in flight and the audit queue.
     let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
-        _ = drained => tracing::info!("in-flight requests finished"),
+        _ = drained => tracing::info!("drained; flushing the audit queue and exiting"),
         _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!(open_connections = shared.connections.load(Ordering::Acquire), "shutdown_grace passed; closing the remaining connections");
         }
         _ = &mut second_signal => exit_now(),
     }
-    // The audit queue is flushed here, after the last request's event and before `deadline`
-    // (a second signal still exits at once); the audit issue fills this in.
-    tracing::info!("drained; exiting");
+    // What is left of the grace, but never so little that a ready batch can't be written.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    tokio::select! {
+        _ = crate::audit::shutdown(left.max(AUDIT_FLUSH_FLOOR)) => {}
+        _ = &mut second_signal => exit_now(),
+    }
 }
+
+/// The least time the audit queue gets at shutdown, even when draining used all the grace.
+const AUDIT_FLUSH_FLOOR: Duration = Duration::from_millis(250);
 
 fn exit_now() -> ! {
     tracing::warn!("second signal: exiting without waiting");
@@ -297,6 +309,8 @@ fn exit_now() -> ! {
 
 /// Re-reads the config; a valid one serves new requests, an invalid one is logged.
 fn reload(config: &Config, shared: &Shared) -> Option<Config> {
+    // logrotate sends SIGHUP after moving the audit files away, whatever the config says.
+    crate::audit::reopen();
     let loaded = Config::load(&config.file);
     crate::metrics::global().config_reload(loaded.is_ok());
     match loaded {
@@ -312,6 +326,7 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     "server.tls",
                     new.server.tls.is_some() != config.server.tls.is_some(),
                 ),
+                ("audit", new.audit != config.audit),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
