@@ -323,13 +323,16 @@ async fn a_tiny_queue_drops_and_counts_while_requests_are_served() {
     let events = s.stop().await;
     let log = s.gh.stderr();
     assert!(log.contains("audit queue full"), "{log}");
-    let total = log
+    // Dropped at the queue, or at the sink's own buffer when the dispatcher outran it.
+    let dropped: u64 = log
         .lines()
-        .find(|l| l.contains("dropped during this run"))
-        .unwrap_or_else(|| panic!("{log}"));
-    let dropped = serde_json::from_str::<Value>(total).unwrap()["dropped"]
-        .as_u64()
-        .unwrap();
+        .filter(|l| l.contains("dropped during this run"))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["dropped"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
     assert!(dropped > 0);
     assert_eq!(events.len() as u64 + dropped, 1000);
 }

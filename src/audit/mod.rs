@@ -208,6 +208,12 @@ pub async fn shutdown(within: Duration) {
             "audit events dropped during this run because the queue was full"
         );
     }
+    for sink in &audit.sinks {
+        let dropped = sink.dropped.get();
+        if dropped > 0 {
+            tracing::warn!(sink = %sink.name, dropped, "audit events dropped during this run because the sink's buffer was full");
+        }
+    }
     audit.closing.notify_one();
     let mut workers = std::mem::take(&mut *audit.workers.lock().expect("not poisoned"));
     let reserve = match audit.spool_now {

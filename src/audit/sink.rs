@@ -22,7 +22,7 @@ pub struct SinkState {
     delivered: Counter,
     failed: Counter,
     spooled: Counter,
-    dropped: Counter,
+    pub dropped: Counter,
     pub lost: Counter,
     overflow_warning: Throttle,
 }
