@@ -41,7 +41,7 @@ const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const JWKS_MAX_BYTES: usize = 1 << 20;
 /// A cached verification is trusted at most this long (seconds), whatever the token's `exp`.
 const CACHE_TTL: u64 = 300;
-/// The largest `cache_size`, so a typo cannot reserve gigabytes.
+/// The largest `cache_size`, so a typo cannot let the cache grow to gigabytes.
 const CACHE_SIZE_MAX: usize = 1_000_000;
 
 #[derive(Debug, Deserialize)]
