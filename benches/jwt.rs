@@ -1,5 +1,6 @@
 //! What an authentication check costs on the request path, with keys already loaded:
-//! the `jwt` middleware (HS256, RS256, ES256) and, for comparison, `api_key`.
+//! the `jwt` middleware (HS256, RS256, ES256) verifying every time (`cache_size = 0`), the
+//! repeated-token case served from its cache (RS256, ES256), and, for comparison, `api_key`.
 //! `cargo bench --bench jwt`.
 
 use std::hint::black_box;
@@ -16,7 +17,7 @@ fn fixture(name: &str) -> String {
 
 fn build(kind: &str, settings: &str) -> Box<dyn Middleware> {
     let value: toml::Value = toml::from_str(settings).unwrap();
-    Spec::parse(kind, value).unwrap().build()
+    Spec::parse(kind, value).unwrap().build(kind)
 }
 
 fn token(alg: Algorithm, key: &EncodingKey) -> String {
@@ -59,33 +60,45 @@ audiences = ["api"]
 require_claims = { scope = "read" }
 forward_claims = { sub = "x-auth-subject" }
 "#;
+    // (name, algorithm, key source, signing key, also bench the cached path)
     let cases = [
         (
             "jwt_hs256",
             Algorithm::HS256,
             "secret = \"bench-secret\"".to_owned(),
             EncodingKey::from_secret(b"bench-secret"),
+            false,
         ),
         (
             "jwt_rs256",
             Algorithm::RS256,
             format!("public_key_file = \"{}\"", fixture("rsa_public.pem")),
             EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap()).unwrap(),
+            true,
         ),
         (
             "jwt_es256",
             Algorithm::ES256,
             format!("public_key_file = \"{}\"", fixture("ec_public.pem")),
             EncodingKey::from_ec_pem(&std::fs::read(fixture("ec_private.pem")).unwrap()).unwrap(),
+            true,
         ),
     ];
-    for (name, alg, source, key) in cases {
-        let m = build(
-            "jwt",
-            &format!("algorithms = [\"{alg:?}\"]\n{source}\n{common}"),
-        );
+    for (name, alg, source, key, cached) in cases {
+        let settings = format!("algorithms = [\"{alg:?}\"]\n{source}\n{common}");
         let bearer = format!("Bearer {}", token(alg, &key));
+        let m = build("jwt", &format!("{settings}cache_size = 0\n"));
         check(c, name, &*m, ("authorization", &bearer));
+        if cached {
+            // The same token every time, as one client sends it: verified once, then cached.
+            let m = build("jwt", &settings);
+            check(
+                c,
+                &format!("{name}_cached"),
+                &*m,
+                ("authorization", &bearer),
+            );
+        }
     }
     let m = build(
         "api_key",

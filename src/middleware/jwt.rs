@@ -6,12 +6,16 @@
 //! validation whose algorithms are the allowed ones of that key's family (and of the JWK's
 //! `alg`, when it names one). Keys are decoded once, when loaded; a check verifies one
 //! signature against a ready key.
+//!
+//! A client sends the same token on every request for its lifetime, and an RS/ES signature
+//! costs far more than the rest of a request, so a successful verification is remembered
+//! (see [`Cache`]) and a repeated token costs a digest and a map lookup.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -24,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::{watch, Notify};
 
-use super::auth::unauthorized;
+use super::auth::{digest, unauthorized};
 use crate::chain::{Context, Flow, Middleware};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
@@ -35,6 +39,10 @@ const REFETCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The largest JWKS document accepted.
 const JWKS_MAX_BYTES: usize = 1 << 20;
+/// A cached verification is trusted at most this long (seconds), whatever the token's `exp`.
+const CACHE_TTL: u64 = 300;
+/// The largest `cache_size`, so a typo cannot let the cache grow to gigabytes.
+const CACHE_SIZE_MAX: usize = 1_000_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +66,13 @@ pub struct Settings {
     require_claims: BTreeMap<String, String>,
     #[serde(default)]
     forward_claims: BTreeMap<String, HeaderNameValue>,
+    /// How many verified tokens to remember; 0 verifies every request.
+    #[serde(default = "default_cache_size")]
+    cache_size: usize,
+}
+
+fn default_cache_size() -> usize {
+    10_000
 }
 
 fn default_refresh() -> Duration {
@@ -284,6 +299,9 @@ impl super::Settings for Settings {
         if self.cookie.as_deref() == Some("") {
             return Err((at.key("cookie"), "the cookie name is empty".into()));
         }
+        if self.cache_size > CACHE_SIZE_MAX {
+            return Err((at.key("cache_size"), format!("at most {CACHE_SIZE_MAX}")));
+        }
         if self.jwks_refresh.0 < std::time::Duration::from_secs(1) {
             return Err((at.key("jwks_refresh"), "at least 1s".into()));
         }
@@ -308,7 +326,7 @@ impl super::Settings for Settings {
             .map(|a| format!("{:?}", a.0))
             .collect();
         format!(
-            "algorithms={} {source} issuer={:?} audiences={:?} require={:?} forward={:?}",
+            "algorithms={} {source} issuer={:?} audiences={:?} require={:?} forward={:?} cache_size={}",
             super::list(&algs),
             self.issuer,
             self.audiences,
@@ -316,14 +334,16 @@ impl super::Settings for Settings {
             self.forward_claims
                 .iter()
                 .map(|(c, h)| (c, h.0.as_str()))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            self.cache_size
         )
     }
 
     fn build(&self) -> Box<dyn Middleware> {
-        let keys = Arc::new(ArcSwap::from_pointee(
-            self.static_keys().expect("validated"),
-        ));
+        let keys = Arc::new(ArcSwap::from_pointee(KeySet {
+            generation: 0,
+            keys: self.static_keys().expect("validated"),
+        }));
         let remote = self.jwks_url.as_ref().map(|url| {
             let remote = Arc::new(Remote {
                 kick: Notify::new(),
@@ -362,10 +382,17 @@ impl super::Settings for Settings {
                 .iter()
                 .map(|(c, h)| (c.clone(), h.0.clone()))
                 .collect(),
+            cache: Cache::new(self.cache_size, self.leeway.0.as_secs()),
             challenge: HeaderValue::from_static("Bearer"),
             invalid: HeaderValue::from_static("Bearer error=\"invalid_token\""),
         })
     }
+}
+
+/// The keys in use, numbered so that a verification made with an older set is not reused.
+struct KeySet {
+    generation: u64,
+    keys: Vec<Key>,
 }
 
 /// A verification key with the validation that goes with it.
@@ -460,15 +487,22 @@ async fn refresh_loop(
     every: std::time::Duration,
     allowed: Vec<Alg>,
     base: Validation,
-    keys: Arc<ArcSwap<Vec<Key>>>,
+    keys: Arc<ArcSwap<KeySet>>,
     remote: Arc<Remote>,
 ) {
+    let mut last = None;
     loop {
         match fetch_jwks(&url.0).await {
+            // An unchanged document keeps the key set, and so the cached verifications.
+            Ok(set) if last.as_ref() == Some(&set) => {}
             Ok(set) => {
                 let fresh = jwks_keys(&set, &allowed, &base);
                 tracing::debug!(url = %url.0, keys = fresh.len(), "JWKS fetched");
-                keys.store(Arc::new(fresh));
+                keys.store(Arc::new(KeySet {
+                    generation: keys.load().generation + 1,
+                    keys: fresh,
+                }));
+                last = Some(set);
             }
             Err(e) => {
                 tracing::warn!(url = %url.0, error = %e, "JWKS fetch failed; keeping the last keys")
@@ -520,12 +554,13 @@ async fn fetch_jwks(url: &Uri) -> Result<JwkSet, String> {
 }
 
 struct Jwt {
-    keys: Arc<ArcSwap<Vec<Key>>>,
+    keys: Arc<ArcSwap<KeySet>>,
     remote: Option<Arc<Remote>>,
     task: Option<tokio::task::JoinHandle<()>>,
     cookie: Option<String>,
     require: Vec<(String, String)>,
     forward: Vec<(String, HeaderName)>,
+    cache: Option<Cache>,
     challenge: HeaderValue,
     invalid: HeaderValue,
 }
@@ -547,21 +582,23 @@ enum Failure {
 }
 
 impl Jwt {
+    /// The claims of a token that verifies, with the generation of the key set that did it.
     fn verify(
         &self,
         token: &str,
         alg: Algorithm,
         kid: Option<&str>,
-    ) -> Result<Map<String, Value>, Failure> {
-        let keys = self.keys.load();
-        let mut candidates = keys
+    ) -> Result<(u64, Map<String, Value>), Failure> {
+        let set = self.keys.load();
+        let mut candidates = set
+            .keys
             .iter()
             .filter(|k| kid.is_none() || k.kid.as_deref() == kid)
             .filter(|k| k.validation.algorithms.contains(&alg))
             .peekable();
         if candidates.peek().is_none() {
             let kid_known =
-                kid.is_some_and(|kid| keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
+                kid.is_some_and(|kid| set.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
             return Err(if kid_known {
                 Failure::Invalid
             } else {
@@ -572,33 +609,62 @@ impl Jwt {
             .find_map(|k| {
                 jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &k.validation).ok()
             })
-            .map(|data| data.claims)
+            .map(|data| (set.generation, data.claims))
             .ok_or(Failure::Invalid)
     }
 
-    /// The request goes on with the verified claims, or gets a 403 for a missing claim.
-    fn admit(
+    /// Remembers a verified token (`key` is its digest, when caching), then admits it.
+    fn accept(
         &self,
-        claims: Map<String, Value>,
+        key: Option<[u8; 32]>,
+        (generation, claims): (u64, Map<String, Value>),
         req: &mut request::Parts,
         ctx: &mut Context,
     ) -> Flow<'static> {
-        if !self
-            .require
-            .iter()
-            .all(|(name, want)| claim_satisfies(claims.get(name), name, want))
-        {
+        let verified = Arc::new(Verified {
+            subject: match claims.get("sub") {
+                Some(Value::String(sub)) => Some(sub.as_str().into()),
+                _ => None,
+            },
+            forward: self
+                .forward
+                .iter()
+                .map(|(claim, _)| claims.get(claim).and_then(claim_header_value))
+                .collect(),
+            allowed: self
+                .require
+                .iter()
+                .all(|(name, want)| claim_satisfies(claims.get(name), name, want)),
+            // A verified token has a numeric `exp` (required); 0 would only mean "expired".
+            exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+            nbf: claims.get("nbf").and_then(Value::as_u64),
+        });
+        if let (Some(cache), Some(key)) = (&self.cache, key) {
+            cache.insert(key, generation, Arc::clone(&verified), unix_now());
+        }
+        self.admit(&verified, req, ctx)
+    }
+
+    /// The request goes on with the verified token's subject and forwarded claims, or gets
+    /// a 403 for a missing claim.
+    fn admit(
+        &self,
+        verified: &Verified,
+        req: &mut request::Parts,
+        ctx: &mut Context,
+    ) -> Flow<'static> {
+        if !verified.allowed {
             return Flow::Respond(
                 ctx.reject(StatusCode::FORBIDDEN, "the token lacks a required claim"),
             );
         }
-        if let Some(Value::String(sub)) = claims.get("sub") {
-            ctx.subject = Some(sub.as_str().into());
+        if verified.subject.is_some() {
+            ctx.subject.clone_from(&verified.subject);
         }
-        for (claim, header) in &self.forward {
+        for ((_, header), value) in self.forward.iter().zip(&verified.forward) {
             req.headers.remove(header);
-            if let Some(value) = claims.get(claim).and_then(claim_header_value) {
-                req.headers.insert(header.clone(), value);
+            if let Some(value) = value {
+                req.headers.insert(header.clone(), value.clone());
             }
         }
         Flow::Continue
@@ -614,12 +680,18 @@ impl Middleware for Jwt {
         let Some(token) = bearer(req, self.cookie.as_deref()) else {
             return Flow::Respond(unauthorized(ctx, &self.challenge, "missing bearer token"));
         };
+        let key = self.cache.is_some().then(|| digest(&[token.as_bytes()]));
+        if let (Some(cache), Some(key)) = (&self.cache, &key) {
+            if let Some(verified) = cache.get(key, self.keys.load().generation, unix_now()) {
+                return self.admit(&verified, req, ctx);
+            }
+        }
         // `alg: none` (and any name outside the allow-list's enum) fails here.
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return self.reject(ctx, "malformed token");
         };
         match self.verify(token, header.alg, header.kid.as_deref()) {
-            Ok(claims) => self.admit(claims, req, ctx),
+            Ok(verified) => self.accept(key, verified, req, ctx),
             Err(Failure::Invalid) => self.reject(ctx, "invalid token"),
             Err(Failure::NoKey) => match &self.remote {
                 None => self.reject(ctx, "no key for this token"),
@@ -630,7 +702,7 @@ impl Middleware for Jwt {
                             return self.reject(ctx, "no key for this token");
                         }
                         match self.verify(&token, header.alg, header.kid.as_deref()) {
-                            Ok(claims) => self.admit(claims, req, ctx),
+                            Ok(verified) => self.accept(key, verified, req, ctx),
                             Err(_) => self.reject(ctx, "invalid token"),
                         }
                     })
@@ -638,6 +710,107 @@ impl Middleware for Jwt {
             },
         }
     }
+}
+
+/// What a request needs of a verified token.
+struct Verified {
+    subject: Option<Arc<str>>,
+    /// The header value of each `forward_claims` entry, in order (`None`: no such claim).
+    forward: Vec<Option<HeaderValue>>,
+    /// Whether the `require_claims` hold.
+    allowed: bool,
+    exp: u64,
+    nbf: Option<u64>,
+}
+
+/// One remembered verification.
+struct Entry {
+    /// The key set it was made with; any other generation makes it stale.
+    generation: u64,
+    /// Unix time after which it is no longer trusted ([`CACHE_TTL`]).
+    until: u64,
+    verified: Arc<Verified>,
+}
+
+impl Entry {
+    /// Within the TTL, and `exp`/`nbf` still hold at `now` (unix seconds) with `leeway`:
+    /// the checks jsonwebtoken made, made again, so a token never outlives its `exp` here.
+    fn live(&self, now: u64, leeway: u64) -> bool {
+        let v = &self.verified;
+        now < self.until
+            && v.exp.saturating_add(leeway) >= now
+            && v.nbf.is_none_or(|nbf| nbf <= now.saturating_add(leeway))
+    }
+}
+
+/// Verifications by token digest, behind one lock.
+type Shard = Mutex<HashMap<[u8; 32], Entry>>;
+
+/// Successful verifications by SHA-256 of the token (never the token itself), in shards
+/// that each have their own lock (held for a map operation, never across an await) so
+/// that workers do not contend. Failures are not cached: a flood of bad tokens cannot
+/// push good ones out, and costs what it costs without a cache.
+struct Cache {
+    shards: Box<[Shard]>,
+    per_shard: usize,
+    leeway: u64,
+}
+
+impl Cache {
+    /// Room for `size` tokens (`None` for 0); a shard holds at least 64 so that eviction
+    /// has a choice, and there are at most 16.
+    fn new(size: usize, leeway: u64) -> Option<Cache> {
+        let shards = (size / 64).clamp(1, 16);
+        (size > 0).then(|| Cache {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            per_shard: size / shards,
+            leeway,
+        })
+    }
+
+    fn shard(&self, key: &[u8; 32]) -> MutexGuard<'_, HashMap<[u8; 32], Entry>> {
+        let i = u64::from_le_bytes(key[..8].try_into().expect("8 bytes")) as usize;
+        self.shards[i % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The verification of the token with digest `key`, if made with the key set
+    /// `generation` and still live at `now`.
+    fn get(&self, key: &[u8; 32], generation: u64, now: u64) -> Option<Arc<Verified>> {
+        let shard = self.shard(key);
+        let entry = shard.get(key)?;
+        (entry.generation == generation && entry.live(now, self.leeway))
+            .then(|| Arc::clone(&entry.verified))
+    }
+
+    /// Remembers a verification; a full shard first drops its dead entries (expired, or of
+    /// an older key set), and if none, an arbitrary one.
+    fn insert(&self, key: [u8; 32], generation: u64, verified: Arc<Verified>, now: u64) {
+        let mut shard = self.shard(&key);
+        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
+            shard.retain(|_, e| e.generation >= generation && e.live(now, self.leeway));
+            if shard.len() >= self.per_shard {
+                let victim = *shard.keys().next().expect("a full shard");
+                shard.remove(&victim);
+            }
+        }
+        let until = now + CACHE_TTL;
+        shard.insert(
+            key,
+            Entry {
+                generation,
+                until,
+                verified,
+            },
+        );
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The token from `authorization: Bearer …`, else from the named cookie.
@@ -725,6 +898,67 @@ mod tests {
         assert_eq!(bearer(&c, Some("t")), Some("a.b.c"));
         assert_eq!(bearer(&c, None), None);
         assert_eq!(bearer(&c, Some("z")), None);
+    }
+
+    fn verified(exp: u64, nbf: Option<u64>) -> Arc<Verified> {
+        Arc::new(Verified {
+            subject: Some("alice".into()),
+            forward: Vec::new(),
+            allowed: true,
+            exp,
+            nbf,
+        })
+    }
+
+    #[test]
+    fn cache_hits_until_exp_ttl_or_a_new_key_set() {
+        let cache = Cache::new(64, 5).unwrap();
+        let (now, key) = (1_000_000, digest(&[b"token"]));
+        cache.insert(key, 1, verified(now + 60, Some(now + 10)), now);
+        assert!(cache.get(&digest(&[b"other"]), 1, now).is_none());
+        // Not before `nbf` (with the leeway), then until `exp` plus the leeway.
+        assert!(cache.get(&key, 1, now).is_none());
+        let hit = cache.get(&key, 1, now + 5).expect("a hit");
+        assert_eq!(hit.subject.as_deref(), Some("alice"));
+        assert!(cache.get(&key, 1, now + 65).is_some());
+        assert!(cache.get(&key, 1, now + 66).is_none(), "expired");
+        // Another key set generation does not see it.
+        assert!(cache.get(&key, 2, now + 30).is_none());
+        // A long-lived token is trusted for the TTL only.
+        cache.insert(key, 1, verified(now + 86_400, None), now);
+        assert!(cache.get(&key, 1, now + CACHE_TTL - 1).is_some());
+        assert!(cache.get(&key, 1, now + CACHE_TTL).is_none());
+        assert!(Cache::new(0, 5).is_none(), "0 disables the cache");
+    }
+
+    #[test]
+    fn cache_is_bounded_and_evicts_dead_entries_first() {
+        let now = 1_000_000;
+        let key = |i: usize| digest(&[i.to_string().as_bytes()]);
+        // One shard of 64: 32 live entries, 31 expired and one of an older key set.
+        let cache = Cache::new(64, 0).unwrap();
+        for i in 0..64 {
+            let (generation, exp) = match i {
+                0..32 => (2, now + 600),
+                32..63 => (2, now - 1),
+                _ => (1, now + 600),
+            };
+            cache.insert(key(i), generation, verified(exp, None), now);
+        }
+        cache.insert(key(64), 2, verified(now + 600, None), now);
+        assert!((0..32)
+            .chain([64])
+            .all(|i| cache.get(&key(i), 2, now).is_some()));
+        assert_eq!(cache.shards[0].lock().unwrap().len(), 33);
+        // All live: the bound holds across shards.
+        let cache = Cache::new(10_000, 0).unwrap();
+        assert_eq!(cache.shards.len(), 16);
+        for i in 0..30_000 {
+            cache.insert(key(i), 0, verified(now + 600, None), now);
+        }
+        let total: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= 10_000 && total > 9_000, "{total}");
+        assert!(cache.get(&key(29_999), 0, now).is_some());
     }
 
     #[test]
