@@ -282,7 +282,7 @@ async fn dispatch(
                 while let Ok(event) = rx.try_recv() {
                     forward(event);
                     n += 1;
-                    if n % 256 == 0 {
+                    if n.is_multiple_of(256) {
                         // Let the sinks and the signal handlers in during a burst.
                         tokio::task::yield_now().await;
                     }
