@@ -100,7 +100,11 @@ impl Serialize for Json<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.event;
         let mut map = s.serialize_map(Some(16 + self.fields.len()))?;
-        map.serialize_entry("ts", &humantime::format_rfc3339_millis(e.ts).to_string())?;
+        // `format_args!` serializes through `Display`, without an intermediate String.
+        map.serialize_entry(
+            "ts",
+            &format_args!("{}", humantime::format_rfc3339_millis(e.ts)),
+        )?;
         map.serialize_entry("request_id", &e.request_id.as_ref().map(text))?;
         map.serialize_entry("method", e.method.as_str())?;
         map.serialize_entry("host", &e.host.as_ref().map(text))?;
