@@ -675,66 +675,26 @@ async fn a_torn_spool_file_is_replayed_up_to_its_last_intact_record() {
     assert_eq!(spool_files(&sink_dir), 0);
 }
 
-/// A real `redis-server` on `port`, without persistence; killed on drop.
-struct Redis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Redis {
-    async fn start(port: u16) -> Redis {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        within(Duration::from_secs(10), "redis-server listening", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+/// The `request_id`s of the events in `stream`, in stream order.
+fn stream_ids(redis: &Redis, stream: &str) -> Vec<String> {
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            assert_eq!(fields[0], "event");
+            let event: Value = serde_json::from_str(&fields[1]).unwrap();
+            event["request_id"].as_str().unwrap().to_owned()
         })
-        .await;
-        Redis { child, port }
-    }
-
-    /// The `request_id`s of the events in `stream`, in stream order.
-    fn stream_ids(&self, stream: &str) -> Vec<String> {
-        let mut con = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query(&mut con)
-            .unwrap();
-        entries
-            .into_iter()
-            .map(|(_, fields)| {
-                assert_eq!(fields[0], "event");
-                let event: Value = serde_json::from_str(&fields[1]).unwrap();
-                event["request_id"].as_str().unwrap().to_owned()
-            })
-            .collect()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        .collect()
 }
 
 fn redis_sink(port: u16, audit: &str) -> String {
@@ -746,14 +706,14 @@ fn redis_sink(port: u16, audit: &str) -> String {
 
 #[tokio::test]
 async fn the_redis_stream_gets_every_event() {
-    let redis = Redis::start(free_port()).await;
+    let redis = Redis::start().await;
     let mut s = Setup::start(&redis_sink(redis.port, "")).await;
     let sent: HashSet<String> = load(s.gh.port, 2000, 20, "/echo")
         .await
         .into_iter()
         .collect();
     s.stop().await;
-    let got = redis.stream_ids("audit");
+    let got = stream_ids(&redis, "audit");
     assert_eq!(got.len(), 2000);
     assert_eq!(got.into_iter().collect::<HashSet<_>>(), sent);
 }
@@ -764,19 +724,19 @@ async fn a_redis_that_comes_up_late_gets_the_spooled_events_in_order() {
     let mut s = Setup::start(&redis_sink(port, "spool_dir = \"{dir}/spool\"")).await;
     let sent = in_order(s.gh.port, 30).await;
     wait_for_log(&s.gh, "spooling it").await;
-    let redis = Redis::start(port).await;
+    let redis = Redis::on(port).await;
     within(
         Duration::from_secs(10),
         "the spool replayed into redis",
         async {
-            while redis.stream_ids("audit").len() < 30 {
+            while stream_ids(&redis, "audit").len() < 30 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         },
     )
     .await;
     s.stop().await;
-    assert_eq!(redis.stream_ids("audit"), sent);
+    assert_eq!(stream_ids(&redis, "audit"), sent);
 }
 
 /// A collector that accepts connections and never answers; returns its URL.

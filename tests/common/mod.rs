@@ -898,3 +898,73 @@ pub async fn proxy_with(server: &str, upstream: &str, rest: &str) -> (Upstream, 
     let gh = Gatehouse::start(&config(server, upstream, rest), &[("upstream", &up.url())]).await;
     (up, gh)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------------
+
+/// A `redis-server` on a free port, without persistence; killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        Redis::on(free_port()).await
+    }
+
+    /// Starts (or restarts) a server on `port` and waits until it accepts connections.
+    pub async fn on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        within(Duration::from_secs(10), "redis-server to listen", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        Redis { port, child }
+    }
+
+    /// Sends `kill -SIGNAL` to the server (`STOP` freezes it, `CONT` thaws it).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits until it is gone; returns its port for a restart.
+    pub fn kill(mut self) -> u16 {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
