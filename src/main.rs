@@ -84,6 +84,27 @@ fn describe(config: &Config) -> String {
         config.upstream.connect_timeout,
         config.upstream.preserve_host
     );
+    if let Some(tls) = &s.tls {
+        let _ = writeln!(
+            out,
+            "tls: cert {} key {}",
+            tls.cert.display(),
+            tls.key.display()
+        );
+    }
+    if let Some(admin) = &config.admin {
+        let _ = writeln!(out, "admin {} (/healthz /readyz /metrics)", admin.listen.0);
+    }
+    if let Some(audit) = &config.audit {
+        let sinks: Vec<&str> = audit.sinks.iter().map(|s| s.name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "audit: include {}, queue {}, sinks {}",
+            format!("{:?}", audit.include).to_lowercase(),
+            audit.queue_capacity,
+            sinks.join(",")
+        );
+    }
     let _ = writeln!(
         out,
         "chain ({} middlewares, request order):",

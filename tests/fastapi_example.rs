@@ -445,12 +445,13 @@ async fn audit_events_are_written_to_the_file_sink() {
     assert!(deny["query"].is_null(), "{deny}");
 }
 
-/// The configs shipped under deploy/ load in the real binary (`gatehouse check`), with the
-/// variables a pod or the test would set.
+/// The configs shipped (the example `proxy.toml` and those under deploy/) load in the real
+/// binary (`gatehouse check`), with the variables a pod or the test would set.
 #[test]
 fn deploy_configs_pass_gatehouse_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for config in [
+        "proxy.toml",
         "deploy/kubernetes/base/proxy.toml",
         "deploy/kubernetes/components/redis/proxy.toml",
         "deploy/examples/fastapi/proxy.toml",
