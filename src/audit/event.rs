@@ -35,9 +35,8 @@ impl Decision {
 /// the box the event travels in.
 #[derive(Debug)]
 pub struct Event {
+    /// When the request head arrived; `ts` is this instant on the wall clock.
     pub start: Instant,
-    /// Wall-clock time of the request head, set when the event is finished.
-    pub ts: SystemTime,
     pub request_id: Option<HeaderValue>,
     pub method: Method,
     pub host: Option<HeaderValue>,
@@ -58,26 +57,50 @@ pub struct Event {
 }
 
 impl Event {
-    /// Stamps the end of the request: its duration and its wall-clock start.
+    /// Stamps the end of the request.
     pub fn finish(&mut self, end: Instant) {
         self.duration = end.duration_since(self.start);
-        self.ts = SystemTime::now()
-            .checked_sub(self.duration)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
     }
 
     /// The event as SPEC's JSON object; `fields` names the `request_headers` fields.
-    pub fn to_json(&self, fields: &[String]) -> Vec<u8> {
+    pub fn to_json(&self, fields: &[String], clock: &WallClock) -> Vec<u8> {
         let mut out = Vec::with_capacity(384);
         serde_json::to_writer(
             &mut out,
             &Json {
                 event: self,
+                ts: clock.at(self.start),
                 fields,
             },
         )
         .expect("an event always serializes");
         out
+    }
+}
+
+/// Maps monotonic instants onto the wall clock. The dispatcher reads both clocks once per
+/// tick, so no request's thread reads the wall clock for its event.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl WallClock {
+    pub fn now() -> WallClock {
+        WallClock {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// `t` on the wall clock.
+    pub fn at(&self, t: Instant) -> SystemTime {
+        let wall = match t.checked_duration_since(self.instant) {
+            Some(after) => self.wall.checked_add(after),
+            None => self.wall.checked_sub(self.instant - t),
+        };
+        wall.unwrap_or(SystemTime::UNIX_EPOCH)
     }
 }
 
@@ -93,6 +116,7 @@ fn text(value: &HeaderValue) -> std::borrow::Cow<'_, str> {
 
 struct Json<'a> {
     event: &'a Event,
+    ts: SystemTime,
     fields: &'a [String],
 }
 
@@ -103,7 +127,7 @@ impl Serialize for Json<'_> {
         // `format_args!` serializes through `Display`, without an intermediate String.
         map.serialize_entry(
             "ts",
-            &format_args!("{}", humantime::format_rfc3339_millis(e.ts)),
+            &format_args!("{}", humantime::format_rfc3339_millis(self.ts)),
         )?;
         map.serialize_entry("request_id", &e.request_id.as_ref().map(text))?;
         map.serialize_entry("method", e.method.as_str())?;
@@ -136,7 +160,6 @@ mod tests {
         let start = Instant::now();
         let mut e = Event {
             start,
-            ts: SystemTime::UNIX_EPOCH,
             request_id: Some(HeaderValue::from_static("r-1")),
             method: Method::GET,
             host: Some(HeaderValue::from_static("api.example")),
@@ -154,8 +177,10 @@ mod tests {
             headers: vec![Some(HeaderValue::from_static("curl/8.5.0")), None],
         };
         e.finish(start + Duration::from_micros(12_310));
+        let clock = WallClock::now();
         let json: serde_json::Value =
-            serde_json::from_slice(&e.to_json(&["user_agent".into(), "x_tenant".into()])).unwrap();
+            serde_json::from_slice(&e.to_json(&["user_agent".into(), "x_tenant".into()], &clock))
+                .unwrap();
         let ts = json["ts"].as_str().unwrap();
         assert!(
             ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.',
@@ -169,7 +194,7 @@ mod tests {
         assert_eq!(json["x_tenant"], serde_json::Value::Null);
         assert_eq!(json.as_object().unwrap().len(), 18);
         e.uri = Uri::from_static("/");
-        let json: serde_json::Value = serde_json::from_slice(&e.to_json(&[])).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&e.to_json(&[], &clock)).unwrap();
         assert_eq!(json["query"], serde_json::Value::Null);
     }
 }

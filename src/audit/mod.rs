@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use event::{Decision, Event};
+pub use event::{Decision, Event, WallClock};
 pub use settings::{AuditConfig, Include};
 
 use crate::metrics;
@@ -145,7 +145,6 @@ impl Audit {
     ) -> Box<Event> {
         Box::new(Event {
             start,
-            ts: SystemTime::UNIX_EPOCH,
             request_id: None,
             method: parts.method.clone(),
             host,
@@ -258,8 +257,8 @@ async fn dispatch(
     mut rx: mpsc::Receiver<Box<Event>>,
     buffers: Vec<mpsc::Sender<Bytes>>,
 ) {
-    let forward = |event: Box<Event>| {
-        let json = Bytes::from(event.to_json(&audit.fields));
+    let forward = |event: Box<Event>, clock: &WallClock| {
+        let json = Bytes::from(event.to_json(&audit.fields, clock));
         for (tx, sink) in buffers.iter().zip(&audit.sinks) {
             match tx.try_send(json.clone()) {
                 Ok(()) => {
@@ -278,9 +277,10 @@ async fn dispatch(
             _ = audit.closing.notified() => break,
             _ = tick.tick() => {
                 depth.set(rx.len() as i64);
+                let clock = WallClock::now();
                 let mut n = 0u32;
                 while let Ok(event) = rx.try_recv() {
-                    forward(event);
+                    forward(event, &clock);
                     n += 1;
                     if n.is_multiple_of(256) {
                         // Let the sinks and the signal handlers in during a burst.
@@ -290,8 +290,9 @@ async fn dispatch(
             }
         }
     }
+    let clock = WallClock::now();
     while let Ok(event) = rx.try_recv() {
-        forward(event);
+        forward(event, &clock);
     }
     depth.set(0);
     // Dropping the buffers' senders lets every sink deliver what it holds and finish.

@@ -25,6 +25,9 @@ pub struct Context {
     pub subject: Option<Arc<str>>,
     /// How long the upstream took to answer with a response head, once it was asked.
     pub upstream_time: Option<Duration>,
+    /// When the upstream's response head arrived: the response phases that need "now"
+    /// use it instead of reading the clock again microseconds later.
+    pub upstream_answered: Option<Instant>,
     /// Streamed request bytes allowed, and the index of the middleware that set the limit.
     pub body_limit: Option<(u64, usize)>,
     /// The `access-control-allow-origin` value a `cors` middleware decided on, if any.
@@ -48,6 +51,7 @@ impl Context {
             request_id: None,
             subject: None,
             upstream_time: None,
+            upstream_answered: None,
             body_limit: None,
             cors_allow_origin: None,
             rate_limit: None,

@@ -1,7 +1,7 @@
 //! `timing`: how long gatehouse and the upstream took, on every response, so a client or
 //! a browser's devtools can tell a slow app from a slow proxy without reading logs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{request, response, HeaderName, HeaderValue};
 use serde::Deserialize;
@@ -54,9 +54,10 @@ impl Middleware for Timing {
         Flow::Continue
     }
 
-    /// Measured from the request head's arrival to now, just before the response head goes out.
+    /// Measured from the request head's arrival to the response head: the upstream's
+    /// arrival, or now for an answer gatehouse made.
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
-        let total = ctx.start.elapsed();
+        let total = ctx.upstream_answered.unwrap_or_else(Instant::now) - ctx.start;
         let mut value = Value::default();
         value.ms(total).push(b"ms");
         resp.headers.insert(self.header.clone(), value.header());

@@ -175,8 +175,10 @@ impl Proxy {
 
         let sent = Instant::now();
         let result = self.upstream.send(parts, &forwarded, &mut body).await;
-        let upstream_time = sent.elapsed();
+        let answered = Instant::now();
+        let upstream_time = answered - sent;
         ctx.upstream_time = Some(upstream_time);
+        ctx.upstream_answered = Some(answered);
         metrics::global().upstream_duration.observe(upstream_time);
         if let Some(e) = event.as_deref_mut() {
             e.bytes_in = body.bytes_read();

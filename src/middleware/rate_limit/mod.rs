@@ -243,6 +243,7 @@ impl super::Settings for Settings {
         Box::new(RateLimit {
             gcra: self.gcra(),
             limit: self.burst() as u32,
+            limit_value: HeaderValue::from(self.burst() as u32),
             key: self.key.clone(),
             on_backend_error: self.on_backend_error,
             store: backend,
@@ -329,8 +330,12 @@ pub struct Quota {
 }
 
 impl Quota {
-    fn write(self, headers: &mut HeaderMap) {
-        headers.insert(RATELIMIT_LIMIT, HeaderValue::from(self.limit));
+    /// `limit` is `self.limit` as a header value, when the caller has one ready.
+    fn write(self, headers: &mut HeaderMap, limit: Option<&HeaderValue>) {
+        let limit = limit
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from(self.limit));
+        headers.insert(RATELIMIT_LIMIT, limit);
         headers.insert(RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
         headers.insert(RATELIMIT_RESET, HeaderValue::from(self.reset));
     }
@@ -353,6 +358,8 @@ enum Store {
 struct RateLimit {
     gcra: Gcra,
     limit: u32,
+    /// `limit` as a header value, made once: cloning it shares its bytes.
+    limit_value: HeaderValue,
     key: KeySpec,
     on_backend_error: OnBackendError,
     store: Store,
@@ -370,7 +377,7 @@ impl RateLimit {
             // Earlier limiters' response phases then repeat these headers, not their own.
             ctx.rate_limit = Some(quota);
             let mut resp = ctx.reject(StatusCode::TOO_MANY_REQUESTS, "too many requests");
-            quota.write(resp.headers_mut());
+            quota.write(resp.headers_mut(), Some(&self.limit_value));
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(out.retry_after)));
             return Flow::Respond(resp);
@@ -407,7 +414,9 @@ impl Middleware for RateLimit {
 
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
         if let Some(quota) = ctx.rate_limit {
-            quota.write(&mut resp.headers);
+            // The quota may be another limiter's (the one with the fewest remaining).
+            let own = (quota.limit == self.limit).then_some(&self.limit_value);
+            quota.write(&mut resp.headers, own);
         }
     }
 }
