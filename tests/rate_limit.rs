@@ -171,17 +171,7 @@ async fn state_survives_sighup_when_name_and_settings_are_unchanged() {
     assert!(new.contains("burst = 3 # changed"), "{new}");
     std::fs::write(&gh.config_path, new).unwrap();
     gh.send_signal("HUP");
-    within(Duration::from_secs(10), "reload to take effect", async {
-        while get(gh.port, "/echo")
-            .await
-            .header("x-generation")
-            .as_deref()
-            != Some("2")
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    gh.wait_for_header("/echo", "x-generation", "2").await;
 
     // Unchanged: the used request is still used.
     assert_passed(&get(gh.port, "/kept").await, 2, 0);

@@ -383,17 +383,7 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
         .replace("\"1\"", "\"2\"");
     std::fs::write(&gh.config_path, new).unwrap();
     gh.send_signal("HUP");
-    within(Duration::from_secs(10), "reload to take effect", async {
-        while get(gh.port, "/echo")
-            .await
-            .header("x-generation")
-            .as_deref()
-            != Some("2")
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    gh.wait_for_header("/echo", "x-generation", "2").await;
 
     // An invalid file: logged with its location, and the running chain stays.
     std::fs::write(

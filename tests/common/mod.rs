@@ -152,6 +152,17 @@ impl Gatehouse {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// Polls `path` until its response carries `header: value` (e.g. after a SIGHUP reload).
+    pub async fn wait_for_header(&self, path: &str, header: &str, value: &str) {
+        let what = format!("{path} to answer with {header}: {value}");
+        within(Duration::from_secs(10), &what, async {
+            while get(self.port, path).await.header(header).as_deref() != Some(value) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+
     pub fn send_signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
