@@ -3,17 +3,22 @@
 //! graceful close when the server drains.
 //!
 //! The timeouts are checked lazily: the connection's IO and requests bump plain counters,
-//! and one timer per connection, re-armed once per period rather than per request,
-//! compares them. A request costs no clock read and no timer operation.
+//! and a watchdog task per connection, whose timer is re-armed once per period rather
+//! than per request, compares them. A request costs no clock read and no timer operation.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicU8, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use http::{Request, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -78,7 +83,16 @@ struct Conn {
     shared: Arc<Shared>,
     client: Client,
     activity: Activity,
+    /// What the watchdog decided: [`SERVE`], [`DRAIN`] or [`CLOSE`].
+    verdict: AtomicU8,
+    /// The connection's task, for the watchdog to wake.
+    wake: AtomicWaker,
 }
+
+/// Verdicts: keep serving; finish the request in flight and close; close now.
+const SERVE: u8 = 0;
+const DRAIN: u8 = 1;
+const CLOSE: u8 = 2;
 
 /// Serves one accepted connection (plain TCP, or TLS after the handshake) until it
 /// closes, times out, or the server drains.
@@ -95,6 +109,8 @@ pub async fn serve<S>(
     let conn = Arc::new(Conn {
         client: Client::new(peer.ip(), tls),
         activity: Activity::default(),
+        verdict: AtomicU8::new(SERVE),
+        wake: AtomicWaker::new(),
         shared,
     });
     let io = TokioIo::new(Counted {
@@ -129,31 +145,46 @@ pub async fn serve<S>(
     let http = builder.serve_connection_with_upgrades(io, service);
     let mut http = std::pin::pin!(http);
 
-    // Poll the connection; close it on timeouts, and gracefully when the server drains.
-    let settings = &conn.shared.conn_settings;
-    let timer = tokio::time::sleep(settings.header_read_timeout);
-    let mut timer = std::pin::pin!(timer);
-    let mut stop = conn.shared.stop.subscribe();
-    let mut seen = conn.activity.snapshot();
-    let mut head_pending = false;
-    let mut draining = *stop.borrow_and_update();
-    if draining {
-        http.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            biased;
-            result = http.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, client = %conn.client.ip, "connection ended with an error");
-                }
-                return;
-            }
-            _ = stop.changed(), if !draining => {
+    let watchdog = tokio::spawn(watch(conn.clone()));
+    let mut draining = false;
+    let result = std::future::poll_fn(|cx| {
+        // Register before reading the verdict, so a verdict stored after the load wakes us.
+        conn.wake.register(cx.waker());
+        match conn.verdict.load(Acquire) {
+            CLOSE => return Poll::Ready(Ok(())),
+            DRAIN if !draining => {
                 draining = true;
                 http.as_mut().graceful_shutdown();
             }
-            _ = timer.as_mut(), if !draining => {
+            _ => {}
+        }
+        http.as_mut().poll(cx)
+    })
+    .await;
+    watchdog.abort();
+    if let Err(e) = result {
+        tracing::debug!(error = %e, client = %conn.client.ip, "connection ended with an error");
+    }
+}
+
+/// The connection's timeouts and drain, in a task of their own: the connection's own
+/// poll (once per read, write and request) then costs one atomic load instead of a
+/// timer and a channel poll. Stores a verdict and wakes the connection when it must act.
+async fn watch(conn: Arc<Conn>) {
+    let settings = &conn.shared.conn_settings;
+    let mut stop = conn.shared.stop.subscribe();
+    let timer = tokio::time::sleep(settings.header_read_timeout);
+    let mut timer = std::pin::pin!(timer);
+    let mut seen = conn.activity.snapshot();
+    let mut head_pending = false;
+    let verdict = loop {
+        if *stop.borrow_and_update() {
+            break DRAIN;
+        }
+        tokio::select! {
+            // A closed channel means the process is exiting: drain as well.
+            _ = stop.changed() => break DRAIN,
+            _ = timer.as_mut() => {
                 let now = conn.activity.snapshot();
                 let next = if now.in_flight > 0 || now.requests != seen.requests {
                     head_pending = false;
@@ -164,13 +195,15 @@ pub async fn serve<S>(
                     settings.header_read_timeout
                 } else {
                     tracing::debug!(client = %conn.client.ip, slow_header = head_pending, "closing an idle connection");
-                    return;
+                    break CLOSE;
                 };
                 seen = now;
                 timer.as_mut().reset(tokio::time::Instant::now() + next);
             }
         }
-    }
+    };
+    conn.verdict.store(verdict, Release);
+    conn.wake.wake();
 }
 
 /// The response body, holding the connection "busy" until it has been sent or dropped,
