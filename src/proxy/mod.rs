@@ -174,8 +174,7 @@ impl Proxy {
         let mut body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
 
         let sent = Instant::now();
-        let result = self.upstream.send(parts, &forwarded, &mut body).await;
-        let answered = Instant::now();
+        let (result, answered) = self.upstream.send(parts, &forwarded, &mut body, sent).await;
         let upstream_time = answered - sent;
         ctx.upstream_time = Some(upstream_time);
         ctx.upstream_answered = Some(answered);

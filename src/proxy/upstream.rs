@@ -156,39 +156,20 @@ impl Upstream {
         &self.authority
     }
 
-    /// Sends the request and waits (at most `upstream.timeout`) for the response head.
+    /// Sends the request and waits (at most `upstream.timeout` from `sent`) for the
+    /// response head. Returns the answer and when it came: the caller's clock reads serve
+    /// the pool and the timeout too, instead of each reading its own.
     pub async fn send(
         &self,
         parts: &request::Parts,
         forwarded: &h1::Forwarded<'_>,
         body: &mut RequestBody,
-    ) -> Result<Answer, UpstreamError> {
-        let framing = if body.is_end_stream() {
-            RequestFraming::None
-        } else {
-            body.size_hint()
-                .exact()
-                .map_or(RequestFraming::Chunked, RequestFraming::Length)
-        };
-        loop {
-            let (mut conn, reused) = match self.pool.checkout().await {
-                Some(conn) => (conn, true),
-                // Boxed: connecting is rare, and its future would otherwise be carried
-                // (and copied) by every request's future.
-                None => (Box::pin(self.connect()).await?, false),
-            };
-            conn.out.clear();
-            h1::encode_request(parts, framing, forwarded, &mut conn.out);
-            let exchange = conn.exchange(&parts.method, framing, body);
-            let head = match tokio::time::timeout(self.timeout, exchange).await {
-                Err(_) => return Err(UpstreamError::Timeout),
-                Ok(Ok(head)) => head,
-                // A stale pooled connection that the app cannot have acted on: try another.
-                Ok(Err(Failure::Stale(_))) if reused => continue,
-                Ok(Err(Failure::Stale(e))) => return Err(UpstreamError::Reset(e)),
-                Ok(Err(Failure::Fatal(e))) => return Err(e),
-            };
-            return Ok(if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        sent: Instant,
+    ) -> (Result<Answer, UpstreamError>, Instant) {
+        let result = self.exchange(parts, forwarded, body, sent).await;
+        let answered = Instant::now();
+        let result = result.map(|(head, conn)| {
+            if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
                 Answer::Upgrade(
                     head.parts,
                     Upgraded {
@@ -197,9 +178,48 @@ impl Upstream {
                     },
                 )
             } else {
-                let body = UpstreamBody::new(conn, head.framing, head.keep_alive, &self.pool);
+                let body = UpstreamBody::new(conn, &head, &self.pool, answered);
                 Answer::Response(head.parts, body)
-            });
+            }
+        });
+        (result, answered)
+    }
+
+    /// Sends the request on a pooled (or new) connection and reads the response head.
+    async fn exchange(
+        &self,
+        parts: &request::Parts,
+        forwarded: &h1::Forwarded<'_>,
+        body: &mut RequestBody,
+        sent: Instant,
+    ) -> Result<(h1::Head, Conn), UpstreamError> {
+        let deadline = tokio::time::Instant::from_std(sent) + self.timeout;
+        let framing = if body.is_end_stream() {
+            RequestFraming::None
+        } else {
+            body.size_hint()
+                .exact()
+                .map_or(RequestFraming::Chunked, RequestFraming::Length)
+        };
+        loop {
+            let (mut conn, reused) = match self.pool.checkout(sent).await {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare, and its future would otherwise be carried
+                // (and copied) by every request's future.
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            conn.out.clear();
+            h1::encode_request(parts, framing, forwarded, &mut conn.out);
+            let exchange = conn.exchange(&parts.method, framing, body);
+            let head = match tokio::time::timeout_at(deadline, exchange).await {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Ok(head)) => head,
+                // A stale pooled connection that the app cannot have acted on: try another.
+                Ok(Err(Failure::Stale(_))) if reused => continue,
+                Ok(Err(Failure::Stale(e))) => return Err(UpstreamError::Reset(e)),
+                Ok(Err(Failure::Fatal(e))) => return Err(e),
+            };
+            return Ok((head, conn));
         }
     }
 
@@ -433,8 +453,8 @@ impl Pool {
         &self.shards[SHARD.with(Cell::get) % self.shards.len()]
     }
 
-    /// The most recently used live connection.
-    async fn checkout(&self) -> Option<Conn> {
+    /// The most recently used live connection, as of `now`.
+    async fn checkout(&self, now: Instant) -> Option<Conn> {
         loop {
             // The lock is released before any await.
             let (conn, since) = self
@@ -442,7 +462,7 @@ impl Pool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_back()?;
-            if since.elapsed() <= self.idle_timeout
+            if now.saturating_duration_since(since) <= self.idle_timeout
                 && poll_fn(|cx| Poll::Ready(conn.io.poll_idle_alive(cx))).await
             {
                 return Some(conn);
@@ -450,18 +470,20 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, conn: Conn) {
-        let now = Instant::now();
+    /// Pools `conn`, idle since `since`: the time its last response head arrived, which
+    /// is never later than when the app started its keep-alive timer, so a connection is
+    /// retired early rather than late (a long stream makes its connection retire at once).
+    fn checkin(&self, conn: Conn, since: Instant) {
         let mut idle = self.shard().lock().unwrap_or_else(|e| e.into_inner());
         // The oldest connections sit at the front: drop those past their idle time.
         while idle
             .front()
-            .is_some_and(|(_, since)| now - *since > self.idle_timeout)
+            .is_some_and(|(_, oldest)| since.saturating_duration_since(*oldest) > self.idle_timeout)
         {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE_PER_WORKER {
-            idle.push_back((conn, now));
+            idle.push_back((conn, since));
         }
     }
 }
@@ -474,6 +496,8 @@ pub struct UpstreamBody {
     state: BodyState,
     keep_alive: bool,
     pool: Arc<Pool>,
+    /// When the head arrived: the connection's idle time counts from here.
+    answered: Instant,
 }
 
 enum BodyState {
@@ -487,8 +511,8 @@ enum BodyState {
 }
 
 impl UpstreamBody {
-    fn new(conn: Conn, framing: ResponseFraming, keep_alive: bool, pool: &Arc<Pool>) -> Self {
-        let state = match framing {
+    fn new(conn: Conn, head: &h1::Head, pool: &Arc<Pool>, answered: Instant) -> Self {
+        let state = match head.framing {
             ResponseFraming::Empty | ResponseFraming::Length(0) => BodyState::Done,
             ResponseFraming::Length(n) => BodyState::Length(n),
             ResponseFraming::Chunked => BodyState::Chunked(Chunked::Size),
@@ -497,8 +521,9 @@ impl UpstreamBody {
         let mut body = UpstreamBody {
             conn: Some(conn),
             state,
-            keep_alive,
+            keep_alive: head.keep_alive,
             pool: pool.clone(),
+            answered,
         };
         if matches!(body.state, BodyState::Done) {
             body.finish();
@@ -513,7 +538,7 @@ impl UpstreamBody {
             // Bytes after the end of the response mean the app and gatehouse disagree
             // about framing: never reuse such a connection.
             if self.keep_alive && conn.read.is_empty() {
-                self.pool.checkin(conn);
+                self.pool.checkin(conn, self.answered);
             }
         }
     }
