@@ -535,6 +535,52 @@ async fn truncated_upstream_body_is_not_passed_off_as_complete() {
 }
 
 #[tokio::test]
+async fn client_hanging_up_before_the_answer_cancels_the_upstream_request() {
+    // An upstream that takes the request and never answers; it reports when gatehouse
+    // has the head sent and when gatehouse closes the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let (got_head, mut head_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (closed, mut closed_rx) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(n) if n > 0 => {
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let _ = got_head.try_send(());
+                    }
+                }
+                _ => break, // EOF or reset: gatehouse gave up on the request
+            }
+        }
+        let _ = closed.send(()).await;
+    });
+    // A long upstream timeout, so only the client's leaving can end the exchange.
+    let gh = Gatehouse::start(
+        &config("", "timeout = \"120s\"", ""),
+        &[("upstream", &upstream)],
+    )
+    .await;
+    let mut client = tokio::net::TcpStream::connect(gh.addr()).await.unwrap();
+    client
+        .write_all(b"GET /report HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    within(STEP, "the request reaches the upstream", head_rx.recv()).await;
+    drop(client);
+    within(
+        STEP,
+        "gatehouse closes the upstream connection of an abandoned request",
+        closed_rx.recv(),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn client_going_away_mid_download_does_not_hurt_the_proxy() {
     let (_up, gh) = proxy_with("", "", "").await;
     for _ in 0..3 {
