@@ -369,6 +369,38 @@ impl<'de> Deserialize<'de> for HeaderPairs {
     }
 }
 
+/// What a file named in the config holds, parsed from the file's bytes.
+pub trait FileContent: Sized {
+    fn parse(bytes: Vec<u8>) -> Result<Self, String>;
+}
+
+/// The raw bytes (a PEM key, say), checked by whoever uses them.
+impl FileContent for Vec<u8> {
+    fn parse(bytes: Vec<u8>) -> Result<Self, String> {
+        Ok(bytes)
+    }
+}
+
+/// A file named in the config (`keys_file`, `htpasswd_file`, ...), read and parsed when the
+/// config is loaded (at start and on SIGHUP), so rotating what it holds is editing the file
+/// and sending SIGHUP. Its errors name the file.
+#[derive(Debug)]
+pub struct ConfigFile<T> {
+    pub path: PathBuf,
+    pub content: T,
+}
+
+impl<'de, T: FileContent> Deserialize<'de> for ConfigFile<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let path = PathBuf::from(String::deserialize(d)?);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| de::Error::custom(format!("cannot read {}: {e}", path.display())))?;
+        let content =
+            T::parse(bytes).map_err(|e| de::Error::custom(format!("{}: {e}", path.display())))?;
+        Ok(ConfigFile { path, content })
+    }
+}
+
 /// Glob over bytes: `**` matches any run (slashes included), `*` any run without `/`.
 fn glob_match(pat: &[u8], text: &[u8]) -> bool {
     match pat.first() {

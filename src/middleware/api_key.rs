@@ -2,18 +2,16 @@
 //! compared by SHA-256 digest against every configured key without an early exit, so the
 //! time taken says nothing about which key, or how much of one, matched.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{request, HeaderName, HeaderValue, Uri};
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use super::auth::{digest, unauthorized};
+use super::auth::{colon_entries, digest, unauthorized};
 use crate::chain::{Context, Flow, Middleware};
-use crate::config::value::HeaderNameValue;
+use crate::config::value::{ConfigFile, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
 #[derive(Debug, Deserialize)]
@@ -26,7 +24,7 @@ pub struct Settings {
     #[serde(default)]
     keys: Vec<KeyEntry>,
     /// `id:key` lines, read at every (re)load of the config.
-    keys_file: Option<KeysFile>,
+    keys_file: Option<ConfigFile<Vec<KeyEntry>>>,
     /// Remove the credential before the request goes upstream.
     #[serde(default = "super::auth::yes")]
     strip: bool,
@@ -46,50 +44,30 @@ impl std::fmt::Debug for KeyEntry {
     }
 }
 
-/// The keys of a `keys_file`, read when the config is loaded (at start and on SIGHUP),
-/// so rotating a key is editing the file and sending SIGHUP.
-#[derive(Debug)]
-struct KeysFile {
-    path: PathBuf,
-    keys: Vec<KeyEntry>,
-}
-
-impl<'de> Deserialize<'de> for KeysFile {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let path = PathBuf::from(String::deserialize(d)?);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| de::Error::custom(format!("cannot read {}: {e}", path.display())))?;
-        let keys =
-            parse_keys(&text).map_err(|e| de::Error::custom(format!("{}: {e}", path.display())))?;
-        Ok(KeysFile { path, keys })
+/// A `keys_file` holds `id:key` lines; blank lines and lines starting with `#` are skipped.
+impl FileContent for Vec<KeyEntry> {
+    fn parse(bytes: Vec<u8>) -> Result<Self, String> {
+        parse_keys(&bytes)
     }
 }
 
-/// Parses `id:key` lines; blank lines and lines starting with `#` are skipped.
-fn parse_keys(text: &str) -> Result<Vec<KeyEntry>, String> {
-    let mut keys = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (id, key) = line
-            .split_once(':')
-            .filter(|(id, key)| !id.is_empty() && !key.is_empty())
-            .ok_or_else(|| format!("line {}: expected `id:key`", n + 1))?;
-        keys.push(KeyEntry {
-            id: id.to_owned(),
-            key: key.to_owned(),
-        });
-    }
-    Ok(keys)
+fn parse_keys(bytes: &[u8]) -> Result<Vec<KeyEntry>, String> {
+    colon_entries(bytes, "id:key")?
+        .map(|entry| {
+            let (_, id, key) = entry?;
+            Ok(KeyEntry {
+                id: id.to_owned(),
+                key: key.to_owned(),
+            })
+        })
+        .collect()
 }
 
 impl Settings {
     fn all_keys(&self) -> impl Iterator<Item = &KeyEntry> {
         self.keys
             .iter()
-            .chain(self.keys_file.iter().flat_map(|f| &f.keys))
+            .chain(self.keys_file.iter().flat_map(|f| &f.content))
     }
 }
 
@@ -271,15 +249,15 @@ mod tests {
 
     #[test]
     fn keys_file_lines() {
-        let keys = parse_keys("# ci\n\nci:abc\n  ops:x:y  \n").unwrap();
+        let keys = parse_keys(b"# ci\n\nci:abc\n  ops:x:y  \n").unwrap();
         let pairs: Vec<(&str, &str)> = keys.iter().map(|k| (&*k.id, &*k.key)).collect();
         assert_eq!(pairs, [("ci", "abc"), ("ops", "x:y")]);
         assert_eq!(
-            parse_keys("ok:1\nnokey\n").unwrap_err(),
+            parse_keys(b"ok:1\nnokey\n").unwrap_err(),
             "line 2: expected `id:key`"
         );
-        assert!(parse_keys(":key").is_err());
-        assert!(parse_keys("id:").is_err());
+        assert!(parse_keys(b":key").is_err());
+        assert!(parse_keys(b"id:").is_err());
     }
 
     #[test]

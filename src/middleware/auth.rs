@@ -1,5 +1,5 @@
-//! What the authentication middlewares share: the 401 with its challenge, and the
-//! digest that credentials are compared (and cached) by.
+//! What the authentication middlewares share: the 401 with its challenge, the digest
+//! that credentials are compared (and cached) by, and the `left:right` credential files.
 
 use http::header::WWW_AUTHENTICATE;
 use http::{HeaderValue, Response, StatusCode};
@@ -36,4 +36,26 @@ pub(crate) fn unauthorized(
 /// Serde default for `strip = true`.
 pub(crate) fn yes() -> bool {
     true
+}
+
+/// The `left:right` entries of a credentials file (`id:key`, `user:hash`) with their line
+/// numbers; blank lines and `#` comments are skipped, and both sides must be non-empty.
+/// `expected` names the format in the error.
+pub(crate) fn colon_entries<'a>(
+    bytes: &'a [u8],
+    expected: &'static str,
+) -> Result<impl Iterator<Item = Result<(usize, &'a str, &'a str), String>>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "the file is not UTF-8 text".to_owned())?;
+    Ok(text.lines().enumerate().filter_map(move |(n, line)| {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            return None;
+        }
+        Some(
+            line.split_once(':')
+                .filter(|(left, right)| !left.is_empty() && !right.is_empty())
+                .map(|(left, right)| (n + 1, left, right))
+                .ok_or_else(|| format!("line {}: expected `{expected}`", n + 1)),
+        )
+    }))
 }

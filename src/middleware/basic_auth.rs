@@ -5,7 +5,6 @@
 //! hash, not one per request.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,8 +15,9 @@ use http::{request, HeaderValue};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use super::auth::{digest, unauthorized};
+use super::auth::{colon_entries, digest, unauthorized};
 use crate::chain::{Context, Flow, Middleware};
+use crate::config::value::{ConfigFile, FileContent};
 use crate::config::{KeyPath, Problem};
 
 /// How long a successful verification is remembered.
@@ -33,7 +33,7 @@ pub struct Settings {
     #[serde(default)]
     users: Vec<User>,
     /// `user:hash` lines, read at every (re)load of the config.
-    htpasswd_file: Option<HtpasswdFile>,
+    htpasswd_file: Option<ConfigFile<Vec<User>>>,
     /// Remove `authorization` before the request goes upstream.
     #[serde(default = "super::auth::yes")]
     strip: bool,
@@ -104,52 +104,33 @@ impl PasswordHash {
     }
 }
 
-/// The users of an htpasswd file, read when the config is loaded (at start and on SIGHUP).
-#[derive(Debug)]
-struct HtpasswdFile {
-    path: PathBuf,
-    users: Vec<User>,
-}
-
-impl<'de> Deserialize<'de> for HtpasswdFile {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let path = PathBuf::from(String::deserialize(d)?);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| de::Error::custom(format!("cannot read {}: {e}", path.display())))?;
-        let users = parse_htpasswd(&text)
-            .map_err(|e| de::Error::custom(format!("{}: {e}", path.display())))?;
-        Ok(HtpasswdFile { path, users })
+/// An `htpasswd_file` holds `user:hash` lines; blank lines and `#` comments are skipped.
+impl FileContent for Vec<User> {
+    fn parse(bytes: Vec<u8>) -> Result<Self, String> {
+        parse_htpasswd(&bytes)
     }
 }
 
-/// Parses `user:hash` lines; blank lines and `#` comments are skipped.
-fn parse_htpasswd(text: &str) -> Result<Vec<User>, String> {
-    let mut users = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (user, hash) = line
-            .split_once(':')
-            .filter(|(user, _)| !user.is_empty())
-            .ok_or_else(|| format!("line {}: expected `user:hash`", n + 1))?;
-        let password_hash = hash
-            .parse()
-            .map_err(|e| format!("line {} (user {user:?}): {e}", n + 1))?;
-        users.push(User {
-            user: user.to_owned(),
-            password_hash,
-        });
-    }
-    Ok(users)
+fn parse_htpasswd(bytes: &[u8]) -> Result<Vec<User>, String> {
+    colon_entries(bytes, "user:hash")?
+        .map(|entry| {
+            let (n, user, hash) = entry?;
+            let password_hash = hash
+                .parse()
+                .map_err(|e| format!("line {n} (user {user:?}): {e}"))?;
+            Ok(User {
+                user: user.to_owned(),
+                password_hash,
+            })
+        })
+        .collect()
 }
 
 impl Settings {
     fn all_users(&self) -> impl Iterator<Item = &User> {
         self.users
             .iter()
-            .chain(self.htpasswd_file.iter().flat_map(|f| &f.users))
+            .chain(self.htpasswd_file.iter().flat_map(|f| &f.content))
     }
 }
 
@@ -365,16 +346,16 @@ mod tests {
     #[test]
     fn htpasswd_lines() {
         let users = parse_htpasswd(
-            "# team\n\nbob:$2y$04$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW\n",
+            b"# team\n\nbob:$2y$04$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW\n",
         )
         .unwrap();
         assert_eq!(users.len(), 1);
         assert_eq!(users[0].user, "bob");
-        let err = parse_htpasswd("carol:plain\n").unwrap_err();
+        let err = parse_htpasswd(b"carol:plain\n").unwrap_err();
         assert!(
             err.starts_with("line 1 (user \"carol\"): expected a bcrypt"),
             "{err}"
         );
-        assert!(parse_htpasswd("nocolon\n").is_err());
+        assert!(parse_htpasswd(b"nocolon\n").is_err());
     }
 }

@@ -12,7 +12,6 @@
 //! (see [`Cache`]) and a repeated token costs a digest and a map lookup.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -30,7 +29,7 @@ use tokio::sync::{watch, Notify};
 
 use super::auth::{digest, unauthorized};
 use crate::chain::{Context, Flow, Middleware};
-use crate::config::value::{Duration, HeaderNameValue};
+use crate::config::value::{ConfigFile, Duration, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
 /// An unknown `kid` asks for a JWKS refetch at most this often.
@@ -50,8 +49,8 @@ pub struct Settings {
     algorithms: Vec<Alg>,
     secret: Option<Secret>,
     // Boxed: the settings of every middleware type share one enum.
-    public_key_file: Option<Box<PemFile>>,
-    jwks_file: Option<Box<JwksFile>>,
+    public_key_file: Option<Box<ConfigFile<Vec<u8>>>>,
+    jwks_file: Option<Box<ConfigFile<JwkSet>>>,
     jwks_url: Option<Box<JwksUrl>>,
     #[serde(default = "default_refresh")]
     jwks_refresh: Duration,
@@ -114,38 +113,10 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// Reads a file when the config is loaded (at start and on SIGHUP).
-fn read_file<E: de::Error>(path: &PathBuf) -> Result<Vec<u8>, E> {
-    std::fs::read(path).map_err(|e| E::custom(format!("cannot read {}: {e}", path.display())))
-}
-
-#[derive(Debug)]
-struct PemFile {
-    path: PathBuf,
-    pem: Vec<u8>,
-}
-
-impl<'de> Deserialize<'de> for PemFile {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let path = PathBuf::from(String::deserialize(d)?);
-        let pem = read_file(&path)?;
-        Ok(PemFile { path, pem })
-    }
-}
-
-#[derive(Debug)]
-struct JwksFile {
-    path: PathBuf,
-    set: JwkSet,
-}
-
-impl<'de> Deserialize<'de> for JwksFile {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let path = PathBuf::from(String::deserialize(d)?);
-        let set = serde_json::from_slice(&read_file::<D::Error>(&path)?).map_err(|e| {
-            de::Error::custom(format!("{}: not a JWKS document: {e}", path.display()))
-        })?;
-        Ok(JwksFile { path, set })
+/// A `jwks_file`: the key set, as a JWKS URL would serve it.
+impl FileContent for JwkSet {
+    fn parse(bytes: Vec<u8>) -> Result<Self, String> {
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a JWKS document: {e}"))
     }
 }
 
@@ -205,11 +176,11 @@ impl Settings {
     }
 
     /// The key of `public_key_file`, parsed by the family of the allowed algorithms.
-    fn pem_key(&self, pem: &PemFile) -> Result<DecodingKey, String> {
+    fn pem_key(&self, pem: &ConfigFile<Vec<u8>>) -> Result<DecodingKey, String> {
         let parsed = match self.algorithms[0].0.family() {
-            AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem.pem),
-            AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem.pem),
-            AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem.pem),
+            AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem.content),
+            AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem.content),
+            AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem.content),
             AlgorithmFamily::Hmac => unreachable!("validated: no HS algorithm with a PEM key"),
         };
         parsed.map_err(|e| {
@@ -240,7 +211,7 @@ impl Settings {
                 .collect());
         }
         if let Some(file) = &self.jwks_file {
-            let keys = jwks_keys(&file.set, &self.algorithms, &base);
+            let keys = jwks_keys(&file.content, &self.algorithms, &base);
             if keys.is_empty() {
                 return Err((
                     at.key("jwks_file"),
