@@ -31,8 +31,8 @@ impl Decision {
 }
 
 /// What the event records. Every field is a borrow-free clone of what the request already
-/// holds (header values and the URI share their bytes), so capturing costs one allocation:
-/// the box the event travels in.
+/// holds (header values and the URI share their bytes), so capturing costs the box the
+/// event travels in, plus a small vector when `request_headers` names headers.
 #[derive(Debug)]
 pub struct Event {
     /// When the request head arrived; `ts` is this instant on the wall clock.
