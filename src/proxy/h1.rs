@@ -5,6 +5,8 @@
 //! client: a request head is written straight from the incoming request's parts, the
 //! response head is parsed once, and no channel or task stands between them.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -168,9 +170,12 @@ pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<Head>, InvalidResponse> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots: filling a hundred empty headers cost more than parsing the head.
+    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err(InvalidResponse("response head too large"))
@@ -551,6 +556,19 @@ mod tests {
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Le", Method::GET)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn header_count_limit() {
+        let head = |n: usize| {
+            let lines: String = (0..n).map(|i| format!("x-h{i}: {i}\r\n")).collect();
+            format!("HTTP/1.1 200 OK\r\n{lines}\r\n")
+        };
+        let full = parse(&head(MAX_HEADERS), Method::GET).unwrap().unwrap();
+        assert_eq!(full.parts.headers.len(), MAX_HEADERS);
+        assert_eq!(full.parts.headers["x-h99"], "99");
+        let err = parse(&head(MAX_HEADERS + 1), Method::GET).err().unwrap();
+        assert_eq!(err.0, "too many response headers");
     }
 
     #[test]
