@@ -80,7 +80,7 @@ pub fn encode_request(
     match framing {
         RequestFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         RequestFraming::None
@@ -122,19 +122,6 @@ pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
 
 /// The end of a chunked body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
 
 /// How the response body ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
