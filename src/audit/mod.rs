@@ -257,7 +257,7 @@ async fn dispatch(
     mut rx: mpsc::Receiver<Box<Event>>,
     buffers: Vec<mpsc::Sender<Bytes>>,
 ) {
-    let forward = |event: Box<Event>, clock: &WallClock| {
+    let forward = |event: Box<Event>, clock: &mut WallClock| {
         let json = Bytes::from(event.to_json(&audit.fields, clock));
         for (tx, sink) in buffers.iter().zip(&audit.sinks) {
             match tx.try_send(json.clone()) {
@@ -277,10 +277,10 @@ async fn dispatch(
             _ = audit.closing.notified() => break,
             _ = tick.tick() => {
                 depth.set(rx.len() as i64);
-                let clock = WallClock::now();
+                let mut clock = WallClock::now();
                 let mut n = 0u32;
                 while let Ok(event) = rx.try_recv() {
-                    forward(event, &clock);
+                    forward(event, &mut clock);
                     n += 1;
                     if n.is_multiple_of(256) {
                         // Let the sinks and the signal handlers in during a burst.
@@ -290,9 +290,9 @@ async fn dispatch(
             }
         }
     }
-    let clock = WallClock::now();
+    let mut clock = WallClock::now();
     while let Ok(event) = rx.try_recv() {
-        forward(event, &clock);
+        forward(event, &mut clock);
     }
     depth.set(0);
     // Dropping the buffers' senders lets every sink deliver what it holds and finish.
