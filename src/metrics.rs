@@ -41,6 +41,7 @@ pub struct Metrics {
     pub audit_queue_depth: Gauge,
     config_reloads: Family<ResultLabel, Counter>,
     rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
+    jwt_cache_lookups: Family<LookupLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +69,12 @@ struct AuditLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MiddlewareLabel {
     middleware: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    middleware: Arc<str>,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +109,7 @@ impl Metrics {
         let audit_queue_depth = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
+        let jwt_cache_lookups = Family::<LookupLabels, Counter>::default();
         // A family with no label set yet still prints its HELP and TYPE lines; the reload
         // outcomes are known up front, so they print as zeros.
         for result in ["success", "failure"] {
@@ -158,6 +166,11 @@ impl Metrics {
             "Rate limit decisions the backend (Redis) failed or timed out, by middleware name",
             Listed(rate_limit_backend_errors.clone()),
         );
+        registry.register(
+            "gatehouse_jwt_cache_lookups",
+            "Bearer tokens looked up in a jwt middleware's cache of verified tokens, by middleware name and result (hit or miss)",
+            Listed(jwt_cache_lookups.clone()),
+        );
 
         Metrics {
             registry,
@@ -181,6 +194,7 @@ impl Metrics {
             audit_queue_depth,
             config_reloads,
             rate_limit_backend_errors,
+            jwt_cache_lookups,
         }
     }
 
@@ -246,6 +260,18 @@ impl Metrics {
             .get_or_create_owned(&MiddlewareLabel {
                 middleware: middleware.clone(),
             })
+    }
+
+    /// Handles for `gatehouse_jwt_cache_lookups_total{middleware, result}`, hits then
+    /// misses, resolved when the cache is built.
+    pub fn jwt_cache_lookups(&self, middleware: &Arc<str>) -> (Counter, Counter) {
+        let handle = |result| {
+            self.jwt_cache_lookups.get_or_create_owned(&LookupLabels {
+                middleware: middleware.clone(),
+                result,
+            })
+        };
+        (handle("hit"), handle("miss"))
     }
 
     /// The Prometheus text exposition of every family.

@@ -66,6 +66,49 @@ async fn wait_readyz(admin: u16, status: u16) {
 }
 
 #[tokio::test]
+async fn jwt_cache_lookups_are_counted_per_middleware() {
+    let (_up, gh, admin) = with_admin(
+        "",
+        r#"
+[[middleware]]
+type = "jwt"
+name = "users"
+algorithms = ["HS256"]
+secret = "metrics-secret"
+"#,
+    )
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": "alice", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(b"metrics-secret"),
+    )
+    .unwrap();
+    let text = scrape(admin).await;
+    let hits = r#"gatehouse_jwt_cache_lookups_total{middleware="users",result="hit"}"#;
+    let misses = r#"gatehouse_jwt_cache_lookups_total{middleware="users",result="miss"}"#;
+    assert!(
+        text.contains(&format!("{hits} 0")),
+        "zero-valued from the start:\n{text}"
+    );
+    for _ in 0..3 {
+        let req = request("GET", "/")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap();
+        assert_eq!(send(gh.port, req).await.status, 200);
+    }
+    // The first sight of the token verifies it; the repeats are found in the cache.
+    let text = wait_sample(admin, hits, 2.0).await;
+    assert_eq!(sample(&text, misses), 1.0, "{text}");
+}
+
+#[tokio::test]
 async fn admin_endpoints_answer_on_their_own_port() {
     let (up, gh, admin) = with_admin("", "").await;
     wait_log(&gh, "gatehouse started", 1).await;

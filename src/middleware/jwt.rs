@@ -22,6 +22,7 @@ use http::header::{AUTHORIZATION, COOKIE, HOST};
 use http::{request, HeaderName, HeaderValue, StatusCode, Uri};
 use jsonwebtoken::jwk::{JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use prometheus_client::metrics::counter::Counter;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -310,7 +311,12 @@ impl super::Settings for Settings {
         )
     }
 
+    /// An unnamed entry is called by its type.
     fn build(&self) -> Box<dyn Middleware> {
+        self.build_named("jwt")
+    }
+
+    fn build_named(&self, name: &str) -> Box<dyn Middleware> {
         let keys = Arc::new(ArcSwap::from_pointee(KeySet {
             generation: 0,
             keys: self.static_keys().expect("validated"),
@@ -353,7 +359,7 @@ impl super::Settings for Settings {
                 .iter()
                 .map(|(c, h)| (c.clone(), h.0.clone()))
                 .collect(),
-            cache: Cache::new(self.cache_size, self.leeway.0.as_secs()),
+            cache: Cache::new(self.cache_size, self.leeway.0.as_secs(), &name.into()),
             challenge: HeaderValue::from_static("Bearer"),
             invalid: HeaderValue::from_static("Bearer error=\"invalid_token\""),
         })
@@ -725,17 +731,25 @@ struct Cache {
     shards: Box<[Shard]>,
     per_shard: usize,
     leeway: u64,
+    /// `gatehouse_jwt_cache_lookups_total` for this middleware: hits, misses.
+    hits: Counter,
+    misses: Counter,
 }
 
 impl Cache {
     /// Room for `size` tokens (`None` for 0); a shard holds at least 64 so that eviction
     /// has a choice, and there are at most 16.
-    fn new(size: usize, leeway: u64) -> Option<Cache> {
+    fn new(size: usize, leeway: u64, middleware: &Arc<str>) -> Option<Cache> {
         let shards = (size / 64).clamp(1, 16);
-        (size > 0).then(|| Cache {
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
-            per_shard: size / shards,
-            leeway,
+        (size > 0).then(|| {
+            let (hits, misses) = crate::metrics::global().jwt_cache_lookups(middleware);
+            Cache {
+                shards: (0..shards).map(|_| Mutex::default()).collect(),
+                per_shard: size / shards,
+                leeway,
+                hits,
+                misses,
+            }
         })
     }
 
@@ -749,10 +763,15 @@ impl Cache {
     /// The verification of the token with digest `key`, if made with the key set
     /// `generation` and still live at `now`.
     fn get(&self, key: &[u8; 32], generation: u64, now: u64) -> Option<Arc<Verified>> {
-        let shard = self.shard(key);
-        let entry = shard.get(key)?;
-        (entry.generation == generation && entry.live(now, self.leeway))
-            .then(|| Arc::clone(&entry.verified))
+        let found = self.shard(key).get(key).and_then(|entry| {
+            (entry.generation == generation && entry.live(now, self.leeway))
+                .then(|| Arc::clone(&entry.verified))
+        });
+        match found {
+            Some(_) => self.hits.inc(),
+            None => self.misses.inc(),
+        };
+        found
     }
 
     /// Remembers a verification; a full shard first drops its dead entries (expired, or of
@@ -883,7 +902,7 @@ mod tests {
 
     #[test]
     fn cache_hits_until_exp_ttl_or_a_new_key_set() {
-        let cache = Cache::new(64, 5).unwrap();
+        let cache = Cache::new(64, 5, &"jwt-cache-hits".into()).unwrap();
         let (now, key) = (1_000_000, digest(&[b"token"]));
         cache.insert(key, 1, verified(now + 60, Some(now + 10)), now);
         assert!(cache.get(&digest(&[b"other"]), 1, now).is_none());
@@ -899,7 +918,15 @@ mod tests {
         cache.insert(key, 1, verified(now + 86_400, None), now);
         assert!(cache.get(&key, 1, now + CACHE_TTL - 1).is_some());
         assert!(cache.get(&key, 1, now + CACHE_TTL).is_none());
-        assert!(Cache::new(0, 5).is_none(), "0 disables the cache");
+        assert_eq!((cache.hits.get(), cache.misses.get()), (3, 5));
+        let text = crate::metrics::global().encode();
+        assert!(text.contains(
+            "gatehouse_jwt_cache_lookups_total{middleware=\"jwt-cache-hits\",result=\"hit\"} 3"
+        ));
+        assert!(
+            Cache::new(0, 5, &"jwt-test".into()).is_none(),
+            "0 disables the cache"
+        );
     }
 
     #[test]
@@ -907,7 +934,7 @@ mod tests {
         let now = 1_000_000;
         let key = |i: usize| digest(&[i.to_string().as_bytes()]);
         // One shard of 64: 32 live entries, 31 expired and one of an older key set.
-        let cache = Cache::new(64, 0).unwrap();
+        let cache = Cache::new(64, 0, &"jwt-test".into()).unwrap();
         for i in 0..64 {
             let (generation, exp) = match i {
                 0..32 => (2, now + 600),
@@ -922,7 +949,7 @@ mod tests {
             .all(|i| cache.get(&key(i), 2, now).is_some()));
         assert_eq!(cache.shards[0].lock().unwrap().len(), 33);
         // All live: the bound holds across shards.
-        let cache = Cache::new(10_000, 0).unwrap();
+        let cache = Cache::new(10_000, 0, &"jwt-test".into()).unwrap();
         assert_eq!(cache.shards.len(), 16);
         for i in 0..30_000 {
             cache.insert(key(i), 0, verified(now + 600, None), now);
