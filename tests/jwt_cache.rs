@@ -94,11 +94,26 @@ forward_claims = { sub = "x-auth-subject" }
         assert_rejected(&gh, &up, &writer, 403).await;
     }
 
-    // Accepted (and cached) while valid, rejected once past `exp` (leeway 0).
-    let exp = now() + 3;
-    let brief = hs("dave", "read", exp);
-    assert_admitted(&gh, &brief, "dave").await;
-    assert_admitted(&gh, &brief, "dave").await;
+    // Accepted (and cached) while valid, rejected once past `exp` (leeway 0). Should the
+    // machine stall past `exp` before both requests are answered, a fresh token is tried.
+    let (brief, exp) = 'fresh: {
+        for _ in 0..5 {
+            let exp = now() + 3;
+            let brief = hs("dave", "read", exp);
+            let answers = [
+                send(gh.port, bearer(&brief)).await,
+                send(gh.port, bearer(&brief)).await,
+            ];
+            if now() < exp {
+                for resp in answers {
+                    assert_eq!(resp.status, 200, "{resp:?}");
+                    assert_eq!(resp.upstream_headers()["x-auth-subject"], ["dave"]);
+                }
+                break 'fresh (brief, exp);
+            }
+        }
+        panic!("five tokens in a row expired before two requests were answered");
+    };
     within(STEP, "the token's expiry", async {
         while now() <= exp {
             tokio::time::sleep(Duration::from_millis(100)).await;
