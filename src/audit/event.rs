@@ -82,7 +82,7 @@ impl Event {
         out.extend_from_slice(b",\"query\":");
         push_opt(&mut out, self.uri.query());
         out.extend_from_slice(b",\"status\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        push_int(&mut out, self.status);
         out.extend_from_slice(b",\"duration_ms\":");
         push_millis(&mut out, Some(self.duration));
         out.extend_from_slice(b",\"upstream_ms\":");
@@ -96,9 +96,9 @@ impl Event {
         out.extend_from_slice(b"\",\"denied_by\":");
         push_opt(&mut out, self.denied_by.as_deref());
         out.extend_from_slice(b",\"bytes_in\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.bytes_in).as_bytes());
+        push_int(&mut out, self.bytes_in);
         out.extend_from_slice(b",\"bytes_out\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.bytes_out).as_bytes());
+        push_int(&mut out, self.bytes_out);
         out.extend_from_slice(if self.completed {
             b",\"completed\":true"
         } else {
@@ -213,6 +213,11 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends an integer.
+fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 /// Appends a JSON string, or `null`.
 fn push_opt(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
@@ -242,7 +247,7 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
                 if i > 0 {
                     out.push(b'.');
                 }
-                out.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+                push_int(out, octet);
             }
         }
         IpAddr::V6(v6) => {
@@ -257,7 +262,7 @@ fn push_millis(out: &mut Vec<u8>, d: Option<Duration>) {
         return out.extend_from_slice(b"null");
     };
     let micros = d.as_micros();
-    out.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    push_int(out, micros / 1000);
     let frac = (micros % 1000) as u16;
     let digits = [
         b'0' + (frac / 100) as u8,

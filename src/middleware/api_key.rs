@@ -47,20 +47,16 @@ impl std::fmt::Debug for KeyEntry {
 /// A `keys_file` holds `id:key` lines; blank lines and lines starting with `#` are skipped.
 impl FileContent for Vec<KeyEntry> {
     fn parse(bytes: Vec<u8>) -> Result<Self, String> {
-        parse_keys(&bytes)
-    }
-}
-
-fn parse_keys(bytes: &[u8]) -> Result<Vec<KeyEntry>, String> {
-    colon_entries(bytes, "id:key")?
-        .map(|entry| {
-            let (_, id, key) = entry?;
-            Ok(KeyEntry {
-                id: id.to_owned(),
-                key: key.to_owned(),
+        colon_entries(&bytes, "id:key")?
+            .map(|entry| {
+                let (_, id, key) = entry?;
+                Ok(KeyEntry {
+                    id: id.to_owned(),
+                    key: key.to_owned(),
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 impl Settings {
@@ -113,7 +109,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self) -> Box<dyn Middleware> {
+    fn build(&self, _name: &str) -> Box<dyn Middleware> {
         Box::new(ApiKey {
             source: match &self.query {
                 Some(q) => Source::Query(q.as_str().into()),
@@ -246,6 +242,10 @@ fn without_param(uri: &Uri, name: &str) -> Uri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_keys(bytes: &[u8]) -> Result<Vec<KeyEntry>, String> {
+        Vec::<KeyEntry>::parse(bytes.to_vec())
+    }
 
     #[test]
     fn keys_file_lines() {

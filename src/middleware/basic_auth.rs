@@ -107,23 +107,19 @@ impl PasswordHash {
 /// An `htpasswd_file` holds `user:hash` lines; blank lines and `#` comments are skipped.
 impl FileContent for Vec<User> {
     fn parse(bytes: Vec<u8>) -> Result<Self, String> {
-        parse_htpasswd(&bytes)
-    }
-}
-
-fn parse_htpasswd(bytes: &[u8]) -> Result<Vec<User>, String> {
-    colon_entries(bytes, "user:hash")?
-        .map(|entry| {
-            let (n, user, hash) = entry?;
-            let password_hash = hash
-                .parse()
-                .map_err(|e| format!("line {n} (user {user:?}): {e}"))?;
-            Ok(User {
-                user: user.to_owned(),
-                password_hash,
+        colon_entries(&bytes, "user:hash")?
+            .map(|entry| {
+                let (n, user, hash) = entry?;
+                let password_hash = hash
+                    .parse()
+                    .map_err(|e| format!("line {n} (user {user:?}): {e}"))?;
+                Ok(User {
+                    user: user.to_owned(),
+                    password_hash,
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 impl Settings {
@@ -170,7 +166,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self) -> Box<dyn Middleware> {
+    fn build(&self, _name: &str) -> Box<dyn Middleware> {
         let users: HashMap<Box<str>, (Arc<str>, PasswordHash)> = self
             .all_users()
             .map(|u| {
@@ -341,6 +337,10 @@ mod tests {
         let len = m.verified.lock().unwrap().len();
         assert!(len <= CACHE_MAX, "{len}");
         assert!(m.recently_verified(&key(CACHE_MAX)));
+    }
+
+    fn parse_htpasswd(bytes: &[u8]) -> Result<Vec<User>, String> {
+        Vec::<User>::parse(bytes.to_vec())
     }
 
     #[test]

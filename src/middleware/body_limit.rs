@@ -24,7 +24,7 @@ impl super::Settings for Settings {
         format!("max={}", self.max)
     }
 
-    fn build(&self) -> Box<dyn Middleware> {
+    fn build(&self, _name: &str) -> Box<dyn Middleware> {
         Box::new(BodyLimit {
             max: self.max.0,
             message: too_large_message(self.max),

@@ -95,7 +95,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self) -> Box<dyn Middleware> {
+    fn build(&self, _name: &str) -> Box<dyn Middleware> {
         let join = |names: Vec<&str>| {
             (!names.is_empty())
                 .then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))

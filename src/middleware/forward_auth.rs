@@ -90,7 +90,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self) -> Box<dyn Middleware> {
+    fn build(&self, _name: &str) -> Box<dyn Middleware> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(self.timeout.0));
         connector.set_nodelay(true);

@@ -38,7 +38,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self) -> Box<dyn Middleware> {
+    fn build(&self, _name: &str) -> Box<dyn Middleware> {
         Box::new(IpFilter {
             allow: self.allow.clone(),
             deny: self.deny.clone(),

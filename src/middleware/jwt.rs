@@ -311,12 +311,7 @@ impl super::Settings for Settings {
         )
     }
 
-    /// An unnamed entry is called by its type.
-    fn build(&self) -> Box<dyn Middleware> {
-        self.build_named("jwt")
-    }
-
-    fn build_named(&self, name: &str) -> Box<dyn Middleware> {
+    fn build(&self, name: &str) -> Box<dyn Middleware> {
         let keys = Arc::new(ArcSwap::from_pointee(KeySet {
             generation: 0,
             keys: self.static_keys().expect("validated"),

@@ -25,13 +25,10 @@ pub trait Settings: std::fmt::Debug {
     }
     /// The entry's settings on one line, for `gatehouse check`.
     fn summary(&self) -> String;
-    /// The middleware these settings describe.
-    fn build(&self) -> Box<dyn Middleware>;
-    /// The middleware of the entry called `name`: for types whose state is keyed by name
-    /// (kept across reloads, shared through Redis).
-    fn build_named(&self, _name: &str) -> Box<dyn Middleware> {
-        self.build()
-    }
+    /// The middleware of the entry called `name` (its type, unless named). Types whose
+    /// state is keyed by name use it: kept across reloads, shared through Redis, labelled
+    /// in metrics.
+    fn build(&self, name: &str) -> Box<dyn Middleware>;
 }
 
 /// Declares the registry: TOML `type` name → module, in one place.
@@ -78,7 +75,7 @@ macro_rules! registry {
 
             /// Builds the middleware of the entry called `name`.
             pub fn build(&self, name: &str) -> Box<dyn Middleware> {
-                self.settings().build_named(name)
+                self.settings().build(name)
             }
         }
     };

@@ -225,12 +225,7 @@ impl super::Settings for Settings {
         )
     }
 
-    /// An unnamed entry is called by its type.
-    fn build(&self) -> Box<dyn Middleware> {
-        self.build_named("rate_limit")
-    }
-
-    fn build_named(&self, name: &str) -> Box<dyn Middleware> {
+    fn build(&self, name: &str) -> Box<dyn Middleware> {
         LazyLock::force(&EPOCH);
         let backend = match self.backend {
             Backend::Local => Store::Local(local_state(name, self)),
