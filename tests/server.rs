@@ -280,6 +280,68 @@ async fn pipelined_requests_and_connection_close() {
 }
 
 #[tokio::test]
+async fn one_connection_goes_from_bodiless_requests_to_bodies_and_back() {
+    // Bodiless HTTP/1.1 requests take gatehouse's own fast path; the first request with a
+    // body hands the connection to hyper, mid-connection, without losing a byte.
+    let (up, gh) = proxy_with("", "", "").await;
+    let mut conn = H1::connect(gh.port).await;
+    let resp = conn
+        .send(request("GET", "/echo?n=1").body(empty()).unwrap())
+        .await;
+    assert_eq!(resp.json()["uri"], "/echo?n=1", "{resp:?}");
+    assert!(resp.header("date").is_some(), "{resp:?}");
+    let resp = conn
+        .send(request("POST", "/echo").body(full("payload")).unwrap())
+        .await;
+    assert_eq!(resp.json()["body"], "payload", "{resp:?}");
+    let resp = conn
+        .send(request("GET", "/echo?n=3").body(empty()).unwrap())
+        .await;
+    assert_eq!(resp.json()["uri"], "/echo?n=3", "{resp:?}");
+    assert_eq!(up.request_count(), 3);
+}
+
+#[tokio::test]
+async fn pipelined_requests_with_a_body_between_them() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          GET /status/201 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(20),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        closed,
+        "Connection: close must close the connection: {text:?}"
+    );
+    let first = text.find("/echo?n=1").expect("first response");
+    let second = text
+        .find("\"hello\"")
+        .expect("second response, with the body");
+    let third = text.find("HTTP/1.1 201").expect("third response");
+    assert!(first < second && second < third, "out of order: {text:?}");
+    assert_eq!(up.request_count(), 3);
+}
+
+#[tokio::test]
+async fn http10_request_is_answered() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let (reply, closed) = raw_exchange(
+        gh.port,
+        b"GET /echo HTTP/1.0\r\n\r\n",
+        Duration::from_secs(20),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply);
+    assert_eq!(raw_status(&reply), 200, "{text:?}");
+    assert!(closed, "HTTP/1.0 without keep-alive closes: {text:?}");
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
 async fn h2c_requests_go_through_the_chain() {
     let (up, gh) = proxy_with(
         "",

@@ -10,9 +10,13 @@ use hyper::body::Incoming;
 
 use super::upstream::UpstreamBody;
 
+/// The request body as the server received it: `None` for a request without one (the
+/// server's own HTTP/1.1 path only reads bodiless requests; hyper reads the rest).
+pub type ClientBody = Option<Incoming>;
+
 /// The client's request body on its way upstream, counted against the chain's body limit.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     limit: u64,
     seen: u64,
 }
@@ -38,7 +42,7 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: Option<u64>) -> Self {
+    pub fn new(inner: ClientBody, limit: Option<u64>) -> Self {
         RequestBody {
             inner,
             limit: limit.unwrap_or(u64::MAX),
@@ -54,7 +58,7 @@ impl RequestBody {
     }
 
     /// The client's body, for [`linger`].
-    pub fn into_inner(self) -> Incoming {
+    pub fn into_inner(self) -> ClientBody {
         self.inner
     }
 }
@@ -65,12 +69,11 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 /// Reads and discards what is left of a request body once the answer is out, as nginx's
 /// lingering close does: closing a socket with unread bytes makes the kernel send a reset,
 /// and a client still uploading would lose the answer (a 401, a 413) that was sent to it.
-pub fn linger(body: Incoming) {
-    if body.is_end_stream() {
+pub fn linger(body: ClientBody) {
+    let Some(mut body) = body.filter(|b| !b.is_end_stream()) else {
         return;
-    }
+    };
     tokio::spawn(async move {
-        let mut body = body;
         let drain = async {
             while let Some(Ok(_)) =
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
@@ -88,7 +91,10 @@ impl HttpBody for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
             Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Client(e)))),
             None => return Poll::Ready(None),
@@ -103,11 +109,13 @@ impl HttpBody for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

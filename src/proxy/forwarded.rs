@@ -92,12 +92,19 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
 /// Whether the request asks to switch protocols (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
-        && headers.get_all(CONNECTION).iter().any(|v| {
-            v.to_str()
-                .unwrap_or("")
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+/// Whether a comma-separated header value (`Connection`, say) lists `token`.
+pub fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the

@@ -15,11 +15,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-pub use body::{Body, RequestBody};
+pub use body::{Body, ClientBody, RequestBody};
 use h1::Forwarded;
 use tokio::io::AsyncWriteExt;
 use upstream::{Answer, Upgraded, Upstream, UpstreamError};
@@ -85,7 +84,7 @@ impl Proxy {
     /// finished and recorded by whoever sends the response body.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: &Client,
         start: Instant,
     ) -> (Response<Body>, Option<Box<audit::Event>>) {
@@ -111,7 +110,7 @@ impl Proxy {
     /// The answer to a request arriving once the server has stopped taking new work.
     pub fn refuse_draining(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: &Client,
         start: Instant,
     ) -> (Response<Body>, Option<Box<audit::Event>>) {
@@ -129,7 +128,7 @@ impl Proxy {
     async fn serve(
         &self,
         parts: &mut http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         client: &Client,
         ctx: &mut Context,
         event: &mut Option<Box<audit::Event>>,

@@ -1,6 +1,7 @@
-//! One client connection: HTTP/1.1 or HTTP/2 (h2c prior knowledge) detected from the first
-//! bytes (under TLS, ALPN decides: see `tls.rs`), the slow-header and idle timeouts, and a
-//! graceful close when the server drains.
+//! One client connection: HTTP/1.1 served by gatehouse's own fast path (`h1.rs`) until a
+//! request needs hyper, which then serves the rest, HTTP/1.1 or HTTP/2 (h2c prior knowledge
+//! detected from the first bytes; under TLS, ALPN decides: see `tls.rs`); the slow-header
+//! and idle timeouts, and a graceful close when the server drains.
 //!
 //! The timeouts are checked lazily: the connection's IO and requests bump plain counters,
 //! and a watchdog task per connection, whose timer is re-armed once per period rather
@@ -19,7 +20,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
-use http::{Request, StatusCode};
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -27,8 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::Shared;
-use crate::proxy::{Body, Client};
+use super::{h1, Shared};
+use crate::proxy::{Body, Client, ClientBody};
 use crate::{audit, metrics};
 
 /// Per-connection settings, fixed at start-up.
@@ -95,13 +97,15 @@ const DRAIN: u8 = 1;
 const CLOSE: u8 = 2;
 
 /// Serves one accepted connection (plain TCP, or TLS after the handshake) until it
-/// closes, times out, or the server drains.
+/// closes, times out, or the server drains. `fast_h1`: start on the HTTP/1.1 fast path
+/// (not for a connection ALPN made HTTP/2).
 pub async fn serve<S>(
     stream: S,
     peer: std::net::SocketAddr,
     tls: bool,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    fast_h1: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -113,39 +117,69 @@ pub async fn serve<S>(
         wake: AtomicWaker::new(),
         shared,
     });
-    let io = TokioIo::new(Counted {
+    let mut io = Counted {
         inner: stream,
         conn: conn.clone(),
-    });
+        replay: Bytes::new(),
+    };
+    let watchdog = tokio::spawn(watch(conn.clone()));
+    if !fast_h1 || serve_fast(&conn, &mut io).await == Some(h1::Outcome::HandOver) {
+        serve_hyper(&conn, io, &builder).await;
+    }
+    watchdog.abort();
+}
+
+/// The fast path, until it closes the connection or hands it over. `None`: the
+/// watchdog closed it, or the server drains and no request is in flight.
+async fn serve_fast<S>(conn: &Arc<Conn>, io: &mut Counted<S>) -> Option<h1::Outcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    let outcome = {
+        let fast = h1::serve(
+            io,
+            &mut buf,
+            |req| call(conn.clone(), req),
+            || conn.verdict.load(Acquire) != SERVE,
+        );
+        let mut fast = std::pin::pin!(fast);
+        std::future::poll_fn(|cx| {
+            // Register before reading the verdict, so a verdict stored after the load wakes us.
+            conn.wake.register(cx.waker());
+            let verdict = conn.verdict.load(Acquire);
+            if verdict == CLOSE {
+                return Poll::Ready(None);
+            }
+            let poll = fast.as_mut().poll(cx);
+            // Draining: an idle connection closes now, a busy one after its response.
+            if poll.is_pending() && verdict == DRAIN && conn.activity.in_flight.load(Relaxed) == 0 {
+                return Poll::Ready(None);
+            }
+            poll.map(Some)
+        })
+        .await
+    };
+    if outcome == Some(h1::Outcome::HandOver) {
+        io.replay = buf.freeze();
+    }
+    outcome
+}
+
+/// hyper serves the connection to its end.
+async fn serve_hyper<S>(conn: &Arc<Conn>, io: Counted<S>, builder: &auto::Builder<TokioExecutor>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let conn = conn.clone();
         service_fn(move |req: Request<Incoming>| {
             let conn = conn.clone();
-            async move {
-                let start = Instant::now();
-                conn.activity.requests.fetch_add(1, Relaxed);
-                conn.activity.in_flight.fetch_add(1, Relaxed);
-                let proxy = conn.shared.proxy.load_full();
-                let (resp, audit) = if conn.shared.is_refusing() {
-                    proxy.refuse_draining(req, &conn.client, start)
-                } else {
-                    proxy.handle(req, &conn.client, start).await
-                };
-                let status = resp.status();
-                Ok::<_, Infallible>(resp.map(|body| InFlight {
-                    body,
-                    conn,
-                    status,
-                    start,
-                    audit,
-                }))
-            }
+            async move { Ok::<_, Infallible>(call(conn, req.map(Some)).await) }
         })
     };
-    let http = builder.serve_connection_with_upgrades(io, service);
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut http = std::pin::pin!(http);
-
-    let watchdog = tokio::spawn(watch(conn.clone()));
     let mut draining = false;
     let result = std::future::poll_fn(|cx| {
         // Register before reading the verdict, so a verdict stored after the load wakes us.
@@ -161,10 +195,30 @@ pub async fn serve<S>(
         http.as_mut().poll(cx)
     })
     .await;
-    watchdog.abort();
     if let Err(e) = result {
         tracing::debug!(error = %e, client = %conn.client.ip, "connection ended with an error");
     }
+}
+
+/// Answers one request, whichever path read it.
+async fn call(conn: Arc<Conn>, req: Request<ClientBody>) -> Response<InFlight> {
+    let start = Instant::now();
+    conn.activity.requests.fetch_add(1, Relaxed);
+    conn.activity.in_flight.fetch_add(1, Relaxed);
+    let proxy = conn.shared.proxy.load_full();
+    let (resp, audit) = if conn.shared.is_refusing() {
+        proxy.refuse_draining(req, &conn.client, start)
+    } else {
+        proxy.handle(req, &conn.client, start).await
+    };
+    let status = resp.status();
+    resp.map(|body| InFlight {
+        body,
+        conn,
+        status,
+        start,
+        audit,
+    })
 }
 
 /// The connection's timeouts and drain, in a task of their own: the connection's own
@@ -268,6 +322,8 @@ impl HttpBody for InFlight {
 struct Counted<S> {
     inner: S,
     conn: Arc<Conn>,
+    /// Bytes the fast path read but left to hyper, read again first.
+    replay: Bytes,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -276,6 +332,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {

@@ -6,6 +6,7 @@
 //! small control runtime for signals, reloads and the chain's background tasks.
 
 mod conn;
+mod h1;
 mod tls;
 
 use std::net::SocketAddr;
@@ -195,7 +196,7 @@ fn worker(
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         match &tls {
-                            None => tokio::spawn(conn::serve(stream, peer, false, shared.clone(), builder.clone())),
+                            None => tokio::spawn(conn::serve(stream, peer, false, shared.clone(), builder.clone(), true)),
                             Some((tls, builders)) => tokio::spawn(tls::serve(tls.clone(), stream, peer, shared.clone(), builders.clone())),
                         };
                     }

@@ -168,11 +168,11 @@ pub async fn serve(
         Ok(Err(e)) => return tracing::debug!(error = %e, client = %peer, "TLS handshake failed"),
         Err(_) => return tracing::debug!(client = %peer, "TLS handshake timed out"),
     };
-    let builder = match stream.get_ref().1.alpn_protocol() {
-        Some(b"h2") => &builders.h2,
-        _ => &builders.h1,
+    let (builder, fast_h1) = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => (&builders.h2, false),
+        _ => (&builders.h1, true),
     };
-    conn::serve(stream, peer, true, shared.clone(), builder.clone()).await
+    conn::serve(stream, peer, true, shared.clone(), builder.clone(), fast_h1).await
 }
 
 /// One connection builder per protocol ALPN can choose.
