@@ -16,6 +16,10 @@ use super::forwarded::{HOP_BY_HOP, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDE
 /// The largest response head accepted from the upstream.
 pub const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 100;
+/// Room for the headers middlewares add to a parsed message (a request id, rate-limit
+/// headers, a timing header...): a full map would be regrown on the first insert, even
+/// one that replaces.
+pub const CHAIN_HEADERS: usize = 6;
 
 /// How the request body is framed on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,7 +192,7 @@ pub fn parse_response(
     let base = buf.as_ptr() as usize;
 
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + CHAIN_HEADERS);
     let mut length: Option<u64> = None;
     let mut transfer_encoding: Option<bool> = None; // Some(last coding is chunked)
     let mut conn = ConnectionTokens::default();

@@ -22,6 +22,7 @@ use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proxy::forwarded::has_token;
+use crate::proxy::h1::CHAIN_HEADERS;
 use crate::proxy::ClientBody;
 
 /// Heads that have not ended within this many bytes go to hyper, which applies
@@ -69,7 +70,9 @@ where
         };
         let head_only = req.method() == Method::HEAD;
         // hyper's rule: a client that hangs up before its answer abandons the request.
-        let Some(resp) = until_client_gone(io, buf, call(req)).await else {
+        // Pinned where it is made: the request's future is large, and moving it costs.
+        let answer = pin!(call(req));
+        let Some(resp) = until_client_gone(io, buf, answer).await else {
             return Outcome::Closed;
         };
         // A 101 the client did not ask for leaves nothing to talk on afterwards.
@@ -156,7 +159,7 @@ fn parse_frozen(all: &Bytes) -> Result<(Request<ClientBody>, bool, usize), Miss>
     }
     let path = head.path.unwrap_or("").as_bytes();
     let uri = Uri::from_maybe_shared(all.slice_ref(path)).map_err(|_| Miss::Other)?;
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    let mut headers = HeaderMap::with_capacity(head.headers.len() + CHAIN_HEADERS);
     let mut close = false;
     for h in head.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Miss::Other)?;
@@ -185,12 +188,15 @@ fn parse_frozen(all: &Bytes) -> Result<(Request<ClientBody>, bool, usize), Miss>
 /// Runs `fut` while watching the otherwise idle client socket: end of stream or an error
 /// means the client left, and `None` abandons `fut`. Bytes that arrive meanwhile (a
 /// pipelined request) stay in `buf`, and the watch stops there, as hyper's does.
-async fn until_client_gone<S, F>(io: &mut S, buf: &mut BytesMut, fut: F) -> Option<F::Output>
+async fn until_client_gone<S, F>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    mut fut: Pin<&mut F>,
+) -> Option<F::Output>
 where
     S: AsyncRead + Unpin,
     F: Future,
 {
-    let mut fut = pin!(fut);
     poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
@@ -250,7 +256,7 @@ where
             Poll::Pending => {
                 // Nothing more yet (a slow stream): what is gathered goes out meanwhile.
                 flush(io, out).await?;
-                let next = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+                let next = pin!(poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)));
                 until_client_gone(io, buf, next)
                     .await
                     .ok_or(io::ErrorKind::ConnectionAborted)?
