@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware};
 use crate::config::value::ByteSize;
+use crate::proxy::h1::parse_length;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,7 +48,7 @@ impl Middleware for BodyLimit {
         let declared = req
             .headers
             .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            .and_then(|v| parse_length(v.as_bytes().trim_ascii()));
         if declared.is_some_and(|len| len > self.max) {
             return Flow::Respond(ctx.reject(StatusCode::PAYLOAD_TOO_LARGE, &self.message));
         }

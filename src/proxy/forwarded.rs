@@ -95,16 +95,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && headers
             .get_all(CONNECTION)
             .iter()
-            .any(|v| has_token(v, "upgrade"))
-}
-
-/// Whether a comma-separated header value (`Connection`, say) lists `token`.
-pub fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .unwrap_or("")
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+            .any(|v| super::h1::has_token(v, "upgrade"))
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the

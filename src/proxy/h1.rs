@@ -207,15 +207,8 @@ pub fn parse_response(
                 .map_err(|_| InvalidResponse("invalid header value"))?
         };
         if name == CONTENT_LENGTH {
-            for item in value
-                .to_str()
-                .map_err(|_| InvalidResponse("invalid content-length"))?
-                .split(',')
-            {
-                let n: u64 = item
-                    .trim()
-                    .parse()
-                    .map_err(|_| InvalidResponse("invalid content-length"))?;
+            for item in list_items(&value) {
+                let n = parse_length(item).ok_or(InvalidResponse("invalid content-length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(InvalidResponse("conflicting content-length"));
                 }
@@ -289,12 +282,12 @@ struct ConnectionTokens {
 
 impl ConnectionTokens {
     fn add(&mut self, value: &HeaderValue) {
-        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-            if token.eq_ignore_ascii_case("close") {
+        for token in list_items(value) {
+            if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
-            } else if token.eq_ignore_ascii_case("keep-alive") {
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
-            } else if !token.is_empty() && !token.eq_ignore_ascii_case("upgrade") {
+            } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
                 self.other = true;
                 self.values.push(value.clone());
             }
@@ -308,6 +301,31 @@ impl ConnectionTokens {
             }
         }
     }
+}
+
+/// The items of a comma-separated list value (RFC 9110 §5.6.1), without the spaces
+/// around them. Bytes, not `str`: these are checked on every message.
+pub fn list_items(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+}
+
+/// Whether a list value (`Connection`, say) holds `token`, in any case.
+pub fn has_token(value: &HeaderValue, token: &str) -> bool {
+    list_items(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// A `Content-Length` value: digits only (RFC 9110 §8.6), so no sign or space slips by.
+pub fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?
+    })
 }
 
 /// Decodes a chunked body incrementally from a read buffer.
@@ -410,6 +428,45 @@ mod tests {
     use http::Request;
 
     const XF: &str = "x-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n";
+
+    #[test]
+    fn lengths_are_digits_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b"5 ",
+            b"0x10",
+            b"18446744073709551616",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn list_items_are_trimmed_and_tokens_found_in_any_case() {
+        let value = HeaderValue::from_static(" keep-alive ,, Upgrade,x");
+        let items: Vec<&[u8]> = list_items(&value).collect();
+        assert_eq!(items, [&b"keep-alive"[..], b"", b"Upgrade", b"x"]);
+        assert!(has_token(&value, "upgrade"));
+        assert!(!has_token(&value, "close"));
+    }
+
+    #[test]
+    fn a_repeated_equal_length_is_one_length_and_a_different_one_is_refused() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"[..]);
+        let head = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.framing, ResponseFraming::Length(2));
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok"[..]);
+        assert!(parse_response(&mut buf, &Method::GET).is_err());
+    }
 
     fn encode(req: Request<()>, framing: RequestFraming) -> String {
         let (parts, ()) = req.into_parts();

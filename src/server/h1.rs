@@ -21,8 +21,7 @@ use http::{Uri, Version};
 use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::proxy::forwarded::has_token;
-use crate::proxy::h1::CHAIN_HEADERS;
+use crate::proxy::h1::{has_token, parse_length, CHAIN_HEADERS};
 use crate::proxy::ClientBody;
 
 /// Heads that have not ended within this many bytes go to hyper, which applies
@@ -342,11 +341,7 @@ fn encode_head(
             if length.is_some() {
                 continue;
             }
-            match value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
+            match parse_length(value.as_bytes().trim_ascii()) {
                 Some(n) => length = Some(n),
                 None => continue,
             }
