@@ -426,6 +426,166 @@ fn push_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Body;
+    use tokio::io::DuplexStream;
+
+    /// Runs the fast path on one end of an in-memory pipe, answering every request with
+    /// its URI as the body; returns the client's end and the server's outcome.
+    fn start(draining: bool) -> (DuplexStream, tokio::task::JoinHandle<(Outcome, BytesMut)>) {
+        let (client, mut server) = tokio::io::duplex(64 << 10);
+        let task = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let call = |req: Request<ClientBody>| async move {
+                Response::new(Body::full(Bytes::from(req.uri().to_string())))
+            };
+            let outcome = serve(&mut server, &mut buf, call, move || draining).await;
+            (outcome, buf)
+        });
+        (client, task)
+    }
+
+    async fn read_all(client: &mut DuplexStream) -> String {
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_until_the_client_asks_to_close() {
+        let (mut client, task) = start(false);
+        client
+            .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut client).await;
+        let (one, two) = text.split_once("/one").expect("first answer");
+        assert!(
+            one.starts_with("HTTP/1.1 200 OK\r\n") && one.contains("content-length: 4\r\n"),
+            "{text}"
+        );
+        assert!(!one.contains("connection"), "{text}");
+        assert!(
+            two.contains("connection: close\r\n") && two.ends_with("\r\n\r\n/two"),
+            "{text}"
+        );
+        assert_eq!(task.await.unwrap().0, Outcome::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_draining_server_announces_the_close() {
+        let (mut client, task) = start(true);
+        client
+            .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut client).await;
+        assert!(
+            text.contains("connection: close\r\n") && text.ends_with("/x"),
+            "{text}"
+        );
+        assert_eq!(task.await.unwrap().0, Outcome::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_request_for_hyper_is_handed_over_with_its_bytes() {
+        let (mut client, task) = start(false);
+        let post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx";
+        client
+            .write_all(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(post).await.unwrap();
+        let (outcome, buf) = task.await.unwrap();
+        assert_eq!(outcome, Outcome::HandOver);
+        assert_eq!(&buf[..], post);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_abandons_its_request() {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut started_tx = Some(started_tx);
+        let task = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let call = |_req: Request<ClientBody>| {
+                let started = started_tx.take();
+                async move {
+                    let _ = started.map(|s| s.send(()));
+                    // An upstream that never answers.
+                    std::future::pending::<Response<Body>>().await
+                }
+            };
+            serve(&mut server, &mut buf, call, || false).await
+        });
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        started_rx.await.expect("the request reached the service");
+        drop(client);
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+        assert_eq!(outcome.expect("serve returned").unwrap(), Outcome::Closed);
+    }
+
+    /// A body of unknown length, in the given pieces.
+    struct Pieces(Vec<&'static str>);
+
+    impl HttpBody for Pieces {
+        type Data = Bytes;
+        type Error = io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            let next = (!self.0.is_empty()).then(|| self.0.remove(0));
+            Poll::Ready(next.map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))))
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_of_unknown_length_are_chunked_and_short_ones_close_the_connection() {
+        for (declared, expect_closed) in [(None, false), (Some("10"), true)] {
+            let (mut client, mut server) = tokio::io::duplex(4096);
+            let task = tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                let call = |_req: Request<ClientBody>| async move {
+                    let mut resp = Response::new(Pieces(vec!["ab", "", "cd"]));
+                    if let Some(len) = declared {
+                        resp.headers_mut()
+                            .insert(CONTENT_LENGTH, HeaderValue::from_static(len));
+                    }
+                    resp
+                };
+                serve(&mut server, &mut buf, call, || false).await
+            });
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .unwrap();
+            if expect_closed {
+                // 4 of the 10 bytes promised: the connection ends instead of hanging.
+                let text = read_all(&mut client).await;
+                assert!(text.ends_with("\r\n\r\nabcd"), "{text}");
+                assert_eq!(task.await.unwrap(), Outcome::Closed);
+            } else {
+                let mut text = String::new();
+                while !text.ends_with("0\r\n\r\n") {
+                    let mut piece = vec![0; 1024];
+                    let n = client.read(&mut piece).await.unwrap();
+                    assert!(n > 0, "closed early: {text}");
+                    text.push_str(&String::from_utf8_lossy(&piece[..n]));
+                }
+                assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+                assert!(
+                    text.ends_with("\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"),
+                    "{text}"
+                );
+                drop(client);
+                assert_eq!(task.await.unwrap(), Outcome::Closed);
+            }
+        }
+    }
 
     fn parse_str(text: &str) -> (Result<(Request<ClientBody>, bool), Miss>, BytesMut) {
         let mut buf = BytesMut::from(text.as_bytes());
