@@ -82,11 +82,11 @@ pub fn encode_request(
         header_line(out, b"x-forwarded-host", host.as_bytes());
     }
     match framing {
-        RequestFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        RequestFraming::Length(n) => header_line(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        ),
         RequestFraming::None
             if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) =>
         {
@@ -98,29 +98,35 @@ pub fn encode_request(
     out.extend_from_slice(b"\r\n");
 }
 
-fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// One `name: value` line of a head, in either direction.
+pub fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
-/// Frames one chunk of a chunked request body.
+/// Frames one chunk of a chunked body.
 pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
+    encode_chunk_size(data.len(), out);
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The size line that opens a chunk of `len` bytes, for a writer that sends the data
+/// itself (the chunk ends with a CRLF after it).
+pub fn encode_chunk_size(mut len: usize, out: &mut Vec<u8>) {
     let mut hex = [0u8; 16];
-    let mut n = data.len();
     let mut i = hex.len();
     loop {
         i -= 1;
-        hex[i] = b"0123456789abcdef"[n % 16];
-        n /= 16;
-        if n == 0 {
+        hex[i] = b"0123456789abcdef"[len % 16];
+        len /= 16;
+        if len == 0 {
             break;
         }
     }
     out.extend_from_slice(&hex[i..]);
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
 

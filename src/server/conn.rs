@@ -91,6 +91,15 @@ struct Conn {
     wake: AtomicWaker,
 }
 
+impl Conn {
+    /// The watchdog's verdict, with the connection's task registered to hear a change.
+    fn verdict(&self, cx: &Context<'_>) -> u8 {
+        // Register before reading, so a verdict stored after the load wakes us.
+        self.wake.register(cx.waker());
+        self.verdict.load(Acquire)
+    }
+}
+
 /// Verdicts: keep serving; finish the request in flight and close; close now.
 const SERVE: u8 = 0;
 const DRAIN: u8 = 1;
@@ -145,9 +154,7 @@ where
         );
         let mut fast = std::pin::pin!(fast);
         std::future::poll_fn(|cx| {
-            // Register before reading the verdict, so a verdict stored after the load wakes us.
-            conn.wake.register(cx.waker());
-            let verdict = conn.verdict.load(Acquire);
+            let verdict = conn.verdict(cx);
             if verdict == CLOSE {
                 return Poll::Ready(None);
             }
@@ -182,9 +189,7 @@ where
     let mut http = std::pin::pin!(http);
     let mut draining = false;
     let result = std::future::poll_fn(|cx| {
-        // Register before reading the verdict, so a verdict stored after the load wakes us.
-        conn.wake.register(cx.waker());
-        match conn.verdict.load(Acquire) {
+        match conn.verdict(cx) {
             CLOSE => return Poll::Ready(Ok(())),
             DRAIN if !draining => {
                 draining = true;

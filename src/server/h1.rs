@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
-use std::io::{self, Write};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
@@ -21,7 +21,9 @@ use http::{Uri, Version};
 use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::proxy::h1::{has_token, parse_length, CHAIN_HEADERS};
+use crate::proxy::h1::{
+    encode_chunk_size, has_token, header_line, parse_length, CHAIN_HEADERS, LAST_CHUNK,
+};
 use crate::proxy::ClientBody;
 
 /// Heads that have not ended within this many bytes go to hyper, which applies
@@ -244,6 +246,7 @@ where
     let (parts, mut body) = resp.into_parts();
     out.clear();
     let framing = encode_head(out, &parts, head_only, body.size_hint().exact(), close);
+    // Its header values may pin the upstream's read buffer: let go before streaming.
     drop(parts);
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -273,7 +276,7 @@ where
             .checked_sub(data.len() as u64)
             .ok_or_else(|| io::Error::other("response body longer than its content-length"))?;
         if framing == Framing::Chunked {
-            write!(out, "{:x}\r\n", data.len())?;
+            encode_chunk_size(data.len(), out);
         }
         if out.len() + data.len() <= WRITE_BATCH {
             out.extend_from_slice(&data);
@@ -289,7 +292,7 @@ where
         }
     }
     match framing {
-        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Chunked => out.extend_from_slice(LAST_CHUNK),
         // A body that ends short would leave the client waiting: the connection closes.
         Framing::Length(_) if left != 0 => {
             flush(io, out).await?;
@@ -353,66 +356,53 @@ fn encode_head(
         } else if name == CONNECTION {
             has_close |= has_token(value, "close");
         }
-        push_header(out, name.as_str(), value.as_bytes());
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let no_length = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let framing = if no_length || head_only {
-        // A HEAD answer states the length a GET would get, but never an implicit 0.
-        if let (true, None, Some(n @ 1..)) = (head_only && !no_length, length, exact) {
-            push_header(
-                out,
-                "content-length",
-                itoa::Buffer::new().format(n).as_bytes(),
-            );
-        }
-        Framing::None
+    // The length to declare, when the headers did not: a HEAD answer states the length a
+    // GET would get, but never an implicit 0.
+    let (framing, declare) = if no_length || head_only {
+        let head_length = exact.filter(|&n| head_only && !no_length && length.is_none() && n > 0);
+        (Framing::None, head_length)
     } else {
         match (length, exact) {
-            (Some(n), _) => Framing::Length(n),
-            (None, Some(n)) => {
-                push_header(
-                    out,
-                    "content-length",
-                    itoa::Buffer::new().format(n).as_bytes(),
-                );
-                Framing::Length(n)
-            }
+            (Some(n), _) => (Framing::Length(n), None),
+            (None, Some(n)) => (Framing::Length(n), Some(n)),
             (None, None) => {
-                push_header(out, "transfer-encoding", b"chunked");
-                Framing::Chunked
+                header_line(out, b"transfer-encoding", b"chunked");
+                (Framing::Chunked, None)
             }
         }
     };
+    if let Some(n) = declare {
+        header_line(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        );
+    }
     if close && !has_close {
-        push_header(out, "connection", b"close");
+        header_line(out, b"connection", b"close");
     }
     if !has_date {
-        out.extend_from_slice(b"date: ");
-        push_date(out);
-        out.extend_from_slice(b"\r\n");
+        header_line(out, b"date", &http_date());
     }
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// An IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT").
 const DATE_LEN: usize = 29;
 
 thread_local! {
-    /// The `date` value of the current second, formatted once per second per worker.
+    /// The second `http_date` last formatted, and its text.
     static DATE_CACHE: Cell<(u64, [u8; DATE_LEN])> = const { Cell::new((u64::MAX, [0; DATE_LEN])) };
 }
 
-fn push_date(out: &mut Vec<u8>) {
+/// The current second as an IMF-fixdate, formatted once per second per worker.
+fn http_date() -> [u8; DATE_LEN] {
     let now = SystemTime::now();
     let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (cached, mut text) = DATE_CACHE.get();
@@ -420,7 +410,7 @@ fn push_date(out: &mut Vec<u8>) {
         text.copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
         DATE_CACHE.set((second, text));
     }
-    out.extend_from_slice(&text);
+    text
 }
 
 #[cfg(test)]
