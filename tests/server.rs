@@ -258,21 +258,27 @@ async fn idle_timeout_does_not_cut_a_slow_streaming_response() {
     assert_eq!(resp.text(), "data: 0\n\ndata: 1\n\ndata: 2\n\n");
 }
 
-#[tokio::test]
-async fn pipelined_requests_and_connection_close() {
-    let (up, gh) = proxy_with("", "", "").await;
-    let (reply, closed) = raw_exchange(
-        gh.port,
-        b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n\
-          GET /status/201 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(20),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&reply);
+/// Sends pipelined requests, the last asking to close, and returns what came back once
+/// the connection closed (which it must).
+async fn pipelined_until_close(port: u16, requests: &[u8]) -> String {
+    let (reply, closed) = raw_exchange(port, requests, Duration::from_secs(20)).await;
+    let text = String::from_utf8_lossy(&reply).into_owned();
     assert!(
         closed,
         "Connection: close must close the connection: {text:?}"
     );
+    text
+}
+
+#[tokio::test]
+async fn pipelined_requests_and_connection_close() {
+    let (up, gh) = proxy_with("", "", "").await;
+    let text = pipelined_until_close(
+        gh.port,
+        b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /status/201 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let first = text.find("HTTP/1.1 200").expect("first response");
     let second = text.find("HTTP/1.1 201").expect("second response");
     assert!(first < second, "responses out of order: {text:?}");
@@ -304,19 +310,13 @@ async fn one_connection_goes_from_bodiless_requests_to_bodies_and_back() {
 #[tokio::test]
 async fn pipelined_requests_with_a_body_between_them() {
     let (up, gh) = proxy_with("", "", "").await;
-    let (reply, closed) = raw_exchange(
+    let text = pipelined_until_close(
         gh.port,
         b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n\
           POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
           GET /status/201 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(20),
     )
     .await;
-    let text = String::from_utf8_lossy(&reply);
-    assert!(
-        closed,
-        "Connection: close must close the connection: {text:?}"
-    );
     let first = text.find("/echo?n=1").expect("first response");
     let second = text
         .find("\"hello\"")

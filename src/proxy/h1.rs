@@ -156,6 +156,22 @@ pub struct Head {
 #[derive(Debug)]
 pub struct InvalidResponse(pub &'static str);
 
+/// A parsed header line as `http` types. The value is not copied: `share` gives the bytes
+/// of the head that back it (an empty value needs none). `Err` names the part not valid.
+pub fn shared_header(
+    name: &[u8],
+    value: &[u8],
+    share: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<(HeaderName, HeaderValue), &'static str> {
+    let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
+    let value = if value.is_empty() {
+        HeaderValue::from_static("")
+    } else {
+        HeaderValue::from_maybe_shared(share(value)).map_err(|_| "invalid header value")?
+    };
+    Ok((name, value))
+}
+
 /// Parses a response head from the start of `buf`. `Ok(None)`: not complete yet.
 /// On success, the head's bytes are removed from `buf`.
 ///
@@ -203,15 +219,11 @@ pub fn parse_response(
     let mut transfer_encoding: Option<bool> = None; // Some(last coding is chunked)
     let mut conn = ConnectionTokens::default();
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| InvalidResponse("invalid header name"))?;
-        let value = if h.value.is_empty() {
-            HeaderValue::from_static("")
-        } else {
-            let at = h.value.as_ptr() as usize - base;
-            HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
-                .map_err(|_| InvalidResponse("invalid header value"))?
-        };
+        let (name, value) = shared_header(h.name.as_bytes(), h.value, |v| {
+            let at = v.as_ptr() as usize - base;
+            head.slice(at..at + v.len())
+        })
+        .map_err(InvalidResponse)?;
         if name == CONTENT_LENGTH {
             for item in list_items(&value) {
                 let n = parse_length(item).ok_or(InvalidResponse("invalid content-length"))?;

@@ -16,13 +16,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
-use http::{response, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{response, HeaderMap, Method, Request, Response, StatusCode};
 use http::{Uri, Version};
 use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proxy::h1::{
-    encode_chunk_size, has_token, header_line, parse_length, CHAIN_HEADERS, LAST_CHUNK,
+    encode_chunk_size, has_token, header_line, parse_length, shared_header, CHAIN_HEADERS,
+    LAST_CHUNK,
 };
 use crate::proxy::ClientBody;
 
@@ -163,12 +164,8 @@ fn parse_frozen(all: &Bytes) -> Result<(Request<ClientBody>, bool, usize), Miss>
     let mut headers = HeaderMap::with_capacity(head.headers.len() + CHAIN_HEADERS);
     let mut close = false;
     for h in head.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Miss::Other)?;
-        let value = if h.value.is_empty() {
-            HeaderValue::from_static("")
-        } else {
-            HeaderValue::from_maybe_shared(all.slice_ref(h.value)).map_err(|_| Miss::Other)?
-        };
+        let (name, value) = shared_header(h.name.as_bytes(), h.value, |v| all.slice_ref(v))
+            .map_err(|_| Miss::Other)?;
         if (name == CONTENT_LENGTH && value != "0") || name == TRANSFER_ENCODING || name == UPGRADE
         {
             return Err(Miss::Other);
@@ -417,6 +414,7 @@ fn http_date() -> [u8; DATE_LEN] {
 mod tests {
     use super::*;
     use crate::proxy::Body;
+    use http::{HeaderName, HeaderValue};
     use tokio::io::DuplexStream;
 
     /// Runs the fast path on one end of an in-memory pipe, answering every request with
