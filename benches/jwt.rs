@@ -8,7 +8,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use gatehouse::chain::{Context, Flow, Middleware};
-use gatehouse::middleware::Spec;
+use gatehouse::config::Entries;
+use gatehouse::middleware::{Handles, Spec};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 fn fixture(name: &str) -> String {
@@ -17,7 +18,9 @@ fn fixture(name: &str) -> String {
 
 fn build(kind: &str, settings: &str) -> Box<dyn Middleware> {
     let value: toml::Value = toml::from_str(settings).unwrap();
-    Spec::parse(kind, value).unwrap().build(kind)
+    Spec::parse(kind, value)
+        .unwrap()
+        .build(kind, &Handles::offline())
 }
 
 fn token(alg: Algorithm, key: &EncodingKey) -> String {
@@ -41,7 +44,7 @@ fn check(c: &mut Criterion, name: &str, middleware: &dyn Middleware, header: (&s
                     .header(header.0, header.1)
                     .body(())
                     .unwrap();
-                let ctx = Context::new([127, 0, 0, 1].into(), Instant::now());
+                let ctx = Context::new([127, 0, 0, 1].into(), false, Instant::now(), 0);
                 (req.into_parts().0, ctx)
             },
             |(parts, ctx)| match middleware.on_request(parts, ctx) {

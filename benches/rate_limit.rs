@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use gatehouse::chain::{Context, Flow, Middleware};
-use gatehouse::middleware::Spec;
+use gatehouse::config::Entries;
+use gatehouse::middleware::{Handles, Spec};
 use http::{Request, Response};
 
 fn limiter() -> Box<dyn Middleware> {
     let settings = toml::from_str("rate = \"1000000/s\"\nburst = 1000\nmax_keys = 100000").unwrap();
-    Spec::parse("rate_limit", settings).unwrap().build("bench")
+    Spec::parse("rate_limit", settings)
+        .unwrap()
+        .build("bench", &Handles::offline())
 }
 
 fn bench(c: &mut Criterion) {
@@ -38,7 +41,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 i += 1;
                 let ip = ips[i as usize % keys];
-                let mut ctx = Context::new(ip, epoch + Duration::from_micros(i));
+                let mut ctx = Context::new(ip, false, epoch + Duration::from_micros(i), 0);
                 assert!(matches!(
                     limiter.on_request(&mut req, &mut ctx),
                     Flow::Continue
@@ -51,7 +54,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decide_and_headers/one_key", |b| {
         b.iter(|| {
             i += 1;
-            let mut ctx = Context::new(ip, epoch + Duration::from_micros(i));
+            let mut ctx = Context::new(ip, false, epoch + Duration::from_micros(i), 0);
             assert!(matches!(
                 limiter.on_request(&mut req, &mut ctx),
                 Flow::Continue

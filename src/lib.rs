@@ -1,16 +1,24 @@
 //! gatehouse: a reverse-proxy sidecar that applies a TOML-configured middleware chain in
 //! front of any service.
 //!
-//! Layout follows the request: [`server`] accepts connections, [`proxy`] carries each
-//! request through the [`chain`] of [`middleware`] to the upstream and back, all built
-//! from [`config`].
+//! Layers, bottom to top, each importing only from below: [`config`] (the file's schema,
+//! knowing no middleware), [`http1`] (the wire format both ways), [`json`] and
+//! [`metrics`]; [`client`] (every outbound request); [`chain`] (the middleware trait, the
+//! request context, gatehouse's own answers); [`middleware`] (one file per TOML `type`);
+//! [`audit`]; [`proxy`] (one request's path, start to record); [`server`] and [`admin`].
 
 pub mod admin;
 pub mod audit;
 pub mod chain;
+pub mod client;
 pub mod config;
+pub mod http1;
+pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod server;
+
+/// A config file with gatehouse's middleware types.
+pub type Config = config::Config<middleware::Spec>;

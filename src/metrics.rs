@@ -1,14 +1,15 @@
-//! Process-wide Prometheus metrics (SPEC "Admin").
+//! The Prometheus metrics (SPEC "Admin").
 //!
 //! prometheus-client owns the families and the text format; the request path only ever
 //! does atomic increments on handles resolved once (per status code, per middleware), never
 //! a label lookup under a lock. Its own histogram takes a mutex per observation, so
 //! durations go into [`Histogram`], an array of atomic buckets encoded through the crate.
-//! Metrics outlive config reloads: they are one static set for the whole process.
+//! One [`Metrics`] is made per server and handed to what counts; it outlives config
+//! reloads, and tests build their own.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -17,8 +18,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-
-use crate::proxy::upstream::UpstreamError;
 
 /// Every metric family gatehouse exports, present (zero-valued) from the first scrape.
 pub struct Metrics {
@@ -32,10 +31,9 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     rejections: Family<RejectionLabels, Counter>,
     upstream_errors: Family<KindLabel, Counter>,
-    /// Handles for every kind of upstream failure, resolved at start (a short list).
-    upstream_errors_by_kind: Box<[(&'static str, Counter)]>,
     audit_events: Family<AuditLabels, Counter>,
-    /// `gatehouse_audit_dropped_total`: events lost because the queue was full.
+    /// `gatehouse_audit_dropped_total`: events lost to a full buffer, the shared queue's
+    /// or a sink's (per sink, also in `gatehouse_audit_events_total{outcome="dropped"}`).
     pub audit_dropped: Counter,
     /// `gatehouse_audit_queue_depth`: events waiting for the sink workers.
     pub audit_queue_depth: Gauge,
@@ -82,13 +80,6 @@ struct ResultLabel {
     result: &'static str,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-/// The process's metrics.
-pub fn global() -> &'static Metrics {
-    &METRICS
-}
-
 /// Bucket bounds in seconds for both duration histograms: 0.5 ms to 30 s, as a sidecar
 /// adds well under a millisecond and an app's slowest answers run to its timeout.
 const DURATION_BUCKETS: [f64; 16] = [
@@ -96,8 +87,14 @@ const DURATION_BUCKETS: [f64; 16] = [
     30.0,
 ];
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
-    fn new() -> Metrics {
+    pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<StatusLabel, Counter>::default();
         let request_duration = Histogram::new(&DURATION_BUCKETS);
@@ -148,7 +145,7 @@ impl Metrics {
         );
         registry.register(
             "gatehouse_audit_dropped",
-            "Audit events dropped because the queue was full",
+            "Audit events lost to a full buffer: the shared queue's or a sink's",
             audit_dropped.clone(),
         );
         registry.register(
@@ -175,15 +172,6 @@ impl Metrics {
         Metrics {
             registry,
             requests_by_status: ByStatus::new(100),
-            upstream_errors_by_kind: UpstreamError::KINDS
-                .iter()
-                .map(|&kind| {
-                    (
-                        kind,
-                        upstream_errors.get_or_create_owned(&KindLabel { kind }),
-                    )
-                })
-                .collect(),
             requests,
             request_duration,
             upstream_duration,
@@ -206,9 +194,8 @@ impl Metrics {
         self.request_duration.observe(duration);
     }
 
-    /// One `gatehouse_requests_total` count, for the unit tests.
-    #[cfg(test)]
-    fn requests(&self, status: u16) -> u64 {
+    /// One `gatehouse_requests_total` count, for tests.
+    pub fn requests(&self, status: u16) -> u64 {
         self.requests.get_or_create(&StatusLabel { status }).get()
     }
 
@@ -221,19 +208,11 @@ impl Metrics {
         })
     }
 
-    /// Counts a failed upstream request under its [`UpstreamError::kind`].
-    pub fn upstream_error(&self, kind: &'static str) {
-        match self
-            .upstream_errors_by_kind
-            .iter()
-            .find(|(k, _)| *k == kind)
-        {
-            Some((_, counter)) => counter.inc(),
-            None => self
-                .upstream_errors
-                .get_or_create(&KindLabel { kind })
-                .inc(),
-        };
+    /// A handle for `gatehouse_upstream_errors_total{kind}`; the proxy resolves one per
+    /// kind of failure when it is built.
+    pub fn upstream_errors(&self, kind: &'static str) -> Counter {
+        self.upstream_errors
+            .get_or_create_owned(&KindLabel { kind })
     }
 
     /// A handle for `gatehouse_audit_events_total{sink, outcome}` (e.g. `delivered`,

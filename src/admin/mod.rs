@@ -13,13 +13,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::chain::reply;
-use crate::metrics;
-use crate::proxy::Body;
+use crate::chain::reject::json_error;
+use crate::metrics::Metrics;
+
+type Body = Full<Bytes>;
 
 /// What prometheus-client writes: OpenMetrics text (it ends in `# EOF`).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -54,7 +56,7 @@ impl Health {
 }
 
 /// Serves admin connections from `listener` until the process exits.
-pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
+pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -67,9 +69,9 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
                 continue;
             }
         };
-        let health = health.clone();
+        let (health, metrics) = (health.clone(), metrics.clone());
         let service = service_fn(move |req: Request<Incoming>| {
-            std::future::ready(Ok::<_, Infallible>(answer(&req, &health)))
+            std::future::ready(Ok::<_, Infallible>(answer(&req, &health, &metrics)))
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
@@ -80,7 +82,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
     }
 }
 
-fn answer(req: &Request<Incoming>, health: &Health) -> Response<Body> {
+fn answer(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -103,7 +105,7 @@ fn answer(req: &Request<Incoming>, health: &Health) -> Response<Body> {
         "/metrics" => text(
             StatusCode::OK,
             METRICS_CONTENT_TYPE,
-            metrics::global().encode().into(),
+            metrics.encode().into(),
         ),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -113,7 +115,7 @@ fn answer(req: &Request<Incoming>, health: &Health) -> Response<Body> {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Body::full(body));
+    let mut resp = Response::new(Body::new(body));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -122,7 +124,7 @@ fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response
 
 /// gatehouse's usual JSON error body.
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    reply::error(status, message, None).map(Body::full)
+    json_error(status, message, None).map(Body::new)
 }
 
 /// Probes the upstream every `every` (`[admin] upstream_check`) and records whether the

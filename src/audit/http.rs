@@ -1,21 +1,26 @@
-//! The `http` sink: each batch POSTed as one JSON array over pooled keep-alive connections.
-//! 5xx, 429, timeouts and connection errors are retried with exponential backoff and
-//! jitter; any other answer outside 2xx fails the batch at once (retrying cannot fix it).
+//! The `http` sink: each batch POSTed as one JSON array over pooled keep-alive connections
+//! (gatehouse's one outbound client). 5xx, 429, timeouts and connection errors are retried
+//! with exponential backoff and jitter; any other answer outside 2xx fails the batch at
+//! once (retrying cannot fix it).
 
 use std::time::Duration;
 
 use ::http::header::CONTENT_TYPE;
 use ::http::{HeaderValue, Request, StatusCode, Uri};
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
-use super::settings::HttpSettings;
+use crate::client::{Endpoint, Target};
+use crate::config::audit::HttpSettings;
+
+/// The most of a collector's answer body that is read (and discarded).
+const MAX_ANSWER: usize = 64 << 10;
+/// Idle connections to the collector are kept this long.
+const POOL_IDLE: Duration = Duration::from_secs(30);
 
 pub struct HttpWriter {
-    client: Client<HttpConnector, Full<Bytes>>,
+    collector: Endpoint,
+    /// The control thread's pool shard, where sinks run.
+    shard: usize,
     url: Uri,
     headers: Vec<(::http::HeaderName, HeaderValue)>,
     timeout: Duration,
@@ -36,13 +41,13 @@ enum Attempt {
 }
 
 impl HttpWriter {
-    pub fn new(s: &HttpSettings) -> HttpWriter {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(s.timeout.0));
-        connector.set_nodelay(true);
+    pub fn new(s: &HttpSettings, shards: usize) -> HttpWriter {
+        let url: Uri = s.url.parse().expect("validated at load");
+        let target = Target::from_uri(&url).expect("validated: an http URL with a host");
         HttpWriter {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            url: s.url.parse().expect("validated at load"),
+            collector: Endpoint::new(target, s.timeout.0, POOL_IDLE, shards),
+            shard: shards - 1,
+            url,
             headers: s.headers.0.clone(),
             timeout: s.timeout.0,
             retries: s.retries,
@@ -75,30 +80,27 @@ impl HttpWriter {
 
     async fn attempt(&self, body: Bytes) -> Attempt {
         let mut req = Request::post(self.url.clone())
-            .body(Full::new(body))
+            .body(body)
             .expect("a valid request");
         let headers = req.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, value) in &self.headers {
             headers.insert(name.clone(), value.clone());
         }
-        let exchange = async {
-            let resp = self.client.request(req).await?;
-            let status = resp.status();
-            // Read the answer to the end so the connection goes back to the pool.
-            http_body_util::BodyExt::collect(resp.into_body()).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
-        };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Attempt::Retry(format!("no answer within {:?}", self.timeout)),
-            Ok(Err(e)) => Attempt::Retry(format!("{e}")),
-            Ok(Ok(status)) if status.is_success() => Attempt::Delivered,
-            Ok(Ok(status))
-                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
+        match self
+            .collector
+            .fetch(self.shard, req, self.timeout, MAX_ANSWER)
+            .await
+        {
+            Err(e) => Attempt::Retry(e),
+            Ok(resp) if resp.status().is_success() => Attempt::Delivered,
+            Ok(resp)
+                if resp.status().is_server_error()
+                    || resp.status() == StatusCode::TOO_MANY_REQUESTS =>
             {
-                Attempt::Retry(format!("collector answered {status}"))
+                Attempt::Retry(format!("collector answered {}", resp.status()))
             }
-            Ok(Ok(status)) => Attempt::Fail(format!("collector answered {status}")),
+            Ok(resp) => Attempt::Fail(format!("collector answered {}", resp.status())),
         }
     }
 }

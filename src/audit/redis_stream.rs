@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 
-use super::settings::RedisSettings;
+use crate::config::audit::RedisSettings;
 
 pub struct RedisWriter {
     client: redis::Client,

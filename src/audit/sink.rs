@@ -9,10 +9,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::settings::SinkKind;
 use super::spool::Spool;
 use super::{file, http, redis_stream, stdout, Throttle};
-use crate::metrics;
+use crate::config::audit::SinkKind;
+use crate::metrics::Metrics;
 
 /// What the dispatcher, the worker and shutdown share about one sink.
 pub struct SinkState {
@@ -22,30 +22,39 @@ pub struct SinkState {
     delivered: Counter,
     failed: Counter,
     spooled: Counter,
+    /// Events lost for this sink to a full buffer (also in `gatehouse_audit_dropped_total`).
     pub dropped: Counter,
     pub lost: Counter,
+    /// `gatehouse_audit_dropped_total`.
+    all_dropped: Counter,
     overflow_warning: Throttle,
 }
 
 impl SinkState {
-    pub fn new(name: &str) -> SinkState {
+    pub fn new(name: &str, m: &Metrics) -> SinkState {
         let name: Arc<str> = name.into();
-        let m = metrics::global();
         SinkState {
             delivered: m.audit_events(&name, "delivered"),
             failed: m.audit_events(&name, "failed"),
             spooled: m.audit_events(&name, "spooled"),
             dropped: m.audit_events(&name, "dropped"),
             lost: m.audit_events(&name, "lost"),
+            all_dropped: m.audit_dropped.clone(),
             pending: AtomicU64::new(0),
             overflow_warning: Throttle::default(),
             name,
         }
     }
 
+    /// Counts `n` events this sink lost to a full buffer (its channel, or its spool's bound).
+    fn drop_events(&self, n: u64) {
+        self.dropped.inc_by(n);
+        self.all_dropped.inc_by(n);
+    }
+
     /// The sink's buffer was full: this sink misses the event, the others do not.
     pub fn overflow(&self) {
-        self.dropped.inc();
+        self.drop_events(1);
         if self.overflow_warning.ready() {
             tracing::warn!(sink = %self.name, dropped_total = self.dropped.get(), "audit sink too slow: its buffer is full and events are dropped for it");
         }
@@ -66,11 +75,13 @@ pub enum Writer {
 }
 
 impl Writer {
-    pub fn new(kind: &SinkKind) -> Writer {
+    /// `reopen` is the SIGHUP generation file sinks follow; `shards` the connection-pool
+    /// shards (the last one is the control thread's, where sinks run).
+    pub fn new(kind: &SinkKind, reopen: &Arc<AtomicU64>, shards: usize) -> Writer {
         match kind {
             SinkKind::Stdout => Writer::Stdout,
-            SinkKind::File(s) => Writer::File(file::FileWriter::new(s.path.clone())),
-            SinkKind::Http(s) => Writer::Http(Box::new(http::HttpWriter::new(s))),
+            SinkKind::File(s) => Writer::File(file::FileWriter::new(s.path.clone(), reopen)),
+            SinkKind::Http(s) => Writer::Http(Box::new(http::HttpWriter::new(s, shards))),
             SinkKind::RedisStream(s) => Writer::Redis(Box::new(redis_stream::RedisWriter::new(s))),
         }
     }
@@ -196,7 +207,7 @@ impl Worker {
             Ok(dropped) => {
                 self.state.settle(n, &self.state.spooled);
                 if dropped > 0 {
-                    self.state.dropped.inc_by(dropped);
+                    self.state.drop_events(dropped);
                     tracing::warn!(sink = %self.state.name, dropped, "audit spool over spool_max_bytes: dropped its oldest events");
                 }
             }

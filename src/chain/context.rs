@@ -1,23 +1,27 @@
 //! The per-request context: what middlewares learn about a request and pass on to later
-//! middlewares, to the response phase, and to the audit event.
+//! middlewares, to the response phase, and to the request's record.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::HeaderValue;
 
 /// State of one request as it travels down the chain and back up.
 ///
-/// Plain owned fields, no maps: it lives on the request task's stack and costs nothing
-/// to create.
+/// Plain owned fields, no maps: it lives in the request's own state and costs nothing to
+/// create.
 #[derive(Debug)]
 pub struct Context {
     /// The client's address, after `server.trusted_proxies` have been peeled off.
     pub client_ip: IpAddr,
+    /// Whether the client connection is TLS (`x-forwarded-proto: https`).
+    pub tls: bool,
     /// When the request head was received; the origin of every timing.
     pub start: Instant,
+    /// The worker thread serving the request (the control thread's number is the worker
+    /// count): per-worker state, such as connection pools, is indexed by it.
+    pub worker: usize,
     /// The id set by a `request_id` middleware, echoed in every response gatehouse makes.
     pub request_id: Option<HeaderValue>,
     /// Who the request is from, once an authentication middleware has said so (api key id,
@@ -28,15 +32,16 @@ pub struct Context {
     /// When the upstream's response head arrived: the response phases that need "now"
     /// use it instead of reading the clock again microseconds later.
     pub upstream_answered: Option<Instant>,
-    /// Streamed request bytes allowed, and the index of the middleware that set the limit.
-    pub body_limit: Option<(u64, usize)>,
     /// The `access-control-allow-origin` value a `cors` middleware decided on, if any.
     pub cors_allow_origin: Option<HeaderValue>,
     /// The tightest `rate_limit` quota the request was counted against, for its
     /// `ratelimit-*` response headers.
-    pub rate_limit: Option<crate::middleware::rate_limit::Quota>,
-    /// Index of the middleware that rejected the request.
+    pub rate_limit: Option<Quota>,
+    /// Index of the middleware that refused the request.
     pub denied_by: Option<usize>,
+    /// Bit `i` is set when middleware `i` let the request through only because its
+    /// backend failed (`on_backend_error = "allow"`).
+    pub fail_open: u64,
     /// Index of the middleware whose phase is running, so it can name itself in the context.
     pub current: usize,
     /// Bit `i` is set when middleware `i`'s request phase ran: only those see the response.
@@ -44,25 +49,38 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client_ip: IpAddr, start: Instant) -> Self {
+    pub fn new(client_ip: IpAddr, tls: bool, start: Instant, worker: usize) -> Self {
         Context {
             client_ip,
+            tls,
             start,
+            worker,
             request_id: None,
             subject: None,
             upstream_time: None,
             upstream_answered: None,
-            body_limit: None,
             cors_allow_origin: None,
             rate_limit: None,
             denied_by: None,
+            fail_open: 0,
             current: 0,
             ran: 0,
         }
     }
 
-    /// SPEC's JSON error response, carrying this request's id.
-    pub fn reject(&self, status: StatusCode, message: &str) -> Response<Bytes> {
-        super::reply::error(status, message, self.request_id.as_ref())
+    /// Records that the running middleware let the request through only because its
+    /// backend failed.
+    pub fn failed_open(&mut self) {
+        self.fail_open |= 1 << self.current;
     }
+}
+
+/// A rate limit the request was counted against, for the `ratelimit-*` response headers.
+/// When several limiters see a request, the one with the fewest remaining requests is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Whole seconds until the bucket is full again.
+    pub reset: u32,
 }

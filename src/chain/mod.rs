@@ -1,5 +1,6 @@
-//! The middleware chain: one trait with a request phase and a response phase, the
-//! per-request context, and the ordered chain built once from the config.
+//! The middleware chain: one trait with a request phase, a body phase and a response
+//! phase, the per-request context, the answers gatehouse makes itself, and the ordered
+//! chain of one config generation.
 //!
 //! Order and short-circuit (SPEC): request phases run top to bottom; a middleware may
 //! answer instead of forwarding, and then only the middlewares before it see the response,
@@ -9,7 +10,7 @@
 
 pub mod context;
 pub mod path;
-pub mod reply;
+pub mod reject;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,34 +19,75 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{request, response, Method, Response, StatusCode};
 
-pub use context::Context;
+pub use context::{Context, Quota};
+pub use reject::{Reason, Reject};
 
 use crate::config::value::PathPattern;
-use crate::config::MiddlewareEntry;
-use crate::metrics::{self, ByStatus};
+use crate::config::MAX_MIDDLEWARES;
+use crate::metrics::{ByStatus, Metrics};
 
 /// What a request phase decided.
 pub enum Flow<'a> {
     /// Go on down the chain and then to the upstream.
     Continue,
-    /// Answer with this response; the upstream and later middlewares never see the request.
+    /// Answer with this response, which is not a refusal (a CORS preflight's `204`): the
+    /// upstream and later middlewares never see the request.
     Respond(Response<Bytes>),
+    /// Refuse the request: gatehouse answers, and the audit event says `deny`, by this
+    /// middleware, for this reason.
+    Reject(Reject),
     /// The decision needs to wait (network, a slow hash): the chain awaits this future,
     /// which may still change the request and the context it borrows.
-    Wait(Pin<Box<dyn Future<Output = Flow<'static>> + Send + 'a>>),
+    Wait(Pending<'a>),
 }
+
+/// A decision still to be awaited.
+type Pending<'a> = Pin<Box<dyn Future<Output = Flow<'static>> + Send + 'a>>;
 
 impl<'a> Flow<'a> {
     /// Wraps an async decision; the future may borrow the request and the context.
     pub fn wait(future: impl Future<Output = Flow<'static>> + Send + 'a) -> Flow<'a> {
         Flow::Wait(Box::pin(future))
     }
+
+    /// The decision, if it is made (`None`: go on), or the future that makes it.
+    fn settle(self) -> Result<Option<Answer>, Pending<'a>> {
+        match self {
+            Flow::Continue => Ok(None),
+            Flow::Respond(resp) => Ok(Some(Answer::Respond(resp))),
+            Flow::Reject(reject) => Ok(Some(Answer::Reject(reject))),
+            Flow::Wait(decision) => Err(decision),
+        }
+    }
+}
+
+/// How the chain's request phases ended, when a middleware answered.
+#[derive(Debug)]
+pub enum Answer {
+    /// A middleware's own response, not a refusal.
+    Respond(Response<Bytes>),
+    /// A refusal (the middleware is in `Context::denied_by`).
+    Reject(Reject),
 }
 
 /// One middleware. Implementations are built once per config and shared by all requests.
 pub trait Middleware: Send + Sync + 'static {
     /// Request phase: may change the request on its way upstream, or answer it.
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a>;
+
+    /// Whether this middleware has a body phase; asked once, when the chain is built, so
+    /// a body is only ever shown to middlewares that look at it.
+    fn inspects_body(&self) -> bool {
+        false
+    }
+
+    /// Body phase: called for each piece of the request body as it streams upstream (if
+    /// the request phase ran), with the body bytes received so far, this piece included.
+    /// An error refuses the request mid-stream: the upstream request is abandoned and the
+    /// client gets the answer.
+    fn on_request_body(&self, _data: &Bytes, _received: u64) -> Result<(), Reject> {
+        Ok(())
+    }
 
     /// Response phase: runs only if this middleware's request phase ran and let the request
     /// through, for upstream responses and for answers of later middlewares alike.
@@ -61,7 +103,8 @@ pub struct Scope {
 }
 
 impl Scope {
-    fn applies(&self, method: &Method, path: &str) -> bool {
+    /// Whether a request with `method` and (normalized) `path` is in scope.
+    pub fn applies(&self, method: &Method, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
             && !self.skip_paths.iter().any(|p| p.matches(path))
@@ -72,80 +115,100 @@ impl Scope {
     }
 }
 
-struct Link {
-    name: Arc<str>,
-    scope: Scope,
-    middleware: Box<dyn Middleware>,
-    /// `gatehouse_rejections_total{middleware=name, status}` handles.
-    rejections: ByStatus,
+/// One entry of the chain.
+pub struct Link {
+    pub name: Arc<str>,
+    /// The TOML `type`.
+    pub kind: &'static str,
+    pub scope: Scope,
+    pub middleware: Box<dyn Middleware>,
 }
 
 /// The ordered chain of one config generation.
 pub struct Chain {
     links: Box<[Link]>,
+    /// Bit `i` is set when middleware `i` has a body phase.
+    body_phases: u64,
+    /// `gatehouse_rejections_total{middleware, status}` handles, per link.
+    rejections: Box<[ByStatus]>,
 }
 
-/// The most middlewares one chain may hold: `Context::ran` is a 64-bit set.
-pub const MAX_LINKS: usize = 64;
-
 impl Chain {
-    /// Builds every middleware of the config, in order.
-    pub fn build(entries: &[MiddlewareEntry]) -> Chain {
-        debug_assert!(
-            entries.len() <= MAX_LINKS,
+    /// The chain of `links`, in request order (at most [`MAX_MIDDLEWARES`]).
+    pub fn new(links: Vec<Link>) -> Chain {
+        assert!(
+            links.len() <= MAX_MIDDLEWARES,
             "config validation caps the chain"
         );
-        let links = entries
+        let body_phases = links
             .iter()
-            .map(|e| Link {
-                name: e.name.as_str().into(),
-                rejections: ByStatus::new(400),
-                scope: Scope {
-                    paths: e.paths.clone(),
-                    skip_paths: e.skip_paths.clone(),
-                    methods: e.methods.clone(),
-                },
-                middleware: e.spec.build(&e.name),
-            })
-            .collect();
-        Chain { links }
+            .enumerate()
+            .filter(|(_, l)| l.middleware.inspects_body())
+            .fold(0, |mask, (i, _)| mask | 1 << i);
+        Chain {
+            rejections: links.iter().map(|_| ByStatus::new(400)).collect(),
+            links: links.into(),
+            body_phases,
+        }
     }
 
-    /// Runs the request phases in order; returns the answer of the middleware that answered.
-    /// `path` is the request path as scopes match it (see [`path::normalize`]).
+    /// Runs the request phases in order; returns the answer of the middleware that
+    /// answered. `path` is the request path as scopes match it (see [`path::normalize`]).
     pub async fn on_request(
         &self,
         req: &mut request::Parts,
         path: &str,
         ctx: &mut Context,
-    ) -> Option<Response<Bytes>> {
+    ) -> Option<Answer> {
         for (i, link) in self.links.iter().enumerate() {
             if !link.scope.is_everything() && !link.scope.applies(&req.method, path) {
                 continue;
             }
             ctx.current = i;
-            let answer = match link.middleware.on_request(req, ctx) {
-                Flow::Continue => None,
-                Flow::Respond(resp) => Some(resp),
-                Flow::Wait(mut decision) => loop {
-                    match decision.await {
-                        Flow::Continue => break None,
-                        Flow::Respond(resp) => break Some(resp),
-                        Flow::Wait(next) => decision = next,
-                    }
-                },
+            let mut flow = link.middleware.on_request(req, ctx);
+            let answer = loop {
+                match flow.settle() {
+                    Ok(answer) => break answer,
+                    Err(decision) => flow = decision.await,
+                }
             };
             match answer {
                 None => ctx.ran |= 1 << i,
-                Some(resp) => {
-                    if resp.status().is_client_error() || resp.status().is_server_error() {
+                Some(answer) => {
+                    if let Answer::Reject(_) = answer {
                         ctx.denied_by = Some(i);
                     }
-                    return Some(resp);
+                    return Some(answer);
                 }
             }
         }
         None
+    }
+
+    /// The middlewares whose body phase a request's body goes through: those with one
+    /// whose request phase ran.
+    pub fn body_phases(&self, ctx: &Context) -> u64 {
+        self.body_phases & ctx.ran
+    }
+
+    /// Runs the body phases in `mask` (from [`Chain::body_phases`]) on a piece of the body;
+    /// a refusal names the middleware that refused.
+    pub fn on_request_body(
+        &self,
+        mask: u64,
+        data: &Bytes,
+        received: u64,
+    ) -> Result<(), (usize, Reject)> {
+        let mut left = mask;
+        while left != 0 {
+            let i = left.trailing_zeros() as usize;
+            left &= left - 1;
+            self.links[i]
+                .middleware
+                .on_request_body(data, received)
+                .map_err(|reject| (i, reject))?;
+        }
+        Ok(())
     }
 
     /// Runs the response phases, bottom to top, of the middlewares whose request phase ran.
@@ -159,22 +222,20 @@ impl Chain {
         }
     }
 
+    /// The links, in request order.
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
     /// The configured name of middleware `i` (for audit events, metrics and logs).
     pub fn name(&self, i: usize) -> &Arc<str> {
         &self.links[i].name
     }
 
-    /// Counts a rejection by middleware `i` in `gatehouse_rejections_total`.
-    pub fn count_rejection(&self, i: usize, status: StatusCode) {
-        let link = &self.links[i];
-        link.rejections.inc(status.as_u16(), || {
-            metrics::global().rejection(&link.name, status.as_u16())
-        });
-    }
-
-    /// The names, in order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|l| &*l.name)
+    /// Counts a refusal by middleware `i` in `gatehouse_rejections_total`.
+    pub fn count_rejection(&self, i: usize, status: StatusCode, metrics: &Metrics) {
+        let name = &self.links[i].name;
+        self.rejections[i].inc(status.as_u16(), || metrics.rejection(name, status.as_u16()));
     }
 }
 
@@ -192,16 +253,33 @@ mod tests {
     }
 
     impl Middleware for Probe {
-        fn on_request<'a>(&'a self, _: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
+        fn on_request<'a>(&'a self, _: &'a mut request::Parts, _: &'a mut Context) -> Flow<'a> {
             self.log.lock().unwrap().push(format!("req{}", self.id));
             if self.reject {
-                return Flow::Respond(ctx.reject(StatusCode::FORBIDDEN, "no"));
+                return Flow::Reject(Reject::new(StatusCode::FORBIDDEN, Reason::IpDenied, "no"));
             }
             // Odd probes decide asynchronously, so both kinds of phase are exercised.
             if self.id % 2 == 1 {
                 return Flow::wait(async { Flow::Continue });
             }
             Flow::Continue
+        }
+        fn inspects_body(&self) -> bool {
+            self.id >= 2
+        }
+        fn on_request_body(&self, _: &Bytes, received: u64) -> Result<(), Reject> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("body{}:{received}", self.id));
+            if received > 10 {
+                return Err(Reject::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Reason::BodyTooLarge,
+                    "big",
+                ));
+            }
+            Ok(())
         }
         fn on_response(&self, _: &mut response::Parts, _: &mut Context) {
             self.log.lock().unwrap().push(format!("resp{}", self.id));
@@ -212,7 +290,7 @@ mod tests {
         let links = (0..4)
             .map(|id| Link {
                 name: format!("m{id}").into(),
-                rejections: ByStatus::new(400),
+                kind: "probe",
                 scope: Scope {
                     paths: if scoped == Some(id) {
                         vec!["/only/**".parse().unwrap()]
@@ -228,42 +306,52 @@ mod tests {
                 }),
             })
             .collect();
-        Chain { links }
+        Chain::new(links)
     }
 
-    fn run(chain: &Chain, path: &str) -> Context {
+    fn run(chain: &Chain, path: &str) -> (Context, Option<Answer>) {
         let (mut parts, ()) = Request::get(path).body(()).unwrap().into_parts();
-        let mut ctx = Context::new([127, 0, 0, 1].into(), std::time::Instant::now());
+        let mut ctx = Context::new([127, 0, 0, 1].into(), false, std::time::Instant::now(), 0);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let answer = runtime.block_on(chain.on_request(&mut parts, path, &mut ctx));
-        let (mut resp, _) = answer
-            .unwrap_or_else(|| Response::new(Bytes::new()))
-            .into_parts();
+        let (mut resp, _) = Response::new(()).into_parts();
         chain.on_response(&mut resp, &mut ctx);
-        ctx
+        (ctx, answer)
     }
 
     #[test]
     fn rejection_by_the_third_still_runs_the_first_two_response_phases() {
         let log = Arc::new(Mutex::new(vec![]));
-        let ctx = run(&chain(&log, 2, None), "/");
+        let (ctx, answer) = run(&chain(&log, 2, None), "/");
         assert_eq!(
             *log.lock().unwrap(),
             ["req0", "req1", "req2", "resp1", "resp0"]
         );
         assert_eq!(ctx.denied_by, Some(2));
+        assert!(matches!(answer, Some(Answer::Reject(r)) if r.reason == Reason::IpDenied));
     }
 
     #[test]
     fn all_phases_in_order_and_scopes_skip() {
         let log = Arc::new(Mutex::new(vec![]));
-        let ctx = run(&chain(&log, 99, Some(1)), "/elsewhere");
+        let chain = chain(&log, 99, Some(1));
+        let (ctx, answer) = run(&chain, "/elsewhere");
+        assert!(answer.is_none());
         assert_eq!(
             *log.lock().unwrap(),
             ["req0", "req2", "req3", "resp3", "resp2", "resp0"]
         );
         assert_eq!(ctx.denied_by, None);
+        // Only the middlewares with a body phase whose request phase ran see the body.
+        log.lock().unwrap().clear();
+        let mask = chain.body_phases(&ctx);
+        assert_eq!(mask, 0b1100);
+        let piece = Bytes::from_static(b"0123456");
+        assert!(chain.on_request_body(mask, &piece, 7).is_ok());
+        let (i, reject) = chain.on_request_body(mask, &piece, 14).unwrap_err();
+        assert_eq!((i, reject.status.as_u16()), (2, 413));
+        assert_eq!(*log.lock().unwrap(), ["body2:7", "body3:7", "body2:14"]);
     }
 }

@@ -4,6 +4,7 @@
 //! deserialization (unknown keys refused) → semantic checks. Every failure becomes one
 //! [`ConfigError`] naming the file, line and column, the key path and what was expected.
 
+pub mod audit;
 pub mod env;
 pub mod error;
 pub mod value;
@@ -18,19 +19,32 @@ pub use error::{ConfigError, KeyPath};
 pub use value::UpstreamUrl;
 use value::{ByteSize, Cidr, Duration, HttpMethod, ListenAddr, PathPattern};
 
-use crate::audit::settings::{AuditConfig, RawAudit};
-use crate::chain::MAX_LINKS;
-use crate::middleware::Spec;
+use audit::{AuditConfig, RawAudit};
 
-/// A validated config, ready to build a server from.
+/// The most `[[middleware]]` entries one chain may hold (the chain tracks which of them
+/// ran in a 64-bit set).
+pub const MAX_MIDDLEWARES: usize = 64;
+
+/// The typed settings of a `[[middleware]]` entry. The config parses the keys every entry
+/// shares and leaves the rest to the layer that knows the types (`middleware::Spec`), so
+/// it stays below the middlewares.
+pub trait Entries: Sized + std::fmt::Debug {
+    /// Every `type` an entry may have, for error messages.
+    const TYPES: &'static [&'static str];
+    /// Parses and checks the settings of a `type = kind` entry (shared keys removed); the
+    /// key path of an error is relative to the entry.
+    fn parse(kind: &str, settings: toml::Value) -> Result<Self, Problem>;
+}
+
+/// A validated config, ready to build a server from; `S` is the middleware settings type.
 #[derive(Debug)]
-pub struct Config {
+pub struct Config<S> {
     pub file: PathBuf,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub admin: Option<AdminConfig>,
     pub log: LogConfig,
-    pub middleware: Vec<MiddlewareEntry>,
+    pub middleware: Vec<MiddlewareEntry<S>>,
     /// `[audit]`, when audit events are wanted.
     pub audit: Option<AuditConfig>,
 }
@@ -68,6 +82,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// Protocols a client's `Upgrade` may switch the connection to, through a tunnel to
+    /// the app; any other upgrade (h2c, say) is ignored and the request served as usual.
+    #[serde(default = "defaults::upgrades")]
+    pub upgrades: Vec<String>,
     /// Present: the public listener terminates TLS.
     pub tls: Option<TlsConfig>,
 }
@@ -139,12 +157,12 @@ pub enum LogFormat {
 
 /// One `[[middleware]]` entry: the keys every type accepts, and the type's own settings.
 #[derive(Debug)]
-pub struct MiddlewareEntry {
+pub struct MiddlewareEntry<S> {
     pub name: String,
     pub paths: Vec<PathPattern>,
     pub skip_paths: Vec<PathPattern>,
     pub methods: Vec<Method>,
-    pub spec: Spec,
+    pub spec: S,
 }
 
 /// Keys every middleware entry accepts besides `type`.
@@ -196,6 +214,9 @@ mod defaults {
     pub fn log_level() -> String {
         "info".into()
     }
+    pub fn upgrades() -> Vec<String> {
+        vec!["websocket".into()]
+    }
 }
 
 /// A problem found below some key, before it is placed in the file.
@@ -222,9 +243,9 @@ pub fn deserialize<T: DeserializeOwned>(value: toml::Value) -> Result<T, Problem
     })
 }
 
-impl Config {
+impl<S: Entries> Config<S> {
     /// Reads, interpolates and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let source = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::file(path, format!("cannot read the config file: {e}")))?;
         Config::parse(path, &source, &|name| std::env::var(name).ok())
@@ -235,7 +256,7 @@ impl Config {
         file: &Path,
         source: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    ) -> Result<Self, ConfigError> {
         let doc = toml_edit::ImDocument::parse(source).map_err(|e| {
             ConfigError::at_span(
                 file,
@@ -267,7 +288,7 @@ impl Config {
             let entry = parse_entry(table).map_err(|(p, m)| at((base.join(&p), m)))?;
             if let Some(first) = middleware
                 .iter()
-                .position(|m: &MiddlewareEntry| m.name == entry.name)
+                .position(|m: &MiddlewareEntry<S>| m.name == entry.name)
             {
                 return Err(at((
                     base.key("name"),
@@ -279,11 +300,11 @@ impl Config {
             }
             middleware.push(entry);
         }
-        if middleware.len() > MAX_LINKS {
+        if middleware.len() > MAX_MIDDLEWARES {
             return Err(at((
                 KeyPath::default().key("middleware"),
                 format!(
-                    "{} middlewares: at most {MAX_LINKS} are supported",
+                    "{} middlewares: at most {MAX_MIDDLEWARES} are supported",
                     middleware.len()
                 ),
             )));
@@ -307,7 +328,9 @@ impl Config {
         config.validate().map_err(at)?;
         Ok(config)
     }
+}
 
+impl<S> Config<S> {
     fn validate(&self) -> Result<(), Problem> {
         let key = |section: &str, name: &str| KeyPath::default().key(section).key(name);
         let s = &self.server;
@@ -394,7 +417,7 @@ impl Config {
     }
 }
 
-fn parse_entry(mut table: toml::Table) -> Result<MiddlewareEntry, Problem> {
+fn parse_entry<S: Entries>(mut table: toml::Table) -> Result<MiddlewareEntry<S>, Problem> {
     let kind = match table.remove("type") {
         Some(toml::Value::String(kind)) => kind,
         Some(_) => {
@@ -408,7 +431,7 @@ fn parse_entry(mut table: toml::Table) -> Result<MiddlewareEntry, Problem> {
                 KeyPath::default().key("type"),
                 format!(
                     "missing field `type`: expected one of {}",
-                    crate::middleware::TYPES.join(", ")
+                    S::TYPES.join(", ")
                 ),
             ))
         }
@@ -418,7 +441,7 @@ fn parse_entry(mut table: toml::Table) -> Result<MiddlewareEntry, Problem> {
         .filter_map(|k| table.remove(*k).map(|v| (k.to_string(), v)))
         .collect();
     let common: Common = deserialize(toml::Value::Table(common_table))?;
-    let spec = Spec::parse(&kind, toml::Value::Table(table))?;
+    let spec = S::parse(&kind, toml::Value::Table(table))?;
     Ok(MiddlewareEntry {
         name: common.name.unwrap_or(kind),
         paths: common.paths,
@@ -429,12 +452,44 @@ fn parse_entry(mut table: toml::Table) -> Result<MiddlewareEntry, Problem> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn parse(src: &str) -> Result<Config, String> {
+    /// Two stand-in middleware types, so the config is tested without the real ones:
+    /// `plain` has no keys, `sized` has a `max` size.
+    #[derive(Debug)]
+    pub(crate) enum TestEntry {
+        Plain,
+        Sized(ByteSize),
+    }
+
+    impl Entries for TestEntry {
+        const TYPES: &'static [&'static str] = &["plain", "sized"];
+        fn parse(kind: &str, settings: toml::Value) -> Result<Self, Problem> {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Plain {}
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Sized {
+                max: ByteSize,
+            }
+            match kind {
+                "plain" => deserialize::<Plain>(settings).map(|_| TestEntry::Plain),
+                "sized" => deserialize::<Sized>(settings).map(|s| TestEntry::Sized(s.max)),
+                other => Err((
+                    KeyPath::default().key("type"),
+                    format!("unknown middleware type {other:?}: expected one of plain, sized"),
+                )),
+            }
+        }
+    }
+
+    pub(crate) type TestConfig = Config<TestEntry>;
+
+    fn parse(src: &str) -> Result<TestConfig, String> {
         let env = |name: &str| (name == "SET").then(|| "from-env".to_owned());
-        Config::parse(Path::new("proxy.toml"), src, &env).map_err(|e| e.to_string())
+        TestConfig::parse(Path::new("proxy.toml"), src, &env).map_err(|e| e.to_string())
     }
 
     const BASE: &str =
@@ -457,9 +512,27 @@ mod tests {
     }
 
     #[test]
+    fn entries_keep_their_order_names_scopes_and_settings() {
+        let c = parse(&format!(
+            "{BASE}[[middleware]]\ntype = \"sized\"\nmax = \"2KiB\"\npaths = [\"/a/**\"]\n\
+             [[middleware]]\ntype = \"plain\"\nname = \"p\"\nmethods = [\"post\"]\n"
+        ))
+        .unwrap();
+        let [sized, plain] = &c.middleware[..] else {
+            panic!("two entries: {:?}", c.middleware)
+        };
+        assert_eq!(sized.name, "sized");
+        assert!(matches!(sized.spec, TestEntry::Sized(ByteSize(2048))));
+        assert_eq!(sized.paths[0].to_string(), "/a/**");
+        assert_eq!(plain.name, "p");
+        assert!(matches!(plain.spec, TestEntry::Plain));
+        assert_eq!(plain.methods, [Method::POST]);
+    }
+
+    #[test]
     fn errors_name_file_line_column_and_key() {
         let err = parse(&format!(
-            "{BASE}[[middleware]]\ntype = \"request_id\"\nheder = \"x\"\n"
+            "{BASE}[[middleware]]\ntype = \"plain\"\nheder = \"x\"\n"
         ))
         .unwrap_err();
         assert!(
@@ -467,7 +540,7 @@ mod tests {
             "{err}"
         );
 
-        let err = parse(&format!("{BASE}[[middleware]]\ntype = \"body_limit\"\n\n[[middleware]]\ntype = \"body_limit\"\nname = \"b2\"\nmax = \"5 parsecs\"\n")).unwrap_err();
+        let err = parse(&format!("{BASE}[[middleware]]\ntype = \"plain\"\n\n[[middleware]]\ntype = \"sized\"\nname = \"b2\"\nmax = \"5 parsecs\"\n")).unwrap_err();
         assert!(
             err.starts_with("proxy.toml:11:1: middleware[1].max: invalid size \"5 parsecs\""),
             "{err}"
@@ -508,7 +581,7 @@ mod tests {
             err.contains("middleware[0].type: unknown middleware type \"teleport\""),
             "{err}"
         );
-        assert!(err.contains("request_id"), "{err}");
+        assert!(err.contains("plain, sized"), "{err}");
     }
 
     #[test]
@@ -561,11 +634,11 @@ mod tests {
     #[test]
     fn duplicate_names_are_refused() {
         let err = parse(&format!(
-            "{BASE}[[middleware]]\ntype = \"timing\"\n[[middleware]]\ntype = \"timing\"\n"
+            "{BASE}[[middleware]]\ntype = \"plain\"\n[[middleware]]\ntype = \"plain\"\n"
         ))
         .unwrap_err();
         assert!(
-            err.contains("middleware[1].name: duplicate middleware name \"timing\""),
+            err.contains("middleware[1].name: duplicate middleware name \"plain\""),
             "{err}"
         );
     }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use super::auth::{colon_entries, digest, unauthorized};
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason};
 use crate::config::value::{ConfigFile, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
@@ -109,7 +109,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         Box::new(ApiKey {
             source: match &self.query {
                 Some(q) => Source::Query(q.as_str().into()),
@@ -171,10 +171,18 @@ impl Middleware for ApiKey {
                 .map(|v| percent_decoded_digest(v.as_bytes())),
         };
         let Some(presented) = presented else {
-            return Flow::Respond(unauthorized(ctx, &self.challenge, "missing API key"));
+            return Flow::Reject(unauthorized(
+                &self.challenge,
+                Reason::MissingCredentials,
+                "missing API key",
+            ));
         };
         let Some(id) = self.lookup(&presented) else {
-            return Flow::Respond(unauthorized(ctx, &self.challenge, "invalid API key"));
+            return Flow::Reject(unauthorized(
+                &self.challenge,
+                Reason::InvalidCredentials,
+                "invalid API key",
+            ));
         };
         ctx.subject = Some(Arc::clone(id));
         if self.strip {

@@ -2,10 +2,10 @@
 //! that credentials are compared (and cached) by, and the `left:right` credential files.
 
 use http::header::WWW_AUTHENTICATE;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 
-use crate::chain::Context;
+use crate::chain::{Reason, Reject};
 
 /// SHA-256 of `parts`, fed one after another (with a separator byte between them, so
 /// `("ab", "c")` and `("a", "bc")` differ). Comparing fixed-size digests instead of the
@@ -21,16 +21,14 @@ pub(crate) fn digest(parts: &[&[u8]]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-/// SPEC's 401 JSON body with the scheme's `www-authenticate` challenge.
+/// A 401 with the scheme's `www-authenticate` challenge.
 pub(crate) fn unauthorized(
-    ctx: &Context,
     challenge: &HeaderValue,
-    message: &str,
-) -> Response<bytes::Bytes> {
-    let mut resp = ctx.reject(StatusCode::UNAUTHORIZED, message);
-    resp.headers_mut()
-        .insert(WWW_AUTHENTICATE, challenge.clone());
-    resp
+    reason: Reason,
+    message: &'static str,
+) -> Reject {
+    Reject::new(StatusCode::UNAUTHORIZED, reason, message)
+        .with_header(WWW_AUTHENTICATE, challenge.clone())
 }
 
 /// Serde default for `strip = true`.

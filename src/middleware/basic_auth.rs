@@ -16,7 +16,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use super::auth::{colon_entries, digest, unauthorized};
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason};
 use crate::config::value::{ConfigFile, FileContent};
 use crate::config::{KeyPath, Problem};
 
@@ -166,7 +166,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         let users: HashMap<Box<str>, (Arc<str>, PasswordHash)> = self
             .all_users()
             .map(|u| {
@@ -237,9 +237,9 @@ impl BasicAuth {
 impl Middleware for BasicAuth {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let Some((user, password)) = req.headers.get(AUTHORIZATION).and_then(credentials) else {
-            return Flow::Respond(unauthorized(
-                ctx,
+            return Flow::Reject(unauthorized(
                 &self.challenge,
+                Reason::MissingCredentials,
                 "missing Basic credentials",
             ));
         };
@@ -260,9 +260,9 @@ impl Middleware for BasicAuth {
                     self.allow(req, ctx, subject);
                     Flow::Continue
                 }
-                _ => Flow::Respond(unauthorized(
-                    ctx,
+                _ => Flow::Reject(unauthorized(
                     &self.challenge,
+                    Reason::InvalidCredentials,
                     "invalid user name or password",
                 )),
             }

@@ -1,13 +1,15 @@
 //! `body_limit`: refuses request bodies over `max`, up front by Content-Length and while
-//! streaming by counting bytes, so a lying or chunked client cannot get more through.
+//! streaming by counting bytes (its body phase), so a lying or chunked client cannot get
+//! more through. Nothing is buffered: a body over the limit is cut off mid-stream.
 
+use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{request, StatusCode};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::ByteSize;
-use crate::proxy::h1::parse_length;
+use crate::http1::parse_length;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,37 +27,49 @@ impl super::Settings for Settings {
         format!("max={}", self.max)
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         Box::new(BodyLimit {
             max: self.max.0,
-            message: too_large_message(self.max),
+            message: format!("the request body is larger than {}", self.max).into(),
         })
     }
 }
 
-/// The 413 message, also used when the streamed count goes over.
-pub fn too_large_message(max: ByteSize) -> String {
-    format!("the request body is larger than {max}")
-}
-
 struct BodyLimit {
     max: u64,
-    message: String,
+    message: std::sync::Arc<str>,
+}
+
+impl BodyLimit {
+    fn too_large(&self) -> Reject {
+        Reject::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::BodyTooLarge,
+            self.message.to_string(),
+        )
+    }
 }
 
 impl Middleware for BodyLimit {
-    fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow<'_> {
+    fn on_request(&self, req: &mut request::Parts, _: &mut Context) -> Flow<'_> {
         let declared = req
             .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| parse_length(v.as_bytes().trim_ascii()));
         if declared.is_some_and(|len| len > self.max) {
-            return Flow::Respond(ctx.reject(StatusCode::PAYLOAD_TOO_LARGE, &self.message));
-        }
-        // The proxy counts streamed bytes against the tightest limit of the chain.
-        if ctx.body_limit.is_none_or(|(limit, _)| self.max < limit) {
-            ctx.body_limit = Some((self.max, ctx.current));
+            return Flow::Reject(self.too_large());
         }
         Flow::Continue
+    }
+
+    fn inspects_body(&self) -> bool {
+        true
+    }
+
+    fn on_request_body(&self, _: &Bytes, received: u64) -> Result<(), Reject> {
+        if received > self.max {
+            return Err(self.too_large());
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use http::header::{
 use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
 use crate::config::{KeyPath, Problem};
 
@@ -95,7 +95,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         let join = |names: Vec<&str>| {
             (!names.is_empty())
                 .then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
@@ -190,12 +190,8 @@ impl Cors {
             .then(|| origin.clone())
     }
 
-    fn preflight(
-        &self,
-        req: &request::Parts,
-        ctx: &Context,
-        origin: &HeaderValue,
-    ) -> Response<bytes::Bytes> {
+    /// The `204` to an allowed preflight, or the refusal.
+    fn preflight(&self, req: &request::Parts, origin: &HeaderValue) -> Flow<'static> {
         let method = req
             .headers
             .get(ACCESS_CONTROL_REQUEST_METHOD)
@@ -203,10 +199,18 @@ impl Cors {
         let allow_origin = match (self.allow_origin(origin), method) {
             (Some(allow), Some(m)) if self.methods.contains(&m) => allow,
             (Some(_), _) => {
-                return ctx.reject(StatusCode::FORBIDDEN, "CORS preflight: method not allowed")
+                return Flow::Reject(Reject::new(
+                    StatusCode::FORBIDDEN,
+                    Reason::MethodNotAllowed,
+                    "CORS preflight: method not allowed",
+                ))
             }
             (None, _) => {
-                return ctx.reject(StatusCode::FORBIDDEN, "CORS preflight: origin not allowed")
+                return Flow::Reject(Reject::new(
+                    StatusCode::FORBIDDEN,
+                    Reason::OriginNotAllowed,
+                    "CORS preflight: origin not allowed",
+                ))
             }
         };
         let mut resp = Response::new(bytes::Bytes::new());
@@ -226,7 +230,7 @@ impl Cors {
         }
         h.insert(ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
         self.credentials_and_vary(h, VARY_PREFLIGHT.clone());
-        resp
+        Flow::Respond(resp)
     }
 
     fn credentials_and_vary(&self, h: &mut HeaderMap, vary: HeaderValue) {
@@ -246,7 +250,7 @@ impl Middleware for Cors {
         };
         if req.method == Method::OPTIONS && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
         {
-            return Flow::Respond(self.preflight(req, ctx, origin));
+            return self.preflight(req, origin);
         }
         ctx.cors_allow_origin = self.allow_origin(origin);
         Flow::Continue

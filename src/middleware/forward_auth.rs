@@ -9,14 +9,11 @@ use std::time::Duration as StdDuration;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, LOCATION, WWW_AUTHENTICATE};
 use http::{request, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::client::{Endpoint, Target};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
@@ -90,20 +87,14 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.timeout.0));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
+    fn build(&self, _: &str, handles: &super::Handles) -> Box<dyn Middleware> {
+        let target = Target::from_uri(&self.url.0).expect("validated: an http URL with a host");
         Box::new(ForwardAuth {
             url: self.url.0.clone(),
             timeout: self.timeout.0,
             copy: self.copy_headers.iter().map(|h| h.0.clone()).collect(),
             send: self.request_headers.iter().map(|h| h.0.clone()).collect(),
-            client,
+            service: Endpoint::new(target, self.timeout.0, POOL_IDLE, handles.workers + 1),
         })
     }
 }
@@ -113,21 +104,15 @@ struct ForwardAuth {
     timeout: StdDuration,
     copy: Vec<HeaderName>,
     send: Vec<HeaderName>,
-    /// Keep-alive connections to the auth service, pooled.
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-/// What the auth service said.
-enum Verdict {
-    Allow(http::HeaderMap),
-    Deny(Response<Bytes>),
+    /// The auth service, over pooled keep-alive connections.
+    service: Endpoint,
 }
 
 impl ForwardAuth {
     /// The question to the auth service about `req`.
-    fn auth_request(&self, req: &request::Parts) -> Request<Empty<Bytes>> {
+    fn auth_request(&self, req: &request::Parts) -> Request<Bytes> {
         let mut auth = Request::get(self.url.clone())
-            .body(Empty::new())
+            .body(Bytes::new())
             .expect("a GET of a valid URI");
         let headers = auth.headers_mut();
         for name in &self.send {
@@ -152,60 +137,54 @@ impl ForwardAuth {
         }
         auth
     }
+}
 
-    async fn ask(&self, auth: Request<Empty<Bytes>>) -> Result<Verdict, String> {
-        let resp = self.client.request(auth).await.map_err(|e| e.to_string())?;
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("answer body: {e}"))?
-            .to_bytes();
-        if parts.status.is_success() {
-            return Ok(Verdict::Allow(parts.headers));
+/// The client's answer when the service refuses: its status and body, with the headers
+/// that tell the client what to do (a challenge, a login redirect).
+fn denied(answer: Response<Bytes>) -> Reject {
+    let (parts, body) = answer.into_parts();
+    let mut reject = Reject::new(
+        parts.status,
+        Reason::AuthServiceDenied,
+        "the authentication service refused the request",
+    );
+    for name in [CONTENT_TYPE, WWW_AUTHENTICATE, LOCATION] {
+        for value in parts.headers.get_all(&name) {
+            reject.headers.push((name.clone(), value.clone()));
         }
-        let mut deny = Response::new(body);
-        *deny.status_mut() = parts.status;
-        for name in [CONTENT_TYPE, WWW_AUTHENTICATE, LOCATION] {
-            for value in parts.headers.get_all(&name) {
-                deny.headers_mut().append(name.clone(), value.clone());
-            }
-        }
-        Ok(Verdict::Deny(deny))
     }
+    reject.body = Some(body);
+    reject
 }
 
 impl Middleware for ForwardAuth {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let auth = self.auth_request(req);
         Flow::wait(async move {
-            match tokio::time::timeout(self.timeout, self.ask(auth)).await {
-                Ok(Ok(Verdict::Allow(answer))) => {
+            match self
+                .service
+                .fetch(ctx.worker, auth, self.timeout, MAX_BODY)
+                .await
+            {
+                Ok(answer) if answer.status().is_success() => {
                     for name in &self.copy {
                         req.headers.remove(name);
-                        for value in answer.get_all(name) {
+                        for value in answer.headers().get_all(name) {
                             req.headers.append(name.clone(), value.clone());
                         }
                     }
                     Flow::Continue
                 }
-                Ok(Ok(Verdict::Deny(resp))) => Flow::Respond(resp),
-                Ok(Err(e)) => {
+                Ok(answer) => Flow::Reject(denied(answer)),
+                Err(e) => {
                     tracing::debug!(url = %self.url, error = %e, "forward_auth: no answer");
-                    unavailable(ctx)
-                }
-                Err(_) => {
-                    tracing::debug!(url = %self.url, "forward_auth: timed out");
-                    unavailable(ctx)
+                    Flow::Reject(Reject::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Reason::AuthServiceUnavailable,
+                        "the authentication service is unavailable",
+                    ))
                 }
             }
         })
     }
-}
-
-fn unavailable(ctx: &Context) -> Flow<'static> {
-    Flow::Respond(ctx.reject(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the authentication service is unavailable",
-    ))
 }

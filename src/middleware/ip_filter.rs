@@ -4,7 +4,7 @@
 use http::{request, StatusCode};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::Cidr;
 use crate::config::{KeyPath, Problem};
 
@@ -38,7 +38,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         Box::new(IpFilter {
             allow: self.allow.clone(),
             deny: self.deny.clone(),
@@ -57,9 +57,11 @@ impl Middleware for IpFilter {
         let denied = self.deny.iter().any(|n| n.contains(ip));
         let allowed = self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip));
         if denied || !allowed {
-            return Flow::Respond(
-                ctx.reject(StatusCode::FORBIDDEN, "the client address is not allowed"),
-            );
+            return Flow::Reject(Reject::new(
+                StatusCode::FORBIDDEN,
+                Reason::IpDenied,
+                "the client address is not allowed",
+            ));
         }
         Flow::Continue
     }

@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, COOKIE, HOST};
+use http::header::{ACCEPT, AUTHORIZATION, COOKIE};
 use http::{request, HeaderName, HeaderValue, StatusCode, Uri};
 use jsonwebtoken::jwk::{JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
@@ -29,7 +29,8 @@ use serde_json::{Map, Value};
 use tokio::sync::{watch, Notify};
 
 use super::auth::{digest, unauthorized};
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::client::{Endpoint, Target};
 use crate::config::value::{ConfigFile, Duration, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
@@ -311,7 +312,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, name: &str) -> Box<dyn Middleware> {
+    fn build(&self, name: &str, handles: &super::Handles) -> Box<dyn Middleware> {
         let keys = Arc::new(ArcSwap::from_pointee(KeySet {
             generation: 0,
             keys: self.static_keys().expect("validated"),
@@ -322,10 +323,10 @@ impl super::Settings for Settings {
                 fetched: watch::Sender::new(0),
                 last_kick: Mutex::new(None),
             });
-            // `gatehouse check` builds nothing; `run` builds inside the control runtime.
-            let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            // `check` and an offline `explain` fetch nothing.
+            let task = handles.runtime.as_ref().map(|rt| {
                 rt.spawn(refresh_loop(
-                    JwksUrl::clone(url),
+                    Jwks::new(url, handles.workers),
                     self.jwks_refresh.0,
                     self.algorithms.clone(),
                     self.base_validation(),
@@ -354,7 +355,12 @@ impl super::Settings for Settings {
                 .iter()
                 .map(|(c, h)| (c.clone(), h.0.clone()))
                 .collect(),
-            cache: Cache::new(self.cache_size, self.leeway.0.as_secs(), &name.into()),
+            cache: Cache::new(
+                self.cache_size,
+                self.leeway.0.as_secs(),
+                &handles.metrics,
+                &name.into(),
+            ),
             challenge: HeaderValue::from_static("Bearer"),
             invalid: HeaderValue::from_static("Bearer error=\"invalid_token\""),
         })
@@ -452,10 +458,47 @@ impl Remote {
     }
 }
 
+/// Where the JWKS document comes from.
+struct Jwks {
+    url: Uri,
+    endpoint: Endpoint,
+    /// The control thread's pool shard: the refreshes run there.
+    shard: usize,
+}
+
+impl Jwks {
+    fn new(url: &JwksUrl, workers: usize) -> Jwks {
+        let target = Target::from_uri(&url.0).expect("validated: an http URL with a host");
+        // Fetches are minutes apart: nothing worth keeping idle in between.
+        let idle = std::time::Duration::from_secs(1);
+        Jwks {
+            url: url.0.clone(),
+            endpoint: Endpoint::new(target, FETCH_TIMEOUT, idle, workers + 1),
+            shard: workers,
+        }
+    }
+
+    /// One GET of the document.
+    async fn fetch(&self) -> Result<JwkSet, String> {
+        let req = http::Request::get(self.url.clone())
+            .header(ACCEPT, "application/json")
+            .body(Bytes::new())
+            .map_err(|e| e.to_string())?;
+        let resp = self
+            .endpoint
+            .fetch(self.shard, req, FETCH_TIMEOUT, JWKS_MAX_BYTES)
+            .await?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        serde_json::from_slice(resp.body()).map_err(|e| format!("not a JWKS document: {e}"))
+    }
+}
+
 /// Fetches the JWKS now, then every `every` or when kicked; a failed fetch keeps the last
 /// good set.
 async fn refresh_loop(
-    url: JwksUrl,
+    jwks: Jwks,
     every: std::time::Duration,
     allowed: Vec<Alg>,
     base: Validation,
@@ -464,12 +507,12 @@ async fn refresh_loop(
 ) {
     let mut last = None;
     loop {
-        match fetch_jwks(&url.0).await {
+        match jwks.fetch().await {
             // An unchanged document keeps the key set, and so the cached verifications.
             Ok(set) if last.as_ref() == Some(&set) => {}
             Ok(set) => {
                 let fresh = jwks_keys(&set, &allowed, &base);
-                tracing::debug!(url = %url.0, keys = fresh.len(), "JWKS fetched");
+                tracing::debug!(url = %jwks.url, keys = fresh.len(), "JWKS fetched");
                 keys.store(Arc::new(KeySet {
                     generation: keys.load().generation + 1,
                     keys: fresh,
@@ -477,7 +520,7 @@ async fn refresh_loop(
                 last = Some(set);
             }
             Err(e) => {
-                tracing::warn!(url = %url.0, error = %e, "JWKS fetch failed; keeping the last keys")
+                tracing::warn!(url = %jwks.url, error = %e, "JWKS fetch failed; keeping the last keys")
             }
         }
         remote.fetched.send_modify(|n| *n += 1);
@@ -486,43 +529,6 @@ async fn refresh_loop(
             _ = remote.kick.notified() => {}
         }
     }
-}
-
-/// One GET of `url` on a fresh connection (fetches are minutes apart: nothing to pool).
-async fn fetch_jwks(url: &Uri) -> Result<JwkSet, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
-    let port = url.port_u16().unwrap_or(80);
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let path = url.path_and_query().map_or("/", |p| p.as_str());
-        let authority = url.authority().map_or("", |a| a.as_str());
-        let req = http::Request::get(path)
-            .header(HOST, authority)
-            .header("accept", "application/json")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
-        }
-        let body = Limited::new(resp.into_body(), JWKS_MAX_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("not a JWKS document: {e}"))
-    };
-    tokio::time::timeout(FETCH_TIMEOUT, exchange)
-        .await
-        .map_err(|_| "timed out".to_owned())?
 }
 
 struct Jwt {
@@ -550,7 +556,21 @@ impl Drop for Jwt {
 enum Failure {
     /// No key for its `kid` (or no key at all yet): a JWKS refetch may help.
     NoKey,
-    Invalid,
+    Invalid(Reason),
+}
+
+/// The refusal reason of a failed verification.
+fn reason(error: &jsonwebtoken::errors::Error) -> Reason {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => Reason::Expired,
+        ErrorKind::InvalidSignature => Reason::BadSignature,
+        ErrorKind::InvalidIssuer => Reason::WrongIssuer,
+        ErrorKind::InvalidAudience => Reason::WrongAudience,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => Reason::WrongIssuer,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => Reason::WrongAudience,
+        _ => Reason::InvalidCredentials,
+    }
 }
 
 impl Jwt {
@@ -572,17 +592,24 @@ impl Jwt {
             let kid_known =
                 kid.is_some_and(|kid| set.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
             return Err(if kid_known {
-                Failure::Invalid
+                Failure::Invalid(Reason::InvalidCredentials)
             } else {
                 Failure::NoKey
             });
         }
-        candidates
-            .find_map(|k| {
-                jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &k.validation).ok()
-            })
-            .map(|data| (set.generation, data.claims))
-            .ok_or(Failure::Invalid)
+        // The first key's verdict explains a failure: with a `kid`, it is the only one.
+        let mut first_error = None;
+        for k in candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &k.validation) {
+                Ok(data) => return Ok((set.generation, data.claims)),
+                Err(e) => {
+                    first_error.get_or_insert_with(|| reason(&e));
+                }
+            }
+        }
+        Err(Failure::Invalid(
+            first_error.unwrap_or(Reason::InvalidCredentials),
+        ))
     }
 
     /// Remembers a verified token (`key` is its digest, when caching), then admits it.
@@ -626,9 +653,11 @@ impl Jwt {
         ctx: &mut Context,
     ) -> Flow<'static> {
         if !verified.allowed {
-            return Flow::Respond(
-                ctx.reject(StatusCode::FORBIDDEN, "the token lacks a required claim"),
-            );
+            return Flow::Reject(Reject::new(
+                StatusCode::FORBIDDEN,
+                Reason::ClaimMismatch,
+                "the token lacks a required claim",
+            ));
         }
         if verified.subject.is_some() {
             ctx.subject.clone_from(&verified.subject);
@@ -642,15 +671,19 @@ impl Jwt {
         Flow::Continue
     }
 
-    fn reject(&self, ctx: &Context, message: &str) -> Flow<'static> {
-        Flow::Respond(unauthorized(ctx, &self.invalid, message))
+    fn reject(&self, reason: Reason, message: &'static str) -> Flow<'static> {
+        Flow::Reject(unauthorized(&self.invalid, reason, message))
     }
 }
 
 impl Middleware for Jwt {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let Some(token) = bearer(req, self.cookie.as_deref()) else {
-            return Flow::Respond(unauthorized(ctx, &self.challenge, "missing bearer token"));
+            return Flow::Reject(unauthorized(
+                &self.challenge,
+                Reason::MissingCredentials,
+                "missing bearer token",
+            ));
         };
         let key = self.cache.is_some().then(|| digest(&[token.as_bytes()]));
         if let (Some(cache), Some(key)) = (&self.cache, &key) {
@@ -660,22 +693,26 @@ impl Middleware for Jwt {
         }
         // `alg: none` (and any name outside the allow-list's enum) fails here.
         let Ok(header) = jsonwebtoken::decode_header(token) else {
-            return self.reject(ctx, "malformed token");
+            return self.reject(Reason::InvalidCredentials, "malformed token");
         };
         match self.verify(token, header.alg, header.kid.as_deref()) {
             Ok(verified) => self.accept(key, verified, req, ctx),
-            Err(Failure::Invalid) => self.reject(ctx, "invalid token"),
+            Err(Failure::Invalid(reason)) => self.reject(reason, "invalid token"),
             Err(Failure::NoKey) => match &self.remote {
-                None => self.reject(ctx, "no key for this token"),
+                None => self.reject(Reason::InvalidCredentials, "no key for this token"),
                 Some(remote) => {
                     let token = token.to_owned();
                     Flow::wait(async move {
                         if !remote.refetch().await {
-                            return self.reject(ctx, "no key for this token");
+                            return self
+                                .reject(Reason::InvalidCredentials, "no key for this token");
                         }
                         match self.verify(&token, header.alg, header.kid.as_deref()) {
                             Ok(verified) => self.accept(key, verified, req, ctx),
-                            Err(_) => self.reject(ctx, "invalid token"),
+                            Err(Failure::Invalid(reason)) => self.reject(reason, "invalid token"),
+                            Err(Failure::NoKey) => {
+                                self.reject(Reason::InvalidCredentials, "no key for this token")
+                            }
                         }
                     })
                 }
@@ -734,10 +771,15 @@ struct Cache {
 impl Cache {
     /// Room for `size` tokens (`None` for 0); a shard holds at least 64 so that eviction
     /// has a choice, and there are at most 16.
-    fn new(size: usize, leeway: u64, middleware: &Arc<str>) -> Option<Cache> {
+    fn new(
+        size: usize,
+        leeway: u64,
+        metrics: &crate::metrics::Metrics,
+        middleware: &Arc<str>,
+    ) -> Option<Cache> {
         let shards = (size / 64).clamp(1, 16);
         (size > 0).then(|| {
-            let (hits, misses) = crate::metrics::global().jwt_cache_lookups(middleware);
+            let (hits, misses) = metrics.jwt_cache_lookups(middleware);
             Cache {
                 shards: (0..shards).map(|_| Mutex::default()).collect(),
                 per_shard: size / shards,
@@ -897,7 +939,8 @@ mod tests {
 
     #[test]
     fn cache_hits_until_exp_ttl_or_a_new_key_set() {
-        let cache = Cache::new(64, 5, &"jwt-cache-hits".into()).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let cache = Cache::new(64, 5, &metrics, &"jwt-cache-hits".into()).unwrap();
         let (now, key) = (1_000_000, digest(&[b"token"]));
         cache.insert(key, 1, verified(now + 60, Some(now + 10)), now);
         assert!(cache.get(&digest(&[b"other"]), 1, now).is_none());
@@ -914,12 +957,12 @@ mod tests {
         assert!(cache.get(&key, 1, now + CACHE_TTL - 1).is_some());
         assert!(cache.get(&key, 1, now + CACHE_TTL).is_none());
         assert_eq!((cache.hits.get(), cache.misses.get()), (3, 5));
-        let text = crate::metrics::global().encode();
+        let text = metrics.encode();
         assert!(text.contains(
             "gatehouse_jwt_cache_lookups_total{middleware=\"jwt-cache-hits\",result=\"hit\"} 3"
         ));
         assert!(
-            Cache::new(0, 5, &"jwt-test".into()).is_none(),
+            Cache::new(0, 5, &metrics, &"jwt-test".into()).is_none(),
             "0 disables the cache"
         );
     }
@@ -929,7 +972,7 @@ mod tests {
         let now = 1_000_000;
         let key = |i: usize| digest(&[i.to_string().as_bytes()]);
         // One shard of 64: 32 live entries, 31 expired and one of an older key set.
-        let cache = Cache::new(64, 0, &"jwt-test".into()).unwrap();
+        let cache = Cache::new(64, 0, &Default::default(), &"jwt-test".into()).unwrap();
         for i in 0..64 {
             let (generation, exp) = match i {
                 0..32 => (2, now + 600),
@@ -944,7 +987,7 @@ mod tests {
             .all(|i| cache.get(&key(i), 2, now).is_some()));
         assert_eq!(cache.shards[0].lock().unwrap().len(), 33);
         // All live: the bound holds across shards.
-        let cache = Cache::new(10_000, 0, &"jwt-test".into()).unwrap();
+        let cache = Cache::new(10_000, 0, &Default::default(), &"jwt-test".into()).unwrap();
         assert_eq!(cache.shards.len(), 16);
         for i in 0..30_000 {
             cache.insert(key(i), 0, verified(now + 600, None), now);

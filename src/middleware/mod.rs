@@ -1,8 +1,12 @@
 //! One file per middleware, named after its TOML `type`. Each file owns its `Settings`
-//! (the keys of its `[[middleware]]` entry) and the [`Middleware`] built from them.
+//! (the keys of its `[[middleware]]` entry) and the [`Middleware`] built from them; the
+//! registry below maps `type` names to files, the only place that lists them all.
 
-use crate::chain::Middleware;
-use crate::config::{deserialize, KeyPath, Problem};
+use std::sync::Arc;
+
+use crate::chain::{Chain, Link, Middleware, Scope};
+use crate::config::{deserialize, Entries, KeyPath, MiddlewareEntry, Problem};
+use crate::metrics::Metrics;
 
 pub mod api_key;
 mod auth;
@@ -25,10 +29,37 @@ pub trait Settings: std::fmt::Debug {
     }
     /// The entry's settings on one line, for `gatehouse check`.
     fn summary(&self) -> String;
-    /// The middleware of the entry called `name` (its type, unless named). Types whose
+    /// The middleware of the entry called `name` (its type, unless named; types whose
     /// state is keyed by name use it: kept across reloads, shared through Redis, labelled
-    /// in metrics.
-    fn build(&self, name: &str) -> Box<dyn Middleware>;
+    /// in metrics), with the handles it may need.
+    fn build(&self, name: &str, handles: &Handles) -> Box<dyn Middleware>;
+}
+
+/// What building a middleware may need besides its settings: handles owned by whoever
+/// builds chains (the server for its life, `explain` in-process, a test), never
+/// process-wide globals.
+pub struct Handles {
+    pub metrics: Arc<Metrics>,
+    /// Local rate-limit state that outlives a chain, so a reload keeps the counts.
+    pub rate_limits: rate_limit::States,
+    /// Where background work (JWKS refreshes) runs; `None` builds without any, as `check`
+    /// and an offline `explain` do.
+    pub runtime: Option<tokio::runtime::Handle>,
+    /// Worker threads: per-worker state (connection pools, Redis connections) has one
+    /// slot per worker, plus one (the last) for the control thread.
+    pub workers: usize,
+}
+
+impl Handles {
+    /// Handles for building outside a server: fresh metrics and state, no background work.
+    pub fn offline() -> Handles {
+        Handles {
+            metrics: Arc::default(),
+            rate_limits: rate_limit::States::default(),
+            runtime: None,
+            workers: 1,
+        }
+    }
 }
 
 /// Declares the registry: TOML `type` name → module, in one place.
@@ -40,25 +71,25 @@ macro_rules! registry {
             $($variant($module::Settings),)*
         }
 
-        /// Every `type` a `[[middleware]]` entry may have.
-        pub const TYPES: &[&str] = &[$($name),*];
+        impl Entries for Spec {
+            const TYPES: &'static [&'static str] = &[$($name),*];
 
-        impl Spec {
-            /// Parses the settings of a `type = kind` entry (its common keys already removed).
-            pub fn parse(kind: &str, settings: toml::Value) -> Result<Spec, Problem> {
+            fn parse(kind: &str, settings: toml::Value) -> Result<Spec, Problem> {
                 let spec = match kind {
                     $($name => Spec::$variant(deserialize(settings)?),)*
                     other => {
                         return Err((
                             KeyPath::default().key("type"),
-                            format!("unknown middleware type {other:?}: expected one of {}", TYPES.join(", ")),
+                            format!("unknown middleware type {other:?}: expected one of {}", Self::TYPES.join(", ")),
                         ))
                     }
                 };
                 spec.settings().validate()?;
                 Ok(spec)
             }
+        }
 
+        impl Spec {
             /// The TOML `type` of this entry.
             pub fn kind(&self) -> &'static str {
                 match self {
@@ -74,8 +105,8 @@ macro_rules! registry {
             }
 
             /// Builds the middleware of the entry called `name`.
-            pub fn build(&self, name: &str) -> Box<dyn Middleware> {
-                self.settings().build(name)
+            pub fn build(&self, name: &str, handles: &Handles) -> Box<dyn Middleware> {
+                self.settings().build(name, handles)
             }
         }
     };
@@ -93,6 +124,25 @@ registry! {
     "basic_auth" => BasicAuth(basic_auth),
     "jwt" => Jwt(jwt),
     "forward_auth" => ForwardAuth(forward_auth),
+}
+
+/// Builds the chain of a config's entries, in order.
+pub fn chain(entries: &[MiddlewareEntry<Spec>], handles: &Handles) -> Chain {
+    Chain::new(
+        entries
+            .iter()
+            .map(|e| Link {
+                name: e.name.as_str().into(),
+                kind: e.spec.kind(),
+                scope: Scope {
+                    paths: e.paths.clone(),
+                    skip_paths: e.skip_paths.clone(),
+                    methods: e.methods.clone(),
+                },
+                middleware: e.spec.build(&e.name, handles),
+            })
+            .collect(),
+    )
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.

@@ -33,7 +33,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         Box::new(RequestId {
             header: self.header.0.clone(),
             trust_incoming: self.trust_incoming,

@@ -34,7 +34,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _name: &str) -> Box<dyn Middleware> {
+    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         Box::new(Timing {
             header: self.header.0.clone(),
             server_timing: self.server_timing,

@@ -1,101 +1,38 @@
-//! What a proxy must do to headers on the way through: drop hop-by-hop headers, say who
-//! the client was (`x-forwarded-*`), and find the client's address behind trusted proxies.
+//! Who the client is: its address behind trusted proxies, and what the app is told about
+//! it (`x-forwarded-*`, written by the HTTP/1 encoder).
 
 use std::net::IpAddr;
 
-use http::header::{
-    CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 
 use crate::config::value::Cidr;
+use crate::http1::request::X_FORWARDED_FOR;
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Headers that describe one hop's connection, not the message (RFC 9110 §7.6.1; the same
-/// list as Go's and nginx's proxies).
-pub(crate) static HOP_BY_HOP: [&HeaderName; 9] = [
-    &CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &PROXY_AUTHENTICATE,
-    &PROXY_AUTHORIZATION,
-    &TE,
-    &TRAILER,
-    &TRANSFER_ENCODING,
-    &UPGRADE,
-];
-
-/// Removes hop-by-hop headers and every header named in `Connection`. For an upgrade,
-/// `Upgrade` stays and `Connection: upgrade` is set, so the upstream sees the handshake.
-/// `te: trailers` stays: it is end-to-end in meaning (gRPC needs it).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names, then a removal only for those present: most messages
-    // carry one or two of these (`connection: keep-alive`), if any.
-    let mut present: u16 = 0;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    if headers.contains_key(CONNECTION) {
-        remove_connection_listed(headers);
-    }
-    let keep_te = headers
-        .get_all(TE)
-        .iter()
-        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        let kept = (*name == TE && keep_te) || (*name == UPGRADE && upgrade);
-        if present & (1 << i) != 0 && !kept {
-            headers.remove(*name);
-        }
-    }
-    if upgrade {
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+/// What the server knows about the client connection a request came on.
+pub struct Client {
+    /// The peer's address.
+    pub ip: IpAddr,
+    /// `ip` as an `x-forwarded-for` entry, formatted once per connection.
+    pub forwarded_for: HeaderValue,
+    /// `x-forwarded-proto`: `http` or `https`.
+    pub proto: HeaderValue,
+    pub tls: bool,
+    /// The worker thread serving the connection.
+    pub worker: usize,
 }
 
-/// Removes the headers a `Connection` header names, other than the hop-by-hop ones that
-/// are removed anyway (`keep-alive`, `upgrade`) and `close`.
-fn remove_connection_listed(headers: &mut HeaderMap) {
-    let is_known = |t: &str| {
-        t.is_empty()
-            || ["close", "keep-alive", "upgrade"]
-                .iter()
-                .any(|k| t.eq_ignore_ascii_case(k))
-    };
-    let listed = headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map_or(true, |v| v.split(',').any(|t| !is_known(t.trim())))
-    });
-    if !listed {
-        return;
-    }
-    let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
-    for value in &values {
-        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-            if !is_known(token) {
-                headers.remove(token);
-            }
+impl Client {
+    pub fn new(ip: IpAddr, tls: bool, worker: usize) -> Client {
+        let ip = ip.to_canonical();
+        Client {
+            ip,
+            forwarded_for: HeaderValue::from_str(&ip.to_string())
+                .expect("an IP is a valid header value"),
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            tls,
+            worker,
         }
     }
-}
-
-/// Whether the request asks to switch protocols (WebSocket and friends).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE)
-        && headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| super::h1::has_token(v, "upgrade"))
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
@@ -125,6 +62,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderName;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
@@ -136,34 +74,6 @@ mod tests {
                 )
             })
             .collect()
-    }
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_listed() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, x-hop"),
-            ("keep-alive", "timeout=5"),
-            ("x-hop", "1"),
-            ("te", "gzip"),
-            ("upgrade", "h2c"),
-            ("x-end", "2"),
-        ]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-end"));
-
-        let mut h = headers(&[("te", "trailers"), ("connection", "close")]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.get("te").unwrap(), "trailers");
-    }
-
-    #[test]
-    fn upgrade_keeps_the_handshake() {
-        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get("upgrade").unwrap(), "websocket");
-        assert_eq!(h.get("connection").unwrap(), "upgrade");
     }
 
     #[test]

@@ -1,73 +1,77 @@
-//! Proxying one request: down the chain, to the upstream, and back up the chain.
+//! The engine: one request's path from its head to its record, the same whichever
+//! protocol the server read it with.
 //!
-//! A [`Proxy`] is everything one config generation needs to serve requests (chain,
-//! upstream, settings); a reload swaps in a new one while in-flight requests finish on
+//! [`Proxy::handle`] reads top to bottom: gatehouse's own checks, the chain's request
+//! phases, the upstream exchange (the request body through the chain's body phases), the
+//! chain's response phases, and finally, when the [`Session`] ends with the response body,
+//! the one last phase that records metrics and the audit event ([`session`]). A [`Proxy`]
+//! is one config generation: a reload builds a new one while in-flight requests finish on
 //! the old.
 
-pub mod body;
-pub mod forwarded;
-pub mod h1;
-pub mod upstream;
+mod body;
+mod forwarded;
+pub mod session;
 
-use std::net::IpAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST};
-use http::{HeaderValue, Request, Response, StatusCode, Version};
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
+use http::header::{ALLOW, CONNECTION, HOST};
+use http::{request, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body as HttpBody;
+use prometheus_client::metrics::counter::Counter;
 
-pub use body::{Body, ClientBody, RequestBody};
-use h1::Forwarded;
-use tokio::io::AsyncWriteExt;
-use upstream::{Answer, Upgraded, Upstream, UpstreamError};
+pub use body::Body;
+pub use forwarded::Client;
+pub use session::{ResponseBody, Session};
 
-use crate::audit;
-use crate::chain::{path, reply, Chain, Context};
-use crate::config::value::{ByteSize, Cidr};
-use crate::config::Config;
-use crate::metrics;
-use crate::middleware::body_limit::too_large_message;
-
-/// What the server knows about the client connection a request came on.
-pub struct Client {
-    pub ip: IpAddr,
-    /// `ip` as an `x-forwarded-for` entry, formatted once per connection.
-    pub forwarded_for: HeaderValue,
-    /// `x-forwarded-proto`: `http` or `https`.
-    pub proto: HeaderValue,
-}
-
-impl Client {
-    pub fn new(ip: IpAddr, tls: bool) -> Client {
-        let ip = ip.to_canonical();
-        Client {
-            ip,
-            forwarded_for: HeaderValue::from_str(&ip.to_string())
-                .expect("an IP is a valid header value"),
-            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
-        }
-    }
-}
+use crate::audit::{Audit, Decision};
+use crate::chain::{path, Answer, Chain, Context, Reason, Reject};
+use crate::client::{self, Endpoint, Target};
+use crate::config::value::{Cidr, UpstreamUrl};
+use crate::config::UpstreamConfig;
+use crate::http1::request::{encode, Forwarded};
+use crate::middleware::Handles;
+use crate::Config;
+use body::RequestBody;
 
 /// One config generation's request handling.
 pub struct Proxy {
     chain: Chain,
-    upstream: Upstream,
-    trusted_proxies: Vec<Cidr>,
-    max_header_bytes: usize,
+    upstream: Endpoint,
+    timeout: Duration,
     preserve_host: bool,
+    trusted_proxies: Vec<Cidr>,
+    /// Protocols an `Upgrade` may ask for (`server.upgrades`, lower case).
+    upgrades: Vec<String>,
+    handles: Arc<Handles>,
+    audit: Option<Arc<Audit>>,
+    /// `gatehouse_upstream_errors_total{kind}`, by [`client::Error::KINDS`] index.
+    upstream_errors: Box<[Counter]>,
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Proxy {
+    /// Builds the chain and the upstream of `config` with the server's handles (metrics,
+    /// state kept across reloads) and audit pipeline.
+    pub fn new(config: &Config, handles: &Arc<Handles>, audit: Option<Arc<Audit>>) -> Proxy {
         Proxy {
-            chain: Chain::build(&config.middleware),
-            upstream: Upstream::new(&config.upstream, config.workers()),
-            trusted_proxies: config.server.trusted_proxies.clone(),
-            max_header_bytes: config.server.max_header_bytes.0 as usize,
+            chain: crate::middleware::chain(&config.middleware, handles),
+            upstream: upstream_endpoint(&config.upstream, handles.workers),
+            timeout: config.upstream.timeout.0,
             preserve_host: config.upstream.preserve_host,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            upgrades: config
+                .server
+                .upgrades
+                .iter()
+                .map(|u| u.to_ascii_lowercase())
+                .collect(),
+            upstream_errors: client::Error::KINDS
+                .iter()
+                .map(|kind| handles.metrics.upstream_errors(kind))
+                .collect(),
+            handles: handles.clone(),
+            audit,
         }
     }
 
@@ -75,261 +79,283 @@ impl Proxy {
         &self.chain
     }
 
-    pub fn upstream(&self) -> &Upstream {
+    pub fn upstream(&self) -> &Endpoint {
         &self.upstream
     }
 
-    /// Serves one request. Never fails: every problem becomes a response.
-    /// `start` is when the request head arrived. The event, when audit wants one, is
-    /// finished and recorded by whoever sends the response body.
-    pub async fn handle(
-        &self,
-        req: Request<ClientBody>,
+    /// Serves one request, never failing: every problem becomes a response. `start` is
+    /// when its head arrived; `upgrade` the protocol an HTTP/1.1 `Upgrade` asked for.
+    /// The returned body carries the request's session to its end.
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
         client: &Client,
         start: Instant,
-    ) -> (Response<Body>, Option<Box<audit::Event>>) {
+        upgrade: Option<HeaderValue>,
+    ) -> Response<ResponseBody>
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+    {
         let (mut parts, body) = req.into_parts();
-        let mut ctx = Context::new(
-            forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies),
-            start,
-        );
-        let mut event = None;
+        let mut session = Box::new(self.session(&parts, client, start));
         let resp = self
-            .serve(&mut parts, body, client, &mut ctx, &mut event)
+            .serve(&mut parts, body, client, upgrade, &mut session)
             .await;
-        if let Some(e) = event.as_deref_mut() {
-            e.status = resp.status().as_u16();
-            e.request_id = ctx.request_id;
-            e.subject = ctx.subject;
-            e.upstream = ctx.upstream_time;
-            e.denied_by = ctx.denied_by.map(|i| self.chain.name(i).clone());
-        }
-        (resp, event)
+        session.status = Some(resp.status());
+        resp.map(|body| ResponseBody::new(body, session))
     }
 
     /// The answer to a request arriving once the server has stopped taking new work.
-    pub fn refuse_draining(
-        &self,
-        req: Request<ClientBody>,
+    pub fn refuse_draining<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
         client: &Client,
         start: Instant,
-    ) -> (Response<Body>, Option<Box<audit::Event>>) {
-        let event = audit::get().filter(|a| a.wants(true)).map(|a| {
-            let (parts, _) = req.into_parts();
-            let ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
-            let mut e = a.capture(&parts, &parts.uri, client_host(&parts), ip, start);
-            e.decision = audit::Decision::Deny;
-            e.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
-            e
-        });
-        (draining_response(), event)
+    ) -> Response<ResponseBody> {
+        let (parts, _) = req.into_parts();
+        let mut session = Box::new(self.session(&parts, client, start));
+        let reject = Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::Draining,
+            "gatehouse is shutting down",
+        )
+        .with_header(CONNECTION, HeaderValue::from_static("close"));
+        let resp = self.answer(Answer::Reject(reject), &mut session);
+        session.status = Some(resp.status());
+        resp.map(|body| ResponseBody::new(body, session))
     }
 
-    async fn serve(
-        &self,
-        parts: &mut http::request::Parts,
-        body: ClientBody,
+    fn session(
+        self: &Arc<Self>,
+        parts: &request::Parts,
         client: &Client,
-        ctx: &mut Context,
-        event: &mut Option<Box<audit::Event>>,
-    ) -> Response<Body> {
+        start: Instant,
+    ) -> Session {
+        let client_ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
+        let ctx = Context::new(client_ip, client.tls, start, client.worker);
+        Session::new(
+            self.clone(),
+            ctx,
+            parts.method.clone(),
+            parts.uri.clone(),
+            client_host(parts),
+        )
+    }
+
+    async fn serve<B>(
+        &self,
+        parts: &mut request::Parts,
+        body: B,
+        client: &Client,
+        upgrade: Option<HeaderValue>,
+        s: &mut Session,
+    ) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+    {
+        if let Err(reject) = self.check(parts) {
+            return self.answer(Answer::Reject(reject), s);
+        }
         // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
         // path is borrowed, not copied, while middlewares hold `parts` mutably.
         let uri = parts.uri.clone();
-        let path = self.check_head(parts).and_then(|()| {
-            path::normalize(uri.path())
-                .map_err(|_| (StatusCode::BAD_REQUEST, "the request path has dot-segments"))
-        });
-        let answer = match path {
-            Ok(path) => self.chain.on_request(parts, &path, ctx).await,
-            Err((status, message)) => Some(reply::error(status, message, None)),
+        let Ok(path) = path::normalize(uri.path()) else {
+            let reject = Reject::new(
+                StatusCode::BAD_REQUEST,
+                Reason::BadRequest,
+                "the request path has dot-segments",
+            );
+            return self.answer(Answer::Reject(reject), s);
         };
-        let audit = audit::get();
-        let denied = answer.is_some();
-        if let Some(a) = audit.filter(|a| a.wants(denied)) {
-            let mut e = a.capture(parts, &uri, client_host(parts), ctx.client_ip, ctx.start);
-            if denied {
-                e.decision = audit::Decision::Deny;
-            }
-            *event = Some(e);
+        if let Some(answer) = self.chain.on_request(parts, &path, &mut s.ctx).await {
+            return self.answer(answer, s);
         }
-        if let Some(answer) = answer {
-            body::linger(body);
-            return self.respond(answer, ctx);
+        if let Some(audit) = &self.audit {
+            s.headers = audit.capture_headers(&parts.headers);
         }
 
-        let upgrade = parts.version == Version::HTTP_11 && forwarded::is_upgrade(&parts.headers);
-        let client_upgrade = if upgrade {
-            parts.extensions.remove::<OnUpgrade>()
-        } else {
-            None
-        };
-        let host = self.prepare_upstream_request(parts, upgrade);
+        // An upgrade gatehouse does not tunnel (h2c, say) is no upgrade: the request goes
+        // on as a plain one, and the app cannot switch the connection behind the chain.
+        let upgrade = upgrade.filter(|u| {
+            self.upgrades
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(u.as_bytes()))
+        });
+        let host = parts.headers.get(HOST).cloned();
+        if !self.preserve_host || host.is_none() {
+            parts
+                .headers
+                .insert(HOST, self.upstream.authority().clone());
+        }
         let forwarded = Forwarded {
             peer: &client.forwarded_for,
             proto: &client.proto,
             host: host.as_ref(),
         };
-        let mut body = RequestBody::new(body, ctx.body_limit.map(|(limit, _)| limit));
-
+        let mut body = RequestBody::new(body, &self.chain, self.chain.body_phases(&s.ctx));
+        let encode = |framing, out: &mut Vec<u8>| {
+            encode(parts, framing, &forwarded, upgrade.as_ref(), out);
+        };
         let sent = Instant::now();
-        let (result, answered) = self.upstream.send(parts, &forwarded, &mut body, sent).await;
-        let upstream_time = answered - sent;
-        ctx.upstream_time = Some(upstream_time);
-        ctx.upstream_answered = Some(answered);
-        metrics::global().upstream_duration.observe(upstream_time);
-        if let Some(e) = event.as_deref_mut() {
-            e.bytes_in = body.bytes_read();
-        }
-        // The upstream may have answered without reading all of it (or the limit cut it).
-        body::linger(body.into_inner());
+        let (result, answered) = self
+            .upstream
+            .send(
+                s.ctx.worker,
+                &parts.method,
+                encode,
+                &mut body,
+                sent,
+                sent + self.timeout,
+            )
+            .await;
+        s.ctx.upstream_time = Some(answered - sent);
+        s.ctx.upstream_answered = Some(answered);
+        s.bytes_in = body.received;
         let (mut head, body) = match result {
             // The codec left the upstream's hop-by-hop headers out already.
-            Ok(Answer::Response(head, body)) => (head, Body::Upstream(body)),
-            Ok(Answer::Upgrade(head, upstream)) => {
-                tunnel(client_upgrade, upstream);
-                (head, Body::full(Bytes::new()))
+            Ok(client::Answer::Response(head, upstream)) => (head, Body::Upstream(upstream)),
+            Ok(client::Answer::Upgrade(head, io)) => (head, Body::Upgrade(Some(io))),
+            Err(client::Error::Body) => {
+                let answer = match body.refused.take() {
+                    Some((i, reject)) => {
+                        s.ctx.denied_by = Some(i);
+                        reject
+                    }
+                    None => Reject::new(
+                        StatusCode::BAD_REQUEST,
+                        Reason::ClientBodyFailed,
+                        "the request body could not be read",
+                    ),
+                };
+                return self.answer(Answer::Reject(answer), s);
             }
-            Err(e) => {
-                let resp = self.upstream_failed(e, ctx);
-                let denied = ctx.denied_by.is_some();
-                if event.is_none() && audit.is_some_and(|a| a.wants(denied)) {
-                    // Only a streamed body over the limit turns an allowed request denied.
-                    let a = audit.expect("checked");
-                    *event = Some(a.capture(parts, &uri, host, ctx.client_ip, ctx.start));
-                }
-                if let Some(e) = event.as_deref_mut() {
-                    e.decision = if denied {
-                        audit::Decision::Deny
-                    } else {
-                        audit::Decision::Error
-                    };
-                }
-                return resp;
-            }
+            Err(e) => return self.upstream_failed(e, s),
         };
         // The client's protocol decides the response's, not the upstream's.
         head.version = Version::default();
-        self.chain.on_response(&mut head, ctx);
+        self.chain.on_response(&mut head, &mut s.ctx);
         Response::from_parts(head, body)
     }
 
-    /// Refuses what no middleware should ever see.
-    fn check_head(&self, parts: &http::request::Parts) -> Result<(), (StatusCode, &'static str)> {
-        let head_bytes = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
-            + parts
-                .headers
-                .iter()
-                .map(|(n, v)| n.as_str().len() + v.len() + 4)
-                .sum::<usize>();
-        if head_bytes > self.max_header_bytes {
-            return Err((
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "the request head is larger than server.max_header_bytes",
+    /// Refuses what no middleware should ever see: what HTTP/1's parser refuses it refused
+    /// already; these rules hold for HTTP/2 too.
+    fn check(&self, parts: &mut request::Parts) -> Result<(), Reject> {
+        // A reverse proxy makes no tunnels to elsewhere.
+        if parts.method == Method::CONNECT {
+            return Err(Reject::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Reason::MethodNotAllowed,
+                "CONNECT is not served: gatehouse is a reverse proxy",
+            )
+            .with_header(
+                ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             ));
         }
-        // RFC 9112 §3.2: exactly one Host in HTTP/1.1, so gatehouse and the app agree on it.
-        let mut hosts = parts.headers.get_all(HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (_, Some(_)) => Err((
+        if parts.uri.path() == "*" {
+            return Err(Reject::new(
                 StatusCode::BAD_REQUEST,
-                "the request has more than one Host header",
-            )),
-            (None, _) if parts.version == Version::HTTP_11 && parts.uri.authority().is_none() => {
-                Err((StatusCode::BAD_REQUEST, "the request has no Host header"))
-            }
-            _ => Ok(()),
+                Reason::BadRequest,
+                "OPTIONS * is not served",
+            ));
         }
-    }
-
-    /// Upstream-bound headers: hop-by-hop removed, `Host` set. Returns the client's host,
-    /// for `x-forwarded-host` (the codec writes the `x-forwarded-*` headers).
-    fn prepare_upstream_request(
-        &self,
-        parts: &mut http::request::Parts,
-        upgrade: bool,
-    ) -> Option<HeaderValue> {
-        let host = client_host(parts);
-        forwarded::strip_hop_by_hop(&mut parts.headers, upgrade);
-        let upstream_host = match (&host, self.preserve_host) {
-            (Some(host), true) => host.clone(),
-            _ => self.upstream.authority().clone(),
-        };
-        parts.headers.insert(HOST, upstream_host);
-        host
-    }
-
-    fn upstream_failed(&self, e: UpstreamError, ctx: &mut Context) -> Response<Body> {
-        let resp = match (&e, ctx.body_limit) {
-            (UpstreamError::BodyTooLarge, Some((limit, index))) => {
-                ctx.denied_by = Some(index);
-                ctx.reject(e.status(), &too_large_message(ByteSize(limit)))
+        if parts.version == Version::HTTP_2 {
+            // RFC 9113 §8.3.1: `:authority` and `host` must agree; one `host` at most.
+            let mut hosts = parts.headers.get_all(HOST).iter();
+            let (first, second) = (hosts.next(), hosts.next());
+            let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+            if second.is_some() || first.zip(authority).is_some_and(|(h, a)| h.as_bytes() != a) {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    Reason::BadRequest,
+                    "the request's :authority and Host disagree",
+                ));
             }
-            _ => {
-                if e.is_upstream_fault() {
-                    metrics::global().upstream_error(e.kind());
+            if first.is_none() {
+                if let Some(host) = client_host(parts) {
+                    parts.headers.insert(HOST, host);
                 }
-                tracing::warn!(kind = e.kind(), error = ?e, "upstream request failed");
-                ctx.reject(e.status(), e.message())
             }
-        };
-        self.respond(resp, ctx)
+        }
+        Ok(())
     }
 
-    /// Sends an answer gatehouse made back up the chain.
-    fn respond(&self, resp: Response<Bytes>, ctx: &mut Context) -> Response<Body> {
+    fn upstream_failed(&self, e: client::Error, s: &mut Session) -> Response<Body> {
+        tracing::warn!(kind = e.kind(), error = %e, "upstream request failed");
+        s.upstream_error = client::Error::KINDS.iter().position(|k| *k == e.kind());
+        let reject = match e {
+            client::Error::ConnectTimeout | client::Error::Timeout => Reject::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                Reason::UpstreamTimeout,
+                if matches!(e, client::Error::Timeout) {
+                    "the upstream did not answer in time"
+                } else {
+                    "the upstream did not accept a connection in time"
+                },
+            ),
+            client::Error::Connect(_) => Reject::new(
+                StatusCode::BAD_GATEWAY,
+                Reason::UpstreamFailed,
+                "the upstream refused the connection",
+            ),
+            client::Error::Reset(_) => Reject::new(
+                StatusCode::BAD_GATEWAY,
+                Reason::UpstreamFailed,
+                "the upstream closed the connection",
+            ),
+            client::Error::Invalid(_) | client::Error::Body => Reject::new(
+                StatusCode::BAD_GATEWAY,
+                Reason::UpstreamFailed,
+                "the upstream sent an invalid response",
+            ),
+        };
+        self.answer(Answer::Reject(reject), s)
+    }
+
+    /// Sends an answer gatehouse (or a middleware) made back up the chain, and notes what
+    /// it means for the record.
+    fn answer(&self, answer: Answer, s: &mut Session) -> Response<Body> {
+        let resp = match answer {
+            Answer::Respond(resp) => resp,
+            Answer::Reject(reject) => {
+                s.decision = if reject.reason.is_upstream_failure() {
+                    Decision::Error
+                } else {
+                    Decision::Deny
+                };
+                s.reason = Some(reject.reason);
+                reject.render(s.ctx.request_id.as_ref())
+            }
+        };
         let (mut head, bytes) = resp.into_parts();
-        if let Some(i) = ctx.denied_by {
-            self.chain.count_rejection(i, head.status);
-        }
-        self.chain.on_response(&mut head, ctx);
+        self.chain.on_response(&mut head, &mut s.ctx);
         Response::from_parts(head, Body::full(bytes))
     }
 }
 
+/// The upstream of `config`: the pool has a shard per worker plus the control thread's.
+fn upstream_endpoint(config: &UpstreamConfig, workers: usize) -> Endpoint {
+    let target = match &config.url {
+        UpstreamUrl::Tcp { host, port } => Target::Tcp {
+            host: host.clone(),
+            port: *port,
+        },
+        UpstreamUrl::Unix(path) => Target::Unix(path.clone()),
+    };
+    Endpoint::new(
+        target,
+        config.connect_timeout.0,
+        config.idle_timeout.0,
+        workers + 1,
+    )
+}
+
 /// The request's Host as the client sent it: the header, else the URI's authority (HTTP/2).
-fn client_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+fn client_host(parts: &request::Parts) -> Option<HeaderValue> {
     parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
-}
-
-/// After a `101 Switching Protocols`, splices the client and upstream connections.
-fn tunnel(client: Option<OnUpgrade>, mut upstream: Upgraded) {
-    let Some(client) = client else {
-        tracing::warn!("upstream switched protocols on a request that did not ask to");
-        return;
-    };
-    tokio::spawn(async move {
-        let mut client = match client.await {
-            Ok(client) => TokioIo::new(client),
-            Err(e) => return tracing::debug!(error = %e, "client upgrade failed"),
-        };
-        // Bytes the upstream sent right after its 101 were read with the head.
-        if !upstream.read.is_empty() {
-            if let Err(e) = client.write_all(&upstream.read).await {
-                return tracing::debug!(error = %e, "upgraded connection ended");
-            }
-            upstream.read.clear();
-        }
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await {
-            tracing::debug!(error = %e, "upgraded connection ended");
-        }
-    });
-}
-
-/// The answer to requests that arrive once the server has stopped taking new work.
-pub fn draining_response() -> Response<Body> {
-    let (mut head, bytes) = reply::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "gatehouse is shutting down",
-        None,
-    )
-    .into_parts();
-    head.headers
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    Response::from_parts(head, Body::full(bytes))
 }

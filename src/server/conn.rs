@@ -1,11 +1,12 @@
-//! One client connection: HTTP/1.1 served by gatehouse's own fast path (`h1.rs`) until a
-//! request needs hyper, which then serves the rest, HTTP/1.1 or HTTP/2 (h2c prior knowledge
-//! detected from the first bytes; under TLS, ALPN decides: see `tls.rs`); the slow-header
-//! and idle timeouts, and a graceful close when the server drains.
+//! One client connection: HTTP/1.x served by gatehouse's own driver (`h1.rs`), HTTP/2 by
+//! hyper (h2c prior knowledge detected from the first bytes; under TLS, ALPN decides: see
+//! `tls.rs`); its timeouts, and a graceful close when the server drains.
 //!
-//! The timeouts are checked lazily: the connection's IO and requests bump plain counters,
-//! and a watchdog task per connection, whose timer is re-armed once per period rather
-//! than per request, compares them. A request costs no clock read and no timer operation.
+//! The timeouts are checked lazily: the driver and the requests record where the
+//! connection is (waiting, reading a head, busy, waiting for body bytes) in plain atomics,
+//! and a watchdog task per connection, whose timer ticks a few times per timeout rather
+//! than being re-armed per request, compares them. A request costs no clock read and no
+//! timer operation for them.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,61 +22,55 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{h1, Shared};
-use crate::proxy::{Body, Client, ClientBody};
-use crate::{audit, metrics};
+use super::h1::{self, Phases, Served};
+use super::Shared;
+use crate::client::Upgraded;
+use crate::proxy::{Client, ResponseBody};
 
 /// Per-connection settings, fixed at start-up.
 pub struct ConnSettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
-/// Builds the hyper connection builder every connection of a worker uses.
-pub fn builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // Heads up to max_header_bytes are parsed and then refused with SPEC's JSON 431 by
-    // the proxy; hyper's own (bodiless) 431 only meets heads far past the limit.
-    b.http1()
-        .max_buf_size((max_header_bytes * 2).max(64 << 10))
-        .header_read_timeout(None)
-        // Most API responses are small: one contiguous write of head and body measured
-        // cheaper than a two-part vectored write.
-        .writev(false)
-        .keep_alive(true);
-    b.http2().max_header_list_size(max_header_bytes as u32);
+/// The HTTP/2 server settings every connection of a worker uses.
+pub fn h2_builder(max_header_bytes: usize) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    // A larger header list gets hyper's 431.
+    b.max_header_list_size(max_header_bytes as u32);
     b
 }
 
-/// What the driver watches, bumped by the IO and the service.
+/// Where the connection is, as the watchdog reads it.
+const IDLE: u8 = 0;
+const HEAD: u8 = 1;
+const BUSY: u8 = 2;
+const BODY: u8 = 3;
+
+/// What the watchdog watches, recorded by the driver and the requests.
 #[derive(Default)]
 struct Activity {
+    phase: AtomicU8,
+    /// Bumped at every phase change and request, so the watchdog sees a change it missed.
+    changes: AtomicU64,
     reads: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicUsize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Snapshot {
-    reads: u64,
-    requests: u64,
-    in_flight: usize,
-}
-
 impl Activity {
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            reads: self.reads.load(Relaxed),
-            requests: self.requests.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
+    fn enter(&self, phase: u8) {
+        if self.phase.swap(phase, Relaxed) != phase {
+            self.changes.fetch_add(1, Relaxed);
         }
     }
 }
@@ -100,27 +95,48 @@ impl Conn {
     }
 }
 
+impl Phases for Conn {
+    fn idle(&self) {
+        self.activity.enter(IDLE);
+    }
+    fn head(&self) {
+        self.activity.enter(HEAD);
+    }
+    fn busy(&self, reading_body: bool) {
+        self.activity.enter(if reading_body { BODY } else { BUSY });
+    }
+}
+
 /// Verdicts: keep serving; finish the request in flight and close; close now.
 const SERVE: u8 = 0;
 const DRAIN: u8 = 1;
 const CLOSE: u8 = 2;
 
+/// The protocol a connection starts with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x; `h2c`: the HTTP/2 preface may open it instead (plaintext only).
+    Http1 { h2c: bool },
+    /// HTTP/2, as ALPN chose.
+    Http2,
+}
+
 /// Serves one accepted connection (plain TCP, or TLS after the handshake) until it
-/// closes, times out, or the server drains. `fast_h1`: start on the HTTP/1.1 fast path
-/// (not for a connection ALPN made HTTP/2).
+/// closes, times out, or the server drains.
 pub async fn serve<S>(
     stream: S,
     peer: std::net::SocketAddr,
     tls: bool,
+    worker: usize,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    fast_h1: bool,
+    h2: Arc<http2::Builder<TokioExecutor>>,
+    protocol: Protocol,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _open = shared.open_connection();
     let conn = Arc::new(Conn {
-        client: Client::new(peer.ip(), tls),
+        client: Client::new(peer.ip(), tls, worker),
         activity: Activity::default(),
         verdict: AtomicU8::new(SERVE),
         wake: AtomicWaker::new(),
@@ -132,33 +148,44 @@ pub async fn serve<S>(
         replay: Bytes::new(),
     };
     let watchdog = tokio::spawn(watch(conn.clone()));
-    if !fast_h1 || serve_fast(&conn, &mut io).await == Some(h1::Outcome::HandOver) {
-        serve_hyper(&conn, io, &builder).await;
+    let http2 = match protocol {
+        Protocol::Http2 => true,
+        Protocol::Http1 { h2c } => serve_h1(&conn, &mut io, h2c).await == Some(h1::Outcome::Http2),
+    };
+    if http2 {
+        conn.activity.enter(IDLE);
+        serve_h2(&conn, io, &h2).await;
     }
     watchdog.abort();
 }
 
-/// The fast path, until it closes the connection or hands it over. `None`: the
-/// watchdog closed it, or the server drains and no request is in flight.
-async fn serve_fast<S>(conn: &Arc<Conn>, io: &mut Counted<S>) -> Option<h1::Outcome>
+/// The HTTP/1 driver, until it closes the connection or finds the HTTP/2 preface. `None`:
+/// the watchdog closed it, or the server drains and no request is in flight.
+async fn serve_h1<S>(conn: &Arc<Conn>, io: &mut Counted<S>, h2c: bool) -> Option<h1::Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::new();
+    let settings = h1::Settings {
+        max_head: conn.shared.conn_settings.max_header_bytes,
+        h2c,
+    };
     let outcome = {
-        let fast = h1::serve(
+        let driver = h1::serve(
             io,
             &mut buf,
-            |req| call(conn.clone(), req),
+            &settings,
+            &**conn,
+            |req, upgrade| call(conn.clone(), req, upgrade),
             || conn.verdict.load(Acquire) != SERVE,
         );
-        let mut fast = std::pin::pin!(fast);
+        let mut driver = std::pin::pin!(driver);
         std::future::poll_fn(|cx| {
             let verdict = conn.verdict(cx);
             if verdict == CLOSE {
                 return Poll::Ready(None);
             }
-            let poll = fast.as_mut().poll(cx);
+            let poll = driver.as_mut().poll(cx);
             // Draining: an idle connection closes now, a busy one after its response.
             if poll.is_pending() && verdict == DRAIN && conn.activity.in_flight.load(Relaxed) == 0 {
                 return Poll::Ready(None);
@@ -167,14 +194,14 @@ where
         })
         .await
     };
-    if outcome == Some(h1::Outcome::HandOver) {
+    if outcome == Some(h1::Outcome::Http2) {
         io.replay = buf.freeze();
     }
     outcome
 }
 
-/// hyper serves the connection to its end.
-async fn serve_hyper<S>(conn: &Arc<Conn>, io: Counted<S>, builder: &auto::Builder<TokioExecutor>)
+/// hyper serves the connection as HTTP/2 to its end.
+async fn serve_h2<S>(conn: &Arc<Conn>, io: Counted<S>, builder: &http2::Builder<TokioExecutor>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -182,10 +209,10 @@ where
         let conn = conn.clone();
         service_fn(move |req: Request<Incoming>| {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(call(conn, req.map(Some)).await) }
+            async move { Ok::<_, Infallible>(call(conn, req, None).await) }
         })
     };
-    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let http = builder.serve_connection(TokioIo::new(io), service);
     let mut http = std::pin::pin!(http);
     let mut draining = false;
     let result = std::future::poll_fn(|cx| {
@@ -205,113 +232,51 @@ where
     }
 }
 
-/// Answers one request, whichever path read it.
-async fn call(conn: Arc<Conn>, req: Request<ClientBody>) -> Response<InFlight> {
+/// Answers one request, whichever protocol read it.
+async fn call<B>(
+    conn: Arc<Conn>,
+    req: Request<B>,
+    upgrade: Option<HeaderValue>,
+) -> Response<InFlight>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
     let start = Instant::now();
     conn.activity.requests.fetch_add(1, Relaxed);
+    conn.activity.changes.fetch_add(1, Relaxed);
     conn.activity.in_flight.fetch_add(1, Relaxed);
     let proxy = conn.shared.proxy.load_full();
-    let (resp, audit) = if conn.shared.is_refusing() {
+    let resp = if conn.shared.is_refusing() {
         proxy.refuse_draining(req, &conn.client, start)
     } else {
-        proxy.handle(req, &conn.client, start).await
+        proxy.handle(req, &conn.client, start, upgrade).await
     };
-    let status = resp.status();
-    resp.map(|body| InFlight {
-        body,
-        conn,
-        status,
-        start,
-        audit,
-    })
-}
-
-/// The connection's timeouts and drain, in a task of their own: the connection's own
-/// poll (once per read, write and request) then costs one atomic load instead of a
-/// timer and a channel poll. Stores a verdict and wakes the connection when it must act.
-async fn watch(conn: Arc<Conn>) {
-    let settings = &conn.shared.conn_settings;
-    let mut stop = conn.shared.stop.subscribe();
-    let timer = tokio::time::sleep(settings.header_read_timeout);
-    let mut timer = std::pin::pin!(timer);
-    let mut seen = conn.activity.snapshot();
-    let mut head_pending = false;
-    let verdict = loop {
-        if *stop.borrow_and_update() {
-            break DRAIN;
-        }
-        tokio::select! {
-            // A closed channel means the process is exiting: drain as well.
-            _ = stop.changed() => break DRAIN,
-            _ = timer.as_mut() => {
-                let now = conn.activity.snapshot();
-                let next = if now.in_flight > 0 || now.requests != seen.requests {
-                    head_pending = false;
-                    settings.idle_timeout
-                } else if now.reads != seen.reads && !head_pending {
-                    // Bytes came but no complete head: one more header_read_timeout at most.
-                    head_pending = true;
-                    settings.header_read_timeout
-                } else {
-                    tracing::debug!(client = %conn.client.ip, slow_header = head_pending, "closing an idle connection");
-                    break CLOSE;
-                };
-                seen = now;
-                timer.as_mut().reset(tokio::time::Instant::now() + next);
-            }
-        }
-    };
-    conn.verdict.store(verdict, Release);
-    conn.wake.wake();
+    resp.map(|body| InFlight { body, conn })
 }
 
 /// The response body, holding the connection "busy" until it has been sent or dropped,
-/// so a long stream is never taken for an idle connection. Its end is the request's end
-/// for metrics and for the audit event, which counts the body bytes sent on the way.
+/// so a long stream is never taken for an idle connection.
 struct InFlight {
-    body: Body,
+    body: ResponseBody,
     conn: Arc<Conn>,
-    status: StatusCode,
-    start: Instant,
-    audit: Option<Box<audit::Event>>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.activity.in_flight.fetch_sub(1, Relaxed);
-        let end = Instant::now();
-        metrics::global().record_request(self.status.as_u16(), end - self.start);
-        if let Some(mut event) = self.audit.take() {
-            // hyper stops polling a body that says it ended, so its last frame may be
-            // the end without a `None` ever being seen.
-            event.completed |= self.body.is_end_stream();
-            event.finish(end);
-            if let Some(audit) = audit::get() {
-                audit.record(event);
-            }
-        }
+        self.conn.activity.changes.fetch_add(1, Relaxed);
     }
 }
 
 impl HttpBody for InFlight {
-    type Data = bytes::Bytes;
-    type Error = std::io::Error;
+    type Data = Bytes;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, std::io::Error>>> {
-        let poll = Pin::new(&mut self.body).poll_frame(cx);
-        if let Some(event) = self.audit.as_deref_mut() {
-            match &poll {
-                Poll::Ready(Some(Ok(frame))) => {
-                    event.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
-                }
-                Poll::Ready(None) => event.completed = true,
-                _ => {}
-            }
-        }
-        poll
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -323,11 +288,75 @@ impl HttpBody for InFlight {
     }
 }
 
+impl Served for InFlight {
+    type Upgraded = Upgraded;
+
+    fn take_upgrade(&mut self) -> Option<Upgraded> {
+        self.body.take_upgrade()
+    }
+
+    fn tunnel_closed(&mut self, from_client: u64, to_client: u64) {
+        self.body.tunnel_closed(from_client, to_client);
+    }
+}
+
+/// The connection's timeouts and drain, in a task of their own: the connection's own
+/// work costs atomic stores instead of timer operations. Stores a verdict and wakes the
+/// connection when it must act.
+///
+/// A connection waiting for its next request is closed after `idle_timeout` (before its
+/// first one, after `header_read_timeout`: a client that connects and sends nothing is a
+/// slowloris); a request head must be complete within `header_read_timeout` of its first
+/// byte; a request being served has no limit here (`upstream.timeout` bounds the wait for
+/// the app). The timer ticks every quarter of the shortest timeout, so each closes within
+/// a quarter of its length after it passed.
+async fn watch(conn: Arc<Conn>) {
+    let settings = &conn.shared.conn_settings;
+    let tick = (settings.header_read_timeout.min(settings.idle_timeout) / 4)
+        .max(Duration::from_millis(10));
+    let mut stop = conn.shared.stop.subscribe();
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let a = &conn.activity;
+    let mut seen = a.changes.load(Relaxed);
+    let mut since = Instant::now();
+    let verdict = loop {
+        if *stop.borrow_and_update() {
+            break DRAIN;
+        }
+        tokio::select! {
+            // A closed channel means the process is exiting: drain as well.
+            _ = stop.changed() => break DRAIN,
+            _ = ticks.tick() => {
+                let now = Instant::now();
+                let changes = a.changes.load(Relaxed);
+                if changes != seen {
+                    seen = changes;
+                    since = now;
+                    continue;
+                }
+                let limit = match a.phase.load(Relaxed) {
+                    _ if a.in_flight.load(Relaxed) > 0 => continue,
+                    IDLE if a.requests.load(Relaxed) > 0 => settings.idle_timeout,
+                    IDLE | HEAD => settings.header_read_timeout,
+                    _ => continue,
+                };
+                if now.duration_since(since) >= limit {
+                    tracing::debug!(client = %conn.client.ip, phase = a.phase.load(Relaxed), "closing a connection past its timeout");
+                    break CLOSE;
+                }
+            }
+        }
+    };
+    conn.verdict.store(verdict, Release);
+    conn.wake.wake();
+}
+
 /// The client socket, counting reads for the timeouts.
 struct Counted<S> {
     inner: S,
     conn: Arc<Conn>,
-    /// Bytes the fast path read but left to hyper, read again first.
+    /// Bytes the HTTP/1 driver read but left to the HTTP/2 server, read again first.
     replay: Bytes,
 }
 

@@ -1,86 +1,208 @@
-//! gatehouse's own HTTP/1.1 server for the request a proxy sees most: HTTP/1.1 without a
-//! body or an upgrade. Its head is parsed straight from the connection's buffer, and its
-//! response goes out in one write, with no per-request buffer and no connection task.
+//! gatehouse's HTTP/1.x server: a thin driver over [`crate::http1`] that reads request
+//! heads and bodies from a connection, hands each request to the service, and writes the
+//! answer back, one request after another (pipelined requests wait in the buffer).
 //!
-//! Anything else (a body, an upgrade, HTTP/1.0, the h2c preface, a malformed or very large
-//! head) hands the connection, with the bytes read so far, to hyper, which serves it from
-//! then on: the rare cases keep hyper's well-trodden handling, including its error replies.
+//! Heads are parsed straight from the connection's buffer (header values share it), and a
+//! response head with a small body leaves in one write, with no connection task or
+//! channel between the socket and the request. A request body is read only as the service
+//! asks for it ([`Body`], which shares the connection's buffer with this driver), so an
+//! upload streams with backpressure; `Expect: 100-continue` is answered when the body is
+//! first asked for. An upgrade the app accepts becomes a tunnel, counted both ways. A
+//! plaintext connection that opens with the HTTP/2 preface is handed to the HTTP/2 server.
 
-use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
-use http::{response, HeaderMap, Method, Request, Response, StatusCode};
-use http::{Uri, Version};
-use http_body::{Body as HttpBody, Frame};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use http::header::TE;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::proxy::h1::{
-    encode_chunk_size, has_token, header_line, parse_length, shared_header, CHAIN_HEADERS,
-    LAST_CHUNK,
-};
-use crate::proxy::ClientBody;
+use crate::chain::{Reason, Reject};
+use crate::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
+use crate::http1::response::{self, Writing};
+use crate::http1::{hop, request, Framing};
 
-/// Heads that have not ended within this many bytes go to hyper, which applies
-/// `server.max_header_bytes` to them; real request heads are far smaller.
-const MAX_HEAD: usize = 8 << 10;
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Free room asked of the buffer before each read.
 const READ_ROOM: usize = 4 << 10;
-/// As many header lines as hyper takes.
-const MAX_HEADERS: usize = 100;
 /// Response bytes gathered before a write: a head and a small body go out together.
 const WRITE_BATCH: usize = 16 << 10;
 /// The most of its write buffer a connection keeps between responses, so idle keep-alive
 /// connections hold little after a large response.
 const WRITE_KEEP: usize = 4 << 10;
+/// How long, and how much of, an unread request body is read and thrown away after the
+/// answer, before the connection closes: closing with unread bytes makes the kernel send a
+/// reset, and the client would lose the answer (a 401, a 413) sent to it.
+const LINGER: Duration = Duration::from_secs(10);
+const LINGER_BYTES: u64 = 64 << 20;
 
-/// How the fast path left the connection.
+/// How the driver left the connection.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Done with: the client left, asked to close, broke off, or the server drains.
     Closed,
-    /// hyper serves the rest; the buffer holds the bytes it must read first.
-    HandOver,
+    /// The connection opened with the HTTP/2 preface: the buffer holds what was read.
+    Http2,
 }
 
-/// Serves requests from `io` until the connection closes or a request needs hyper.
-/// `call` answers one request; `draining` says whether the server is shutting down, so a
-/// response can announce the close.
-pub async fn serve<S, F, Fut, B>(
+/// What the driver needs from the connection it serves.
+pub struct Settings {
+    /// `server.max_header_bytes`.
+    pub max_head: usize,
+    /// Plaintext connections may open with the HTTP/2 preface (h2c prior knowledge); under
+    /// TLS, ALPN decided already.
+    pub h2c: bool,
+}
+
+/// What a response body offers the driver besides its bytes: the upstream connection of a
+/// `101 Switching Protocols`, and a place to record the tunnel's traffic.
+pub trait Served: HttpBody<Data = Bytes, Error = io::Error> + Unpin {
+    type Upgraded: AsyncRead + AsyncWrite + Unpin;
+    fn take_upgrade(&mut self) -> Option<Self::Upgraded>;
+    fn tunnel_closed(&mut self, from_client: u64, to_client: u64);
+}
+
+/// Where the connection is, for the watchdog (see `conn.rs`).
+pub trait Phases {
+    /// Waiting for a request, no byte of it received.
+    fn idle(&self);
+    /// Some bytes of a request head are here.
+    fn head(&self);
+    /// A request is being served; `reading_body` while its body waits for the client.
+    fn busy(&self, reading_body: bool);
+}
+
+/// Serves requests from `io` until the connection closes or turns out to be HTTP/2.
+/// `call` answers one request (the protocol an `Upgrade` asked for, if any, rides along);
+/// `draining` says whether the server is shutting down, so a response can announce the
+/// close.
+pub async fn serve<S, F, Fut, R>(
     io: &mut S,
     buf: &mut BytesMut,
+    settings: &Settings,
+    phases: &impl Phases,
     mut call: F,
     draining: impl Fn() -> bool,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Request<ClientBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
-    B: HttpBody<Data = Bytes, Error = io::Error> + Unpin,
+    F: FnMut(Request<Body>, Option<HeaderValue>) -> Fut,
+    Fut: Future<Output = Response<R>>,
+    R: Served,
 {
     let mut out = Vec::new();
+    let mut date = DateCache::default();
+    let mut first = true;
     loop {
-        let (req, asked_close) = match read_head(io, buf).await {
+        phases.idle();
+        let head = match read_head(io, buf, settings, first, phases).await {
             Ok(head) => head,
-            Err(outcome) => return outcome,
+            Err(Stop::Closed) => return Outcome::Closed,
+            Err(Stop::Http2) => return Outcome::Http2,
+            Err(Stop::Invalid(invalid)) => {
+                let reason = match invalid.status {
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Reason::HeadersTooLarge,
+                    StatusCode::NOT_IMPLEMENTED => Reason::NotImplemented,
+                    _ => Reason::BadRequest,
+                };
+                let answer = Reject::new(invalid.status, reason, invalid.message).render(None);
+                let _ = write_error(io, &mut out, answer, &mut date).await;
+                return Outcome::Closed;
+            }
         };
-        let head_only = req.method() == Method::HEAD;
-        // hyper's rule: a client that hangs up before its answer abandons the request.
+        first = false;
+        let request::Head {
+            parts,
+            framing,
+            keep_alive,
+            upgrade,
+            expect_continue,
+        } = head;
+        let head_only = parts.method == Method::HEAD;
+        let http10 = parts.version == Version::HTTP_10;
+        let trailers = parts.headers.get_all(TE).iter().any(hop::is_te_trailers);
+        let inbound = (framing != Framing::Empty).then(|| {
+            Arc::new(Mutex::new(Inbound {
+                buf: std::mem::take(buf),
+                decode: match framing {
+                    Framing::Length(n) => Decode::Length(n),
+                    _ => Decode::Chunked(Chunked::Size, None),
+                },
+                want: false,
+                eof: false,
+                continue_due: expect_continue,
+                body: None,
+                driver: None,
+            }))
+        });
+        let body = Body(inbound.clone());
+        phases.busy(false);
         // Pinned where it is made: the request's future is large, and moving it costs.
-        let answer = pin!(call(req));
-        let Some(resp) = until_client_gone(io, buf, answer).await else {
+        let mut answer = pin!(call(Request::from_parts(parts, body), upgrade));
+        let mut pending_continue: &[u8] = &[];
+        let Some(mut resp) = poll_fn(|cx| loop {
+            if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            match &inbound {
+                Some(inbound) => match poll_inbound(io, inbound, &mut pending_continue, phases, cx)
+                {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(())) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                },
+                None if client_gone(io, buf, cx) => return Poll::Ready(None),
+                None => return Poll::Pending,
+            }
+        })
+        .await
+        else {
             return Outcome::Closed;
         };
-        // A 101 the client did not ask for leaves nothing to talk on afterwards.
-        let close = asked_close || resp.status() == StatusCode::SWITCHING_PROTOCOLS || draining();
-        let written = write_response(io, buf, &mut out, resp, head_only, close).await;
+        // The request's body is over, or will never be read: take the buffer back.
+        let unread = match inbound {
+            Some(inbound) => {
+                let mut inbound = lock(&inbound);
+                *buf = std::mem::take(&mut inbound.buf);
+                !matches!(inbound.decode, Decode::Done)
+            }
+            None => false,
+        };
+        phases.busy(false);
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(upstream) = resp.body_mut().take_upgrade().filter(|_| !unread) {
+                let writing = Writing {
+                    head_request: false,
+                    http10: false,
+                    close: false,
+                    exact: Some(0),
+                };
+                tunnel(io, buf, &mut out, resp, upstream, writing, &mut date).await;
+                return Outcome::Closed;
+            }
+        }
+        // A body left unread means the next request's start is unknown: close after it.
+        let close = !keep_alive || unread || draining();
+        let writing = Writing {
+            head_request: head_only,
+            http10,
+            close,
+            exact: resp.body().size_hint().exact(),
+        };
+        let watch = if unread { Watch::Discard } else { Watch::Gone };
+        let written =
+            write_response(io, buf, &mut out, resp, writing, trailers, watch, &mut date).await;
         if written.is_err() || close {
+            if unread {
+                linger(io).await;
+            }
             return Outcome::Closed;
         }
         if out.capacity() > WRITE_KEEP {
@@ -89,124 +211,71 @@ where
     }
 }
 
-/// The next request for the fast path, and whether the client asked to close after it.
+/// Why no request head came.
+enum Stop {
+    Closed,
+    Http2,
+    Invalid(request::Invalid),
+}
+
+/// Reads until a complete request head is in `buf` and parses it (removing it from
+/// `buf`). On a connection's first bytes, the HTTP/2 preface hands it over.
 async fn read_head<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
-) -> Result<(Request<ClientBody>, bool), Outcome> {
+    settings: &Settings,
+    first: bool,
+    phases: &impl Phases,
+) -> Result<request::Head, Stop> {
     loop {
         if !buf.is_empty() {
-            match parse(buf) {
-                Ok(head) => return Ok(head),
-                Err(Miss::Partial) if buf.len() < MAX_HEAD => {}
-                Err(_) => return Err(Outcome::HandOver),
+            phases.head();
+            if first && settings.h2c && starts_like_preface(buf) {
+                if buf.len() >= PREFACE.len() {
+                    return Err(Stop::Http2);
+                }
+            } else if let Some(head) = parse(buf, settings.max_head).map_err(Stop::Invalid)? {
+                return Ok(head);
             }
         }
         // Room is reclaimed in place: the previous request's head is gone by now.
         buf.reserve(READ_ROOM);
         match io.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(Outcome::Closed),
+            Ok(0) | Err(_) => return Err(Stop::Closed),
             Ok(_) => {}
         }
     }
 }
 
-/// Why a buffer holds no request for the fast path.
-#[derive(Debug)]
-enum Miss {
-    /// The head has not ended yet.
-    Partial,
-    /// Not for the fast path: hyper serves it.
-    Other,
+/// Whether `buf` holds the HTTP/2 preface, or the start of it.
+fn starts_like_preface(buf: &[u8]) -> bool {
+    let n = buf.len().min(PREFACE.len());
+    buf[..n] == PREFACE[..n]
 }
 
 /// Parses the request head at the start of `buf`, removing it on success. The header
-/// values and the URI share the head's bytes instead of a copy each.
-fn parse(buf: &mut BytesMut) -> Result<(Request<ClientBody>, bool), Miss> {
+/// values and the target share the head's bytes instead of a copy each.
+fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<request::Head>, request::Invalid> {
     let all = buf.split().freeze();
-    match parse_frozen(&all) {
-        Ok((req, close, len)) => {
+    match request::parse(&all, max_head) {
+        Ok(Some((head, len))) => {
             // A pipelined request behind this one waits in the buffer (a rare copy).
             buf.extend_from_slice(&all[len..]);
-            Ok((req, close))
+            Ok(Some(head))
         }
-        Err(why) => {
+        other => {
             // Put the bytes back in front of the buffer's free room.
             let mut whole = BytesMut::from(all);
             whole.unsplit(std::mem::take(buf));
             *buf = whole;
-            Err(why)
+            other.map(|_| None)
         }
     }
 }
 
-fn parse_frozen(all: &Bytes) -> Result<(Request<ClientBody>, bool, usize), Miss> {
-    // Uninitialised slots: filling a hundred empty headers would cost more than the parse.
-    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
-    let mut head = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut head, all, &mut slots)
-    {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Err(Miss::Partial),
-        Err(_) => return Err(Miss::Other),
-    };
-    if head.version != Some(1) {
-        return Err(Miss::Other);
-    }
-    let method =
-        Method::from_bytes(head.method.unwrap_or("").as_bytes()).map_err(|_| Miss::Other)?;
-    if method == Method::CONNECT {
-        return Err(Miss::Other);
-    }
-    let path = head.path.unwrap_or("").as_bytes();
-    let uri = Uri::from_maybe_shared(all.slice_ref(path)).map_err(|_| Miss::Other)?;
-    let mut headers = HeaderMap::with_capacity(head.headers.len() + CHAIN_HEADERS);
-    let mut close = false;
-    for h in head.headers.iter() {
-        let (name, value) = shared_header(h.name.as_bytes(), h.value, |v| all.slice_ref(v))
-            .map_err(|_| Miss::Other)?;
-        if (name == CONTENT_LENGTH && value != "0") || name == TRANSFER_ENCODING || name == UPGRADE
-        {
-            return Err(Miss::Other);
-        }
-        if name == CONNECTION {
-            close |= has_token(&value, "close");
-        }
-        headers.append(name, value);
-    }
-    let mut req = Request::new(None);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    Ok((req, close, len))
-}
-
-/// Runs `fut` while watching the otherwise idle client socket: end of stream or an error
-/// means the client left, and `None` abandons `fut`. Bytes that arrive meanwhile (a
-/// pipelined request) stay in `buf`, and the watch stops there, as hyper's does.
-async fn until_client_gone<S, F>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    mut fut: Pin<&mut F>,
-) -> Option<F::Output>
-where
-    S: AsyncRead + Unpin,
-    F: Future,
-{
-    poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        if client_gone(io, buf, cx) {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await
-}
-
+/// Whether the otherwise idle client socket says the client left (end of stream or an
+/// error). Bytes that arrive meanwhile (a pipelined request) stay in `buf`, and the watch
+/// stops there, as hyper's does.
 fn client_gone<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, cx: &mut Context) -> bool {
     if !buf.is_empty() {
         return false;
@@ -217,55 +286,230 @@ fn client_gone<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, cx: &mut Co
     )
 }
 
-/// How the response body goes on the wire.
-#[derive(Debug, PartialEq, Eq)]
-enum Framing {
-    /// No body bytes (HEAD, 1xx, 204, 304).
-    None,
+/// A request body as it arrives, shared between the driver (which reads the socket) and
+/// the [`Body`] (which decodes): both run in the connection's task when the upstream is
+/// HTTP/1, so the lock is never contended, and each side wakes the other when needed.
+struct Inbound {
+    /// The connection's read buffer, lent to the body while it is read.
+    buf: BytesMut,
+    decode: Decode,
+    /// The body waits for bytes: the driver should read.
+    want: bool,
+    /// The client closed (or the socket failed) before the body's end.
+    eof: bool,
+    /// `Expect: 100-continue` not yet answered: answered when the body is first asked for.
+    continue_due: bool,
+    body: Option<Waker>,
+    driver: Option<Waker>,
+}
+
+enum Decode {
     Length(u64),
-    Chunked,
+    Chunked(Chunked, Option<HeaderMap>),
+    Done,
+}
+
+fn lock(inbound: &Mutex<Inbound>) -> MutexGuard<'_, Inbound> {
+    inbound.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wakes `waker` unless it is this task's own (it is being polled already).
+fn wake_other(waker: Option<Waker>, cx: &Context) {
+    if let Some(waker) = waker.filter(|w| !w.will_wake(cx.waker())) {
+        waker.wake();
+    }
+}
+
+/// Reads body bytes from the socket when the body asks for them (sending `100 Continue`
+/// first when it is due). `Ready(Ok)`: progress, poll the service again. `Ready(Err)`: the
+/// client went away while nothing needs its bytes.
+fn poll_inbound<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    inbound: &Mutex<Inbound>,
+    pending_continue: &mut &'static [u8],
+    phases: &impl Phases,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), ()>> {
+    let mut st = lock(inbound);
+    if matches!(st.decode, Decode::Done) || st.eof || !st.want {
+        // Nothing to read for the body: a client leaving meanwhile abandons the request.
+        st.driver = Some(cx.waker().clone());
+        if matches!(st.decode, Decode::Done) && st.buf.is_empty() {
+            let Inbound { buf, .. } = &mut *st;
+            if client_gone(io, buf, cx) {
+                return Poll::Ready(Err(()));
+            }
+        }
+        return Poll::Pending;
+    }
+    if st.continue_due {
+        st.continue_due = false;
+        *pending_continue = b"HTTP/1.1 100 Continue\r\n\r\n";
+    }
+    while !pending_continue.is_empty() {
+        match Pin::new(&mut *io).poll_write(cx, pending_continue) {
+            Poll::Ready(Ok(n)) if n > 0 => *pending_continue = &pending_continue[n..],
+            Poll::Ready(_) => {
+                st.eof = true;
+                wake_other(st.body.take(), cx);
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    phases.busy(true);
+    st.buf.reserve(READ_ROOM);
+    let Inbound { buf, .. } = &mut *st;
+    match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
+        Poll::Ready(Ok(0) | Err(_)) => st.eof = true,
+        Poll::Ready(Ok(_)) => st.want = false,
+        Poll::Pending => return Poll::Pending,
+    }
+    wake_other(st.body.take(), cx);
+    Poll::Ready(Ok(()))
+}
+
+/// The request body handed to the service: it decodes what the driver reads, as it is
+/// asked for. Empty for a request without one.
+pub struct Body(Option<Arc<Mutex<Inbound>>>);
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let Some(inbound) = &self.0 else {
+            return Poll::Ready(None);
+        };
+        let mut st = lock(inbound);
+        let Inbound { buf, decode, .. } = &mut *st;
+        let frame = match decode {
+            Decode::Done => return Poll::Ready(None),
+            Decode::Length(left) if !buf.is_empty() => {
+                let take = (*left).min(buf.len() as u64);
+                *left -= take;
+                let data = buf.split_to(take as usize).freeze();
+                if *left == 0 {
+                    *decode = Decode::Done;
+                }
+                Some(Ok(Frame::data(data)))
+            }
+            Decode::Length(_) => None,
+            Decode::Chunked(state, trailers) => match state.decode(buf, trailers) {
+                Ok(Decoded::Data(data)) => Some(Ok(Frame::data(data))),
+                Ok(Decoded::Trailers(fields)) => Some(Ok(Frame::trailers(fields))),
+                Ok(Decoded::End) => {
+                    *decode = Decode::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => None,
+                Err(e) => Some(Err(invalid(e))),
+            },
+        };
+        if let Some(frame) = frame {
+            // A body that cannot be decoded leaves the connection unusable.
+            st.eof |= frame.is_err();
+            return Poll::Ready(Some(frame));
+        }
+        if st.eof {
+            return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+        }
+        st.want = true;
+        st.body = Some(cx.waker().clone());
+        wake_other(st.driver.take(), cx);
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|inbound| matches!(lock(inbound).decode, Decode::Done))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            None => SizeHint::with_exact(0),
+            Some(inbound) => match lock(inbound).decode {
+                Decode::Length(n) => SizeHint::with_exact(n),
+                Decode::Done => SizeHint::with_exact(0),
+                Decode::Chunked(..) => SizeHint::default(),
+            },
+        }
+    }
+}
+
+fn invalid(e: InvalidChunk) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// What the driver does with the client socket while it writes a response.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Notice the client leaving (a pipelined request's bytes stay in the buffer).
+    Gone,
+    /// Read and throw away the rest of a request body nobody will read.
+    Discard,
 }
 
 /// Writes the response, streaming its body. The body is dropped (ending the request for
-/// metrics and audit) only after its last byte was handed to the socket.
-async fn write_response<S, B>(
+/// its record) only after its last byte was handed to the socket.
+#[allow(clippy::too_many_arguments)]
+async fn write_response<S, R>(
     io: &mut S,
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
-    resp: Response<B>,
-    head_only: bool,
-    close: bool,
+    resp: Response<R>,
+    writing: Writing,
+    trailers: bool,
+    watch: Watch,
+    date: &mut DateCache,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    B: HttpBody<Data = Bytes, Error = io::Error> + Unpin,
+    R: HttpBody<Data = Bytes, Error = io::Error> + Unpin,
 {
     let (parts, mut body) = resp.into_parts();
     out.clear();
-    let framing = encode_head(out, &parts, head_only, body.size_hint().exact(), close);
+    let framing = response::encode(out, &parts, writing, date.now());
     // Its header values may pin the upstream's read buffer: let go before streaming.
     drop(parts);
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => u64::MAX,
     };
-    while framing != Framing::None && !body.is_end_stream() {
+    let mut discarded = 0u64;
+    while framing != Framing::Empty && !body.is_end_stream() {
         let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 // Nothing more yet (a slow stream): what is gathered goes out meanwhile.
                 flush(io, out).await?;
                 let next = pin!(poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)));
-                until_client_gone(io, buf, next)
-                    .await
-                    .ok_or(io::ErrorKind::ConnectionAborted)?
+                watching(io, buf, watch, &mut discarded, next).await?
             }
         };
-        let Some(data) = frame.transpose()?.map(Frame::into_data) else {
+        let Some(frame) = frame.transpose()? else {
             break;
         };
-        // Trailers have no place in this framing and are dropped, as hyper does.
-        let Ok(data) = data else { continue };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers go out only in the chunked coding, to a client that said it
+                // accepts them (`te: trailers`); otherwise they are dropped, as hyper does.
+                if let (Framing::Chunked, true, Ok(fields)) =
+                    (framing, trailers, frame.into_trailers())
+                {
+                    chunked::encode_last(&fields, out);
+                    flush(io, out).await?;
+                    io.flush().await?;
+                    return Ok(());
+                }
+                continue;
+            }
+        };
         if data.is_empty() {
             continue;
         }
@@ -273,7 +517,7 @@ where
             .checked_sub(data.len() as u64)
             .ok_or_else(|| io::Error::other("response body longer than its content-length"))?;
         if framing == Framing::Chunked {
-            encode_chunk_size(data.len(), out);
+            chunked::encode_size(data.len(), out);
         }
         if out.len() + data.len() <= WRITE_BATCH {
             out.extend_from_slice(&data);
@@ -289,7 +533,7 @@ where
         }
     }
     match framing {
-        Framing::Chunked => out.extend_from_slice(LAST_CHUNK),
+        Framing::Chunked => out.extend_from_slice(chunked::LAST_CHUNK),
         // A body that ends short would leave the client waiting: the connection closes.
         Framing::Length(_) if left != 0 => {
             flush(io, out).await?;
@@ -305,6 +549,164 @@ where
     Ok(())
 }
 
+/// Awaits `next` while watching the client socket as `watch` says; an error means the
+/// client left.
+async fn watching<S, F>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    watch: Watch,
+    discarded: &mut u64,
+    mut next: Pin<&mut F>,
+) -> io::Result<F::Output>
+where
+    S: AsyncRead + Unpin,
+    F: Future,
+{
+    let mut scratch = [0u8; 4096];
+    poll_fn(|cx| loop {
+        if let Poll::Ready(out) = next.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        match watch {
+            Watch::Gone if client_gone(io, buf, cx) => {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()))
+            }
+            Watch::Gone => return Poll::Pending,
+            Watch::Discard => {
+                let mut read = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(()))
+                        if !read.filled().is_empty() && *discarded < LINGER_BYTES =>
+                    {
+                        *discarded += read.filled().len() as u64;
+                    }
+                    // The client finished (or stopped) sending: the answer still goes out.
+                    Poll::Ready(_) | Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Half-closes the connection and reads what the client still sends for a while, so the
+/// answer written before is not lost to a reset.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut scratch = [0u8; 4096];
+        let mut total = 0u64;
+        while total < LINGER_BYTES {
+            match io.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n as u64,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Answers a request that could not be read, and gives up on the connection.
+async fn write_error<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    answer: Response<Bytes>,
+    date: &mut DateCache,
+) -> io::Result<()> {
+    let (parts, body) = answer.into_parts();
+    out.clear();
+    let writing = Writing {
+        head_request: false,
+        http10: false,
+        close: true,
+        exact: Some(body.len() as u64),
+    };
+    response::encode(out, &parts, writing, date.now());
+    out.extend_from_slice(&body);
+    io.write_all(out).await?;
+    io.shutdown().await
+}
+
+/// After a `101`: writes the head, then splices the client and the upstream connection
+/// until either side closes, and records the bytes that crossed each way.
+async fn tunnel<S, R>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    resp: Response<R>,
+    mut upstream: R::Upgraded,
+    writing: Writing,
+    date: &mut DateCache,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: Served,
+{
+    let (parts, mut body) = resp.into_parts();
+    out.clear();
+    response::encode(out, &parts, writing, date.now());
+    drop(parts);
+    if io.write_all(out).await.is_err() || io.flush().await.is_err() {
+        return;
+    }
+    // Bytes the client sent right after its request belong to the new protocol.
+    let early = buf.len() as u64;
+    if !buf.is_empty() && upstream.write_all(&std::mem::take(buf)).await.is_err() {
+        body.tunnel_closed(early, 0);
+        return;
+    }
+    let mut client = Counting {
+        inner: io,
+        read: 0,
+        written: 0,
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+    body.tunnel_closed(early + client.read, client.written);
+}
+
+/// Counts the bytes read from and written to a stream.
+struct Counting<'a, S> {
+    inner: &'a mut S,
+    read: u64,
+    written: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.written += n as u64;
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn flush<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> io::Result<()> {
     if !out.is_empty() {
         io.write_all(out).await?;
@@ -313,432 +715,33 @@ async fn flush<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> io::Resu
     Ok(())
 }
 
-/// Writes the status line and headers, adding the framing, `connection: close` and
-/// `date` as hyper would, and returns the body's framing. `exact` is the body's length
-/// when known.
-fn encode_head(
-    out: &mut Vec<u8>,
-    parts: &response::Parts,
-    head_only: bool,
-    exact: Option<u64>,
-    close: bool,
-) -> Framing {
-    let status = parts.status;
-    if status == StatusCode::OK {
-        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    } else {
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let mut length = None;
-    let (mut has_date, mut has_close) = (false, false);
-    for (name, value) in &parts.headers {
-        if name == CONTENT_LENGTH {
-            // The first valid one frames the body; the others would contradict it.
-            if length.is_some() {
-                continue;
-            }
-            match parse_length(value.as_bytes().trim_ascii()) {
-                Some(n) => length = Some(n),
-                None => continue,
-            }
-        } else if name == TRANSFER_ENCODING {
-            // The framing is this hop's own, decided below.
-            continue;
-        } else if name == DATE {
-            has_date = true;
-        } else if name == CONNECTION {
-            has_close |= has_token(value, "close");
-        }
-        header_line(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    let no_length = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    // The length to declare, when the headers did not: a HEAD answer states the length a
-    // GET would get, but never an implicit 0.
-    let (framing, declare) = if no_length || head_only {
-        let head_length = exact.filter(|&n| head_only && !no_length && length.is_none() && n > 0);
-        (Framing::None, head_length)
-    } else {
-        match (length, exact) {
-            (Some(n), _) => (Framing::Length(n), None),
-            (None, Some(n)) => (Framing::Length(n), Some(n)),
-            (None, None) => {
-                header_line(out, b"transfer-encoding", b"chunked");
-                (Framing::Chunked, None)
-            }
-        }
-    };
-    if let Some(n) = declare {
-        header_line(
-            out,
-            b"content-length",
-            itoa::Buffer::new().format(n).as_bytes(),
-        );
-    }
-    if close && !has_close {
-        header_line(out, b"connection", b"close");
-    }
-    if !has_date {
-        header_line(out, b"date", &http_date());
-    }
-    out.extend_from_slice(b"\r\n");
-    framing
-}
-
 /// An IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT").
 const DATE_LEN: usize = 29;
 
-thread_local! {
-    /// The second `http_date` last formatted, and its text.
-    static DATE_CACHE: Cell<(u64, [u8; DATE_LEN])> = const { Cell::new((u64::MAX, [0; DATE_LEN])) };
+/// The `date` header's value, formatted once per second per connection.
+struct DateCache {
+    second: u64,
+    text: [u8; DATE_LEN],
 }
 
-/// The current second as an IMF-fixdate, formatted once per second per worker.
-fn http_date() -> [u8; DATE_LEN] {
-    let now = SystemTime::now();
-    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (cached, mut text) = DATE_CACHE.get();
-    if cached != second {
-        text.copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
-        DATE_CACHE.set((second, text));
+impl Default for DateCache {
+    fn default() -> Self {
+        DateCache {
+            second: u64::MAX,
+            text: [0; DATE_LEN],
+        }
     }
-    text
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proxy::Body;
-    use http::{HeaderName, HeaderValue};
-    use tokio::io::DuplexStream;
-
-    /// Runs the fast path on one end of an in-memory pipe, answering every request with
-    /// its URI as the body; returns the client's end and the server's outcome.
-    fn start(draining: bool) -> (DuplexStream, tokio::task::JoinHandle<(Outcome, BytesMut)>) {
-        let (client, mut server) = tokio::io::duplex(64 << 10);
-        let task = tokio::spawn(async move {
-            let mut buf = BytesMut::new();
-            let call = |req: Request<ClientBody>| async move {
-                Response::new(Body::full(Bytes::from(req.uri().to_string())))
-            };
-            let outcome = serve(&mut server, &mut buf, call, move || draining).await;
-            (outcome, buf)
-        });
-        (client, task)
-    }
-
-    async fn read_all(client: &mut DuplexStream) -> String {
-        let mut out = Vec::new();
-        client.read_to_end(&mut out).await.unwrap();
-        String::from_utf8(out).unwrap()
-    }
-
-    #[tokio::test]
-    async fn pipelined_requests_are_answered_in_order_until_the_client_asks_to_close() {
-        let (mut client, task) = start(false);
-        client
-            .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let text = read_all(&mut client).await;
-        let (one, two) = text.split_once("/one").expect("first answer");
-        assert!(
-            one.starts_with("HTTP/1.1 200 OK\r\n") && one.contains("content-length: 4\r\n"),
-            "{text}"
-        );
-        assert!(!one.contains("connection"), "{text}");
-        assert!(
-            two.contains("connection: close\r\n") && two.ends_with("\r\n\r\n/two"),
-            "{text}"
-        );
-        assert_eq!(task.await.unwrap().0, Outcome::Closed);
-    }
-
-    #[tokio::test]
-    async fn a_draining_server_announces_the_close() {
-        let (mut client, task) = start(true);
-        client
-            .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let text = read_all(&mut client).await;
-        assert!(
-            text.contains("connection: close\r\n") && text.ends_with("/x"),
-            "{text}"
-        );
-        assert_eq!(task.await.unwrap().0, Outcome::Closed);
-    }
-
-    #[tokio::test]
-    async fn a_request_for_hyper_is_handed_over_with_its_bytes() {
-        let (mut client, task) = start(false);
-        let post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx";
-        client
-            .write_all(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        client.write_all(post).await.unwrap();
-        let (outcome, buf) = task.await.unwrap();
-        assert_eq!(outcome, Outcome::HandOver);
-        assert_eq!(&buf[..], post);
-    }
-
-    #[tokio::test]
-    async fn a_client_that_hangs_up_abandons_its_request() {
-        let (mut client, mut server) = tokio::io::duplex(4096);
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut started_tx = Some(started_tx);
-        let task = tokio::spawn(async move {
-            let mut buf = BytesMut::new();
-            let call = |_req: Request<ClientBody>| {
-                let started = started_tx.take();
-                async move {
-                    let _ = started.map(|s| s.send(()));
-                    // An upstream that never answers.
-                    std::future::pending::<Response<Body>>().await
-                }
-            };
-            serve(&mut server, &mut buf, call, || false).await
-        });
-        client
-            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        started_rx.await.expect("the request reached the service");
-        drop(client);
-        let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
-        assert_eq!(outcome.expect("serve returned").unwrap(), Outcome::Closed);
-    }
-
-    /// A body of unknown length, in the given pieces.
-    struct Pieces(Vec<&'static str>);
-
-    impl HttpBody for Pieces {
-        type Data = Bytes;
-        type Error = io::Error;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-            let next = (!self.0.is_empty()).then(|| self.0.remove(0));
-            Poll::Ready(next.map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))))
+impl DateCache {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            self.text
+                .copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            self.second = second;
         }
-    }
-
-    #[tokio::test]
-    async fn bodies_of_unknown_length_are_chunked_and_short_ones_close_the_connection() {
-        for (declared, expect_closed) in [(None, false), (Some("10"), true)] {
-            let (mut client, mut server) = tokio::io::duplex(4096);
-            let task = tokio::spawn(async move {
-                let mut buf = BytesMut::new();
-                let call = |_req: Request<ClientBody>| async move {
-                    let mut resp = Response::new(Pieces(vec!["ab", "", "cd"]));
-                    if let Some(len) = declared {
-                        resp.headers_mut()
-                            .insert(CONTENT_LENGTH, HeaderValue::from_static(len));
-                    }
-                    resp
-                };
-                serve(&mut server, &mut buf, call, || false).await
-            });
-            client
-                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .unwrap();
-            if expect_closed {
-                // 4 of the 10 bytes promised: the connection ends instead of hanging.
-                let text = read_all(&mut client).await;
-                assert!(text.ends_with("\r\n\r\nabcd"), "{text}");
-                assert_eq!(task.await.unwrap(), Outcome::Closed);
-            } else {
-                let mut text = String::new();
-                while !text.ends_with("0\r\n\r\n") {
-                    let mut piece = vec![0; 1024];
-                    let n = client.read(&mut piece).await.unwrap();
-                    assert!(n > 0, "closed early: {text}");
-                    text.push_str(&String::from_utf8_lossy(&piece[..n]));
-                }
-                assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
-                assert!(
-                    text.ends_with("\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"),
-                    "{text}"
-                );
-                drop(client);
-                assert_eq!(task.await.unwrap(), Outcome::Closed);
-            }
-        }
-    }
-
-    fn parse_str(text: &str) -> (Result<(Request<ClientBody>, bool), Miss>, BytesMut) {
-        let mut buf = BytesMut::from(text.as_bytes());
-        let parsed = parse(&mut buf);
-        (parsed, buf)
-    }
-
-    #[test]
-    fn a_plain_get_is_parsed_and_removed_from_the_buffer() {
-        let (parsed, buf) = parse_str(
-            "GET /a/b?q=1 HTTP/1.1\r\nHost: example.com\r\nX-Two: 1\r\nX-Two: 2\r\n\r\nGET /next",
-        );
-        let (req, close) = parsed.expect("parsed");
-        assert!(!close);
-        assert_eq!(req.method(), Method::GET);
-        assert_eq!(req.uri(), "/a/b?q=1");
-        assert_eq!(req.version(), Version::HTTP_11);
-        assert_eq!(req.headers()["host"], "example.com");
-        assert_eq!(req.headers().get_all("x-two").iter().count(), 2);
-        assert!(req.body().is_none());
-        assert_eq!(&buf[..], b"GET /next", "the pipelined bytes stay");
-    }
-
-    #[test]
-    fn connection_close_is_seen() {
-        let (parsed, _) =
-            parse_str("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Close\r\n\r\n");
-        assert!(matches!(parsed, Ok((_, true))));
-    }
-
-    #[test]
-    fn a_partial_head_stays_in_the_buffer() {
-        let text = "GET / HTTP/1.1\r\nHost: a\r\n";
-        let (parsed, buf) = parse_str(text);
-        assert!(matches!(parsed, Err(Miss::Partial)));
-        assert_eq!(&buf[..], text.as_bytes());
-    }
-
-    #[test]
-    fn requests_for_hyper_are_handed_over_untouched() {
-        for text in [
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
-            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            "GET / HTTP/1.0\r\n\r\n",
-            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
-            "\x16\x03\x01 garbage",
-        ] {
-            let (parsed, buf) = parse_str(text);
-            assert!(matches!(parsed, Err(Miss::Other)), "{text:?}");
-            assert_eq!(&buf[..], text.as_bytes(), "{text:?}");
-        }
-    }
-
-    #[test]
-    fn an_empty_content_length_is_a_bodiless_request() {
-        let (parsed, _) = parse_str("DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
-        assert!(parsed.is_ok());
-    }
-
-    fn head(
-        status: u16,
-        headers: &[(&str, &str)],
-        head_only: bool,
-        exact: Option<u64>,
-        close: bool,
-    ) -> (String, Framing) {
-        let mut resp = Response::new(());
-        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
-        for (n, v) in headers {
-            resp.headers_mut().append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        let mut out = Vec::new();
-        let framing = encode_head(&mut out, &resp.into_parts().0, head_only, exact, close);
-        (String::from_utf8(out).unwrap(), framing)
-    }
-
-    #[test]
-    fn a_known_length_is_written() {
-        let (text, framing) = head(200, &[("date", "x"), ("x-a", "1")], false, Some(12), false);
-        assert_eq!(
-            text,
-            "HTTP/1.1 200 OK\r\ndate: x\r\nx-a: 1\r\ncontent-length: 12\r\n\r\n"
-        );
-        assert_eq!(framing, Framing::Length(12));
-    }
-
-    #[test]
-    fn the_header_length_frames_the_body() {
-        let (text, framing) = head(
-            404,
-            &[("date", "x"), ("content-length", "3")],
-            false,
-            None,
-            false,
-        );
-        assert_eq!(
-            text,
-            "HTTP/1.1 404 Not Found\r\ndate: x\r\ncontent-length: 3\r\n\r\n"
-        );
-        assert_eq!(framing, Framing::Length(3));
-    }
-
-    #[test]
-    fn an_unknown_length_is_chunked() {
-        let (text, framing) = head(
-            200,
-            &[("date", "x"), ("transfer-encoding", "chunked")],
-            false,
-            None,
-            true,
-        );
-        assert_eq!(
-            text,
-            "HTTP/1.1 200 OK\r\ndate: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-        );
-        assert_eq!(framing, Framing::Chunked);
-    }
-
-    #[test]
-    fn bodiless_responses_get_no_framing() {
-        for (status, head_only) in [(204, false), (304, false), (200, true)] {
-            let (text, framing) = head(status, &[("date", "x")], head_only, Some(0), false);
-            assert!(!text.contains("content-length"), "{text}");
-            assert!(!text.contains("transfer-encoding"), "{text}");
-            assert_eq!(framing, Framing::None);
-        }
-        // A HEAD keeps the length the GET would have.
-        let (text, framing) = head(
-            200,
-            &[("date", "x"), ("content-length", "99")],
-            true,
-            Some(0),
-            false,
-        );
-        assert!(text.contains("content-length: 99\r\n"), "{text}");
-        assert_eq!(framing, Framing::None);
-    }
-
-    #[test]
-    fn a_date_is_added_once() {
-        let (text, _) = head(502, &[], false, Some(0), false);
-        let date = text
-            .lines()
-            .find_map(|l| l.strip_prefix("date: "))
-            .expect("a date header");
-        assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
-        assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
-        assert!(text.contains("content-length: 0\r\n"), "{text}");
-    }
-
-    #[test]
-    fn a_requested_close_is_not_announced_twice() {
-        let (text, _) = head(
-            503,
-            &[("date", "x"), ("connection", "close")],
-            false,
-            Some(0),
-            true,
-        );
-        assert_eq!(text.matches("connection").count(), 1, "{text}");
+        &self.text
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Workers are thread-per-core: each runs a single-threaded tokio runtime that accepts
 //! from the shared listening socket and serves its connections start to finish, with its
-//! own shard of the upstream pool, so no request crosses a thread. The main thread runs a
-//! small control runtime for signals, reloads and the chain's background tasks.
+//! own shard of every connection pool, so no request crosses a thread. The main thread
+//! runs a small control runtime for signals, reloads, the admin listener, the audit
+//! pipeline and the chain's background tasks.
 
 mod conn;
 mod h1;
@@ -19,14 +20,20 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
 use crate::admin::{self, Health};
-use crate::config::Config;
-use crate::proxy::{upstream, Proxy};
-use conn::ConnSettings;
+use crate::audit::Audit;
+use crate::middleware::{rate_limit, Handles};
+use crate::proxy::Proxy;
+use crate::Config;
+use conn::{ConnSettings, Protocol};
 
 /// State every worker and the control thread share.
 pub struct Shared {
     /// The current config generation; swapped whole on reload.
     pub proxy: ArcSwap<Proxy>,
+    /// What every generation is built with: metrics, state kept across reloads.
+    handles: Arc<Handles>,
+    /// The audit pipeline, fixed at start.
+    audit: Option<Arc<Audit>>,
     /// Set after `shutdown_delay`: new requests get 503, nothing new reaches the upstream.
     refusing: AtomicBool,
     /// `true` tells workers to stop accepting and connections to close gracefully.
@@ -73,9 +80,20 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .build()
         .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
     let _control = control.enter();
-    if let Some(audit) = &config.audit {
-        crate::audit::start(audit).map_err(StartError)?;
-    }
+    let workers = config.workers();
+    let handles = Arc::new(Handles {
+        metrics: Arc::default(),
+        rate_limits: rate_limit::States::default(),
+        runtime: Some(control.handle().clone()),
+        workers,
+    });
+    // Pool shards: one per worker, then the control thread's.
+    let audit = match &config.audit {
+        Some(audit) => {
+            Some(Audit::start(audit, &handles.metrics, workers + 1).map_err(StartError)?)
+        }
+        None => None,
+    };
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
     let tls = match &config.server.tls {
@@ -96,9 +114,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
         ),
         None => None,
     };
-    let workers = config.workers();
     let shared = Arc::new(Shared {
-        proxy: ArcSwap::from_pointee(Proxy::new(&config)),
+        proxy: ArcSwap::from_pointee(Proxy::new(&config, &handles, audit.clone())),
+        handles,
+        audit,
         refusing: AtomicBool::new(false),
         stop: watch::channel(false).0,
         connections: AtomicUsize::new(0),
@@ -106,11 +125,16 @@ pub fn run(config: Config) -> Result<(), StartError> {
         conn_settings: ConnSettings {
             header_read_timeout: config.server.header_read_timeout.0,
             idle_timeout: config.server.idle_timeout.0,
+            max_header_bytes: config.server.max_header_bytes.0 as usize,
         },
         health: Arc::default(),
     });
     if let Some(listener) = admin_listener {
-        tokio::spawn(admin::serve(listener, shared.health.clone()));
+        tokio::spawn(admin::serve(
+            listener,
+            shared.health.clone(),
+            shared.handles.metrics.clone(),
+        ));
     }
     if let Some(every) = config.admin.as_ref().and_then(|a| a.upstream_check) {
         let probed = shared.clone();
@@ -122,7 +146,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
                 let proxy = probed.proxy.load_full();
                 async move {
                     let probe = proxy.upstream().probe().await;
-                    probe.map_err(|e| format!("{} ({e:?})", e.message()))
+                    probe.map_err(|e| e.to_string())
                 }
             },
         ));
@@ -133,11 +157,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
             .try_clone()
             .map_err(|e| StartError(format!("cannot share the listener: {e}")))?;
         let shared = shared.clone();
-        let max_header_bytes = config.server.max_header_bytes.0 as usize;
         let tls = tls.clone();
         std::thread::Builder::new()
             .name(format!("gatehouse-w{index}"))
-            .spawn(move || worker(index, listener, shared, max_header_bytes, tls))
+            .spawn(move || worker(index, listener, shared, tls))
             .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
     }
     // Only the workers hold the socket now: when they stop accepting, it closes.
@@ -147,8 +170,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .proxy
         .load()
         .chain()
-        .names()
-        .map(str::to_owned)
+        .links()
+        .iter()
+        .map(|l| l.name.to_string())
         .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -173,10 +197,8 @@ fn worker(
     index: usize,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
-    max_header_bytes: usize,
     tls: Option<tls::Tls>,
 ) {
-    upstream::set_worker_index(index);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -184,9 +206,7 @@ fn worker(
     runtime.block_on(async move {
         let listener =
             tokio::net::TcpListener::from_std(listener).expect("the listener is non-blocking");
-        let builder = conn::builder(max_header_bytes);
-        let tls = tls.map(|tls| (tls, Arc::new(tls::Builders::new(&builder))));
-        let builder = Arc::new(builder);
+        let h2 = Arc::new(conn::h2_builder(shared.conn_settings.max_header_bytes));
         let mut stop = shared.stop.subscribe();
         loop {
             tokio::select! {
@@ -195,9 +215,10 @@ fn worker(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
+                        let (shared, h2) = (shared.clone(), h2.clone());
                         match &tls {
-                            None => tokio::spawn(conn::serve(stream, peer, false, shared.clone(), builder.clone(), true)),
-                            Some((tls, builders)) => tokio::spawn(tls::serve(tls.clone(), stream, peer, shared.clone(), builders.clone())),
+                            None => tokio::spawn(conn::serve(stream, peer, false, index, shared, h2, Protocol::Http1 { h2c: true })),
+                            Some(tls) => tokio::spawn(tls::serve(tls.clone(), stream, peer, index, shared, h2)),
                         };
                     }
                     Err(e) => {
@@ -294,9 +315,11 @@ async fn control_loop(
     }
     // What is left of the grace, but never so little that a ready batch can't be written.
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    tokio::select! {
-        _ = crate::audit::shutdown(left.max(AUDIT_FLUSH_FLOOR)) => {}
-        _ = &mut second_signal => exit_now(),
+    if let Some(audit) = &shared.audit {
+        tokio::select! {
+            _ = audit.shutdown(left.max(AUDIT_FLUSH_FLOOR)) => {}
+            _ = &mut second_signal => exit_now(),
+        }
     }
 }
 
@@ -311,9 +334,11 @@ fn exit_now() -> ! {
 /// Re-reads the config; a valid one serves new requests, an invalid one is logged.
 fn reload(config: &Config, shared: &Shared) -> Option<Config> {
     // logrotate sends SIGHUP after moving the audit files away, whatever the config says.
-    crate::audit::reopen();
+    if let Some(audit) = &shared.audit {
+        audit.reopen();
+    }
     let loaded = Config::load(&config.file);
-    crate::metrics::global().config_reload(loaded.is_ok());
+    shared.handles.metrics.config_reload(loaded.is_ok());
     match loaded {
         Ok(new) => {
             for (key, changed) in [
@@ -333,7 +358,8 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
                 }
             }
-            shared.proxy.store(Arc::new(Proxy::new(&new)));
+            let proxy = Proxy::new(&new, &shared.handles, shared.audit.clone());
+            shared.proxy.store(Arc::new(proxy));
             tracing::info!(file = %config.file.display(), "config reloaded");
             Some(new)
         }

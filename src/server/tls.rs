@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http2;
 use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -21,7 +21,8 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{conn, Shared};
+use super::conn::{self, Protocol};
+use super::Shared;
 use crate::config::TlsConfig;
 
 /// What a worker needs to serve TLS connections.
@@ -152,13 +153,15 @@ impl Rotation {
 }
 
 /// Completes the handshake (within `header_read_timeout`, so a silent client is closed),
-/// then serves HTTP/2 or HTTP/1.1 as ALPN chose.
+/// then serves the protocol ALPN chose: HTTP/2 for `h2`, HTTP/1.1 otherwise. Each refuses
+/// the other's first bytes: there is no h2c detection under TLS.
 pub async fn serve(
     tls: Tls,
     stream: TcpStream,
     peer: SocketAddr,
+    worker: usize,
     shared: Arc<Shared>,
-    builders: Arc<Builders>,
+    h2: Arc<http2::Builder<TokioExecutor>>,
 ) {
     let handshake = tls.acceptor.accept(stream);
     let stream = match tokio::time::timeout(shared.conn_settings.header_read_timeout, handshake)
@@ -168,24 +171,9 @@ pub async fn serve(
         Ok(Err(e)) => return tracing::debug!(error = %e, client = %peer, "TLS handshake failed"),
         Err(_) => return tracing::debug!(client = %peer, "TLS handshake timed out"),
     };
-    let (builder, fast_h1) = match stream.get_ref().1.alpn_protocol() {
-        Some(b"h2") => (&builders.h2, false),
-        _ => (&builders.h1, true),
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1 { h2c: false },
     };
-    conn::serve(stream, peer, true, shared.clone(), builder.clone(), fast_h1).await
-}
-
-/// One connection builder per protocol ALPN can choose.
-pub struct Builders {
-    h1: Arc<auto::Builder<TokioExecutor>>,
-    h2: Arc<auto::Builder<TokioExecutor>>,
-}
-
-impl Builders {
-    pub fn new(builder: &auto::Builder<TokioExecutor>) -> Builders {
-        Builders {
-            h1: Arc::new(builder.clone().http1_only()),
-            h2: Arc::new(builder.clone().http2_only()),
-        }
-    }
+    conn::serve(stream, peer, true, worker, shared, h2, protocol).await
 }

@@ -15,15 +15,15 @@ mod redis;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 use http::header::RETRY_AFTER;
-use http::{request, response, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{request, response, HeaderName, HeaderValue, StatusCode};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware};
+use crate::chain::{Context, Flow, Middleware, Quota, Reason, Reject};
 use crate::config::value::{Duration, Rate};
 use crate::config::{KeyPath, Problem};
 
@@ -225,17 +225,18 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, name: &str) -> Box<dyn Middleware> {
-        LazyLock::force(&EPOCH);
+    fn build(&self, name: &str, handles: &super::Handles) -> Box<dyn Middleware> {
         let backend = match self.backend {
-            Backend::Local => Store::Local(local_state(name, self)),
+            Backend::Local => Store::Local(handles.rate_limits.local(name, self)),
             Backend::Redis => Store::Redis(Box::new(redis::Remote::new(
                 name,
+                handles,
                 self.redis_url.as_deref().expect("validated"),
                 self.timeout.0,
             ))),
         };
         Box::new(RateLimit {
+            epoch: handles.rate_limits.epoch,
             gcra: self.gcra(),
             limit: self.burst() as u32,
             limit_value: HeaderValue::from(self.burst() as u32),
@@ -246,26 +247,40 @@ impl super::Settings for Settings {
     }
 }
 
-/// Local states by (middleware name, settings), so a reload that keeps a limiter unchanged
-/// keeps its counts: the new chain is built while the old one still holds the state.
-static LOCAL_STATES: Mutex<Vec<(String, Settings, Weak<local::Store>)>> = Mutex::new(Vec::new());
-
-fn local_state(name: &str, settings: &Settings) -> Arc<local::Store> {
-    let mut states = LOCAL_STATES.lock().unwrap_or_else(PoisonError::into_inner);
-    states.retain(|(_, _, state)| state.strong_count() > 0);
-    let found = states
-        .iter()
-        .find(|(n, s, _)| n == name && s == settings)
-        .and_then(|(_, _, state)| state.upgrade());
-    found.unwrap_or_else(|| {
-        let state = Arc::new(local::Store::new(settings.max_keys));
-        states.push((name.to_owned(), settings.clone(), Arc::downgrade(&state)));
-        state
-    })
+/// The local limiters' state across config generations, owned by whoever builds chains
+/// (the server keeps one for its life): a reload that keeps a limiter's name and settings
+/// keeps its counts, since the new chain is built while the old one still holds the state.
+pub struct States {
+    /// The origin of local GCRA time, shared so states kept across reloads agree.
+    epoch: Instant,
+    /// By (middleware name, settings); entries whose limiter is gone are dropped.
+    local: Mutex<Vec<(String, Settings, Weak<local::Store>)>>,
 }
 
-/// The origin of local GCRA time: one per process, so states kept across reloads agree.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+impl Default for States {
+    fn default() -> Self {
+        States {
+            epoch: Instant::now(),
+            local: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl States {
+    fn local(&self, name: &str, settings: &Settings) -> Arc<local::Store> {
+        let mut states = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        states.retain(|(_, _, state)| state.strong_count() > 0);
+        let found = states
+            .iter()
+            .find(|(n, s, _)| n == name && s == settings)
+            .and_then(|(_, _, state)| state.upgrade());
+        found.unwrap_or_else(|| {
+            let state = Arc::new(local::Store::new(settings.max_keys));
+            states.push((name.to_owned(), settings.clone(), Arc::downgrade(&state)));
+            state
+        })
+    }
+}
 
 /// GCRA parameters, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -314,26 +329,17 @@ impl Gcra {
     }
 }
 
-/// The limit a request was counted against, for the `ratelimit-*` response headers. When
-/// several limiters see a request, the one with the fewest remaining requests is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Quota {
-    limit: u32,
-    remaining: u32,
-    /// Whole seconds until the bucket is full again.
-    reset: u32,
-}
-
-impl Quota {
-    /// `limit` is `self.limit` as a header value, when the caller has one ready.
-    fn write(self, headers: &mut HeaderMap, limit: Option<&HeaderValue>) {
-        let limit = limit
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from(self.limit));
-        headers.insert(RATELIMIT_LIMIT, limit);
-        headers.insert(RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
-        headers.insert(RATELIMIT_RESET, HeaderValue::from(self.reset));
-    }
+/// The `ratelimit-*` headers of `quota`; `limit` is its limit as a header value, when the
+/// caller has one ready.
+fn quota_headers(quota: Quota, limit: Option<&HeaderValue>) -> [(HeaderName, HeaderValue); 3] {
+    let limit = limit
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(quota.limit));
+    [
+        (RATELIMIT_LIMIT, limit),
+        (RATELIMIT_REMAINING, HeaderValue::from(quota.remaining)),
+        (RATELIMIT_RESET, HeaderValue::from(quota.reset)),
+    ]
 }
 
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -351,6 +357,8 @@ enum Store {
 }
 
 struct RateLimit {
+    /// The origin of local GCRA time.
+    epoch: Instant,
     gcra: Gcra,
     limit: u32,
     /// `limit` as a header value, made once: cloning it shares its bytes.
@@ -371,11 +379,18 @@ impl RateLimit {
         if !out.allowed {
             // Earlier limiters' response phases then repeat these headers, not their own.
             ctx.rate_limit = Some(quota);
-            let mut resp = ctx.reject(StatusCode::TOO_MANY_REQUESTS, "too many requests");
-            quota.write(resp.headers_mut(), Some(&self.limit_value));
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(out.retry_after)));
-            return Flow::Respond(resp);
+            let mut reject = Reject::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                Reason::RateLimited,
+                "too many requests",
+            );
+            reject
+                .headers
+                .extend(quota_headers(quota, Some(&self.limit_value)));
+            reject
+                .headers
+                .push((RETRY_AFTER, HeaderValue::from(ceil_secs(out.retry_after))));
+            return Flow::Reject(reject);
         }
         if ctx.rate_limit.is_none_or(|q| quota.remaining < q.remaining) {
             ctx.rate_limit = Some(quota);
@@ -388,17 +403,24 @@ impl Middleware for RateLimit {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         match &self.store {
             Store::Local(store) => {
-                let now = ctx.start.saturating_duration_since(*EPOCH).as_micros() as u64;
+                let now = ctx.start.saturating_duration_since(self.epoch).as_micros() as u64;
                 let out = store.decide(self.key.of(req, ctx), now, &self.gcra);
                 self.settle(out, ctx)
             }
             Store::Redis(remote) => Flow::wait(async move {
-                match remote.decide(self.key.of(req, ctx), &self.gcra).await {
+                match remote
+                    .decide(ctx.worker, self.key.of(req, ctx), &self.gcra)
+                    .await
+                {
                     Some(out) => self.settle(out, ctx),
                     None => match self.on_backend_error {
-                        OnBackendError::Allow => Flow::Continue,
-                        OnBackendError::Deny => Flow::Respond(ctx.reject(
+                        OnBackendError::Allow => {
+                            ctx.failed_open();
+                            Flow::Continue
+                        }
+                        OnBackendError::Deny => Flow::Reject(Reject::new(
                             StatusCode::SERVICE_UNAVAILABLE,
+                            Reason::BackendUnavailable,
                             "the rate limit backend is unavailable",
                         )),
                     },
@@ -411,7 +433,9 @@ impl Middleware for RateLimit {
         if let Some(quota) = ctx.rate_limit {
             // The quota may be another limiter's (the one with the fewest remaining).
             let own = (quota.limit == self.limit).then_some(&self.limit_value);
-            quota.write(&mut resp.headers, own);
+            for (name, value) in quota_headers(quota, own) {
+                resp.headers.insert(name, value);
+            }
         }
     }
 }

@@ -7,19 +7,19 @@
 //! Its driver task then runs on the worker's own runtime (the `redis` crate spawns it, and
 //! any reconnection, on the runtime of the caller), so a decision never crosses threads:
 //! the thread-per-core way, at the price of one Redis connection per worker and limiter.
+//! The limiter owns its connections (one slot per worker), so they go when it goes.
 
-use std::cell::RefCell;
 use std::fmt::Display;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Gcra, KeyRef, Outcome, EPOCH};
+use super::{Gcra, KeyRef, Outcome};
 
 /// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval and tolerance.
 /// Returns {allowed, remaining, reset, retry_after}. The key expires when its bucket is full
@@ -45,29 +45,31 @@ return {1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 
 /// At most one warning per limiter this often while Redis fails; the metric counts each.
 const WARN_EVERY_SECS: u64 = 10;
 
-thread_local! {
-    /// This worker's connections, one per live limiter (`Remote::alive`).
-    static CONNECTIONS: RefCell<Vec<(Weak<()>, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
-}
-
 pub(super) struct Remote {
     name: Arc<str>,
     /// `gatehouse:rl:<name>:`
     prefix: Vec<u8>,
     client: redis::Client,
     config: ConnectionManagerConfig,
-    /// Identifies this limiter's connections in [`CONNECTIONS`]; they go when it goes.
-    alive: Arc<()>,
+    /// One connection per worker (and the control thread), made on its first decision.
+    connections: Box<[OnceLock<ConnectionManager>]>,
     timeout: Duration,
     /// `gatehouse_rate_limit_backend_errors_total{middleware=name}`.
     errors: Counter,
-    /// When the last warning was logged, in seconds since [`EPOCH`] plus `WARN_EVERY_SECS`
+    /// When the limiter was built: the origin of `last_warn`.
+    built: Instant,
+    /// When the last warning was logged, in seconds since `built` plus `WARN_EVERY_SECS`
     /// (so 0 means never).
     last_warn: AtomicU64,
 }
 
 impl Remote {
-    pub(super) fn new(name: &str, url: &str, timeout: Duration) -> Remote {
+    pub(super) fn new(
+        name: &str,
+        handles: &crate::middleware::Handles,
+        url: &str,
+        timeout: Duration,
+    ) -> Remote {
         let client = redis::Client::open(url).expect("validated");
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
@@ -77,18 +79,25 @@ impl Remote {
         let name: Arc<str> = name.into();
         Remote {
             prefix: format!("gatehouse:rl:{name}:").into_bytes(),
-            errors: crate::metrics::global().rate_limit_backend_errors(&name),
+            errors: handles.metrics.rate_limit_backend_errors(&name),
             name,
             client,
             config,
-            alive: Arc::new(()),
+            connections: (0..=handles.workers).map(|_| OnceLock::new()).collect(),
             timeout,
+            built: Instant::now(),
             last_warn: AtomicU64::new(0),
         }
     }
 
-    /// One round trip; `None` when Redis failed or did not answer within the timeout.
-    pub(super) async fn decide(&self, key: KeyRef<'_>, gcra: &Gcra) -> Option<Outcome> {
+    /// One round trip, on `worker`'s connection; `None` when Redis failed or did not answer
+    /// within the timeout.
+    pub(super) async fn decide(
+        &self,
+        worker: usize,
+        key: KeyRef<'_>,
+        gcra: &Gcra,
+    ) -> Option<Outcome> {
         let mut redis_key = Vec::with_capacity(self.prefix.len() + 40);
         redis_key.extend_from_slice(&self.prefix);
         match key {
@@ -99,7 +108,7 @@ impl Remote {
             }
             KeyRef::Shared => redis_key.push(b'-'),
         }
-        let mut conn = self.connection();
+        let mut conn = self.connection(worker);
         let mut call = SCRIPT.key(redis_key);
         call.arg(gcra.interval).arg(gcra.tolerance);
         let answer = tokio::time::timeout(
@@ -120,30 +129,22 @@ impl Remote {
         }
     }
 
-    /// This worker's connection for this limiter (connecting lazily, on this runtime).
-    fn connection(&self) -> ConnectionManager {
-        CONNECTIONS.with_borrow_mut(|conns| {
-            if let Some((_, conn)) = conns
-                .iter()
-                .find(|(alive, _)| alive.as_ptr() == Arc::as_ptr(&self.alive))
-            {
-                return conn.clone();
-            }
-            // Limiters replaced by a reload leave their connections here: drop those.
-            conns.retain(|(alive, _)| alive.strong_count() > 0);
-            let conn = self
-                .client
-                .get_connection_manager_lazy(self.config.clone())
-                .expect("no push sender is configured");
-            conns.push((Arc::downgrade(&self.alive), conn.clone()));
-            conn
-        })
+    /// `worker`'s connection for this limiter (connecting lazily, on the caller's runtime,
+    /// which is that worker's).
+    fn connection(&self, worker: usize) -> ConnectionManager {
+        self.connections[worker % self.connections.len()]
+            .get_or_init(|| {
+                self.client
+                    .get_connection_manager_lazy(self.config.clone())
+                    .expect("no push sender is configured")
+            })
+            .clone()
     }
 
     /// Counts a failure, and logs it unless one was logged recently.
     fn failed(&self, error: impl Display) -> Option<Outcome> {
         self.errors.inc();
-        let now = EPOCH.elapsed().as_secs() + WARN_EVERY_SECS;
+        let now = self.built.elapsed().as_secs() + WARN_EVERY_SECS;
         let last = self.last_warn.load(Relaxed);
         if now >= last + WARN_EVERY_SECS
             && self
@@ -168,8 +169,10 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_server_is_a_failure_counted_per_decision() {
         // Nothing listens on port 1: every decision fails at once.
+        let handles = crate::middleware::Handles::offline();
         let remote = Remote::new(
             "rl-unreachable",
+            &handles,
             "redis://127.0.0.1:1",
             Duration::from_millis(50),
         );
@@ -178,9 +181,9 @@ mod tests {
             tolerance: 1_000,
         };
         for _ in 0..3 {
-            assert_eq!(remote.decide(KeyRef::Shared, &gcra).await, None);
+            assert_eq!(remote.decide(0, KeyRef::Shared, &gcra).await, None);
         }
-        let metrics = crate::metrics::global().encode();
+        let metrics = handles.metrics.encode();
         assert!(
             metrics.contains(
                 "gatehouse_rate_limit_backend_errors_total{middleware=\"rl-unreachable\"} 3"

@@ -360,7 +360,7 @@ fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
 mod tests {
     use std::path::Path;
 
-    use crate::config::Config;
+    use crate::config::tests::TestConfig;
 
     use super::*;
 
@@ -368,7 +368,7 @@ mod tests {
         let src = format!(
             "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n{audit}"
         );
-        Config::parse(Path::new("proxy.toml"), &src, &|_| None)
+        TestConfig::parse(Path::new("proxy.toml"), &src, &|_| None)
             .map(|c| c.audit.expect("an [audit] section"))
             .map_err(|e| e.to_string())
     }

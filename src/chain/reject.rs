@@ -1,0 +1,223 @@
+//! Answers gatehouse makes itself: a middleware's refusal, a malformed request, an upstream
+//! failure, the drain. One type carries the status, a machine [`Reason`], a message and the
+//! headers that go with it (a challenge, `retry-after`); [`Reject::render`] turns it into
+//! the response, in one place, so every such answer has the same shape and carries the
+//! request id.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{HeaderName, Response, StatusCode};
+
+use crate::json;
+
+/// Why gatehouse answered instead of the app. The code is stable: audit events
+/// (`deny_reason`) and alerts key on it; README lists every one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No credentials where an authentication middleware wants some.
+    MissingCredentials,
+    /// Credentials that are malformed or match nothing.
+    InvalidCredentials,
+    /// A token past its `exp`, or before its `nbf`.
+    Expired,
+    /// A token whose signature does not verify.
+    BadSignature,
+    WrongIssuer,
+    WrongAudience,
+    /// A `require_claims` entry does not hold.
+    ClaimMismatch,
+    IpDenied,
+    OriginNotAllowed,
+    /// A method the resource does not take (a CORS preflight's, a CONNECT).
+    MethodNotAllowed,
+    BodyTooLarge,
+    RateLimited,
+    /// `forward_auth`'s service said no.
+    AuthServiceDenied,
+    /// `forward_auth`'s service did not answer in time.
+    AuthServiceUnavailable,
+    /// A middleware's backend (Redis) failed and the middleware fails closed.
+    BackendUnavailable,
+    /// A malformed request (HTTP syntax, Host, path with dot-segments).
+    BadRequest,
+    HeadersTooLarge,
+    /// A transfer coding gatehouse does not forward.
+    NotImplemented,
+    /// The server is shutting down.
+    Draining,
+    /// The upstream refused the connection, reset it, or sent no valid response.
+    UpstreamFailed,
+    /// The upstream did not answer within `upstream.timeout` (or `connect_timeout`).
+    UpstreamTimeout,
+    /// The client's request body broke off on its way to the upstream.
+    ClientBodyFailed,
+}
+
+impl Reason {
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::MissingCredentials => "missing_credentials",
+            Reason::InvalidCredentials => "invalid_credentials",
+            Reason::Expired => "expired",
+            Reason::BadSignature => "bad_signature",
+            Reason::WrongIssuer => "wrong_issuer",
+            Reason::WrongAudience => "wrong_audience",
+            Reason::ClaimMismatch => "claim_mismatch",
+            Reason::IpDenied => "ip_denied",
+            Reason::OriginNotAllowed => "origin_not_allowed",
+            Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::RateLimited => "rate_limited",
+            Reason::AuthServiceDenied => "auth_service_denied",
+            Reason::AuthServiceUnavailable => "auth_service_unavailable",
+            Reason::BackendUnavailable => "backend_unavailable",
+            Reason::BadRequest => "bad_request",
+            Reason::HeadersTooLarge => "headers_too_large",
+            Reason::NotImplemented => "not_implemented",
+            Reason::Draining => "draining",
+            Reason::UpstreamFailed => "upstream_failed",
+            Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::ClientBodyFailed => "client_body_failed",
+        }
+    }
+
+    /// Whether this is the upstream failing (audit `decision: error`) rather than a
+    /// refusal (`deny`).
+    pub fn is_upstream_failure(self) -> bool {
+        matches!(self, Reason::UpstreamFailed | Reason::UpstreamTimeout)
+    }
+}
+
+/// SPEC's error codes, one per status: the `error` field of the JSON body, which clients
+/// parse, so it stays the same for every cause of one status; the [`Reason`] tells them apart.
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "payload_too_large",
+        429 => "rate_limited",
+        431 => "headers_too_large",
+        501 => "not_implemented",
+        502 => "bad_gateway",
+        503 => "unavailable",
+        504 => "gateway_timeout",
+        505 => "http_version_not_supported",
+        _ if status.is_server_error() => "internal_error",
+        _ => "error",
+    }
+}
+
+/// An answer gatehouse makes itself.
+#[derive(Debug)]
+pub struct Reject {
+    pub status: StatusCode,
+    pub reason: Reason,
+    pub message: Cow<'static, str>,
+    /// Headers the answer carries besides the body's (`www-authenticate`, `retry-after`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// A body that replaces gatehouse's JSON: an auth service's own answer, passed through
+    /// (with its `content-type` among `headers`).
+    pub body: Option<Bytes>,
+}
+
+impl Reject {
+    pub fn new(status: StatusCode, reason: Reason, message: impl Into<Cow<'static, str>>) -> Self {
+        Reject {
+            status,
+            reason,
+            message: message.into(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    /// Adds a header to the answer.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The response: SPEC's JSON body
+    /// `{"error": "<code>", "message": "<text>", "request_id": "<id or null>"}` (or the
+    /// passed-through body), the status, and the headers.
+    pub fn render(self, request_id: Option<&HeaderValue>) -> Response<Bytes> {
+        let mut resp = match self.body {
+            Some(body) => {
+                let mut resp = Response::new(body);
+                *resp.status_mut() = self.status;
+                resp
+            }
+            None => json_error(self.status, &self.message, request_id),
+        };
+        for (name, value) in self.headers {
+            resp.headers_mut().append(name, value);
+        }
+        resp
+    }
+}
+
+/// SPEC's JSON error response, the shape of every answer gatehouse makes itself.
+pub fn json_error(
+    status: StatusCode,
+    message: &str,
+    request_id: Option<&HeaderValue>,
+) -> Response<Bytes> {
+    let mut out = Vec::with_capacity(96 + message.len());
+    out.extend_from_slice(b"{\"error\":\"");
+    out.extend_from_slice(code_for(status).as_bytes());
+    out.extend_from_slice(b"\",\"message\":");
+    json::push_str(&mut out, message);
+    out.extend_from_slice(b",\"request_id\":");
+    json::push_header(&mut out, request_id);
+    out.push(b'}');
+    let mut resp = Response::new(Bytes::from(out));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_shape() {
+        let id = HeaderValue::from_static("abc\"1");
+        let resp = Reject::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Reason::RateLimited,
+            "slow down",
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .render(Some(&id));
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": "rate_limited", "message": "slow down", "request_id": "abc\"1"})
+        );
+        let none = Reject::new(StatusCode::BAD_GATEWAY, Reason::UpstreamFailed, "x").render(None);
+        let v: serde_json::Value = serde_json::from_slice(none.body()).unwrap();
+        assert!(v["request_id"].is_null());
+    }
+
+    #[test]
+    fn a_passed_through_body_keeps_its_content_type() {
+        let mut reject = Reject::new(StatusCode::FORBIDDEN, Reason::AuthServiceDenied, "denied")
+            .with_header(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        reject.body = Some(Bytes::from_static(b"nope"));
+        let resp = reject.render(None);
+        assert_eq!(resp.headers().get_all(CONTENT_TYPE).iter().count(), 1);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "text/plain");
+        assert_eq!(resp.body(), "nope");
+    }
+}

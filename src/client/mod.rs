@@ -1,0 +1,708 @@
+//! The outbound HTTP/1.1 client, one for everything gatehouse sends: requests to the app,
+//! and the side channels (forward_auth's auth service, JWKS fetches, the audit `http`
+//! sink). It is a thin driver over [`crate::http1`]: keep-alive connections over TCP or a
+//! Unix socket, pooled per [`Endpoint`] in shards (one per worker thread, plus one for the
+//! control thread), so a worker never contends with another for a connection.
+//!
+//! A connection has no task of its own: the request that holds it writes the request and
+//! reads the response head, and the response body reads the rest as the caller takes it,
+//! so an exchange runs in the caller's task with no channel hop.
+
+mod body;
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{response, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+pub use body::{Body, Upgraded};
+
+use crate::http1::{self, chunked, header_line, Framing};
+
+/// Idle connections kept per shard; more are closed when they come back.
+const MAX_IDLE_PER_SHARD: usize = 1024;
+/// Read-buffer growth step: small heads stay in one allocation, bodies read in big steps.
+const READ_CHUNK: usize = 16 << 10;
+
+/// Where an endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl Target {
+    /// `host:port` (the `Host` of a request that names no other), `localhost` for a socket.
+    fn authority(&self) -> HeaderValue {
+        let text = match self {
+            Target::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Target::Tcp { host, port } => format!("{host}:{port}"),
+            Target::Unix(_) => "localhost".to_owned(),
+        };
+        HeaderValue::from_str(&text).expect("a validated host is a valid header value")
+    }
+
+    /// The target of an `http://host[:port]/...` URL.
+    pub fn from_uri(uri: &http::Uri) -> Option<Target> {
+        Some(Target::Tcp {
+            host: uri.host()?.trim_matches(['[', ']']).to_owned(),
+            port: uri.port_u16().unwrap_or(80),
+        })
+    }
+}
+
+/// One origin and its pool of idle connections.
+pub struct Endpoint {
+    target: Target,
+    /// `host:port`, the `Host` of requests that name no other.
+    authority: HeaderValue,
+    connect_timeout: Duration,
+    pool: Arc<Pool>,
+}
+
+/// Why no response head came back.
+#[derive(Debug)]
+pub enum Error {
+    /// TCP or Unix connect failed (refused, unreachable).
+    Connect(io::Error),
+    /// The connect timeout passed while connecting.
+    ConnectTimeout,
+    /// The deadline passed before the response head.
+    Timeout,
+    /// The request body's source failed (it knows why).
+    Body,
+    /// The peer reset or closed the connection before a response head.
+    Reset(io::Error),
+    /// The peer sent something that is not an HTTP/1.1 response.
+    Invalid(&'static str),
+}
+
+impl Error {
+    /// Every [`kind`](Self::kind) of failure that is the peer's doing.
+    pub const KINDS: [&'static str; 5] = [
+        "connect",
+        "connect_timeout",
+        "timeout",
+        "reset",
+        "invalid_response",
+    ];
+
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Connect(_) => "connect",
+            Error::ConnectTimeout => "connect_timeout",
+            Error::Timeout => "timeout",
+            Error::Body => "request_body",
+            Error::Reset(_) => "reset",
+            Error::Invalid(_) => "invalid_response",
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Connect(e) => write!(f, "connect: {e}"),
+            Error::ConnectTimeout => f.write_str("connect timed out"),
+            Error::Timeout => f.write_str("no response in time"),
+            Error::Body => f.write_str("the request body failed"),
+            Error::Reset(e) => write!(f, "connection closed: {e}"),
+            Error::Invalid(why) => write!(f, "invalid response: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The answer: a response whose body is still to be read, or a switch of protocols whose
+/// connection now belongs to the caller.
+pub enum Answer {
+    Response(response::Parts, Body),
+    Upgrade(response::Parts, Upgraded),
+}
+
+impl Endpoint {
+    /// `shards`: one per thread that sends (the workers and the control thread).
+    pub fn new(
+        target: Target,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        shards: usize,
+    ) -> Endpoint {
+        Endpoint {
+            authority: target.authority(),
+            target,
+            connect_timeout,
+            pool: Arc::new(Pool {
+                shards: (0..shards.max(1))
+                    .map(|_| Mutex::new(VecDeque::new()))
+                    .collect(),
+                idle_timeout,
+            }),
+        }
+    }
+
+    pub fn authority(&self) -> &HeaderValue {
+        &self.authority
+    }
+
+    /// Sends a request and waits (until `deadline`) for the response head. `encode` writes
+    /// the head for the body's framing (it may be called again if a stale pooled
+    /// connection forces a retry). Returns the answer and when it came: the caller's clock
+    /// reads serve the pool and the timeout too, instead of each reading its own.
+    pub async fn send<B, F>(
+        &self,
+        shard: usize,
+        method: &Method,
+        encode: F,
+        body: &mut B,
+        sent: Instant,
+        deadline: Instant,
+    ) -> (Result<Answer, Error>, Instant)
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+        F: Fn(Framing, &mut Vec<u8>),
+    {
+        let result = self
+            .exchange(shard, method, encode, body, sent, deadline)
+            .await;
+        let answered = Instant::now();
+        let result = result.map(|(head, conn)| {
+            if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                Answer::Upgrade(head.parts, Upgraded::new(conn.io, conn.read))
+            } else {
+                let body = Body::new(conn, &head, &self.pool, shard, answered);
+                Answer::Response(head.parts, body)
+            }
+        });
+        (result, answered)
+    }
+
+    /// Sends the request on a pooled (or new) connection and reads the response head.
+    async fn exchange<B, F>(
+        &self,
+        shard: usize,
+        method: &Method,
+        encode: F,
+        body: &mut B,
+        sent: Instant,
+        deadline: Instant,
+    ) -> Result<(http1::response::Head, Conn), Error>
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+        F: Fn(Framing, &mut Vec<u8>),
+    {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let framing = if body.is_end_stream() {
+            Framing::Empty
+        } else {
+            body.size_hint()
+                .exact()
+                .map_or(Framing::Chunked, Framing::Length)
+        };
+        loop {
+            let (mut conn, reused) = match self.pool.checkout(shard, sent).await {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare, and its future would otherwise be carried
+                // (and copied) by every request's future.
+                None => match tokio::time::timeout_at(deadline, Box::pin(self.connect())).await {
+                    Ok(conn) => (conn?, false),
+                    Err(_) => return Err(Error::Timeout),
+                },
+            };
+            conn.out.clear();
+            encode(framing, &mut conn.out);
+            let exchange = conn.exchange(method, framing, body);
+            let head = match tokio::time::timeout_at(deadline, exchange).await {
+                Err(_) => return Err(Error::Timeout),
+                Ok(Ok(head)) => head,
+                // A stale pooled connection that the peer cannot have acted on: try another.
+                Ok(Err(Failure::Stale(_))) if reused => continue,
+                Ok(Err(Failure::Stale(e))) => return Err(Error::Reset(e)),
+                Ok(Err(Failure::Fatal(e))) => return Err(e),
+            };
+            return Ok((head, conn));
+        }
+    }
+
+    /// Opens (and drops) one connection: the readiness probe of `[admin] upstream_check`.
+    pub async fn probe(&self) -> Result<(), Error> {
+        self.connect().await.map(drop)
+    }
+
+    async fn connect(&self) -> Result<Conn, Error> {
+        let connect = async {
+            Ok::<_, io::Error>(match &self.target {
+                Target::Tcp { host, port } => {
+                    let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                    stream.set_nodelay(true)?;
+                    Stream::Tcp(stream)
+                }
+                Target::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+            })
+        };
+        let io = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| Error::ConnectTimeout)?
+            .map_err(Error::Connect)?;
+        Ok(Conn {
+            io,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+        })
+    }
+
+    /// A whole small exchange for a side channel: `req` (its URI's path and query, its
+    /// headers, and `Host` if it has none) within `timeout`, the answer's body collected
+    /// up to `max_body` bytes. The error says what failed, for a log line.
+    pub async fn fetch(
+        &self,
+        shard: usize,
+        req: Request<Bytes>,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Response<Bytes>, String> {
+        let (parts, bytes) = req.into_parts();
+        let encode = |framing: Framing, out: &mut Vec<u8>| {
+            out.extend_from_slice(parts.method.as_str().as_bytes());
+            out.push(b' ');
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(b" HTTP/1.1\r\n");
+            if !parts.headers.contains_key(HOST) {
+                header_line(out, b"host", self.authority.as_bytes());
+            }
+            for (name, value) in &parts.headers {
+                if name != CONTENT_LENGTH {
+                    header_line(out, name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+            match framing {
+                Framing::Length(n) => header_line(
+                    out,
+                    b"content-length",
+                    itoa::Buffer::new().format(n).as_bytes(),
+                ),
+                _ if parts.method == Method::POST || parts.method == Method::PUT => {
+                    out.extend_from_slice(b"content-length: 0\r\n")
+                }
+                _ => {}
+            }
+            out.extend_from_slice(b"\r\n");
+        };
+        let mut body = Full::new(bytes);
+        let now = Instant::now();
+        let exchange = async {
+            let (answer, _) = self
+                .send(shard, &parts.method, encode, &mut body, now, now + timeout)
+                .await;
+            let answer = answer.map_err(|e| match e {
+                Error::Timeout => format!("no answer within {timeout:?}"),
+                e => e.to_string(),
+            });
+            let (head, body) = match answer? {
+                Answer::Response(head, body) => (head, body),
+                Answer::Upgrade(..) => return Err("unexpected 101 Switching Protocols".into()),
+            };
+            let bytes = Limited::new(body, max_body)
+                .collect()
+                .await
+                .map_err(|e| format!("response body: {e}"))?
+                .to_bytes();
+            Ok(Response::from_parts(head, bytes))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+    }
+}
+
+/// Why an exchange failed.
+enum Failure {
+    /// Nothing the peer could have acted on: the request may go on another connection.
+    Stale(io::Error),
+    Fatal(Error),
+}
+
+/// A TCP or Unix socket.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Readable while idle means the peer closed it (or sent garbage): either way,
+    /// unusable. Tokio's cached readiness answers without a system call.
+    fn poll_idle_alive(&self, cx: &mut Context<'_>) -> bool {
+        let readable = match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+        };
+        readable.is_pending()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection and its buffers, reused request after request.
+struct Conn {
+    io: Stream,
+    /// Bytes read from the peer and not yet consumed.
+    read: BytesMut,
+    /// The encoded request head (and chunk framing) on its way out.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// Writes the encoded head and the body, then reads the response head.
+    async fn exchange<B>(
+        &mut self,
+        method: &Method,
+        framing: Framing,
+        body: &mut B,
+    ) -> Result<http1::response::Head, Failure>
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+    {
+        if let Err(e) = self.io.write_all(&self.out).await {
+            return Err(Failure::Stale(e));
+        }
+        if framing != Framing::Empty {
+            match self.write_body(framing, body).await {
+                Ok(()) => {}
+                // The peer may have answered early (e.g. 401 to an upload it will not
+                // read) and closed: its response, if complete, is still the right answer.
+                Err(Error::Reset(e)) => {
+                    return match self.read_head(method).await {
+                        Ok(head) => Ok(head),
+                        Err(_) => Err(Failure::Fatal(Error::Reset(e))),
+                    };
+                }
+                Err(e) => return Err(Failure::Fatal(e)),
+            }
+        }
+        let replayable = framing == Framing::Empty && is_idempotent(method);
+        match self.read_head(method).await {
+            Err(Failure::Stale(e)) if !replayable => Err(Failure::Fatal(Error::Reset(e))),
+            other => other,
+        }
+    }
+
+    /// Streams the request body; `Reset` means the peer stopped taking it.
+    async fn write_body<B>(&mut self, framing: Framing, body: &mut B) -> Result<(), Error>
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+    {
+        let chunked = framing == Framing::Chunked;
+        while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+            match frame.map_err(|_| Error::Body)?.into_data() {
+                Ok(data) if chunked => {
+                    self.out.clear();
+                    chunked::encode(&data, &mut self.out);
+                    self.io.write_all(&self.out).await.map_err(Error::Reset)?;
+                }
+                Ok(data) => self.io.write_all(&data).await.map_err(Error::Reset)?,
+                // Trailers travel only in the chunked coding; a body of known length drops them.
+                Err(frame) => {
+                    if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                        self.out.clear();
+                        chunked::encode_last(&trailers, &mut self.out);
+                        return self.io.write_all(&self.out).await.map_err(Error::Reset);
+                    }
+                }
+            }
+        }
+        if chunked {
+            self.io
+                .write_all(chunked::LAST_CHUNK)
+                .await
+                .map_err(Error::Reset)?;
+        }
+        Ok(())
+    }
+
+    /// Reads until a final response head (1xx other than 101 are skipped).
+    async fn read_head(&mut self, method: &Method) -> Result<http1::response::Head, Failure> {
+        let mut received = !self.read.is_empty();
+        loop {
+            match http1::response::parse(&mut self.read, method) {
+                Ok(Some(head))
+                    if head.parts.status.is_informational()
+                        && head.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue
+                }
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(Failure::Fatal(Error::Invalid(e.0))),
+            }
+            self.read.reserve(READ_CHUNK);
+            match poll_fn(|cx| {
+                tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+            })
+            .await
+            {
+                Ok(0) if !received => {
+                    return Err(Failure::Stale(io::ErrorKind::UnexpectedEof.into()))
+                }
+                Ok(0) => {
+                    return Err(Failure::Fatal(Error::Invalid(
+                        "the response head was cut short",
+                    )))
+                }
+                Ok(_) => received = true,
+                Err(e) if !received => return Err(Failure::Stale(e)),
+                Err(e) => return Err(Failure::Fatal(Error::Reset(e))),
+            }
+        }
+    }
+}
+
+/// Methods whose request may be sent twice (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A shard's idle connections, oldest first, each with the time it went idle.
+type Shard = Mutex<VecDeque<(Conn, Instant)>>;
+
+/// Idle connections of one endpoint.
+struct Pool {
+    shards: Box<[Shard]>,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    fn shard(&self, shard: usize) -> &Shard {
+        &self.shards[shard % self.shards.len()]
+    }
+
+    /// The most recently used live connection, as of `now`.
+    async fn checkout(&self, shard: usize, now: Instant) -> Option<Conn> {
+        loop {
+            // The lock is released before any await.
+            let (conn, since) = self
+                .shard(shard)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_back()?;
+            if now.saturating_duration_since(since) <= self.idle_timeout
+                && poll_fn(|cx| Poll::Ready(conn.io.poll_idle_alive(cx))).await
+            {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Pools `conn`, idle since `since`: the time its last response head arrived, which
+    /// is never later than when the peer started its keep-alive timer, so a connection is
+    /// retired early rather than late (a long stream makes its connection retire at once).
+    fn checkin(&self, shard: usize, conn: Conn, since: Instant) {
+        let mut idle = self.shard(shard).lock().unwrap_or_else(|e| e.into_inner());
+        // The oldest connections sit at the front: drop those past their idle time.
+        while idle
+            .front()
+            .is_some_and(|(_, oldest)| since.saturating_duration_since(*oldest) > self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE_PER_SHARD {
+            idle.push_back((conn, since));
+        }
+    }
+
+    /// Idle connections in `shard`, for tests.
+    #[cfg(test)]
+    fn idle(&self, shard: usize) -> usize {
+        self.shard(shard).lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// What the test app does with the `n`th request (counted from 0 across connections).
+    #[derive(Clone, Copy)]
+    enum Script {
+        /// Answer every request, keeping connections alive.
+        Answer,
+        /// Answer the first request of each connection, then close the connection on the
+        /// next one without a word: a keep-alive race the client must survive.
+        CloseSecond,
+    }
+
+    /// A small HTTP/1.1 app on loopback; returns its endpoint and the connection count.
+    async fn app(script: Script) -> (Endpoint, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    for served in 0.. {
+                        // Read a head (these requests have no body).
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        if matches!(script, Script::CloseSecond) && served == 1 {
+                            return;
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.get_mut().write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let target = Target::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let endpoint = Endpoint::new(target, Duration::from_secs(5), Duration::from_secs(60), 2);
+        (endpoint, connections)
+    }
+
+    async fn get(endpoint: &Endpoint, method: Method) -> Result<Response<Bytes>, String> {
+        let req = Request::builder()
+            .method(method)
+            .uri("/x")
+            .body(Bytes::new())
+            .unwrap();
+        endpoint.fetch(0, req, Duration::from_secs(10), 1024).await
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (endpoint, connections) = app(Script::Answer).await;
+        for _ in 0..3 {
+            let resp = get(&endpoint, Method::GET).await.unwrap();
+            assert_eq!(resp.body(), "ok");
+        }
+        assert_eq!(connections.load(Relaxed), 1);
+        assert_eq!(endpoint.pool.idle(0), 1);
+        assert_eq!(
+            endpoint.pool.idle(1),
+            0,
+            "shards keep their own connections"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_connection_is_retried_only_for_a_replayable_request() {
+        let (endpoint, connections) = app(Script::CloseSecond).await;
+        get(&endpoint, Method::GET).await.unwrap();
+        // The pooled connection is closed by the app when the next request arrives: a GET
+        // goes again on a fresh connection.
+        let resp = get(&endpoint, Method::GET).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(connections.load(Relaxed), 2);
+        // A POST cannot be sent twice: the same race is an error.
+        let error = get(&endpoint, Method::POST).await.unwrap_err();
+        assert!(error.contains("connection closed"), "{error}");
+        assert_eq!(connections.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_its_time_is_not_used() {
+        let (endpoint, connections) = app(Script::Answer).await;
+        get(&endpoint, Method::GET).await.unwrap();
+        assert_eq!(endpoint.pool.idle(0), 1);
+        // As of a minute from now, the pooled connection is past the idle timeout.
+        let later = Instant::now() + Duration::from_secs(61);
+        assert!(endpoint.pool.checkout(0, later).await.is_none());
+        assert_eq!(endpoint.pool.idle(0), 0, "an expired connection is dropped");
+        get(&endpoint, Method::GET).await.unwrap();
+        assert_eq!(connections.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_cut_short_is_an_error_and_its_connection_is_not_pooled() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
+                .await;
+        });
+        let target = Target::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let endpoint = Endpoint::new(target, Duration::from_secs(5), Duration::from_secs(60), 1);
+        let error = get(&endpoint, Method::GET).await.unwrap_err();
+        assert!(error.contains("response body"), "{error}");
+        assert_eq!(endpoint.pool.idle(0), 0);
+    }
+}

@@ -1,0 +1,116 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, the headers it names, and the fixed
+//! list below describe one connection, not the message. Each side removes what its peer
+//! sent as the message is parsed, before anything else reads it: a client's
+//! `Connection: x-tenant` can then never delete a header the chain sets later, and an app's
+//! `Connection` header never reaches the client.
+
+use http::header::{
+    CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::list_items;
+
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that are hop-by-hop whatever `Connection` says (the same list as Go's and
+/// nginx's proxies).
+pub static HOP_BY_HOP: [&HeaderName; 9] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY_AUTHENTICATE,
+    &PROXY_AUTHORIZATION,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
+
+/// What the `Connection` header lines of a message said.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub upgrade: bool,
+    /// The values naming other headers, which are hop-by-hop too.
+    named: Vec<HeaderValue>,
+}
+
+impl Tokens {
+    /// Reads one `Connection` line.
+    pub fn add(&mut self, value: &HeaderValue) {
+        let mut names_others = false;
+        for token in list_items(value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if token.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else if !token.is_empty() {
+                names_others = true;
+            }
+        }
+        if names_others {
+            self.named.push(value.clone());
+        }
+    }
+
+    /// Removes the headers the `Connection` lines named. A name that is not a valid header
+    /// name cannot be in the map.
+    pub fn remove_named(&self, headers: &mut HeaderMap) {
+        for value in &self.named {
+            for token in list_items(value) {
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+}
+
+/// Whether `name` is on the fixed hop-by-hop list.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// Whether a `te` value may stay end-to-end: `trailers` alone says the recipient accepts
+/// trailer fields, which gRPC relies on (and which HTTP/2 allows as the only `te`).
+pub fn is_te_trailers(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"trailers")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_named_headers() {
+        let mut tokens = Tokens::default();
+        tokens.add(&HeaderValue::from_static("keep-alive, X-Hop, Upgrade"));
+        tokens.add(&HeaderValue::from_static("close"));
+        assert!(tokens.close && tokens.keep_alive && tokens.upgrade);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-end", HeaderValue::from_static("2"));
+        tokens.remove_named(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-end"));
+    }
+
+    #[test]
+    fn invalid_names_in_connection_remove_nothing() {
+        let mut tokens = Tokens::default();
+        tokens.add(&HeaderValue::from_static("bad name, x-a"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert("x-b", HeaderValue::from_static("1"));
+        tokens.remove_named(&mut headers);
+        assert_eq!(headers.len(), 1);
+    }
+}

@@ -1,0 +1,194 @@
+//! One request from its head to its end, and the last phase that records it.
+//!
+//! A [`Session`] is made when a request's head arrives. It travels with the request down
+//! the chain and to the upstream, then inside the response body as it streams (or through
+//! an upgraded connection's tunnel). Dropping it is the request's end, whatever the end
+//! was (answered, proxied, failed, abandoned by the client), and runs [`Proxy::log`]: the
+//! one place metrics, and the audit event, are recorded.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, Uri};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use super::body::Body;
+use super::Proxy;
+use crate::audit::{Decision, Event};
+use crate::chain::{Context, Reason};
+use crate::client::Upgraded;
+
+/// nginx's status for a request whose client went away before the answer.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// What is known about one request, for its record.
+pub struct Session {
+    proxy: Arc<Proxy>,
+    pub ctx: Context,
+    /// The request line and host as the client sent them (middlewares may change the
+    /// request; the record keeps what came in).
+    pub method: Method,
+    pub uri: Uri,
+    pub host: Option<HeaderValue>,
+    /// The `request_headers` the audit wants, as forwarded.
+    pub headers: Vec<Option<HeaderValue>>,
+    /// The answer's status; `None` while there is none (a client leaving then abandons
+    /// the request: 499).
+    pub status: Option<StatusCode>,
+    pub decision: Decision,
+    /// Why gatehouse answered, when it did.
+    pub reason: Option<Reason>,
+    /// The kind of upstream failure, for `gatehouse_upstream_errors_total`.
+    pub upstream_error: Option<usize>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The whole response body reached the client connection.
+    pub completed: bool,
+}
+
+impl Session {
+    pub(super) fn new(
+        proxy: Arc<Proxy>,
+        ctx: Context,
+        method: Method,
+        uri: Uri,
+        host: Option<HeaderValue>,
+    ) -> Session {
+        Session {
+            proxy,
+            ctx,
+            method,
+            uri,
+            host,
+            headers: Vec::new(),
+            status: None,
+            decision: Decision::Allow,
+            reason: None,
+            upstream_error: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            completed: false,
+        }
+    }
+
+    /// The status the record shows.
+    fn logged_status(&self) -> u16 {
+        self.status.map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let proxy = Arc::clone(&self.proxy);
+        proxy.log(self);
+    }
+}
+
+impl Proxy {
+    /// The last phase of every request: metrics, and the audit event when the audit wants
+    /// it, written here, on the request's thread, once the response is out.
+    fn log(&self, s: &Session) {
+        let duration = s.ctx.start.elapsed();
+        let status = s.logged_status();
+        let m = &self.handles.metrics;
+        m.record_request(status, duration);
+        if let Some(upstream) = s.ctx.upstream_time {
+            m.upstream_duration.observe(upstream);
+        }
+        if let Some(kind) = s.upstream_error {
+            self.upstream_errors[kind].inc();
+        }
+        if let (Some(i), Some(answered)) = (s.ctx.denied_by, s.status) {
+            self.chain.count_rejection(i, answered, m);
+        }
+        let Some(audit) = self.audit.as_ref().filter(|a| a.wants(s.decision)) else {
+            return;
+        };
+        audit.record(&Event {
+            ts: SystemTime::now() - duration,
+            request_id: s.ctx.request_id.as_ref(),
+            method: &s.method,
+            host: s.host.as_ref(),
+            uri: &s.uri,
+            status,
+            duration,
+            upstream: s.ctx.upstream_time,
+            client_ip: s.ctx.client_ip,
+            subject: s.ctx.subject.as_deref(),
+            decision: s.decision,
+            denied_by: s.ctx.denied_by.map(|i| &**self.chain.name(i)),
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            completed: s.completed,
+            headers: &s.headers,
+        });
+    }
+}
+
+/// The response body on its way to the client, carrying the request's session: its end
+/// (sent whole, or dropped when the client left) is the request's end.
+pub struct ResponseBody {
+    body: Body,
+    session: Box<Session>,
+}
+
+impl ResponseBody {
+    pub(super) fn new(body: Body, session: Box<Session>) -> Self {
+        ResponseBody { body, session }
+    }
+
+    /// The upstream connection of a `101 Switching Protocols`, for the server to splice to
+    /// the client's; the body holds nothing else.
+    pub fn take_upgrade(&mut self) -> Option<Upgraded> {
+        match &mut self.body {
+            Body::Upgrade(io) => io.take(),
+            _ => None,
+        }
+    }
+
+    /// Records a tunnel's traffic when it closes: bytes from the client, bytes to it.
+    pub fn tunnel_closed(&mut self, from_client: u64, to_client: u64) {
+        self.session.bytes_in += from_client;
+        self.session.bytes_out += to_client;
+        self.session.completed = true;
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body that says it has ended may never be polled to its `None`.
+        self.session.completed |= self.body.is_end_stream();
+    }
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.body).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.session.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Poll::Ready(None) => this.session.completed = true,
+            _ => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
