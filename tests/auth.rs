@@ -702,6 +702,131 @@ async fn jwt_jwks_url_rotates_refetches_on_unknown_kid_and_keeps_the_last_good_s
     assert_eq!(send(gh.port, bearer(&k2)).await.status, 200);
 }
 
+/// Sends `token` `times` times and checks each is a `401 invalid_token` that never reaches
+/// the upstream; `what` names the case in a failure.
+async fn assert_refused(gh: &Gatehouse, up: &Upstream, token: &str, times: usize, what: &str) {
+    let before = up.request_count();
+    for attempt in 1..=times {
+        let resp = send(gh.port, bearer(token)).await;
+        assert_eq!(resp.status, 401, "{what}, use {attempt}: {resp:?}");
+        resp.assert_gatehouse_error(401, "unauthorized");
+        assert_eq!(
+            resp.header("www-authenticate").as_deref(),
+            Some("Bearer error=\"invalid_token\""),
+            "{what}, use {attempt}: {resp:?}"
+        );
+    }
+    assert_eq!(up.request_count(), before, "{what}: reached the upstream");
+}
+
+/// Sends `token` twice (the second answer comes from the verified-token cache) and checks
+/// both pass; the first waits for the keys (a `jwks_url` is fetched after start).
+async fn assert_passes_twice(gh: &Gatehouse, token: &str, what: &str) {
+    within(STEP, "the keys", async {
+        while send(gh.port, bearer(token)).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let resp = send(gh.port, bearer(token)).await;
+    assert_eq!(resp.status, 200, "{what}, second use: {resp:?}");
+}
+
+#[tokio::test]
+async fn jwt_issuer_and_audiences_require_their_claims_with_every_key_source() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let hs = EncodingKey::from_secret(b"claims-secret");
+    let rsa = EncodingKey::from_rsa_pem(&fixture_bytes("rsa_private.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&fixture_bytes("ec_private.pem")).unwrap();
+    let jwks = |key: &EncodingKey, alg| {
+        let keys = vec![Jwk::from_encoding_key(key, alg).unwrap()];
+        serde_json::to_string(&JwkSet { keys }).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&ec, Algorithm::ES256)).unwrap();
+    let served = jwks(&rsa, Algorithm::RS256);
+    let jwks_url =
+        TestServer::start(move |_| reply(200, &[("content-type", "application/json")], &served))
+            .await;
+    let sources = [
+        (
+            "secret",
+            "algorithms = [\"HS256\"]\nsecret = \"claims-secret\"".to_owned(),
+            Algorithm::HS256,
+            &hs,
+        ),
+        (
+            "public_key_file",
+            format!(
+                "algorithms = [\"PS256\"]\npublic_key_file = \"{}\"",
+                fixture("rsa_public.pem")
+            ),
+            Algorithm::PS256,
+            &rsa,
+        ),
+        (
+            "jwks_file",
+            format!(
+                "algorithms = [\"ES256\"]\njwks_file = \"{}\"",
+                jwks_file.display()
+            ),
+            Algorithm::ES256,
+            &ec,
+        ),
+        (
+            "jwks_url",
+            format!(
+                "algorithms = [\"RS256\"]\njwks_url = \"{}\"",
+                jwks_url.url("/jwks")
+            ),
+            Algorithm::RS256,
+            &rsa,
+        ),
+    ];
+    for (source, keys, alg, key) in sources {
+        let rest = format!(
+            "[[middleware]]\ntype = \"jwt\"\n{keys}\nissuer = \"https://idp.test\"\naudiences = [\"api\"]\n"
+        );
+        let (up, gh) = proxy_with("", "", &rest).await;
+        let token = |extra| mint(alg, key, None, claims(extra));
+        assert_passes_twice(&gh, &token(json!({})), source).await;
+        // Absent, null, or of a type that is no issuer or audience: twice each, so a
+        // second use cannot be answered from the cache either.
+        for lacking in [
+            json!({ "iss": null }),
+            json!({ "aud": null }),
+            json!({ "iss": null, "aud": null }),
+            json!({ "iss": 42 }),
+            json!({ "aud": 7 }),
+            json!({ "aud": [] }),
+        ] {
+            let what = format!("{source}: {lacking}");
+            assert_refused(&gh, &up, &token(lacking), 2, &what).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn jwt_issuer_or_audiences_alone_requires_only_its_claim() {
+    let key = EncodingKey::from_secret(b"claims-secret");
+    let token = |extra| mint(Algorithm::HS256, &key, None, claims(extra));
+    let cases = [
+        ("issuer = \"https://idp.test\"", "iss", "aud"),
+        ("audiences = [\"api\", \"admin\"]", "aud", "iss"),
+    ];
+    for (setting, required, optional) in cases {
+        let rest = format!(
+            "[[middleware]]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = \"claims-secret\"\n{setting}\n"
+        );
+        let (up, gh) = proxy_with("", "", &rest).await;
+        let what = format!("{setting}: without {required}");
+        assert_refused(&gh, &up, &token(json!({ required: null })), 2, &what).await;
+        let what = format!("{setting}: without {optional}");
+        assert_passes_twice(&gh, &token(json!({ optional: null })), &what).await;
+    }
+}
+
 #[test]
 fn jwt_config_errors_name_the_key() {
     let jwt = |rest: &str| format!("[[middleware]]\ntype = \"jwt\"\n{rest}\n");
