@@ -190,6 +190,84 @@ async fn timing_without_server_timing_and_custom_header() {
     assert!(resp.header("server-timing").is_none(), "{resp:?}");
 }
 
+/// A decimal with exactly `frac` fractional digits, in microseconds: seconds have 6
+/// places (`0.001234` is 1234), milliseconds 3 (`1.234` is 1234).
+fn fixed_point(v: &str, frac: usize) -> u64 {
+    let (int, dec) = v.split_once('.').unwrap_or_else(|| panic!("{v:?}"));
+    assert_eq!(dec.len(), frac, "{v:?}");
+    assert!(
+        [int, dec]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
+        "{v:?}"
+    );
+    format!("{int}{dec}").parse().unwrap()
+}
+
+#[tokio::test]
+async fn timing_in_seconds_as_fastapi_writes_x_process_time() {
+    let (_up, gh) = proxy_with(
+        "",
+        "",
+        "[[middleware]]\ntype = \"timing\"\nheader = \"x-process-time\"\nformat = \"seconds\"\n",
+    )
+    .await;
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("x-response-time").is_none(), "{resp:?}");
+    // A plain float, as Python's `str(float)` of seconds: no unit, microsecond digits.
+    let took = resp.header("x-process-time").expect("x-process-time");
+    let total_us = fixed_point(&took, 6);
+    assert!(took.parse::<f64>().is_ok(), "{took}");
+    // server-timing stays in milliseconds: its upstream and proxy shares (each truncated to
+    // the microsecond) add up to the header's total, which they would not if either were
+    // written in another unit.
+    let st = resp.header_all("server-timing").join(", ");
+    let dur = |name: &str| {
+        let at = st
+            .find(&format!("{name};dur="))
+            .unwrap_or_else(|| panic!("{st}"));
+        let value = st[at + name.len() + 5..].split(',').next().unwrap().trim();
+        fixed_point(value, 3)
+    };
+    let parts_us = dur("upstream") + dur("proxy");
+    assert!(
+        total_us >= parts_us && total_us - parts_us <= 1,
+        "x-process-time {took} vs server-timing {st}"
+    );
+}
+
+#[test]
+fn timing_format_is_checked_and_summarized() {
+    let check = |format: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let rest = format!("[[middleware]]\ntype = \"timing\"\nformat = \"{format}\"\n");
+        let text = config("", "", &rest)
+            .replace("{port}", "1")
+            .replace("{upstream}", "http://127.0.0.1:1");
+        std::fs::write(&path, text).unwrap();
+        cli(&["check", "--config", path.to_str().unwrap()], &[], None)
+    };
+    for format in ["ms", "seconds"] {
+        let out = check(format);
+        assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains(&format!("format={format} ")),
+            "{}",
+            out.stdout
+        );
+    }
+    let out = check("s");
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("middleware[0].format")
+            && out.stderr.contains("expected `ms` or `seconds`"),
+        "{}",
+        out.stderr
+    );
+}
+
 // ----- headers ----------------------------------------------------------------------------------
 
 const HEADERS_MW: &str = r#"
