@@ -16,6 +16,10 @@ use http::{HeaderValue, Response, StatusCode};
 pub struct Context {
     /// The client's address, after `server.trusted_proxies` have been peeled off.
     pub client_ip: IpAddr,
+    /// The connection's peer, trusted proxy or not, and whether it spoke TLS: what the
+    /// `x-forwarded-for` entry and `x-forwarded-proto` that gatehouse adds say.
+    pub peer: IpAddr,
+    pub tls: bool,
     /// When the request head was received; the origin of every timing.
     pub start: Instant,
     /// The id set by a `request_id` middleware, echoed in every response gatehouse makes.
@@ -44,9 +48,13 @@ pub struct Context {
 }
 
 impl Context {
+    /// The context of a request from `client_ip` on a plain connection of its own; the
+    /// server then sets `peer` and `tls` from the connection it came on.
     pub fn new(client_ip: IpAddr, start: Instant) -> Self {
         Context {
             client_ip,
+            peer: client_ip,
+            tls: false,
             start,
             request_id: None,
             subject: None,

@@ -37,6 +37,7 @@ pub struct Client {
     pub forwarded_for: HeaderValue,
     /// `x-forwarded-proto`: `http` or `https`.
     pub proto: HeaderValue,
+    pub tls: bool,
 }
 
 impl Client {
@@ -47,6 +48,7 @@ impl Client {
             forwarded_for: HeaderValue::from_str(&ip.to_string())
                 .expect("an IP is a valid header value"),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            tls,
         }
     }
 }
@@ -93,6 +95,8 @@ impl Proxy {
             forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies),
             start,
         );
+        ctx.peer = client.ip;
+        ctx.tls = client.tls;
         let mut event = None;
         let resp = self
             .serve(&mut parts, body, client, &mut ctx, &mut event)
