@@ -34,8 +34,8 @@ pub struct Context {
     pub upstream_answered: Option<Instant>,
     /// Streamed request bytes allowed, and the index of the middleware that set the limit.
     pub body_limit: Option<(u64, usize)>,
-    /// The `access-control-allow-origin` value a `cors` middleware decided on, if any.
-    pub cors_allow_origin: Option<HeaderValue>,
+    /// What a `cors` middleware decided for a request carrying `Origin`.
+    pub cors: Option<crate::middleware::cors::Verdict>,
     /// The tightest `rate_limit` quota the request was counted against, for its
     /// `ratelimit-*` response headers.
     pub rate_limit: Option<crate::middleware::rate_limit::Quota>,
@@ -61,7 +61,7 @@ impl Context {
             upstream_time: None,
             upstream_answered: None,
             body_limit: None,
-            cors_allow_origin: None,
+            cors: None,
             rate_limit: None,
             denied_by: None,
             current: 0,

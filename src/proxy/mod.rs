@@ -149,7 +149,11 @@ impl Proxy {
             Err((status, message)) => Some(reply::error(status, message, None)),
         };
         let audit = audit::get();
-        let denied = answer.is_some();
+        // An answer gatehouse gives itself is a refusal only with an error status: a CORS
+        // preflight's `204` lets the browser go on, so it is `allow`.
+        let denied = answer
+            .as_ref()
+            .is_some_and(|a| a.status().is_client_error() || a.status().is_server_error());
         if let Some(a) = audit.filter(|a| a.wants(denied)) {
             let mut e = a.capture(parts, &uri, client_host(parts), ctx.client_ip, ctx.start);
             if denied {
