@@ -44,7 +44,13 @@ fn check(c: &mut Criterion, name: &str, middleware: &dyn Middleware, header: (&s
                     .header(header.0, header.1)
                     .body(())
                     .unwrap();
-                let ctx = Context::new([127, 0, 0, 1].into(), false, Instant::now(), 0);
+                let ctx = Context::new(
+                    [127, 0, 0, 1].into(),
+                    [127, 0, 0, 1].into(),
+                    false,
+                    Instant::now(),
+                    0,
+                );
                 (req.into_parts().0, ctx)
             },
             |(parts, ctx)| match middleware.on_request(parts, ctx) {

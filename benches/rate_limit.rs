@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 i += 1;
                 let ip = ips[i as usize % keys];
-                let mut ctx = Context::new(ip, false, epoch + Duration::from_micros(i), 0);
+                let mut ctx = Context::new(ip, ip, false, epoch + Duration::from_micros(i), 0);
                 assert!(matches!(
                     limiter.on_request(&mut req, &mut ctx),
                     Flow::Continue
@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decide_and_headers/one_key", |b| {
         b.iter(|| {
             i += 1;
-            let mut ctx = Context::new(ip, false, epoch + Duration::from_micros(i), 0);
+            let mut ctx = Context::new(ip, ip, false, epoch + Duration::from_micros(i), 0);
             assert!(matches!(
                 limiter.on_request(&mut req, &mut ctx),
                 Flow::Continue

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use gatehouse::middleware::order;
 use gatehouse::Config;
 
 #[global_allocator]
@@ -52,6 +53,9 @@ fn main() -> ExitCode {
                 Err(e) => return fail(INVALID_CONFIG, &e),
             };
             gatehouse::logging::init(&config.log);
+            for warning in order::warnings(&config.middleware) {
+                tracing::warn!("{warning}");
+            }
             match gatehouse::server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -68,7 +72,8 @@ fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `check`'s report: the settings that matter and the chain, one line per middleware.
+/// `check`'s report: the settings that matter, the chain (one line per middleware), and
+/// warnings about an order that loads but breaks clients (the same `run` logs at start).
 fn describe(config: &Config) -> String {
     use std::fmt::Write;
     let s = &config.server;
@@ -129,6 +134,9 @@ fn describe(config: &Config) -> String {
             m.spec.kind(),
             m.spec.settings().summary()
         );
+    }
+    for warning in order::warnings(&config.middleware) {
+        let _ = writeln!(out, "warning: {warning}");
     }
     out
 }

@@ -296,6 +296,63 @@ async fn include_denied_records_only_denials() {
         && e["path"] == "/denied"));
 }
 
+const CORS_ENTRY: &str = "[[middleware]]\ntype = \"cors\"\nname = \"browsers\"\n\
+                          allow_origins = [\"https://app.example\"]\n";
+
+/// A browser's preflight from `origin` for a `PUT` of `path`.
+async fn preflight(port: u16, path: &str, origin: &str) -> Resp {
+    let req = request("OPTIONS", path)
+        .header("origin", origin)
+        .header("access-control-request-method", "PUT")
+        .header("access-control-request-headers", "content-type")
+        .body(empty())
+        .unwrap();
+    send(port, req).await
+}
+
+#[tokio::test]
+async fn a_cors_preflight_answered_204_is_allowed_and_its_403_denied_by_the_entry() {
+    let mut s = Setup::start(&format!("{CORS_ENTRY}\n[audit]\n{FILE_SINK}")).await;
+    let ok = preflight(s.gh.port, "/go-ahead", "https://app.example").await;
+    assert_eq!(ok.status, 204, "{ok:?}");
+    let refused = preflight(s.gh.port, "/refused", "https://evil.example").await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let events = s.stop().await;
+    assert_eq!(events.len(), 2, "{events:#?}");
+
+    let e = the_event(&events, "/go-ahead");
+    assert_eq!(e["method"], "OPTIONS");
+    assert_eq!(e["status"], 204);
+    assert_eq!(e["decision"], "allow", "{e}");
+    assert_eq!(e["denied_by"], Value::Null, "{e}");
+    assert_eq!(e["upstream_ms"], Value::Null, "gatehouse answered it: {e}");
+
+    let e = the_event(&events, "/refused");
+    assert_eq!(e["status"], 403);
+    assert_eq!(e["decision"], "deny", "{e}");
+    assert_eq!(e["denied_by"], "browsers", "{e}");
+    assert_eq!(s.up.request_count(), 0, "no preflight reaches the app");
+}
+
+/// The symptom the decision caused: `include = "denied"` filling up with successful preflights.
+#[tokio::test]
+async fn include_denied_leaves_successful_preflights_out() {
+    let mut s = Setup::start(&format!(
+        "{CORS_ENTRY}\n[audit]\ninclude = \"denied\"\n{FILE_SINK}"
+    ))
+    .await;
+    for _ in 0..3 {
+        let ok = preflight(s.gh.port, "/go-ahead", "https://app.example").await;
+        assert_eq!(ok.status, 204, "{ok:?}");
+    }
+    let refused = preflight(s.gh.port, "/refused", "https://evil.example").await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let events = s.stop().await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["path"], "/refused");
+    assert_eq!(events[0]["denied_by"], "browsers");
+}
+
 #[tokio::test]
 async fn stdout_sink_and_a_dead_upstream_as_error() {
     let dead = format!("http://127.0.0.1:{}", free_port());

@@ -702,6 +702,131 @@ async fn jwt_jwks_url_rotates_refetches_on_unknown_kid_and_keeps_the_last_good_s
     assert_eq!(send(gh.port, bearer(&k2)).await.status, 200);
 }
 
+/// Sends `token` `times` times and checks each is a `401 invalid_token` that never reaches
+/// the upstream; `what` names the case in a failure.
+async fn assert_refused(gh: &Gatehouse, up: &Upstream, token: &str, times: usize, what: &str) {
+    let before = up.request_count();
+    for attempt in 1..=times {
+        let resp = send(gh.port, bearer(token)).await;
+        assert_eq!(resp.status, 401, "{what}, use {attempt}: {resp:?}");
+        resp.assert_gatehouse_error(401, "unauthorized");
+        assert_eq!(
+            resp.header("www-authenticate").as_deref(),
+            Some("Bearer error=\"invalid_token\""),
+            "{what}, use {attempt}: {resp:?}"
+        );
+    }
+    assert_eq!(up.request_count(), before, "{what}: reached the upstream");
+}
+
+/// Sends `token` twice (the second answer comes from the verified-token cache) and checks
+/// both pass; the first waits for the keys (a `jwks_url` is fetched after start).
+async fn assert_passes_twice(gh: &Gatehouse, token: &str, what: &str) {
+    within(STEP, "the keys", async {
+        while send(gh.port, bearer(token)).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let resp = send(gh.port, bearer(token)).await;
+    assert_eq!(resp.status, 200, "{what}, second use: {resp:?}");
+}
+
+#[tokio::test]
+async fn jwt_issuer_and_audiences_require_their_claims_with_every_key_source() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let hs = EncodingKey::from_secret(b"claims-secret");
+    let rsa = EncodingKey::from_rsa_pem(&fixture_bytes("rsa_private.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&fixture_bytes("ec_private.pem")).unwrap();
+    let jwks = |key: &EncodingKey, alg| {
+        let keys = vec![Jwk::from_encoding_key(key, alg).unwrap()];
+        serde_json::to_string(&JwkSet { keys }).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&ec, Algorithm::ES256)).unwrap();
+    let served = jwks(&rsa, Algorithm::RS256);
+    let jwks_url =
+        TestServer::start(move |_| reply(200, &[("content-type", "application/json")], &served))
+            .await;
+    let sources = [
+        (
+            "secret",
+            "algorithms = [\"HS256\"]\nsecret = \"claims-secret\"".to_owned(),
+            Algorithm::HS256,
+            &hs,
+        ),
+        (
+            "public_key_file",
+            format!(
+                "algorithms = [\"PS256\"]\npublic_key_file = \"{}\"",
+                fixture("rsa_public.pem")
+            ),
+            Algorithm::PS256,
+            &rsa,
+        ),
+        (
+            "jwks_file",
+            format!(
+                "algorithms = [\"ES256\"]\njwks_file = \"{}\"",
+                jwks_file.display()
+            ),
+            Algorithm::ES256,
+            &ec,
+        ),
+        (
+            "jwks_url",
+            format!(
+                "algorithms = [\"RS256\"]\njwks_url = \"{}\"",
+                jwks_url.url("/jwks")
+            ),
+            Algorithm::RS256,
+            &rsa,
+        ),
+    ];
+    for (source, keys, alg, key) in sources {
+        let rest = format!(
+            "[[middleware]]\ntype = \"jwt\"\n{keys}\nissuer = \"https://idp.test\"\naudiences = [\"api\"]\n"
+        );
+        let (up, gh) = proxy_with("", "", &rest).await;
+        let token = |extra| mint(alg, key, None, claims(extra));
+        assert_passes_twice(&gh, &token(json!({})), source).await;
+        // Absent, null, or of a type that is no issuer or audience: twice each, so a
+        // second use cannot be answered from the cache either.
+        for lacking in [
+            json!({ "iss": null }),
+            json!({ "aud": null }),
+            json!({ "iss": null, "aud": null }),
+            json!({ "iss": 42 }),
+            json!({ "aud": 7 }),
+            json!({ "aud": [] }),
+        ] {
+            let what = format!("{source}: {lacking}");
+            assert_refused(&gh, &up, &token(lacking), 2, &what).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn jwt_issuer_or_audiences_alone_requires_only_its_claim() {
+    let key = EncodingKey::from_secret(b"claims-secret");
+    let token = |extra| mint(Algorithm::HS256, &key, None, claims(extra));
+    let cases = [
+        ("issuer = \"https://idp.test\"", "iss", "aud"),
+        ("audiences = [\"api\", \"admin\"]", "aud", "iss"),
+    ];
+    for (setting, required, optional) in cases {
+        let rest = format!(
+            "[[middleware]]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = \"claims-secret\"\n{setting}\n"
+        );
+        let (up, gh) = proxy_with("", "", &rest).await;
+        let what = format!("{setting}: without {required}");
+        assert_refused(&gh, &up, &token(json!({ required: null })), 2, &what).await;
+        let what = format!("{setting}: without {optional}");
+        assert_passes_twice(&gh, &token(json!({ optional: null })), &what).await;
+    }
+}
+
 #[test]
 fn jwt_config_errors_name_the_key() {
     let jwt = |rest: &str| format!("[[middleware]]\ntype = \"jwt\"\n{rest}\n");
@@ -840,5 +965,320 @@ async fn forward_auth_fails_closed() {
         let body = resp.assert_gatehouse_error(503, "unavailable");
         assert!(body["request_id"].is_string(), "{body}");
         assert_eq!(up.request_count(), 0, "{url}: the upstream was reached");
+    }
+}
+
+/// An auth service of the kind found in the field: it decides on a header of its own,
+/// `x-token: open-sesame`, answering `x-user` when it lets a request through; it records
+/// the headers of every request it gets.
+async fn token_service() -> (TestServer, Arc<Mutex<Vec<http::HeaderMap>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let service = TestServer::start(move |req| {
+        record.lock().unwrap().push(req.headers.clone());
+        match req.headers.get("x-token") {
+            Some(token) if token == "open-sesame" => reply(200, &[("x-user", "alice")], ""),
+            _ => reply(401, &[("www-authenticate", "Token")], ""),
+        }
+    })
+    .await;
+    (service, seen)
+}
+
+fn header_names(headers: &http::HeaderMap) -> std::collections::BTreeSet<String> {
+    headers.keys().map(|n| n.to_string()).collect()
+}
+
+/// What gatehouse itself sets on every auth request.
+const FORWARDED: [&str; 5] = [
+    "x-forwarded-method",
+    "x-forwarded-uri",
+    "x-forwarded-host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+];
+
+#[tokio::test]
+async fn forward_auth_sends_every_client_header_but_hop_by_hop_and_body_framing() {
+    let (auth, seen) = token_service().await;
+    let rest = format!(
+        "[[middleware]]\ntype = \"forward_auth\"\nurl = \"{}\"\ncopy_headers = [\"x-user\"]\n",
+        auth.url("/verify")
+    );
+    // Behind a trusted proxy, so the client's address (203.0.113.7, below) is not the peer:
+    // the chain still ends with the peer, as the app's does.
+    let (up, gh) = proxy_with("trusted_proxies = [\"127.0.0.1/32\"]", "", &rest).await;
+    let last_seen = || {
+        seen.lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("an auth request")
+    };
+    let expect_names = |extra: &[&str]| {
+        let names = ["host"].iter().chain(&FORWARDED).chain(extra);
+        names
+            .map(|n| n.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+
+    // Without its header, the service says no, and that is the client's answer.
+    let resp = send(gh.port, get_with("/echo", &[("x-tenant", "acme")])).await;
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(resp.header("www-authenticate").as_deref(), Some("Token"));
+    assert_eq!(up.request_count(), 0);
+
+    // With it: every end-to-end header goes along; hop-by-hop ones (and what `connection`
+    // names) do not; the client's `x-forwarded-*` are replaced by what the app gets.
+    let client_headers = [
+        ("x-token", "open-sesame"),
+        ("x-tenant", "acme"),
+        ("authorization", "Bearer abc"),
+        ("cookie", "a=1"),
+        ("cookie", "b=2"),
+        ("x-user", "root"),
+        ("connection", "keep-alive, x-hop"),
+        ("x-hop", "for gatehouse only"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ("te", "trailers"),
+        ("trailer", "x-checksum"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-method", "DELETE"),
+        ("x-forwarded-uri", "/admin"),
+    ];
+    let resp = send(gh.port, get_with("/echo/x?y=1", &client_headers)).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let app = resp.upstream_headers();
+    assert_eq!(
+        app["x-user"],
+        ["alice"],
+        "the client's x-user reached the app"
+    );
+    let got = last_seen();
+    assert_eq!(
+        header_names(&got),
+        expect_names(&["x-token", "x-tenant", "authorization", "cookie", "x-user"]),
+        "{got:?}"
+    );
+    let value = |name: &str| got.get(name).unwrap().to_str().unwrap().to_owned();
+    let values = |name: &str| -> Vec<_> { got.get_all(name).iter().collect() };
+    assert_eq!(
+        value("host"),
+        auth.addr.to_string(),
+        "the auth service's own host"
+    );
+    assert_eq!(values("cookie"), ["a=1", "b=2"]);
+    assert_eq!(value("x-forwarded-method"), "GET");
+    assert_eq!(value("x-forwarded-uri"), "/echo/x?y=1");
+    assert_eq!(value("x-forwarded-host"), format!("127.0.0.1:{}", gh.port));
+    assert_eq!(value("x-forwarded-for"), "203.0.113.7, 127.0.0.1");
+    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+        assert_eq!([value(name)], *app[name], "{name}: as the app gets it");
+    }
+    assert_eq!(value("x-forwarded-proto"), "http");
+
+    // Bodies, with a length and chunked (and a 100-continue expectation): the service
+    // gets neither them nor their framing.
+    let sized = request("POST", "/echo")
+        .header("x-token", "open-sesame")
+        .header("expect", "100-continue")
+        .body(full("request body"))
+        .unwrap();
+    let chunked = request("PUT", "/echo")
+        .header("x-token", "open-sesame")
+        .body(streamed_body(10_000, 1000))
+        .unwrap();
+    for (req, length) in [(sized, 12), (chunked, 10_000)] {
+        let resp = send(gh.port, req).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.json()["body_bytes"], length, "the app gets the body");
+        let got = last_seen();
+        assert_eq!(header_names(&got), expect_names(&["x-token"]), "{got:?}");
+    }
+}
+
+#[tokio::test]
+async fn forward_auth_request_headers_is_an_allow_list() {
+    // The service refuses any request that carries a header it was not promised.
+    let allowed = ["host", "x-token"];
+    let service = TestServer::start(move |req| {
+        let stray = req
+            .headers
+            .keys()
+            .map(|n| n.as_str())
+            .find(|n| !allowed.contains(n) && !FORWARDED.contains(n));
+        match (stray, req.headers.get("x-token")) {
+            (Some(name), _) => reply(400, &[], &format!("unexpected header {name}")),
+            (None, Some(token)) if token == "open-sesame" => reply(200, &[], ""),
+            (None, _) => reply(401, &[], ""),
+        }
+    })
+    .await;
+    let rest = format!(
+        "[[middleware]]\ntype = \"forward_auth\"\nurl = \"{}\"\nrequest_headers = [\"X-Token\"]\n",
+        service.url("/verify")
+    );
+    let (up, gh) = proxy_with("", "", &rest).await;
+    let mut headers = vec![
+        ("x-token", "open-sesame"),
+        ("authorization", "Bearer abc"),
+        ("cookie", "a=1"),
+        ("x-tenant", "acme"),
+        ("x-forwarded-prefix", "/api"),
+    ];
+    let resp = send(gh.port, get_with("/echo", &headers)).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.upstream_headers()["authorization"], ["Bearer abc"]);
+    // An allowed header that the client's `connection` names is the client hop's only.
+    headers.push(("connection", "x-token"));
+    let resp = send(gh.port, get_with("/echo", &headers)).await;
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(up.request_count(), 1);
+    assert_eq!(service.hits(), 2);
+}
+
+/// A gatehouse terminating TLS with a certificate for `localhost` from a fresh CA, in front
+/// of `rest`; returns it with the CA's certificate to trust.
+async fn with_tls(
+    rest: &str,
+) -> (
+    Upstream,
+    Gatehouse,
+    rustls::pki_types::CertificateDer<'static>,
+    tempfile::TempDir,
+) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let server = format!(
+        "\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key_file.display()
+    );
+    let up = Upstream::start().await;
+    let gh = Gatehouse::start(&config(&server, "", rest), &[("upstream", &up.url())]).await;
+    (up, gh, ca.der().clone(), dir)
+}
+
+/// One HTTP/1.1 request to `port` over TLS, trusting `ca`.
+async fn tls_send(
+    port: u16,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    req: http::Request<Body>,
+) -> Resp {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tls = within(STEP, "TLS handshake", connector.connect(name, tcp))
+        .await
+        .expect("TLS handshake with gatehouse");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    collect(
+        within(STEP, "response over TLS", sender.send_request(req))
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn forward_auth_tells_the_service_the_client_came_over_https() {
+    let (auth, seen) = token_service().await;
+    let rest = format!(
+        "[[middleware]]\ntype = \"forward_auth\"\nurl = \"{}\"\n",
+        auth.url("/verify")
+    );
+    let (_up, gh, ca, _dir) = with_tls(&rest).await;
+    let req = request("GET", "/echo")
+        .header("host", "localhost")
+        .header("x-token", "open-sesame")
+        .header("x-forwarded-proto", "http")
+        .body(empty())
+        .unwrap();
+    let resp = tls_send(gh.port, ca, req).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.upstream_headers()["x-forwarded-proto"], ["https"]);
+    let got = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(got["x-forwarded-proto"], "https", "{got:?}");
+    assert_eq!(got["x-forwarded-host"], "localhost", "{got:?}");
+}
+
+#[test]
+fn forward_auth_request_headers_config_errors_and_summary() {
+    let entry = |extra: &str| {
+        format!("[[middleware]]\ntype = \"forward_auth\"\nurl = \"http://127.0.0.1:9/verify\"\n{extra}\n")
+    };
+    assert_config_error(
+        &entry("request_headers = []"),
+        "middleware[0].request_headers: list at least one header, or leave `request_headers` out",
+    );
+    for (name, why) in [
+        ("connection", "a hop-by-hop header"),
+        ("Transfer-Encoding", "a hop-by-hop header"),
+        ("te", "a hop-by-hop header"),
+        (
+            "host",
+            "the client's host is always sent, as x-forwarded-host",
+        ),
+        ("content-length", "the auth service never gets the body"),
+        ("x-forwarded-for", "always sent, with gatehouse's value"),
+    ] {
+        assert_config_error(
+            &entry(&format!("request_headers = [\"x-token\", \"{name}\"]")),
+            &format!(
+                "middleware[0].request_headers[1]: {}: {why}",
+                name.to_lowercase()
+            ),
+        );
+    }
+    for (extra, summary) in [
+        ("", "request_headers=all copy_headers=[]"),
+        (
+            "request_headers = [\"x-token\", \"cookie\"]",
+            "request_headers=[x-token, cookie]",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let text = config("", "", &entry(extra))
+            .replace("{port}", "1")
+            .replace("{upstream}", "http://127.0.0.1:1");
+        std::fs::write(&path, text).unwrap();
+        let out = cli(&["check", "--config", path.to_str().unwrap()], &[], None);
+        assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains(summary),
+            "{summary:?} not in {}",
+            out.stdout
+        );
     }
 }

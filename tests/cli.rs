@@ -144,6 +144,87 @@ fn check_valid_prints_chain_in_order() {
     assert_chain_printed(&out.stdout);
 }
 
+const PARTNER_KEYS: &str = r#"
+[[middleware]]
+type = "api_key"
+name = "partner-keys"
+paths = ["/api/**"]
+keys = [{ id = "p", key = "k" }]
+"#;
+
+const BROWSERS: &str = r#"
+[[middleware]]
+type = "cors"
+name = "browsers"
+allow_origins = ["https://app.example"]
+"#;
+
+/// A config listening on `{port}` with `chain` as its middlewares.
+fn with_chain(chain: &[&str]) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\n\n[upstream]\nurl = \"http://127.0.0.1:9\"\n{}",
+        chain.concat()
+    )
+}
+
+/// `check` of a chain: its exit status and its `warning:` lines.
+fn check_warnings(chain: &[&str]) -> Vec<String> {
+    let out = check(&render(&with_chain(chain), &[("port", "18080")]));
+    assert_eq!(out.code, Some(0), "a warning is no error: {}", out.stderr);
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The order warning names both entries, a request both take, and the fix.
+fn assert_order_warning(text: &str) {
+    for part in [
+        "\"partner-keys\" (api_key) comes before \"browsers\" (cors)",
+        "OPTIONS /api/",
+        "preflights carry no credentials",
+        "Move \"browsers\" above \"partner-keys\"",
+    ] {
+        assert_mentions(text, part);
+    }
+}
+
+#[test]
+fn check_warns_when_authentication_comes_before_cors_and_still_passes() {
+    let warnings = check_warnings(&[PARTNER_KEYS, BROWSERS]);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_order_warning(&warnings[0]);
+    // In the right order, or on paths the other never sees, there is nothing to say.
+    assert_eq!(check_warnings(&[BROWSERS, PARTNER_KEYS]), [] as [String; 0]);
+    let elsewhere = BROWSERS.replace("allow_origins", "paths = [\"/web/**\"]\nallow_origins");
+    assert_eq!(
+        check_warnings(&[PARTNER_KEYS, &elsewhere]),
+        [] as [String; 0]
+    );
+}
+
+#[tokio::test]
+async fn run_logs_the_order_warning_at_start() {
+    let gh = Gatehouse::start(&with_chain(&[PARTNER_KEYS, BROWSERS]), &[]).await;
+    let line = within(
+        Duration::from_secs(10),
+        "the order warning in the log",
+        async {
+            loop {
+                if let Some(line) = gh.stderr().lines().find(|l| l.contains("comes before")) {
+                    return line.to_owned();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(json["level"], "WARN", "{line}");
+    assert_order_warning(json["message"].as_str().expect("a message"));
+}
+
 #[test]
 fn check_defaults_to_gatehouse_config_env() {
     let (_valid_dir, valid) = write_config(VALID);

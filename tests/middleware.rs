@@ -190,6 +190,84 @@ async fn timing_without_server_timing_and_custom_header() {
     assert!(resp.header("server-timing").is_none(), "{resp:?}");
 }
 
+/// A decimal with exactly `frac` fractional digits, in microseconds: seconds have 6
+/// places (`0.001234` is 1234), milliseconds 3 (`1.234` is 1234).
+fn fixed_point(v: &str, frac: usize) -> u64 {
+    let (int, dec) = v.split_once('.').unwrap_or_else(|| panic!("{v:?}"));
+    assert_eq!(dec.len(), frac, "{v:?}");
+    assert!(
+        [int, dec]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
+        "{v:?}"
+    );
+    format!("{int}{dec}").parse().unwrap()
+}
+
+#[tokio::test]
+async fn timing_in_seconds_as_fastapi_writes_x_process_time() {
+    let (_up, gh) = proxy_with(
+        "",
+        "",
+        "[[middleware]]\ntype = \"timing\"\nheader = \"x-process-time\"\nformat = \"seconds\"\n",
+    )
+    .await;
+    let resp = get(gh.port, "/echo").await;
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("x-response-time").is_none(), "{resp:?}");
+    // A plain float, as Python's `str(float)` of seconds: no unit, microsecond digits.
+    let took = resp.header("x-process-time").expect("x-process-time");
+    let total_us = fixed_point(&took, 6);
+    assert!(took.parse::<f64>().is_ok(), "{took}");
+    // server-timing stays in milliseconds: its upstream and proxy shares (each truncated to
+    // the microsecond) add up to the header's total, which they would not if either were
+    // written in another unit.
+    let st = resp.header_all("server-timing").join(", ");
+    let dur = |name: &str| {
+        let at = st
+            .find(&format!("{name};dur="))
+            .unwrap_or_else(|| panic!("{st}"));
+        let value = st[at + name.len() + 5..].split(',').next().unwrap().trim();
+        fixed_point(value, 3)
+    };
+    let parts_us = dur("upstream") + dur("proxy");
+    assert!(
+        total_us >= parts_us && total_us - parts_us <= 1,
+        "x-process-time {took} vs server-timing {st}"
+    );
+}
+
+#[test]
+fn timing_format_is_checked_and_summarized() {
+    let check = |format: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let rest = format!("[[middleware]]\ntype = \"timing\"\nformat = \"{format}\"\n");
+        let text = config("", "", &rest)
+            .replace("{port}", "1")
+            .replace("{upstream}", "http://127.0.0.1:1");
+        std::fs::write(&path, text).unwrap();
+        cli(&["check", "--config", path.to_str().unwrap()], &[], None)
+    };
+    for format in ["ms", "seconds"] {
+        let out = check(format);
+        assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains(&format!("format={format} ")),
+            "{}",
+            out.stdout
+        );
+    }
+    let out = check("s");
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("middleware[0].format")
+            && out.stderr.contains("expected `ms` or `seconds`"),
+        "{}",
+        out.stderr
+    );
+}
+
 // ----- headers ----------------------------------------------------------------------------------
 
 const HEADERS_MW: &str = r#"
@@ -457,6 +535,148 @@ async fn cors_plain_options_is_not_a_preflight() {
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.json()["method"], "OPTIONS");
     assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn cors_allow_headers_defaults_to_what_the_preflight_asks_for() {
+    let (_up, gh) = proxy_with(
+        "",
+        "",
+        "[[middleware]]\ntype = \"cors\"\nallow_origins = [\"https://app.example\"]\n",
+    )
+    .await;
+    // What Chromium sends before `fetch(url, {method: "PUT", headers: {"content-type":
+    // "application/json", "x-client-version": "1"}})`.
+    let asking = |origin: &str| {
+        request("OPTIONS", "/api/items/7")
+            .header("origin", origin)
+            .header("access-control-request-method", "PUT")
+            .header(
+                "access-control-request-headers",
+                "content-type,x-client-version",
+            )
+            .body(empty())
+            .unwrap()
+    };
+    let resp = send(gh.port, asking("https://app.example")).await;
+    assert_eq!(resp.status, 204, "{resp:?}");
+    assert_eq!(
+        lower_list(&resp, "access-control-allow-headers"),
+        ["content-type", "x-client-version"]
+    );
+    assert!(
+        lower_list(&resp, "vary").contains(&"access-control-request-headers".to_string()),
+        "the answer depends on the requested headers: {resp:?}"
+    );
+    // Only allowed origins get anything.
+    let resp = send(gh.port, asking("https://evil.example")).await;
+    resp.assert_gatehouse_error(403, "forbidden");
+    assert!(resp.header("access-control-allow-headers").is_none());
+}
+
+#[tokio::test]
+async fn cors_allow_headers_empty_allows_no_request_headers() {
+    let (_up, gh) = proxy_with(
+        "",
+        "",
+        "[[middleware]]\ntype = \"cors\"\nallow_origins = [\"https://app.example\"]\n\
+         allow_headers = []\n",
+    )
+    .await;
+    let resp = send(gh.port, preflight("https://app.example")).await;
+    assert_eq!(resp.status, 204, "{resp:?}");
+    assert!(
+        resp.header("access-control-allow-headers").is_none(),
+        "{resp:?}"
+    );
+}
+
+/// An app still running a permissive CORS layer of its own.
+const PERMISSIVE_APP: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\
+    access-control-allow-origin: *\r\naccess-control-allow-methods: *\r\n\
+    access-control-expose-headers: x-internal\r\nvary: accept-encoding\r\n\r\nok";
+
+fn cors_headers(resp: &Resp) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = resp
+        .headers
+        .iter()
+        .filter(|(n, _)| n.as_str().starts_with("access-control-"))
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn cors_replaces_the_apps_own_cors_headers() {
+    let app = RawUpstream::replying(PERMISSIVE_APP).await;
+    let gh = Gatehouse::start(
+        &config("", "", CORS_MW),
+        &[("upstream", app.url().as_str())],
+    )
+    .await;
+    let from = |origin: Option<&str>| {
+        let mut req = request("GET", "/api/items");
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        send(gh.port, req.body(empty()).unwrap())
+    };
+
+    let allowed = from(Some("https://app.example")).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert_eq!(
+        cors_headers(&allowed),
+        [
+            ("access-control-allow-credentials", "true"),
+            ("access-control-allow-origin", "https://app.example"),
+            ("access-control-expose-headers", "x-upstream"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    );
+    assert_eq!(
+        lower_list(&allowed, "vary"),
+        ["accept-encoding", "origin"],
+        "the app's vary is kept"
+    );
+
+    // The app's `*` must not make the response readable to an origin gatehouse refuses.
+    let refused = from(Some("https://evil.example")).await;
+    assert_eq!(refused.status, 200, "{refused:?}");
+    assert_eq!(cors_headers(&refused), []);
+
+    // Without `Origin` it is not a CORS request: the app's answer passes as it is.
+    let plain = from(None).await;
+    assert_eq!(
+        plain.header("access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+}
+
+#[tokio::test]
+async fn cors_above_auth_makes_its_401_readable_and_lets_preflights_through() {
+    let (up, gh) = proxy_with(
+        "",
+        "",
+        &format!(
+            "{CORS_MW}\n[[middleware]]\ntype = \"api_key\"\nkeys = [{{ id = \"web\", key = \"k\" }}]\n"
+        ),
+    )
+    .await;
+    let preflight = send(gh.port, preflight("https://app.example")).await;
+    assert_eq!(preflight.status, 204, "{preflight:?}");
+    let denied = send(
+        gh.port,
+        get_with("/echo", &[("origin", "https://app.example")]),
+    )
+    .await;
+    denied.assert_gatehouse_error(401, "unauthorized");
+    assert_eq!(
+        denied.header("access-control-allow-origin").as_deref(),
+        Some("https://app.example"),
+        "a page can read the 401 only with it: {denied:?}"
+    );
+    assert_eq!(up.request_count(), 0);
 }
 
 // ----- body_limit -------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ use http::HeaderValue;
 pub struct Context {
     /// The client's address, after `server.trusted_proxies` have been peeled off.
     pub client_ip: IpAddr,
-    /// Whether the client connection is TLS (`x-forwarded-proto: https`).
+    /// The connection's peer, trusted proxy or not, and whether it spoke TLS: what the
+    /// `x-forwarded-for` entry and `x-forwarded-proto` that gatehouse adds say.
+    pub peer: IpAddr,
     pub tls: bool,
     /// When the request head was received; the origin of every timing.
     pub start: Instant,
@@ -32,8 +34,8 @@ pub struct Context {
     /// When the upstream's response head arrived: the response phases that need "now"
     /// use it instead of reading the clock again microseconds later.
     pub upstream_answered: Option<Instant>,
-    /// The `access-control-allow-origin` value a `cors` middleware decided on, if any.
-    pub cors_allow_origin: Option<HeaderValue>,
+    /// What a `cors` middleware decided for a request carrying `Origin`.
+    pub cors: Option<CorsVerdict>,
     /// The tightest `rate_limit` quota the request was counted against, for its
     /// `ratelimit-*` response headers.
     pub rate_limit: Option<Quota>,
@@ -49,9 +51,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client_ip: IpAddr, tls: bool, start: Instant, worker: usize) -> Self {
+    /// The context of a request from `client_ip`, on a connection from `peer` (TLS or
+    /// not), served by `worker`.
+    pub fn new(client_ip: IpAddr, peer: IpAddr, tls: bool, start: Instant, worker: usize) -> Self {
         Context {
             client_ip,
+            peer,
             tls,
             start,
             worker,
@@ -59,7 +64,7 @@ impl Context {
             subject: None,
             upstream_time: None,
             upstream_answered: None,
-            cors_allow_origin: None,
+            cors: None,
             rate_limit: None,
             denied_by: None,
             fail_open: 0,
@@ -83,4 +88,12 @@ pub struct Quota {
     pub remaining: u32,
     /// Whole seconds until the bucket is full again.
     pub reset: u32,
+}
+
+/// What a `cors` entry decided for a request carrying `Origin`, for its response phase.
+#[derive(Debug)]
+pub enum CorsVerdict {
+    /// The `access-control-allow-origin` value to send.
+    Allowed(HeaderValue),
+    Refused,
 }

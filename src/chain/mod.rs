@@ -19,7 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{request, response, Method, Response, StatusCode};
 
-pub use context::{Context, Quota};
+pub use context::{Context, CorsVerdict, Quota};
 pub use reject::{Reason, Reject};
 
 use crate::config::value::PathPattern;
@@ -311,7 +311,13 @@ mod tests {
 
     fn run(chain: &Chain, path: &str) -> (Context, Option<Answer>) {
         let (mut parts, ()) = Request::get(path).body(()).unwrap().into_parts();
-        let mut ctx = Context::new([127, 0, 0, 1].into(), false, std::time::Instant::now(), 0);
+        let mut ctx = Context::new(
+            [127, 0, 0, 1].into(),
+            [127, 0, 0, 1].into(),
+            false,
+            std::time::Instant::now(),
+            0,
+        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

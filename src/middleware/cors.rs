@@ -1,15 +1,19 @@
 //! `cors`: answers browsers' preflight requests itself (the app never sees them) and adds
-//! the CORS response headers for allowed origins, so the app needs no CORS code.
+//! the CORS response headers for allowed origins, so the app needs no CORS code. On the
+//! requests it handles it owns the `access-control-*` response headers: what the app (or a
+//! middleware below) set is replaced, so a leftover permissive CORS layer in the app cannot
+//! widen `allow_origins`.
 
 use http::header::{
-    ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
-    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
-    ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN, VARY,
+    HeaderName, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
+    ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS,
+    ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
+    VARY,
 };
 use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::chain::{Context, CorsVerdict, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
 use crate::config::{KeyPath, Problem};
 
@@ -21,9 +25,10 @@ pub struct Settings {
     allow_origins: Vec<String>,
     #[serde(default = "default_methods")]
     allow_methods: Vec<HttpMethod>,
-    /// Request headers a browser may send; `"*"` allows whatever the preflight asks for.
-    #[serde(default)]
-    allow_headers: Vec<HeaderNameValue>,
+    /// Request headers a browser may send. Unset (or `"*"`), a preflight from an allowed
+    /// origin gets the headers it asks for: a fixed default list would break the first
+    /// `content-type: application/json` call, or the first header a tracing SDK adds.
+    allow_headers: Option<Vec<HeaderNameValue>>,
     #[serde(default)]
     expose_headers: Vec<HeaderNameValue>,
     #[serde(default)]
@@ -87,8 +92,14 @@ impl super::Settings for Settings {
     }
 
     fn summary(&self) -> String {
+        let headers = match &self.allow_headers {
+            Some(list) if !self.reflects_headers() => {
+                super::list(&list.iter().map(|h| h.0.as_str()).collect::<Vec<_>>())
+            }
+            _ => "(as requested)".to_owned(),
+        };
         format!(
-            "allow_origins=[{}] allow_credentials={} max_age={}",
+            "allow_origins=[{}] allow_headers={headers} allow_credentials={} max_age={}",
             self.allow_origins.join(", "),
             self.allow_credentials,
             self.max_age
@@ -100,7 +111,7 @@ impl super::Settings for Settings {
             (!names.is_empty())
                 .then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
         };
-        let reflect_headers = self.allow_headers.iter().any(|h| h.0.as_str() == "*");
+        let reflect_headers = self.reflects_headers();
         Box::new(Cors {
             any_origin: self.allow_origins.iter().any(|o| o == "*"),
             origins: self
@@ -114,13 +125,28 @@ impl super::Settings for Settings {
             allow_headers: if reflect_headers {
                 None
             } else {
-                join(self.allow_headers.iter().map(|h| h.0.as_str()).collect())
+                join(
+                    self.allow_headers
+                        .iter()
+                        .flatten()
+                        .map(|h| h.0.as_str())
+                        .collect(),
+                )
             },
             reflect_headers,
             expose_headers: join(self.expose_headers.iter().map(|h| h.0.as_str()).collect()),
             credentials: self.allow_credentials,
             max_age: HeaderValue::from(self.max_age.0.as_secs()),
         })
+    }
+}
+
+impl Settings {
+    /// Whether preflights get the headers they ask for (`allow_headers` unset or `"*"`).
+    fn reflects_headers(&self) -> bool {
+        self.allow_headers
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|h| h.0.as_str() == "*"))
     }
 }
 
@@ -229,17 +255,25 @@ impl Cors {
             h.insert(ACCESS_CONTROL_ALLOW_HEADERS, headers);
         }
         h.insert(ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
-        self.credentials_and_vary(h, VARY_PREFLIGHT.clone());
-        Flow::Respond(resp)
-    }
-
-    fn credentials_and_vary(&self, h: &mut HeaderMap, vary: HeaderValue) {
         if self.credentials {
             h.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
         }
         if !self.any_origin {
-            h.append(VARY, vary);
+            h.append(VARY, VARY_PREFLIGHT.clone());
         }
+        Flow::Respond(resp)
+    }
+}
+
+/// Removes every `access-control-*` header (all of them are CORS response headers).
+fn remove_cors_headers(headers: &mut HeaderMap) {
+    let is_cors = |name: &HeaderName| name.as_str().starts_with("access-control-");
+    if !headers.keys().any(is_cors) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| is_cors(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
     }
 }
 
@@ -252,23 +286,33 @@ impl Middleware for Cors {
         {
             return self.preflight(req, origin);
         }
-        ctx.cors_allow_origin = self.allow_origin(origin);
+        ctx.cors = Some(match self.allow_origin(origin) {
+            Some(allow) => CorsVerdict::Allowed(allow),
+            None => CorsVerdict::Refused,
+        });
         Flow::Continue
     }
 
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
-        let Some(allow) = ctx.cors_allow_origin.take() else {
-            if !self.any_origin {
-                resp.headers.append(VARY, VARY_ORIGIN.clone());
+        let headers = &mut resp.headers;
+        match ctx.cors.take() {
+            // Not a CORS request: the app's headers stay, as they would without gatehouse.
+            None => {}
+            Some(CorsVerdict::Refused) => remove_cors_headers(headers),
+            Some(CorsVerdict::Allowed(allow)) => {
+                remove_cors_headers(headers);
+                headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+                if let Some(expose) = &self.expose_headers {
+                    headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+                }
+                if self.credentials {
+                    headers.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
+                }
             }
-            return;
-        };
-        resp.headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-        if let Some(expose) = &self.expose_headers {
-            resp.headers
-                .insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
         }
-        self.credentials_and_vary(&mut resp.headers, VARY_ORIGIN.clone());
+        if !self.any_origin {
+            headers.append(VARY, VARY_ORIGIN.clone());
+        }
     }
 }
 

@@ -1,14 +1,18 @@
 //! `forward_auth`: asks an authentication service about every request, as nginx's
-//! `auth_request` and Traefik's ForwardAuth do. The service gets the method, URI and host
-//! as `x-forwarded-*` headers plus the selected request headers, never the body. A 2xx lets
-//! the request through (with `copy_headers` taken from the answer); anything else is the
-//! client's answer; no answer in time is a 503 (fails closed).
+//! `auth_request` and Traefik's ForwardAuth do. Like theirs, the service gets the client's
+//! request headers (all of them but hop-by-hop and body framing, or the `request_headers`
+//! allow-list), since auth services in the field decide on whatever header they were
+//! written for, plus the method, URI, host, client chain and scheme as `x-forwarded-*`
+//! headers; never the body. A 2xx lets the request through (with `copy_headers` taken from
+//! the answer); anything else is the client's answer; no answer in time is a 503 (fails
+//! closed).
 
+use std::net::IpAddr;
 use std::time::Duration as StdDuration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST, LOCATION, WWW_AUTHENTICATE};
-use http::{request, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, LOCATION, TE, WWW_AUTHENTICATE};
+use http::{request, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
@@ -16,11 +20,27 @@ use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::client::{Endpoint, Target};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
+use crate::http1::hop::HOP_BY_HOP;
+use crate::http1::request::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// The most of an auth service's answer body that is buffered and passed on.
 const MAX_BODY: usize = 64 << 10;
 /// Idle pooled connections to the auth service are closed after this.
 const POOL_IDLE: StdDuration = StdDuration::from_secs(30);
+
+static X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
+static X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+/// The headers gatehouse sets on the auth request itself, whatever the client sent.
+static SET_HERE: [&HeaderName; 5] = [
+    &X_FORWARDED_METHOD,
+    &X_FORWARDED_URI,
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+];
+/// Client headers that are not the auth request's to carry besides the hop-by-hop ones:
+/// they describe the body it does not have, or (`host`) travel as `x-forwarded-host`.
+static NOT_SENT: [&HeaderName; 3] = [&CONTENT_LENGTH, &EXPECT, &HOST];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,20 +51,28 @@ pub struct Settings {
     /// Headers of a 2xx answer that are set on the upstream request.
     #[serde(default)]
     copy_headers: Vec<HeaderNameValue>,
-    /// Client request headers sent to the auth service.
-    #[serde(default = "default_request_headers")]
-    request_headers: Vec<HeaderNameValue>,
+    /// The client request headers sent to the auth service; unset: all of them but
+    /// hop-by-hop and body framing.
+    request_headers: Option<Vec<HeaderNameValue>>,
 }
 
 fn default_timeout() -> Duration {
     Duration(StdDuration::from_secs(2))
 }
 
-fn default_request_headers() -> Vec<HeaderNameValue> {
-    ["authorization", "cookie"]
-        .into_iter()
-        .map(|n| HeaderNameValue(HeaderName::from_static(n)))
-        .collect()
+/// Why `request_headers` cannot name `name`, if it cannot.
+fn never_sent(name: &HeaderName) -> Option<&'static str> {
+    if HOP_BY_HOP.contains(&name) {
+        Some("a hop-by-hop header is never sent to the auth service")
+    } else if name == HOST {
+        Some("the client's host is always sent, as x-forwarded-host")
+    } else if NOT_SENT.contains(&name) {
+        Some("the auth service never gets the body, nor the headers that describe it")
+    } else if SET_HERE.contains(&name) {
+        Some("always sent, with gatehouse's value")
+    } else {
+        None
+    }
 }
 
 /// `http://host[:port]/path` of the auth service.
@@ -65,11 +93,27 @@ impl<'de> Deserialize<'de> for AuthUrl {
 
 impl super::Settings for Settings {
     fn validate(&self) -> Result<(), Problem> {
+        let at = KeyPath::default();
         if self.timeout.0.is_zero() {
+            return Err((at.key("timeout"), "must be more than 0s".into()));
+        }
+        let Some(names) = &self.request_headers else {
+            return Ok(());
+        };
+        if names.is_empty() {
             return Err((
-                KeyPath::default().key("timeout"),
-                "must be more than 0s".into(),
+                at.key("request_headers"),
+                "list at least one header, or leave `request_headers` out to send every \
+                 client header"
+                    .into(),
             ));
+        }
+        for (i, name) in names.iter().enumerate() {
+            if let Some(why) = never_sent(&name.0) {
+                let mut at = at.key("request_headers");
+                at.push_index(i);
+                return Err((at, format!("{}: {why}", name.0)));
+            }
         }
         Ok(())
     }
@@ -82,7 +126,7 @@ impl super::Settings for Settings {
             "url={} timeout={} request_headers={} copy_headers={}",
             self.url.0,
             self.timeout,
-            names(&self.request_headers),
+            self.request_headers.as_deref().map_or("all".into(), names),
             names(&self.copy_headers)
         )
     }
@@ -93,7 +137,10 @@ impl super::Settings for Settings {
             url: self.url.0.clone(),
             timeout: self.timeout.0,
             copy: self.copy_headers.iter().map(|h| h.0.clone()).collect(),
-            send: self.request_headers.iter().map(|h| h.0.clone()).collect(),
+            allow: self
+                .request_headers
+                .as_ref()
+                .map(|names| names.iter().map(|h| h.0.clone()).collect()),
             service: Endpoint::new(target, self.timeout.0, POOL_IDLE, handles.workers + 1),
         })
     }
@@ -103,29 +150,44 @@ struct ForwardAuth {
     url: Uri,
     timeout: StdDuration,
     copy: Vec<HeaderName>,
-    send: Vec<HeaderName>,
+    /// The client headers to send; `None`: all but hop-by-hop and body framing.
+    allow: Option<Vec<HeaderName>>,
     /// The auth service, over pooled keep-alive connections.
     service: Endpoint,
 }
 
 impl ForwardAuth {
-    /// The question to the auth service about `req`.
-    fn auth_request(&self, req: &request::Parts) -> Request<Bytes> {
+    /// The question to the auth service about `req`: the client's headers (the allowed
+    /// ones; the hop-by-hop ones were removed when the request was read), less what
+    /// describes its body, and the `x-forwarded-*` headers as the app gets them (the
+    /// client's own values of those never pass).
+    fn auth_request(&self, req: &request::Parts, ctx: &Context) -> Request<Bytes> {
         let mut auth = Request::get(self.url.clone())
             .body(Bytes::new())
             .expect("a GET of a valid URI");
         let headers = auth.headers_mut();
-        for name in &self.send {
-            for value in req.headers.get_all(name) {
-                headers.append(name.clone(), value.clone());
+        *headers = match &self.allow {
+            None => req.headers.clone(),
+            Some(names) => {
+                let mut picked = HeaderMap::new();
+                for name in names {
+                    for value in req.headers.get_all(name) {
+                        picked.append(name.clone(), value.clone());
+                    }
+                }
+                picked
             }
+        };
+        // `te: trailers` is kept for the app (gRPC); a bodiless GET has no use for it.
+        for name in [&TE].into_iter().chain(NOT_SENT).chain(SET_HERE) {
+            headers.remove(name);
         }
         let header = |s: &str| HeaderValue::from_str(s).ok();
         if let Some(v) = header(req.method.as_str()) {
-            headers.insert("x-forwarded-method", v);
+            headers.insert(&X_FORWARDED_METHOD, v);
         }
         if let Some(v) = req.uri.path_and_query().and_then(|pq| header(pq.as_str())) {
-            headers.insert("x-forwarded-uri", v);
+            headers.insert(&X_FORWARDED_URI, v);
         }
         let host = req
             .headers
@@ -133,8 +195,11 @@ impl ForwardAuth {
             .cloned()
             .or_else(|| req.uri.authority().and_then(|a| header(a.as_str())));
         if let Some(v) = host {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(&X_FORWARDED_HOST, v);
         }
+        headers.insert(&X_FORWARDED_FOR, forwarded_for(&req.headers, ctx.peer));
+        let proto = if ctx.tls { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         auth
     }
 }
@@ -159,7 +224,7 @@ fn denied(answer: Response<Bytes>) -> Reject {
 
 impl Middleware for ForwardAuth {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
-        let auth = self.auth_request(req);
+        let auth = self.auth_request(req, ctx);
         Flow::wait(async move {
             match self
                 .service
@@ -187,4 +252,15 @@ impl Middleware for ForwardAuth {
             }
         })
     }
+}
+
+/// The client's `x-forwarded-for` chain with the peer appended, as the app gets it.
+fn forwarded_for(headers: &HeaderMap, peer: IpAddr) -> HeaderValue {
+    let mut chain = Vec::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        chain.extend_from_slice(value.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(peer.to_string().as_bytes());
+    HeaderValue::from_bytes(&chain).expect("header values and an address joined by \", \"")
 }

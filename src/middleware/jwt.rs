@@ -162,17 +162,23 @@ impl Settings {
     }
 
     /// The checks every key shares; each key narrows `algorithms` to its own.
+    ///
+    /// jsonwebtoken compares `iss` and `aud` only when the token carries them (as a string
+    /// or a list), so a configured `issuer` or `audiences` also makes its claim required:
+    /// otherwise a token that leaves the claim out, or gives it another type, would pass.
     fn base_validation(&self) -> Validation {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = self.leeway.0.as_secs();
         v.validate_nbf = true;
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
         }
         if self.audiences.is_empty() {
             v.validate_aud = false;
         } else {
             v.set_audience(&self.audiences);
+            v.required_spec_claims.insert("aud".into());
         }
         v
     }

@@ -17,6 +17,7 @@ pub mod forward_auth;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwt;
+pub mod order;
 pub mod rate_limit;
 pub mod request_id;
 pub mod timing;

@@ -1,5 +1,9 @@
 //! `timing`: how long gatehouse and the upstream took, on every response, so a client or
 //! a browser's devtools can tell a slow app from a slow proxy without reading logs.
+//!
+//! The header speaks milliseconds (`6.445ms`) or, for apps migrating from FastAPI's
+//! tutorial middleware whose clients parse `X-Process-Time`, plain seconds (`0.006445`).
+//! `server-timing` is always in milliseconds, as its spec says.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +18,8 @@ use crate::config::value::HeaderNameValue;
 pub struct Settings {
     #[serde(default = "default_header")]
     header: HeaderNameValue,
+    #[serde(default)]
+    format: Format,
     #[serde(default = "yes")]
     server_timing: bool,
 }
@@ -26,10 +32,25 @@ fn yes() -> bool {
     true
 }
 
+/// How the header writes the duration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Format {
+    /// `6.445ms`
+    #[default]
+    Ms,
+    /// `0.006445`
+    Seconds,
+}
+
 impl super::Settings for Settings {
     fn summary(&self) -> String {
+        let format = match self.format {
+            Format::Ms => "ms",
+            Format::Seconds => "seconds",
+        };
         format!(
-            "header={} server_timing={}",
+            "header={} format={format} server_timing={}",
             self.header.0, self.server_timing
         )
     }
@@ -37,6 +58,7 @@ impl super::Settings for Settings {
     fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
         Box::new(Timing {
             header: self.header.0.clone(),
+            format: self.format,
             server_timing: self.server_timing,
         })
     }
@@ -44,6 +66,7 @@ impl super::Settings for Settings {
 
 struct Timing {
     header: HeaderName,
+    format: Format,
     server_timing: bool,
 }
 
@@ -59,7 +82,10 @@ impl Middleware for Timing {
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
         let total = ctx.upstream_answered.unwrap_or_else(Instant::now) - ctx.start;
         let mut value = Value::default();
-        value.ms(total).push(b"ms");
+        match self.format {
+            Format::Ms => value.ms(total).push(b"ms"),
+            Format::Seconds => value.seconds(total),
+        };
         resp.headers.insert(self.header.clone(), value.header());
         if self.server_timing {
             let mut value = Value::default();
@@ -99,16 +125,26 @@ impl Value {
 
     /// `12.345`: milliseconds with microsecond precision.
     fn ms(&mut self, d: Duration) -> &mut Self {
+        self.micros_in(d, 1000)
+    }
+
+    /// `0.012345`: seconds with microsecond precision.
+    fn seconds(&mut self, d: Duration) -> &mut Self {
+        self.micros_in(d, 1_000_000)
+    }
+
+    /// `d` in units of `unit` microseconds (a power of ten), as a decimal with every
+    /// fractional digit down to the microsecond.
+    fn micros_in(&mut self, d: Duration, unit: u64) -> &mut Self {
         let micros = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        let frac = micros % 1000;
-        let digits = [
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ];
-        self.push(itoa::Buffer::new().format(micros / 1000).as_bytes())
-            .push(&digits)
+        self.push(itoa::Buffer::new().format(micros / unit).as_bytes())
+            .push(b".");
+        let mut place = unit / 10;
+        while place > 0 {
+            self.push(&[b'0' + (micros / place % 10) as u8]);
+            place /= 10;
+        }
+        self
     }
 
     fn header(&self) -> HeaderValue {
@@ -132,5 +168,20 @@ mod tests {
             .push(b", ");
         v.ms(Duration::from_secs(3600 * 24 * 365));
         assert_eq!(v.header(), "upstream;dur=0.007, 31536000000.000");
+    }
+
+    #[test]
+    fn formats_seconds() {
+        let cases = [
+            (Duration::from_micros(6_445), "0.006445"),
+            (Duration::from_nanos(999), "0.000000"),
+            (Duration::from_micros(1_000_001), "1.000001"),
+            (Duration::from_secs(3600 * 24 * 365), "31536000.000000"),
+        ];
+        for (d, want) in cases {
+            let mut v = Value::default();
+            v.seconds(d);
+            assert_eq!(v.header(), want, "{d:?}");
+        }
     }
 }

@@ -132,7 +132,7 @@ impl Proxy {
         start: Instant,
     ) -> Session {
         let client_ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
-        let ctx = Context::new(client_ip, client.tls, start, client.worker);
+        let ctx = Context::new(client_ip, client.ip, client.tls, start, client.worker);
         Session::new(
             self.clone(),
             ctx,
