@@ -37,6 +37,10 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// `gatehouse_audit_queue_depth`: events waiting for the sink workers.
     pub audit_queue_depth: Gauge,
+    /// `gatehouse_upstream_connections`: open connections to the app.
+    pub upstream_connections: Gauge,
+    /// `gatehouse_upstream_pending_requests`: requests waiting for a free connection.
+    pub upstream_pending: Gauge,
     config_reloads: Family<ResultLabel, Counter>,
     rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
     jwt_cache_lookups: Family<LookupLabels, Counter>,
@@ -104,6 +108,8 @@ impl Metrics {
         let audit_events = Family::<AuditLabels, Counter>::default();
         let audit_dropped = Counter::default();
         let audit_queue_depth = Gauge::default();
+        let upstream_connections = Gauge::default();
+        let upstream_pending = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
         let jwt_cache_lookups = Family::<LookupLabels, Counter>::default();
@@ -154,6 +160,16 @@ impl Metrics {
             audit_queue_depth.clone(),
         );
         registry.register(
+            "gatehouse_upstream_connections",
+            "Open connections to the upstream (at most upstream.max_connections)",
+            upstream_connections.clone(),
+        );
+        registry.register(
+            "gatehouse_upstream_pending_requests",
+            "Requests waiting for a free upstream connection (at most upstream.max_pending)",
+            upstream_pending.clone(),
+        );
+        registry.register(
             "gatehouse_config_reloads",
             "Config reloads, by result",
             Listed(config_reloads.clone()),
@@ -180,6 +196,8 @@ impl Metrics {
             audit_events,
             audit_dropped,
             audit_queue_depth,
+            upstream_connections,
+            upstream_pending,
             config_reloads,
             rate_limit_backend_errors,
             jwt_cache_lookups,

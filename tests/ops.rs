@@ -286,6 +286,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -585,6 +586,43 @@ async fn tls_serves_h2_and_http1_by_alpn_with_forwarded_proto_https() {
     .await;
     assert!(closed && !reply.starts_with(b"HTTP/"), "{reply:?}");
     assert_eq!(up.request_count(), 8);
+}
+
+/// Writes `bytes` on a TLS connection offering `alpn` and reads until it closes.
+async fn tls_exchange(port: u16, ca: &Ca, alpn: &[&[u8]], bytes: &[u8]) -> Vec<u8> {
+    let mut stream = tls_connect(port, ca, alpn, BOTH).await;
+    stream.write_all(bytes).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = within(STEP, "the server to close", stream.read_to_end(&mut reply)).await;
+    reply
+}
+
+#[tokio::test]
+async fn alpn_decides_the_protocol_and_each_refuses_the_other() {
+    let ca = Ca::new();
+    let files = CertFiles::new(&ca.issue());
+    let (up, gh) = with_tls(&files, "").await;
+    // ALPN chose h2: an HTTP/1.1 request, or any other preface, is a bad preface.
+    for bytes in [
+        &b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"INVALID CONNECTION PREFACE\r\n\r\n",
+    ] {
+        let reply = tls_exchange(gh.port, &ca, &[b"h2"], bytes).await;
+        // An empty SETTINGS frame, then GOAWAY (type 7) with PROTOCOL_ERROR (1).
+        assert_eq!(reply.len(), 9 + 17, "{reply:?}");
+        assert_eq!(
+            (reply[12], &reply[22..26]),
+            (0x7, &[0, 0, 0, 1][..]),
+            "{reply:?}"
+        );
+    }
+    // ALPN chose HTTP/1.1 (or nothing): the HTTP/2 preface is refused as HTTP/1.
+    for alpn in [&[&b"http/1.1"[..]][..], &[][..]] {
+        let reply = tls_exchange(gh.port, &ca, alpn, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 505"), "{text}");
+    }
+    assert_eq!(up.request_count(), 0);
 }
 
 #[tokio::test]

@@ -51,6 +51,8 @@ pub enum Reason {
     UpstreamFailed,
     /// The upstream did not answer within `upstream.timeout` (or `connect_timeout`).
     UpstreamTimeout,
+    /// Every connection `upstream.max_connections` allows was busy.
+    UpstreamOverloaded,
     /// The client's request body broke off on its way to the upstream.
     ClientBodyFailed,
 }
@@ -80,6 +82,7 @@ impl Reason {
             Reason::Draining => "draining",
             Reason::UpstreamFailed => "upstream_failed",
             Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::UpstreamOverloaded => "upstream_overloaded",
             Reason::ClientBodyFailed => "client_body_failed",
         }
     }
@@ -87,7 +90,10 @@ impl Reason {
     /// Whether this is the upstream failing (audit `decision: error`) rather than a
     /// refusal (`deny`).
     pub fn is_upstream_failure(self) -> bool {
-        matches!(self, Reason::UpstreamFailed | Reason::UpstreamTimeout)
+        matches!(
+            self,
+            Reason::UpstreamFailed | Reason::UpstreamTimeout | Reason::UpstreamOverloaded
+        )
     }
 }
 

@@ -15,6 +15,7 @@ use std::future::poll_fn;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -24,8 +25,10 @@ use http::header::{CONTENT_LENGTH, HOST};
 use http::{response, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Full, Limited};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use body::{Body, Upgraded};
 
@@ -70,6 +73,43 @@ pub struct Endpoint {
     authority: HeaderValue,
     connect_timeout: Duration,
     pool: Arc<Pool>,
+    limit: Option<Limit>,
+}
+
+/// A bound on an endpoint's connections, like Envoy's circuit breakers and nginx's
+/// `max_conns`: at most `connections` open at once; a request that finds them all busy
+/// waits (up to the connect timeout) for one, unless `max_pending` already wait.
+pub struct Limit {
+    permits: Arc<Semaphore>,
+    max_pending: usize,
+    pending: Arc<AtomicUsize>,
+    /// Open connections and waiting requests, as gauges.
+    open: Gauge,
+    waiting: Gauge,
+}
+
+impl Limit {
+    pub fn new(connections: usize, max_pending: usize, open: Gauge, waiting: Gauge) -> Limit {
+        Limit {
+            permits: Arc::new(Semaphore::new(connections)),
+            max_pending,
+            pending: Arc::default(),
+            open,
+            waiting,
+        }
+    }
+}
+
+/// A connection's place under its endpoint's [`Limit`], given back when it closes.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// Why no response head came back.
@@ -87,16 +127,20 @@ pub enum Error {
     Reset(io::Error),
     /// The peer sent something that is not an HTTP/1.1 response.
     Invalid(&'static str),
+    /// Every connection the [`Limit`] allows was busy, and too many requests waited already
+    /// or none came free in time.
+    Overloaded,
 }
 
 impl Error {
     /// Every [`kind`](Self::kind) of failure that is the peer's doing.
-    pub const KINDS: [&'static str; 5] = [
+    pub const KINDS: [&'static str; 6] = [
         "connect",
         "connect_timeout",
         "timeout",
         "reset",
         "invalid_response",
+        "overloaded",
     ];
 
     /// A short label for logs and metrics.
@@ -108,6 +152,7 @@ impl Error {
             Error::Body => "request_body",
             Error::Reset(_) => "reset",
             Error::Invalid(_) => "invalid_response",
+            Error::Overloaded => "overloaded",
         }
     }
 }
@@ -121,6 +166,7 @@ impl std::fmt::Display for Error {
             Error::Body => f.write_str("the request body failed"),
             Error::Reset(e) => write!(f, "connection closed: {e}"),
             Error::Invalid(why) => write!(f, "invalid response: {why}"),
+            Error::Overloaded => f.write_str("every allowed connection is busy"),
         }
     }
 }
@@ -151,8 +197,19 @@ impl Endpoint {
                     .map(|_| Mutex::new(VecDeque::new()))
                     .collect(),
                 idle_timeout,
+                waiting: None,
             }),
+            limit: None,
         }
+    }
+
+    /// Bounds the endpoint's connections.
+    pub fn with_limit(mut self, limit: Limit) -> Endpoint {
+        Arc::get_mut(&mut self.pool)
+            .expect("a new endpoint's pool is its own")
+            .waiting = Some(limit.pending.clone());
+        self.limit = Some(limit);
+        self
     }
 
     pub fn authority(&self) -> &HeaderValue {
@@ -218,10 +275,13 @@ impl Endpoint {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future would otherwise be carried
                 // (and copied) by every request's future.
-                None => match tokio::time::timeout_at(deadline, Box::pin(self.connect())).await {
-                    Ok(conn) => (conn?, false),
-                    Err(_) => return Err(Error::Timeout),
-                },
+                None => {
+                    let slot = self.slot().await?;
+                    match tokio::time::timeout_at(deadline, Box::pin(self.connect(slot))).await {
+                        Ok(conn) => (conn?, false),
+                        Err(_) => return Err(Error::Timeout),
+                    }
+                }
             };
             conn.out.clear();
             encode(framing, &mut conn.out);
@@ -240,10 +300,48 @@ impl Endpoint {
 
     /// Opens (and drops) one connection: the readiness probe of `[admin] upstream_check`.
     pub async fn probe(&self) -> Result<(), Error> {
-        self.connect().await.map(drop)
+        self.connect(None).await.map(drop)
     }
 
-    async fn connect(&self) -> Result<Conn, Error> {
+    /// Room for one more connection under the [`Limit`], if there is one: at once, by
+    /// closing an idle connection, or after waiting for a busy one to close.
+    async fn slot(&self) -> Result<Option<Slot>, Error> {
+        let Some(limit) = &self.limit else {
+            return Ok(None);
+        };
+        let slot = |permit| {
+            limit.open.inc();
+            Some(Slot {
+                _permit: permit,
+                open: limit.open.clone(),
+            })
+        };
+        let taken = limit.permits.clone().try_acquire_owned().ok().or_else(|| {
+            // All taken: an idle connection (of any shard) can give its place.
+            self.pool
+                .close_one_idle()
+                .then(|| limit.permits.clone().try_acquire_owned().ok())
+                .flatten()
+        });
+        if let Some(permit) = taken {
+            return Ok(slot(permit));
+        }
+        if limit.pending.fetch_add(1, Relaxed) >= limit.max_pending {
+            limit.pending.fetch_sub(1, Relaxed);
+            return Err(Error::Overloaded);
+        }
+        limit.waiting.inc();
+        let waited =
+            tokio::time::timeout(self.connect_timeout, limit.permits.clone().acquire_owned()).await;
+        limit.waiting.dec();
+        limit.pending.fetch_sub(1, Relaxed);
+        match waited {
+            Ok(Ok(permit)) => Ok(slot(permit)),
+            _ => Err(Error::Overloaded),
+        }
+    }
+
+    async fn connect(&self, slot: Option<Slot>) -> Result<Conn, Error> {
         let connect = async {
             Ok::<_, io::Error>(match &self.target {
                 Target::Tcp { host, port } => {
@@ -262,6 +360,7 @@ impl Endpoint {
             io,
             read: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(1024),
+            _slot: slot,
         })
     }
 
@@ -402,6 +501,8 @@ struct Conn {
     read: BytesMut,
     /// The encoded request head (and chunk framing) on its way out.
     out: Vec<u8>,
+    /// Its place under the endpoint's limit.
+    _slot: Option<Slot>,
 }
 
 impl Conn {
@@ -524,6 +625,9 @@ type Shard = Mutex<VecDeque<(Conn, Instant)>>;
 struct Pool {
     shards: Box<[Shard]>,
     idle_timeout: Duration,
+    /// Requests waiting for a connection under the limit: while any wait, a connection
+    /// coming back is closed rather than kept idle, so its place goes to them.
+    waiting: Option<Arc<AtomicUsize>>,
 }
 
 impl Pool {
@@ -552,6 +656,9 @@ impl Pool {
     /// is never later than when the peer started its keep-alive timer, so a connection is
     /// retired early rather than late (a long stream makes its connection retire at once).
     fn checkin(&self, shard: usize, conn: Conn, since: Instant) {
+        if self.waiting.as_ref().is_some_and(|w| w.load(Relaxed) > 0) {
+            return;
+        }
         let mut idle = self.shard(shard).lock().unwrap_or_else(|e| e.into_inner());
         // The oldest connections sit at the front: drop those past their idle time.
         while idle
@@ -563,6 +670,14 @@ impl Pool {
         if idle.len() < MAX_IDLE_PER_SHARD {
             idle.push_back((conn, since));
         }
+    }
+
+    /// Closes the oldest idle connection of any shard; false when none is idle.
+    fn close_one_idle(&self) -> bool {
+        self.shards.iter().any(|shard| {
+            let closed = shard.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+            closed.is_some()
+        })
     }
 
     /// Idle connections in `shard`, for tests.

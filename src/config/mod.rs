@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub max_header_bytes: ByteSize,
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: Duration,
+    /// The longest a request body may go without a byte arriving while it is read.
+    #[serde(default = "defaults::body_read_timeout")]
+    pub body_read_timeout: Duration,
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: Duration,
     #[serde(default = "defaults::zero")]
@@ -126,6 +129,12 @@ pub struct UpstreamConfig {
     /// so gatehouse never sends a request on a connection the app is closing.
     #[serde(default = "defaults::pool_idle_timeout")]
     pub idle_timeout: Duration,
+    /// The most connections to the app at once (per config generation).
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// The most requests waiting for a free connection; beyond, `503 upstream_overloaded`.
+    #[serde(default = "defaults::max_pending")]
+    pub max_pending: usize,
 }
 
 /// `[log]`.
@@ -192,6 +201,15 @@ mod defaults {
     }
     pub fn idle_timeout() -> Duration {
         Duration(D::from_secs(60))
+    }
+    pub fn body_read_timeout() -> Duration {
+        Duration(D::from_secs(60))
+    }
+    pub fn max_connections() -> usize {
+        1024
+    }
+    pub fn max_pending() -> usize {
+        1024
     }
     pub fn zero() -> Duration {
         Duration(D::ZERO)
@@ -348,6 +366,7 @@ impl<S> Config<S> {
         }
         for (name, d) in [
             ("header_read_timeout", s.header_read_timeout),
+            ("body_read_timeout", s.body_read_timeout),
             ("idle_timeout", s.idle_timeout),
         ] {
             if d.0.is_zero() {
@@ -395,6 +414,31 @@ impl<S> Config<S> {
                     "expected a duration above zero".into(),
                 ));
             }
+        }
+        if !(1..=1 << 20).contains(&u.max_connections) {
+            return Err((
+                key("upstream", "max_connections"),
+                format!("{}: expected 1 up to 1048576", u.max_connections),
+            ));
+        }
+        if u.max_pending > 1 << 20 {
+            return Err((
+                key("upstream", "max_pending"),
+                format!("{}: expected 0 up to 1048576", u.max_pending),
+            ));
+        }
+        if let Some(i) = s.upgrades.iter().position(|u| {
+            http::HeaderValue::from_str(u).is_err() || u.is_empty() || u.contains([' ', ','])
+        }) {
+            let mut at = key("server", "upgrades");
+            at.push_index(i);
+            return Err((
+                at,
+                format!(
+                    "{:?}: expected a protocol name such as \"websocket\"",
+                    s.upgrades[i]
+                ),
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((

@@ -56,7 +56,7 @@ impl Proxy {
     pub fn new(config: &Config, handles: &Arc<Handles>, audit: Option<Arc<Audit>>) -> Proxy {
         Proxy {
             chain: crate::middleware::chain(&config.middleware, handles),
-            upstream: upstream_endpoint(&config.upstream, handles.workers),
+            upstream: upstream_endpoint(&config.upstream, handles),
             timeout: config.upstream.timeout.0,
             preserve_host: config.upstream.preserve_host,
             trusted_proxies: config.server.trusted_proxies.clone(),
@@ -308,6 +308,11 @@ impl Proxy {
                 Reason::UpstreamFailed,
                 "the upstream sent an invalid response",
             ),
+            client::Error::Overloaded => Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::UpstreamOverloaded,
+                "the upstream has no free connection (upstream.max_connections)",
+            ),
         };
         self.answer(Answer::Reject(reject), s)
     }
@@ -333,8 +338,9 @@ impl Proxy {
     }
 }
 
-/// The upstream of `config`: the pool has a shard per worker plus the control thread's.
-fn upstream_endpoint(config: &UpstreamConfig, workers: usize) -> Endpoint {
+/// The upstream of `config`: the pool has a shard per worker plus the control thread's,
+/// and its connections are bounded by `max_connections`.
+fn upstream_endpoint(config: &UpstreamConfig, handles: &Handles) -> Endpoint {
     let target = match &config.url {
         UpstreamUrl::Tcp { host, port } => Target::Tcp {
             host: host.clone(),
@@ -342,12 +348,20 @@ fn upstream_endpoint(config: &UpstreamConfig, workers: usize) -> Endpoint {
         },
         UpstreamUrl::Unix(path) => Target::Unix(path.clone()),
     };
+    let m = &handles.metrics;
+    let limit = client::Limit::new(
+        config.max_connections,
+        config.max_pending,
+        m.upstream_connections.clone(),
+        m.upstream_pending.clone(),
+    );
     Endpoint::new(
         target,
         config.connect_timeout.0,
         config.idle_timeout.0,
-        workers + 1,
+        handles.workers + 1,
     )
+    .with_limit(limit)
 }
 
 /// The request's Host as the client sent it: the header, else the URI's authority (HTTP/2).

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::h1::{self, Phases, Served};
 use super::Shared;
@@ -38,6 +38,7 @@ use crate::proxy::{Client, ResponseBody};
 /// Per-connection settings, fixed at start-up.
 pub struct ConnSettings {
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
 }
@@ -149,7 +150,7 @@ pub async fn serve<S>(
     };
     let watchdog = tokio::spawn(watch(conn.clone()));
     let http2 = match protocol {
-        Protocol::Http2 => true,
+        Protocol::Http2 => preface(&conn, &mut io).await,
         Protocol::Http1 { h2c } => serve_h1(&conn, &mut io, h2c).await == Some(h1::Outcome::Http2),
     };
     if http2 {
@@ -198,6 +199,37 @@ where
         io.replay = buf.freeze();
     }
     outcome
+}
+
+/// Reads the client's connection preface on a connection ALPN made HTTP/2 (within
+/// `header_read_timeout`), keeping it for hyper; anything else is answered with GOAWAY
+/// (PROTOCOL_ERROR) and the connection closed, which hyper would do without the GOAWAY.
+async fn preface<S>(conn: &Conn, io: &mut Counted<S>) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut got = BytesMut::with_capacity(h1::PREFACE.len());
+    let read = async {
+        while got.len() < h1::PREFACE.len() && h1::PREFACE.starts_with(&got) {
+            if io.read_buf(&mut got).await.map_or(true, |n| n == 0) {
+                return false;
+            }
+        }
+        true
+    };
+    let timeout = conn.shared.conn_settings.header_read_timeout;
+    match tokio::time::timeout(timeout, read).await {
+        Ok(true) if got.starts_with(h1::PREFACE) => {
+            io.replay = got.freeze();
+            true
+        }
+        Ok(true) => {
+            let _ = io.write_all(h1::PREFACE_REFUSED).await;
+            let _ = io.shutdown().await;
+            false
+        }
+        _ => false,
+    }
 }
 
 /// hyper serves the connection as HTTP/2 to its end.
@@ -307,13 +339,17 @@ impl Served for InFlight {
 /// A connection waiting for its next request is closed after `idle_timeout` (before its
 /// first one, after `header_read_timeout`: a client that connects and sends nothing is a
 /// slowloris); a request head must be complete within `header_read_timeout` of its first
-/// byte; a request being served has no limit here (`upstream.timeout` bounds the wait for
-/// the app). The timer ticks every quarter of the shortest timeout, so each closes within
-/// a quarter of its length after it passed.
+/// byte; a request body that is being read may go `body_read_timeout` without a byte
+/// arriving; a request being served has no other limit here (`upstream.timeout` bounds
+/// the wait for the app). The timer ticks every quarter of the shortest timeout, so each
+/// closes within a quarter of its length after it passed.
 async fn watch(conn: Arc<Conn>) {
     let settings = &conn.shared.conn_settings;
-    let tick = (settings.header_read_timeout.min(settings.idle_timeout) / 4)
-        .max(Duration::from_millis(10));
+    let shortest = settings
+        .header_read_timeout
+        .min(settings.idle_timeout)
+        .min(settings.body_read_timeout);
+    let tick = (shortest / 4).max(Duration::from_millis(10));
     let mut stop = conn.shared.stop.subscribe();
     let mut ticks = tokio::time::interval(tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,6 +372,7 @@ async fn watch(conn: Arc<Conn>) {
                     continue;
                 }
                 let limit = match a.phase.load(Relaxed) {
+                    BODY => settings.body_read_timeout,
                     _ if a.in_flight.load(Relaxed) > 0 => continue,
                     IDLE if a.requests.load(Relaxed) > 0 => settings.idle_timeout,
                     IDLE | HEAD => settings.header_read_timeout,

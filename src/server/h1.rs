@@ -30,6 +30,15 @@ use crate::http1::{hop, request, Framing};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An HTTP/2 server's answer to an invalid connection preface (RFC 9113 §3.4: a connection
+/// error of type PROTOCOL_ERROR): its own preface, an empty SETTINGS frame, then GOAWAY
+/// with last stream 0 and PROTOCOL_ERROR.
+pub const PREFACE_REFUSED: &[u8] = &[
+    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, empty
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes of payload, stream 0
+    0, 0, 0, 0, // last stream id
+    0, 0, 0, 0x1, // PROTOCOL_ERROR
+];
 /// Free room asked of the buffer before each read.
 const READ_ROOM: usize = 4 << 10;
 /// Response bytes gathered before a write: a head and a small body go out together.
@@ -106,6 +115,11 @@ where
             Ok(head) => head,
             Err(Stop::Closed) => return Outcome::Closed,
             Err(Stop::Http2) => return Outcome::Http2,
+            Err(Stop::BadPreface) => {
+                let _ = io.write_all(PREFACE_REFUSED).await;
+                let _ = io.shutdown().await;
+                return Outcome::Closed;
+            }
             Err(Stop::Invalid(invalid)) => {
                 let reason = match invalid.status {
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Reason::HeadersTooLarge,
@@ -215,6 +229,8 @@ where
 enum Stop {
     Closed,
     Http2,
+    /// Not HTTP/1 at all where HTTP/2 may open the connection: an invalid preface.
+    BadPreface,
     Invalid(request::Invalid),
 }
 
@@ -234,8 +250,22 @@ async fn read_head<S: AsyncRead + Unpin>(
                 if buf.len() >= PREFACE.len() {
                     return Err(Stop::Http2);
                 }
-            } else if let Some(head) = parse(buf, settings.max_head).map_err(Stop::Invalid)? {
-                return Ok(head);
+            } else {
+                match parse(buf, settings.max_head) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    // On a port that speaks both, a first line that is no HTTP/1.x (such as
+                    // a mangled preface) is taken for HTTP/2, which answers it in frames.
+                    Err(invalid)
+                        if first
+                            && settings.h2c
+                            && invalid.status == StatusCode::HTTP_VERSION_NOT_SUPPORTED
+                            && !first_line(buf).windows(7).any(|w| w == b"HTTP/1.") =>
+                    {
+                        return Err(Stop::BadPreface)
+                    }
+                    Err(invalid) => return Err(Stop::Invalid(invalid)),
+                }
             }
         }
         // Room is reclaimed in place: the previous request's head is gone by now.
@@ -245,6 +275,11 @@ async fn read_head<S: AsyncRead + Unpin>(
             Ok(_) => {}
         }
     }
+}
+
+/// The first line of `buf` (all of it, if no line has ended).
+fn first_line(buf: &[u8]) -> &[u8] {
+    buf.split(|&b| b == b'\n').next().unwrap_or(buf)
 }
 
 /// Whether `buf` holds the HTTP/2 preface, or the start of it.
@@ -357,14 +392,18 @@ fn poll_inbound<S: AsyncRead + AsyncWrite + Unpin>(
             Poll::Pending => return Poll::Pending,
         }
     }
-    phases.busy(true);
     st.buf.reserve(READ_ROOM);
     let Inbound { buf, .. } = &mut *st;
     match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
         Poll::Ready(Ok(0) | Err(_)) => st.eof = true,
         Poll::Ready(Ok(_)) => st.want = false,
-        Poll::Pending => return Poll::Pending,
+        Poll::Pending => {
+            // Waiting on the client: `body_read_timeout` runs.
+            phases.busy(true);
+            return Poll::Pending;
+        }
     }
+    phases.busy(false);
     wake_other(st.body.take(), cx);
     Poll::Ready(Ok(()))
 }

@@ -124,6 +124,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         all_closed: Notify::new(),
         conn_settings: ConnSettings {
             header_read_timeout: config.server.header_read_timeout.0,
+            body_read_timeout: config.server.body_read_timeout.0,
             idle_timeout: config.server.idle_timeout.0,
             max_header_bytes: config.server.max_header_bytes.0 as usize,
         },
