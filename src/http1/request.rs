@@ -86,7 +86,9 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
                 "the request has more than 100 header lines",
             ))
         }
-        Err(httparse::Error::Version) => {
+        // A well-formed request line of another version is 505; anything else that
+        // trips the version check is a malformed line.
+        Err(httparse::Error::Version) if names_a_version(buf) => {
             return Err(invalid(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "only HTTP/1.0, HTTP/1.1 and HTTP/2 are served",
@@ -116,14 +118,13 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
         let (name, value) = shared_header(h.name.as_bytes(), h.value, |v| buf.slice_ref(v))
             .map_err(|_| invalid(BAD, "a request header is invalid"))?;
         if name == CONTENT_LENGTH {
-            for item in list_items(&value) {
-                let n =
-                    parse_length(item).ok_or(invalid(BAD, "the content-length is not a number"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(invalid(BAD, "the request has conflicting content-lengths"));
-                }
-                length = Some(n);
+            // Digits only: a list (even of equal values) is refused, as hyper and nginx do.
+            let n = parse_length(value.as_bytes())
+                .ok_or(invalid(BAD, "the content-length is not a number"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid(BAD, "the request has conflicting content-lengths"));
             }
+            length = Some(n);
         } else if name == TRANSFER_ENCODING {
             codings.get_or_insert_default().add(&value);
             continue;
@@ -211,6 +212,18 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
         },
         len,
     )))
+}
+
+/// Whether the first line is `method SP target SP HTTP/d.d`.
+fn names_a_version(buf: &[u8]) -> bool {
+    let line = buf
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(buf);
+    let mut parts = line.split(|&b| b == b' ');
+    let version = (parts.next(), parts.next(), parts.next(), parts.next());
+    matches!(version, (Some(_), Some(_), Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]), None)
+        if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
 /// The request-target form must fit the method (RFC 9112 §3.2): authority-form only for
@@ -390,7 +403,8 @@ mod tests {
 
     #[test]
     fn framing_and_persistence() {
-        let h = head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n");
+        let h =
+            head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(5));
         let h = head("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n");
         assert_eq!(h.framing, Framing::Chunked);
@@ -463,6 +477,9 @@ mod tests {
         for (text, expected) in [
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", 400),
+            ("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),

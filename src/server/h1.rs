@@ -254,14 +254,10 @@ async fn read_head<S: AsyncRead + Unpin>(
                 match parse(buf, settings.max_head) {
                     Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
-                    // On a port that speaks both, a first line that is no HTTP/1.x (such as
-                    // a mangled preface) is taken for HTTP/2, which answers it in frames.
-                    Err(invalid)
-                        if first
-                            && settings.h2c
-                            && invalid.status == StatusCode::HTTP_VERSION_NOT_SUPPORTED
-                            && !first_line(buf).windows(7).any(|w| w == b"HTTP/1.") =>
-                    {
+                    // On a port that speaks both, a first line of text that is no HTTP/1.x
+                    // request line (such as a mangled preface) is taken for HTTP/2, which
+                    // answers it in frames.
+                    Err(_) if first && settings.h2c && not_http1_text(buf) => {
                         return Err(Stop::BadPreface)
                     }
                     Err(invalid) => return Err(Stop::Invalid(invalid)),
@@ -277,9 +273,13 @@ async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-/// The first line of `buf` (all of it, if no line has ended).
-fn first_line(buf: &[u8]) -> &[u8] {
-    buf.split(|&b| b == b'\n').next().unwrap_or(buf)
+/// Whether `buf` opens with a whole line of printable text that names no HTTP/1 version.
+fn not_http1_text(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let line = &buf[..end];
+    line.iter().all(|b| (b' '..0x7f).contains(b)) && !line.windows(7).any(|w| w == b"HTTP/1.")
 }
 
 /// Whether `buf` holds the HTTP/2 preface, or the start of it.

@@ -7,6 +7,8 @@
 //! pipeline and the chain's background tasks.
 
 mod conn;
+#[cfg(test)]
+mod differential;
 mod h1;
 mod tls;
 
