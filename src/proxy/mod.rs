@@ -11,6 +11,8 @@
 mod body;
 mod forwarded;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
