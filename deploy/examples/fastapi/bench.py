@@ -16,7 +16,7 @@ API_KEY, RATE_LIMIT (1000000/s: it never fires, but every request pays for it) a
 AUDIT_FILE. Before measuring, each must answer 200/401 with the same header names as the
 others, pass its request id to the app, and write exactly one audit line per request.
 
-Then, interleaved (A B A B ...): --rounds closed-loop windows (wrk), then --rounds windows at
+Then, interleaved (A B, B A, A B ...): --rounds closed-loop windows (wrk), then --rounds windows at
 one fixed offered rate below saturation (h2load --rps, latencies from its per-request log).
 In every window the CPU time (utime+stime from /proc/PID/stat) of every process of the
 target is read, so CPU µs per request is the whole pod's. Figures are medians over rounds;
@@ -398,7 +398,24 @@ def measure(t, load, args):
     return r
 
 
+def run_rounds(targets, phase, load, args):
+    """--rounds windows per target, interleaved and in alternating order (A B, B A, ...), so
+    that the machine drifting within a round favours neither."""
+    for rnd in range(1, args.rounds + 1):
+        for t in targets if rnd % 2 else targets[::-1]:
+            r = measure(t, lambda: load(t, f"{t.name}-{phase}-r{rnd}"), args)
+            getattr(t, phase).append(r)
+            log(f"  {phase:6s} r{rnd} {t.name:10s} {r['rps']:7,.0f} req/s  {split_us(r)}  p50 {r['p50_ms']:.2f} "
+                f"p99 {r['p99_ms']:.2f} ms  other {fmt(r['other_pct'], 0)}%")
+
+
 # ----------------------------------------------------------------------------- summary
+
+def split_us(r):
+    """One window's CPU µs/request: the pod's, and the app's and gatehouse's shares."""
+    proxy = f" + gatehouse {r['proxy_us']:,.0f}" if "proxy_us" in r else ""
+    return f"pod {r['pod_us']:6,.0f} µs/req (app {r['app_us']:,.0f}{proxy})"
+
 
 def med(values):
     values = [v for v in values if v is not None]
@@ -547,23 +564,12 @@ def main(argv):
         for t in targets:
             if args.warmup:
                 wrk(t, args.warmup, args, workdir)
-        for rnd in range(1, args.rounds + 1):
-            for t in targets:
-                r = measure(t, lambda: wrk(t, args.duration, args, workdir), args)
-                t.closed.append(r)
-                log(f"  closed r{rnd} {t.name:10s} {r['rps']:7,.0f} req/s  pod {r['pod_us']:6,.0f} µs/req  "
-                    f"(p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms, other {fmt(r['other_pct'], 0)}%)")
+        run_rounds(targets, "closed", lambda t, tag: wrk(t, args.duration, args, workdir), args)
         if not args.rate:
             slowest = min(med([r["rps"] for r in t.closed]) for t in targets)
             args.rate = max(10, int(slowest / 2 / 10) * 10)
         log(f"bench: open loop at {args.rate:,.0f} req/s")
-        for rnd in range(1, args.rounds + 1):
-            for t in targets:
-                tag = f"{t.name}-r{rnd}"
-                r = measure(t, lambda: h2load(t, args.duration, args, workdir, tag), args)
-                t.open.append(r)
-                log(f"  open   r{rnd} {t.name:10s} {r['rps']:7,.0f} req/s  pod {r['pod_us']:6,.0f} µs/req  "
-                    f"p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms  other {fmt(r['other_pct'], 0)}%")
+        run_rounds(targets, "open", lambda t, tag: h2load(t, args.duration, args, workdir, tag), args)
         audit = {t.name: audit_counts(t) for t in targets}
     except BenchError as e:
         log(f"bench: FAILED: {e}")
@@ -575,13 +581,15 @@ def main(argv):
             log(f"bench: kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    versions = subprocess.run([os.path.join(args.venv, "bin", "python"), "-c",
-                               "import fastapi, uvicorn; print(fastapi.__version__, uvicorn.__version__)"],
-                              capture_output=True, text=True).stdout.split()
-    print(f"FastAPI example, {' vs '.join(args.names)}: fastapi {versions[0]}, uvicorn {versions[1]} (one worker, "
-          f"same options), gatehouse `{args.binary}`; the pod on CPU {args.pod_cpu}, wrk/h2load on CPU "
-          f"{args.load_cpu}, {args.connections} connections; {args.rounds} interleaved rounds of {args.duration} s "
-          f"per load; medians (min–max); ratios are medians of per-round ratios.\n")
+    python = subprocess.run([os.path.join(args.venv, "bin", "python"), "-c",
+                             "import importlib.metadata as m, os, sys; print(sys.version.split()[0], "
+                             "os.path.realpath(sys.executable), m.version('fastapi'), m.version('uvicorn'))"],
+                            capture_output=True, text=True).stdout.split()
+    print(f"FastAPI example, {' vs '.join(args.names)}: Python {python[0]} ({python[1]}), fastapi {python[2]}, "
+          f"uvicorn {python[3]} (one worker, same options), gatehouse `{args.binary}`; the pod on CPU "
+          f"{args.pod_cpu}, wrk/h2load on CPU {args.load_cpu}, {args.connections} connections; {args.rounds} "
+          f"interleaved rounds of {args.duration} s per load; medians (min–max); ratios are medians of per-round "
+          f"ratios.\n")
     print(table(targets, args, audit))
     for n in notes(targets, args, audit):
         print(f"- {n}")

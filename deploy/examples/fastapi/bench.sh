@@ -8,20 +8,29 @@
 #   bash deploy/examples/fastapi/bench.sh --help                          # every option
 #
 # Sets up what it needs first: wrk, h2load (Debian's nghttp2-client) and taskset if missing
-# (apt-get, as root or through sudo), the example's pinned requirements in the venv that
-# tests/fastapi_example.rs also uses (target/fastapi-venv), and `cargo build --release`
-# of this checkout unless --binary names a gatehouse binary. The measuring is bench.py's.
+# (apt-get, as root or through sudo), the example's pinned requirements in a venv
+# (target/fastapi-bench-venv, made with `--python PATH`, default python3 on PATH), and
+# `cargo build --release` of this checkout unless --binary names a gatehouse binary. The
+# measuring is bench.py's. The apps' CPU time is most of the pod's, so the interpreter's build
+# shows in the figures (pyenv, for one, builds without PGO/LTO by default); the output names it.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
 
 binary=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-    case "${args[i]}" in
-        -h | --help) exec python3 "$here/bench.py" --help ;;
-        --binary) binary="${args[i + 1]:-}" ;;
-        --binary=*) binary="${args[i]#--binary=}" ;;
+python="python3"
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h | --help)
+            echo "bench.sh [--python PATH] [bench.py's options]: the venv's interpreter (default python3)"
+            exec python3 "$here/bench.py" --help
+            ;;
+        --python) python="${2:?--python needs a path}"; shift 2 ;;
+        --python=*) python="${1#--python=}"; shift ;;
+        --binary) binary="${2:?--binary needs a path}"; args+=("$1" "$2"); shift 2 ;;
+        --binary=*) binary="${1#--binary=}"; args+=("$1"); shift ;;
+        *) args+=("$1"); shift ;;
     esac
 done
 
@@ -43,13 +52,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >&2
 fi
 
-# The same venv and stamp as tests/fastapi_example.rs: rebuilt when requirements.txt changes.
-venv="$root/target/fastapi-venv"
-if ! cmp -s "$here/requirements.txt" "$venv/installed-requirements.txt"; then
-    echo "bench: installing requirements.txt into $venv" >&2
-    python3 -m venv "$venv"
+# Rebuilt when requirements.txt or the interpreter changes (the stamp holds both).
+venv="$root/target/fastapi-bench-venv"
+if ! interpreter="$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable), sys.version.split()[0])')"; then
+    echo "bench: --python $python does not run" >&2
+    exit 2
+fi
+wanted="$(cat "$here/requirements.txt"; echo "# $interpreter")"
+if [ "$wanted" != "$(cat "$venv/installed" 2>/dev/null)" ]; then
+    echo "bench: installing requirements.txt into $venv ($interpreter)" >&2
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
-    cp "$here/requirements.txt" "$venv/installed-requirements.txt"
+    echo "$wanted" >"$venv/installed"
 fi
 
 if [ -z "$binary" ]; then
