@@ -587,31 +587,40 @@ async fn audit_events_are_written_to_the_file_sink() {
 }
 
 /// The configs shipped (the example `proxy.toml` and those under deploy/) load in the real
-/// binary (`gatehouse check`), with the variables a pod or the test would set.
+/// binary (`gatehouse check`), with the variables a pod or the test would set; the pod's
+/// configs also with the `APP_URL` that components/unix-socket sets, whose socket they use.
 #[test]
 fn deploy_configs_pass_gatehouse_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for config in [
-        "proxy.toml",
-        "deploy/kubernetes/base/proxy.toml",
-        "deploy/kubernetes/components/redis/proxy.toml",
-        "deploy/examples/fastapi/proxy.toml",
+    let socket = Some("unix:/run/app/app.sock");
+    for (config, app_url) in [
+        ("proxy.toml", None),
+        ("deploy/examples/fastapi/proxy.toml", None),
+        ("deploy/kubernetes/base/proxy.toml", None),
+        ("deploy/kubernetes/components/redis/proxy.toml", None),
+        ("deploy/kubernetes/base/proxy.toml", socket),
+        ("deploy/kubernetes/components/redis/proxy.toml", socket),
     ] {
         let path = root.join(config);
-        let out = cli(
-            &["check", "--config", path.to_str().unwrap()],
-            &[
-                ("API_KEY", API_KEY),
-                ("REDIS_URL", "redis://rate-limit-redis:6379"),
-            ],
-            None,
-        );
+        let mut envs = vec![
+            ("API_KEY", API_KEY),
+            ("REDIS_URL", "redis://rate-limit-redis:6379"),
+        ];
+        envs.extend(app_url.map(|url| ("APP_URL", url)));
+        let out = cli(&["check", "--config", path.to_str().unwrap()], &envs, None);
         assert_eq!(
             out.code,
             Some(0),
-            "gatehouse check {config}\n{}\n{}",
+            "gatehouse check {config} (APP_URL {app_url:?})\n{}\n{}",
             out.stdout,
             out.stderr
         );
+        if let Some(url) = app_url {
+            assert!(
+                out.stdout.contains(&format!("-> upstream {url} ")),
+                "{config} with APP_URL={url}:\n{}",
+                out.stdout
+            );
+        }
     }
 }
