@@ -2,14 +2,14 @@
 # What the pod spends per request: the FastAPI example with its middleware in Python
 # (before/app.py) against app.py behind gatehouse (proxy.toml), measured in one run.
 #
-#   bash deploy/examples/fastapi/bench.sh                                 # ~4 min; Markdown on stdout
+#   bash deploy/examples/fastapi/bench.sh                                 # ~2.5 min; Markdown on stdout
 #   bash deploy/examples/fastapi/bench.sh --rounds 1 --duration 3 --warmup 1   # ~30 s smoke run
 #   bash deploy/examples/fastapi/bench.sh --targets after,after-unix      # the app over TCP vs a Unix socket
 #   bash deploy/examples/fastapi/bench.sh --help                          # every option
 #
 # Sets up what it needs first: wrk, h2load (Debian's nghttp2-client) and taskset if missing
-# (apt-get, as root or through sudo), the example's pinned requirements in a venv
-# (target/fastapi-bench-venv, made with `--python PATH`, default python3 on PATH), and
+# (apt-get, as root or through sudo), the example's pinned requirements in a venv (under
+# target/fastapi-bench-venv, one per `--python PATH`, default python3 on PATH), and
 # `cargo build --release` of this checkout unless --binary names a gatehouse binary. The
 # measuring is bench.py's. The apps' CPU time is most of the pod's, so the interpreter's build
 # shows in the figures (pyenv, for one, builds without PGO/LTO by default); the output names it.
@@ -52,19 +52,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >&2
 fi
 
-# Rebuilt when requirements.txt or the interpreter changes (the stamp holds both).
-venv="$root/target/fastapi-bench-venv"
+# One venv per interpreter, rebuilt when requirements.txt changes (its stamp holds the file).
 if ! interpreter="$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable), sys.version.split()[0])')"; then
     echo "bench: --python $python does not run" >&2
     exit 2
 fi
-wanted="$(cat "$here/requirements.txt"; echo "# $interpreter")"
-if [ "$wanted" != "$(cat "$venv/installed" 2>/dev/null)" ]; then
+venv="$root/target/fastapi-bench-venv/$(echo "$interpreter" | cksum | cut -d' ' -f1)"
+if ! cmp -s "$here/requirements.txt" "$venv/installed-requirements.txt"; then
     echo "bench: installing requirements.txt into $venv ($interpreter)" >&2
     rm -rf "$venv"
     "$python" -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
-    echo "$wanted" >"$venv/installed"
+    cp "$here/requirements.txt" "$venv/installed-requirements.txt"
 fi
 
 if [ -z "$binary" ]; then
