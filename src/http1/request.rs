@@ -8,12 +8,12 @@
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::Authority;
 use http::{header, Version};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 
-use super::hop::{self, Tokens};
+use super::hop::{self, Field, Tokens};
 use super::{
     header_line, list_items, parse_length, shared_header, Framing, CHAIN_HEADERS, MAX_HEADERS,
 };
@@ -37,6 +37,8 @@ pub struct Head {
     pub upgrade: Option<HeaderValue>,
     /// `Expect: 100-continue`: the client waits for an interim answer before the body.
     pub expect_continue: bool,
+    /// `TE: trailers`: the client takes trailer fields in a chunked response.
+    pub trailers: bool,
 }
 
 /// Why a request cannot be served; the server answers `status` and closes the connection,
@@ -114,41 +116,48 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
     let mut hosts = 0usize;
     let mut upgrade = None;
     let mut expect_continue = false;
+    let mut trailers = false;
     for h in req.headers.iter() {
         let (name, value) = shared_header(h.name.as_bytes(), h.value, |v| buf.slice_ref(v))
             .map_err(|_| invalid(BAD, "a request header is invalid"))?;
-        if name == CONTENT_LENGTH {
-            // Digits only: a list (even of equal values) is refused, as hyper and nginx do.
-            let n = parse_length(value.as_bytes())
-                .ok_or(invalid(BAD, "the content-length is not a number"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(invalid(BAD, "the request has conflicting content-lengths"));
+        match hop::field(&name) {
+            Field::ContentLength => {
+                // Digits only: a list (even of equal values) is refused, as hyper and
+                // nginx do.
+                let n = parse_length(value.as_bytes())
+                    .ok_or(invalid(BAD, "the content-length is not a number"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(invalid(BAD, "the request has conflicting content-lengths"));
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name == TRANSFER_ENCODING {
-            codings.get_or_insert_default().add(&value);
-            continue;
-        } else if name == HOST {
-            hosts += 1;
-            if !is_host(value.as_bytes()) {
-                return Err(invalid(BAD, "the Host header is not a valid host"));
-            }
-        } else if name == CONNECTION {
-            tokens.add(&value);
-            continue;
-        } else if name == UPGRADE {
-            upgrade = Some(value);
-            continue;
-        } else if name == TE {
-            // `te: trailers` is end-to-end in meaning (gRPC needs it); other codings are
-            // this hop's business.
-            if !hop::is_te_trailers(&value) {
+            Field::TransferEncoding => {
+                codings.get_or_insert_default().add(&value);
                 continue;
             }
-        } else if name == EXPECT {
-            expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        } else if hop::is_hop_by_hop(&name) {
-            continue;
+            Field::Host => {
+                hosts += 1;
+                if !is_host(value.as_bytes()) {
+                    return Err(invalid(BAD, "the Host header is not a valid host"));
+                }
+            }
+            Field::Connection => {
+                tokens.add(&value);
+                continue;
+            }
+            Field::Upgrade => {
+                upgrade = Some(value);
+                continue;
+            }
+            // `te: trailers` is end-to-end in meaning (gRPC needs it); other codings are
+            // this hop's business.
+            Field::Te if !hop::is_te_trailers(&value) => continue,
+            Field::Te => trailers = true,
+            Field::Expect => {
+                expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue")
+            }
+            Field::HopByHop => continue,
+            Field::Other => {}
         }
         headers.append(name, value);
     }
@@ -209,6 +218,7 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
             keep_alive,
             upgrade,
             expect_continue,
+            trailers,
         },
         len,
     )))
@@ -252,9 +262,21 @@ fn check_target(method: &Method, target: &[u8], uri: &Uri) -> Result<(), Invalid
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2): an authority without user info; empty is
-/// allowed (the target had no authority).
+/// allowed (the target had no authority). A plain name or IPv4 address with an optional
+/// port, what nearly every request carries, is checked byte by byte; anything else goes
+/// through the URI parser.
 fn is_host(value: &[u8]) -> bool {
-    value.is_empty()
+    let (name, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+        None => (value, None),
+    };
+    let plain = !name.is_empty()
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+        && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    plain
+        || value.is_empty()
         || !value.contains(&b'@')
             && Authority::try_from(value).is_ok_and(|a| a.as_str().len() == value.len())
 }

@@ -99,7 +99,7 @@ impl Proxy {
         B: HttpBody<Data = Bytes> + Unpin,
     {
         let (mut parts, body) = req.into_parts();
-        let mut session = Box::new(self.session(&parts, client, start));
+        let mut session = self.session(&parts, client, start);
         let resp = self
             .serve(&mut parts, body, client, upgrade, &mut session)
             .await;
@@ -115,7 +115,7 @@ impl Proxy {
         start: Instant,
     ) -> Response<ResponseBody> {
         let (parts, _) = req.into_parts();
-        let mut session = Box::new(self.session(&parts, client, start));
+        let mut session = self.session(&parts, client, start);
         let reject = Reject::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Reason::Draining,
@@ -132,12 +132,11 @@ impl Proxy {
         parts: &request::Parts,
         client: &Client,
         start: Instant,
-    ) -> Session {
+    ) -> Box<Session> {
         let client_ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
-        let ctx = Context::new(client_ip, client.ip, client.tls, start, client.worker);
         Session::new(
             self.clone(),
-            ctx,
+            Context::new(client_ip, client.ip, client.tls, start, client.worker),
             parts.method.clone(),
             parts.uri.clone(),
             client_host(parts),
@@ -183,8 +182,8 @@ impl Proxy {
                 .iter()
                 .any(|a| a.as_bytes().eq_ignore_ascii_case(u.as_bytes()))
         });
-        let host = parts.headers.get(HOST).cloned();
-        if !self.preserve_host || host.is_none() {
+        // The client's host, as it sent it, is what `x-forwarded-host` says.
+        if !self.preserve_host || s.host.is_none() {
             parts
                 .headers
                 .insert(HOST, self.upstream.authority().clone());
@@ -192,7 +191,7 @@ impl Proxy {
         let forwarded = Forwarded {
             peer: &client.forwarded_for,
             proto: &client.proto,
-            host: host.as_ref(),
+            host: s.host.as_ref(),
         };
         let mut body = RequestBody::new(body, &self.chain, self.chain.body_phases(&s.ctx));
         let encode = |framing, out: &mut Vec<u8>| {

@@ -50,14 +50,15 @@ pub struct Session {
 }
 
 impl Session {
+    /// Made in its box: it is moved into the response body later, so only the box moves.
     pub(super) fn new(
         proxy: Arc<Proxy>,
         ctx: Context,
         method: Method,
         uri: Uri,
         host: Option<HeaderValue>,
-    ) -> Session {
-        Session {
+    ) -> Box<Session> {
+        Box::new(Session {
             proxy,
             ctx,
             method,
@@ -71,7 +72,7 @@ impl Session {
             bytes_in: 0,
             bytes_out: 0,
             completed: false,
-        }
+        })
     }
 
     /// The status the record shows.

@@ -18,7 +18,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::TE;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -26,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use crate::chain::{Reason, Reject};
 use crate::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
 use crate::http1::response::{self, Writing};
-use crate::http1::{hop, request, Framing};
+use crate::http1::{request, Framing};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -138,10 +137,10 @@ where
             keep_alive,
             upgrade,
             expect_continue,
+            trailers,
         } = head;
         let head_only = parts.method == Method::HEAD;
         let http10 = parts.version == Version::HTTP_10;
-        let trailers = parts.headers.get_all(TE).iter().any(hop::is_te_trailers);
         let inbound = (framing != Framing::Empty).then(|| {
             Arc::new(Mutex::new(Inbound {
                 buf: std::mem::take(buf),
