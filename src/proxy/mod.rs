@@ -162,6 +162,7 @@ impl Proxy {
         s.reason = Some(reason);
         s.bytes_out = sent.unwrap_or(0);
         s.completed = sent.is_some();
+        // Dropping the session here writes its record.
     }
 
     fn session(
