@@ -77,7 +77,8 @@ pub trait Served: HttpBody<Data = Bytes, Error = io::Error> + Unpin {
     fn tunnel_closed(&mut self, from_client: u64, to_client: u64);
 }
 
-/// Where the connection is, for the watchdog (see `conn.rs`).
+/// Where the connection is, for the watchdog (see `conn.rs`), and what never became a
+/// request, for the record.
 pub trait Phases {
     /// Waiting for a request, no byte of it received.
     fn idle(&self);
@@ -85,6 +86,9 @@ pub trait Phases {
     fn head(&self);
     /// A request is being served; `reading_body` while its body waits for the client.
     fn busy(&self, reading_body: bool);
+    /// A request head the parser refused was answered with `status` for `reason` (`sent`:
+    /// the answer's body bytes, if it was written whole); `line` is its first line.
+    fn refused(&self, _line: &[u8], _status: StatusCode, _reason: Reason, _sent: Option<u64>) {}
 }
 
 /// Serves requests from `io` until the connection closes or turns out to be HTTP/2.
@@ -120,13 +124,12 @@ where
                 return Outcome::Closed;
             }
             Err(Stop::Invalid(invalid)) => {
-                let reason = match invalid.status {
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Reason::HeadersTooLarge,
-                    StatusCode::NOT_IMPLEMENTED => Reason::NotImplemented,
-                    _ => Reason::BadRequest,
-                };
-                let answer = Reject::new(invalid.status, reason, invalid.message).render(None);
-                let _ = write_error(io, &mut out, answer, &mut date).await;
+                let reject = Reject::from(invalid);
+                let (status, reason) = (reject.status, reject.reason);
+                let answer = reject.render(None);
+                let size = answer.body().len() as u64;
+                let sent = write_error(io, &mut out, answer, &mut date).await;
+                phases.refused(first_line(buf), status, reason, sent.ok().map(|()| size));
                 return Outcome::Closed;
             }
         };
@@ -270,6 +273,11 @@ async fn read_head<S: AsyncRead + Unpin>(
             Ok(_) => {}
         }
     }
+}
+
+/// The first line of `buf` (all of it, if no line has ended).
+fn first_line(buf: &[u8]) -> &[u8] {
+    buf.split(|&b| b == b'\n').next().unwrap_or(buf)
 }
 
 /// Whether `buf` opens with a whole line of printable text that names no HTTP/1 version.
