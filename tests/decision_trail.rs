@@ -300,7 +300,9 @@ async fn every_refusal_names_its_reason_and_failing_open_is_recorded() {
         "{raw}"
     );
     refused("/malformed", 400, None, "bad_request");
-    let (raw, _) = raw_exchange(port, b"NONSENSE\r\n\r\n", STEP).await;
+    // A request line that cannot be read at all (on the plaintext port, one that is plain
+    // text without an HTTP/1 version is taken for a mangled HTTP/2 preface instead).
+    let (raw, _) = raw_exchange(port, b"NONSENSE HTTP/1.1\r\n\r\n", STEP).await;
     assert!(
         raw.starts_with(b"HTTP/1.1 400"),
         "{}",
