@@ -982,7 +982,11 @@ async fn burst_then_sigkill(collecting: Collecting) -> Vec<String> {
     if let (Collecting::Slow, Some(c)) = (collecting, &collector) {
         c.set_delay(Duration::from_secs(2));
     }
-    let template = journaled_http(spool.path(), port, "flush_interval = \"1s\"");
+    let template = journaled_http(
+        spool.path(),
+        port,
+        "batch_size = 50\nflush_interval = \"1s\"",
+    );
     let mut first = Setup::start(&template).await;
     let sent = load(first.gh.port, 1500, 20, "/echo").await;
     wait_journaled(&dir, collector.as_ref(), &sent).await;

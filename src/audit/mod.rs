@@ -441,3 +441,197 @@ impl Throttle {
             && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use ::http::{Method, Uri};
+
+    use super::*;
+    use crate::config::tests::TestConfig;
+
+    /// `[audit]` as written in a config file.
+    fn audit_config(audit: &str) -> AuditConfig {
+        let src = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n[audit]\n{audit}"
+        );
+        TestConfig::parse(Path::new("proxy.toml"), &src, &|_| None)
+            .unwrap()
+            .audit
+            .unwrap()
+    }
+
+    fn file_sink(name: &str, path: &Path) -> String {
+        format!(
+            "[[audit.sinks]]\ntype = \"file\"\nname = \"{name}\"\npath = \"{}\"\n",
+            path.display()
+        )
+    }
+
+    /// Records the event of a request whose id was `id`.
+    fn record(audit: &Audit, id: &str) {
+        let id = HeaderValue::from_str(id).unwrap();
+        let uri = Uri::from_static("/items");
+        audit.record(&Event {
+            ts: SystemTime::now(),
+            request_id: Some(&id),
+            method: &Method::GET,
+            host: None,
+            uri: &uri,
+            status: 200,
+            duration: Duration::ZERO,
+            upstream: None,
+            client_ip: [127, 0, 0, 1].into(),
+            subject: None,
+            decision: Decision::Allow,
+            denied_by: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            completed: true,
+            headers: &[],
+        });
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("r{i:04}")).collect()
+    }
+
+    /// The request ids of a file sink's events.
+    fn ids_in(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let event: serde_json::Value = serde_json::from_str(l).unwrap();
+                event["request_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within 10s"));
+    }
+
+    #[tokio::test]
+    async fn every_sink_gets_every_event_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        let config = audit_config(&format!(
+            "flush_interval = \"10ms\"\n{}{}",
+            file_sink("a", &a),
+            file_sink("b", &b)
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let sent = ids(500);
+        for id in &sent {
+            record(&audit, id);
+        }
+        audit.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(ids_in(&a), sent);
+        assert_eq!(ids_in(&b), sent);
+        assert_eq!(metrics.audit_dropped.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_sink_fills_only_its_own_buffer() {
+        // A collector that takes connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+        let collector = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.jsonl");
+        let config = audit_config(&format!(
+            "queue_capacity = 10\nbatch_size = 5\nflush_interval = \"10ms\"\n\
+             [[audit.sinks]]\ntype = \"http\"\nname = \"stuck\"\nurl = \"{url}\"\ntimeout = \"1h\"\n{}",
+            file_sink("ok", &ok)
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let sent = ids(200);
+        // A queue's worth at a time, each handed on before the next: only the stuck sink's
+        // own buffer can overflow.
+        for chunk in sent.chunks(10) {
+            for id in chunk {
+                record(&audit, id);
+            }
+            until("the chunk handed to the sinks", || {
+                audit.queued() == 0 && audit.sinks[1].pending.load(Relaxed) == 0
+            })
+            .await;
+        }
+        audit.shutdown(Duration::from_millis(300)).await;
+        assert_eq!(ids_in(&ok), sent);
+        let stuck = &audit.sinks[0];
+        let dropped = stuck.dropped.get();
+        assert_eq!(
+            metrics.audit_dropped.get(),
+            dropped,
+            "the other sink dropped nothing"
+        );
+        // It took a batch (up to 5) and filled its buffer (10); the rest was dropped for it,
+        // and what it held is lost at shutdown.
+        assert!((185..200).contains(&dropped), "{dropped}");
+        assert_eq!(dropped + stuck.lost.get(), 200);
+        let text = metrics.encode();
+        let line =
+            format!("gatehouse_audit_events_total{{sink=\"stuck\",outcome=\"dropped\"}} {dropped}");
+        assert!(text.contains(&line), "{text}");
+        collector.abort();
+    }
+
+    /// A pipeline whose runtime is dropped without a shutdown, as by SIGKILL, and the next
+    /// one on the same spool.
+    #[test]
+    fn the_journal_outlives_a_pipeline_that_was_not_shut_down() {
+        let dir = tempfile::tempdir().unwrap();
+        // The sink cannot write at first: its file's directory does not exist yet.
+        let events = dir.path().join("later").join("events.jsonl");
+        let config = audit_config(&format!(
+            "spool_dir = \"{}\"\nbatch_size = 5\nflush_interval = \"10ms\"\n{}",
+            dir.path().join("spool").display(),
+            file_sink("audit", &events)
+        ));
+        let sent = ids(50);
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        runtime().block_on(async {
+            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            for id in &sent {
+                record(&audit, id);
+            }
+            until("every event journaled", || {
+                audit.sinks[0].spooled.get() == 50
+            })
+            .await;
+        });
+        std::fs::create_dir(events.parent().unwrap()).unwrap();
+        runtime().block_on(async {
+            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            until("the journal delivered", || ids_in(&events).len() >= 50).await;
+            audit.shutdown(Duration::from_secs(5)).await;
+        });
+        assert_eq!(ids_in(&events), sent);
+        let left = std::fs::read_dir(dir.path().join("spool/audit"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "delivered, the journal is emptied");
+    }
+}
