@@ -113,12 +113,23 @@ impl Journal {
     pub fn open(dir: PathBuf, max_bytes: u64, sink: &str) -> io::Result<Journal> {
         fs::create_dir_all(&dir)?;
         let found = Found::load(&dir, sink)?;
+        // Above every file there, even one left aside: a new segment never meets an old one.
+        let next_seq = found
+            .segments
+            .iter()
+            .map(|s| s.seq)
+            .chain(found.cursor.map(|c| c.seq))
+            .max()
+            .map_or(0, |s| s + 1);
         let mut segments = VecDeque::with_capacity(found.segments.len());
         let mut dir_dirty = false;
         for mut seg in found.segments {
             let delivered = found.cursor.is_some_and(|c| seg.seq < c.seq);
             if seg.open && !delivered {
-                seal_recovered(&mut seg, sink)?;
+                if let Err(e) = seal_recovered(&mut seg, sink) {
+                    tracing::error!(sink, path = %seg.path.display(), error = %e, "unreadable audit spool segment of an earlier run: left as it is, not delivered");
+                    continue;
+                }
                 dir_dirty = true;
             }
             if delivered || seg.events == 0 {
@@ -132,13 +143,8 @@ impl Journal {
             }
             segments.push_back(seg);
         }
-        let (read, read_events) = start_position(found.cursor, &segments)?;
+        let (read, read_events) = start_position(found.cursor, &segments, sink);
         let total: u64 = segments.iter().map(|s| s.events).sum();
-        let last = segments.back().map(|s| s.seq).into_iter();
-        let next_seq = last
-            .chain(found.cursor.map(|c| c.seq))
-            .max()
-            .map_or(0, |s| s + 1);
         Ok(Journal {
             unread: AtomicU64::new(total.saturating_sub(read_events)),
             closed: AtomicBool::new(false),
@@ -474,35 +480,35 @@ fn seal_recovered(seg: &mut Segment, sink: &str) -> io::Result<()> {
 fn start_position(
     cursor: Option<Position>,
     segments: &VecDeque<Segment>,
-) -> io::Result<(Position, u64)> {
+    sink: &str,
+) -> (Position, u64) {
     let first = segments.front().map(|g| Position {
         seq: g.seq,
         offset: HEADER,
     });
-    let Some(cursor) = cursor else {
-        return Ok((
-            first.unwrap_or(Position {
-                seq: 0,
-                offset: HEADER,
-            }),
-            0,
-        ));
+    let at_start = first.or(cursor).unwrap_or(Position {
+        seq: 0,
+        offset: HEADER,
+    });
+    let Some((cursor, seg)) =
+        cursor.and_then(|c| Some((c, segments.iter().find(|g| g.seq == c.seq)?)))
+    else {
+        return (at_start, 0);
     };
-    match segments.iter().find(|g| g.seq == cursor.seq) {
-        Some(seg) => {
-            let offset = cursor.offset.clamp(HEADER, seg.bytes);
-            let mut head = vec![0; offset as usize];
-            File::open(&seg.path)?.read_exact(&mut head)?;
-            let before = walk(&head).events;
-            Ok((
-                Position {
-                    seq: seg.seq,
-                    offset,
-                },
-                before,
-            ))
+    let offset = cursor.offset.clamp(HEADER, seg.bytes);
+    let mut head = vec![0; offset as usize];
+    match File::open(&seg.path).and_then(|mut f| f.read_exact(&mut head)) {
+        Ok(()) => (
+            Position {
+                seq: seg.seq,
+                offset,
+            },
+            walk(&head).events,
+        ),
+        Err(e) => {
+            tracing::warn!(sink, path = %seg.path.display(), error = %e, "cannot read the audit spool segment at the cursor: delivering from the oldest segment (some events may arrive twice)");
+            (at_start, 0)
         }
-        None => Ok((first.unwrap_or(cursor), 0)),
     }
 }
 
@@ -549,7 +555,8 @@ impl Found {
     }
 }
 
-/// What the spool directory of a sink no longer configured holds (nothing is changed).
+/// What the spool directory of a sink no longer configured holds (nothing is changed): a
+/// sealed segment's name counts its records, the others are read.
 pub fn backlog(dir: &Path) -> io::Result<Backlog> {
     let found = Found::load(dir, &dir.display().to_string())?;
     let mut backlog = Backlog {
@@ -557,17 +564,19 @@ pub fn backlog(dir: &Path) -> io::Result<Backlog> {
         bytes: 0,
     };
     for seg in &found.segments {
-        if found.cursor.is_some_and(|c| seg.seq < c.seq) {
+        let skip = match found.cursor {
+            Some(c) if seg.seq < c.seq => continue,
+            Some(c) if seg.seq == c.seq => c.offset,
+            _ => HEADER,
+        };
+        backlog.bytes += seg.bytes;
+        if !seg.open && skip == HEADER {
+            backlog.events += seg.events;
             continue;
         }
         let data = fs::read(&seg.path)?;
-        let skip = match found.cursor {
-            Some(c) if c.seq == seg.seq => (c.offset as usize).clamp(MAGIC.len(), data.len()),
-            _ => MAGIC.len(),
-        };
-        let all = walk(&data);
-        backlog.events += all.events - walk(&data[..skip]).events;
-        backlog.bytes += data.len() as u64;
+        let skip = (skip as usize).clamp(MAGIC.len(), data.len());
+        backlog.events += walk(&data).events - walk(&data[..skip]).events;
     }
     Ok(backlog)
 }
