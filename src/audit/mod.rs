@@ -328,17 +328,21 @@ async fn journal_tick(audit: &Audit, rx: &mut mpsc::Receiver<Bytes>, feeds: &mut
         .filter(|(_, (feed, sink))| feed.journals(sink))
         .filter_map(|(i, (feed, _))| Some((i, feed.journal.clone()?)))
         .collect();
-    let (events, results) = tokio::task::spawn_blocking(move || {
-        let records = spool::records(&events);
-        let n = events.len() as u64;
-        let results: Vec<(usize, std::io::Result<u64>)> = targets
-            .into_iter()
-            .map(|(i, journal)| (i, journal.append(&records, n)))
-            .collect();
-        (events, results)
-    })
-    .await
-    .expect("appending to the journal does not panic");
+    let (events, results) = if targets.is_empty() {
+        (events, Vec::new())
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let records = spool::records(&events);
+            let n = events.len() as u64;
+            let results: Vec<(usize, std::io::Result<u64>)> = targets
+                .into_iter()
+                .map(|(i, journal)| (i, journal.append(&records, n)))
+                .collect();
+            (events, results)
+        })
+        .await
+        .expect("appending to the journal does not panic")
+    };
     let n = events.len() as u64;
     let mut in_memory = vec![true; feeds.len()];
     for (i, result) in results {
