@@ -44,6 +44,7 @@ pub struct Metrics {
     config_reloads: Family<ResultLabel, Counter>,
     rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
     jwt_cache_lookups: Family<LookupLabels, Counter>,
+    fail_open: Family<MiddlewareLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,6 +114,7 @@ impl Metrics {
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
         let jwt_cache_lookups = Family::<LookupLabels, Counter>::default();
+        let fail_open = Family::<MiddlewareLabel, Counter>::default();
         // A family with no label set yet still prints its HELP and TYPE lines; the reload
         // outcomes are known up front, so they print as zeros.
         for result in ["success", "failure"] {
@@ -184,6 +186,11 @@ impl Metrics {
             "Bearer tokens looked up in a jwt middleware's cache of verified tokens, by middleware name and result (hit or miss)",
             Listed(jwt_cache_lookups.clone()),
         );
+        registry.register(
+            "gatehouse_fail_open",
+            "Requests a middleware let through only because its backend failed (rate_limit with on_backend_error = \"allow\"), by middleware name",
+            Listed(fail_open.clone()),
+        );
 
         Metrics {
             registry,
@@ -201,6 +208,7 @@ impl Metrics {
             config_reloads,
             rate_limit_backend_errors,
             jwt_cache_lookups,
+            fail_open,
         }
     }
 
@@ -269,6 +277,13 @@ impl Metrics {
             })
         };
         (handle("hit"), handle("miss"))
+    }
+
+    /// A handle for `gatehouse_fail_open_total{middleware}`, resolved once per chain entry.
+    pub fn fail_open(&self, middleware: &Arc<str>) -> Counter {
+        self.fail_open.get_or_create_owned(&MiddlewareLabel {
+            middleware: middleware.clone(),
+        })
     }
 
     /// The Prometheus text exposition of every family.
@@ -410,6 +425,7 @@ mod tests {
             "gatehouse_audit_queue_depth",
             "gatehouse_config_reloads_total",
             "gatehouse_rate_limit_backend_errors_total",
+            "gatehouse_fail_open_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {} ", family.trim_end_matches("_total"))),

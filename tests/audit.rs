@@ -211,6 +211,8 @@ async fn events_carry_spec_fields() {
         "subject",
         "decision",
         "denied_by",
+        "deny_reason",
+        "fail_open",
         "bytes_in",
         "bytes_out",
         "completed",

@@ -216,7 +216,7 @@ fn default_flush_interval() -> Duration {
 }
 
 /// The event's own fields: a `request_headers` entry may not shadow one.
-pub const EVENT_FIELDS: [&str; 16] = [
+pub const EVENT_FIELDS: [&str; 18] = [
     "ts",
     "request_id",
     "method",
@@ -230,6 +230,8 @@ pub const EVENT_FIELDS: [&str; 16] = [
     "subject",
     "decision",
     "denied_by",
+    "deny_reason",
+    "fail_open",
     "bytes_in",
     "bytes_out",
     "completed",
