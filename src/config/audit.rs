@@ -17,6 +17,8 @@ pub struct AuditConfig {
     pub flush_interval: Duration,
     pub spool_dir: Option<PathBuf>,
     pub spool_max_bytes: ByteSize,
+    /// How often the journals are fsynced: what a machine crash may lose.
+    pub fsync_interval: Duration,
     pub sinks: Vec<SinkConfig>,
 }
 
@@ -191,6 +193,8 @@ pub(crate) struct RawAudit {
     spool_dir: Option<PathBuf>,
     #[serde(default = "default_spool_max_bytes")]
     spool_max_bytes: ByteSize,
+    #[serde(default = "default_fsync_interval")]
+    fsync_interval: Duration,
     #[serde(default)]
     sinks: Vec<toml::Table>,
 }
@@ -200,6 +204,9 @@ fn default_queue_capacity() -> usize {
 }
 fn default_spool_max_bytes() -> ByteSize {
     ByteSize(1 << 30)
+}
+fn default_fsync_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(1))
 }
 fn default_batch_size() -> usize {
     256
@@ -273,6 +280,12 @@ impl AuditConfig {
         if raw.spool_max_bytes.0 == 0 {
             return Err((key("spool_max_bytes"), "expected a size above zero".into()));
         }
+        if raw.fsync_interval.0.is_zero() {
+            return Err((
+                key("fsync_interval"),
+                "expected a duration above zero".into(),
+            ));
+        }
         if raw.sinks.is_empty() {
             return Err((
                 key("sinks"),
@@ -303,6 +316,7 @@ impl AuditConfig {
             flush_interval: raw.flush_interval,
             spool_dir: raw.spool_dir,
             spool_max_bytes: raw.spool_max_bytes,
+            fsync_interval: raw.fsync_interval,
             sinks,
         })
     }
@@ -384,6 +398,7 @@ mod tests {
         assert_eq!(a.flush_interval.0.as_secs(), 1);
         assert_eq!(a.spool_dir, None);
         assert_eq!(a.spool_max_bytes.0, 1 << 30);
+        assert_eq!(a.fsync_interval.0.as_secs(), 1);
         assert_eq!(a.sinks[0].name, "stdout");
         assert_eq!(a.sinks[0].kind, SinkKind::Stdout);
         assert_eq!(a.sinks[1].name, "f");
@@ -404,6 +419,10 @@ mod tests {
             (
                 "[audit]\nflush_interval = \"0s\"\n[[audit.sinks]]\ntype = \"stdout\"\n",
                 "proxy.toml:6:1: audit.flush_interval: expected a duration above zero",
+            ),
+            (
+                "[audit]\nspool_dir = \"/s\"\nfsync_interval = \"0ms\"\n[[audit.sinks]]\ntype = \"stdout\"\n",
+                "proxy.toml:7:1: audit.fsync_interval: expected a duration above zero",
             ),
             (
                 "[audit]\nrequest_headers = [\"user-agent\", \"Host\"]\n[[audit.sinks]]\ntype = \"stdout\"\n",
