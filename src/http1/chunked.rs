@@ -192,8 +192,12 @@ pub fn encode_size(mut len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// One whole chunk.
+/// One whole chunk. Empty data writes nothing: a chunk of size 0 is the last chunk, and
+/// would end the body early (an HTTP/2 client's last DATA frame is often empty).
 pub fn encode(data: &[u8], out: &mut Vec<u8>) {
+    if data.is_empty() {
+        return;
+    }
     encode_size(data.len(), out);
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
@@ -282,6 +286,17 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
         }
+    }
+
+    #[test]
+    fn empty_data_is_no_chunk() {
+        let mut out = Vec::new();
+        encode(b"ab", &mut out);
+        encode(b"", &mut out);
+        encode(b"c", &mut out);
+        out.extend_from_slice(LAST_CHUNK);
+        assert_eq!(out, b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n");
+        assert_eq!(decode_in_steps(&out, 3).unwrap().0, b"abc");
     }
 
     #[test]
