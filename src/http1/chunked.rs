@@ -170,7 +170,8 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, InvalidChunk> {
             }
             Ok(Some(line))
         }
-        None if buf.len() > MAX_LINE => Err(InvalidChunk("chunk line too long")),
+        // A line within the limit may still be waiting for its LF after its last CR.
+        None if buf.len() > MAX_LINE + 1 => Err(InvalidChunk("chunk line too long")),
         None => Ok(None),
     }
 }
@@ -285,6 +286,19 @@ mod tests {
                 "{:?}: {result:?}",
                 String::from_utf8_lossy(wire)
             );
+        }
+    }
+
+    #[test]
+    fn a_line_at_the_limit_is_accepted_however_it_arrives() {
+        let wire = format!("1;{}\r\na\r\n0\r\n\r\n", "v".repeat(MAX_LINE - 2));
+        // A read of MAX_LINE + 1 bytes ends between the size line's CR and its LF.
+        for step in [wire.len(), MAX_LINE + 1, MAX_LINE] {
+            assert_eq!(decode_in_steps(wire.as_bytes(), step).unwrap().0, b"a");
+        }
+        let longer = format!("1;{}\r\na\r\n0\r\n\r\n", "v".repeat(MAX_LINE - 1));
+        for step in [longer.len(), MAX_LINE + 1, MAX_LINE + 2] {
+            assert!(decode_in_steps(longer.as_bytes(), step).is_err());
         }
     }
 
