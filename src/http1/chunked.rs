@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::MAX_HEADERS;
 
 /// The longest chunk-size line (with its extensions) or trailer line accepted.
-const MAX_LINE: usize = 8 << 10;
+pub const MAX_LINE: usize = 8 << 10;
 
 /// Where the decoder is in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
