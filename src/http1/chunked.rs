@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::MAX_HEADERS;
 
 /// The longest chunk-size line (with its extensions) or trailer line accepted.
-const MAX_LINE: usize = 8 << 10;
+pub const MAX_LINE: usize = 8 << 10;
 
 /// Where the decoder is in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +170,8 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, InvalidChunk> {
             }
             Ok(Some(line))
         }
-        None if buf.len() > MAX_LINE => Err(InvalidChunk("chunk line too long")),
+        // A line within the limit may still be waiting for its LF after its last CR.
+        None if buf.len() > MAX_LINE + 1 => Err(InvalidChunk("chunk line too long")),
         None => Ok(None),
     }
 }
@@ -192,8 +193,12 @@ pub fn encode_size(mut len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// One whole chunk.
+/// One whole chunk. Empty data writes nothing: a chunk of size 0 is the last chunk, and
+/// would end the body early (an HTTP/2 client's last DATA frame is often empty).
 pub fn encode(data: &[u8], out: &mut Vec<u8>) {
+    if data.is_empty() {
+        return;
+    }
     encode_size(data.len(), out);
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
@@ -282,6 +287,30 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
         }
+    }
+
+    #[test]
+    fn a_line_at_the_limit_is_accepted_however_it_arrives() {
+        let wire = format!("1;{}\r\na\r\n0\r\n\r\n", "v".repeat(MAX_LINE - 2));
+        // A read of MAX_LINE + 1 bytes ends between the size line's CR and its LF.
+        for step in [wire.len(), MAX_LINE + 1, MAX_LINE] {
+            assert_eq!(decode_in_steps(wire.as_bytes(), step).unwrap().0, b"a");
+        }
+        let longer = format!("1;{}\r\na\r\n0\r\n\r\n", "v".repeat(MAX_LINE - 1));
+        for step in [longer.len(), MAX_LINE + 1, MAX_LINE + 2] {
+            assert!(decode_in_steps(longer.as_bytes(), step).is_err());
+        }
+    }
+
+    #[test]
+    fn empty_data_is_no_chunk() {
+        let mut out = Vec::new();
+        encode(b"ab", &mut out);
+        encode(b"", &mut out);
+        encode(b"c", &mut out);
+        out.extend_from_slice(LAST_CHUNK);
+        assert_eq!(out, b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n");
+        assert_eq!(decode_in_steps(&out, 3).unwrap().0, b"abc");
     }
 
     #[test]

@@ -59,12 +59,16 @@ impl Tokens {
     }
 
     /// Removes the headers the `Connection` lines named. A name that is not a valid header
-    /// name cannot be in the map.
+    /// name cannot be in the map. `Host` is never this hop's alone: a message names where
+    /// it goes, whatever `Connection` says.
     pub fn remove_named(&self, headers: &mut HeaderMap) {
         for value in &self.named {
             for token in list_items(value) {
-                if let Ok(name) = HeaderName::from_bytes(token) {
-                    headers.remove(name);
+                match HeaderName::from_bytes(token) {
+                    Ok(name) if name != http::header::HOST => {
+                        headers.remove(name);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -153,6 +157,18 @@ mod tests {
         tokens.remove_named(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-end"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut tokens = Tokens::default();
+        tokens.add(&HeaderValue::from_static("Host, x-a"));
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("app"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        tokens.remove_named(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["host"], "app");
     }
 
     #[test]

@@ -122,11 +122,12 @@ pub fn parse(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Invali
                 }
             }
             Field::TransferEncoding => {
-                let last = list_items(&value)
-                    .filter(|c| !c.is_empty())
-                    .last()
-                    .unwrap_or(b"");
-                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+                // The lines are one list (RFC 9110 §5.3): a line without a coding changes
+                // nothing.
+                let last = list_items(&value).filter(|c| !c.is_empty()).last();
+                chunked = last
+                    .map_or(chunked, |c| Some(c.eq_ignore_ascii_case(b"chunked")))
+                    .or(Some(false));
                 continue;
             }
             // A `101` keeps `Connection` and `Upgrade` for the client.
@@ -327,6 +328,21 @@ mod tests {
         assert!(parse_str("HTTP/1.1 200 OK\r\nContent-Le", Method::GET)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn transfer_encoding_lines_are_one_list() {
+        for (lines, framing) in [
+            ("chunked\r\nTransfer-Encoding: ,", Framing::Chunked),
+            ("chunked\r\nTransfer-Encoding:", Framing::Chunked),
+            ("chunked,", Framing::Chunked),
+            ("gzip\r\nTransfer-Encoding: chunked", Framing::Chunked),
+            ("chunked\r\nTransfer-Encoding: gzip", Framing::UntilClose),
+            (",", Framing::UntilClose),
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {lines}\r\n\r\n");
+            assert_eq!(head(&raw, Method::GET).framing, framing, "{raw:?}");
+        }
     }
 
     #[test]
