@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, HOST};
+use http::header::{ALLOW, CONNECTION, HOST, USER_AGENT};
 use http::{request, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as HttpBody;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +32,7 @@ use crate::config::value::{Cidr, UpstreamUrl};
 use crate::config::UpstreamConfig;
 use crate::http1::request::{encode, Forwarded};
 use crate::middleware::Handles;
+use crate::trace::Tracer;
 use crate::Config;
 use body::RequestBody;
 
@@ -46,14 +47,20 @@ pub struct Proxy {
     upgrades: Vec<String>,
     handles: Arc<Handles>,
     audit: Option<Arc<Audit>>,
+    tracer: Option<Arc<Tracer>>,
     /// `gatehouse_upstream_errors_total{kind}`, by [`client::Error::KINDS`] index.
     upstream_errors: Box<[Counter]>,
 }
 
 impl Proxy {
     /// Builds the chain and the upstream of `config` with the server's handles (metrics,
-    /// state kept across reloads) and audit pipeline.
-    pub fn new(config: &Config, handles: &Arc<Handles>, audit: Option<Arc<Audit>>) -> Proxy {
+    /// state kept across reloads), audit pipeline and tracer.
+    pub fn new(
+        config: &Config,
+        handles: &Arc<Handles>,
+        audit: Option<Arc<Audit>>,
+        tracer: Option<Arc<Tracer>>,
+    ) -> Proxy {
         Proxy {
             chain: crate::middleware::chain(&config.middleware, handles),
             upstream: upstream_endpoint(&config.upstream, handles),
@@ -72,6 +79,7 @@ impl Proxy {
                 .collect(),
             handles: handles.clone(),
             audit,
+            tracer,
         }
     }
 
@@ -132,14 +140,22 @@ impl Proxy {
         start: Instant,
     ) -> Session {
         let client_ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
-        let ctx = Context::new(client_ip, client.ip, client.tls, start, client.worker);
-        Session::new(
+        let mut ctx = Context::new(client_ip, client.ip, client.tls, start, client.worker);
+        if let Some(tracer) = &self.tracer {
+            ctx.trace.ids = Some(tracer.begin(&parts.headers));
+        }
+        let mut session = Session::new(
             self.clone(),
             ctx,
             parts.method.clone(),
             parts.uri.clone(),
             client_host(parts),
-        )
+        );
+        session.version = parts.version;
+        if session.ctx.trace.sampled() {
+            session.user_agent = parts.headers.get(USER_AGENT).cloned();
+        }
+        session
     }
 
     async fn serve<B>(
@@ -187,10 +203,12 @@ impl Proxy {
                 .headers
                 .insert(HOST, self.upstream.authority().clone());
         }
+        let traceparent = s.ctx.trace.ids.map(|ids| ids.traceparent());
         let forwarded = Forwarded {
             peer: &client.forwarded_for,
             proto: &client.proto,
             host: host.as_ref(),
+            traceparent: traceparent.as_ref().map(|t| &t[..]),
         };
         let mut body = RequestBody::new(body, &self.chain, self.chain.body_phases(&s.ctx));
         let encode = |framing, out: &mut Vec<u8>| {
@@ -211,6 +229,9 @@ impl Proxy {
         s.ctx.upstream_time = Some(answered - sent);
         s.ctx.upstream_answered = Some(answered);
         s.bytes_in = body.received;
+        if let Ok(client::Answer::Response(head, _) | client::Answer::Upgrade(head, _)) = &result {
+            s.upstream_status = Some(head.status);
+        }
         let (mut head, body) = match result {
             // The codec left the upstream's hop-by-hop headers out already.
             Ok(client::Answer::Response(head, upstream)) => (head, Body::Upstream(upstream)),
