@@ -462,6 +462,7 @@ fn deploy_configs_pass_gatehouse_check() {
             &[
                 ("API_KEY", API_KEY),
                 ("REDIS_URL", "redis://rate-limit-redis:6379"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4318"),
             ],
             None,
         );
