@@ -86,11 +86,15 @@ impl Exporter {
                 _ = stop.changed() => break,
                 _ = tick.tick() => {}
             }
-            batch.fill(&mut rx, self.batch_size);
-            let due = batch
-                .since
-                .is_some_and(|since| since.elapsed() >= self.flush_interval);
-            if batch.spans >= self.batch_size || due {
+            // Full batches go out back to back while the queue holds more.
+            loop {
+                batch.fill(&mut rx, self.batch_size);
+                let due = batch
+                    .since
+                    .is_some_and(|since| since.elapsed() >= self.flush_interval);
+                if (batch.spans < self.batch_size && !due) || stop.borrow().is_some() {
+                    break;
+                }
                 self.export(&mut batch, &mut stop).await;
             }
         }
