@@ -834,23 +834,24 @@ async fn the_endpoint_and_service_name_default_to_the_otel_environment() {
     );
     stop(&mut gh).await;
 
-    // Without either, the config is refused with the key and the variable named.
-    let out = cli(
-        &["check", "--config", "proxy.toml"],
-        &[],
-        Some(&{
-            let dir = tempfile::tempdir().unwrap().keep();
-            std::fs::write(
-                dir.join("proxy.toml"),
-                render(
-                    &config("", "", "[tracing]\n"),
-                    &[("port", "8080"), ("upstream", "http://127.0.0.1:9")],
-                ),
-            )
-            .unwrap();
-            dir
-        }),
-    );
+    // `check` shows where spans go; without an endpoint anywhere, the config is refused with
+    // the key and the variable named.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        render(
+            &config("", "", "[tracing]\nsample_ratio = 0.25\n"),
+            &[("port", "8080"), ("upstream", "http://127.0.0.1:9")],
+        ),
+    )
+    .unwrap();
+    let check = ["check", "--config", "proxy.toml"];
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")];
+    let out = cli(&check, &env, Some(dir.path()));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let line = "tracing: export to http://collector:4318/v1/traces as service gatehouse, sample_ratio 0.25";
+    assert!(out.stdout.contains(line), "{}", out.stdout);
+    let out = cli(&check, &[], Some(dir.path()));
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(
         out.stderr.contains("tracing.endpoint: missing"),
