@@ -34,6 +34,7 @@ pub struct Session {
     pub method: Method,
     pub uri: Uri,
     pub host: Option<HeaderValue>,
+    /// The client's protocol version (a span's `network.protocol.version`).
     pub version: Version,
     /// The client's `User-Agent`, kept for a sampled request's span.
     pub user_agent: Option<HeaderValue>,
