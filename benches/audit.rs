@@ -74,6 +74,8 @@ fn enqueue(c: &mut Criterion) {
                         subject: None,
                         decision: Decision::Allow,
                         denied_by: None,
+                        deny_reason: None,
+                        fail_open: &[],
                         bytes_in: 0,
                         bytes_out: 734,
                         completed: true,

@@ -15,6 +15,7 @@ Exits 1 naming each disagreement. Durations use SPEC's units (ms, s, m, h).
 import re
 import sys
 import tomllib
+from collections.abc import Iterator
 
 import yaml
 
@@ -28,17 +29,14 @@ def seconds(text: str, where: str) -> float:
     return int(m.group(1)) * UNITS[m.group(2)]
 
 
-def main(path: str) -> int:
-    with open(path) as f:
-        docs = [d for d in yaml.safe_load_all(f) if d]
+def gatehouse_pods(docs: list) -> Iterator[tuple]:
+    """(name, pod spec, gatehouse container, parsed proxy.toml or None) for every Deployment
+    in a rendering that runs gatehouse; None when its proxy.toml ConfigMap is not rendered."""
     configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
-    problems = []
     for dep in (d for d in docs if d["kind"] == "Deployment"):
         spec = dep["spec"]["template"]["spec"]
-        name = dep["metadata"]["name"]
-        init = spec.get("initContainers", [])
-        main_containers = spec.get("containers", [])
-        gatehouse = next((c for c in init + main_containers if c["name"] == "gatehouse"), None)
+        containers = spec.get("initContainers", []) + spec.get("containers", [])
+        gatehouse = next((c for c in containers if c["name"] == "gatehouse"), None)
         if gatehouse is None:
             continue
         mounts = {m["name"] for m in gatehouse.get("volumeMounts", [])}
@@ -47,6 +45,16 @@ def main(path: str) -> int:
             cm = vol.get("configMap", {}).get("name")
             if vol["name"] in mounts and cm in configmaps and "proxy.toml" in configmaps[cm]:
                 config = tomllib.loads(configmaps[cm]["proxy.toml"])
+        yield dep["metadata"]["name"], spec, gatehouse, config
+
+
+def main(path: str) -> int:
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    problems = []
+    for name, spec, gatehouse, config in gatehouse_pods(docs):
+        init = spec.get("initContainers", [])
+        main_containers = spec.get("containers", [])
         if config is None:
             print(f"check_drain: {path}: deployment/{name}: no rendered proxy.toml ConfigMap, skipped")
             continue

@@ -2,7 +2,8 @@
 # Render every kustomization under deploy/kubernetes and validate each resource offline
 # against the Kubernetes API schemas (kubernetes-validate, pinned), then check that each
 # pod's preStop and terminationGracePeriodSeconds agree with its proxy.toml's
-# shutdown_delay/shutdown_grace (check_drain.py). Fails on any error.
+# shutdown_delay/shutdown_grace (check_drain.py), and that a Unix-socket upstream is on a
+# volume the app shares (check_socket.py). Fails on any error.
 #
 #   bash deploy/validate.sh
 #
@@ -102,6 +103,10 @@ for kfile in $(find deploy/kubernetes -name kustomization.yaml | sort); do
     fi
     # The pod's drain settings must agree with its proxy.toml (see check_drain.py).
     if ! "$VENV/bin/python" deploy/check_drain.py "$rendered"; then
+        status=1
+    fi
+    # An upstream on a Unix socket must be on a volume the app mounts and listens on.
+    if ! "$VENV/bin/python" deploy/check_socket.py "$rendered"; then
         status=1
     fi
 done

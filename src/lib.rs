@@ -6,13 +6,15 @@
 //! [`metrics`]; [`client`] (every outbound request); [`trace`] (trace context, the span
 //! exporter); [`chain`] (the middleware trait, the
 //! request context, gatehouse's own answers); [`middleware`] (one file per TOML `type`);
-//! [`audit`]; [`proxy`] (one request's path, start to record); [`server`] and [`admin`].
+//! [`audit`]; [`proxy`] (one request's path, start to record); [`server`], [`admin`] and
+//! [`explain`] (one request through the chain in-process, and policy tests).
 
 pub mod admin;
 pub mod audit;
 pub mod chain;
 pub mod client;
 pub mod config;
+pub mod explain;
 pub mod http1;
 pub mod json;
 pub mod logging;

@@ -1,11 +1,15 @@
-//! The `gatehouse` command: `run` serves, `check` validates.
+//! The `gatehouse` command: `run` serves, `check` validates, `explain` shows what the chain
+//! does to one request, `test` runs policy tests.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use gatehouse::explain::{self, cases, Target};
 use gatehouse::middleware::order;
 use gatehouse::Config;
+use http::{HeaderName, HeaderValue, Method};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,6 +28,10 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config and print the resolved chain.
     Check(ConfigArg),
+    /// Show what the chain does to one request, step by step, without contacting the app.
+    Explain(ExplainArgs),
+    /// Run policy test cases (a TOML file of [[case]] tables) against the config, offline.
+    Test(TestArgs),
 }
 
 #[derive(Args)]
@@ -33,13 +41,60 @@ struct ConfigArg {
     config: PathBuf,
 }
 
-/// Exit statuses of SPEC: 1 start-up failure, 2 invalid config.
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print the explanation as one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// The client's address (the connection's peer).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    from: IpAddr,
+    /// A request header, as 'Name: value' (repeat for more).
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE", value_parser = explain::parse_header)]
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The request body's size in bytes (sent as content-length unless a header frames it).
+    #[arg(long, value_name = "N")]
+    body_size: Option<u64>,
+    /// The status the app is taken to answer.
+    #[arg(long, value_name = "CODE", default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
+    upstream_status: u16,
+    /// Ask outside state for real (Redis, auth services, JWKS URLs), read-only where possible.
+    #[arg(long)]
+    live: bool,
+    /// The request method, e.g. GET.
+    #[arg(value_parser = explain::parse_method)]
+    method: Method,
+    /// A path such as /api/items?page=2, or a full URL whose host is the Host.
+    url: Target,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The test cases: a TOML file of [[case]] tables.
+    file: PathBuf,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+/// Exit statuses of SPEC: 1 start-up failure (and a bad command line, or a failed policy
+/// test), 2 invalid config.
 const START_FAILED: u8 = 1;
 const INVALID_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A bad command line exits 1: 2 says the config is invalid.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::from(e.use_stderr()));
+        }
+    };
     match cli.command {
+        Command::Explain(args) => explain(args),
+        Command::Test(args) => test(&args),
         Command::Check(args) => match Config::load(&args.config) {
             Ok(config) => {
                 print!("{}", describe(&config));
@@ -64,6 +119,62 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `explain`: 0 when the request was explained, whatever the chain decided.
+fn explain(args: ExplainArgs) -> ExitCode {
+    let config = match Config::load(&args.config.config) {
+        Ok(config) => config,
+        Err(e) => return fail(INVALID_CONFIG, &e),
+    };
+    let mut request = explain::Request::new(args.method, args.url);
+    request.headers = args.headers;
+    request.from = args.from;
+    request.body_size = args.body_size;
+    request.upstream_status =
+        http::StatusCode::from_u16(args.upstream_status).expect("clap checked the range");
+    match explain::explain(&config, &request, args.live) {
+        Ok(report) if args.json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("the report serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(START_FAILED, &format!("cannot run the chain: {e}")),
+    }
+}
+
+/// `test`: every case's result, then the summary; 1 if any failed.
+fn test(args: &TestArgs) -> ExitCode {
+    let config = match Config::load(&args.config.config) {
+        Ok(config) => config,
+        Err(e) => return fail(INVALID_CONFIG, &e),
+    };
+    let cases = match cases::load(&args.file, &config) {
+        Ok(cases) => cases,
+        Err(e) => return fail(INVALID_CONFIG, &e),
+    };
+    let mut verdicts = Vec::with_capacity(cases.len());
+    for case in &cases {
+        match case.run(&config) {
+            Ok(verdict) => {
+                print!("{verdict}");
+                verdicts.push(verdict);
+            }
+            Err(e) => return fail(START_FAILED, &format!("cannot run the chain: {e}")),
+        }
+    }
+    println!("{}", cases::summary(&verdicts));
+    if verdicts.iter().all(|v| v.failures.is_empty()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(START_FAILED)
     }
 }
 

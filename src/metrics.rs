@@ -45,6 +45,7 @@ pub struct Metrics {
     rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
     jwt_cache_lookups: Family<LookupLabels, Counter>,
     trace_spans: Family<OutcomeLabel, Counter>,
+    fail_open: Family<MiddlewareLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +121,7 @@ impl Metrics {
         let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
         let jwt_cache_lookups = Family::<LookupLabels, Counter>::default();
         let trace_spans = Family::<OutcomeLabel, Counter>::default();
+        let fail_open = Family::<MiddlewareLabel, Counter>::default();
         // A family with no label set yet still prints its HELP and TYPE lines; the reload
         // outcomes are known up front, so they print as zeros.
         for result in ["success", "failure"] {
@@ -196,6 +198,11 @@ impl Metrics {
             "Bearer tokens looked up in a jwt middleware's cache of verified tokens, by middleware name and result (hit or miss)",
             Listed(jwt_cache_lookups.clone()),
         );
+        registry.register(
+            "gatehouse_fail_open",
+            "Requests a middleware let through only because its backend failed (rate_limit with on_backend_error = \"allow\"), by middleware name",
+            Listed(fail_open.clone()),
+        );
 
         Metrics {
             registry,
@@ -214,6 +221,7 @@ impl Metrics {
             rate_limit_backend_errors,
             jwt_cache_lookups,
             trace_spans,
+            fail_open,
         }
     }
 
@@ -289,6 +297,13 @@ impl Metrics {
     pub fn trace_spans(&self, outcome: &'static str) -> Counter {
         self.trace_spans
             .get_or_create_owned(&OutcomeLabel { outcome })
+    }
+
+    /// A handle for `gatehouse_fail_open_total{middleware}`, resolved once per chain entry.
+    pub fn fail_open(&self, middleware: &Arc<str>) -> Counter {
+        self.fail_open.get_or_create_owned(&MiddlewareLabel {
+            middleware: middleware.clone(),
+        })
     }
 
     /// The Prometheus text exposition of every family.
@@ -431,6 +446,7 @@ mod tests {
             "gatehouse_config_reloads_total",
             "gatehouse_rate_limit_backend_errors_total",
             "gatehouse_trace_spans_total",
+            "gatehouse_fail_open_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {} ", family.trim_end_matches("_total"))),

@@ -1,5 +1,6 @@
 //! Audit events against the real binary: the event's fields, `include`, the sinks, a stuck
-//! sink, flushing on SIGTERM and reopening on SIGHUP.
+//! sink, flushing on SIGTERM and reopening on SIGHUP, and the spool's journal across
+//! SIGKILL, a torn tail, a changed sink list, its size bound and an unwritable disk.
 
 mod common;
 
@@ -210,6 +211,8 @@ async fn events_carry_spec_fields() {
         "subject",
         "decision",
         "denied_by",
+        "deny_reason",
+        "fail_open",
         "bytes_in",
         "bytes_out",
         "completed",
@@ -479,8 +482,9 @@ async fn a_changed_audit_section_takes_effect_on_restart() {
     assert_eq!(s.stop().await.len(), 1, "include = \"all\" still holds");
 }
 
-/// An HTTP audit collector: answers the statuses of `script` to the first POSTs, then 200;
-/// keeps the events of the batches it accepted, in arrival order.
+/// An HTTP audit collector: answers the statuses of `script` to the first POSTs, then 200,
+/// each after `delay`; keeps the events of the batches it accepted, in arrival order (from
+/// when they arrived: a batch whose answer the sender never got counts).
 struct Collector {
     addr: std::net::SocketAddr,
     state: std::sync::Arc<CollectorState>,
@@ -494,11 +498,19 @@ struct CollectorState {
     attempts: std::sync::atomic::AtomicUsize,
     /// `authorization` and `content-type` of the last POST.
     last_headers: std::sync::Mutex<(String, String)>,
+    delay: std::sync::Mutex<Duration>,
 }
 
 impl Collector {
     async fn start(script: &[u16]) -> Collector {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Collector::on(0, script).await
+    }
+
+    /// On `port` (0: any free one).
+    async fn on(port: u16, script: &[u16]) -> Collector {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let state = std::sync::Arc::new(CollectorState {
             script: std::sync::Mutex::new(script.iter().copied().collect()),
@@ -532,6 +544,8 @@ impl Collector {
                                 let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
                                 st.accepted.lock().unwrap().extend(batch);
                             }
+                            let delay = *st.delay.lock().unwrap();
+                            tokio::time::sleep(delay).await;
                             let resp = http::Response::builder()
                                 .status(status)
                                 .body(empty())
@@ -550,6 +564,10 @@ impl Collector {
 
     fn url(&self) -> String {
         format!("http://{}/ingest", self.addr)
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = delay;
     }
 
     fn attempts(&self) -> usize {
@@ -867,4 +885,421 @@ async fn at_shutdown_what_a_hung_sink_holds_goes_to_the_spool() {
         .collect();
     assert_eq!(spooled, sent);
     task.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The journal: what survives SIGKILL
+// ---------------------------------------------------------------------------------------------
+
+/// A config with a `request_id` middleware and one `http` sink (named `http`) to
+/// `127.0.0.1:port`, journaled in `spool`; `audit` adds `[audit]` keys.
+fn journaled_http(spool: &Path, port: u16, audit: &str) -> String {
+    format!(
+        "[[middleware]]\ntype = \"request_id\"\n\n[audit]\nspool_dir = \"{}\"\n{audit}\n\
+         [[audit.sinks]]\ntype = \"http\"\nurl = \"http://127.0.0.1:{port}/ingest\"\nretries = 10\n",
+        spool.display()
+    )
+}
+
+fn request_id(event: &[u8]) -> String {
+    let event: Value = serde_json::from_slice(event).unwrap();
+    event["request_id"].as_str().unwrap().to_owned()
+}
+
+/// The `request_id`s in the journal of one sink's spool directory, in journal order.
+fn journal_ids(dir: &Path) -> Vec<String> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    segments.retain(|p| p.extension().is_some_and(|e| e == "spool"));
+    segments.sort();
+    segments
+        .iter()
+        // A segment delivered and removed meanwhile is at the collector.
+        .filter_map(|p| std::fs::read(p).ok())
+        .flat_map(|data| gatehouse::audit::spool::decode(&data).events)
+        .map(|e| request_id(&e))
+        .collect()
+}
+
+/// Waits until every event of `sent` is in the journal in `dir`, or (read after it) at
+/// `collector`.
+async fn wait_journaled(dir: &Path, collector: Option<&Collector>, sent: &[String]) {
+    within(Duration::from_secs(10), "every event journaled", async {
+        loop {
+            let mut have: HashSet<String> = journal_ids(dir).into_iter().collect();
+            have.extend(collector.map(Collector::accepted_ids).unwrap_or_default());
+            if sent.iter().all(|id| have.contains(id)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Waits until `collector` holds every event of `sent`.
+async fn wait_for_ids(collector: &Collector, sent: &[String]) {
+    within(Duration::from_secs(20), "events at the collector", async {
+        loop {
+            let have: HashSet<String> = collector.accepted_ids().into_iter().collect();
+            if sent.iter().all(|id| have.contains(id)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+async fn sigkill(gh: &mut Gatehouse) {
+    gh.send_signal("KILL");
+    assert!(gh.wait_exit(Duration::from_secs(10)).await.is_some());
+}
+
+/// Each id once, where it first came: after a crash the batch that was in flight comes again.
+fn first_seen(ids: Vec<String>) -> Vec<String> {
+    let mut seen = HashSet::new();
+    ids.into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
+}
+
+enum Collecting {
+    Down,
+    /// Two seconds per batch.
+    Slow,
+    Up,
+}
+
+/// 1,500 requests on 20 connections, SIGKILL once every event is in the journal or at the
+/// collector, then a restart on the same spool with the collector up: every event arrives,
+/// at least once. Returns what the collector accepted.
+async fn burst_then_sigkill(collecting: Collecting) -> Vec<String> {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().join("http");
+    let collector = match collecting {
+        Collecting::Down => None,
+        Collecting::Slow | Collecting::Up => Some(Collector::on(port, &[]).await),
+    };
+    if let (Collecting::Slow, Some(c)) = (collecting, &collector) {
+        c.set_delay(Duration::from_secs(2));
+    }
+    let template = journaled_http(
+        spool.path(),
+        port,
+        "batch_size = 50\nflush_interval = \"1s\"",
+    );
+    let mut first = Setup::start(&template).await;
+    let sent = load(first.gh.port, 1500, 20, "/echo").await;
+    wait_journaled(&dir, collector.as_ref(), &sent).await;
+    sigkill(&mut first.gh).await;
+
+    let collector = match collector {
+        Some(c) => {
+            c.set_delay(Duration::ZERO);
+            c
+        }
+        None => Collector::on(port, &[]).await,
+    };
+    let mut second = Setup::start(&template).await;
+    wait_for_ids(&collector, &sent).await;
+    second.stop().await;
+    let got = collector.accepted_ids();
+    let sent: HashSet<String> = sent.into_iter().collect();
+    assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), sent);
+    assert_eq!(spool_files(&dir), 0, "delivered, the journal is emptied");
+    got
+}
+
+#[tokio::test]
+async fn sigkill_with_the_collector_down_loses_no_journaled_event() {
+    let got = burst_then_sigkill(Collecting::Down).await;
+    assert_eq!(
+        got.len(),
+        1500,
+        "nothing was acknowledged: each exactly once"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_with_a_slow_collector_loses_no_journaled_event() {
+    burst_then_sigkill(Collecting::Slow).await;
+}
+
+#[tokio::test]
+async fn sigkill_with_the_collector_up_loses_no_journaled_event() {
+    burst_then_sigkill(Collecting::Up).await;
+}
+
+#[tokio::test]
+async fn a_sink_gets_its_events_in_order_across_sigkills_and_restarts() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().join("http");
+    let template = journaled_http(
+        spool.path(),
+        port,
+        "batch_size = 30\nflush_interval = \"1h\"",
+    );
+    let mut sent = Vec::new();
+    // Two runs with the collector down, each killed once its events are journaled.
+    for _ in 0..2 {
+        let mut run = Setup::start(&template).await;
+        sent.extend(in_order(run.gh.port, 30).await);
+        wait_journaled(&dir, None, &sent).await;
+        sigkill(&mut run.gh).await;
+    }
+    let collector = Collector::on(port, &[]).await;
+    let mut last = Setup::start(&template).await;
+    assert!(
+        last.gh.stderr().contains("audit spool from an earlier run"),
+        "{}",
+        last.gh.stderr()
+    );
+    sent.extend(in_order(last.gh.port, 30).await);
+    wait_for_ids(&collector, &sent).await;
+    last.stop().await;
+    assert_eq!(collector.accepted_ids(), sent);
+}
+
+#[tokio::test]
+async fn a_torn_journal_tail_after_a_crash_is_cut_off_and_the_rest_delivered() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().join("http");
+    let template = journaled_http(
+        spool.path(),
+        port,
+        "batch_size = 10\nflush_interval = \"20ms\"",
+    );
+    let mut first = Setup::start(&template).await;
+    let sent = in_order(first.gh.port, 20).await;
+    wait_journaled(&dir, None, &sent).await;
+    sigkill(&mut first.gh).await;
+    // As if the kill came in the middle of an append: half a record ends the open segment.
+    let open_segment = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "spool") && !p.to_str().unwrap().contains('-'))
+        .expect("the segment the killed process appended to");
+    let record = gatehouse::audit::spool::records(&[bytes::Bytes::from_static(
+        b"{\"request_id\":\"torn\"}",
+    )]);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&open_segment)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &record[..record.len() / 2]).unwrap();
+
+    let collector = Collector::on(port, &[]).await;
+    let mut second = Setup::start(&template).await;
+    wait_for_ids(&collector, &sent).await;
+    assert!(
+        second.gh.stderr().contains("torn record"),
+        "{}",
+        second.gh.stderr()
+    );
+    let more = in_order(second.gh.port, 5).await;
+    wait_for_ids(&collector, &more).await;
+    second.stop().await;
+    assert_eq!(collector.accepted_ids(), [sent, more].concat());
+    assert_eq!(spool_files(&dir), 0);
+}
+
+/// The `request_id`s of a file sink's events.
+fn file_ids(path: &Path) -> Vec<String> {
+    read_events(path)
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_removed_sinks_journal_is_kept_and_reported_not_delivered_elsewhere() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (local, other) = (
+        out.path().join("local.jsonl"),
+        out.path().join("other.jsonl"),
+    );
+    let sink = |name: &str| {
+        match name {
+        "collector" => format!(
+            "[[audit.sinks]]\ntype = \"http\"\nname = \"collector\"\nurl = \"http://127.0.0.1:{port}/ingest\"\nretries = 10\n"
+        ),
+        _ => format!(
+            "[[audit.sinks]]\ntype = \"file\"\nname = \"{name}\"\npath = \"{}\"\n",
+            out.path().join(format!("{name}.jsonl")).display()
+        ),
+    }
+    };
+    let config = |names: [&str; 2]| {
+        format!(
+            "[[middleware]]\ntype = \"request_id\"\n\n[audit]\nspool_dir = \"{}\"\nflush_interval = \"20ms\"\n{}{}",
+            spool.path().display(),
+            sink(names[0]),
+            sink(names[1])
+        )
+    };
+    let mut first = Setup::start(&config(["collector", "local"])).await;
+    let before = in_order(first.gh.port, 10).await;
+    wait_journaled(&spool.path().join("collector"), None, &before).await;
+    wait_for_events(&local, 10).await;
+    sigkill(&mut first.gh).await;
+
+    let mut second = Setup::start(&config(["local", "other"])).await;
+    wait_for_log(&second.gh, "sink no longer configured").await;
+    let log = second.gh.stderr();
+    let report: Value = log
+        .lines()
+        .find(|l| l.contains("sink no longer configured"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert_eq!(report["sink"], "collector", "{report}");
+    assert_eq!(report["events"], 10, "{report}");
+    let after = in_order(second.gh.port, 5).await;
+    second.stop().await;
+    assert_eq!(journal_ids(&spool.path().join("collector")), before);
+    assert_eq!(file_ids(&other), after, "a new sink gets only new events");
+    assert_eq!(first_seen(file_ids(&local)), [before, after].concat());
+}
+
+/// The value of the sample line that starts with `series`, 0 when absent.
+fn sample(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.parse().expect("an integer sample"))
+}
+
+/// Polls the admin's `/metrics` until `series` reaches `value`; returns that scrape.
+async fn wait_sample(admin: u16, series: &str, value: u64) -> String {
+    within(Duration::from_secs(20), series, async {
+        loop {
+            let text = get(admin, "/metrics").await.text();
+            if sample(&text, series) >= value {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn at_spool_max_bytes_the_oldest_unread_events_are_dropped_and_counted() {
+    let (port, admin) = (free_port(), free_port());
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().join("http");
+    let template = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{}",
+        journaled_http(
+            spool.path(),
+            port,
+            "batch_size = 5\nflush_interval = \"20ms\"\nspool_max_bytes = \"64KiB\""
+        )
+        .replace("retries = 10", "retries = 0")
+    );
+    let mut s = Setup::start(&template).await;
+    let sent = in_order(s.gh.port, 1000).await;
+    let series = |outcome: &str| {
+        format!("gatehouse_audit_events_total{{sink=\"http\",outcome=\"{outcome}\"}}")
+    };
+    let metrics = wait_sample(admin, &series("spooled"), 1000).await;
+    let dropped = sample(&metrics, &series("dropped"));
+    assert!(dropped > 0, "{metrics}");
+    assert_eq!(sample(&metrics, "gatehouse_audit_dropped_total"), dropped);
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    // The bound, plus the segment being read (an eighth of it) and a cursor.
+    assert!(on_disk <= 64 * 1024 * 9 / 8 + 64, "{on_disk}");
+
+    let collector = Collector::on(port, &[]).await;
+    wait_sample(admin, &series("delivered"), 1000 - dropped).await;
+    s.stop().await;
+    let got = collector.accepted_ids();
+    assert_eq!(got.len() as u64 + dropped, 1000);
+    // What went is one run of events: those after the batch (and segment) being delivered.
+    let kept = got.iter().zip(&sent).take_while(|(g, s)| g == s).count();
+    assert!(kept > 0 && kept < got.len(), "{kept} of {}", got.len());
+    assert_eq!(got[kept..], sent[kept + dropped as usize..]);
+}
+
+/// `chattr +i` on a directory and its files, undone on drop: not even root can write there
+/// (files already open included), as on a disk remounted read-only.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .args(["-R", "+i"])
+            .arg(dir)
+            .status()
+            .expect("chattr (e2fsprogs) is installed");
+        assert!(
+            status.success(),
+            "chattr +i needs a filesystem that supports it (ext4, xfs...) for the temp dir"
+        );
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-R", "-i"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn an_unwritable_journal_degrades_to_delivery_from_memory_and_recovers() {
+    let collector = Collector::start(&[]).await;
+    let admin = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().join("http");
+    let template = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{}",
+        journaled_http(
+            spool.path(),
+            collector.addr.port(),
+            "batch_size = 5\nflush_interval = \"20ms\""
+        )
+    );
+    let mut s = Setup::start(&template).await;
+    let mut sent = in_order(s.gh.port, 10).await;
+    wait_for_ids(&collector, &sent).await;
+
+    let unwritable = Immutable::set(&dir);
+    let during = in_order(s.gh.port, 20).await;
+    sent.extend(during);
+    wait_for_ids(&collector, &sent).await;
+    wait_for_log(&s.gh, "audit spool unwritable").await;
+    let metrics = get(admin, "/metrics").await.text();
+    let unspooled = "gatehouse_audit_events_total{sink=\"http\",outcome=\"unspooled\"}";
+    assert_eq!(sample(&metrics, unspooled), 20, "{metrics}");
+
+    drop(unwritable);
+    within(
+        Duration::from_secs(10),
+        "the journal written again",
+        async {
+            while !s.gh.stderr().contains("audit spool writable again") {
+                sent.extend(in_order(s.gh.port, 1).await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    sent.extend(in_order(s.gh.port, 10).await);
+    wait_for_ids(&collector, &sent).await;
+    s.stop().await;
+    assert_eq!(collector.accepted_ids(), sent, "once each, in order");
+    assert_eq!(spool_files(&dir), 0);
 }

@@ -333,73 +333,7 @@ fn basic_auth_plaintext_password_is_a_config_error() {
     );
 }
 
-// ----- a small real HTTP server for JWKS documents and forward-auth decisions ---------------
-
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-type Handler = dyn Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync;
-
-/// Answers every request with `handler`, counting them.
-struct TestServer {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestServer {
-    async fn start(
-        handler: impl Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync + 'static,
-    ) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let counter = Arc::clone(&hits);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (handler, counter) = (Arc::clone(&handler), Arc::clone(&counter));
-                let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let (parts, _) = req.into_parts();
-                    let resp = handler(&parts);
-                    async move { Ok::<_, std::convert::Infallible>(resp) }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
-            }
-        });
-        TestServer { addr, hits, task }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> http::Response<Body> {
-    let mut b = http::Response::builder().status(status);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(full(body.to_owned())).unwrap()
-}
 
 // ----- jwt ----------------------------------------------------------------------------------
 

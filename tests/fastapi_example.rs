@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 const EXAMPLE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/fastapi");
 const API_KEY: &str = "example-test-key-5f2c";
@@ -72,22 +72,49 @@ fn run_setup(cmd: &mut Command, what: &str) {
     );
 }
 
-/// uvicorn serving one of the example apps on 127.0.0.1, killed on drop.
+/// Where uvicorn listens: a free port on 127.0.0.1, or a Unix socket in a temporary directory
+/// (`--uds`, as in deploy/kubernetes/components/unix-socket).
+enum Listen {
+    Tcp(u16),
+    Unix {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Listen {
+    fn tcp() -> Listen {
+        Listen::Tcp(free_port())
+    }
+
+    fn unix() -> Listen {
+        let dir = tempfile::tempdir().unwrap();
+        Listen::Unix {
+            path: dir.path().join("app.sock"),
+            _dir: dir,
+        }
+    }
+}
+
+/// uvicorn serving one of the example apps, killed on drop.
 struct App {
     child: Child,
-    port: u16,
+    listen: Listen,
     log: tempfile::NamedTempFile,
 }
 
 impl App {
     /// Start `app:app` from `app_dir` (relative to the example) and wait until it listens.
-    async fn start(app_dir: &str, envs: &[(&str, &str)]) -> App {
+    async fn start(app_dir: &str, listen: Listen, envs: &[(&str, &str)]) -> App {
         let venv = python_venv();
-        let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
+        let address = match &listen {
+            Listen::Tcp(port) => vec!["--host=127.0.0.1".to_owned(), format!("--port={port}")],
+            Listen::Unix { path, .. } => vec![format!("--uds={}", path.display())],
+        };
         let child = Command::new(venv.join("bin/python"))
-            .args(["-m", "uvicorn", "app:app", "--host", "127.0.0.1"])
-            .arg(format!("--port={port}"))
+            .args(["-m", "uvicorn", "app:app"])
+            .args(address)
             .arg(format!("--app-dir={app_dir}"))
             .current_dir(EXAMPLE_DIR)
             .env("PYTHONDONTWRITEBYTECODE", "1") // no __pycache__ in the source tree
@@ -97,9 +124,9 @@ impl App {
             .stderr(log.reopen().unwrap())
             .spawn()
             .expect("start uvicorn");
-        let mut app = App { child, port, log };
+        let mut app = App { child, listen, log };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while !app.listening().await {
             if let Some(status) = app.child.try_wait().unwrap() {
                 panic!("uvicorn exited with {status}\n{}", app.output());
             }
@@ -113,8 +140,26 @@ impl App {
         app
     }
 
+    async fn listening(&self) -> bool {
+        match &self.listen {
+            Listen::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).await.is_ok(),
+            Listen::Unix { path, .. } => UnixStream::connect(path).await.is_ok(),
+        }
+    }
+
+    /// The value for gatehouse's `upstream.url` (`APP_URL` in the example's proxy.toml).
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match &self.listen {
+            Listen::Tcp(port) => format!("http://127.0.0.1:{port}"),
+            Listen::Unix { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self.listen {
+            Listen::Tcp(port) => port,
+            Listen::Unix { .. } => panic!("the app listens on a Unix socket"),
+        }
     }
 
     /// uvicorn's log (one access line per request it served).
@@ -137,10 +182,16 @@ impl App {
     }
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
+impl App {
+    fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -153,8 +204,8 @@ struct Example {
 }
 
 impl Example {
-    async fn start(rate_limit: &str) -> Example {
-        let app = App::start(".", &[]).await;
+    async fn start(rate_limit: &str, listen: Listen) -> Example {
+        let app = App::start(".", listen, &[]).await;
         let template = std::fs::read_to_string(Path::new(EXAMPLE_DIR).join("proxy.toml"))
             .expect("read the example proxy.toml");
         let audit_dir = tempfile::tempdir().unwrap();
@@ -209,37 +260,92 @@ fn assert_timing_header(resp: &Resp) {
     );
 }
 
-/// The migration's starting point still works: the "before" app does the timing header,
-/// the key check and the audit log itself (what the README's side-by-side compares).
+/// The migration's starting point still works: the "before" app does the request id, the
+/// timing headers, the key check, the rate limit and the audit log itself (what the README's
+/// side-by-side compares and bench.sh measures).
 #[tokio::test]
 async fn before_app_did_it_in_python_middleware() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     let app = App::start(
         "before",
+        Listen::tcp(),
         &[
             ("API_KEY", API_KEY),
             ("AUDIT_FILE", audit.to_str().unwrap()),
+            ("RATE_LIMIT", "1/h"),
         ],
     )
     .await;
-    let denied = get(app.port, "/items/1").await;
+    let denied = get(app.port(), "/items/1").await;
     assert_eq!(denied.status, 401, "{denied:?}");
     assert_eq!(denied.header("www-authenticate").as_deref(), Some("ApiKey"));
-    let ok = send(
-        app.port,
-        request("GET", "/items/2?page=3")
-            .header("x-api-key", API_KEY)
+    assert!(denied.header("ratelimit-limit").is_none(), "{denied:?}");
+    let key = |path: &str| request("GET", path).header("x-api-key", API_KEY);
+    let ok = send(app.port(), key("/items/2?page=3").body(empty()).unwrap()).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_timing_header(&ok);
+    assert!(ok
+        .header("server-timing")
+        .is_some_and(|v| v.starts_with("app;dur=")));
+    let id = ok.header("x-request-id").expect("x-request-id");
+    assert!(is_uuid(&id), "generated request id {id:?}");
+    assert_eq!(
+        ok.json()["request_id"],
+        id.as_str(),
+        "the routes got the id"
+    );
+    assert_eq!(
+        ok.header("ratelimit-limit").as_deref(),
+        Some(BURST.to_string().as_str())
+    );
+    assert_eq!(ok.header("ratelimit-remaining").as_deref(), Some("4"));
+
+    // A well-formed incoming id is kept; a malformed one is replaced.
+    let kept = send(
+        app.port(),
+        key("/items/3")
+            .header("x-request-id", "client-id.7")
             .body(empty())
             .unwrap(),
     )
     .await;
-    assert_eq!(ok.status, 200, "{ok:?}");
-    assert_timing_header(&ok);
+    assert_eq!(kept.header("x-request-id").as_deref(), Some("client-id.7"));
+    assert_eq!(kept.json()["request_id"], "client-id.7");
+    let replaced = send(
+        app.port(),
+        key("/items/4")
+            .header("x-request-id", "no spaces")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        replaced.header("x-request-id").is_some_and(|v| is_uuid(&v)),
+        "{replaced:?}"
+    );
+
+    // Three requests of the burst of 5 are spent: two more pass, then 429.
+    for _ in 0..2 {
+        let resp = send(app.port(), key("/items/5").body(empty()).unwrap()).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+    }
+    let limited = send(app.port(), key("/items/6").body(empty()).unwrap()).await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.json()["error"], "rate_limited");
+    assert_eq!(limited.header("ratelimit-remaining").as_deref(), Some("0"));
+    let retry: u64 = limited
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "retry-after {retry}");
+    assert!(limited.header("x-request-id").is_some(), "{limited:?}");
+
     let lines = within(STEP, "the before app's audit lines", async {
         loop {
             let text = std::fs::read_to_string(&audit).unwrap_or_default();
-            if text.lines().count() >= 2 {
+            if text.lines().count() >= 7 {
                 return text;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -250,17 +356,20 @@ async fn before_app_did_it_in_python_middleware() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    assert_eq!(events.len(), 7, "one line per request:\n{lines}");
     assert_eq!(events[0]["status"], 401, "{lines}");
     assert_eq!(events[1]["status"], 200, "{lines}");
     assert_eq!(events[1]["query"], "page=3", "{lines}");
     assert_eq!(events[1]["subject"], KEY_ID, "{lines}");
+    assert_eq!(events[1]["request_id"], id.as_str(), "{lines}");
+    assert_eq!(events[6]["status"], 429, "{lines}");
 }
 
 /// gatehouse adds the request id (and hands it to the app), the timing headers, and takes
 /// the API key off the request before the app sees it.
 #[tokio::test]
 async fn request_id_and_timing_headers_come_from_gatehouse() {
-    let ex = Example::start("1000/s").await;
+    let ex = Example::start("1000/s", Listen::tcp()).await;
     let resp = ex.get("/items/7", Some(API_KEY)).await;
     assert_eq!(resp.status, 200, "{resp:?}\n{}", ex.gh.output());
     let id = resp.header("x-request-id").expect("x-request-id");
@@ -284,7 +393,7 @@ async fn request_id_and_timing_headers_come_from_gatehouse() {
 /// Missing and wrong keys get gatehouse's 401 (with the request id) and never reach the app.
 #[tokio::test]
 async fn api_key_rejections_are_401_and_never_reach_the_app() {
-    let ex = Example::start("1000/s").await;
+    let ex = Example::start("1000/s", Listen::tcp()).await;
     for key in [None, Some("not-the-key")] {
         let resp = ex.get("/items/401", key).await;
         let body = resp.assert_gatehouse_error(401, "unauthorized");
@@ -310,7 +419,7 @@ async fn api_key_rejections_are_401_and_never_reach_the_app() {
 /// The streaming route's chunks pass through one by one, not buffered into one body.
 #[tokio::test]
 async fn stream_arrives_in_chunks() {
-    let ex = Example::start("1000/s").await;
+    let ex = Example::start("1000/s", Listen::tcp()).await;
     let mut conn = H1::connect(ex.gh.port).await;
     let resp = conn
         .send_streaming(
@@ -338,11 +447,43 @@ async fn stream_arrives_in_chunks() {
     assert_eq!(frames.concat(), "chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
 }
 
+/// The app on a Unix socket (`uvicorn --uds`, `upstream.url = "unix:…"`), as
+/// deploy/kubernetes/components/unix-socket runs the pod: requests, rejections and streams
+/// behave as over TCP, and once the app is gone gatehouse answers 502.
+#[tokio::test]
+async fn example_over_a_unix_socket() {
+    let mut ex = Example::start("1000/s", Listen::unix()).await;
+    let resp = ex.get("/items/9", Some(API_KEY)).await;
+    assert_eq!(resp.status, 200, "{resp:?}\n{}", ex.gh.output());
+    let body = resp.json();
+    assert_eq!(body["id"], 9, "{body}");
+    assert_eq!(
+        body["request_id"].as_str(),
+        resp.header("x-request-id").as_deref()
+    );
+    assert_eq!(body["api_key_seen"], false, "{body}");
+    assert!(resp
+        .header("server-timing")
+        .is_some_and(|v| v.contains("upstream;dur=")));
+    ex.get("/items/9", None)
+        .await
+        .assert_gatehouse_error(401, "unauthorized");
+    let stream = ex
+        .get("/stream?chunks=3&interval=0.05", Some(API_KEY))
+        .await;
+    assert_eq!(stream.text(), "chunk 0\nchunk 1\nchunk 2\n", "{stream:?}");
+
+    ex.app.kill();
+    ex.get("/items/9", Some(API_KEY))
+        .await
+        .assert_gatehouse_error(502, "bad_gateway");
+}
+
 /// After the burst, the key's requests get 429 with retry-after; the allowed ones carried the
 /// ratelimit-* headers.
 #[tokio::test]
 async fn rate_limit_answers_429_after_the_burst() {
-    let ex = Example::start("1/h").await;
+    let ex = Example::start("1/h", Listen::tcp()).await;
     let mut allowed = 0;
     let limited = loop {
         let resp = ex.get("/items/1", Some(API_KEY)).await;
@@ -377,7 +518,7 @@ async fn rate_limit_answers_429_after_the_burst() {
 /// Every request is one audit event in the file; SIGTERM flushes them before exit 0.
 #[tokio::test]
 async fn audit_events_are_written_to_the_file_sink() {
-    let mut ex = Example::start("1000/s").await;
+    let mut ex = Example::start("1000/s", Listen::tcp()).await;
     let ok = ex.get("/items/5?page=2", Some(API_KEY)).await;
     assert_eq!(ok.status, 200, "{ok:?}");
     let denied = ex.get("/items/6", None).await;
@@ -446,32 +587,41 @@ async fn audit_events_are_written_to_the_file_sink() {
 }
 
 /// The configs shipped (the example `proxy.toml` and those under deploy/) load in the real
-/// binary (`gatehouse check`), with the variables a pod or the test would set.
+/// binary (`gatehouse check`), with the variables a pod or the test would set; the pod's
+/// configs also with the `APP_URL` that components/unix-socket sets, whose socket they use.
 #[test]
 fn deploy_configs_pass_gatehouse_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for config in [
-        "proxy.toml",
-        "deploy/kubernetes/base/proxy.toml",
-        "deploy/kubernetes/components/redis/proxy.toml",
-        "deploy/examples/fastapi/proxy.toml",
+    let socket = Some("unix:/run/app/app.sock");
+    for (config, app_url) in [
+        ("proxy.toml", None),
+        ("deploy/examples/fastapi/proxy.toml", None),
+        ("deploy/kubernetes/base/proxy.toml", None),
+        ("deploy/kubernetes/components/redis/proxy.toml", None),
+        ("deploy/kubernetes/base/proxy.toml", socket),
+        ("deploy/kubernetes/components/redis/proxy.toml", socket),
     ] {
         let path = root.join(config);
-        let out = cli(
-            &["check", "--config", path.to_str().unwrap()],
-            &[
-                ("API_KEY", API_KEY),
-                ("REDIS_URL", "redis://rate-limit-redis:6379"),
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4318"),
-            ],
-            None,
-        );
+        let mut envs = vec![
+            ("API_KEY", API_KEY),
+            ("REDIS_URL", "redis://rate-limit-redis:6379"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4318"),
+        ];
+        envs.extend(app_url.map(|url| ("APP_URL", url)));
+        let out = cli(&["check", "--config", path.to_str().unwrap()], &envs, None);
         assert_eq!(
             out.code,
             Some(0),
-            "gatehouse check {config}\n{}\n{}",
+            "gatehouse check {config} (APP_URL {app_url:?})\n{}\n{}",
             out.stdout,
             out.stderr
         );
+        if let Some(url) = app_url {
+            assert!(
+                out.stdout.contains(&format!("-> upstream {url} ")),
+                "{config} with APP_URL={url}:\n{}",
+                out.stdout
+            );
+        }
     }
 }

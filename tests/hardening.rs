@@ -482,3 +482,62 @@ fn assert_goaway_protocol_error(reply: &[u8]) {
     assert_eq!(at, reply.len(), "whole frames only: {reply:?}");
     assert_eq!(goaway, Some(0x1), "GOAWAY with PROTOCOL_ERROR: {reply:?}");
 }
+
+#[tokio::test]
+async fn a_streamed_body_over_the_limit_aborts_the_apps_request() {
+    // An app that reads a chunked request body and reports whether it ended properly
+    // (its last chunk) or was cut off (the connection closed).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (seen, mut seen_rx) = tokio::sync::mpsc::channel::<(usize, bool)>(1);
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 16 << 10];
+        while let Ok(n) = stream.read(&mut piece).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
+            if got.ends_with(b"\r\n0\r\n\r\n") {
+                break;
+            }
+        }
+        let _ = seen
+            .send((got.len(), got.ends_with(b"\r\n0\r\n\r\n")))
+            .await;
+    });
+    let gh = Gatehouse::start(
+        &config(
+            "",
+            "",
+            "[[middleware]]\ntype = \"body_limit\"\nmax = \"16KiB\"\n",
+        ),
+        &[("upstream", &url)],
+    )
+    .await;
+    let mut client = TcpStream::connect(gh.addr()).await.unwrap();
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // 64 KiB in 4 KiB chunks: four times the limit.
+    let chunk = format!("1000\r\n{}\r\n", "x".repeat(4096));
+    for _ in 0..16 {
+        if client.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = client.write_all(b"0\r\n\r\n").await;
+    let (reply, _) = read_until_closed(&mut client, STEP).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    let (bytes, complete) = within(STEP, "the app's request to end", seen_rx.recv())
+        .await
+        .unwrap();
+    assert!(
+        !complete,
+        "the app got a whole body over the limit ({bytes} bytes)"
+    );
+    assert!(bytes < 64 << 10, "{bytes} bytes reached the app");
+}

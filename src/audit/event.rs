@@ -49,6 +49,10 @@ pub struct Event<'a> {
     pub subject: Option<&'a str>,
     pub decision: Decision,
     pub denied_by: Option<&'a str>,
+    /// The refusal's [`Reason`](crate::chain::Reason) code, when `decision` is `deny`.
+    pub deny_reason: Option<&'a str>,
+    /// The middlewares that let the request through only because their backend failed.
+    pub fail_open: &'a [&'a str],
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub completed: bool,
@@ -91,6 +95,16 @@ impl Event<'_> {
         out.extend_from_slice(self.decision.as_str().as_bytes());
         out.extend_from_slice(b"\",\"denied_by\":");
         push_opt(&mut out, self.denied_by);
+        out.extend_from_slice(b",\"deny_reason\":");
+        push_opt(&mut out, self.deny_reason);
+        out.extend_from_slice(b",\"fail_open\":[");
+        for (i, name) in self.fail_open.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_str(&mut out, name);
+        }
+        out.push(b']');
         out.extend_from_slice(b",\"bytes_in\":");
         push_int(&mut out, self.bytes_in);
         out.extend_from_slice(b",\"bytes_out\":");
@@ -178,6 +192,8 @@ mod tests {
             subject: None,
             decision: Decision::Error,
             denied_by: None,
+            deny_reason: None,
+            fail_open: &[],
             bytes_in: 5,
             bytes_out: 0,
             completed: false,
@@ -217,8 +233,10 @@ mod tests {
         assert_eq!(json["subject"], serde_json::Value::Null);
         assert_eq!(json["user_agent"], "curl/8.5.0");
         assert_eq!(json["x_tenant"], serde_json::Value::Null);
+        assert_eq!(json["deny_reason"], serde_json::Value::Null);
+        assert_eq!(json["fail_open"], serde_json::json!([]));
         assert_eq!(json["trace_id"], serde_json::Value::Null);
-        assert_eq!(json.as_object().unwrap().len(), 20);
+        assert_eq!(json.as_object().unwrap().len(), 22);
         let traced = Event {
             trace: Some((TraceId([0xab; 16]), SpanId([1, 2, 3, 4, 5, 6, 7, 8]))),
             ..event(&uri, &headers)
@@ -251,6 +269,24 @@ mod tests {
         assert_eq!(json["completed"], false);
         assert_eq!(json["duration_ms"], 0.0);
         assert_eq!(json["upstream_ms"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_decision_trail() {
+        let uri = Uri::from_static("/");
+        let e = Event {
+            decision: Decision::Deny,
+            denied_by: Some("limit"),
+            deny_reason: Some("rate_limited"),
+            fail_open: &["shared-limit", "other\"one"],
+            ..event(&uri, &[])
+        };
+        let json: serde_json::Value = serde_json::from_slice(&e.to_json(&[])).unwrap();
+        assert_eq!(json["deny_reason"], "rate_limited");
+        assert_eq!(
+            json["fail_open"],
+            serde_json::json!(["shared-limit", "other\"one"])
+        );
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //!
 //! Flow: the proxy's last phase writes an [`Event`] as JSON on the worker, once the
 //! response is out, and [`Audit::record`]s the bytes with a `try_send` (a full queue drops
-//! and counts them). A dispatcher task only moves bytes: it fans each event out to every
-//! sink's own bounded buffer, so a slow sink only ever fills its own buffer; each sink's
-//! worker batches (`batch_size`, `flush_interval`) and delivers. The pipeline runs on the
-//! runtime it was started on (the server's control thread); blocking writes go to its
-//! blocking pool. It is made once per server and survives reloads: `[audit]` is fixed at
-//! start.
+//! and counts them). A dispatcher task only moves bytes, every 10ms: without `spool_dir` it
+//! fans each event out to every sink's own bounded buffer, so a slow sink only ever fills
+//! its own buffer; with it, it appends the tick's events to every sink's journal
+//! ([`spool`]) in one write on the blocking pool, and the sink reads them back from there.
+//! Each sink's worker batches (`batch_size`, `flush_interval`) and delivers. The pipeline
+//! runs on the runtime it was started on (the server's control thread); blocking writes go
+//! to its blocking pool. It is made once per server and survives reloads: `[audit]` is
+//! fixed at start.
 
 pub mod event;
 mod file;
@@ -21,7 +23,7 @@ mod stdout;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -34,6 +36,7 @@ pub use event::{Decision, Event};
 use crate::config::audit::{field_name, AuditConfig, Include};
 use crate::metrics::Metrics;
 use sink::SinkState;
+use spool::Journal;
 
 /// The running audit pipeline.
 pub struct Audit {
@@ -57,30 +60,33 @@ pub struct Audit {
 
 impl Audit {
     /// Starts the dispatcher and one worker per sink on the current tokio runtime, taking
-    /// over the spool a previous process left. `shard` is the connection-pool shard of the
-    /// thread they run on (sinks that send over HTTP). Fails when a spool directory is
+    /// over the journals a previous process left. `shard` is the connection-pool shard of
+    /// the thread they run on (sinks that send over HTTP). Fails when a spool directory is
     /// unusable.
     pub fn start(
         config: &AuditConfig,
         metrics: &Arc<Metrics>,
         shards: usize,
     ) -> Result<Arc<Audit>, String> {
-        let mut spools = Vec::with_capacity(config.sinks.len());
+        let mut journals = Vec::with_capacity(config.sinks.len());
         for sink in &config.sinks {
-            spools.push(match &config.spool_dir {
+            journals.push(match &config.spool_dir {
                 Some(dir) => {
                     let dir = dir.join(&sink.name);
-                    let spool = spool::Spool::open(dir.clone(), config.spool_max_bytes.0)
+                    let journal = Journal::open(dir.clone(), config.spool_max_bytes.0, &sink.name)
                         .map_err(|e| {
                             format!("cannot open the audit spool {}: {e}", dir.display())
                         })?;
-                    if !spool.is_empty() {
-                        tracing::info!(sink = %sink.name, events = spool.events(), "audit spool from an earlier run: replaying it");
+                    if journal.unread() > 0 {
+                        tracing::info!(sink = %sink.name, events = journal.unread(), "audit spool from an earlier run: replaying it");
                     }
-                    Some(spool)
+                    Some(Arc::new(journal))
                 }
                 None => None,
             });
+        }
+        if let Some(dir) = &config.spool_dir {
+            report_removed_sinks(dir, config);
         }
         let spool_now = CancellationToken::new();
         let (queue, rx) = mpsc::channel(config.queue_capacity);
@@ -105,22 +111,32 @@ impl Audit {
             full_warning: Throttle::default(),
         });
         let mut workers = audit.workers.lock().expect("not poisoned");
-        let mut buffers = Vec::with_capacity(sinks.len());
-        for ((sink, state), spool) in config.sinks.iter().zip(sinks).zip(spools) {
+        let mut feeds = Vec::with_capacity(sinks.len());
+        for ((sink, state), journal) in config.sinks.iter().zip(sinks).zip(&journals) {
             let (tx, rx) = mpsc::channel(config.queue_capacity);
-            buffers.push(tx);
+            feeds.push(Feed {
+                buffer: tx,
+                journal: journal.clone(),
+                failed: None,
+            });
             let worker = sink::Worker {
                 writer: sink::Writer::new(&sink.kind, &reopen, shards),
                 rx,
                 state,
                 batch_size: config.batch_size,
                 flush_interval: config.flush_interval.0,
-                spool,
+                journal: journal.clone(),
                 spool_now: spool_now.clone(),
             };
             workers.spawn(worker.run());
         }
-        workers.spawn(dispatch(audit.clone(), rx, buffers));
+        let journals: Vec<Arc<Journal>> = journals.into_iter().flatten().collect();
+        let dispatched = CancellationToken::new();
+        if !journals.is_empty() {
+            let every = config.fsync_interval.0;
+            workers.spawn(sync_journals(journals, every, dispatched.clone()));
+        }
+        workers.spawn(dispatch(audit.clone(), rx, feeds, dispatched));
         drop(workers);
         Ok(audit)
     }
@@ -225,42 +241,195 @@ const SPOOL_RESERVE: Duration = Duration::from_secs(1);
 /// per event would cost the request's thread a syscall to unpark the control thread.
 const DISPATCH_TICK: Duration = Duration::from_millis(10);
 
-/// Moves events from the queue to every sink's buffer.
+/// How long a sink whose journal could not be written gets its events in memory before
+/// the journal is tried again (and only once its buffer is empty, so order holds).
+const JOURNAL_RETRY: Duration = Duration::from_secs(1);
+
+/// Where the dispatcher hands one sink its events.
+struct Feed {
+    buffer: mpsc::Sender<Bytes>,
+    journal: Option<Arc<Journal>>,
+    /// When appending to the journal last failed; events go to the buffer meanwhile.
+    failed: Option<Instant>,
+}
+
+impl Feed {
+    /// Whether this tick's events go to the journal.
+    fn journals(&self, sink: &SinkState) -> bool {
+        self.journal.is_some()
+            && self
+                .failed
+                .is_none_or(|at| at.elapsed() >= JOURNAL_RETRY && sink.pending.load(Relaxed) == 0)
+    }
+
+    /// Hands `json` over in memory, or drops and counts it when the buffer is full.
+    fn forward(&self, sink: &SinkState, json: Bytes) {
+        match self.buffer.try_send(json) {
+            Ok(()) => {
+                sink.pending.fetch_add(1, Relaxed);
+            }
+            Err(_) => sink.overflow(),
+        }
+    }
+}
+
+/// Moves events from the queue to every sink: into its journal, or its buffer. Every 10ms
+/// the events of the tick are appended to each journal in one write, on the blocking pool.
 async fn dispatch(
     audit: Arc<Audit>,
     mut rx: mpsc::Receiver<Bytes>,
-    buffers: Vec<mpsc::Sender<Bytes>>,
+    mut feeds: Vec<Feed>,
+    dispatched: CancellationToken,
 ) {
-    let forward = |json: Bytes| {
-        for (tx, sink) in buffers.iter().zip(&audit.sinks) {
-            match tx.try_send(json.clone()) {
-                Ok(()) => {
-                    sink.pending.fetch_add(1, Relaxed);
-                }
-                Err(_) => sink.overflow(),
-            }
-        }
-    };
+    let journaled = feeds.iter().any(|f| f.journal.is_some());
     let depth = &audit.metrics.audit_queue_depth;
     let mut tick = tokio::time::interval(DISPATCH_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let mut closing = false;
+    while !closing {
         tokio::select! {
             biased;
-            _ = audit.closing.notified() => break,
+            _ = audit.closing.notified() => closing = true,
             _ = tick.tick() => {
                 depth.set(rx.len() as i64);
-                while let Ok(json) = rx.try_recv() {
-                    forward(json);
+            }
+        }
+        if journaled {
+            journal_tick(&audit, &mut rx, &mut feeds).await;
+        } else {
+            while let Ok(json) = rx.try_recv() {
+                for (feed, sink) in feeds.iter().zip(&audit.sinks) {
+                    feed.forward(sink, json.clone());
                 }
             }
         }
     }
-    while let Ok(json) = rx.try_recv() {
-        forward(json);
-    }
     depth.set(0);
+    for journal in feeds.iter().filter_map(|f| f.journal.as_ref()) {
+        journal.close();
+    }
+    dispatched.cancel();
     // Dropping the buffers' senders lets every sink deliver what it holds and finish.
+}
+
+/// Appends what is on the queue to the journals in one blocking task, and hands it in
+/// memory to the sinks whose journal failed.
+async fn journal_tick(audit: &Audit, rx: &mut mpsc::Receiver<Bytes>, feeds: &mut [Feed]) {
+    let mut events = Vec::with_capacity(rx.len());
+    while let Ok(json) = rx.try_recv() {
+        events.push(json);
+    }
+    if events.is_empty() {
+        return;
+    }
+    let targets: Vec<(usize, Arc<Journal>)> = feeds
+        .iter()
+        .zip(&audit.sinks)
+        .enumerate()
+        .filter(|(_, (feed, sink))| feed.journals(sink))
+        .filter_map(|(i, (feed, _))| Some((i, feed.journal.clone()?)))
+        .collect();
+    let (events, results) = if targets.is_empty() {
+        (events, Vec::new())
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let records = spool::records(&events);
+            let n = events.len() as u64;
+            let results: Vec<(usize, std::io::Result<u64>)> = targets
+                .into_iter()
+                .map(|(i, journal)| (i, journal.append(&records, n)))
+                .collect();
+            (events, results)
+        })
+        .await
+        .expect("appending to the journal does not panic")
+    };
+    let n = events.len() as u64;
+    let mut in_memory = vec![true; feeds.len()];
+    for (i, result) in results {
+        let (feed, sink) = (&mut feeds[i], &audit.sinks[i]);
+        match result {
+            Ok(dropped) => {
+                in_memory[i] = false;
+                sink.spooled.inc_by(n);
+                if feed.failed.take().is_some() {
+                    tracing::info!(sink = %sink.name, "audit spool writable again: events are journaled again");
+                }
+                if dropped > 0 {
+                    sink.drop_events(dropped);
+                    if sink.spool_warning.ready() {
+                        tracing::warn!(sink = %sink.name, dropped, "audit spool over spool_max_bytes: dropped its oldest events");
+                    }
+                }
+            }
+            Err(e) => {
+                if feed.failed.replace(Instant::now()).is_none() {
+                    tracing::error!(sink = %sink.name, error = %e, "audit spool unwritable: its events are handed over in memory until it can be written again (a crash loses them)");
+                }
+            }
+        }
+    }
+    for ((feed, sink), _) in feeds
+        .iter()
+        .zip(&audit.sinks)
+        .zip(&in_memory)
+        .filter(|(_, memory)| **memory)
+    {
+        if feed.journal.is_some() {
+            sink.unspooled.inc_by(n);
+        }
+        for json in &events {
+            feed.forward(sink, json.clone());
+        }
+    }
+}
+
+/// Syncs the journals every `every`, so a machine crash loses at most that much; ends when
+/// the dispatcher does (each worker syncs its journal when it stops).
+async fn sync_journals(
+    journals: Vec<Arc<Journal>>,
+    every: Duration,
+    dispatched: CancellationToken,
+) {
+    let warning = Throttle::default();
+    loop {
+        tokio::select! {
+            () = dispatched.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let journals = journals.clone();
+        let synced = sink::blocking(move || journals.iter().try_for_each(|j| j.sync())).await;
+        if let Err(e) = synced {
+            if warning.ready() {
+                tracing::error!(error = %e, "audit spool fsync failed: a machine crash may lose more than fsync_interval of events");
+            }
+        }
+    }
+}
+
+/// Logs the spools of sinks no longer configured: kept as they are, never delivered to
+/// another sink.
+fn report_removed_sinks(dir: &std::path::Path, config: &AuditConfig) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type().is_ok_and(|t| t.is_dir())
+            || config.sinks.iter().any(|s| s.name == name)
+        {
+            continue;
+        }
+        match spool::backlog(&entry.path()) {
+            Ok(b) if b.events > 0 => {
+                tracing::warn!(sink = %name, events = b.events, bytes = b.bytes, path = %entry.path().display(), "audit spool of a sink no longer configured: kept, not delivered (configure the sink again to deliver it, or remove the directory)");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(sink = %name, path = %entry.path().display(), error = %e, "audit spool of a sink no longer configured: unreadable, kept");
+            }
+        }
+    }
 }
 
 /// Lets a warning through at most once per 10 seconds.
@@ -275,5 +444,184 @@ impl Throttle {
         let last = self.0.load(Relaxed);
         (last == 0 || now >= last + 10)
             && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::tests::TestConfig;
+
+    /// `[audit]` as written in a config file.
+    fn audit_config(audit: &str) -> AuditConfig {
+        let src = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n[audit]\n{audit}"
+        );
+        TestConfig::parse(Path::new("proxy.toml"), &src, &|_| None)
+            .unwrap()
+            .audit
+            .unwrap()
+    }
+
+    fn file_sink(name: &str, path: &Path) -> String {
+        format!(
+            "[[audit.sinks]]\ntype = \"file\"\nname = \"{name}\"\npath = \"{}\"\n",
+            path.display()
+        )
+    }
+
+    /// Puts the event of a request whose id was `id` on the queue, as [`Audit::record`]
+    /// does once it has written the JSON: the pipeline only moves bytes, and building an
+    /// [`Event`] here would tie these tests to its fields.
+    fn record(audit: &Audit, id: &str) {
+        let json = format!("{{\"request_id\":\"{id}\"}}");
+        audit
+            .queue
+            .try_send(Bytes::from(json))
+            .expect("room on the queue");
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("r{i:04}")).collect()
+    }
+
+    /// The request ids of a file sink's events.
+    fn ids_in(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let event: serde_json::Value = serde_json::from_str(l).unwrap();
+                event["request_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within 10s"));
+    }
+
+    #[tokio::test]
+    async fn every_sink_gets_every_event_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        let config = audit_config(&format!(
+            "flush_interval = \"10ms\"\n{}{}",
+            file_sink("a", &a),
+            file_sink("b", &b)
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let sent = ids(500);
+        for id in &sent {
+            record(&audit, id);
+        }
+        audit.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(ids_in(&a), sent);
+        assert_eq!(ids_in(&b), sent);
+        assert_eq!(metrics.audit_dropped.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_sink_fills_only_its_own_buffer() {
+        // A collector that takes connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+        let collector = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.jsonl");
+        let config = audit_config(&format!(
+            "queue_capacity = 10\nbatch_size = 5\nflush_interval = \"10ms\"\n\
+             [[audit.sinks]]\ntype = \"http\"\nname = \"stuck\"\nurl = \"{url}\"\ntimeout = \"1h\"\n{}",
+            file_sink("ok", &ok)
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let sent = ids(200);
+        // A queue's worth at a time, each handed on before the next: only the stuck sink's
+        // own buffer can overflow.
+        for chunk in sent.chunks(10) {
+            for id in chunk {
+                record(&audit, id);
+            }
+            until("the chunk handed to the sinks", || {
+                audit.queued() == 0 && audit.sinks[1].pending.load(Relaxed) == 0
+            })
+            .await;
+        }
+        audit.shutdown(Duration::from_millis(300)).await;
+        assert_eq!(ids_in(&ok), sent);
+        let stuck = &audit.sinks[0];
+        let dropped = stuck.dropped.get();
+        assert_eq!(
+            metrics.audit_dropped.get(),
+            dropped,
+            "the other sink dropped nothing"
+        );
+        // It took a batch (up to 5) and filled its buffer (10); the rest was dropped for it,
+        // and what it held is lost at shutdown.
+        assert!((185..200).contains(&dropped), "{dropped}");
+        assert_eq!(dropped + stuck.lost.get(), 200);
+        let text = metrics.encode();
+        let line =
+            format!("gatehouse_audit_events_total{{sink=\"stuck\",outcome=\"dropped\"}} {dropped}");
+        assert!(text.contains(&line), "{text}");
+        collector.abort();
+    }
+
+    /// A pipeline whose runtime is dropped without a shutdown, as by SIGKILL, and the next
+    /// one on the same spool.
+    #[test]
+    fn the_journal_outlives_a_pipeline_that_was_not_shut_down() {
+        let dir = tempfile::tempdir().unwrap();
+        // The sink cannot write at first: its file's directory does not exist yet.
+        let events = dir.path().join("later").join("events.jsonl");
+        let config = audit_config(&format!(
+            "spool_dir = \"{}\"\nbatch_size = 5\nflush_interval = \"10ms\"\n{}",
+            dir.path().join("spool").display(),
+            file_sink("audit", &events)
+        ));
+        let sent = ids(50);
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        runtime().block_on(async {
+            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            for id in &sent {
+                record(&audit, id);
+            }
+            until("every event journaled", || {
+                audit.sinks[0].spooled.get() == 50
+            })
+            .await;
+        });
+        std::fs::create_dir(events.parent().unwrap()).unwrap();
+        runtime().block_on(async {
+            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            until("the journal delivered", || ids_in(&events).len() >= 50).await;
+            audit.shutdown(Duration::from_secs(5)).await;
+        });
+        assert_eq!(ids_in(&events), sent);
+        let left = std::fs::read_dir(dir.path().join("spool/audit"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "delivered, the journal is emptied");
     }
 }

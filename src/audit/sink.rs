@@ -1,7 +1,7 @@
 //! A sink's worker: takes events from its own buffer, batches them, delivers, counts.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::spool::Spool;
+use super::spool::Journal;
 use super::{file, http, otlp, redis_stream, stdout, Throttle};
 use crate::config::audit::SinkKind;
 use crate::metrics::Metrics;
@@ -21,13 +21,18 @@ pub struct SinkState {
     pub pending: AtomicU64,
     delivered: Counter,
     failed: Counter,
-    spooled: Counter,
+    /// Events appended to the sink's journal.
+    pub spooled: Counter,
+    /// Events handed over in memory because the journal could not be written.
+    pub unspooled: Counter,
     /// Events lost for this sink to a full buffer (also in `gatehouse_audit_dropped_total`).
     pub dropped: Counter,
     pub lost: Counter,
     /// `gatehouse_audit_dropped_total`.
     all_dropped: Counter,
     overflow_warning: Throttle,
+    /// For the journal's trouble: dropped events, a failing cursor.
+    pub spool_warning: Throttle,
 }
 
 impl SinkState {
@@ -37,17 +42,19 @@ impl SinkState {
             delivered: m.audit_events(&name, "delivered"),
             failed: m.audit_events(&name, "failed"),
             spooled: m.audit_events(&name, "spooled"),
+            unspooled: m.audit_events(&name, "unspooled"),
             dropped: m.audit_events(&name, "dropped"),
             lost: m.audit_events(&name, "lost"),
             all_dropped: m.audit_dropped.clone(),
             pending: AtomicU64::new(0),
             overflow_warning: Throttle::default(),
+            spool_warning: Throttle::default(),
             name,
         }
     }
 
     /// Counts `n` events this sink lost to a full buffer (its channel, or its spool's bound).
-    fn drop_events(&self, n: u64) {
+    pub fn drop_events(&self, n: u64) {
         self.dropped.inc_by(n);
         self.all_dropped.inc_by(n);
     }
@@ -120,143 +127,167 @@ pub(super) async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
-/// A sink's spool, shared with the blocking pool that does its disk work.
-type SharedSpool = Arc<Mutex<Spool>>;
-
-/// Runs `work` on the spool, off the runtime (it writes and fsyncs).
-async fn on_spool<R: Send + 'static>(
-    spool: &SharedSpool,
-    work: impl FnOnce(&mut Spool) -> std::io::Result<R> + Send + 'static,
-) -> std::io::Result<R> {
-    let spool = spool.clone();
-    blocking(move || work(&mut spool.lock().expect("not poisoned"))).await
-}
-
-fn backlog(spool: Option<&SharedSpool>) -> bool {
-    spool.is_some_and(|s| !s.lock().expect("not poisoned").is_empty())
-}
-
 /// One sink's worker and what it writes with.
 pub struct Worker {
     pub writer: Writer,
+    /// Events handed over in memory: all of them without a spool, and with one only while
+    /// the journal cannot be written.
     pub rx: mpsc::Receiver<Bytes>,
     pub state: Arc<SinkState>,
     pub batch_size: usize,
     pub flush_interval: Duration,
-    pub spool: Option<Spool>,
-    /// Fired at shutdown when time runs out: stop delivering, spool what is left.
+    /// The sink's journal (with `spool_dir`). Its events are older than any in memory: the
+    /// dispatcher goes back to the journal only once memory is empty.
+    pub journal: Option<Arc<Journal>>,
+    /// Fired at shutdown when time runs out: stop delivering, leave the rest in the journal.
     pub spool_now: CancellationToken,
 }
 
 impl Worker {
     /// Delivers batches of up to `batch_size` events, each sent at most `flush_interval`
-    /// after its first event arrived, until the buffer closes and is empty. With a spool,
-    /// a batch that fails goes to disk, and while the spool holds anything new batches
-    /// queue behind it, so events arrive in order; it is retried every `flush_interval`.
+    /// after its first event arrived, until no more can come. Journaled batches are retried
+    /// every `flush_interval` until the sink takes them, then acknowledged.
     pub async fn run(mut self) {
-        let spool = self.spool.take().map(|s| Arc::new(Mutex::new(s)));
-        let spool = spool.as_ref();
-        self.replay(spool).await;
         let mut batch = Vec::with_capacity(self.batch_size);
         loop {
-            let first = self.rx.recv_many(&mut batch, self.batch_size);
-            let got = if backlog(spool) {
-                tokio::time::timeout(self.flush_interval, first).await.ok()
-            } else {
-                Some(first.await)
-            };
-            let closed = got == Some(0);
-            if !closed && got.is_some() {
-                let deadline = tokio::time::Instant::now() + self.flush_interval;
-                while batch.len() < self.batch_size {
-                    let room = self.batch_size - batch.len();
-                    let more = self.rx.recv_many(&mut batch, room);
-                    match tokio::time::timeout_at(deadline, more).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
+            if let Some(journal) = self.journal.clone().filter(|j| j.unread() > 0) {
+                if !self.deliver_from_journal(&journal).await {
+                    return self.stop(false).await;
                 }
+                continue;
             }
-            if !batch.is_empty() {
-                self.settle(&batch, spool).await;
-                batch.clear();
-            }
-            self.replay(spool).await;
-            if closed {
-                return;
+            match self.fill_from_memory(&mut batch).await {
+                Some(true) => {
+                    self.settle(&batch).await;
+                    batch.clear();
+                }
+                Some(false) => {}
+                None => return self.stop(true).await,
             }
         }
     }
 
-    /// Delivers a batch, or spools it; counts the outcome.
-    async fn settle(&mut self, batch: &[Bytes], spool: Option<&SharedSpool>) {
-        let n = batch.len();
-        let error = match spool {
-            Some(spool) if backlog(Some(spool)) => String::new(),
-            _ => match self.deliver(batch, spool.is_some()).await {
-                Ok(()) => return self.state.settle(n, &self.state.delivered),
-                Err(e) => e,
+    /// Fills `batch` from memory; `Some(false)` when the journal grew first, `None` once
+    /// the dispatcher is gone and nothing is left.
+    async fn fill_from_memory(&mut self, batch: &mut Vec<Bytes>) -> Option<bool> {
+        let first = self.rx.recv_many(batch, self.batch_size);
+        let got = match &self.journal {
+            None => first.await,
+            Some(journal) => tokio::select! {
+                biased;
+                got = first => got,
+                () = journal.grew() => return Some(false),
             },
         };
-        let Some(spool) = spool else {
-            tracing::warn!(sink = %self.state.name, events = n, error, "audit sink failed to deliver a batch");
-            return self.state.settle(n, &self.state.failed);
-        };
-        if !error.is_empty() {
-            tracing::warn!(sink = %self.state.name, events = n, error, "audit sink failed to deliver a batch; spooling it");
+        if got == 0 {
+            // The dispatcher closed the journal before dropping the buffer.
+            return match &self.journal {
+                Some(journal) if journal.unread() > 0 => Some(false),
+                _ => None,
+            };
         }
-        let owned = batch.to_vec();
-        match on_spool(spool, move |s| s.append(&owned)).await {
-            Ok(dropped) => {
-                self.state.settle(n, &self.state.spooled);
-                if dropped > 0 {
-                    self.state.drop_events(dropped);
-                    tracing::warn!(sink = %self.state.name, dropped, "audit spool over spool_max_bytes: dropped its oldest events");
-                }
+        let deadline = tokio::time::Instant::now() + self.flush_interval;
+        while batch.len() < self.batch_size {
+            let room = self.batch_size - batch.len();
+            let more = self.rx.recv_many(batch, room);
+            match tokio::time::timeout_at(deadline, more).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             }
-            Err(e) => {
-                tracing::error!(sink = %self.state.name, events = n, error = %e, "audit spool write failed: events lost");
+        }
+        Some(true)
+    }
+
+    /// Delivers a batch from memory and counts the outcome: a failed one is lost.
+    async fn settle(&mut self, batch: &[Bytes]) {
+        let n = batch.len();
+        match self.deliver(batch).await {
+            Ok(()) => self.state.settle(n, &self.state.delivered),
+            Err(error) => {
+                if self.spool_now.is_cancelled() {
+                    // Shutdown ran out of time: counted as lost when the worker stops.
+                    return;
+                }
+                tracing::warn!(sink = %self.state.name, events = n, error, "audit sink failed to deliver a batch");
                 self.state.settle(n, &self.state.failed);
             }
         }
     }
 
-    /// Delivers spooled batches, oldest first, until the spool is empty or one fails.
-    async fn replay(&mut self, spool: Option<&SharedSpool>) {
-        let Some(spool) = spool else { return };
-        while backlog(Some(spool)) && !self.spool_now.is_cancelled() {
-            let decoded = match on_spool(spool, |s| s.oldest().expect("not empty")).await {
-                Ok(decoded) => decoded,
-                Err(e) => {
-                    tracing::error!(sink = %self.state.name, error = %e, "unreadable audit spool file: skipped");
-                    let _ = on_spool(spool, Spool::remove_oldest).await;
-                    continue;
-                }
-            };
-            if decoded.torn {
-                tracing::warn!(sink = %self.state.name, intact = decoded.events.len(), "audit spool file ends in a torn record (a crash while writing): replaying its intact records, skipping the rest");
-            }
-            if !decoded.events.is_empty() {
-                if let Err(error) = self.deliver(&decoded.events, true).await {
-                    tracing::debug!(sink = %self.state.name, error, "audit spool replay failed; retrying later");
-                    return;
-                }
-                self.state.delivered.inc_by(decoded.events.len() as u64);
-            }
-            if let Err(e) = on_spool(spool, Spool::remove_oldest).await {
-                tracing::error!(sink = %self.state.name, error = %e, "cannot remove a replayed audit spool file");
-                return;
+    /// Takes a batch from the journal once it is full or `flush_interval` has passed (at
+    /// once when closing), and delivers it. `false` when shutdown abandoned it.
+    async fn deliver_from_journal(&mut self, journal: &Arc<Journal>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.flush_interval;
+        while !journal.is_closed() && journal.unread() < self.batch_size as u64 {
+            if tokio::time::timeout_at(deadline, journal.grew())
+                .await
+                .is_err()
+            {
+                break;
             }
         }
+        let (j, max) = (journal.clone(), self.batch_size);
+        let taken = tokio::task::spawn_blocking(move || j.take(max))
+            .await
+            .expect("reading the journal does not panic");
+        if taken.events.is_empty() {
+            return true;
+        }
+        let n = taken.events.len();
+        let mut failures = 0u32;
+        while let Err(error) = self.deliver(&taken.events).await {
+            if self.spool_now.is_cancelled() {
+                return false;
+            }
+            if failures == 0 {
+                tracing::warn!(sink = %self.state.name, events = n, error, "audit sink failed to deliver a batch; spooling it: it stays in the journal and is retried every flush_interval");
+            } else {
+                tracing::debug!(sink = %self.state.name, events = n, error, "audit spool delivery failed again; retrying later");
+            }
+            failures += 1;
+            tokio::select! {
+                () = tokio::time::sleep(self.flush_interval) => {}
+                () = self.spool_now.cancelled() => return false,
+            }
+        }
+        self.state.delivered.inc_by(n as u64);
+        let (j, end) = (journal.clone(), taken.end);
+        if let Err(e) = blocking(move || j.ack(end)).await {
+            if self.state.spool_warning.ready() {
+                tracing::warn!(sink = %self.state.name, error = %e, "cannot move the audit spool's cursor: after a restart, delivered events may be delivered again");
+            }
+        }
+        true
     }
 
-    /// One delivery; with a spool to fall back on, it gives up when shutdown runs out of time.
-    async fn deliver(&mut self, batch: &[Bytes], abortable: bool) -> Result<(), String> {
+    /// One delivery; with a journal to fall back on, it gives up when shutdown runs out of time.
+    async fn deliver(&mut self, batch: &[Bytes]) -> Result<(), String> {
         let spool_now = self.spool_now.clone();
         tokio::select! {
             biased;
-            _ = spool_now.cancelled(), if abortable => Err("shutting down".into()),
+            _ = spool_now.cancelled(), if self.journal.is_some() => Err("shutting down".into()),
             result = self.writer.deliver(batch) => result,
+        }
+    }
+
+    /// The end of the worker: when everything was delivered its journal is emptied, else
+    /// what it holds is synced, and what memory held is counted as lost.
+    async fn stop(self, delivered_all: bool) {
+        let Some(journal) = self.journal else {
+            return;
+        };
+        let lost = self.state.pending.swap(0, Relaxed);
+        if lost > 0 {
+            self.state.lost.inc_by(lost);
+            tracing::error!(sink = %self.state.name, lost, "audit events lost: the sink did not take them within shutdown_grace and the spool could not be written");
+        }
+        let result = blocking(move || match delivered_all {
+            true => journal.finish(),
+            false => journal.sync(),
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::error!(sink = %self.state.name, error = %e, "audit spool: cannot finish it at shutdown");
         }
     }
 }

@@ -14,11 +14,12 @@ pub mod reject;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{request, response, Method, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 
 pub use context::{Context, CorsVerdict, Quota};
 pub use reject::{Reason, Reject};
@@ -94,6 +95,61 @@ pub trait Middleware: Send + Sync + 'static {
     /// Response phase: runs only if this middleware's request phase ran and let the request
     /// through, for upstream responses and for answers of later middlewares alike.
     fn on_response(&self, _resp: &mut response::Parts, _ctx: &mut Context) {}
+
+    /// What the request phase would ask outside gatehouse about this request (Redis, an
+    /// auth service, a JWKS URL), in words for an operator; `None` when it decides from
+    /// what gatehouse holds. `explain` reports it instead of running the phase, so
+    /// explaining a request never touches outside state unless asked to (`--live`).
+    /// Never called while serving.
+    fn would_ask(&self, _req: &request::Parts, _ctx: &Context) -> Option<String> {
+        None
+    }
+}
+
+/// An observer of one request's way through the chain, told each step as it happens:
+/// `explain` builds its report from it. Serving passes `()`, whose methods are empty and
+/// compile away, so the request path pays nothing for the hook.
+pub trait Trail {
+    /// Entry `i` does not apply to the request; `rule` is the scope key that excluded it.
+    fn skipped(&mut self, _i: usize, _rule: Exclusion<'_>) {}
+    /// Entry `i`'s request phase is next. `false` holds it back: the entry lets the request
+    /// through without running (how `explain` keeps middlewares from their outside state).
+    fn before(&mut self, _i: usize, _req: &request::Parts, _ctx: &Context) -> bool {
+        true
+    }
+    /// Entry `i`'s request phase decided (`None`: the request goes on).
+    fn after(
+        &mut self,
+        _i: usize,
+        _req: &request::Parts,
+        _ctx: &Context,
+        _answer: Option<&Answer>,
+    ) {
+    }
+    /// Entry `i`'s response phase is next.
+    fn before_response(&mut self, _i: usize, _resp: &response::Parts) {}
+    /// Entry `i`'s response phase has run.
+    fn after_response(&mut self, _i: usize, _resp: &response::Parts, _ctx: &Context) {}
+}
+
+impl Trail for () {}
+
+impl<T: Trail + ?Sized> Trail for &mut T {
+    fn skipped(&mut self, i: usize, rule: Exclusion<'_>) {
+        (**self).skipped(i, rule)
+    }
+    fn before(&mut self, i: usize, req: &request::Parts, ctx: &Context) -> bool {
+        (**self).before(i, req, ctx)
+    }
+    fn after(&mut self, i: usize, req: &request::Parts, ctx: &Context, answer: Option<&Answer>) {
+        (**self).after(i, req, ctx, answer)
+    }
+    fn before_response(&mut self, i: usize, resp: &response::Parts) {
+        (**self).before_response(i, resp)
+    }
+    fn after_response(&mut self, i: usize, resp: &response::Parts, ctx: &Context) {
+        (**self).after_response(i, resp, ctx)
+    }
 }
 
 /// Which requests an entry applies to (`paths`, `skip_paths`, `methods`).
@@ -104,12 +160,31 @@ pub struct Scope {
     pub methods: Vec<Method>,
 }
 
+/// Which scope key kept an entry from a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusion<'a> {
+    /// The method is not one of `methods`.
+    Methods,
+    /// The path matches none of `paths`.
+    Paths,
+    /// The path matches this `skip_paths` pattern.
+    SkipPaths(&'a PathPattern),
+}
+
 impl Scope {
-    /// Whether a request with `method` and (normalized) `path` is in scope.
-    pub fn applies(&self, method: &Method, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method))
-            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
-            && !self.skip_paths.iter().any(|p| p.matches(path))
+    /// Why a request with `method` and (normalized) `path` is out of scope; `None`: it is
+    /// in scope.
+    pub fn exclusion(&self, method: &Method, path: &str) -> Option<Exclusion<'_>> {
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return Some(Exclusion::Methods);
+        }
+        if !self.paths.is_empty() && !self.paths.iter().any(|p| p.matches(path)) {
+            return Some(Exclusion::Paths);
+        }
+        self.skip_paths
+            .iter()
+            .find(|p| p.matches(path))
+            .map(Exclusion::SkipPaths)
     }
 
     fn is_everything(&self) -> bool {
@@ -133,6 +208,8 @@ pub struct Chain {
     body_phases: u64,
     /// `gatehouse_rejections_total{middleware, status}` handles, per link.
     rejections: Box<[ByStatus]>,
+    /// `gatehouse_fail_open_total{middleware}` handles, per link, resolved on first use.
+    fail_opens: Box<[OnceLock<Counter>]>,
 }
 
 impl Chain {
@@ -149,6 +226,7 @@ impl Chain {
             .fold(0, |mask, (i, _)| mask | 1 << i);
         Chain {
             rejections: links.iter().map(|_| ByStatus::new(400)).collect(),
+            fail_opens: links.iter().map(|_| OnceLock::new()).collect(),
             links: links.into(),
             body_phases,
         }
@@ -162,25 +240,43 @@ impl Chain {
         path: &str,
         ctx: &mut Context,
     ) -> Option<Answer> {
+        self.on_request_with(req, path, ctx, ()).await
+    }
+
+    /// [`Chain::on_request`], telling `trail` every step.
+    pub async fn on_request_with<T: Trail>(
+        &self,
+        req: &mut request::Parts,
+        path: &str,
+        ctx: &mut Context,
+        mut trail: T,
+    ) -> Option<Answer> {
         for (i, link) in self.links.iter().enumerate() {
-            if !link.scope.is_everything() && !link.scope.applies(&req.method, path) {
-                continue;
+            if !link.scope.is_everything() {
+                if let Some(rule) = link.scope.exclusion(&req.method, path) {
+                    trail.skipped(i, rule);
+                    continue;
+                }
             }
             ctx.current = i;
             // A sampled request records each wait as a span; the others only pay this test.
             let traced = ctx.trace.sampled();
             let mut waited = None;
-            let mut flow = link.middleware.on_request(req, ctx);
-            let answer = loop {
-                match flow.settle() {
-                    Ok(answer) => break answer,
-                    Err(decision) => {
-                        if traced {
-                            waited.get_or_insert_with(Instant::now);
+            let answer = if trail.before(i, req, ctx) {
+                let mut flow = link.middleware.on_request(req, ctx);
+                loop {
+                    match flow.settle() {
+                        Ok(answer) => break answer,
+                        Err(decision) => {
+                            if traced {
+                                waited.get_or_insert_with(Instant::now);
+                            }
+                            flow = decision.await;
                         }
-                        flow = decision.await;
                     }
                 }
+            } else {
+                None
             };
             if let Some(start) = waited {
                 ctx.trace.waits.push(Waited {
@@ -190,6 +286,7 @@ impl Chain {
                     refused: matches!(answer, Some(Answer::Reject(_))),
                 });
             }
+            trail.after(i, req, ctx, answer.as_ref());
             match answer {
                 None => ctx.ran |= 1 << i,
                 Some(answer) => {
@@ -231,12 +328,24 @@ impl Chain {
 
     /// Runs the response phases, bottom to top, of the middlewares whose request phase ran.
     pub fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
+        self.on_response_with(resp, ctx, ());
+    }
+
+    /// [`Chain::on_response`], telling `trail` every step.
+    pub fn on_response_with<T: Trail>(
+        &self,
+        resp: &mut response::Parts,
+        ctx: &mut Context,
+        mut trail: T,
+    ) {
         let mut ran = ctx.ran;
         while ran != 0 {
             let i = 63 - ran.leading_zeros() as usize;
             ran &= !(1 << i);
             ctx.current = i;
+            trail.before_response(i, resp);
             self.links[i].middleware.on_response(resp, ctx);
+            trail.after_response(i, resp, ctx);
         }
     }
 
@@ -255,6 +364,34 @@ impl Chain {
         let name = &self.links[i].name;
         self.rejections[i].inc(status.as_u16(), || metrics.rejection(name, status.as_u16()));
     }
+
+    /// Counts, in `gatehouse_fail_open_total`, each middleware of `fail_open` (a
+    /// [`Context::fail_open`] set) that let a request through because its backend failed.
+    pub fn count_fail_open(&self, fail_open: u64, metrics: &Metrics) {
+        for i in bits(fail_open) {
+            self.fail_opens[i]
+                .get_or_init(|| metrics.fail_open(&self.links[i].name))
+                .inc();
+        }
+    }
+
+    /// The names of the middlewares in `set` (such as [`Context::fail_open`]), in chain
+    /// order.
+    pub fn names(&self, set: u64) -> impl Iterator<Item = &str> {
+        bits(set).map(|i| &*self.links[i].name)
+    }
+}
+
+/// The indexes of the bits set in `set`, lowest first.
+fn bits(set: u64) -> impl Iterator<Item = usize> {
+    let mut left = set;
+    std::iter::from_fn(move || {
+        (left != 0).then(|| {
+            let i = left.trailing_zeros() as usize;
+            left &= left - 1;
+            i
+        })
+    })
 }
 
 #[cfg(test)]
@@ -364,6 +501,98 @@ mod tests {
         );
         assert_eq!(ctx.denied_by, Some(2));
         assert!(matches!(answer, Some(Answer::Reject(r)) if r.reason == Reason::IpDenied));
+    }
+
+    /// Records what a trail is told, holding back the entries in `hold`.
+    #[derive(Default)]
+    struct Recording {
+        hold: u64,
+        seen: Vec<String>,
+    }
+
+    impl Trail for Recording {
+        fn skipped(&mut self, i: usize, rule: Exclusion<'_>) {
+            self.seen.push(format!("skip{i}:{rule:?}"));
+        }
+        fn before(&mut self, i: usize, _: &request::Parts, _: &Context) -> bool {
+            self.seen.push(format!("before{i}"));
+            self.hold & 1 << i == 0
+        }
+        fn after(&mut self, i: usize, _: &request::Parts, _: &Context, answer: Option<&Answer>) {
+            self.seen.push(format!("after{i}:{}", answer.is_some()));
+        }
+        fn before_response(&mut self, i: usize, _: &response::Parts) {
+            self.seen.push(format!("before_response{i}"));
+        }
+        fn after_response(&mut self, i: usize, _: &response::Parts, _: &Context) {
+            self.seen.push(format!("after_response{i}"));
+        }
+    }
+
+    #[test]
+    fn a_trail_sees_every_step_and_may_hold_an_entry_back() {
+        let log = Arc::new(Mutex::new(vec![]));
+        let chain = chain(&log, 3, Some(1));
+        let mut trail = Recording {
+            hold: 1 << 2,
+            ..Recording::default()
+        };
+        let (mut parts, ()) = Request::get("/elsewhere").body(()).unwrap().into_parts();
+        let mut ctx = Context::new(
+            [127, 0, 0, 1].into(),
+            [127, 0, 0, 1].into(),
+            false,
+            std::time::Instant::now(),
+            0,
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answer =
+            runtime.block_on(chain.on_request_with(&mut parts, "/elsewhere", &mut ctx, &mut trail));
+        assert!(matches!(answer, Some(Answer::Reject(_))));
+        let (mut resp, _) = Response::new(()).into_parts();
+        chain.on_response_with(&mut resp, &mut ctx, &mut trail);
+        assert_eq!(
+            trail.seen,
+            [
+                "before0",
+                "after0:false",
+                "skip1:Paths",
+                "before2",
+                "after2:false",
+                "before3",
+                "after3:true",
+                "before_response2",
+                "after_response2",
+                "before_response0",
+                "after_response0",
+            ]
+        );
+        // The held-back entry never ran, yet counts as having let the request through.
+        assert_eq!(*log.lock().unwrap(), ["req0", "req3", "resp2", "resp0"]);
+    }
+
+    #[test]
+    fn scope_exclusions_name_the_rule() {
+        let scope = Scope {
+            paths: vec!["/api/**".parse().unwrap()],
+            skip_paths: vec!["/api/health".parse().unwrap()],
+            methods: vec![Method::GET],
+        };
+        assert_eq!(scope.exclusion(&Method::GET, "/api/x"), None);
+        assert_eq!(
+            scope.exclusion(&Method::POST, "/api/x"),
+            Some(Exclusion::Methods)
+        );
+        assert_eq!(
+            scope.exclusion(&Method::GET, "/web"),
+            Some(Exclusion::Paths)
+        );
+        assert_eq!(
+            scope.exclusion(&Method::GET, "/api/health"),
+            Some(Exclusion::SkipPaths(&scope.skip_paths[0]))
+        );
     }
 
     #[test]

@@ -5,9 +5,23 @@
 
 use std::borrow::Cow;
 
+use http::StatusCode;
+
+use super::{Reason, Reject};
+
 /// Why a path cannot be matched safely.
 #[derive(Debug, PartialEq, Eq)]
 pub struct DotSegments;
+
+impl From<DotSegments> for Reject {
+    fn from(_: DotSegments) -> Reject {
+        Reject::new(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequest,
+            "the request path has dot-segments",
+        )
+    }
+}
 
 /// The path to match patterns against; borrowed unless it needs decoding or merging.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, DotSegments> {

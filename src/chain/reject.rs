@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{HeaderName, Response, StatusCode};
 
+use crate::http1::request;
 use crate::json;
 
 /// Why gatehouse answered instead of the app. The code is stable: audit events
@@ -150,8 +151,8 @@ impl Reject {
     }
 
     /// The response: SPEC's JSON body
-    /// `{"error": "<code>", "message": "<text>", "request_id": "<id or null>"}` (or the
-    /// passed-through body), the status, and the headers.
+    /// `{"error": "<code>", "message": "<text> (<reason>)", "request_id": "<id or null>"}`
+    /// (or the passed-through body), the status, and the headers.
     pub fn render(self, request_id: Option<&HeaderValue>) -> Response<Bytes> {
         let mut resp = match self.body {
             Some(body) => {
@@ -159,12 +160,25 @@ impl Reject {
                 *resp.status_mut() = self.status;
                 resp
             }
-            None => json_error(self.status, &self.message, request_id),
+            None => error_body(self.status, &self.message, Some(self.reason), request_id),
         };
         for (name, value) in self.headers {
             resp.headers_mut().append(name, value);
         }
         resp
+    }
+}
+
+/// A request head the HTTP/1 parser refused: `431` for its size, `501` for a transfer
+/// coding gatehouse does not forward, `400` for anything else.
+impl From<request::Invalid> for Reject {
+    fn from(invalid: request::Invalid) -> Reject {
+        let reason = match invalid.status {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Reason::HeadersTooLarge,
+            StatusCode::NOT_IMPLEMENTED => Reason::NotImplemented,
+            _ => Reason::BadRequest,
+        };
+        Reject::new(invalid.status, reason, invalid.message)
     }
 }
 
@@ -174,11 +188,29 @@ pub fn json_error(
     message: &str,
     request_id: Option<&HeaderValue>,
 ) -> Response<Bytes> {
-    let mut out = Vec::with_capacity(96 + message.len());
+    error_body(status, message, None, request_id)
+}
+
+/// [`json_error`], with the refusal's reason code after the message, so a client (and
+/// whoever reads its logs) learns why without the audit event: `"invalid token (expired)"`.
+fn error_body(
+    status: StatusCode,
+    message: &str,
+    reason: Option<Reason>,
+    request_id: Option<&HeaderValue>,
+) -> Response<Bytes> {
+    let mut out = Vec::with_capacity(128 + message.len());
     out.extend_from_slice(b"{\"error\":\"");
     out.extend_from_slice(code_for(status).as_bytes());
     out.extend_from_slice(b"\",\"message\":");
     json::push_str(&mut out, message);
+    if let Some(reason) = reason {
+        // Codes are plain ASCII words: they go inside the closing quote unescaped.
+        out.pop();
+        out.extend_from_slice(b" (");
+        out.extend_from_slice(reason.code().as_bytes());
+        out.extend_from_slice(b")\"");
+    }
     out.extend_from_slice(b",\"request_id\":");
     json::push_header(&mut out, request_id);
     out.push(b'}');
@@ -209,11 +241,16 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"error": "rate_limited", "message": "slow down", "request_id": "abc\"1"})
+            serde_json::json!({"error": "rate_limited", "message": "slow down (rate_limited)", "request_id": "abc\"1"})
         );
         let none = Reject::new(StatusCode::BAD_GATEWAY, Reason::UpstreamFailed, "x").render(None);
         let v: serde_json::Value = serde_json::from_slice(none.body()).unwrap();
         assert!(v["request_id"].is_null());
+        assert_eq!(v["message"], "x (upstream_failed)");
+        // Answers that are no refusal (the admin's) carry the message alone.
+        let plain = json_error(StatusCode::SERVICE_UNAVAILABLE, "a \"quoted\" text", None);
+        let v: serde_json::Value = serde_json::from_slice(plain.body()).unwrap();
+        assert_eq!(v["message"], "a \"quoted\" text");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct AuditConfig {
     pub flush_interval: Duration,
     pub spool_dir: Option<PathBuf>,
     pub spool_max_bytes: ByteSize,
+    /// How often the journals are fsynced: what a machine crash may lose.
+    pub fsync_interval: Duration,
     pub sinks: Vec<SinkConfig>,
 }
 
@@ -202,6 +204,8 @@ pub(crate) struct RawAudit {
     spool_dir: Option<PathBuf>,
     #[serde(default = "default_spool_max_bytes")]
     spool_max_bytes: ByteSize,
+    #[serde(default = "default_fsync_interval")]
+    fsync_interval: Duration,
     #[serde(default)]
     sinks: Vec<toml::Table>,
 }
@@ -212,6 +216,9 @@ fn default_queue_capacity() -> usize {
 fn default_spool_max_bytes() -> ByteSize {
     ByteSize(1 << 30)
 }
+fn default_fsync_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(1))
+}
 fn default_batch_size() -> usize {
     256
 }
@@ -220,7 +227,7 @@ fn default_flush_interval() -> Duration {
 }
 
 /// The event's own fields: a `request_headers` entry may not shadow one.
-pub const EVENT_FIELDS: [&str; 18] = [
+pub const EVENT_FIELDS: [&str; 20] = [
     "ts",
     "request_id",
     "method",
@@ -234,6 +241,8 @@ pub const EVENT_FIELDS: [&str; 18] = [
     "subject",
     "decision",
     "denied_by",
+    "deny_reason",
+    "fail_open",
     "bytes_in",
     "bytes_out",
     "completed",
@@ -288,6 +297,12 @@ impl AuditConfig {
         if raw.spool_max_bytes.0 == 0 {
             return Err((key("spool_max_bytes"), "expected a size above zero".into()));
         }
+        if raw.fsync_interval.0.is_zero() {
+            return Err((
+                key("fsync_interval"),
+                "expected a duration above zero".into(),
+            ));
+        }
         if raw.sinks.is_empty() {
             return Err((
                 key("sinks"),
@@ -318,6 +333,7 @@ impl AuditConfig {
             flush_interval: raw.flush_interval,
             spool_dir: raw.spool_dir,
             spool_max_bytes: raw.spool_max_bytes,
+            fsync_interval: raw.fsync_interval,
             sinks,
         })
     }
@@ -406,6 +422,7 @@ mod tests {
         assert_eq!(a.flush_interval.0.as_secs(), 1);
         assert_eq!(a.spool_dir, None);
         assert_eq!(a.spool_max_bytes.0, 1 << 30);
+        assert_eq!(a.fsync_interval.0.as_secs(), 1);
         assert_eq!(a.sinks[0].name, "stdout");
         assert_eq!(a.sinks[0].kind, SinkKind::Stdout);
         assert_eq!(a.sinks[1].name, "f");
@@ -426,6 +443,10 @@ mod tests {
             (
                 "[audit]\nflush_interval = \"0s\"\n[[audit.sinks]]\ntype = \"stdout\"\n",
                 "proxy.toml:6:1: audit.flush_interval: expected a duration above zero",
+            ),
+            (
+                "[audit]\nspool_dir = \"/s\"\nfsync_interval = \"0ms\"\n[[audit.sinks]]\ntype = \"stdout\"\n",
+                "proxy.toml:7:1: audit.fsync_interval: expected a duration above zero",
             ),
             (
                 "[audit]\nrequest_headers = [\"user-agent\", \"Host\"]\n[[audit.sinks]]\ntype = \"stdout\"\n",

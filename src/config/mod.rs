@@ -266,6 +266,31 @@ pub fn deserialize<T: DeserializeOwned>(value: toml::Value) -> Result<T, Problem
     })
 }
 
+/// Parses `source`, read from `file`, into `T`, with `${VAR}`s taken from `lookup`; also
+/// returns the document, to place later problems in the file with
+/// [`ConfigError::at_key`]. Every TOML file gatehouse reads (the config, `gatehouse test`
+/// cases) goes through here, so their errors look alike.
+pub fn parse_toml<'s, T: DeserializeOwned>(
+    file: &Path,
+    source: &'s str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(T, toml_edit::ImDocument<&'s str>), ConfigError> {
+    let invalid = |e: toml::de::Error| {
+        let message = format!("invalid TOML: {}", e.message().trim());
+        ConfigError::at_span(file, source, e.span(), message)
+    };
+    let doc = toml_edit::ImDocument::parse(source).map_err(|e| {
+        let message = format!("invalid TOML: {}", e.message().trim());
+        ConfigError::at_span(file, source, e.span(), message)
+    })?;
+    let at =
+        |(path, message): Problem| ConfigError::at_key(file, source, doc.as_item(), path, message);
+    let mut value: toml::Value = toml::from_str(source).map_err(invalid)?;
+    env::interpolate(&mut value, &mut KeyPath::default(), lookup).map_err(at)?;
+    let typed = deserialize(value).map_err(at)?;
+    Ok((typed, doc))
+}
+
 impl<S: Entries> Config<S> {
     /// Reads, interpolates and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -280,28 +305,10 @@ impl<S: Entries> Config<S> {
         source: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let doc = toml_edit::ImDocument::parse(source).map_err(|e| {
-            ConfigError::at_span(
-                file,
-                source,
-                e.span(),
-                format!("invalid TOML: {}", e.message().trim()),
-            )
-        })?;
+        let (raw, doc): (RawConfig, _) = parse_toml(file, source, lookup)?;
         let at = |(path, message): Problem| {
             ConfigError::at_key(file, source, doc.as_item(), path, message)
         };
-
-        let mut value: toml::Value = toml::from_str(source).map_err(|e| {
-            ConfigError::at_span(
-                file,
-                source,
-                e.span(),
-                format!("invalid TOML: {}", e.message().trim()),
-            )
-        })?;
-        env::interpolate(&mut value, &mut KeyPath::default(), lookup).map_err(at)?;
-        let raw: RawConfig = deserialize(value).map_err(at)?;
 
         let mut middleware = Vec::with_capacity(raw.middleware.len());
         for (i, table) in raw.middleware.into_iter().enumerate() {

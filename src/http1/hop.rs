@@ -71,6 +71,41 @@ impl Tokens {
     }
 }
 
+/// The header fields the HTTP/1 parsers treat specially, told apart in one look at the
+/// name (a match on its text compiles to a length check and a compare, cheaper than a
+/// dozen `HeaderName` comparisons on every header line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    ContentLength,
+    TransferEncoding,
+    Host,
+    Connection,
+    Upgrade,
+    Te,
+    Expect,
+    /// Another header on the fixed hop-by-hop list.
+    HopByHop,
+    Other,
+}
+
+pub fn field(name: &HeaderName) -> Field {
+    match name.as_str() {
+        "content-length" => Field::ContentLength,
+        "transfer-encoding" => Field::TransferEncoding,
+        "host" => Field::Host,
+        "connection" => Field::Connection,
+        "upgrade" => Field::Upgrade,
+        "te" => Field::Te,
+        "expect" => Field::Expect,
+        "keep-alive"
+        | "proxy-connection"
+        | "proxy-authenticate"
+        | "proxy-authorization"
+        | "trailer" => Field::HopByHop,
+        _ => Field::Other,
+    }
+}
+
 /// Whether `name` is on the fixed hop-by-hop list.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)
@@ -88,6 +123,23 @@ pub fn is_te_trailers(value: &HeaderValue) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_told_apart_by_name() {
+        for name in HOP_BY_HOP {
+            let kind = field(name);
+            assert!(
+                !matches!(
+                    kind,
+                    Field::Other | Field::ContentLength | Field::Host | Field::Expect
+                ),
+                "{name}: {kind:?}"
+            );
+        }
+        assert_eq!(field(&http::header::CONTENT_LENGTH), Field::ContentLength);
+        assert_eq!(field(&http::header::USER_AGENT), Field::Other);
+        assert_eq!(field(&HeaderName::from_static("x-te")), Field::Other);
+    }
 
     #[test]
     fn tokens_and_named_headers() {

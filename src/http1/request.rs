@@ -8,12 +8,12 @@
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::Authority;
 use http::{header, Version};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 
-use super::hop::{self, Tokens};
+use super::hop::{self, Field, Tokens};
 use super::{
     header_line, list_items, parse_length, shared_header, Framing, CHAIN_HEADERS, MAX_HEADERS,
 };
@@ -40,6 +40,8 @@ pub struct Head {
     pub upgrade: Option<HeaderValue>,
     /// `Expect: 100-continue`: the client waits for an interim answer before the body.
     pub expect_continue: bool,
+    /// `TE: trailers`: the client takes trailer fields in a chunked response.
+    pub trailers: bool,
 }
 
 /// Why a request cannot be served; the server answers `status` and closes the connection,
@@ -89,7 +91,9 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
                 "the request has more than 100 header lines",
             ))
         }
-        Err(httparse::Error::Version) => {
+        // A well-formed request line of another version is 505; anything else that
+        // trips the version check is a malformed line.
+        Err(httparse::Error::Version) if names_a_version(buf) => {
             return Err(invalid(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "only HTTP/1.0, HTTP/1.1 and HTTP/2 are served",
@@ -115,42 +119,48 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
     let mut hosts = 0usize;
     let mut upgrade = None;
     let mut expect_continue = false;
+    let mut trailers = false;
     for h in req.headers.iter() {
         let (name, value) = shared_header(h.name.as_bytes(), h.value, |v| buf.slice_ref(v))
             .map_err(|_| invalid(BAD, "a request header is invalid"))?;
-        if name == CONTENT_LENGTH {
-            for item in list_items(&value) {
-                let n =
-                    parse_length(item).ok_or(invalid(BAD, "the content-length is not a number"))?;
+        match hop::field(&name) {
+            Field::ContentLength => {
+                // Digits only: a list (even of equal values) is refused, as hyper and
+                // nginx do.
+                let n = parse_length(value.as_bytes())
+                    .ok_or(invalid(BAD, "the content-length is not a number"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(invalid(BAD, "the request has conflicting content-lengths"));
                 }
                 length = Some(n);
             }
-        } else if name == TRANSFER_ENCODING {
-            codings.get_or_insert_default().add(&value);
-            continue;
-        } else if name == HOST {
-            hosts += 1;
-            if !is_host(value.as_bytes()) {
-                return Err(invalid(BAD, "the Host header is not a valid host"));
-            }
-        } else if name == CONNECTION {
-            tokens.add(&value);
-            continue;
-        } else if name == UPGRADE {
-            upgrade = Some(value);
-            continue;
-        } else if name == TE {
-            // `te: trailers` is end-to-end in meaning (gRPC needs it); other codings are
-            // this hop's business.
-            if !hop::is_te_trailers(&value) {
+            Field::TransferEncoding => {
+                codings.get_or_insert_default().add(&value);
                 continue;
             }
-        } else if name == EXPECT {
-            expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        } else if hop::is_hop_by_hop(&name) {
-            continue;
+            Field::Host => {
+                hosts += 1;
+                if !is_host(value.as_bytes()) {
+                    return Err(invalid(BAD, "the Host header is not a valid host"));
+                }
+            }
+            Field::Connection => {
+                tokens.add(&value);
+                continue;
+            }
+            Field::Upgrade => {
+                upgrade = Some(value);
+                continue;
+            }
+            // `te: trailers` is end-to-end in meaning (gRPC needs it); other codings are
+            // this hop's business.
+            Field::Te if !hop::is_te_trailers(&value) => continue,
+            Field::Te => trailers = true,
+            Field::Expect => {
+                expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue")
+            }
+            Field::HopByHop => continue,
+            Field::Other => {}
         }
         headers.append(name, value);
     }
@@ -211,9 +221,22 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
             keep_alive,
             upgrade,
             expect_continue,
+            trailers,
         },
         len,
     )))
+}
+
+/// Whether the first line is `method SP target SP HTTP/d.d`.
+fn names_a_version(buf: &[u8]) -> bool {
+    let line = buf
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(buf);
+    let mut parts = line.split(|&b| b == b' ');
+    let version = (parts.next(), parts.next(), parts.next(), parts.next());
+    matches!(version, (Some(_), Some(_), Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]), None)
+        if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
 /// The request-target form must fit the method (RFC 9112 §3.2): authority-form only for
@@ -242,9 +265,21 @@ fn check_target(method: &Method, target: &[u8], uri: &Uri) -> Result<(), Invalid
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2): an authority without user info; empty is
-/// allowed (the target had no authority).
+/// allowed (the target had no authority). A plain name or IPv4 address with an optional
+/// port, what nearly every request carries, is checked byte by byte; anything else goes
+/// through the URI parser.
 fn is_host(value: &[u8]) -> bool {
-    value.is_empty()
+    let (name, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+        None => (value, None),
+    };
+    let plain = !name.is_empty()
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+        && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    plain
+        || value.is_empty()
         || !value.contains(&b'@')
             && Authority::try_from(value).is_ok_and(|a| a.as_str().len() == value.len())
 }
@@ -401,7 +436,8 @@ mod tests {
 
     #[test]
     fn framing_and_persistence() {
-        let h = head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n");
+        let h =
+            head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(5));
         let h = head("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n");
         assert_eq!(h.framing, Framing::Chunked);
@@ -474,6 +510,9 @@ mod tests {
         for (text, expected) in [
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", 400),
+            ("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),

@@ -5,10 +5,10 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{response, HeaderMap, Method, Response, StatusCode, Version};
 
-use super::hop::{self, Tokens};
+use super::hop::{self, Field, Tokens};
 use super::{
     has_token, header_line, list_items, parse_length, shared_header, Framing, CHAIN_HEADERS,
     MAX_HEADERS,
@@ -111,28 +111,34 @@ pub fn parse(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Invali
             head.slice(at..at + v.len())
         })
         .map_err(Invalid)?;
-        if name == CONTENT_LENGTH {
-            for item in list_items(&value) {
-                let n = parse_length(item).ok_or(Invalid("invalid content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(Invalid("conflicting content-length"));
+        match hop::field(&name) {
+            Field::ContentLength => {
+                for item in list_items(&value) {
+                    let n = parse_length(item).ok_or(Invalid("invalid content-length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(Invalid("conflicting content-length"));
+                    }
+                    length = Some(n);
                 }
-                length = Some(n);
             }
-        } else if name == TRANSFER_ENCODING {
-            let last = list_items(&value)
-                .filter(|c| !c.is_empty())
-                .last()
-                .unwrap_or(b"");
-            chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
-            continue;
-        } else if name == CONNECTION {
-            tokens.add(&value);
-            if !upgrade {
+            Field::TransferEncoding => {
+                let last = list_items(&value)
+                    .filter(|c| !c.is_empty())
+                    .last()
+                    .unwrap_or(b"");
+                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
                 continue;
             }
-        } else if hop::is_hop_by_hop(&name) && !(upgrade && name == UPGRADE) {
-            continue;
+            // A `101` keeps `Connection` and `Upgrade` for the client.
+            Field::Connection => {
+                tokens.add(&value);
+                if !upgrade {
+                    continue;
+                }
+            }
+            Field::Upgrade if upgrade => {}
+            Field::Upgrade | Field::Te | Field::HopByHop => continue,
+            Field::Host | Field::Expect | Field::Other => {}
         }
         headers.append(name, value);
     }

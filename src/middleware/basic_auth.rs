@@ -236,12 +236,16 @@ impl BasicAuth {
 
 impl Middleware for BasicAuth {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
-        let Some((user, password)) = req.headers.get(AUTHORIZATION).and_then(credentials) else {
-            return Flow::Reject(unauthorized(
-                &self.challenge,
-                Reason::MissingCredentials,
-                "missing Basic credentials",
-            ));
+        let (user, password) = match credentials(req.headers.get(AUTHORIZATION)) {
+            Ok(given) => given,
+            Err(reason) => {
+                let message = if reason == Reason::MissingCredentials {
+                    "missing Basic credentials"
+                } else {
+                    "malformed Basic credentials"
+                };
+                return Flow::Reject(unauthorized(&self.challenge, reason, message));
+            }
         };
         let key = digest(&[user.as_bytes(), password.as_bytes()]);
         let known = self.users.get(user.as_str());
@@ -270,19 +274,28 @@ impl Middleware for BasicAuth {
     }
 }
 
-/// `Basic base64(user:password)` → (user, password).
-fn credentials(value: &HeaderValue) -> Option<(String, String)> {
-    let value = value.to_str().ok()?;
-    let (scheme, encoded) = value.trim().split_once(' ')?;
+/// `Basic base64(user:password)` → (user, password). Otherwise the refusal's reason: no
+/// header, or another scheme, is missing credentials; a Basic value that does not decode
+/// to `user:password` is invalid.
+fn credentials(value: Option<&HeaderValue>) -> Result<(String, String), Reason> {
+    let value = value.ok_or(Reason::MissingCredentials)?;
+    let text = value
+        .to_str()
+        .map_err(|_| Reason::InvalidCredentials)?
+        .trim();
+    let (scheme, encoded) = text.split_once(' ').unwrap_or((text, ""));
     if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
+        return Err(Reason::MissingCredentials);
     }
-    let decoded = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_owned(), password.to_owned()))
+        .ok()
+        .and_then(|decoded| String::from_utf8(decoded).ok())
+        .and_then(|decoded| {
+            let (user, password) = decoded.split_once(':')?;
+            Some((user.to_owned(), password.to_owned()))
+        })
+        .ok_or(Reason::InvalidCredentials)
 }
 
 #[cfg(test)]
@@ -291,18 +304,14 @@ mod tests {
 
     #[test]
     fn credentials_parse() {
-        let v = |s: &'static str| HeaderValue::from_static(s);
-        assert_eq!(
-            credentials(&v("Basic YWxpY2U6cDpx")),
-            Some(("alice".into(), "p:q".into()))
-        );
-        assert_eq!(
-            credentials(&v("basic  YWxpY2U6")),
-            Some(("alice".into(), "".into()))
-        );
-        assert_eq!(credentials(&v("Bearer YWxpY2U6cDpx")), None);
-        assert_eq!(credentials(&v("Basic !!!")), None);
-        assert_eq!(credentials(&v("Basic YWxpY2U=")), None); // no colon
+        let v = |s: &'static str| credentials(Some(&HeaderValue::from_static(s)));
+        assert_eq!(v("Basic YWxpY2U6cDpx"), Ok(("alice".into(), "p:q".into())));
+        assert_eq!(v("basic  YWxpY2U6"), Ok(("alice".into(), "".into())));
+        assert_eq!(credentials(None), Err(Reason::MissingCredentials));
+        assert_eq!(v("Bearer YWxpY2U6cDpx"), Err(Reason::MissingCredentials));
+        assert_eq!(v("Basic !!!"), Err(Reason::InvalidCredentials));
+        assert_eq!(v("Basic"), Err(Reason::InvalidCredentials));
+        assert_eq!(v("Basic YWxpY2U="), Err(Reason::InvalidCredentials)); // no colon
     }
 
     #[test]

@@ -252,6 +252,13 @@ impl Middleware for ForwardAuth {
             }
         })
     }
+
+    fn would_ask(&self, _: &request::Parts, _: &Context) -> Option<String> {
+        Some(format!(
+            "would ask the authentication service: GET {} (a 2xx lets the request through)",
+            self.url
+        ))
+    }
 }
 
 /// The client's `x-forwarded-for` chain with the peer appended, as the app gets it.

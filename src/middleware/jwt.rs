@@ -325,6 +325,7 @@ impl super::Settings for Settings {
         }));
         let remote = self.jwks_url.as_ref().map(|url| {
             let remote = Arc::new(Remote {
+                url: url.0.clone(),
                 kick: Notify::new(),
                 fetched: watch::Sender::new(0),
                 last_kick: Mutex::new(None),
@@ -435,6 +436,8 @@ fn jwks_keys(set: &JwkSet, allowed: &[Alg], base: &Validation) -> Vec<Key> {
 
 /// What the request path shares with the background JWKS task.
 struct Remote {
+    /// The JWKS document's URL.
+    url: Uri,
     /// Wakes the task for an early refetch.
     kick: Notify,
     /// Counts finished fetch attempts, so a request can wait for the one it asked for.
@@ -603,19 +606,20 @@ impl Jwt {
                 Failure::NoKey
             });
         }
-        // The first key's verdict explains a failure: with a `kid`, it is the only one.
-        let mut first_error = None;
+        // Without a `kid` several keys may be tried: one the signature does not fit says
+        // nothing about the token, while one it fits names the real problem (expired...).
+        let mut why = None;
         for k in candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &k.validation) {
                 Ok(data) => return Ok((set.generation, data.claims)),
                 Err(e) => {
-                    first_error.get_or_insert_with(|| reason(&e));
+                    if why.is_none_or(|r| r == Reason::BadSignature) {
+                        why = Some(reason(&e));
+                    }
                 }
             }
         }
-        Err(Failure::Invalid(
-            first_error.unwrap_or(Reason::InvalidCredentials),
-        ))
+        Err(Failure::Invalid(why.unwrap_or(Reason::InvalidCredentials)))
     }
 
     /// Remembers a verified token (`key` is its digest, when caching), then admits it.
@@ -680,6 +684,18 @@ impl Jwt {
     fn reject(&self, reason: Reason, message: &'static str) -> Flow<'static> {
         Flow::Reject(unauthorized(&self.invalid, reason, message))
     }
+
+    /// The 401 to a token that does not verify, saying why.
+    fn invalid_token(&self, reason: Reason) -> Flow<'static> {
+        let message = match reason {
+            Reason::Expired => "the token has expired or is not valid yet",
+            Reason::BadSignature => "the token's signature does not verify",
+            Reason::WrongIssuer => "the token is from another issuer",
+            Reason::WrongAudience => "the token is for none of the audiences",
+            _ => "invalid token",
+        };
+        self.reject(reason, message)
+    }
 }
 
 impl Middleware for Jwt {
@@ -703,7 +719,7 @@ impl Middleware for Jwt {
         };
         match self.verify(token, header.alg, header.kid.as_deref()) {
             Ok(verified) => self.accept(key, verified, req, ctx),
-            Err(Failure::Invalid(reason)) => self.reject(reason, "invalid token"),
+            Err(Failure::Invalid(reason)) => self.invalid_token(reason),
             Err(Failure::NoKey) => match &self.remote {
                 None => self.reject(Reason::InvalidCredentials, "no key for this token"),
                 Some(remote) => {
@@ -715,7 +731,7 @@ impl Middleware for Jwt {
                         }
                         match self.verify(&token, header.alg, header.kid.as_deref()) {
                             Ok(verified) => self.accept(key, verified, req, ctx),
-                            Err(Failure::Invalid(reason)) => self.reject(reason, "invalid token"),
+                            Err(Failure::Invalid(reason)) => self.invalid_token(reason),
                             Err(Failure::NoKey) => {
                                 self.reject(Reason::InvalidCredentials, "no key for this token")
                             }
@@ -724,6 +740,18 @@ impl Middleware for Jwt {
                 }
             },
         }
+    }
+
+    fn would_ask(&self, req: &request::Parts, _: &Context) -> Option<String> {
+        // Only a token to verify needs the keys: a missing or malformed one is refused
+        // from what gatehouse holds.
+        let remote = self.remote.as_ref()?;
+        let token = bearer(req, self.cookie.as_deref())?;
+        jsonwebtoken::decode_header(token).ok()?;
+        Some(format!(
+            "would fetch the keys at {} to verify the token",
+            remote.url
+        ))
     }
 }
 

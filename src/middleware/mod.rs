@@ -49,6 +49,9 @@ pub struct Handles {
     /// Worker threads: per-worker state (connection pools, Redis connections) has one
     /// slot per worker, plus one (the last) for the control thread.
     pub workers: usize,
+    /// Middlewares look at their outside state but change nothing there, as
+    /// `explain --live` wants: a Redis rate limit reads its bucket without taking from it.
+    pub read_only: bool,
 }
 
 impl Handles {
@@ -59,6 +62,7 @@ impl Handles {
             rate_limits: rate_limit::States::default(),
             runtime: None,
             workers: 1,
+            read_only: false,
         }
     }
 }

@@ -11,18 +11,20 @@
 mod body;
 mod forwarded;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONNECTION, HOST, USER_AGENT};
-use http::{request, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{request, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use prometheus_client::metrics::counter::Counter;
 
 pub use body::Body;
-pub use forwarded::Client;
+pub use forwarded::{client_ip, Client};
 pub use session::{ResponseBody, Session};
 
 use crate::audit::{Audit, Decision};
@@ -105,7 +107,7 @@ impl Proxy {
         B: HttpBody<Data = Bytes> + Unpin,
     {
         let (mut parts, body) = req.into_parts();
-        let mut session = Box::new(self.session(&parts, client, start));
+        let mut session = self.session(&parts, client, start);
         let resp = self
             .serve(&mut parts, body, client, upgrade, &mut session)
             .await;
@@ -121,7 +123,7 @@ impl Proxy {
         start: Instant,
     ) -> Response<ResponseBody> {
         let (parts, _) = req.into_parts();
-        let mut session = Box::new(self.session(&parts, client, start));
+        let mut session = self.session(&parts, client, start);
         let reject = Reject::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Reason::Draining,
@@ -133,13 +135,53 @@ impl Proxy {
         resp.map(|body| ResponseBody::new(body, session))
     }
 
+    /// Records a request head the HTTP/1 parser refused (`400`, `431`): it never became a
+    /// request, so its record has what its first `line` says (the method and target, or
+    /// `-` and `*` where they cannot be read), the status, and the reason. `sent`: the
+    /// answer's body bytes, when it was written whole.
+    pub fn refused(
+        self: &Arc<Self>,
+        client: &Client,
+        line: &[u8],
+        status: StatusCode,
+        reason: Reason,
+        sent: Option<u64>,
+    ) {
+        let mut words = line.trim_ascii().split(|&b| b == b' ');
+        let method = words.next().and_then(|m| Method::from_bytes(m).ok());
+        let uri = words
+            .next()
+            .and_then(|t| Uri::try_from(t).ok())
+            .filter(|u| u.path().starts_with('/'));
+        let ctx = Context::new(
+            client.ip,
+            client.ip,
+            client.tls,
+            Instant::now(),
+            client.worker,
+        );
+        let mut s = Session::new(
+            self.clone(),
+            ctx,
+            method.unwrap_or_else(|| Method::from_bytes(b"-").expect("a token")),
+            uri.unwrap_or_else(|| Uri::from_static("*")),
+            None,
+        );
+        s.status = Some(status);
+        s.decision = Decision::Deny;
+        s.reason = Some(reason);
+        s.bytes_out = sent.unwrap_or(0);
+        s.completed = sent.is_some();
+        // Dropping the session here writes its record.
+    }
+
     fn session(
         self: &Arc<Self>,
         parts: &request::Parts,
         client: &Client,
         start: Instant,
-    ) -> Session {
-        let client_ip = forwarded::client_ip(client.ip, &parts.headers, &self.trusted_proxies);
+    ) -> Box<Session> {
+        let client_ip = client_ip(client.ip, &parts.headers, &self.trusted_proxies);
         let mut ctx = Context::new(client_ip, client.ip, client.tls, start, client.worker);
         if let Some(tracer) = &self.tracer {
             ctx.trace.ids = Some(tracer.begin(&parts.headers));
@@ -169,19 +211,15 @@ impl Proxy {
     where
         B: HttpBody<Data = Bytes> + Unpin,
     {
-        if let Err(reject) = self.check(parts) {
+        if let Err(reject) = Self::check(parts) {
             return self.answer(Answer::Reject(reject), s);
         }
         // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
         // path is borrowed, not copied, while middlewares hold `parts` mutably.
         let uri = parts.uri.clone();
-        let Ok(path) = path::normalize(uri.path()) else {
-            let reject = Reject::new(
-                StatusCode::BAD_REQUEST,
-                Reason::BadRequest,
-                "the request path has dot-segments",
-            );
-            return self.answer(Answer::Reject(reject), s);
+        let path = match path::normalize(uri.path()) {
+            Ok(path) => path,
+            Err(refused) => return self.answer(Answer::Reject(refused.into()), s),
         };
         if let Some(answer) = self.chain.on_request(parts, &path, &mut s.ctx).await {
             return self.answer(answer, s);
@@ -197,8 +235,8 @@ impl Proxy {
                 .iter()
                 .any(|a| a.as_bytes().eq_ignore_ascii_case(u.as_bytes()))
         });
-        let host = parts.headers.get(HOST).cloned();
-        if !self.preserve_host || host.is_none() {
+        // The client's host, as it sent it, is what `x-forwarded-host` says.
+        if !self.preserve_host || s.host.is_none() {
             parts
                 .headers
                 .insert(HOST, self.upstream.authority().clone());
@@ -207,7 +245,7 @@ impl Proxy {
         let forwarded = Forwarded {
             peer: &client.forwarded_for,
             proto: &client.proto,
-            host: host.as_ref(),
+            host: s.host.as_ref(),
             traceparent: traceparent.as_ref().map(|t| &t[..]),
         };
         let mut body = RequestBody::new(body, &self.chain, self.chain.body_phases(&s.ctx));
@@ -259,8 +297,8 @@ impl Proxy {
     }
 
     /// Refuses what no middleware should ever see: what HTTP/1's parser refuses it refused
-    /// already; these rules hold for HTTP/2 too.
-    fn check(&self, parts: &mut request::Parts) -> Result<(), Reject> {
+    /// already; these rules hold for HTTP/2 too. (`explain` applies them as well.)
+    pub fn check(parts: &mut request::Parts) -> Result<(), Reject> {
         // A reverse proxy makes no tunnels to elsewhere.
         if parts.method == Method::CONNECT {
             return Err(Reject::new(

@@ -57,14 +57,15 @@ pub struct Session {
 }
 
 impl Session {
+    /// Made in its box: it is moved into the response body later, so only the box moves.
     pub(super) fn new(
         proxy: Arc<Proxy>,
         ctx: Context,
         method: Method,
         uri: Uri,
         host: Option<HeaderValue>,
-    ) -> Session {
-        Session {
+    ) -> Box<Session> {
+        Box::new(Session {
             proxy,
             ctx,
             method,
@@ -81,7 +82,7 @@ impl Session {
             bytes_in: 0,
             bytes_out: 0,
             completed: false,
-        }
+        })
     }
 
     /// The status the record shows.
@@ -114,6 +115,9 @@ impl Proxy {
         if let (Some(i), Some(answered)) = (s.ctx.denied_by, s.status) {
             self.chain.count_rejection(i, answered, m);
         }
+        if s.ctx.fail_open != 0 {
+            self.chain.count_fail_open(s.ctx.fail_open, m);
+        }
         if let (Some(tracer), Some(ids)) = (&self.tracer, s.ctx.trace.ids) {
             if ids.sampled {
                 tracer.record(self.spans(s, ids, duration, status));
@@ -122,6 +126,8 @@ impl Proxy {
         let Some(audit) = self.audit.as_ref().filter(|a| a.wants(s.decision)) else {
             return;
         };
+        // Empty, and so not allocated, unless a middleware failed open.
+        let fail_open: Vec<&str> = self.chain.names(s.ctx.fail_open).collect();
         audit.record(&Event {
             ts: SystemTime::now() - duration,
             request_id: s.ctx.request_id.as_ref(),
@@ -135,6 +141,11 @@ impl Proxy {
             subject: s.ctx.subject.as_deref(),
             decision: s.decision,
             denied_by: s.ctx.denied_by.map(|i| &**self.chain.name(i)),
+            deny_reason: s
+                .reason
+                .filter(|_| s.decision == Decision::Deny)
+                .map(Reason::code),
+            fail_open: &fail_open,
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
             completed: s.completed,

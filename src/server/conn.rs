@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::h1::{self, Phases, Served};
 use super::Shared;
+use crate::chain::Reason;
 use crate::client::Upgraded;
 use crate::proxy::{Client, ResponseBody};
 
@@ -105,6 +106,10 @@ impl Phases for Conn {
     }
     fn busy(&self, reading_body: bool) {
         self.activity.enter(if reading_body { BODY } else { BUSY });
+    }
+    fn refused(&self, line: &[u8], status: StatusCode, reason: Reason, sent: Option<u64>) {
+        let proxy = self.shared.proxy.load_full();
+        proxy.refused(&self.client, line, status, reason, sent);
     }
 }
 

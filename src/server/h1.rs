@@ -18,7 +18,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::TE;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -26,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use crate::chain::{Reason, Reject};
 use crate::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
 use crate::http1::response::{self, Writing};
-use crate::http1::{hop, request, Framing};
+use crate::http1::{request, Framing};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -78,7 +77,8 @@ pub trait Served: HttpBody<Data = Bytes, Error = io::Error> + Unpin {
     fn tunnel_closed(&mut self, from_client: u64, to_client: u64);
 }
 
-/// Where the connection is, for the watchdog (see `conn.rs`).
+/// Where the connection is, for the watchdog (see `conn.rs`), and what never became a
+/// request, for the record.
 pub trait Phases {
     /// Waiting for a request, no byte of it received.
     fn idle(&self);
@@ -86,6 +86,9 @@ pub trait Phases {
     fn head(&self);
     /// A request is being served; `reading_body` while its body waits for the client.
     fn busy(&self, reading_body: bool);
+    /// A request head the parser refused was answered with `status` for `reason` (`sent`:
+    /// the answer's body bytes, if it was written whole); `line` is its first line.
+    fn refused(&self, _line: &[u8], _status: StatusCode, _reason: Reason, _sent: Option<u64>) {}
 }
 
 /// Serves requests from `io` until the connection closes or turns out to be HTTP/2.
@@ -121,13 +124,12 @@ where
                 return Outcome::Closed;
             }
             Err(Stop::Invalid(invalid)) => {
-                let reason = match invalid.status {
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Reason::HeadersTooLarge,
-                    StatusCode::NOT_IMPLEMENTED => Reason::NotImplemented,
-                    _ => Reason::BadRequest,
-                };
-                let answer = Reject::new(invalid.status, reason, invalid.message).render(None);
-                let _ = write_error(io, &mut out, answer, &mut date).await;
+                let reject = Reject::from(invalid);
+                let (status, reason) = (reject.status, reject.reason);
+                let answer = reject.render(None);
+                let size = answer.body().len() as u64;
+                let sent = write_error(io, &mut out, answer, &mut date).await;
+                phases.refused(first_line(buf), status, reason, sent.ok().map(|()| size));
                 return Outcome::Closed;
             }
         };
@@ -138,10 +140,10 @@ where
             keep_alive,
             upgrade,
             expect_continue,
+            trailers,
         } = head;
         let head_only = parts.method == Method::HEAD;
         let http10 = parts.version == Version::HTTP_10;
-        let trailers = parts.headers.get_all(TE).iter().any(hop::is_te_trailers);
         let inbound = (framing != Framing::Empty).then(|| {
             Arc::new(Mutex::new(Inbound {
                 buf: std::mem::take(buf),
@@ -254,14 +256,10 @@ async fn read_head<S: AsyncRead + Unpin>(
                 match parse(buf, settings.max_head) {
                     Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
-                    // On a port that speaks both, a first line that is no HTTP/1.x (such as
-                    // a mangled preface) is taken for HTTP/2, which answers it in frames.
-                    Err(invalid)
-                        if first
-                            && settings.h2c
-                            && invalid.status == StatusCode::HTTP_VERSION_NOT_SUPPORTED
-                            && !first_line(buf).windows(7).any(|w| w == b"HTTP/1.") =>
-                    {
+                    // On a port that speaks both, a first line of text that is no HTTP/1.x
+                    // request line (such as a mangled preface) is taken for HTTP/2, which
+                    // answers it in frames.
+                    Err(_) if first && settings.h2c && not_http1_text(buf) => {
                         return Err(Stop::BadPreface)
                     }
                     Err(invalid) => return Err(Stop::Invalid(invalid)),
@@ -280,6 +278,15 @@ async fn read_head<S: AsyncRead + Unpin>(
 /// The first line of `buf` (all of it, if no line has ended).
 fn first_line(buf: &[u8]) -> &[u8] {
     buf.split(|&b| b == b'\n').next().unwrap_or(buf)
+}
+
+/// Whether `buf` opens with a whole line of printable text that names no HTTP/1 version.
+fn not_http1_text(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let line = &buf[..end];
+    line.iter().all(|b| (b' '..0x7f).contains(b)) && !line.windows(7).any(|w| w == b"HTTP/1.")
 }
 
 /// Whether `buf` holds the HTTP/2 preface, or the start of it.

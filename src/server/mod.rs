@@ -7,6 +7,8 @@
 //! pipeline and the chain's background tasks.
 
 mod conn;
+#[cfg(test)]
+mod differential;
 mod h1;
 mod tls;
 
@@ -89,6 +91,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         rate_limits: rate_limit::States::default(),
         runtime: Some(control.handle().clone()),
         workers,
+        read_only: false,
     });
     // Pool shards: one per worker, then the control thread's.
     let audit = match &config.audit {

@@ -918,6 +918,73 @@ pub async fn proxy_with(server: &str, upstream: &str, rest: &str) -> (Upstream, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Small servers of the kind middlewares ask (JWKS documents, auth services)
+// ---------------------------------------------------------------------------------------------
+
+type Handler = dyn Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync;
+
+/// A small real HTTP server (JWKS documents, auth services): answers every request with
+/// `handler`, counting them.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(
+        handler: impl Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync + 'static,
+    ) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let counter = Arc::clone(&hits);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (handler, counter) = (Arc::clone(&handler), Arc::clone(&counter));
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let (parts, _) = req.into_parts();
+                    let resp = handler(&parts);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        TestServer { addr, hits, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> http::Response<Body> {
+    let mut b = http::Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(full(body.to_owned())).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Redis
 // ---------------------------------------------------------------------------------------------
 

@@ -429,6 +429,13 @@ impl Middleware for RateLimit {
         }
     }
 
+    fn would_ask(&self, req: &request::Parts, ctx: &Context) -> Option<String> {
+        match &self.store {
+            Store::Local(_) => None,
+            Store::Redis(remote) => Some(remote.describe(self.key.of(req, ctx))),
+        }
+    }
+
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
         if let Some(quota) = ctx.rate_limit {
             // The quota may be another limiter's (the one with the fewest remaining).

@@ -21,7 +21,8 @@ use redis::Script;
 
 use super::{Gcra, KeyRef, Outcome};
 
-/// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval and tolerance.
+/// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval, tolerance, and
+/// whether to take from the bucket (`1`) or only look (`0`, for `explain --live`).
 /// Returns {allowed, remaining, reset, retry_after}. The key expires when its bucket is full
 /// again, which is exactly when forgetting it changes nothing.
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
@@ -36,7 +37,9 @@ local new_tat = tat + interval
 if new_tat - now > tolerance then
   return {0, 0, tat - now, new_tat - tolerance - now}
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+end
 return {1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 0}
 ",
     )
@@ -54,6 +57,8 @@ pub(super) struct Remote {
     /// One connection per worker (and the control thread), made on its first decision.
     connections: Box<[OnceLock<ConnectionManager>]>,
     timeout: Duration,
+    /// `1` takes from the bucket; `0` only looks (`Handles::read_only`).
+    take: u8,
     /// `gatehouse_rate_limit_backend_errors_total{middleware=name}`.
     errors: Counter,
     /// When the limiter was built: the origin of `last_warn`.
@@ -85,6 +90,7 @@ impl Remote {
             config,
             connections: (0..=handles.workers).map(|_| OnceLock::new()).collect(),
             timeout,
+            take: u8::from(!handles.read_only),
             built: Instant::now(),
             last_warn: AtomicU64::new(0),
         }
@@ -98,19 +104,9 @@ impl Remote {
         key: KeyRef<'_>,
         gcra: &Gcra,
     ) -> Option<Outcome> {
-        let mut redis_key = Vec::with_capacity(self.prefix.len() + 40);
-        redis_key.extend_from_slice(&self.prefix);
-        match key {
-            KeyRef::Ip(ip) => write!(redis_key, "{ip}").expect("writing to a Vec"),
-            KeyRef::Text(text) => {
-                redis_key.push(b'=');
-                redis_key.extend_from_slice(text);
-            }
-            KeyRef::Shared => redis_key.push(b'-'),
-        }
         let mut conn = self.connection(worker);
-        let mut call = SCRIPT.key(redis_key);
-        call.arg(gcra.interval).arg(gcra.tolerance);
+        let mut call = SCRIPT.key(self.key(key));
+        call.arg(gcra.interval).arg(gcra.tolerance).arg(self.take);
         let answer = tokio::time::timeout(
             self.timeout,
             call.invoke_async::<(u8, u64, u64, u64)>(&mut conn),
@@ -127,6 +123,32 @@ impl Remote {
             Ok(Err(e)) => self.failed(e),
             Err(_) => self.failed(format_args!("no answer within {:?}", self.timeout)),
         }
+    }
+
+    /// The Redis key of a bucket: `gatehouse:rl:<name>:<address>`, `...:=<value>` for a
+    /// header value or subject, `...:-` for the shared bucket.
+    fn key(&self, key: KeyRef<'_>) -> Vec<u8> {
+        let mut redis_key = Vec::with_capacity(self.prefix.len() + 40);
+        redis_key.extend_from_slice(&self.prefix);
+        match key {
+            KeyRef::Ip(ip) => write!(redis_key, "{ip}").expect("writing to a Vec"),
+            KeyRef::Text(text) => {
+                redis_key.push(b'=');
+                redis_key.extend_from_slice(text);
+            }
+            KeyRef::Shared => redis_key.push(b'-'),
+        }
+        redis_key
+    }
+
+    /// What a decision on `key` asks, for `explain`: the server (never the URL, which may
+    /// hold a password) and the bucket's key.
+    pub(super) fn describe(&self, key: KeyRef<'_>) -> String {
+        format!(
+            "would ask Redis at {} about the bucket {}",
+            self.client.get_connection_info().addr(),
+            String::from_utf8_lossy(&self.key(key))
+        )
     }
 
     /// `worker`'s connection for this limiter (connecting lazily, on the caller's runtime,

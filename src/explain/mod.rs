@@ -1,0 +1,782 @@
+//! `gatehouse explain`: what the chain of a config does to one request, without the app.
+//! [`cases`] builds `gatehouse test` on it.
+//!
+//! Nothing here imitates the chain: the request is written as an HTTP/1.1 head and read by
+//! the server's own parser (so `400`/`431` are explained too), goes through the proxy's
+//! own checks, then through the chain `run` would build from the same file, by the same
+//! loop that serves ([`Chain::on_request_with`]), with a [`Trail`] that records each step.
+//! Where serving would ask the app, a synthetic answer with the chosen status stands in,
+//! and the response phases run on it as they would on the app's.
+//!
+//! Outside state is never touched unless `live`: middlewares that would ask Redis, an auth
+//! service or a JWKS URL are reported with what they would ask ([`Middleware::would_ask`])
+//! and taken to let the request through; a local rate limit decides from a fresh bucket.
+//! With `live` they are asked for real, read-only where possible (a Redis rate limit reads
+//! its bucket without taking from it).
+//!
+//! [`Middleware::would_ask`]: crate::chain::Middleware::would_ask
+
+pub mod cases;
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use serde::Serialize;
+
+use crate::chain::reject::code_for;
+use crate::chain::{path, Answer, Chain, Context, Exclusion, Reject, Trail};
+use crate::http1::{self, Framing};
+use crate::middleware::{self, Handles};
+use crate::proxy::{self, Proxy};
+use crate::Config;
+
+/// Body bytes are shown to the body phases in pieces of this size, as a client's would be.
+const BODY_PIECE: usize = 64 << 10;
+
+/// A request target: a path (with its query), or an `http`/`https` URL whose host is the
+/// Host, written on the request line as given (absolute-form).
+#[derive(Debug, Clone)]
+pub struct Target {
+    text: String,
+    /// An absolute URL's authority, the request's `Host`.
+    host: Option<String>,
+    tls: bool,
+}
+
+impl FromStr for Target {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Target, String> {
+        let uri: Uri = url.parse().map_err(|_| {
+            format!("invalid URL {url:?}: expected a path such as /api/items?page=2, or http://host/path")
+        })?;
+        let tls = match (uri.scheme_str(), uri.host()) {
+            (None, None) if url.starts_with('/') || url == "*" => false,
+            (Some("http"), Some(_)) => false,
+            (Some("https"), Some(_)) => true,
+            _ => {
+                return Err(format!(
+                "invalid URL {url:?}: expected a path, or an http:// or https:// URL with a host"
+            ))
+            }
+        };
+        Ok(Target {
+            text: url.to_owned(),
+            host: uri.authority().map(|a| a.as_str().to_owned()),
+            tls,
+        })
+    }
+}
+
+/// A request method, as HTTP spells it (case matters: `get` is not `GET`).
+pub fn parse_method(text: &str) -> Result<Method, String> {
+    Method::from_bytes(text.as_bytes())
+        .map_err(|_| format!("invalid method {text:?}: expected a token such as GET"))
+}
+
+/// One request to explain.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    pub target: Target,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The client's address (the connection's peer).
+    pub from: IpAddr,
+    /// The body's size when no `content-length` is given: with `transfer-encoding: chunked`
+    /// that many bytes stream through the body phases, otherwise it becomes the length.
+    pub body_size: Option<u64>,
+    /// What the app is taken to answer.
+    pub upstream_status: StatusCode,
+}
+
+impl Request {
+    /// A request without headers or body from 127.0.0.1, the app taken to answer `200`.
+    pub fn new(method: Method, target: Target) -> Request {
+        Request {
+            method,
+            target,
+            headers: Vec::new(),
+            from: IpAddr::from([127, 0, 0, 1]),
+            body_size: None,
+            upstream_status: StatusCode::OK,
+        }
+    }
+
+    /// The request head as a client would send it: the given headers, the URL's host (or
+    /// `localhost`) as `Host` unless one is given, and `content-length` from `body_size`
+    /// unless the headers frame the body themselves.
+    fn head(&self) -> Vec<u8> {
+        let has = |name: &HeaderName| self.headers.iter().any(|(n, _)| n == name);
+        let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.target.text).into_bytes();
+        let mut extra: Vec<(&[u8], Vec<u8>)> = Vec::new();
+        if !has(&HOST) {
+            let host = self.target.host.as_deref().unwrap_or("localhost");
+            extra.push((b"host", host.as_bytes().to_vec()));
+        }
+        if let Some(size) = self.body_size {
+            if !has(&CONTENT_LENGTH) && !has(&TRANSFER_ENCODING) {
+                extra.push((b"content-length", size.to_string().into_bytes()));
+            }
+        }
+        let given = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+        for (name, value) in extra.iter().map(|(n, v)| (*n, v.as_slice())).chain(given) {
+            http1::header_line(&mut out, name, value);
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+/// `Name: value`, as `curl -H` takes it.
+pub fn parse_header(text: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("invalid header {text:?}: expected 'Name: value'"))?;
+    let name = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| format!("invalid header name {:?}", name.trim()))?;
+    let value = HeaderValue::from_str(value.trim()).map_err(|_| {
+        format!("invalid value for header {name}: control characters are not allowed")
+    })?;
+    Ok((name, value))
+}
+
+/// What the chain did to the request, step by step, and what the client gets.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub request: Summary,
+    /// Whether outside state (Redis, auth services, JWKS URLs) was asked.
+    pub live: bool,
+    /// gatehouse's own refusal before any middleware (a malformed head, `CONNECT`,
+    /// dot-segments), if any.
+    pub gatehouse: Option<Refusal>,
+    /// Every chain entry, in request order.
+    pub chain: Vec<Step>,
+    /// The app's synthetic answer, when the request got that far.
+    pub upstream: Option<Upstream>,
+    /// The response phases that ran, in the order they ran (bottom to top).
+    pub response: Vec<ResponseStep>,
+    /// What the client gets.
+    pub status: u16,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub denied_by: Option<String>,
+    pub deny_reason: Option<&'static str>,
+    pub fail_open: Vec<String>,
+}
+
+/// The request as the chain saw it arrive.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub method: String,
+    pub url: String,
+    pub host: Option<String>,
+    /// After `server.trusted_proxies`.
+    pub client_ip: IpAddr,
+}
+
+/// One chain entry's part.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(flatten)]
+    pub result: StepResult,
+    /// What the request phase changed, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Changes>,
+    /// The body phase's verdict, when the body went through it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<BodyResult>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum StepResult {
+    /// An earlier step answered.
+    NotReached,
+    /// Out of the entry's scope: `rule` is the scope key (`methods`, `paths`, `skip_paths`)
+    /// and `values` what excluded the request (for `skip_paths`, the pattern that matched).
+    Skipped {
+        rule: &'static str,
+        values: Vec<String>,
+    },
+    Continue,
+    /// Let through only because its backend failed (`on_backend_error = "allow"`).
+    FailedOpen,
+    /// Not run: it would have asked outside state (offline), and is taken to let the
+    /// request through.
+    WouldAsk {
+        would_ask: String,
+    },
+    /// Answered without refusing (a CORS preflight).
+    Respond {
+        status: u16,
+    },
+    Deny(Refusal),
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum BodyResult {
+    Continue {
+        bytes: u64,
+    },
+    /// Refused once `bytes` had arrived.
+    Deny {
+        bytes: u64,
+        #[serde(flatten)]
+        refusal: Refusal,
+    },
+}
+
+/// An answer gatehouse or a middleware made instead of the app's.
+#[derive(Debug, Serialize)]
+pub struct Refusal {
+    pub status: u16,
+    /// The JSON body's `error`.
+    pub error: &'static str,
+    /// The `deny_reason` of the audit event.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl From<&Reject> for Refusal {
+    fn from(r: &Reject) -> Refusal {
+        Refusal {
+            status: r.status.as_u16(),
+            error: code_for(r.status),
+            reason: r.reason.code(),
+            message: r.message.to_string(),
+        }
+    }
+}
+
+/// The app's part: it is never contacted, and taken to answer with `status`.
+#[derive(Debug, Serialize)]
+pub struct Upstream {
+    pub status: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResponseStep {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub changes: Changes,
+}
+
+/// What one phase changed.
+#[derive(Debug, Default, Serialize)]
+pub struct Changes {
+    pub headers: Vec<HeaderChange>,
+    /// The request target, when it changed (an `api_key` query parameter removed).
+    pub uri: Option<String>,
+    /// The subject, when the phase set it.
+    pub subject: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HeaderChange {
+    pub op: Op,
+    pub name: String,
+    /// The values after the change: all of them for `set`, the new ones for `add`, none
+    /// for `remove`.
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Set,
+    Add,
+    Remove,
+}
+
+impl Changes {
+    /// The differences from `before` to `after`, in the order of `after`'s names, then the
+    /// removed ones.
+    fn between(before: &HeaderMap, after: &HeaderMap) -> Vec<HeaderChange> {
+        let values = |map: &HeaderMap, name: &HeaderName| -> Vec<String> {
+            map.get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect()
+        };
+        let mut changes = Vec::new();
+        for name in after.keys() {
+            let (old, new) = (values(before, name), values(after, name));
+            if old == new {
+                continue;
+            }
+            let (op, values) = if !old.is_empty() && new.starts_with(&old) {
+                (Op::Add, new[old.len()..].to_vec())
+            } else {
+                (Op::Set, new)
+            };
+            changes.push(HeaderChange {
+                op,
+                name: name.to_string(),
+                values,
+            });
+        }
+        for name in before.keys().filter(|n| !after.contains_key(*n)) {
+            changes.push(HeaderChange {
+                op: Op::Remove,
+                name: name.to_string(),
+                values: Vec::new(),
+            });
+        }
+        changes
+    }
+}
+
+/// Records each step of the chain for the report.
+struct Recorder<'c> {
+    chain: &'c Chain,
+    live: bool,
+    steps: Vec<Step>,
+    /// The request (headers, target, subject) before the running request phase.
+    before: Option<(HeaderMap, Uri, Option<Arc<str>>)>,
+    /// The response headers before the running response phase.
+    response_before: HeaderMap,
+    response: Vec<ResponseStep>,
+}
+
+impl<'c> Recorder<'c> {
+    fn new(chain: &'c Chain, live: bool) -> Self {
+        Recorder {
+            chain,
+            live,
+            steps: chain
+                .links()
+                .iter()
+                .map(|link| Step {
+                    name: link.name.to_string(),
+                    kind: link.kind,
+                    result: StepResult::NotReached,
+                    changes: None,
+                    body: None,
+                })
+                .collect(),
+            before: None,
+            response_before: HeaderMap::new(),
+            response: Vec::new(),
+        }
+    }
+}
+
+impl Trail for Recorder<'_> {
+    fn skipped(&mut self, i: usize, rule: Exclusion<'_>) {
+        let scope = &self.chain.links()[i].scope;
+        let (rule, values) = match rule {
+            Exclusion::Methods => (
+                "methods",
+                scope.methods.iter().map(Method::to_string).collect(),
+            ),
+            Exclusion::Paths => ("paths", scope.paths.iter().map(|p| p.to_string()).collect()),
+            Exclusion::SkipPaths(pattern) => ("skip_paths", vec![pattern.to_string()]),
+        };
+        self.steps[i].result = StepResult::Skipped { rule, values };
+    }
+
+    fn before(&mut self, i: usize, req: &request::Parts, ctx: &Context) -> bool {
+        if !self.live {
+            if let Some(question) = self.chain.links()[i].middleware.would_ask(req, ctx) {
+                self.steps[i].result = StepResult::WouldAsk {
+                    would_ask: question,
+                };
+                self.before = None;
+                return false;
+            }
+        }
+        self.before = Some((req.headers.clone(), req.uri.clone(), ctx.subject.clone()));
+        true
+    }
+
+    fn after(&mut self, i: usize, req: &request::Parts, ctx: &Context, answer: Option<&Answer>) {
+        let Some((headers, uri, subject)) = self.before.take() else {
+            return; // held back: `before` recorded what it would ask
+        };
+        let step = &mut self.steps[i];
+        step.result = match answer {
+            None if ctx.fail_open & 1 << i != 0 => StepResult::FailedOpen,
+            None => StepResult::Continue,
+            Some(Answer::Respond(resp)) => StepResult::Respond {
+                status: resp.status().as_u16(),
+            },
+            Some(Answer::Reject(reject)) => StepResult::Deny(reject.into()),
+        };
+        step.changes = Some(Changes {
+            headers: Changes::between(&headers, &req.headers),
+            uri: (uri != req.uri).then(|| req.uri.to_string()),
+            subject: ctx
+                .subject
+                .as_deref()
+                .filter(|s| Some(*s) != subject.as_deref())
+                .map(str::to_owned),
+        });
+    }
+
+    fn before_response(&mut self, _: usize, resp: &response::Parts) {
+        self.response_before = resp.headers.clone();
+    }
+
+    fn after_response(&mut self, i: usize, resp: &response::Parts, _: &Context) {
+        let link = &self.chain.links()[i];
+        self.response.push(ResponseStep {
+            name: link.name.to_string(),
+            kind: link.kind,
+            changes: Changes {
+                headers: Changes::between(&self.response_before, &resp.headers),
+                ..Changes::default()
+            },
+        });
+    }
+}
+
+/// Explains `request` with the chain of `config`; `live` lets middlewares ask their
+/// outside state. Fails only when no runtime can be started to run the chain on.
+pub fn explain(config: &Config, request: &Request, live: bool) -> std::io::Result<Report> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handles = Handles {
+        // Only a live chain gets background work (JWKS fetches).
+        runtime: live.then(|| runtime.handle().clone()),
+        read_only: true,
+        ..Handles::offline()
+    };
+    let chain = middleware::chain(&config.middleware, &handles);
+    Ok(runtime.block_on(run(config, &chain, request, live)))
+}
+
+async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> Report {
+    let mut trail = Recorder::new(chain, live);
+    let head = Bytes::from(request.head());
+    let summarize = |parts: Option<&request::Parts>, client_ip| Summary {
+        method: request.method.to_string(),
+        url: request.target.text.clone(),
+        host: parts
+            .and_then(|p| p.headers.get(HOST))
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
+        client_ip,
+    };
+    let parsed = http1::request::parse(&head, config.server.max_header_bytes.0 as usize);
+    let head = match parsed {
+        Ok(Some((head, _))) => head,
+        Ok(None) => unreachable!("a whole head was written"),
+        // The server answers these itself: no middleware runs, not even on the response.
+        Err(invalid) => {
+            let reject = Reject::from(invalid);
+            let (refusal, reason) = (Refusal::from(&reject), reject.reason.code());
+            return finish(
+                trail,
+                summarize(None, request.from),
+                Some(refusal),
+                None,
+                reject.render(None).into_parts().0,
+                Context::new(
+                    request.from,
+                    request.from,
+                    request.target.tls,
+                    Instant::now(),
+                    0,
+                ),
+                Some(reason),
+            );
+        }
+    };
+    let mut parts = head.parts;
+    let client_ip = proxy::client_ip(request.from, &parts.headers, &config.server.trusted_proxies);
+    let mut ctx = Context::new(
+        client_ip,
+        request.from,
+        request.target.tls,
+        Instant::now(),
+        0,
+    );
+    let summary = summarize(Some(&parts), client_ip);
+    let uri = parts.uri.clone();
+    let admitted =
+        Proxy::check(&mut parts).and_then(|()| path::normalize(uri.path()).map_err(Reject::from));
+    let (answer, refused) = match admitted {
+        Err(reject) => {
+            let refusal = Refusal::from(&reject);
+            (Some(Answer::Reject(reject)), Some(refusal))
+        }
+        Ok(path) => {
+            let answer = chain
+                .on_request_with(&mut parts, &path, &mut ctx, &mut trail)
+                .await;
+            (answer, None)
+        }
+    };
+    let answer = match answer {
+        None => body(chain, &mut ctx, &mut trail, head.framing, request.body_size),
+        answered => answered,
+    };
+    let mut deny_reason = None;
+    let (mut resp, upstream) = match answer {
+        None => {
+            ctx.upstream_time = Some(Duration::ZERO);
+            ctx.upstream_answered = Some(Instant::now());
+            let mut resp = http::Response::new(()).into_parts().0;
+            resp.status = request.upstream_status;
+            let upstream = Upstream {
+                status: request.upstream_status.as_u16(),
+            };
+            (resp, Some(upstream))
+        }
+        Some(Answer::Respond(resp)) => (resp.into_parts().0, None),
+        Some(Answer::Reject(reject)) => {
+            deny_reason = Some(reject.reason.code());
+            (reject.render(ctx.request_id.as_ref()).into_parts().0, None)
+        }
+    };
+    chain.on_response_with(&mut resp, &mut ctx, &mut trail);
+    finish(trail, summary, refused, upstream, resp, ctx, deny_reason)
+}
+
+/// Streams the request body's bytes through the body phases of the entries whose request
+/// phase ran, in pieces, as the proxy would on its way to the app.
+fn body(
+    chain: &Chain,
+    ctx: &mut Context,
+    trail: &mut Recorder<'_>,
+    framing: Framing,
+    body_size: Option<u64>,
+) -> Option<Answer> {
+    let total = match framing {
+        Framing::Length(n) => n,
+        Framing::Chunked => body_size.unwrap_or(0),
+        Framing::Empty | Framing::UntilClose => 0,
+    };
+    let mask = chain.body_phases(ctx);
+    if mask == 0 || total == 0 {
+        return None;
+    }
+    let piece = Bytes::from(vec![0; BODY_PIECE.min(total as usize)]);
+    let mut received = 0;
+    let refused = loop {
+        if received == total {
+            break None;
+        }
+        let len = (total - received).min(BODY_PIECE as u64);
+        received += len;
+        if let Err((i, reject)) =
+            chain.on_request_body(mask, &piece.slice(..len as usize), received)
+        {
+            break Some((i, reject));
+        }
+    };
+    for (i, step) in trail.steps.iter_mut().enumerate() {
+        if mask & 1 << i != 0 {
+            step.body = Some(match &refused {
+                Some((at, reject)) if *at == i => BodyResult::Deny {
+                    bytes: received,
+                    refusal: reject.into(),
+                },
+                _ => BodyResult::Continue { bytes: received },
+            });
+        }
+    }
+    refused.map(|(i, reject)| {
+        ctx.denied_by = Some(i);
+        Answer::Reject(reject)
+    })
+}
+
+fn finish(
+    trail: Recorder<'_>,
+    request: Summary,
+    gatehouse: Option<Refusal>,
+    upstream: Option<Upstream>,
+    resp: response::Parts,
+    ctx: Context,
+    deny_reason: Option<&'static str>,
+) -> Report {
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &resp.headers {
+        headers
+            .entry(name.to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    Report {
+        request,
+        live: trail.live,
+        gatehouse,
+        denied_by: ctx.denied_by.map(|i| trail.chain.name(i).to_string()),
+        fail_open: trail
+            .chain
+            .names(ctx.fail_open)
+            .map(str::to_owned)
+            .collect(),
+        chain: trail.steps,
+        upstream,
+        response: trail.response,
+        status: resp.status.as_u16(),
+        headers,
+        deny_reason,
+    }
+}
+
+impl Report {
+    /// What held-back middlewares would have asked: the assumptions the result rests on.
+    pub fn assumptions(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.chain.iter().filter_map(|s| match &s.result {
+            StepResult::WouldAsk { would_ask } => Some((&*s.name, would_ask.as_str())),
+            _ => None,
+        })
+    }
+
+    /// The last line: the status the client gets, and why.
+    pub fn outcome(&self) -> String {
+        let mut out = format!("status {}", self.status);
+        if let Some(refusal) = &self.gatehouse {
+            let _ = write!(out, " (refused by gatehouse: {})", refusal.reason);
+        } else if let (Some(by), Some(reason)) = (&self.denied_by, self.deny_reason) {
+            let _ = write!(out, " (denied by {by}: {reason})");
+        } else if let Some(step) = self
+            .chain
+            .iter()
+            .find(|s| matches!(s.result, StepResult::Respond { .. }))
+        {
+            let _ = write!(out, " (answered by {})", step.name);
+        } else if self.upstream.is_some() {
+            let _ = write!(out, " (the app's answer, as taken: it is not contacted)");
+        }
+        if !self.fail_open.is_empty() {
+            let _ = write!(out, "; failed open: {}", self.fail_open.join(", "));
+        }
+        out
+    }
+}
+
+/// `name`, with the type when it differs.
+fn label(name: &str, kind: &str) -> String {
+    if name == kind {
+        name.to_owned()
+    } else {
+        format!("{name} ({kind})")
+    }
+}
+
+fn write_changes(f: &mut fmt::Formatter<'_>, changes: &Changes) -> fmt::Result {
+    for c in &changes.headers {
+        match c.op {
+            Op::Remove => writeln!(f, "        remove {}", c.name)?,
+            op => {
+                let verb = if op == Op::Set { "set" } else { "add" };
+                for value in &c.values {
+                    writeln!(f, "        {verb} {}: {value}", c.name)?;
+                }
+            }
+        }
+    }
+    if let Some(uri) = &changes.uri {
+        writeln!(f, "        target {uri}")?;
+    }
+    if let Some(subject) = &changes.subject {
+        writeln!(f, "        subject {subject}")?;
+    }
+    Ok(())
+}
+
+fn write_refusal(f: &mut fmt::Formatter<'_>, r: &Refusal) -> fmt::Result {
+    write!(f, "{} {}, {}: {}", r.status, r.error, r.reason, r.message)
+}
+
+/// The text report: the request, each entry, the app, each response phase, the status.
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.request;
+        write!(f, "{} {}", r.method, r.url)?;
+        if let Some(host) = &r.host {
+            write!(f, " (host {host})")?;
+        }
+        write!(f, " from {}", r.client_ip)?;
+        writeln!(
+            f,
+            "{}",
+            if self.live {
+                ", live: outside state is asked"
+            } else {
+                ", offline: outside state is not asked (--live asks it)"
+            }
+        )?;
+        if let Some(refusal) = &self.gatehouse {
+            write!(f, "gatehouse refuses it: ")?;
+            write_refusal(f, refusal)?;
+            writeln!(f)?;
+        }
+        writeln!(f, "request phases:")?;
+        for (i, step) in self.chain.iter().enumerate() {
+            write!(f, "  {:>2}. {}: ", i + 1, label(&step.name, step.kind))?;
+            match &step.result {
+                StepResult::NotReached => write!(f, "not reached")?,
+                StepResult::Skipped { rule, values } => {
+                    let list = values.join(", ");
+                    match *rule {
+                        "methods" => {
+                            write!(f, "skipped: methods [{list}] do not include {}", r.method)?
+                        }
+                        "paths" => write!(f, "skipped: paths [{list}] do not match this path")?,
+                        _ => write!(f, "skipped: skip_paths {list} matches this path")?,
+                    }
+                }
+                StepResult::Continue => write!(f, "continue")?,
+                StepResult::FailedOpen => write!(f, "continue, failed open: its backend failed")?,
+                StepResult::WouldAsk { would_ask } => {
+                    write!(f, "{would_ask}; taken to let the request through")?
+                }
+                StepResult::Respond { status } => write!(f, "answers {status}")?,
+                StepResult::Deny(refusal) => {
+                    write!(f, "denies: ")?;
+                    write_refusal(f, refusal)?;
+                }
+            }
+            writeln!(f)?;
+            if let Some(changes) = &step.changes {
+                write_changes(f, changes)?;
+            }
+            match &step.body {
+                Some(BodyResult::Continue { bytes }) => {
+                    writeln!(f, "        body: {bytes} bytes pass")?
+                }
+                Some(BodyResult::Deny { bytes, refusal }) => {
+                    write!(f, "        body: denies after {bytes} bytes: ")?;
+                    write_refusal(f, refusal)?;
+                    writeln!(f)?;
+                }
+                None => {}
+            }
+        }
+        match &self.upstream {
+            Some(up) => writeln!(f, "app: not contacted; taken to answer {}", up.status)?,
+            None => writeln!(f, "app: not asked")?,
+        }
+        if !self.response.is_empty() {
+            writeln!(f, "response phases:")?;
+            for step in &self.response {
+                let name = label(&step.name, step.kind);
+                if step.changes.headers.is_empty() {
+                    writeln!(f, "      {name}: no change")?;
+                } else {
+                    writeln!(f, "      {name}:")?;
+                    write_changes(f, &step.changes)?;
+                }
+            }
+        }
+        writeln!(f, "{}", self.outcome())
+    }
+}
