@@ -605,7 +605,6 @@ fn deploy_configs_pass_gatehouse_check() {
         let mut envs = vec![
             ("API_KEY", API_KEY),
             ("REDIS_URL", "redis://rate-limit-redis:6379"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4318"),
         ];
         envs.extend(app_url.map(|url| ("APP_URL", url)));
         let out = cli(&["check", "--config", path.to_str().unwrap()], &envs, None);
