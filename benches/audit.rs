@@ -79,6 +79,7 @@ fn enqueue(c: &mut Criterion) {
                         bytes_in: 0,
                         bytes_out: 734,
                         completed: true,
+                        trace: None,
                         headers: &headers,
                     });
                 }

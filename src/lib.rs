@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom to top, each importing only from below: [`config`] (the file's schema,
 //! knowing no middleware), [`http1`] (the wire format both ways), [`json`] and
-//! [`metrics`]; [`client`] (every outbound request); [`chain`] (the middleware trait, the
+//! [`metrics`]; [`client`] (every outbound request); [`trace`] (trace context, the span
+//! exporter); [`chain`] (the middleware trait, the
 //! request context, gatehouse's own answers); [`middleware`] (one file per TOML `type`);
 //! [`audit`]; [`proxy`] (one request's path, start to record); [`server`], [`admin`] and
 //! [`explain`] (one request through the chain in-process, and policy tests).
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod server;
+pub mod trace;
 
 /// A config file with gatehouse's middleware types.
 pub type Config = config::Config<middleware::Spec>;

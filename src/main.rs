@@ -221,6 +221,13 @@ fn describe(config: &Config) -> String {
             sinks.join(",")
         );
     }
+    if let Some(t) = &config.tracing {
+        let _ = writeln!(
+            out,
+            "tracing: export to {} as service {}, sample_ratio {}, queue {}, batch {}, flush_interval {}",
+            t.url, t.resource.service_name, t.sample_ratio, t.queue_capacity, t.batch_size, t.flush_interval
+        );
+    }
     let _ = writeln!(
         out,
         "chain ({} middlewares, request order):",

@@ -44,6 +44,7 @@ pub struct Metrics {
     config_reloads: Family<ResultLabel, Counter>,
     rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
     jwt_cache_lookups: Family<LookupLabels, Counter>,
+    trace_spans: Family<OutcomeLabel, Counter>,
     fail_open: Family<MiddlewareLabel, Counter>,
 }
 
@@ -81,6 +82,11 @@ struct LookupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -114,6 +120,7 @@ impl Metrics {
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
         let jwt_cache_lookups = Family::<LookupLabels, Counter>::default();
+        let trace_spans = Family::<OutcomeLabel, Counter>::default();
         let fail_open = Family::<MiddlewareLabel, Counter>::default();
         // A family with no label set yet still prints its HELP and TYPE lines; the reload
         // outcomes are known up front, so they print as zeros.
@@ -182,6 +189,11 @@ impl Metrics {
             Listed(rate_limit_backend_errors.clone()),
         );
         registry.register(
+            "gatehouse_trace_spans",
+            "Spans of sampled requests, by outcome: exported, dropped (the export queue was full) or failed (the collector did not take them)",
+            Listed(trace_spans.clone()),
+        );
+        registry.register(
             "gatehouse_jwt_cache_lookups",
             "Bearer tokens looked up in a jwt middleware's cache of verified tokens, by middleware name and result (hit or miss)",
             Listed(jwt_cache_lookups.clone()),
@@ -208,6 +220,7 @@ impl Metrics {
             config_reloads,
             rate_limit_backend_errors,
             jwt_cache_lookups,
+            trace_spans,
             fail_open,
         }
     }
@@ -277,6 +290,13 @@ impl Metrics {
             })
         };
         (handle("hit"), handle("miss"))
+    }
+
+    /// A handle for `gatehouse_trace_spans_total{outcome}` (`exported`, `dropped`,
+    /// `failed`), resolved when the tracer starts.
+    pub fn trace_spans(&self, outcome: &'static str) -> Counter {
+        self.trace_spans
+            .get_or_create_owned(&OutcomeLabel { outcome })
     }
 
     /// A handle for `gatehouse_fail_open_total{middleware}`, resolved once per chain entry.
@@ -425,6 +445,7 @@ mod tests {
             "gatehouse_audit_queue_depth",
             "gatehouse_config_reloads_total",
             "gatehouse_rate_limit_backend_errors_total",
+            "gatehouse_trace_spans_total",
             "gatehouse_fail_open_total",
         ] {
             assert!(

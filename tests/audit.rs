@@ -216,6 +216,8 @@ async fn events_carry_spec_fields() {
         "bytes_in",
         "bytes_out",
         "completed",
+        "trace_id",
+        "span_id",
         "user_agent",
         "x_tenant",
     ];

@@ -492,6 +492,7 @@ proptest! {
         prior_for in vec(field_value().prop_filter("non-empty", |v| !v.is_empty()), 0..3),
         spoofed in any::<bool>(),
         (peer, proto, forwarded_host) in ("[0-9a-f.:]{1,20}", "https?", option::of(host())),
+        traceparent in option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]"),
         upgrade in option::of("[a-z0-9/.]{1,12}"),
         framing in prop_oneof![
             Just(Framing::Empty),
@@ -527,7 +528,12 @@ proptest! {
         let (peer, proto) = (values(&peer), values(&proto));
         let forwarded_host = forwarded_host.map(|h| values(&h));
         let upgrade = upgrade.map(|u| values(&u));
-        let forwarded = Forwarded { peer: &peer, proto: &proto, host: forwarded_host.as_ref() };
+        let forwarded = Forwarded {
+            peer: &peer,
+            proto: &proto,
+            host: forwarded_host.as_ref(),
+            traceparent: traceparent.as_deref().map(str::as_bytes),
+        };
         let mut out = Vec::new();
         request::encode(&parts, framing, &forwarded, upgrade.as_ref(), &mut out);
 
@@ -555,6 +561,9 @@ proptest! {
         expected.insert("x-forwarded-proto", proto.clone());
         if let Some(host) = &forwarded_host {
             expected.insert("x-forwarded-host", host.clone());
+        }
+        if let Some(traceparent) = &traceparent {
+            expected.insert("traceparent", values(traceparent));
         }
         // The length forwarded replaces the client's; a body-carrying method states 0.
         match framing {

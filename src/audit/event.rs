@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Method, Uri};
 
 use crate::json::{push_header, push_int, push_ip, push_millis, push_opt, push_str};
+use crate::trace::{context::hex, SpanId, TraceId};
 
 /// How the request was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,8 @@ pub struct Event<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub completed: bool,
+    /// The request's trace and its span (`[tracing]`).
+    pub trace: Option<(TraceId, SpanId)>,
     /// One value per `request_headers` entry, in order.
     pub headers: &'a [Option<HeaderValue>],
 }
@@ -111,6 +114,16 @@ impl Event<'_> {
         } else {
             b",\"completed\":false"
         });
+        match self.trace {
+            Some((trace_id, span_id)) => {
+                out.extend_from_slice(b",\"trace_id\":\"");
+                out.extend_from_slice(&hex::<32>(&trace_id.0));
+                out.extend_from_slice(b"\",\"span_id\":\"");
+                out.extend_from_slice(&hex::<16>(&span_id.0));
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b",\"trace_id\":null,\"span_id\":null"),
+        }
         for (name, value) in fields.iter().zip(self.headers) {
             out.push(b',');
             push_str(&mut out, name);
@@ -184,6 +197,7 @@ mod tests {
             bytes_in: 5,
             bytes_out: 0,
             completed: false,
+            trace: None,
             headers,
         }
     }
@@ -221,7 +235,16 @@ mod tests {
         assert_eq!(json["x_tenant"], serde_json::Value::Null);
         assert_eq!(json["deny_reason"], serde_json::Value::Null);
         assert_eq!(json["fail_open"], serde_json::json!([]));
-        assert_eq!(json.as_object().unwrap().len(), 20);
+        assert_eq!(json["trace_id"], serde_json::Value::Null);
+        assert_eq!(json.as_object().unwrap().len(), 22);
+        let traced = Event {
+            trace: Some((TraceId([0xab; 16]), SpanId([1, 2, 3, 4, 5, 6, 7, 8]))),
+            ..event(&uri, &headers)
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&traced.to_json(&["a".into(), "b".into()])).unwrap();
+        assert_eq!(json["trace_id"], "ab".repeat(16));
+        assert_eq!(json["span_id"], "0102030405060708");
         let root = Uri::from_static("/");
         let json: serde_json::Value =
             serde_json::from_slice(&event(&root, &[]).to_json(&[])).unwrap();

@@ -15,6 +15,7 @@
 pub mod event;
 mod file;
 mod http;
+mod otlp;
 mod redis_stream;
 mod sink;
 pub mod spool;

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::spool::Journal;
-use super::{file, http, redis_stream, stdout, Throttle};
+use super::{file, http, otlp, redis_stream, stdout, Throttle};
 use crate::config::audit::SinkKind;
 use crate::metrics::Metrics;
 
@@ -79,6 +79,7 @@ pub enum Writer {
     File(file::FileWriter),
     Http(Box<http::HttpWriter>),
     Redis(Box<redis_stream::RedisWriter>),
+    Otlp(Box<otlp::OtlpWriter>),
 }
 
 impl Writer {
@@ -90,6 +91,7 @@ impl Writer {
             SinkKind::File(s) => Writer::File(file::FileWriter::new(s.path.clone(), reopen)),
             SinkKind::Http(s) => Writer::Http(Box::new(http::HttpWriter::new(s, shards))),
             SinkKind::RedisStream(s) => Writer::Redis(Box::new(redis_stream::RedisWriter::new(s))),
+            SinkKind::Otlp(s) => Writer::Otlp(Box::new(otlp::OtlpWriter::new(s, shards))),
         }
     }
 
@@ -101,6 +103,7 @@ impl Writer {
             Writer::File(f) => f.write(json_lines(batch)).await.map_err(|e| e.to_string()),
             Writer::Http(h) => h.write(batch).await,
             Writer::Redis(r) => r.write(batch).await,
+            Writer::Otlp(o) => o.write(batch).await,
         }
     }
 }

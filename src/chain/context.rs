@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
+use crate::trace::Trace;
+
 /// State of one request as it travels down the chain and back up.
 ///
 /// Plain owned fields, no maps: it lives in the request's own state and costs nothing to
@@ -44,6 +46,8 @@ pub struct Context {
     /// Bit `i` is set when middleware `i` let the request through only because its
     /// backend failed (`on_backend_error = "allow"`).
     pub fail_open: u64,
+    /// The request's trace ids, and the middlewares that waited (`[tracing]`).
+    pub trace: Trace,
     /// Index of the middleware whose phase is running, so it can name itself in the context.
     pub current: usize,
     /// Bit `i` is set when middleware `i`'s request phase ran: only those see the response.
@@ -68,6 +72,7 @@ impl Context {
             rate_limit: None,
             denied_by: None,
             fail_open: 0,
+            trace: Trace::default(),
             current: 0,
             ran: 0,
         }

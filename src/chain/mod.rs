@@ -15,6 +15,7 @@ pub mod reject;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{request, response, Method, Response, StatusCode};
@@ -26,6 +27,7 @@ pub use reject::{Reason, Reject};
 use crate::config::value::PathPattern;
 use crate::config::MAX_MIDDLEWARES;
 use crate::metrics::{ByStatus, Metrics};
+use crate::trace::Waited;
 
 /// What a request phase decided.
 pub enum Flow<'a> {
@@ -257,17 +259,33 @@ impl Chain {
                 }
             }
             ctx.current = i;
+            // A sampled request records each wait as a span; the others only pay this test.
+            let traced = ctx.trace.sampled();
+            let mut waited = None;
             let answer = if trail.before(i, req, ctx) {
                 let mut flow = link.middleware.on_request(req, ctx);
                 loop {
                     match flow.settle() {
                         Ok(answer) => break answer,
-                        Err(decision) => flow = decision.await,
+                        Err(decision) => {
+                            if traced {
+                                waited.get_or_insert_with(Instant::now);
+                            }
+                            flow = decision.await;
+                        }
                     }
                 }
             } else {
                 None
             };
+            if let Some(start) = waited {
+                ctx.trace.waits.push(Waited {
+                    link: i,
+                    start,
+                    end: Instant::now(),
+                    refused: matches!(answer, Some(Answer::Reject(_))),
+                });
+            }
             trail.after(i, req, ctx, answer.as_ref());
             match answer {
                 None => ctx.ran |= 1 << i,
@@ -447,6 +465,14 @@ mod tests {
     }
 
     fn run(chain: &Chain, path: &str) -> (Context, Option<Answer>) {
+        run_traced(chain, path, None)
+    }
+
+    fn run_traced(
+        chain: &Chain,
+        path: &str,
+        trace: Option<crate::trace::Ids>,
+    ) -> (Context, Option<Answer>) {
         let (mut parts, ()) = Request::get(path).body(()).unwrap().into_parts();
         let mut ctx = Context::new(
             [127, 0, 0, 1].into(),
@@ -455,6 +481,7 @@ mod tests {
             std::time::Instant::now(),
             0,
         );
+        ctx.trace.ids = trace;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -588,5 +615,33 @@ mod tests {
         let (i, reject) = chain.on_request_body(mask, &piece, 14).unwrap_err();
         assert_eq!((i, reject.status.as_u16()), (2, 413));
         assert_eq!(*log.lock().unwrap(), ["body2:7", "body3:7", "body2:14"]);
+    }
+
+    #[test]
+    fn a_sampled_request_records_the_middlewares_that_waited() {
+        use crate::trace::{Ids, SpanId, TraceId};
+        let log = Arc::new(Mutex::new(vec![]));
+        let chain = chain(&log, 99, None);
+        let ids = |sampled| Ids {
+            trace_id: TraceId::random(),
+            span_id: SpanId::random(),
+            upstream_span_id: SpanId::random(),
+            parent: None,
+            sampled,
+        };
+        // Odd probes wait.
+        let (ctx, _) = run_traced(&chain, "/", Some(ids(true)));
+        let waits: Vec<(usize, bool)> = ctx
+            .trace
+            .waits
+            .iter()
+            .map(|w| (w.link, w.refused))
+            .collect();
+        assert_eq!(waits, [(1, false), (3, false)]);
+        assert!(ctx.trace.waits.iter().all(|w| w.end >= w.start));
+        for trace in [Some(ids(false)), None] {
+            let (ctx, _) = run_traced(&chain, "/", trace);
+            assert!(ctx.trace.waits.is_empty());
+        }
     }
 }

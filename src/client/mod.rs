@@ -9,6 +9,7 @@
 //! so an exchange runs in the caller's task with no channel hop.
 
 mod body;
+pub mod collector;
 
 use std::collections::VecDeque;
 use std::future::poll_fn;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::config::tracing::Resource;
 use crate::config::value::{ByteSize, Duration, HeaderNameValue, HeaderPairs};
 use crate::config::{deserialize, KeyPath, Problem};
 
@@ -47,10 +48,20 @@ pub enum SinkKind {
     File(FileSettings),
     Http(HttpSettings),
     RedisStream(RedisSettings),
+    Otlp(OtlpSettings),
 }
 
 /// The sink types `type` accepts.
-pub const SINK_TYPES: [&str; 4] = ["stdout", "file", "http", "redis_stream"];
+pub const SINK_TYPES: [&str; 5] = ["stdout", "file", "http", "redis_stream", "otlp"];
+
+/// `type = "otlp"`: the `http` sink's keys (`url` is the OTLP/HTTP logs endpoint, e.g.
+/// `http://otel-collector:4318/v1/logs`), and the resource the records are about: the
+/// `[tracing]` one, else the one `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` say.
+#[derive(Debug, PartialEq)]
+pub struct OtlpSettings {
+    pub http: HttpSettings,
+    pub resource: Resource,
+}
 
 /// `type = "redis_stream"`: `XADD` per event.
 #[derive(Debug, PartialEq, Deserialize)]
@@ -216,7 +227,7 @@ fn default_flush_interval() -> Duration {
 }
 
 /// The event's own fields: a `request_headers` entry may not shadow one.
-pub const EVENT_FIELDS: [&str; 18] = [
+pub const EVENT_FIELDS: [&str; 20] = [
     "ts",
     "request_id",
     "method",
@@ -235,6 +246,8 @@ pub const EVENT_FIELDS: [&str; 18] = [
     "bytes_in",
     "bytes_out",
     "completed",
+    "trace_id",
+    "span_id",
 ];
 
 /// The event field a request header is recorded under: `user-agent` → `user_agent`.
@@ -243,8 +256,12 @@ pub fn field_name(header: &HeaderNameValue) -> String {
 }
 
 impl AuditConfig {
-    /// Types and checks `[audit]`; problems are located below `audit`.
-    pub(crate) fn from_raw(raw: RawAudit) -> Result<AuditConfig, Problem> {
+    /// Types and checks `[audit]`; problems are located below `audit`. `resource` is what
+    /// `otlp` sinks' records are about.
+    pub(crate) fn from_raw(
+        raw: RawAudit,
+        resource: &dyn Fn() -> Result<Resource, String>,
+    ) -> Result<AuditConfig, Problem> {
         let key = |name: &str| KeyPath::default().key(name);
         if !(1..=1 << 24).contains(&raw.queue_capacity) {
             return Err((
@@ -296,7 +313,7 @@ impl AuditConfig {
         for (i, table) in raw.sinks.into_iter().enumerate() {
             let mut base = key("sinks");
             base.push_index(i);
-            let sink = parse_sink(table).map_err(|(p, m)| (base.join(&p), m))?;
+            let sink = parse_sink(table, resource).map_err(|(p, m)| (base.join(&p), m))?;
             if let Some(first) = sinks.iter().position(|s| s.name == sink.name) {
                 return Err((
                     base.key("name"),
@@ -329,7 +346,10 @@ fn is_plain_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
+fn parse_sink(
+    mut table: toml::Table,
+    resource: &dyn Fn() -> Result<Resource, String>,
+) -> Result<SinkConfig, Problem> {
     let type_key = || KeyPath::default().key("type");
     let kind = match table.remove("type") {
         Some(toml::Value::String(kind)) => kind,
@@ -359,6 +379,10 @@ fn parse_sink(mut table: toml::Table) -> Result<SinkConfig, Problem> {
         "file" => SinkKind::File(deserialize(rest)?),
         "http" => SinkKind::Http(deserialize::<HttpSettings>(rest)?.validate()?),
         "redis_stream" => SinkKind::RedisStream(deserialize::<RedisSettings>(rest)?.validate()?),
+        "otlp" => SinkKind::Otlp(OtlpSettings {
+            http: deserialize::<HttpSettings>(rest)?.validate()?,
+            resource: resource().map_err(|m| (type_key(), m))?,
+        }),
         other => {
             return Err((
                 type_key(),
@@ -434,7 +458,7 @@ mod tests {
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"kafka\"\n",
-                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file, http, redis_stream",
+                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file, http, redis_stream, otlp",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"file\"\n",

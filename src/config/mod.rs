@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod env;
 pub mod error;
+pub mod tracing;
 pub mod value;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ pub use value::UpstreamUrl;
 use value::{ByteSize, Cidr, Duration, HttpMethod, ListenAddr, PathPattern};
 
 use audit::{AuditConfig, RawAudit};
+use tracing::{RawTracing, TracingConfig};
 
 /// The most `[[middleware]]` entries one chain may hold (the chain tracks which of them
 /// ran in a 64-bit set).
@@ -47,6 +49,8 @@ pub struct Config<S> {
     pub middleware: Vec<MiddlewareEntry<S>>,
     /// `[audit]`, when audit events are wanted.
     pub audit: Option<AuditConfig>,
+    /// `[tracing]`, when spans are exported.
+    pub tracing: Option<TracingConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +64,7 @@ struct RawConfig {
     #[serde(default)]
     middleware: Vec<toml::Table>,
     audit: Option<RawAudit>,
+    tracing: Option<RawTracing>,
 }
 
 /// `[server]`: the public listener.
@@ -335,9 +340,18 @@ impl<S: Entries> Config<S> {
             )));
         }
 
+        let tracing = raw
+            .tracing
+            .map(|t| TracingConfig::from_raw(t, lookup))
+            .transpose()
+            .map_err(|(p, m)| at((KeyPath::default().key("tracing").join(&p), m)))?;
+        let resource = || match &tracing {
+            Some(t) => Ok(t.resource.clone()),
+            None => tracing::resource(None, Default::default(), lookup),
+        };
         let audit = raw
             .audit
-            .map(AuditConfig::from_raw)
+            .map(|a| AuditConfig::from_raw(a, &resource))
             .transpose()
             .map_err(|(p, m)| at((KeyPath::default().key("audit").join(&p), m)))?;
 
@@ -349,6 +363,7 @@ impl<S: Entries> Config<S> {
             log: raw.log,
             middleware,
             audit,
+            tracing,
         };
         config.validate().map_err(at)?;
         Ok(config)

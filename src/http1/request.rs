@@ -21,6 +21,9 @@ use super::{
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// W3C Trace Context's header: the caller's span, which gatehouse replaces with its own
+/// when it traces.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// A request head as the server parsed it.
 #[derive(Debug)]
@@ -319,12 +322,14 @@ pub struct Forwarded<'a> {
     pub peer: &'a HeaderValue,
     pub proto: &'a HeaderValue,
     pub host: Option<&'a HeaderValue>,
+    /// gatehouse's `traceparent` (`[tracing]`), replacing the client's.
+    pub traceparent: Option<&'a [u8]>,
 }
 
 /// Writes the request head for `parts` (whose headers are end-to-end only), with framing
 /// headers that match `framing` (the client's own `content-length` is replaced by the
-/// length actually forwarded), the `x-forwarded-*` headers from `forwarded`, and, for an
-/// upgrade, `connection: upgrade` and `upgrade`.
+/// length actually forwarded), the `x-forwarded-*` headers (and `traceparent`) from
+/// `forwarded`, and, for an upgrade, `connection: upgrade` and `upgrade`.
 pub fn encode(
     parts: &request::Parts,
     framing: Framing,
@@ -351,7 +356,13 @@ pub fn encode(
         if name == CONTENT_LENGTH || name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST {
             continue;
         }
+        if forwarded.traceparent.is_some() && name == TRACEPARENT {
+            continue;
+        }
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(traceparent) = forwarded.traceparent {
+        header_line(out, TRACEPARENT.as_str().as_bytes(), traceparent);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if prior_for {
@@ -545,6 +556,7 @@ mod tests {
             peer: &peer,
             proto: &proto,
             host: None,
+            traceparent: None,
         };
         let mut out = Vec::new();
         encode(&parts, framing, &forwarded, upgrade, &mut out);
@@ -599,6 +611,7 @@ mod tests {
             peer: &peer,
             proto: &proto,
             host: Some(&host),
+            traceparent: None,
         };
         let mut out = Vec::new();
         encode(&parts, Framing::Empty, &forwarded, None, &mut out);
@@ -607,5 +620,41 @@ mod tests {
             "GET / HTTP/1.1\r\nx-forwarded-for: 1.2.3.4, 5.6.7.8, 10.0.0.9\r\n\
              x-forwarded-proto: https\r\nx-forwarded-host: api.example\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn gatehouse_traceparent_replaces_the_clients() {
+        let req = Request::get("/")
+            .header(
+                "traceparent",
+                "00-11111111111111111111111111111111-2222222222222222-01",
+            )
+            .header("tracestate", "k=v")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let proto = HeaderValue::from_static("http");
+        let ours = b"00-11111111111111111111111111111111-3333333333333333-01";
+        let mut forwarded = Forwarded {
+            peer: &peer,
+            proto: &proto,
+            host: None,
+            traceparent: Some(ours),
+        };
+        let mut out = Vec::new();
+        encode(&parts, Framing::Empty, &forwarded, None, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("traceparent").count(), 1, "{text}");
+        assert!(text
+            .contains("traceparent: 00-11111111111111111111111111111111-3333333333333333-01\r\n"));
+        assert!(text.contains("tracestate: k=v\r\n"));
+        // Without tracing, the client's passes as any end-to-end header.
+        forwarded.traceparent = None;
+        let mut out = Vec::new();
+        encode(&parts, Framing::Empty, &forwarded, None, &mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("-2222222222222222-01"));
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, HOST};
+use http::header::{ALLOW, CONNECTION, HOST, USER_AGENT};
 use http::{request, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use prometheus_client::metrics::counter::Counter;
@@ -34,6 +34,7 @@ use crate::config::value::{Cidr, UpstreamUrl};
 use crate::config::UpstreamConfig;
 use crate::http1::request::{encode, Forwarded};
 use crate::middleware::Handles;
+use crate::trace::Tracer;
 use crate::Config;
 use body::RequestBody;
 
@@ -48,14 +49,20 @@ pub struct Proxy {
     upgrades: Vec<String>,
     handles: Arc<Handles>,
     audit: Option<Arc<Audit>>,
+    tracer: Option<Arc<Tracer>>,
     /// `gatehouse_upstream_errors_total{kind}`, by [`client::Error::KINDS`] index.
     upstream_errors: Box<[Counter]>,
 }
 
 impl Proxy {
     /// Builds the chain and the upstream of `config` with the server's handles (metrics,
-    /// state kept across reloads) and audit pipeline.
-    pub fn new(config: &Config, handles: &Arc<Handles>, audit: Option<Arc<Audit>>) -> Proxy {
+    /// state kept across reloads), audit pipeline and tracer.
+    pub fn new(
+        config: &Config,
+        handles: &Arc<Handles>,
+        audit: Option<Arc<Audit>>,
+        tracer: Option<Arc<Tracer>>,
+    ) -> Proxy {
         Proxy {
             chain: crate::middleware::chain(&config.middleware, handles),
             upstream: upstream_endpoint(&config.upstream, handles),
@@ -74,6 +81,7 @@ impl Proxy {
                 .collect(),
             handles: handles.clone(),
             audit,
+            tracer,
         }
     }
 
@@ -174,13 +182,22 @@ impl Proxy {
         start: Instant,
     ) -> Box<Session> {
         let client_ip = client_ip(client.ip, &parts.headers, &self.trusted_proxies);
-        Session::new(
+        let mut ctx = Context::new(client_ip, client.ip, client.tls, start, client.worker);
+        if let Some(tracer) = &self.tracer {
+            ctx.trace.ids = Some(tracer.begin(&parts.headers));
+        }
+        let mut session = Session::new(
             self.clone(),
-            Context::new(client_ip, client.ip, client.tls, start, client.worker),
+            ctx,
             parts.method.clone(),
             parts.uri.clone(),
             client_host(parts),
-        )
+        );
+        session.version = parts.version;
+        if session.ctx.trace.sampled() {
+            session.user_agent = parts.headers.get(USER_AGENT).cloned();
+        }
+        session
     }
 
     async fn serve<B>(
@@ -224,10 +241,12 @@ impl Proxy {
                 .headers
                 .insert(HOST, self.upstream.authority().clone());
         }
+        let traceparent = s.ctx.trace.ids.map(|ids| ids.traceparent());
         let forwarded = Forwarded {
             peer: &client.forwarded_for,
             proto: &client.proto,
             host: s.host.as_ref(),
+            traceparent: traceparent.as_ref().map(|t| &t[..]),
         };
         let mut body = RequestBody::new(body, &self.chain, self.chain.body_phases(&s.ctx));
         let encode = |framing, out: &mut Vec<u8>| {
@@ -248,6 +267,9 @@ impl Proxy {
         s.ctx.upstream_time = Some(answered - sent);
         s.ctx.upstream_answered = Some(answered);
         s.bytes_in = body.received;
+        if let Ok(client::Answer::Response(head, _) | client::Answer::Upgrade(head, _)) = &result {
+            s.upstream_status = Some(head.status);
+        }
         let (mut head, body) = match result {
             // The codec left the upstream's hop-by-hop headers out already.
             Ok(client::Answer::Response(head, upstream)) => (head, Body::Upstream(upstream)),

@@ -9,17 +9,18 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::body::Body;
 use super::Proxy;
 use crate::audit::{Decision, Event};
 use crate::chain::{Context, Reason};
-use crate::client::Upgraded;
+use crate::client::{self, Upgraded};
+use crate::trace::{Ids, Internal, RequestSpans, SpanId, Text, UpstreamCall};
 
 /// nginx's status for a request whose client went away before the answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -33,6 +34,10 @@ pub struct Session {
     pub method: Method,
     pub uri: Uri,
     pub host: Option<HeaderValue>,
+    /// The client's protocol version (a span's `network.protocol.version`).
+    pub version: Version,
+    /// The client's `User-Agent`, kept for a sampled request's span.
+    pub user_agent: Option<HeaderValue>,
     /// The `request_headers` the audit wants, as forwarded.
     pub headers: Vec<Option<HeaderValue>>,
     /// The answer's status; `None` while there is none (a client leaving then abandons
@@ -43,6 +48,8 @@ pub struct Session {
     pub reason: Option<Reason>,
     /// The kind of upstream failure, for `gatehouse_upstream_errors_total`.
     pub upstream_error: Option<usize>,
+    /// The upstream's answer, when it gave one.
+    pub upstream_status: Option<StatusCode>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// The whole response body reached the client connection.
@@ -64,11 +71,14 @@ impl Session {
             method,
             uri,
             host,
+            version: Version::HTTP_11,
+            user_agent: None,
             headers: Vec::new(),
             status: None,
             decision: Decision::Allow,
             reason: None,
             upstream_error: None,
+            upstream_status: None,
             bytes_in: 0,
             bytes_out: 0,
             completed: false,
@@ -108,6 +118,11 @@ impl Proxy {
         if s.ctx.fail_open != 0 {
             self.chain.count_fail_open(s.ctx.fail_open, m);
         }
+        if let (Some(tracer), Some(ids)) = (&self.tracer, s.ctx.trace.ids) {
+            if ids.sampled {
+                tracer.record(self.spans(s, ids, duration, status));
+            }
+        }
         let Some(audit) = self.audit.as_ref().filter(|a| a.wants(s.decision)) else {
             return;
         };
@@ -134,9 +149,69 @@ impl Proxy {
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
             completed: s.completed,
+            trace: s.ctx.trace.ids.map(|ids| (ids.trace_id, ids.span_id)),
             headers: &s.headers,
         });
     }
+
+    /// A sampled request's spans, for the exporter: its own, the upstream call's, and one
+    /// for each middleware that waited.
+    fn spans(&self, s: &Session, ids: Ids, duration: Duration, status: u16) -> RequestSpans {
+        let end = unix_nanos(SystemTime::now());
+        let start = end.saturating_sub(duration.as_nanos() as u64);
+        let at = |t: Instant| start + t.saturating_duration_since(s.ctx.start).as_nanos() as u64;
+        let upstream = s.ctx.upstream_answered.zip(s.ctx.upstream_time);
+        let upstream = upstream.map(|(answered, took)| UpstreamCall {
+            start: at(answered - took),
+            end: at(answered),
+            authority: self.upstream.authority().clone(),
+            status: s.upstream_status.map(|st| st.as_u16()),
+            error: match (s.upstream_status, s.upstream_error) {
+                (Some(_), _) => None,
+                (None, Some(kind)) => Some(client::Error::KINDS[kind]),
+                (None, None) => Some(client::Error::Body.kind()),
+            },
+        });
+        let links = self.chain.links();
+        RequestSpans {
+            ids,
+            start,
+            end,
+            method: s.method.clone(),
+            scheme: if s.ctx.tls { "https" } else { "http" },
+            protocol: match s.version {
+                Version::HTTP_10 => "1.0",
+                Version::HTTP_2 => "2",
+                _ => "1.1",
+            },
+            status,
+            client_address: s.ctx.client_ip,
+            decision: s.decision.as_str(),
+            denied_by: s.ctx.denied_by.map(|i| links[i].name.clone()),
+            subject: s.ctx.subject.clone(),
+            text: Text::new(s.uri.path(), s.host.as_ref(), s.user_agent.as_ref()),
+            upstream,
+            internal: s
+                .ctx
+                .trace
+                .waits
+                .iter()
+                .map(|w| Internal {
+                    span_id: SpanId::random(),
+                    name: links[w.link].name.clone(),
+                    kind: links[w.link].kind,
+                    start: at(w.start),
+                    end: at(w.end),
+                    refused: w.refused,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The response body on its way to the client, carrying the request's session: its end

@@ -109,6 +109,7 @@ impl Seen {
             peer: &peer,
             proto: &proto,
             host: self.host.as_ref(),
+            traceparent: None,
         };
         let body = self.body.clone().unwrap_or_default();
         let framing = if body.is_empty() {

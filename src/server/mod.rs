@@ -25,6 +25,7 @@ use crate::admin::{self, Health};
 use crate::audit::Audit;
 use crate::middleware::{rate_limit, Handles};
 use crate::proxy::Proxy;
+use crate::trace::Tracer;
 use crate::Config;
 use conn::{ConnSettings, Protocol};
 
@@ -36,6 +37,8 @@ pub struct Shared {
     handles: Arc<Handles>,
     /// The audit pipeline, fixed at start.
     audit: Option<Arc<Audit>>,
+    /// The span exporter, fixed at start.
+    tracer: Option<Arc<Tracer>>,
     /// Set after `shutdown_delay`: new requests get 503, nothing new reaches the upstream.
     refusing: AtomicBool,
     /// `true` tells workers to stop accepting and connections to close gracefully.
@@ -97,6 +100,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         None => None,
     };
+    let tracer = config
+        .tracing
+        .as_ref()
+        .map(|t| Tracer::start(t, &handles.metrics, workers + 1));
     let listener = bind(config.server.listen.0)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.server.listen.0)))?;
     let tls = match &config.server.tls {
@@ -118,9 +125,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
         None => None,
     };
     let shared = Arc::new(Shared {
-        proxy: ArcSwap::from_pointee(Proxy::new(&config, &handles, audit.clone())),
+        proxy: ArcSwap::from_pointee(Proxy::new(&config, &handles, audit.clone(), tracer.clone())),
         handles,
         audit,
+        tracer,
         refusing: AtomicBool::new(false),
         stop: watch::channel(false).0,
         connections: AtomicUsize::new(0),
@@ -318,16 +326,30 @@ async fn control_loop(
         _ = &mut second_signal => exit_now(),
     }
     // What is left of the grace, but never so little that a ready batch can't be written.
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if let Some(audit) = &shared.audit {
-        tokio::select! {
-            _ = audit.shutdown(left.max(AUDIT_FLUSH_FLOOR)) => {}
-            _ = &mut second_signal => exit_now(),
-        }
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(AUDIT_FLUSH_FLOOR);
+    let flush = async {
+        let audit = async {
+            if let Some(audit) = &shared.audit {
+                audit.shutdown(left).await;
+            }
+        };
+        let spans = async {
+            if let Some(tracer) = &shared.tracer {
+                tracer.shutdown(left).await;
+            }
+        };
+        tokio::join!(audit, spans);
+    };
+    tokio::select! {
+        _ = flush => {}
+        _ = &mut second_signal => exit_now(),
     }
 }
 
-/// The least time the audit queue gets at shutdown, even when draining used all the grace.
+/// The least time the audit queue and the span exporter get at shutdown, even when
+/// draining used all the grace.
 const AUDIT_FLUSH_FLOOR: Duration = Duration::from_millis(250);
 
 fn exit_now() -> ! {
@@ -357,12 +379,18 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     new.server.tls.is_some() != config.server.tls.is_some(),
                 ),
                 ("audit", new.audit != config.audit),
+                ("tracing", new.tracing != config.tracing),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
                 }
             }
-            let proxy = Proxy::new(&new, &shared.handles, shared.audit.clone());
+            let proxy = Proxy::new(
+                &new,
+                &shared.handles,
+                shared.audit.clone(),
+                shared.tracer.clone(),
+            );
             shared.proxy.store(Arc::new(proxy));
             tracing::info!(file = %config.file.display(), "config reloaded");
             Some(new)

@@ -61,6 +61,13 @@ pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
 pub fn gatehouse_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
     cmd.env_remove("GATEHOUSE_CONFIG").env_remove("RUST_LOG");
+    for otel in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+    ] {
+        cmd.env_remove(otel);
+    }
     cmd
 }
 
