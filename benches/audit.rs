@@ -77,6 +77,7 @@ fn enqueue(c: &mut Criterion) {
                         bytes_in: 0,
                         bytes_out: 734,
                         completed: true,
+                        grpc_status: None,
                         headers: &headers,
                     });
                 }

@@ -2,7 +2,7 @@
 //! front of any service.
 //!
 //! Layers, bottom to top, each importing only from below: [`config`] (the file's schema,
-//! knowing no middleware), [`http1`] (the wire format both ways), [`json`] and
+//! knowing no middleware), [`http1`] (the wire format both ways), [`json`], [`grpc`] and
 //! [`metrics`]; [`client`] (every outbound request); [`chain`] (the middleware trait, the
 //! request context, gatehouse's own answers); [`middleware`] (one file per TOML `type`);
 //! [`audit`]; [`proxy`] (one request's path, start to record); [`server`] and [`admin`].
@@ -12,6 +12,7 @@ pub mod audit;
 pub mod chain;
 pub mod client;
 pub mod config;
+pub mod grpc;
 pub mod http1;
 pub mod json;
 pub mod logging;

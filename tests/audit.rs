@@ -213,6 +213,7 @@ async fn events_carry_spec_fields() {
         "bytes_in",
         "bytes_out",
         "completed",
+        "grpc_status",
         "user_agent",
         "x_tenant",
     ];
@@ -238,6 +239,7 @@ async fn events_carry_spec_fields() {
     assert_eq!(e["bytes_in"], 0);
     assert_eq!(e["bytes_out"], allowed.body.len() as u64);
     assert_eq!(e["completed"], true);
+    assert!(e["grpc_status"].is_null(), "not a gRPC call: {e}");
     assert_eq!(e["user_agent"], "t/1");
     assert_eq!(e["x_tenant"], "acme");
     let (duration, upstream) = (

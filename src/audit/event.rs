@@ -51,6 +51,8 @@ pub struct Event<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub completed: bool,
+    /// The gRPC status the client saw, for a gRPC call.
+    pub grpc_status: Option<u16>,
     /// One value per `request_headers` entry, in order.
     pub headers: &'a [Option<HeaderValue>],
 }
@@ -97,6 +99,11 @@ impl Event<'_> {
         } else {
             b",\"completed\":false"
         });
+        out.extend_from_slice(b",\"grpc_status\":");
+        match self.grpc_status {
+            Some(code) => push_int(&mut out, code),
+            None => out.extend_from_slice(b"null"),
+        }
         for (name, value) in fields.iter().zip(self.headers) {
             out.push(b',');
             push_str(&mut out, name);
@@ -168,6 +175,7 @@ mod tests {
             bytes_in: 5,
             bytes_out: 0,
             completed: false,
+            grpc_status: None,
             headers,
         }
     }
@@ -203,7 +211,14 @@ mod tests {
         assert_eq!(json["subject"], serde_json::Value::Null);
         assert_eq!(json["user_agent"], "curl/8.5.0");
         assert_eq!(json["x_tenant"], serde_json::Value::Null);
-        assert_eq!(json.as_object().unwrap().len(), 18);
+        assert_eq!(json["grpc_status"], serde_json::Value::Null);
+        assert_eq!(json.as_object().unwrap().len(), 19);
+        let grpc = Event {
+            grpc_status: Some(14),
+            ..event(&uri, &headers)
+        };
+        let json: serde_json::Value = serde_json::from_slice(&grpc.to_json(&[])).unwrap();
+        assert_eq!(json["grpc_status"], 14);
         let root = Uri::from_static("/");
         let json: serde_json::Value =
             serde_json::from_slice(&event(&root, &[]).to_json(&[])).unwrap();

@@ -209,7 +209,7 @@ fn default_flush_interval() -> Duration {
 }
 
 /// The event's own fields: a `request_headers` entry may not shadow one.
-pub const EVENT_FIELDS: [&str; 16] = [
+pub const EVENT_FIELDS: [&str; 17] = [
     "ts",
     "request_id",
     "method",
@@ -226,6 +226,7 @@ pub const EVENT_FIELDS: [&str; 16] = [
     "bytes_in",
     "bytes_out",
     "completed",
+    "grpc_status",
 ];
 
 /// The event field a request header is recorded under: `user-agent` → `user_agent`.

@@ -1,12 +1,12 @@
 //! Who the client is: its address behind trusted proxies, and what the app is told about
-//! it (`x-forwarded-*`, written by the HTTP/1 encoder).
+//! it (`x-forwarded-*`, written by the HTTP/1 encoder, or set by [`set_headers`] for HTTP/2).
 
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::value::Cidr;
-use crate::http1::request::X_FORWARDED_FOR;
+use crate::http1::request::{Forwarded, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// What the server knows about the client connection a request came on.
 pub struct Client {
@@ -33,6 +33,29 @@ impl Client {
             worker,
         }
     }
+}
+
+/// Sets the `x-forwarded-*` headers of a request sent as a header map (HTTP/2), as the
+/// HTTP/1 encoder writes them: the peer appended to `x-forwarded-for`, the others replaced.
+pub fn set_headers(headers: &mut HeaderMap, forwarded: &Forwarded) {
+    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let value = if prior.peek().is_none() {
+        forwarded.peer.clone()
+    } else {
+        let mut joined = Vec::new();
+        for value in prior {
+            joined.extend_from_slice(value.as_bytes());
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(forwarded.peer.as_bytes());
+        HeaderValue::from_bytes(&joined).expect("joined header values are a header value")
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), value);
+    headers.insert(X_FORWARDED_PROTO.clone(), forwarded.proto.clone());
+    match forwarded.host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the

@@ -126,7 +126,8 @@ where
                     StatusCode::NOT_IMPLEMENTED => Reason::NotImplemented,
                     _ => Reason::BadRequest,
                 };
-                let answer = Reject::new(invalid.status, reason, invalid.message).render(None);
+                let answer =
+                    Reject::new(invalid.status, reason, invalid.message).render(None, false);
                 let _ = write_error(io, &mut out, answer, &mut date).await;
                 return Outcome::Closed;
             }
@@ -185,7 +186,14 @@ where
             Some(inbound) => {
                 let mut inbound = lock(&inbound);
                 *buf = std::mem::take(&mut inbound.buf);
-                !matches!(inbound.decode, Decode::Done)
+                let unread = !matches!(inbound.decode, Decode::Done);
+                // A body still held elsewhere (an HTTP/2 upstream's task sends it) gets no
+                // more bytes: it fails rather than waits.
+                inbound.eof |= unread;
+                if let Some(body) = inbound.body.take().filter(|_| unread) {
+                    body.wake();
+                }
+                unread
             }
             None => false,
         };
