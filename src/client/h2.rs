@@ -117,9 +117,9 @@ impl Pool {
 
 impl Shard {
     /// Sends `req` on a connection with a free stream, or, with `queue`, on the least busy
-    /// one (hyper holds the stream until one of it closes). Connections that are closed, or
-    /// idle past `idle_timeout` as of `now`, are dropped first. `req` stays when no
-    /// connection takes it.
+    /// one (hyper holds the stream back until one of its streams closes). Connections that
+    /// are closed, or idle past `idle_timeout` as of `now`, are dropped first. `req` stays
+    /// when no connection takes it.
     fn send(
         &self,
         req: &mut Option<Request<Outgoing>>,
