@@ -121,4 +121,40 @@ mod tests {
         );
         assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted), peer);
     }
+
+    #[test]
+    fn forwarded_headers_for_http2_match_the_http1_encoder() {
+        let (peer, proto) = (
+            HeaderValue::from_static("10.0.0.9"),
+            HeaderValue::from_static("https"),
+        );
+        let host = HeaderValue::from_static("api.example");
+        let forwarded = Forwarded {
+            peer: &peer,
+            proto: &proto,
+            host: Some(&host),
+        };
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "spoofed"),
+        ]);
+        set_headers(&mut h, &forwarded);
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.example");
+        // No Host: no x-forwarded-host, not even the client's.
+        let mut h = headers(&[("x-forwarded-host", "spoofed")]);
+        set_headers(
+            &mut h,
+            &Forwarded {
+                host: None,
+                ..forwarded
+            },
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
 }
