@@ -80,6 +80,7 @@ fn enqueue(c: &mut Criterion) {
                         bytes_out: 734,
                         completed: true,
                         trace: None,
+                        grpc_status: None,
                         headers: &headers,
                     });
                 }

@@ -2,7 +2,7 @@
 //! front of any service.
 //!
 //! Layers, bottom to top, each importing only from below: [`config`] (the file's schema,
-//! knowing no middleware), [`http1`] (the wire format both ways), [`json`] and
+//! knowing no middleware), [`http1`] (the wire format both ways), [`json`], [`grpc`] and
 //! [`metrics`]; [`client`] (every outbound request); [`trace`] (trace context, the span
 //! exporter); [`chain`] (the middleware trait, the
 //! request context, gatehouse's own answers); [`middleware`] (one file per TOML `type`);
@@ -15,6 +15,7 @@ pub mod chain;
 pub mod client;
 pub mod config;
 pub mod explain;
+pub mod grpc;
 pub mod http1;
 pub mod json;
 pub mod logging;

@@ -192,10 +192,11 @@ fn describe(config: &Config) -> String {
     let _ = writeln!(out, "{}: ok", config.file.display());
     let _ = writeln!(
         out,
-        "listen {} ({} workers) -> upstream {} (timeout {}, connect_timeout {}, preserve_host {})",
+        "listen {} ({} workers) -> upstream {} over {} (timeout {}, connect_timeout {}, preserve_host {})",
         s.listen.0,
         config.workers(),
         config.upstream.url,
+        config.upstream.protocol,
         config.upstream.timeout,
         config.upstream.connect_timeout,
         config.upstream.preserve_host

@@ -218,6 +218,7 @@ async fn events_carry_spec_fields() {
         "completed",
         "trace_id",
         "span_id",
+        "grpc_status",
         "user_agent",
         "x_tenant",
     ];
@@ -243,6 +244,7 @@ async fn events_carry_spec_fields() {
     assert_eq!(e["bytes_in"], 0);
     assert_eq!(e["bytes_out"], allowed.body.len() as u64);
     assert_eq!(e["completed"], true);
+    assert!(e["grpc_status"].is_null(), "not a gRPC call: {e}");
     assert_eq!(e["user_agent"], "t/1");
     assert_eq!(e["x_tenant"], "acme");
     let (duration, upstream) = (

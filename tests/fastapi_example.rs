@@ -13,7 +13,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -28,48 +27,9 @@ const KEY_ID: &str = "example-client";
 /// `burst` of the example's rate limit.
 const BURST: usize = 5;
 
-/// The venv with the example's pinned requirements, created once per test run and reused
-/// across runs while `requirements.txt` is unchanged (a stamp file holds what was installed).
-fn python_venv() -> &'static Path {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fastapi-venv");
-        let requirements = Path::new(EXAMPLE_DIR).join("requirements.txt");
-        let wanted = std::fs::read_to_string(&requirements).expect("read requirements.txt");
-        let stamp = venv.join("installed-requirements.txt");
-        if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-            return venv;
-        }
-        run_setup(
-            Command::new("python3").arg("-m").arg("venv").arg(&venv),
-            "python3 -m venv (on Debian install python3-venv)",
-        );
-        run_setup(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--disable-pip-version-check"])
-                .args(["--timeout", "30", "--retries", "2", "-r"])
-                .arg(&requirements),
-            "pip install -r deploy/examples/fastapi/requirements.txt: PyPI (or the index \
-             configured for pip) must be reachable to run the FastAPI example tests",
-        );
-        std::fs::write(&stamp, wanted).expect("write the venv stamp");
-        venv
-    })
-}
-
-/// Run a set-up command, panicking with `what` and its output if it fails.
-fn run_setup(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: could not start: {e}"));
-    assert!(
-        out.status.success(),
-        "{what}: failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The venv with the example's pinned requirements (see [`common::python_venv`]).
+fn python_venv() -> PathBuf {
+    common::python_venv("fastapi-venv", "deploy/examples/fastapi/requirements.txt")
 }
 
 /// Where uvicorn listens: a free port on 127.0.0.1, or a Unix socket in a temporary directory

@@ -58,6 +58,8 @@ pub struct Event<'a> {
     pub completed: bool,
     /// The request's trace and its span (`[tracing]`).
     pub trace: Option<(TraceId, SpanId)>,
+    /// The gRPC status the client saw, for a gRPC call.
+    pub grpc_status: Option<u16>,
     /// One value per `request_headers` entry, in order.
     pub headers: &'a [Option<HeaderValue>],
 }
@@ -123,6 +125,11 @@ impl Event<'_> {
                 out.push(b'"');
             }
             None => out.extend_from_slice(b",\"trace_id\":null,\"span_id\":null"),
+        }
+        out.extend_from_slice(b",\"grpc_status\":");
+        match self.grpc_status {
+            Some(code) => push_int(&mut out, code),
+            None => out.extend_from_slice(b"null"),
         }
         for (name, value) in fields.iter().zip(self.headers) {
             out.push(b',');
@@ -198,6 +205,7 @@ mod tests {
             bytes_out: 0,
             completed: false,
             trace: None,
+            grpc_status: None,
             headers,
         }
     }
@@ -236,7 +244,7 @@ mod tests {
         assert_eq!(json["deny_reason"], serde_json::Value::Null);
         assert_eq!(json["fail_open"], serde_json::json!([]));
         assert_eq!(json["trace_id"], serde_json::Value::Null);
-        assert_eq!(json.as_object().unwrap().len(), 22);
+        assert_eq!(json.as_object().unwrap().len(), 23);
         let traced = Event {
             trace: Some((TraceId([0xab; 16]), SpanId([1, 2, 3, 4, 5, 6, 7, 8]))),
             ..event(&uri, &headers)
@@ -245,6 +253,13 @@ mod tests {
             serde_json::from_slice(&traced.to_json(&["a".into(), "b".into()])).unwrap();
         assert_eq!(json["trace_id"], "ab".repeat(16));
         assert_eq!(json["span_id"], "0102030405060708");
+        assert_eq!(json["grpc_status"], serde_json::Value::Null);
+        let grpc = Event {
+            grpc_status: Some(14),
+            ..event(&uri, &headers)
+        };
+        let json: serde_json::Value = serde_json::from_slice(&grpc.to_json(&[])).unwrap();
+        assert_eq!(json["grpc_status"], 14);
         let root = Uri::from_static("/");
         let json: serde_json::Value =
             serde_json::from_slice(&event(&root, &[]).to_json(&[])).unwrap();

@@ -2,7 +2,7 @@
 //! failure, the drain. One type carries the status, a machine [`Reason`], a message and the
 //! headers that go with it (a challenge, `retry-after`); [`Reject::render`] turns it into
 //! the response, in one place, so every such answer has the same shape and carries the
-//! request id.
+//! request id; to a gRPC call, it is a gRPC status instead.
 
 use std::borrow::Cow;
 
@@ -11,7 +11,7 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{HeaderName, Response, StatusCode};
 
 use crate::http1::request;
-use crate::json;
+use crate::{grpc, json};
 
 /// Why gatehouse answered instead of the app. The code is stable: audit events
 /// (`deny_reason`) and alerts key on it; README lists every one.
@@ -152,9 +152,13 @@ impl Reject {
 
     /// The response: SPEC's JSON body
     /// `{"error": "<code>", "message": "<text> (<reason>)", "request_id": "<id or null>"}`
-    /// (or the passed-through body), the status, and the headers.
-    pub fn render(self, request_id: Option<&HeaderValue>) -> Response<Bytes> {
+    /// (or the passed-through body), the status, and the headers. To a gRPC call (`grpc`), a
+    /// trailers-only response instead, which is what its client reads: `200`,
+    /// `content-type: application/grpc`, `grpc-status` (see [`grpc::status_for`]) and
+    /// `grpc-message` (`<text> (<reason>)`), no body, and the same headers.
+    pub fn render(self, request_id: Option<&HeaderValue>, grpc: bool) -> Response<Bytes> {
         let mut resp = match self.body {
+            _ if grpc => grpc_error(self.status, &self.message, self.reason),
             Some(body) => {
                 let mut resp = Response::new(body);
                 *resp.status_mut() = self.status;
@@ -163,7 +167,10 @@ impl Reject {
             None => error_body(self.status, &self.message, Some(self.reason), request_id),
         };
         for (name, value) in self.headers {
-            resp.headers_mut().append(name, value);
+            // A passed-through body's type does not describe gRPC's empty one.
+            if !(grpc && name == CONTENT_TYPE) {
+                resp.headers_mut().append(name, value);
+            }
         }
         resp
     }
@@ -180,6 +187,19 @@ impl From<request::Invalid> for Reject {
         };
         Reject::new(invalid.status, reason, invalid.message)
     }
+}
+
+/// A gRPC trailers-only response for an answer with HTTP `status`, its message carrying the
+/// reason as the JSON body's does.
+fn grpc_error(status: StatusCode, message: &str, reason: Reason) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::new());
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let code = grpc::status_for(status);
+    headers.insert(grpc::GRPC_STATUS.clone(), HeaderValue::from(code));
+    let message = format!("{message} ({})", reason.code());
+    headers.insert(grpc::GRPC_MESSAGE.clone(), grpc::message(&message));
+    resp
 }
 
 /// SPEC's JSON error response, the shape of every answer gatehouse makes itself.
@@ -234,7 +254,7 @@ mod tests {
             "slow down",
         )
         .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
-        .render(Some(&id));
+        .render(Some(&id), false);
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()["retry-after"], "1");
         assert_eq!(resp.headers()["content-type"], "application/json");
@@ -243,7 +263,8 @@ mod tests {
             v,
             serde_json::json!({"error": "rate_limited", "message": "slow down (rate_limited)", "request_id": "abc\"1"})
         );
-        let none = Reject::new(StatusCode::BAD_GATEWAY, Reason::UpstreamFailed, "x").render(None);
+        let none =
+            Reject::new(StatusCode::BAD_GATEWAY, Reason::UpstreamFailed, "x").render(None, false);
         let v: serde_json::Value = serde_json::from_slice(none.body()).unwrap();
         assert!(v["request_id"].is_null());
         assert_eq!(v["message"], "x (upstream_failed)");
@@ -258,9 +279,30 @@ mod tests {
         let mut reject = Reject::new(StatusCode::FORBIDDEN, Reason::AuthServiceDenied, "denied")
             .with_header(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         reject.body = Some(Bytes::from_static(b"nope"));
-        let resp = reject.render(None);
+        let resp = reject.render(None, false);
         assert_eq!(resp.headers().get_all(CONTENT_TYPE).iter().count(), 1);
         assert_eq!(resp.headers()[CONTENT_TYPE], "text/plain");
         assert_eq!(resp.body(), "nope");
+    }
+
+    #[test]
+    fn a_grpc_call_gets_a_trailers_only_status() {
+        let mut reject = Reject::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Reason::RateLimited,
+            "slow down: 100%",
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .with_header(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        reject.body = Some(Bytes::from_static(b"an auth service's page"));
+        let resp = reject.render(Some(&HeaderValue::from_static("r1")), true);
+        assert_eq!(resp.status(), 200);
+        let h = resp.headers();
+        assert_eq!(h.get_all(CONTENT_TYPE).iter().count(), 1);
+        assert_eq!(h[CONTENT_TYPE], "application/grpc");
+        assert_eq!(h["grpc-status"], "8");
+        assert_eq!(h["grpc-message"], "slow down: 100%25 (rate_limited)");
+        assert_eq!(h["retry-after"], "1");
+        assert!(resp.body().is_empty());
     }
 }

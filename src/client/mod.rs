@@ -1,15 +1,17 @@
-//! The outbound HTTP/1.1 client, one for everything gatehouse sends: requests to the app,
+//! The outbound HTTP client, one for everything gatehouse sends: requests to the app,
 //! and the side channels (forward_auth's auth service, JWKS fetches, the audit `http`
-//! sink). It is a thin driver over [`crate::http1`]: keep-alive connections over TCP or a
-//! Unix socket, pooled per [`Endpoint`] in shards (one per worker thread, plus one for the
-//! control thread), so a worker never contends with another for a connection.
+//! sink). HTTP/1.1 is a thin driver over [`crate::http1`]: keep-alive connections over TCP
+//! or a Unix socket, pooled per [`Endpoint`] in shards (one per worker thread, plus one for
+//! the control thread), so a worker never contends with another for a connection. An
+//! endpoint may also speak HTTP/2 to the app (`h2.rs`), pooled the same way.
 //!
-//! A connection has no task of its own: the request that holds it writes the request and
-//! reads the response head, and the response body reads the rest as the caller takes it,
-//! so an exchange runs in the caller's task with no channel hop.
+//! An HTTP/1.1 connection has no task of its own: the request that holds it writes the
+//! request and reads the response head, and the response body reads the rest as the caller
+//! takes it, so an exchange runs in the caller's task with no channel hop.
 
 mod body;
 pub mod collector;
+mod h2;
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -32,6 +34,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use body::{Body, Upgraded};
+pub use h2::{Body as H2Body, BoxError};
 
 use crate::http1::{self, chunked, header_line, Framing};
 
@@ -74,6 +77,8 @@ pub struct Endpoint {
     authority: HeaderValue,
     connect_timeout: Duration,
     pool: Arc<Pool>,
+    /// Present when requests go to the app over HTTP/2.
+    h2: Option<h2::Pool>,
     limit: Option<Limit>,
 }
 
@@ -200,8 +205,19 @@ impl Endpoint {
                 idle_timeout,
                 waiting: None,
             }),
+            h2: None,
             limit: None,
         }
+    }
+
+    /// Sends requests over HTTP/2 with prior knowledge (see [`Endpoint::send_h2`]); the
+    /// HTTP/1.1 pool stays for upgrades and side channels.
+    pub fn with_h2(mut self) -> Endpoint {
+        self.h2 = Some(h2::Pool::new(
+            self.pool.shards.len(),
+            self.pool.idle_timeout,
+        ));
+        self
     }
 
     /// Bounds the endpoint's connections.
@@ -343,6 +359,16 @@ impl Endpoint {
     }
 
     async fn connect(&self, slot: Option<Slot>) -> Result<Conn, Error> {
+        Ok(Conn {
+            io: self.connect_stream().await?,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+            _slot: slot,
+        })
+    }
+
+    /// A TCP (no delay) or Unix socket to the endpoint, within the connect timeout.
+    async fn connect_stream(&self) -> Result<Stream, Error> {
         let connect = async {
             Ok::<_, io::Error>(match &self.target {
                 Target::Tcp { host, port } => {
@@ -353,16 +379,10 @@ impl Endpoint {
                 Target::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
             })
         };
-        let io = tokio::time::timeout(self.connect_timeout, connect)
+        tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| Error::ConnectTimeout)?
-            .map_err(Error::Connect)?;
-        Ok(Conn {
-            io,
-            read: BytesMut::with_capacity(READ_CHUNK),
-            out: Vec::with_capacity(1024),
-            _slot: slot,
-        })
+            .map_err(Error::Connect)
     }
 
     /// A whole small exchange for a side channel: `req` (its URI's path and query, its

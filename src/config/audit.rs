@@ -227,7 +227,7 @@ fn default_flush_interval() -> Duration {
 }
 
 /// The event's own fields: a `request_headers` entry may not shadow one.
-pub const EVENT_FIELDS: [&str; 20] = [
+pub const EVENT_FIELDS: [&str; 21] = [
     "ts",
     "request_id",
     "method",
@@ -248,6 +248,7 @@ pub const EVENT_FIELDS: [&str; 20] = [
     "completed",
     "trace_id",
     "span_id",
+    "grpc_status",
 ];
 
 /// The event field a request header is recorded under: `user-agent` → `user_agent`.

@@ -140,6 +140,27 @@ pub struct UpstreamConfig {
     /// The most requests waiting for a free connection; beyond, `503 upstream_overloaded`.
     #[serde(default = "defaults::max_pending")]
     pub max_pending: usize,
+    /// What gatehouse speaks to the app.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+/// `upstream.protocol`: HTTP/1.1, or HTTP/2 with prior knowledge (what gRPC apps serve).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+impl std::fmt::Display for UpstreamProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+        })
+    }
 }
 
 /// `[log]`.

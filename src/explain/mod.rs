@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::chain::reject::code_for;
 use crate::chain::{path, Answer, Chain, Context, Exclusion, Reject, Trail};
+use crate::grpc;
 use crate::http1::{self, Framing};
 use crate::middleware::{self, Handles};
 use crate::proxy::{self, Proxy};
@@ -483,7 +484,7 @@ async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> R
                 summarize(None, request.from),
                 Some(refusal),
                 None,
-                reject.render(None).into_parts().0,
+                reject.render(None, false).into_parts().0,
                 Context::new(
                     request.from,
                     request.from,
@@ -505,6 +506,8 @@ async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> R
         0,
     );
     let summary = summarize(Some(&parts), client_ip);
+    // A gRPC call is answered with a gRPC status, as the proxy would.
+    let grpc = grpc::is_grpc(&parts.headers);
     let uri = parts.uri.clone();
     let admitted =
         Proxy::check(&mut parts).and_then(|()| path::normalize(uri.path()).map_err(Reject::from));
@@ -539,7 +542,10 @@ async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> R
         Some(Answer::Respond(resp)) => (resp.into_parts().0, None),
         Some(Answer::Reject(reject)) => {
             deny_reason = Some(reject.reason.code());
-            (reject.render(ctx.request_id.as_ref()).into_parts().0, None)
+            (
+                reject.render(ctx.request_id.as_ref(), grpc).into_parts().0,
+                None,
+            )
         }
     };
     chain.on_response_with(&mut resp, &mut ctx, &mut trail);

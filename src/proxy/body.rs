@@ -2,20 +2,53 @@
 //! as the other side reads, which is the backpressure. Nothing here buffers a body.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::chain::{Chain, Reject};
-use crate::client::{self, Upgraded};
+use crate::client::{self, H2Body, Upgraded};
 
-/// The client's request body on its way upstream, through the chain's body phases.
-pub struct RequestBody<'a, B> {
+/// The client's request body on its way upstream, through the chain's body phases. What it
+/// learns on the way (bytes received, a refusal) is kept by `T`: in the body itself while an
+/// HTTP/1 exchange borrows it ([`Local`]), or shared with the request when an HTTP/2
+/// connection's task owns it ([`Shared`]).
+pub struct RequestBody<B, T> {
     inner: B,
-    chain: &'a Chain,
+    tally: T,
     /// The middlewares whose body phase runs (see [`Chain::body_phases`]).
     phases: u64,
+}
+
+impl<B, T: Tally> RequestBody<B, T> {
+    pub fn new(inner: B, tally: T, phases: u64) -> Self {
+        RequestBody {
+            inner,
+            tally,
+            phases,
+        }
+    }
+
+    pub fn tally(&mut self) -> &mut T {
+        &mut self.tally
+    }
+}
+
+/// Where a request body's progress is kept.
+pub trait Tally {
+    fn chain(&self) -> &Chain;
+    /// Counts `n` more bytes taken from the client; returns the total.
+    fn add(&mut self, n: u64) -> u64;
+    /// The body stopped short: refused by the body phase `refused` names, or broken off.
+    fn fail(&mut self, refused: Option<(usize, Reject)>);
+}
+
+/// Progress kept in the body, for an exchange that borrows it.
+pub struct Local<'a> {
+    chain: &'a Chain,
     /// Body bytes taken from the client so far (the audit event's `bytes_in`).
     pub received: u64,
     /// The body phase that refused the body, and why: the upstream request fails with
@@ -23,22 +56,95 @@ pub struct RequestBody<'a, B> {
     pub refused: Option<(usize, Reject)>,
 }
 
-impl<'a, B> RequestBody<'a, B> {
-    pub fn new(inner: B, chain: &'a Chain, phases: u64) -> Self {
-        RequestBody {
-            inner,
+impl<'a> Local<'a> {
+    pub fn new(chain: &'a Chain) -> Self {
+        Local {
             chain,
-            phases,
             received: 0,
             refused: None,
         }
     }
 }
 
+impl Tally for Local<'_> {
+    fn chain(&self) -> &Chain {
+        self.chain
+    }
+    fn add(&mut self, n: u64) -> u64 {
+        self.received += n;
+        self.received
+    }
+    fn fail(&mut self, refused: Option<(usize, Reject)>) {
+        if refused.is_some() {
+            self.refused = refused;
+        }
+    }
+}
+
+/// Progress shared between a body that an HTTP/2 connection's task owns and its request,
+/// which reads it when the answer comes and when it ends.
+pub struct Shared {
+    chain: Arc<Chain>,
+    progress: Arc<Progress>,
+}
+
+impl Shared {
+    pub fn new(chain: Arc<Chain>, progress: Arc<Progress>) -> Self {
+        Shared { chain, progress }
+    }
+}
+
+/// What a shared body has done so far.
+#[derive(Default)]
+pub struct Progress {
+    received: AtomicU64,
+    failed: AtomicBool,
+    refused: Mutex<Option<(usize, Reject)>>,
+}
+
+impl Progress {
+    /// Body bytes taken from the client so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Relaxed)
+    }
+
+    /// Whether the body stopped short (the upstream request then failed because of it).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Relaxed)
+    }
+
+    /// The refusal of a body phase, once.
+    pub fn take_refused(&self) -> Option<(usize, Reject)> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+impl Tally for Shared {
+    fn chain(&self) -> &Chain {
+        &self.chain
+    }
+    fn add(&mut self, n: u64) -> u64 {
+        self.progress.received.fetch_add(n, Relaxed) + n
+    }
+    fn fail(&mut self, refused: Option<(usize, Reject)>) {
+        if refused.is_some() {
+            *self
+                .progress
+                .refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = refused;
+        }
+        self.progress.failed.store(true, Relaxed);
+    }
+}
+
 /// Why a request body stopped short.
 #[derive(Debug)]
 pub enum BodyError {
-    /// A body phase refused it (see [`RequestBody::refused`]).
+    /// A body phase refused it (see [`Tally::fail`]).
     Refused,
     /// The client's stream broke off.
     Client,
@@ -55,9 +161,10 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
-impl<B> HttpBody for RequestBody<'_, B>
+impl<B, T> HttpBody for RequestBody<B, T>
 where
     B: HttpBody<Data = Bytes> + Unpin,
+    T: Tally + Unpin,
 {
     type Data = Bytes;
     type Error = BodyError;
@@ -69,14 +176,21 @@ where
         let this = &mut *self;
         let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            Some(Err(_)) => return Poll::Ready(Some(Err(BodyError::Client))),
+            Some(Err(_)) => {
+                this.tally.fail(None);
+                return Poll::Ready(Some(Err(BodyError::Client)));
+            }
             None => return Poll::Ready(None),
         };
         if let Some(data) = frame.data_ref() {
-            this.received += data.len() as u64;
+            let received = this.tally.add(data.len() as u64);
             if this.phases != 0 {
-                if let Err(refused) = this.chain.on_request_body(this.phases, data, this.received) {
-                    this.refused = Some(refused);
+                let checked = this
+                    .tally
+                    .chain()
+                    .on_request_body(this.phases, data, received);
+                if let Err(refused) = checked {
+                    this.tally.fail(Some(refused));
                     return Poll::Ready(Some(Err(BodyError::Refused)));
                 }
             }
@@ -93,11 +207,13 @@ where
     }
 }
 
-/// A response body to the client: the upstream's, streamed; one gatehouse made; or, after
-/// a `101`, the upstream connection the server splices to the client's.
+/// A response body to the client: the upstream's, streamed (over HTTP/1.1 or HTTP/2); one
+/// gatehouse made; or, after a `101`, the upstream connection the server splices to the
+/// client's.
 pub enum Body {
     Full(Option<Bytes>),
     Upstream(client::Body),
+    UpstreamH2(H2Body),
     Upgrade(Option<Upgraded>),
 }
 
@@ -118,6 +234,7 @@ impl HttpBody for Body {
         match self.get_mut() {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Body::UpstreamH2(body) => Pin::new(body).poll_frame(cx),
             Body::Upgrade(_) => Poll::Ready(None),
         }
     }
@@ -126,6 +243,7 @@ impl HttpBody for Body {
         match self {
             Body::Full(bytes) => bytes.is_none(),
             Body::Upstream(body) => body.is_end_stream(),
+            Body::UpstreamH2(body) => body.is_end_stream(),
             Body::Upgrade(_) => true,
         }
     }
@@ -134,6 +252,7 @@ impl HttpBody for Body {
         match self {
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(body) => body.size_hint(),
+            Body::UpstreamH2(body) => body.size_hint(),
             Body::Upgrade(_) => SizeHint::with_exact(0),
         }
     }

@@ -1,12 +1,14 @@
 //! Who the client is: its address behind trusted proxies, and what the app is told about
-//! it (`x-forwarded-*`, written by the HTTP/1 encoder).
+//! it (`x-forwarded-*`, written by the HTTP/1 encoder, or set by [`set_headers`] for HTTP/2).
 
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::value::Cidr;
-use crate::http1::request::X_FORWARDED_FOR;
+use crate::http1::request::{
+    Forwarded, TRACEPARENT, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+};
 
 /// What the server knows about the client connection a request came on.
 pub struct Client {
@@ -32,6 +34,34 @@ impl Client {
             tls,
             worker,
         }
+    }
+}
+
+/// Sets the `x-forwarded-*` headers (and gatehouse's `traceparent`) of a request sent as a
+/// header map (HTTP/2), as the HTTP/1 encoder writes them: the peer appended to
+/// `x-forwarded-for`, the others replaced.
+pub fn set_headers(headers: &mut HeaderMap, forwarded: &Forwarded) {
+    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let value = if prior.peek().is_none() {
+        forwarded.peer.clone()
+    } else {
+        let mut joined = Vec::new();
+        for value in prior {
+            joined.extend_from_slice(value.as_bytes());
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(forwarded.peer.as_bytes());
+        HeaderValue::from_bytes(&joined).expect("joined header values are a header value")
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), value);
+    headers.insert(X_FORWARDED_PROTO.clone(), forwarded.proto.clone());
+    match forwarded.host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+    if let Some(traceparent) = forwarded.traceparent {
+        let value = HeaderValue::from_bytes(traceparent).expect("a traceparent is a header value");
+        headers.insert(TRACEPARENT.clone(), value);
     }
 }
 
@@ -97,5 +127,55 @@ mod tests {
             "10.0.0.7".parse::<IpAddr>().unwrap()
         );
         assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted), peer);
+    }
+
+    #[test]
+    fn forwarded_headers_for_http2_match_the_http1_encoder() {
+        let (peer, proto) = (
+            HeaderValue::from_static("10.0.0.9"),
+            HeaderValue::from_static("https"),
+        );
+        let host = HeaderValue::from_static("api.example");
+        let forwarded = Forwarded {
+            peer: &peer,
+            proto: &proto,
+            host: Some(&host),
+            traceparent: None,
+        };
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "spoofed"),
+        ]);
+        set_headers(&mut h, &forwarded);
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.example");
+        // No Host: no x-forwarded-host, not even the client's.
+        let mut h = headers(&[("x-forwarded-host", "spoofed")]);
+        set_headers(
+            &mut h,
+            &Forwarded {
+                host: None,
+                ..forwarded
+            },
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+        // Without tracing the client's traceparent passes; with it, gatehouse's replaces it.
+        let client = "00-11111111111111111111111111111111-2222222222222222-01";
+        let ours = "00-11111111111111111111111111111111-3333333333333333-01";
+        let mut h = headers(&[("traceparent", client)]);
+        set_headers(&mut h, &forwarded);
+        assert_eq!(h["traceparent"], client);
+        let traced = Forwarded {
+            traceparent: Some(ours.as_bytes()),
+            ..forwarded
+        };
+        set_headers(&mut h, &traced);
+        assert_eq!(h.get_all("traceparent").iter().count(), 1);
+        assert_eq!(h["traceparent"], ours);
     }
 }

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, HOST, USER_AGENT};
-use http::{request, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, HOST, USER_AGENT};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{request, response, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use prometheus_client::metrics::counter::Counter;
 
@@ -31,16 +32,18 @@ use crate::audit::{Audit, Decision};
 use crate::chain::{path, Answer, Chain, Context, Reason, Reject};
 use crate::client::{self, Endpoint, Target};
 use crate::config::value::{Cidr, UpstreamUrl};
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::grpc;
 use crate::http1::request::{encode, Forwarded};
 use crate::middleware::Handles;
 use crate::trace::Tracer;
 use crate::Config;
-use body::RequestBody;
+use body::{Local, Progress, RequestBody, Shared};
 
 /// One config generation's request handling.
 pub struct Proxy {
-    chain: Chain,
+    /// Shared with request bodies that an HTTP/2 connection's task sends.
+    chain: Arc<Chain>,
     upstream: Endpoint,
     timeout: Duration,
     preserve_host: bool,
@@ -64,7 +67,7 @@ impl Proxy {
         tracer: Option<Arc<Tracer>>,
     ) -> Proxy {
         Proxy {
-            chain: crate::middleware::chain(&config.middleware, handles),
+            chain: Arc::new(crate::middleware::chain(&config.middleware, handles)),
             upstream: upstream_endpoint(&config.upstream, handles),
             timeout: config.upstream.timeout.0,
             preserve_host: config.upstream.preserve_host,
@@ -104,7 +107,7 @@ impl Proxy {
         upgrade: Option<HeaderValue>,
     ) -> Response<ResponseBody>
     where
-        B: HttpBody<Data = Bytes> + Unpin,
+        B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     {
         let (mut parts, body) = req.into_parts();
         let mut session = self.session(&parts, client, start);
@@ -197,6 +200,7 @@ impl Proxy {
         if session.ctx.trace.sampled() {
             session.user_agent = parts.headers.get(USER_AGENT).cloned();
         }
+        session.grpc = grpc::is_grpc(&parts.headers);
         session
     }
 
@@ -209,7 +213,7 @@ impl Proxy {
         s: &mut Session,
     ) -> Response<Body>
     where
-        B: HttpBody<Data = Bytes> + Unpin,
+        B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     {
         if let Err(reject) = Self::check(parts) {
             return self.answer(Answer::Reject(reject), s);
@@ -248,34 +252,54 @@ impl Proxy {
             host: s.host.as_ref(),
             traceparent: traceparent.as_ref().map(|t| &t[..]),
         };
-        let mut body = RequestBody::new(body, &self.chain, self.chain.body_phases(&s.ctx));
-        let encode = |framing, out: &mut Vec<u8>| {
-            encode(parts, framing, &forwarded, upgrade.as_ref(), out);
-        };
+        let phases = self.chain.body_phases(&s.ctx);
         let sent = Instant::now();
-        let (result, answered) = self
-            .upstream
-            .send(
-                s.ctx.worker,
-                &parts.method,
-                encode,
-                &mut body,
-                sent,
-                sent + self.timeout,
-            )
-            .await;
+        // A gRPC call's own deadline bounds the wait too.
+        let timeout = match s.grpc.then(|| grpc::timeout(&parts.headers)).flatten() {
+            Some(deadline) => deadline.min(self.timeout),
+            None => self.timeout,
+        };
+        let (result, answered, refused) = if upgrade.is_none() && self.upstream.speaks_h2() {
+            // Boxed: only a request sent over HTTP/2 carries this future.
+            let (worker, upload) = (s.ctx.worker, &mut s.upload);
+            let forward = self.forward_h2(
+                parts, body, &forwarded, phases, sent, timeout, worker, upload,
+            );
+            Box::pin(forward).await
+        } else {
+            let mut body = RequestBody::new(body, Local::new(&self.chain), phases);
+            let encode = |framing, out: &mut Vec<u8>| {
+                encode(parts, framing, &forwarded, upgrade.as_ref(), out);
+            };
+            let (result, answered) = self
+                .upstream
+                .send(
+                    s.ctx.worker,
+                    &parts.method,
+                    encode,
+                    &mut body,
+                    sent,
+                    sent + timeout,
+                )
+                .await;
+            let tally = body.tally();
+            s.bytes_in = tally.received;
+            let result = result.map(|answer| match answer {
+                // The codec left the upstream's hop-by-hop headers out already.
+                client::Answer::Response(head, upstream) => (head, Body::Upstream(upstream)),
+                client::Answer::Upgrade(head, io) => (head, Body::Upgrade(Some(io))),
+            });
+            (result, answered, tally.refused.take())
+        };
         s.ctx.upstream_time = Some(answered - sent);
         s.ctx.upstream_answered = Some(answered);
-        s.bytes_in = body.received;
-        if let Ok(client::Answer::Response(head, _) | client::Answer::Upgrade(head, _)) = &result {
+        if let Ok((head, _)) = &result {
             s.upstream_status = Some(head.status);
         }
         let (mut head, body) = match result {
-            // The codec left the upstream's hop-by-hop headers out already.
-            Ok(client::Answer::Response(head, upstream)) => (head, Body::Upstream(upstream)),
-            Ok(client::Answer::Upgrade(head, io)) => (head, Body::Upgrade(Some(io))),
+            Ok(answer) => answer,
             Err(client::Error::Body) => {
-                let answer = match body.refused.take() {
+                let answer = match refused {
                     Some((i, reject)) => {
                         s.ctx.denied_by = Some(i);
                         reject
@@ -290,10 +314,53 @@ impl Proxy {
             }
             Err(e) => return self.upstream_failed(e, s),
         };
+        if s.grpc {
+            // A trailers-only answer carries its status in the head.
+            s.grpc_status = grpc::status(&head.headers);
+        }
         // The client's protocol decides the response's, not the upstream's.
         head.version = Version::default();
         self.chain.on_response(&mut head, &mut s.ctx);
         Response::from_parts(head, body)
+    }
+
+    /// The upstream exchange over HTTP/2: the request body goes to the connection's task,
+    /// which sends it as it comes, its progress shared with the session (`upload`).
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_h2<B>(
+        &self,
+        parts: &mut request::Parts,
+        body: B,
+        forwarded: &Forwarded<'_>,
+        phases: u64,
+        sent: Instant,
+        timeout: Duration,
+        worker: usize,
+        upload: &mut Option<Arc<Progress>>,
+    ) -> (
+        Result<(response::Parts, Body), client::Error>,
+        Instant,
+        Option<(usize, Reject)>,
+    )
+    where
+        B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+    {
+        let progress = Arc::new(Progress::default());
+        *upload = Some(progress.clone());
+        let tally = Shared::new(self.chain.clone(), progress.clone());
+        let body = RequestBody::new(body, tally, phases);
+        let req = h2_request(parts, forwarded, self.upstream.authority(), body);
+        let (result, answered) = self
+            .upstream
+            .send_h2(worker, req, sent, sent + timeout)
+            .await;
+        let result = match result {
+            Ok((head, body)) => Ok((head, Body::UpstreamH2(body))),
+            // The stream failed because its body stopped short.
+            Err(_) if progress.failed() => Err(client::Error::Body),
+            Err(e) => Err(e),
+        };
+        (result, answered, progress.take_refused())
     }
 
     /// Refuses what no middleware should ever see: what HTTP/1's parser refuses it refused
@@ -388,7 +455,10 @@ impl Proxy {
                     Decision::Deny
                 };
                 s.reason = Some(reject.reason);
-                reject.render(s.ctx.request_id.as_ref())
+                if s.grpc {
+                    s.grpc_status = Some(grpc::status_for(reject.status));
+                }
+                reject.render(s.ctx.request_id.as_ref(), s.grpc)
             }
         };
         let (mut head, bytes) = resp.into_parts();
@@ -414,13 +484,53 @@ fn upstream_endpoint(config: &UpstreamConfig, handles: &Handles) -> Endpoint {
         m.upstream_connections.clone(),
         m.upstream_pending.clone(),
     );
-    Endpoint::new(
+    let endpoint = Endpoint::new(
         target,
         config.connect_timeout.0,
         config.idle_timeout.0,
         handles.workers + 1,
     )
-    .with_limit(limit)
+    .with_limit(limit);
+    match config.protocol {
+        UpstreamProtocol::Http1 => endpoint,
+        UpstreamProtocol::H2c => endpoint.with_h2(),
+    }
+}
+
+/// The request as HTTP/2 sends it to the app: `:authority` from `Host` (the upstream's
+/// when that is no valid authority) and no `Host`, `x-forwarded-*` set, and the length the
+/// body has rather than the client's `content-length`.
+fn h2_request<B>(
+    parts: &mut request::Parts,
+    forwarded: &Forwarded,
+    upstream: &HeaderValue,
+    body: B,
+) -> Request<B> {
+    let mut headers = std::mem::take(&mut parts.headers);
+    let host = headers.remove(HOST);
+    headers.remove(CONTENT_LENGTH);
+    forwarded::set_headers(&mut headers, forwarded);
+    let authority = host
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            Authority::try_from(upstream.as_bytes()).expect("the upstream's host is an authority")
+        });
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+    *req.version_mut() = Version::HTTP_2;
+    *req.headers_mut() = headers;
+    req
 }
 
 /// The request's Host as the client sent it: the header, else the URI's authority (HTTP/2).

@@ -15,11 +15,12 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use super::body::Body;
+use super::body::{Body, Progress};
 use super::Proxy;
 use crate::audit::{Decision, Event};
 use crate::chain::{Context, Reason};
 use crate::client::{self, Upgraded};
+use crate::grpc;
 use crate::trace::{Ids, Internal, RequestSpans, SpanId, Text, UpstreamCall};
 
 /// nginx's status for a request whose client went away before the answer.
@@ -54,6 +55,11 @@ pub struct Session {
     pub bytes_out: u64,
     /// The whole response body reached the client connection.
     pub completed: bool,
+    /// A request body still streaming to the app over HTTP/2 counts its bytes here.
+    pub upload: Option<Arc<Progress>>,
+    /// The request is a gRPC call; the status its client saw, once known.
+    pub grpc: bool,
+    pub grpc_status: Option<u16>,
 }
 
 impl Session {
@@ -82,6 +88,9 @@ impl Session {
             bytes_in: 0,
             bytes_out: 0,
             completed: false,
+            upload: None,
+            grpc: false,
+            grpc_status: None,
         })
     }
 
@@ -146,10 +155,11 @@ impl Proxy {
                 .filter(|_| s.decision == Decision::Deny)
                 .map(Reason::code),
             fail_open: &fail_open,
-            bytes_in: s.bytes_in,
+            bytes_in: s.bytes_in + s.upload.as_ref().map_or(0, |u| u.received()),
             bytes_out: s.bytes_out,
             completed: s.completed,
             trace: s.ctx.trace.ids.map(|ids| (ids.trace_id, ids.span_id)),
+            grpc_status: s.grpc_status,
             headers: &s.headers,
         });
     }
@@ -261,9 +271,14 @@ impl HttpBody for ResponseBody {
         let this = &mut *self;
         let poll = Pin::new(&mut this.body).poll_frame(cx);
         match &poll {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.session.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
-            }
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) => this.session.bytes_out += data.len() as u64,
+                None if this.session.grpc => {
+                    let trailers = frame.trailers_ref();
+                    this.session.grpc_status = trailers.and_then(grpc::status);
+                }
+                None => {}
+            },
             Poll::Ready(None) => this.session.completed = true,
             _ => {}
         }

@@ -276,7 +276,7 @@ async fn call<B>(
     upgrade: Option<HeaderValue>,
 ) -> Response<InFlight>
 where
-    B: HttpBody<Data = Bytes> + Unpin,
+    B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
 {
     let start = Instant::now();
     conn.activity.requests.fetch_add(1, Relaxed);

@@ -126,7 +126,7 @@ where
             Err(Stop::Invalid(invalid)) => {
                 let reject = Reject::from(invalid);
                 let (status, reason) = (reject.status, reject.reason);
-                let answer = reject.render(None);
+                let answer = reject.render(None, false);
                 let size = answer.body().len() as u64;
                 let sent = write_error(io, &mut out, answer, &mut date).await;
                 phases.refused(first_line(buf), status, reason, sent.ok().map(|()| size));
@@ -187,7 +187,14 @@ where
             Some(inbound) => {
                 let mut inbound = lock(&inbound);
                 *buf = std::mem::take(&mut inbound.buf);
-                !matches!(inbound.decode, Decode::Done)
+                let unread = !matches!(inbound.decode, Decode::Done);
+                // A body still held elsewhere (an HTTP/2 upstream's task sends it) gets no
+                // more bytes: it fails rather than waits.
+                inbound.eof |= unread;
+                if let Some(body) = inbound.body.take().filter(|_| unread) {
+                    body.wake();
+                }
+                unread
             }
             None => false,
         };

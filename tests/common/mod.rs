@@ -985,6 +985,63 @@ pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> http::Respons
 }
 
 // ---------------------------------------------------------------------------------------------
+// Python
+// ---------------------------------------------------------------------------------------------
+
+/// A venv in `target/<name>` with the pinned `requirements` (a path from the crate root),
+/// created once per test run and reused across runs while the file is unchanged (a stamp
+/// file holds what was installed). Installing needs PyPI: without it the caller's tests fail
+/// saying so, they never pass silently.
+pub fn python_venv(name: &str, requirements: &str) -> PathBuf {
+    static VENVS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    // Held while installing: tests of one binary share the venv, and wait for it.
+    let mut venvs = VENVS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, venv)) = venvs.iter().find(|(n, _)| n == name) {
+        return venv.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target").join(name);
+    let requirements = root.join(requirements);
+    let wanted = std::fs::read_to_string(&requirements).expect("read the requirements");
+    let stamp = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        run_setup(
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            "python3 -m venv (on Debian install python3-venv)",
+        );
+        run_setup(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--disable-pip-version-check"])
+                .args(["--timeout", "30", "--retries", "2", "-r"])
+                .arg(&requirements),
+            &format!(
+                "pip install -r {}: PyPI (or the index configured for pip) must be reachable \
+                 to run these tests",
+                requirements.display()
+            ),
+        );
+        std::fs::write(&stamp, wanted).expect("write the venv stamp");
+    }
+    venvs.push((name.to_owned(), venv.clone()));
+    venv
+}
+
+/// Run a set-up command, panicking with `what` and its output if it fails.
+pub fn run_setup(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: could not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Redis
 // ---------------------------------------------------------------------------------------------
 
