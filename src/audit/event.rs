@@ -70,7 +70,9 @@ impl Event<'_> {
     /// Written by hand: the schema is fixed, so keys are constants and only values are
     /// escaped; through serde_json, re-escaping every key was most of the cost.
     pub fn to_json(&self, fields: &[String]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(384);
+        // A typical event with a request id, no trace and a user agent is ~430 bytes: one
+        // allocation, no regrowth.
+        let mut out = Vec::with_capacity(512);
         out.extend_from_slice(b"{\"ts\":\"");
         write_rfc3339(self.ts, &mut out);
         out.extend_from_slice(b"\",\"request_id\":");
