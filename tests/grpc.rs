@@ -631,17 +631,7 @@ async fn upgrades_still_take_http1() {
     let up = Upstream::start().await;
     let gh = gatehouse(&up.url(), "", "", "").await;
     let mut conn = H1::connect(gh.port).await;
-    let resp = conn
-        .send_streaming(
-            request("GET", "/ws")
-                .header("connection", "Upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = conn.send_streaming(websocket_request("/ws")).await;
     assert_eq!(resp.status(), 101, "{resp:?}");
     let upgraded = within(STEP, "upgrade", hyper::upgrade::on(resp))
         .await

@@ -121,17 +121,7 @@ async fn a_websocket_upgrade_still_passes_and_its_tunnel_is_recorded_when_it_clo
     )
     .await;
     let mut conn = H1::connect(gh.port).await;
-    let resp = conn
-        .send_streaming(
-            request("GET", "/ws")
-                .header("connection", "Upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = conn.send_streaming(websocket_request("/ws")).await;
     assert_eq!(resp.status(), 101, "{resp:?}");
     let upgraded = within(STEP, "upgrade", hyper::upgrade::on(resp))
         .await

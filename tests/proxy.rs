@@ -365,17 +365,7 @@ async fn large_download_arrives_complete() {
 async fn websocket_upgrade_passes_through() {
     let (_up, gh) = proxy_with("", "", "").await;
     let mut conn = H1::connect(gh.port).await;
-    let resp = conn
-        .send_streaming(
-            request("GET", "/ws")
-                .header("connection", "Upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+    let resp = conn.send_streaming(websocket_request("/ws")).await;
     assert_eq!(resp.status(), 101, "{resp:?}");
     assert!(
         resp.headers()

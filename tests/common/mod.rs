@@ -788,6 +788,17 @@ pub async fn collect(resp: Response<Incoming>) -> Resp {
     }
 }
 
+/// A WebSocket upgrade request (RFC 6455's sample key) for `path`.
+pub fn websocket_request(path: &str) -> http::Request<Body> {
+    request("GET", path)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(empty())
+        .unwrap()
+}
+
 /// A request builder for origin-form `path` (`H1` adds `Host: 127.0.0.1:PORT` unless the
 /// request has one).
 pub fn request(method: &str, path: &str) -> http::request::Builder {
