@@ -81,7 +81,8 @@ pub fn message(message: &str) -> HeaderValue {
         if (0x20..=0x7e).contains(&b) && b != b'%' {
             out.push(b);
         } else {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
         }
     }
     HeaderValue::from_bytes(&out).expect("printable ASCII is a valid header value")

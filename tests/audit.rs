@@ -53,28 +53,6 @@ impl Setup {
     }
 }
 
-fn read_events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// Waits (up to 10 s) until the file at `path` holds `n` events.
-async fn wait_for_events(path: &Path, n: usize) -> Vec<Value> {
-    within(Duration::from_secs(10), "audit events in the file", async {
-        loop {
-            let events = read_events(path);
-            if events.len() >= n {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
 /// Waits (up to 10 s) until gatehouse has logged `text`.
 async fn wait_for_log(gh: &Gatehouse, text: &str) {
     within(Duration::from_secs(10), text, async {

@@ -21,30 +21,22 @@ async fn slow_collector(delay: Duration) -> (String, Arc<AtomicUsize>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut piece = [0u8; 16 << 10];
-                loop {
-                    // One POST: a head with content-length, then a JSON array.
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match stream.read(&mut piece).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&piece[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                // One POST: a head with content-length, then a JSON array.
+                while let Some(head) = read_http_head(&mut stream, &mut buf).await {
                     let length: usize = head
                         .lines()
                         .find_map(|l| l.strip_prefix("content-length:"))
                         .map(|v| v.trim().parse().unwrap())
                         .unwrap_or(0);
-                    while buf.len() < end + 4 + length {
+                    while buf.len() < length {
                         match stream.read(&mut piece).await {
                             Ok(n) if n > 0 => buf.extend_from_slice(&piece[..n]),
                             _ => return,
                         }
                     }
                     let body: Vec<serde_json::Value> =
-                        serde_json::from_slice(&buf[end + 4..end + 4 + length]).unwrap();
-                    buf.drain(..end + 4 + length);
+                        serde_json::from_slice(&buf[..length]).unwrap();
+                    buf.drain(..length);
                     tokio::time::sleep(delay).await;
                     counted.fetch_add(body.len(), Ordering::SeqCst);
                     let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";

@@ -5,33 +5,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::Duration;
-
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-
-fn read_events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-async fn wait_for_events(path: &Path, n: usize) -> Vec<Value> {
-    within(Duration::from_secs(20), "audit events in the file", async {
-        loop {
-            let events = read_events(path);
-            if events.len() >= n {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
 
 fn the_event<'a>(events: &'a [Value], path: &str) -> &'a Value {
     let found: Vec<&Value> = events.iter().filter(|e| e["path"] == path).collect();

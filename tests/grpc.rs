@@ -464,14 +464,7 @@ async fn upstream_timeout_is_deadline_exceeded() {
 async fn grpc_timeout_bounds_the_upstream_wait() {
     let up = Upstream::start().await;
     let gh = gatehouse(&up.url(), "", "timeout = \"60s\"", "").await;
-    let stream = TcpStream::connect(("127.0.0.1", gh.port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(gh.port).await;
     let grpc_call = |timeout: &str| {
         http::Request::post(format!("http://127.0.0.1:{}/slow?ms=30000", gh.port))
             .header("content-type", "application/grpc")

@@ -21,24 +21,14 @@ async fn h2c_accepting_app() -> (String, tokio::sync::mpsc::UnboundedReceiver<St
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut piece = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match stream.read(&mut piece).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&piece[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end + 4);
+                while let Some(head) = read_http_head(&mut stream, &mut buf).await {
                     let _ = tx.send(head.clone());
                     if head.contains("\r\nupgrade: h2c") {
                         let _ = stream
                             .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
                             .await;
                         // What a switched app would do: take whatever comes as HTTP/2.
-                        let _ = stream.read(&mut piece).await;
+                        let _ = stream.read(&mut [0u8; 4096]).await;
                         return;
                     }
                     let reply = format!(
@@ -242,14 +232,7 @@ async fn connect_and_asterisk_targets_are_answered_by_gatehouse() {
     let text = String::from_utf8_lossy(&reply);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // Over HTTP/2 too: an answer, not a reset stream.
-    let stream = TcpStream::connect(gh.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(gh.port).await;
     let req = http::Request::connect("evil.example:443")
         .body(empty())
         .unwrap();
@@ -331,14 +314,7 @@ async fn host_and_request_target_rules() {
     assert_eq!(json["headers"]["host"][0], "app.example:8080", "{json}");
     assert_eq!(json["headers"]["x-forwarded-host"][0], "app.example:8080");
     // HTTP/2: `:authority` and a different `host` disagree.
-    let stream = TcpStream::connect(gh.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(gh.port).await;
     let req = request("GET", "http://app.example/echo")
         .header("host", "evil.example")
         .body(empty())

@@ -102,14 +102,7 @@ async fn oversized_request_line_gets_431() {
 #[tokio::test]
 async fn oversized_h2_request_head_gets_431() {
     let (up, gh) = proxy_with("max_header_bytes = \"8KiB\"", "", "").await;
-    let stream = TcpStream::connect(("127.0.0.1", gh.port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(gh.port).await;
     let req = request("GET", &format!("http://127.0.0.1:{}/echo", gh.port))
         .header("x-big", "a".repeat(20 * 1024))
         .body(empty())

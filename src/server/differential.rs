@@ -233,6 +233,20 @@ struct Outcome {
     tunnelled: Bytes,
 }
 
+impl Outcome {
+    /// What the client read (`got`, answers to `methods`) and what the app saw.
+    fn of(got: BytesMut, methods: &[Method], record: &Record) -> Outcome {
+        let (statuses, bodies, tunnelled) = responses(got, methods);
+        let seen = std::mem::take(&mut *record.lock().unwrap());
+        Outcome {
+            seen,
+            statuses,
+            bodies,
+            tunnelled,
+        }
+    }
+}
+
 /// Writes `bytes` (then, after a `101`, `after`) as a client and reads until the server
 /// closes.
 async fn client(mut io: DuplexStream, bytes: &[u8], after: &[u8]) -> BytesMut {
@@ -328,14 +342,7 @@ async fn through_gatehouse(bytes: &[u8], after: &[u8], methods: &[Method]) -> Ou
     };
     let got = client(client_io, bytes, after).await;
     server.abort();
-    let (statuses, bodies, tunnelled) = responses(got, methods);
-    let seen = std::mem::take(&mut *record.lock().unwrap());
-    Outcome {
-        seen,
-        statuses,
-        bodies,
-        tunnelled,
-    }
+    Outcome::of(got, methods, &record)
 }
 
 async fn through_hyper(bytes: &[u8], after: &[u8], methods: &[Method]) -> Outcome {
@@ -377,14 +384,7 @@ async fn through_hyper(bytes: &[u8], after: &[u8], methods: &[Method]) -> Outcom
     );
     let got = client(client_io, bytes, after).await;
     server.abort();
-    let (statuses, bodies, tunnelled) = responses(got, methods);
-    let seen = std::mem::take(&mut *record.lock().unwrap());
-    Outcome {
-        seen,
-        statuses,
-        bodies,
-        tunnelled,
-    }
+    Outcome::of(got, methods, &record)
 }
 
 /// One case: the client's bytes, the methods of the requests answered, bytes sent after a

@@ -861,14 +861,20 @@ pub async fn get(port: u16, path: &str) -> Resp {
     send(port, request("GET", path).body(empty()).unwrap()).await
 }
 
-/// One request over HTTP/2 with prior knowledge (h2c); `path` is origin-form.
-pub async fn h2_send(port: u16, method: &str, path: &str, body: Body) -> Resp {
+/// An HTTP/2 connection with prior knowledge (h2c), its driver spawned.
+pub async fn h2_connect(port: u16) -> hyper::client::conn::http2::SendRequest<Body> {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) =
+    let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .expect("h2c handshake");
     tokio::spawn(conn);
+    sender
+}
+
+/// One request over HTTP/2 with prior knowledge (h2c); `path` is origin-form.
+pub async fn h2_send(port: u16, method: &str, path: &str, body: Body) -> Resp {
+    let mut sender = h2_connect(port).await;
     let req = Request::builder()
         .method(method)
         .uri(format!("http://127.0.0.1:{port}{path}"))
@@ -878,6 +884,46 @@ pub async fn h2_send(port: u16, method: &str, path: &str, body: Body) -> Resp {
         .await
         .expect("h2 response");
     collect(resp).await
+}
+
+/// Reads from `stream` into `buf` until it holds a whole HTTP/1 head, and returns the head
+/// (lower-cased, without its blank line), leaving what follows in `buf`; `None` at EOF.
+pub async fn read_http_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut piece = [0u8; 16 << 10];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        match stream.read(&mut piece).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&piece[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// The audit events (JSON lines) in the file at `path`.
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Waits (up to 20 s) until the file at `path` holds `n` audit events.
+pub async fn wait_for_events(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    within(Duration::from_secs(20), "audit events in the file", async {
+        loop {
+            let events = read_events(path);
+            if events.len() >= n {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 /// Write `bytes` on a new TCP connection and read until EOF, error or `limit`.
