@@ -637,6 +637,32 @@ async fn gatehouse_s_own_refusals_come_before_the_chain() {
     }
 }
 
+/// A gRPC call is answered as the proxy answers it: a trailers-only `200` whose
+/// `grpc-status` carries the refusal, the reason still in the report.
+#[tokio::test]
+async fn a_refused_grpc_call_is_explained_as_a_grpc_status() {
+    let (_dir, config) = write_config(
+        "",
+        "http://127.0.0.1:9",
+        "[[middleware]]\ntype = \"api_key\"\nheader = \"x-api-key\"\nkeys = [{ id = \"demo\", key = \"k-123\" }]\n",
+    );
+    let args = [
+        "-H",
+        "content-type: application/grpc",
+        "POST",
+        "/demo.v1.Demo/Echo",
+    ];
+    let report = explain_json(&config, &args).await;
+    assert_eq!(report["status"], 200, "{report:#}");
+    assert_eq!(report["headers"]["grpc-status"], json!(["16"]));
+    assert_eq!(
+        report["headers"]["content-type"],
+        json!(["application/grpc"])
+    );
+    assert_eq!(report["deny_reason"], "missing_credentials");
+    assert_eq!(report["denied_by"], "api_key");
+}
+
 #[test]
 fn a_bad_command_line_exits_1_and_a_bad_config_2() {
     let (_dir, config) = write_config("", "http://127.0.0.1:9", "");
