@@ -542,6 +542,33 @@ async fn spans_carry_http_semantics_and_a_child_for_every_middleware_that_waited
     stop(&mut gh).await;
 }
 
+/// To an h2c app the request goes over HTTP/2: the app still gets gatehouse's CLIENT span as
+/// its parent, and that span says which protocol it spoke.
+#[tokio::test]
+async fn a_call_to_an_h2c_app_is_a_client_span_over_http2() {
+    let otel = Otel::start(&[]).await;
+    let (_up, mut gh) = proxy_with("", "protocol = \"h2c\"", &tracing_section(&otel, "")).await;
+    let resp = get(gh.port, "/h2").await;
+    assert_eq!(resp.status, 200);
+    let (trace_id, app_parent, _) = app_traceparent(&resp);
+    let spans = otel.wait_for_spans(2).await;
+    let trace = in_trace(&spans, &trace_id);
+    let client = *trace
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32)
+        .unwrap();
+    assert_eq!(hex(&client.span_id), app_parent);
+    let a = &client.attributes;
+    assert_eq!(text(a, "network.protocol.version").as_deref(), Some("2"));
+    assert_eq!(int(a, "http.response.status_code"), Some(200));
+    let server = trace.iter().find(|s| s.kind == SpanKind::Server as i32);
+    assert_eq!(
+        text(&server.unwrap().attributes, "network.protocol.version").as_deref(),
+        Some("1.1")
+    );
+    stop(&mut gh).await;
+}
+
 #[tokio::test]
 async fn upstream_failures_mark_the_spans_as_errors() {
     let otel = Otel::start(&[]).await;

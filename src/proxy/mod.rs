@@ -260,6 +260,7 @@ impl Proxy {
             None => self.timeout,
         };
         let (result, answered, refused) = if upgrade.is_none() && self.upstream.speaks_h2() {
+            s.upstream_version = Version::HTTP_2;
             // Boxed: only a request sent over HTTP/2 carries this future.
             let (worker, upload) = (s.ctx.worker, &mut s.upload);
             let forward = self.forward_h2(

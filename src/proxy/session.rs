@@ -51,6 +51,9 @@ pub struct Session {
     pub upstream_error: Option<usize>,
     /// The upstream's answer, when it gave one.
     pub upstream_status: Option<StatusCode>,
+    /// The protocol the request went to the app in (a CLIENT span's
+    /// `network.protocol.version`).
+    pub upstream_version: Version,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// The whole response body reached the client connection.
@@ -85,6 +88,7 @@ impl Session {
             reason: None,
             upstream_error: None,
             upstream_status: None,
+            upstream_version: Version::HTTP_11,
             bytes_in: 0,
             bytes_out: 0,
             completed: false,
@@ -175,6 +179,7 @@ impl Proxy {
             start: at(answered - took),
             end: at(answered),
             authority: self.upstream.authority().clone(),
+            protocol: protocol(s.upstream_version),
             status: s.upstream_status.map(|st| st.as_u16()),
             error: match (s.upstream_status, s.upstream_error) {
                 (Some(_), _) => None,
@@ -189,11 +194,7 @@ impl Proxy {
             end,
             method: s.method.clone(),
             scheme: if s.ctx.tls { "https" } else { "http" },
-            protocol: match s.version {
-                Version::HTTP_10 => "1.0",
-                Version::HTTP_2 => "2",
-                _ => "1.1",
-            },
+            protocol: protocol(s.version),
             status,
             client_address: s.ctx.client_ip,
             decision: s.decision.as_str(),
@@ -216,6 +217,15 @@ impl Proxy {
                 })
                 .collect(),
         }
+    }
+}
+
+/// `network.protocol.version`.
+fn protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        _ => "1.1",
     }
 }
 

@@ -419,7 +419,7 @@ fn upstream_span(r: &RequestSpans, call: &super::UpstreamCall, span: &mut Span) 
     let url = a.text("url.full", "http://");
     url.push_str(authority);
     url.push_str(r.text.path());
-    a.text("network.protocol.version", "1.1");
+    a.text("network.protocol.version", call.protocol);
     if let Some(status) = call.status {
         a.int("http.response.status_code", status.into());
     }
@@ -492,6 +492,7 @@ mod tests {
                 start: 2,
                 end: 8,
                 authority: HeaderValue::from_static("127.0.0.1:8000"),
+                protocol: "2",
                 status: None,
                 error: Some("connect"),
             }),

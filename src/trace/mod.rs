@@ -207,6 +207,8 @@ pub struct UpstreamCall {
     pub end: u64,
     /// The upstream's `host:port`.
     pub authority: HeaderValue,
+    /// `network.protocol.version`: `1.1`, or `2` to an h2c app.
+    pub protocol: &'static str,
     pub status: Option<u16>,
     /// The kind of failure (`client::Error::kind`), when there was no response.
     pub error: Option<&'static str>,
