@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use prometheus_client::metrics::counter::Counter;
+use prost::encoding::{encode_varint, encoded_len_varint};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -125,7 +126,7 @@ impl Exporter {
         stop: &mut watch::Receiver<Option<Instant>>,
     ) -> bool {
         let body = self.encoder.encode(&batch.requests);
-        let post = self.collector.post(body.into());
+        let post = self.collector.post(body);
         let Some(result) = until_deadline(stop, post).await else {
             return false;
         };
@@ -207,57 +208,141 @@ impl Batch {
     }
 }
 
-/// Builds the protobuf `ExportTraceServiceRequest` of a batch, reusing the messages of the
-/// batches before: a span's ids, strings and attribute slots are overwritten in place, so a
-/// steady stream of requests allocates next to nothing here.
+/// Encodes a batch as one protobuf `ExportTraceServiceRequest`, a span at a time.
+///
+/// prost writes a nested message's length before its fields, so encoding the request as one
+/// message walks every span once per enclosing level to size it (six walks for an attribute
+/// value). Here each span is filled into a reused `Span` and prost encodes it alone, straight
+/// into the body; the three enclosing lengths are then written in front, once the spans'
+/// total is known. Every byte is still prost's: the keys and the resource and scope fields
+/// come from prost encoding the enclosing messages (`Envelope::new`), and a test checks the
+/// result equals prost's encoding of the whole request.
 struct Encoder {
-    /// One resource, one scope, and the spans of the last batch.
-    request: ExportTraceServiceRequest,
-    /// Spans a bigger batch left, for the next.
-    spare: Vec<Span>,
+    envelope: Envelope,
+    /// One message per kind, so a span's attribute keys are usually already in place.
+    server: Span,
+    client: Span,
+    internal: Span,
+    /// The previous body's size: the next is likely alike.
+    last_len: usize,
+}
+
+/// The bytes prost writes around the spans of a request with one resource and one scope.
+struct Envelope {
+    /// The key of `ExportTraceServiceRequest.resource_spans`.
+    resource_spans: Vec<u8>,
+    /// `ResourceSpans.resource`, whole.
+    resource: Vec<u8>,
+    /// The key of `ResourceSpans.scope_spans`.
+    scope_spans: Vec<u8>,
+    /// `ScopeSpans.scope`, whole.
+    scope: Vec<u8>,
+    /// The key of `ScopeSpans.spans`.
+    spans: Vec<u8>,
+    /// Where the head is assembled before it is copied in front of the spans.
+    head: Vec<u8>,
+}
+
+impl Envelope {
+    fn new(resource: Resource, scope: InstrumentationScope) -> Envelope {
+        // A message holding only one empty child encodes as the child's key and a 0 length.
+        fn key(message: impl Message) -> Vec<u8> {
+            let mut bytes = message.encode_to_vec();
+            assert_eq!(bytes.pop(), Some(0), "an empty child's length");
+            bytes
+        }
+        Envelope {
+            resource_spans: key(ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans::default()],
+            }),
+            resource: ResourceSpans {
+                resource: Some(resource),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            scope_spans: key(ResourceSpans {
+                scope_spans: vec![ScopeSpans::default()],
+                ..Default::default()
+            }),
+            scope: ScopeSpans {
+                scope: Some(scope),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            spans: key(ScopeSpans {
+                spans: vec![Span::default()],
+                ..Default::default()
+            }),
+            head: Vec::new(),
+        }
+    }
+
+    /// Room for the head: its fixed parts and two lengths of at most 10 bytes.
+    fn room(&self) -> usize {
+        self.resource_spans.len()
+            + self.resource.len()
+            + self.scope_spans.len()
+            + self.scope.len()
+            + 2 * 10
+    }
+
+    /// Writes the head right before `body[room..]`, which holds the encoded spans, and
+    /// returns where the request starts.
+    fn close(&mut self, body: &mut [u8], room: usize) -> usize {
+        let scope_spans = (self.scope.len() + body.len() - room) as u64;
+        let resource_spans = self.resource.len()
+            + self.scope_spans.len()
+            + encoded_len_varint(scope_spans)
+            + scope_spans as usize;
+        let head = &mut self.head;
+        head.clear();
+        head.extend_from_slice(&self.resource_spans);
+        encode_varint(resource_spans as u64, head);
+        head.extend_from_slice(&self.resource);
+        head.extend_from_slice(&self.scope_spans);
+        encode_varint(scope_spans, head);
+        head.extend_from_slice(&self.scope);
+        let start = room - head.len();
+        body[start..room].copy_from_slice(head);
+        start
+    }
 }
 
 impl Encoder {
     fn new(resource: Resource, scope: InstrumentationScope) -> Encoder {
         Encoder {
-            request: ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    resource: Some(resource),
-                    scope_spans: vec![ScopeSpans {
-                        scope: Some(scope),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-            },
-            spare: Vec::new(),
+            envelope: Envelope::new(resource, scope),
+            server: Span::default(),
+            client: Span::default(),
+            internal: Span::default(),
+            last_len: 0,
         }
     }
 
-    fn encode(&mut self, requests: &[RequestSpans]) -> Vec<u8> {
-        let spans = &mut self.request.resource_spans[0].scope_spans[0].spans;
-        let mut n = 0;
-        let mut next = |spans: &mut Vec<Span>| {
-            if n == spans.len() {
-                spans.push(self.spare.pop().unwrap_or_default());
-            }
-            n += 1;
-            n - 1
+    fn encode(&mut self, requests: &[RequestSpans]) -> Bytes {
+        let room = self.envelope.room();
+        let mut body = Vec::with_capacity(room + self.last_len);
+        body.resize(room, 0);
+        let key = &self.envelope.spans;
+        let put = |span: &Span, body: &mut Vec<u8>| {
+            body.extend_from_slice(key);
+            span.encode_length_delimited(body).expect("a Vec grows");
         };
         for r in requests {
-            let i = next(spans);
-            server_span(r, &mut spans[i]);
+            server_span(r, &mut self.server);
+            put(&self.server, &mut body);
             if let Some(call) = &r.upstream {
-                let i = next(spans);
-                upstream_span(r, call, &mut spans[i]);
+                upstream_span(r, call, &mut self.client);
+                put(&self.client, &mut body);
             }
             for m in &r.internal {
-                let i = next(spans);
-                internal_span(r, m, &mut spans[i]);
+                internal_span(r, m, &mut self.internal);
+                put(&self.internal, &mut body);
             }
         }
-        self.spare.extend(spans.drain(n..));
-        self.request.encode_to_vec()
+        self.last_len = body.len() - room;
+        let start = self.envelope.close(&mut body, room);
+        Bytes::from(body).slice(start..)
     }
 }
 
@@ -377,7 +462,10 @@ fn server_span(r: &RequestSpans, span: &mut Span) {
     a.text("url.scheme", r.scheme);
     a.int("http.response.status_code", r.status.into());
     let address = a.text("client.address", "");
-    let _ = write!(address, "{}", r.client_address);
+    // Without the formatting machinery for the common IPv4 (json's writer, into the slot).
+    let mut bytes = std::mem::take(address).into_bytes();
+    crate::json::push_ip(&mut bytes, r.client_address);
+    *address = String::from_utf8(bytes).expect("an address is ASCII");
     if let Some(host) = r.text.host() {
         a.server(host);
     }
@@ -511,8 +599,11 @@ mod tests {
         }
     }
 
-    fn decode(body: Vec<u8>) -> Vec<Span> {
+    /// The batch's spans, after checking the body is exactly prost's encoding of the request
+    /// it decodes to (so the envelope written around the spans is prost's too).
+    fn decode(body: Bytes) -> Vec<Span> {
         let mut request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+        assert_eq!(request.encode_to_vec(), body);
         let mut scopes = request.resource_spans.remove(0).scope_spans;
         assert_eq!(scopes[0].scope.as_ref().unwrap().name, "gatehouse");
         scopes.remove(0).spans
@@ -591,5 +682,10 @@ mod tests {
         let spans = decode(encoder.encode(&[request("/d", true), request("/e", false)]));
         assert_eq!(spans.len(), 4);
         assert_eq!(spans[3].name, "GET /e");
+        // A batch past 16 KiB: the enclosing lengths take three bytes each.
+        let many: Vec<_> = (0..100).map(|i| request(&format!("/{i}"), true)).collect();
+        let spans = decode(encoder.encode(&many));
+        assert_eq!(spans.len(), 300);
+        assert_eq!(spans[297].name, "GET /99");
     }
 }
