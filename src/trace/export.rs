@@ -43,7 +43,7 @@ const PARENT_REMOTE: u32 = 0x300;
 
 pub(super) struct Exporter {
     collector: Collector,
-    encoder: Encoder,
+    batch: Batch,
     batch_size: u64,
     flush_interval: Duration,
     exported: Counter,
@@ -61,7 +61,11 @@ impl Exporter {
                 RETRIES,
                 shards,
             ),
-            encoder: Encoder::new(otlp::resource(&config.resource), otlp::scope()),
+            batch: Batch {
+                encoder: Encoder::new(otlp::resource(&config.resource), otlp::scope()),
+                spans: 0,
+                since: None,
+            },
             batch_size: config.batch_size as u64,
             flush_interval: config.flush_interval.0,
             exported: metrics.trace_spans("exported"),
@@ -77,7 +81,6 @@ impl Exporter {
         mut rx: mpsc::Receiver<RequestSpans>,
         mut stop: watch::Receiver<Option<Instant>>,
     ) {
-        let mut batch = Batch::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while stop.borrow().is_none() {
@@ -88,24 +91,25 @@ impl Exporter {
             }
             // Full batches go out back to back while the queue holds more.
             loop {
-                batch.fill(&mut rx, self.batch_size);
-                let due = batch
+                self.batch.fill(&mut rx, self.batch_size);
+                let due = self
+                    .batch
                     .since
                     .is_some_and(|since| since.elapsed() >= self.flush_interval);
-                if (batch.spans < self.batch_size && !due) || stop.borrow().is_some() {
+                if (self.batch.spans < self.batch_size && !due) || stop.borrow().is_some() {
                     break;
                 }
-                self.export(&mut batch, &mut stop).await;
+                // Before shutdown there is no deadline: the export always ends.
+                let _ = self.export(&mut stop).await;
             }
         }
         loop {
-            batch.fill(&mut rx, self.batch_size);
-            if batch.spans == 0 {
+            self.batch.fill(&mut rx, self.batch_size);
+            if self.batch.spans == 0 {
                 tracing::info!("spans flushed");
                 return;
             }
-            if !self.export(&mut batch, &mut stop).await {
-                let mut lost = batch.spans;
+            if let Err(mut lost) = self.export(&mut stop).await {
                 while let Ok(spans) = rx.try_recv() {
                     lost += spans.count();
                 }
@@ -119,19 +123,14 @@ impl Exporter {
         }
     }
 
-    /// Exports the batch and empties it; `false` when shutdown's deadline passed first.
-    async fn export(
-        &mut self,
-        batch: &mut Batch,
-        stop: &mut watch::Receiver<Option<Instant>>,
-    ) -> bool {
-        let body = self.encoder.encode(&batch.requests);
+    /// Exports the batch and empties it; `Err` with its spans when shutdown's deadline
+    /// passed first.
+    async fn export(&mut self, stop: &mut watch::Receiver<Option<Instant>>) -> Result<(), u64> {
+        let (body, spans) = self.batch.take();
         let post = self.collector.post(body);
         let Some(result) = until_deadline(stop, post).await else {
-            return false;
+            return Err(spans);
         };
-        let spans = batch.spans;
-        batch.clear();
         match result {
             Ok(answer) => {
                 let rejected = rejected(&answer).min(spans);
@@ -146,7 +145,7 @@ impl Exporter {
                 tracing::warn!(url = %self.collector.url(), spans, error, "span export failed");
             }
         }
-        true
+        Ok(())
     }
 }
 
@@ -181,10 +180,11 @@ fn rejected(answer: &Bytes) -> u64 {
         .map_or(0, |p| p.rejected_spans.max(0) as u64)
 }
 
-/// Requests taken off the queue, waiting for their export.
-#[derive(Default)]
+/// The batch being built. A request taken off the queue is encoded at once, so a batch's
+/// encoding is spread over the ticks that filled it (a worker sharing the CPU never waits
+/// behind a whole batch's) and its record is freed as soon as it is taken.
 struct Batch {
-    requests: Vec<RequestSpans>,
+    encoder: Encoder,
     spans: u64,
     /// When the first of them was taken.
     since: Option<Instant>,
@@ -197,18 +197,18 @@ impl Batch {
             let Ok(request) = rx.try_recv() else { return };
             self.since.get_or_insert_with(Instant::now);
             self.spans += request.count();
-            self.requests.push(request);
+            self.encoder.push(&request);
         }
     }
 
-    fn clear(&mut self) {
-        self.requests.clear();
-        self.spans = 0;
+    /// The encoded batch and its spans; the batch is empty after.
+    fn take(&mut self) -> (Bytes, u64) {
         self.since = None;
+        (self.encoder.finish(), std::mem::take(&mut self.spans))
     }
 }
 
-/// Encodes a batch as one protobuf `ExportTraceServiceRequest`, a span at a time.
+/// Encodes a batch as one protobuf `ExportTraceServiceRequest`, a request at a time.
 ///
 /// prost writes a nested message's length before its fields, so encoding the request as one
 /// message walks every span once per enclosing level to size it (six walks for an attribute
@@ -223,6 +223,8 @@ struct Encoder {
     server: Span,
     client: Span,
     internal: Span,
+    /// The body being built: room for the head, then the spans so far.
+    body: Vec<u8>,
     /// The previous body's size: the next is likely alike.
     last_len: usize,
 }
@@ -315,32 +317,44 @@ impl Encoder {
             server: Span::default(),
             client: Span::default(),
             internal: Span::default(),
+            body: Vec::new(),
             last_len: 0,
         }
     }
 
-    fn encode(&mut self, requests: &[RequestSpans]) -> Bytes {
-        let room = self.envelope.room();
-        let mut body = Vec::with_capacity(room + self.last_len);
-        body.resize(room, 0);
+    /// Encodes a request's spans into the body.
+    fn push(&mut self, r: &RequestSpans) {
+        let body = &mut self.body;
+        if body.is_empty() {
+            let room = self.envelope.room();
+            body.reserve(room + self.last_len);
+            body.resize(room, 0);
+        }
         let key = &self.envelope.spans;
         let put = |span: &Span, body: &mut Vec<u8>| {
             body.extend_from_slice(key);
             span.encode_length_delimited(body).expect("a Vec grows");
         };
-        for r in requests {
-            server_span(r, &mut self.server);
-            put(&self.server, &mut body);
-            if let Some(call) = &r.upstream {
-                upstream_span(r, call, &mut self.client);
-                put(&self.client, &mut body);
-            }
-            for m in &r.internal {
-                internal_span(r, m, &mut self.internal);
-                put(&self.internal, &mut body);
-            }
+        server_span(r, &mut self.server);
+        put(&self.server, body);
+        if let Some(call) = &r.upstream {
+            upstream_span(r, call, &mut self.client);
+            put(&self.client, body);
         }
-        self.last_len = body.len() - room;
+        for m in &r.internal {
+            internal_span(r, m, &mut self.internal);
+            put(&self.internal, body);
+        }
+    }
+
+    /// The request of the spans pushed since the last call; the next body starts empty.
+    fn finish(&mut self) -> Bytes {
+        let mut body = std::mem::take(&mut self.body);
+        let room = self.envelope.room();
+        self.last_len = body.len().saturating_sub(room);
+        if body.is_empty() {
+            body.resize(room, 0);
+        }
         let start = self.envelope.close(&mut body, room);
         Bytes::from(body).slice(start..)
     }
@@ -599,9 +613,14 @@ mod tests {
         }
     }
 
-    /// The batch's spans, after checking the body is exactly prost's encoding of the request
-    /// it decodes to (so the envelope written around the spans is prost's too).
-    fn decode(body: Bytes) -> Vec<Span> {
+    /// The spans of a batch of `requests`, after checking the body is exactly prost's
+    /// encoding of the request it decodes to (so the envelope written around the spans is
+    /// prost's too).
+    fn encode(encoder: &mut Encoder, requests: &[RequestSpans]) -> Vec<Span> {
+        for r in requests {
+            encoder.push(r);
+        }
+        let body = encoder.finish();
         let mut request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
         assert_eq!(request.encode_to_vec(), body);
         let mut scopes = request.resource_spans.remove(0).scope_spans;
@@ -620,7 +639,7 @@ mod tests {
             attributes: vec![],
         });
         let mut encoder = Encoder::new(resource, otlp::scope());
-        let spans = decode(encoder.encode(&[request("/a", true), request("/b", true)]));
+        let spans = encode(&mut encoder, &[request("/a", true), request("/b", true)]);
         assert_eq!(spans.len(), 6);
         assert_eq!(spans[0].name, "GET /a");
         assert_eq!(
@@ -653,7 +672,7 @@ mod tests {
         // A smaller, plainer batch into the same messages: no stale attribute, status, parent
         // or span survives.
         let plain = request("/c", false);
-        let spans = decode(encoder.encode(std::slice::from_ref(&plain)));
+        let spans = encode(&mut encoder, std::slice::from_ref(&plain));
         assert_eq!(spans.len(), 1);
         let s = &spans[0];
         assert_eq!(s.name, "GET /c");
@@ -679,13 +698,15 @@ mod tests {
             &Some(any_value::Value::StringValue("10.0.0.1".into()))
         );
         // And bigger again: the spare spans come back.
-        let spans = decode(encoder.encode(&[request("/d", true), request("/e", false)]));
+        let spans = encode(&mut encoder, &[request("/d", true), request("/e", false)]);
         assert_eq!(spans.len(), 4);
         assert_eq!(spans[3].name, "GET /e");
         // A batch past 16 KiB: the enclosing lengths take three bytes each.
         let many: Vec<_> = (0..100).map(|i| request(&format!("/{i}"), true)).collect();
-        let spans = decode(encoder.encode(&many));
+        let spans = encode(&mut encoder, &many);
         assert_eq!(spans.len(), 300);
         assert_eq!(spans[297].name, "GET /99");
+        // And none: still a well-formed request.
+        assert!(encode(&mut encoder, &[]).is_empty());
     }
 }
