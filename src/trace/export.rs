@@ -2,6 +2,7 @@
 //! them into OTLP protobuf messages and POSTs them to `<endpoint>/v1/traces`.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use prometheus_client::metrics::counter::Counter;
 use prost::encoding::{encode_varint, encoded_len_varint};
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::otlp;
@@ -25,9 +26,12 @@ use crate::client::collector::{Collector, Retries};
 use crate::config::tracing::TracingConfig;
 use crate::metrics::Metrics;
 
-/// How often the queue is polled. It is polled rather than woken: a wake per request would
-/// cost the worker a syscall to unpark the control thread.
-const TICK: Duration = Duration::from_millis(10);
+/// How often a busy exporter takes what is queued (at most; sooner when the queue fills, or
+/// at `flush_interval` if that is shorter). The queue is polled rather than woken per
+/// request: a wake costs the worker a syscall and the control thread a wake-up, and every
+/// wake-up of an idle CPU costs tens of microseconds on a VM. An idle exporter sleeps until
+/// a record arrives.
+const TICK: Duration = Duration::from_millis(50);
 /// Export attempts after the first, and the first wait (doubled each time, with jitter):
 /// about 6 s of retrying before a batch is given up, while new spans queue behind it.
 const RETRIES: Retries = Retries {
@@ -76,18 +80,33 @@ impl Exporter {
     /// Exports batches of up to `batch_size` spans, each sent at most `flush_interval` after
     /// its first span was queued, until `stop` names a deadline; then exports what is left
     /// until the deadline.
+    ///
+    /// With nothing queued or batched it waits for the first record (one wake per idle
+    /// spell, none while idle); otherwise it takes what is queued every tick, or as soon as
+    /// the recorder says the queue is `filling`.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<RequestSpans>,
         mut stop: watch::Receiver<Option<Instant>>,
+        filling: Arc<Notify>,
     ) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tick = TICK.min(self.flush_interval);
         while stop.borrow().is_none() {
+            if self.batch.spans == 0 {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    request = rx.recv() => match request {
+                        Some(request) => self.batch.push(request),
+                        None => break,
+                    },
+                }
+            }
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = tick.tick() => {}
+                _ = filling.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
             }
             // Full batches go out back to back while the queue holds more.
             loop {
@@ -195,10 +214,14 @@ impl Batch {
     fn fill(&mut self, rx: &mut mpsc::Receiver<RequestSpans>, size: u64) {
         while self.spans < size {
             let Ok(request) = rx.try_recv() else { return };
-            self.since.get_or_insert_with(Instant::now);
-            self.spans += request.count();
-            self.encoder.push(&request);
+            self.push(request);
         }
+    }
+
+    fn push(&mut self, request: RequestSpans) {
+        self.since.get_or_insert_with(Instant::now);
+        self.spans += request.count();
+        self.encoder.push(&request);
     }
 
     /// The encoded batch and its spans; the batch is empty after.
@@ -560,15 +583,14 @@ fn internal_span(r: &RequestSpans, m: &super::Internal, span: &mut Span) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
+pub(super) mod tests {
     use http::{HeaderValue, Method};
 
     use super::*;
     use crate::trace::{Internal, Text, TraceId, UpstreamCall};
 
-    fn request(path: &str, full: bool) -> RequestSpans {
+    /// A recorded request: a plain one, or (`full`) one with every optional part.
+    pub(in crate::trace) fn request(path: &str, full: bool) -> RequestSpans {
         let host = HeaderValue::from_static("api.example:8443");
         let agent = HeaderValue::from_static("probe/1");
         RequestSpans {

@@ -8,8 +8,9 @@
 //! event names them. Only a sampled request is recorded: at its end its facts are copied
 //! into one [`RequestSpans`] (its strings into one buffer, so the connection's read buffer
 //! is not held) and offered to a bounded queue with `try_send`. The exporter task, on the
-//! control thread, polls that queue, builds the protobuf messages, and POSTs batches with
-//! the shared outbound client; a full queue drops spans and counts them.
+//! control thread, takes from that queue (every tick while there is work, sleeping while
+//! there is none), encodes the protobuf, and POSTs batches with the shared outbound
+//! client; a full queue drops spans and counts them.
 
 pub mod context;
 mod export;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method};
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 pub use context::{Parent, SpanId, TraceId};
@@ -38,6 +39,10 @@ pub struct Tracer {
     /// (the OpenTelemetry `TraceIdRatioBased` rule, so any component decides alike).
     threshold: u64,
     queue: mpsc::Sender<RequestSpans>,
+    /// Woken when the queue holds `filling_at` requests, so a burst is taken before the
+    /// exporter's next tick would find the queue full.
+    filling: Arc<Notify>,
+    filling_at: usize,
     dropped: Counter,
     warned_full: AtomicBool,
     /// Set to the deadline by [`Tracer::shutdown`]: export what is left by then.
@@ -51,11 +56,14 @@ impl Tracer {
     pub fn start(config: &TracingConfig, metrics: &Metrics, shards: usize) -> Arc<Tracer> {
         let (queue, rx) = mpsc::channel(config.queue_capacity);
         let (stop, stopped) = watch::channel(None);
+        let filling = Arc::new(Notify::new());
         let exporter = export::Exporter::new(config, metrics, shards);
-        let task = tokio::spawn(exporter.run(rx, stopped));
+        let task = tokio::spawn(exporter.run(rx, stopped, Arc::clone(&filling)));
         Arc::new(Tracer {
             threshold: (config.sample_ratio * (1u64 << 63) as f64) as u64,
             queue,
+            filling,
+            filling_at: (config.queue_capacity / 4).max(1),
             dropped: metrics.trace_spans("dropped"),
             warned_full: AtomicBool::new(false),
             stop,
@@ -96,14 +104,18 @@ impl Tracer {
     /// Offers a sampled request's spans to the exporter; never waits: when the queue is
     /// full they are dropped and counted.
     pub fn record(&self, spans: RequestSpans) {
-        if let Err(e) = self.queue.try_send(spans) {
-            let spans = match e {
-                mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
-            };
-            self.dropped.inc_by(spans.count());
-            if !self.warned_full.swap(true, Relaxed) {
-                tracing::warn!("trace export queue full: spans are being dropped (see gatehouse_trace_spans_total{{outcome=\"dropped\"}}; raise tracing.queue_capacity or check the collector)");
+        let spans = match self.queue.try_send(spans) {
+            Ok(()) => {
+                if self.queue.max_capacity() - self.queue.capacity() >= self.filling_at {
+                    self.filling.notify_one();
+                }
+                return;
             }
+            Err(mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s)) => s,
+        };
+        self.dropped.inc_by(spans.count());
+        if !self.warned_full.swap(true, Relaxed) {
+            tracing::warn!("trace export queue full: spans are being dropped (see gatehouse_trace_spans_total{{outcome=\"dropped\"}}; raise tracing.queue_capacity or check the collector)");
         }
     }
 
@@ -278,10 +290,15 @@ mod tests {
     use super::*;
 
     fn tracer(ratio: f64) -> Tracer {
-        let (queue, _) = mpsc::channel(1);
+        tracer_with(ratio, mpsc::channel(1).0, 1)
+    }
+
+    fn tracer_with(ratio: f64, queue: mpsc::Sender<RequestSpans>, filling_at: usize) -> Tracer {
         Tracer {
             threshold: (ratio * (1u64 << 63) as f64) as u64,
             queue,
+            filling: Arc::new(Notify::new()),
+            filling_at,
             dropped: Counter::default(),
             warned_full: AtomicBool::new(false),
             stop: watch::channel(None).0,
@@ -328,6 +345,30 @@ mod tests {
         // The decision is the trace id's, so every component with the same ratio agrees.
         let id = TraceId([0xff; 16]);
         assert!(!half.samples(id) && tracer(1.0).samples(id));
+    }
+
+    /// The exporter sleeps between ticks: a queue filling up wakes it before it overflows,
+    /// and a full one drops and counts.
+    #[tokio::test]
+    async fn a_filling_queue_wakes_the_exporter_and_a_full_one_drops() {
+        let (queue, _rx) = mpsc::channel(3);
+        let tracer = tracer_with(1.0, queue, 2);
+        let woken = || {
+            let filling = Arc::clone(&tracer.filling);
+            async move {
+                tokio::time::timeout(Duration::ZERO, filling.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        let request = || export::tests::request("/a", true);
+        tracer.record(request());
+        assert!(!woken().await, "one queued request is no reason to wake");
+        tracer.record(request());
+        assert!(woken().await);
+        tracer.record(request());
+        tracer.record(request());
+        assert_eq!(tracer.dropped.get(), 3, "the fourth request's three spans");
     }
 
     #[test]
