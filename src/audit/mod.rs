@@ -584,7 +584,10 @@ mod tests {
             // Long enough for the dispatcher to go idle.
             tokio::time::sleep(DISPATCH_TICK * IDLE_AFTER * 3).await;
             record(&audit, "r1");
-            until("the event after the idle spell", || ids_in(&events).len() == 2).await;
+            until("the event after the idle spell", || {
+                ids_in(&events).len() == 2
+            })
+            .await;
             audit.shutdown(Duration::from_secs(5)).await;
             assert_eq!(ids_in(&events), ["r0", "r1"], "spooled: {spooled}");
         }
