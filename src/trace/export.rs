@@ -264,6 +264,9 @@ struct Envelope {
     scope: Vec<u8>,
     /// The key of `ScopeSpans.spans`.
     spans: Vec<u8>,
+    /// Room for the head at the start of a body: its fixed parts and two lengths of at
+    /// most 10 bytes.
+    room: usize,
     /// Where the head is assembled before it is copied in front of the spans.
     head: Vec<u8>,
 }
@@ -276,7 +279,7 @@ impl Envelope {
             assert_eq!(bytes.pop(), Some(0), "an empty child's length");
             bytes
         }
-        Envelope {
+        let mut envelope = Envelope {
             resource_spans: key(ExportTraceServiceRequest {
                 resource_spans: vec![ResourceSpans::default()],
             }),
@@ -298,22 +301,21 @@ impl Envelope {
                 spans: vec![Span::default()],
                 ..Default::default()
             }),
+            room: 0,
             head: Vec::new(),
-        }
-    }
-
-    /// Room for the head: its fixed parts and two lengths of at most 10 bytes.
-    fn room(&self) -> usize {
-        self.resource_spans.len()
-            + self.resource.len()
-            + self.scope_spans.len()
-            + self.scope.len()
-            + 2 * 10
+        };
+        envelope.room = envelope.resource_spans.len()
+            + envelope.resource.len()
+            + envelope.scope_spans.len()
+            + envelope.scope.len()
+            + 2 * 10;
+        envelope
     }
 
     /// Writes the head right before `body[room..]`, which holds the encoded spans, and
     /// returns where the request starts.
-    fn close(&mut self, body: &mut [u8], room: usize) -> usize {
+    fn close(&mut self, body: &mut [u8]) -> usize {
+        let room = self.room;
         let scope_spans = (self.scope.len() + body.len() - room) as u64;
         let resource_spans = self.resource.len()
             + self.scope_spans.len()
@@ -349,9 +351,8 @@ impl Encoder {
     fn push(&mut self, r: &RequestSpans) {
         let body = &mut self.body;
         if body.is_empty() {
-            let room = self.envelope.room();
-            body.reserve(room + self.last_len);
-            body.resize(room, 0);
+            body.reserve(self.envelope.room + self.last_len);
+            body.resize(self.envelope.room, 0);
         }
         let key = &self.envelope.spans;
         let put = |span: &Span, body: &mut Vec<u8>| {
@@ -373,12 +374,12 @@ impl Encoder {
     /// The request of the spans pushed since the last call; the next body starts empty.
     fn finish(&mut self) -> Bytes {
         let mut body = std::mem::take(&mut self.body);
-        let room = self.envelope.room();
+        let room = self.envelope.room;
         self.last_len = body.len().saturating_sub(room);
         if body.is_empty() {
             body.resize(room, 0);
         }
-        let start = self.envelope.close(&mut body, room);
+        let start = self.envelope.close(&mut body);
         Bytes::from(body).slice(start..)
     }
 }
@@ -719,7 +720,7 @@ pub(super) mod tests {
             address,
             &Some(any_value::Value::StringValue("10.0.0.1".into()))
         );
-        // And bigger again: the spare spans come back.
+        // And bigger again.
         let spans = encode(&mut encoder, &[request("/d", true), request("/e", false)]);
         assert_eq!(spans.len(), 4);
         assert_eq!(spans[3].name, "GET /e");
