@@ -596,9 +596,11 @@ async fn gatehouse_s_own_refusals_come_before_the_chain() {
         "[[middleware]]\ntype = \"request_id\"\n",
     );
     let big = format!("x-big: {}", "a".repeat(2000));
-    let cases: [(&[&str], u16, &str); 4] = [
+    let cases: [(&[&str], u16, &str); 6] = [
         (&["GET", "/a/../admin"], 400, "bad_request"),
         (&["OPTIONS", "*"], 400, "bad_request"),
+        (&["post", "/items"], 400, "lowercase_method"),
+        (&["-H", "Host: app:abc", "GET", "/"], 400, "bad_request"),
         (&["-H", &big, "GET", "/"], 431, "headers_too_large"),
         (
             &[
@@ -635,6 +637,25 @@ async fn gatehouse_s_own_refusals_come_before_the_chain() {
             format!("status {status} (refused by gatehouse: {reason})")
         );
     }
+}
+
+/// `server.underscores_in_headers` holds in `explain` as in the proxy: dropped before the
+/// chain by default, refused with `reject`.
+#[tokio::test]
+async fn underscored_headers_are_explained_as_the_proxy_treats_them() {
+    let chain = "[[middleware]]\ntype = \"request_id\"\n";
+    let (_dir, config) = write_config("", "http://127.0.0.1:9", chain);
+    let report = explain_json(&config, &["-H", "x_auth_subject: admin", "GET", "/"]).await;
+    assert_eq!(report["status"], 200, "{report:#}");
+    let (_dir, config) = write_config(
+        "underscores_in_headers = \"reject\"",
+        "http://127.0.0.1:9",
+        chain,
+    );
+    let report = explain_json(&config, &["-H", "x_auth_subject: admin", "GET", "/"]).await;
+    assert_eq!(report["status"], 400, "{report:#}");
+    assert_eq!(report["deny_reason"], "underscore_in_header");
+    assert_eq!(step(&report, "request_id")["result"], "not_reached");
 }
 
 /// A gRPC call is answered as the proxy answers it: a trailers-only `200` whose

@@ -1,7 +1,8 @@
-//! What an attacker or a careless client tries against the proxy (issue 21's probe):
-//! upgrade smuggling, hop-by-hop headers against the chain, CONNECT, transfer codings,
-//! Host and request-target games, tunnels' records, bounds on the app's connections and on
-//! slow bodies, and the HTTP/2 preface.
+//! What an attacker or a careless client tries against the proxy (two external probes):
+//! upgrade smuggling, an app's unasked-for `101`, hop-by-hop headers against the chain,
+//! CONNECT, lowercase methods, transfer codings, Host, `:authority` and request-target
+//! games, cookie crumbs, request trailers, underscored headers, tunnels' records, bounds on
+//! the app's connections and on slow bodies, and the HTTP/2 preface.
 mod common;
 
 use common::*;
@@ -506,4 +507,357 @@ async fn a_streamed_body_over_the_limit_aborts_the_apps_request() {
         "the app got a whole body over the limit ({bytes} bytes)"
     );
     assert!(bytes < 64 << 10, "{bytes} bytes reached the app");
+}
+
+/// An app that answers every request `101 Switching Protocols`, asked or not, and then
+/// echoes whatever comes on the connection as raw bytes; returns its URL and a channel of
+/// every request head and raw chunk it saw.
+async fn always_switching_app() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(head) = read_http_head(&mut stream, &mut buf).await else {
+                    return;
+                };
+                let _ = tx.send(head);
+                let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\n";
+                if stream.write_all(switched).await.is_err() {
+                    return;
+                }
+                let mut piece = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut piece).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&piece[..n]).into_owned());
+                    if stream.write_all(&piece[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn an_apps_unasked_for_101_is_a_502_and_opens_no_tunnel_past_the_chain() {
+    let (url, mut seen) = always_switching_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let gh = Gatehouse::start(
+        &config(
+            "",
+            "",
+            &format!(
+                r#"
+[[middleware]]
+type = "api_key"
+paths = ["/items/**"]
+keys = [{{ id = "ci", key = "k" }}]
+
+[audit]
+flush_interval = "10ms"
+[[audit.sinks]]
+type = "file"
+path = "{}"
+"#,
+                events.display()
+            ),
+        ),
+        &[("upstream", &url)],
+    )
+    .await;
+    // HTTP/1.1: the 101 is refused, and the client connection stays HTTP through the chain.
+    let mut stream = TcpStream::connect(gh.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /public HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head = within(STEP, "the answer", read_http_head(&mut stream, &mut buf))
+        .await
+        .expect("an answer");
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    let first = within(STEP, "the app's head", seen.recv()).await.unwrap();
+    assert!(first.starts_with("get /public"), "{first}");
+    stream
+        .write_all(b"GET /items/7 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (rest, _) = read_until_closed(&mut stream, STEP).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("HTTP/1.1 401"),
+        "the key is still asked for: {rest}"
+    );
+    // HTTP/2 clients never see a 101 either.
+    let resp = h2_send(gh.port, "GET", "/public", empty()).await;
+    resp.assert_gatehouse_error(502, "bad_gateway");
+    let second = within(STEP, "the app's head", seen.recv()).await.unwrap();
+    assert!(second.starts_with("get /public"), "{second}");
+    // Nothing but the two heads reached the app: no tunnelled bytes, no third request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(seen.try_recv().is_err(), "something went past the chain");
+    let events = wait_for_events(&events, 3).await;
+    let outcomes: Vec<(u64, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["status"].as_u64().unwrap(),
+                e["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(outcomes, [(502, "error"), (401, "deny"), (502, "error")]);
+}
+
+#[tokio::test]
+async fn a_lowercase_method_is_refused_before_the_chain_on_both_protocols() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let (up, gh) = proxy_with(
+        "",
+        "",
+        &format!(
+            r#"
+[[middleware]]
+type = "api_key"
+methods = ["POST", "DELETE"]
+keys = [{{ id = "ci", key = "k" }}]
+
+[audit]
+flush_interval = "10ms"
+[[audit.sinks]]
+type = "file"
+path = "{}"
+"#,
+            events.display()
+        ),
+    )
+    .await;
+    let (status, text) = raw_status(
+        gh.port,
+        b"post /items/7 HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"error\":\"bad_request\""), "{text}");
+    let resp = h2_send(gh.port, "delete", "/items/7", empty()).await;
+    resp.assert_gatehouse_error(400, "bad_request");
+    assert_eq!(up.request_count(), 0);
+    let events = wait_for_events(&events, 2).await;
+    for event in &events {
+        assert_eq!(event["deny_reason"], "lowercase_method", "{event}");
+        assert_eq!(event["denied_by"], serde_json::Value::Null, "{event}");
+    }
+    // Upper case still goes through the scope.
+    let resp = send(gh.port, request("POST", "/items/7").body(empty()).unwrap()).await;
+    resp.assert_gatehouse_error(401, "unauthorized");
+}
+
+#[tokio::test]
+async fn http2_cookie_crumbs_reach_an_http1_app_as_one_cookie() {
+    let (_up, gh) = proxy_with("", "", "").await;
+    let mut sender = h2_connect(gh.port).await;
+    let req = request("GET", &format!("http://127.0.0.1:{}/echo", gh.port))
+        .header("cookie", "session=abc")
+        .header("cookie", "csrf=xyz")
+        .header("cookie", "theme=dark")
+        .body(empty())
+        .unwrap();
+    let resp = collect(sender.send_request(req).await.unwrap()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        resp.upstream_headers()["cookie"],
+        ["session=abc; csrf=xyz; theme=dark"]
+    );
+}
+
+/// A body of frames sent in turn.
+struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// A body of `data` followed by `trailers`.
+fn with_trailers(data: &'static str, trailers: &[(&str, &str)]) -> Body {
+    let mut fields = http::HeaderMap::new();
+    for (name, value) in trailers {
+        fields.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let frames = [
+        http_body::Frame::data(bytes::Bytes::from(data)),
+        http_body::Frame::trailers(fields),
+    ];
+    http_body_util::BodyExt::boxed(Frames(frames.into()))
+}
+
+#[tokio::test]
+async fn request_trailers_never_carry_what_the_head_may_not_or_the_chain_owns() {
+    let (_up, gh) = proxy_with(
+        "",
+        "",
+        r#"
+[[middleware]]
+type = "request_id"
+
+[[middleware]]
+type = "headers"
+request = { set = { "x-env" = "prod" }, remove = ["x-debug"] }
+
+[[middleware]]
+type = "api_key"
+keys = [{ id = "ci", key = "k" }]
+"#,
+    )
+    .await;
+    let sneaked = [
+        ("host", "evil.example"),
+        ("authorization", "Bearer forged"),
+        ("content-length", "999"),
+        ("cookie", "admin=1"),
+        ("x-env", "dev"),
+        ("x-debug", "1"),
+        ("x-api-key", "k"),
+        ("x-request-id", "forged"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x_auth_subject", "admin"),
+        ("x-checksum", "abc123"),
+    ];
+    // HTTP/1.1, chunked with a trailer section.
+    let mut raw = String::from(
+        "POST /echo HTTP/1.1\r\nHost: app\r\nx-api-key: k\r\nTE: trailers\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n",
+    );
+    for (name, value) in sneaked {
+        raw.push_str(&format!("{name}: {value}\r\n"));
+    }
+    raw.push_str("\r\n");
+    let (status, text) = raw_status(gh.port, raw.as_bytes()).await;
+    assert_eq!(status, 200, "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["body"], "hello");
+    assert_eq!(
+        json["trailers"],
+        serde_json::json!({"x-checksum": ["abc123"]})
+    );
+    // HTTP/2 request trailers, the same rules.
+    let mut sender = h2_connect(gh.port).await;
+    let req = request("POST", &format!("http://127.0.0.1:{}/echo", gh.port))
+        .header("x-api-key", "k")
+        .body(with_trailers("hello", &sneaked))
+        .unwrap();
+    let resp = collect(sender.send_request(req).await.unwrap()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let json = resp.json();
+    assert_eq!(json["body"], "hello");
+    assert_eq!(
+        json["trailers"],
+        serde_json::json!({"x-checksum": ["abc123"]})
+    );
+}
+
+#[tokio::test]
+async fn host_authority_and_path_rules_of_the_third_probe() {
+    let (up, gh) = proxy_with("", "", "").await;
+    for raw in [
+        &b"GET /echo HTTP/1.1\r\nHost: app:abc\r\n\r\n"[..],
+        b"GET /echo HTTP/1.1\r\nHost: app:\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost:\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: user:pw@app\r\n\r\n",
+    ] {
+        let (status, text) = raw_status(gh.port, raw).await;
+        assert_eq!(status, 400, "{}: {text}", String::from_utf8_lossy(raw));
+    }
+    assert_eq!(up.request_count(), 0);
+    // An absolute-form target with an empty path asks for `/`.
+    let (status, text) = raw_status(
+        gh.port,
+        b"GET http://app.example?a=1 HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["uri"], "/?a=1");
+    // HTTP/2: user info in `:authority`, a port that is no number, a `:path` without `/`.
+    let mut sender = h2_connect(gh.port).await;
+    for uri in [
+        "http://user:pw@app.example/echo"
+            .parse::<http::Uri>()
+            .unwrap(),
+        "http://app.example:abc/echo".parse().unwrap(),
+        http::Uri::from_parts({
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some("app.example".parse().unwrap());
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("?a=1"));
+            parts
+        })
+        .unwrap(),
+    ] {
+        let req = request("GET", "/").uri(uri.clone()).body(empty()).unwrap();
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                collect(resp)
+                    .await
+                    .assert_gatehouse_error(400, "bad_request");
+            }
+            // A client library may refuse to send it at all, which is as good.
+            Err(e) => eprintln!("{uri}: the client refused to send it: {e}"),
+        }
+    }
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn underscored_headers_are_dropped_by_default_refused_or_allowed_as_configured() {
+    let sneaky = |port| {
+        request("GET", &format!("http://127.0.0.1:{port}/echo"))
+            .header("x_auth_subject", "admin")
+            .header("x-auth-subject", "someone")
+            .body(empty())
+            .unwrap()
+    };
+    let (_up, gh) = proxy_with("", "", "").await;
+    let resp = send(gh.port, sneaky(gh.port)).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = resp.upstream_headers();
+    assert!(!seen.contains_key("x_auth_subject"), "{seen:?}");
+    assert_eq!(seen["x-auth-subject"], ["someone"]);
+    let mut sender = h2_connect(gh.port).await;
+    let resp = collect(sender.send_request(sneaky(gh.port)).await.unwrap()).await;
+    assert!(!resp.upstream_headers().contains_key("x_auth_subject"));
+
+    let (up, gh) = proxy_with("underscores_in_headers = \"reject\"", "", "").await;
+    send(gh.port, sneaky(gh.port))
+        .await
+        .assert_gatehouse_error(400, "bad_request");
+    let mut sender = h2_connect(gh.port).await;
+    collect(sender.send_request(sneaky(gh.port)).await.unwrap())
+        .await
+        .assert_gatehouse_error(400, "bad_request");
+    assert_eq!(up.request_count(), 0);
+
+    let (_up, gh) = proxy_with("underscores_in_headers = \"allow\"", "", "").await;
+    let resp = send(gh.port, sneaky(gh.port)).await;
+    assert_eq!(resp.upstream_headers()["x_auth_subject"], ["admin"]);
 }

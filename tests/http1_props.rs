@@ -34,7 +34,7 @@ fn bytes(alphabet: &'static [u8], len: usize) -> impl Strategy<Value = Vec<u8>> 
     prop_oneof![vec(any::<u8>(), 0..len), vec(select(alphabet), 0..len)]
 }
 
-const HEAD_ALPHABET: &[u8] = b"GET / HTTP/1.0\r\n:Host,chunked0 \t";
+const HEAD_ALPHABET: &[u8] = b"GET / HTTP/1.0\r\n:Host,chunked0 \t_?";
 const CHUNK_ALPHABET: &[u8] = b"0123456789abcdefABCDEF;= \t\r\n:x\"";
 
 /// Well-formed field lines that decide framing or persistence, or are hop-by-hop, for
@@ -56,6 +56,11 @@ const FIELDS: &[&str] = &[
     "Transfer-Encoding: ,",
     "Host: b:8080",
     "Host: user@a",
+    "Host: b:abc",
+    "Host: b:",
+    "Host:",
+    "Host: [::1]:80",
+    "x_auth_subject: a",
     "Connection: close",
     "Connection: keep-alive",
     "Connection: Upgrade",
@@ -260,11 +265,15 @@ fn host() -> impl Strategy<Value = String> {
 fn request_lines() -> impl Strategy<Value = Vec<Vec<u8>>> {
     let method = select(
         &[
-            "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "X-PURGE",
+            "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "X-PURGE", "post",
+            "Delete", "x-purge",
         ][..],
     );
-    let target =
-        prop_oneof![3 => origin_target(), 1 => host().prop_map(|h| format!("http://{h}/p?q"))];
+    let target = prop_oneof![
+        3 => origin_target(),
+        1 => host().prop_map(|h| format!("http://{h}/p?q")),
+        1 => host().prop_map(|h| format!("http://{h}?q")),
+    ];
     let framing = select(
         &[
             "",

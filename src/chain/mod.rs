@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{request, response, Method, Response, StatusCode};
+use http::{request, response, HeaderName, Method, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 
 pub use context::{Context, CorsVerdict, Quota};
@@ -95,6 +95,13 @@ pub trait Middleware: Send + Sync + 'static {
     /// Response phase: runs only if this middleware's request phase ran and let the request
     /// through, for upstream responses and for answers of later middlewares alike.
     fn on_response(&self, _resp: &mut response::Parts, _ctx: &mut Context) {}
+
+    /// The request header fields the request phase sets or removes. A request trailer
+    /// never carries one of them to the app: it could undo the phase there (a stripped
+    /// key put back, a forged subject header).
+    fn request_fields(&self) -> Vec<HeaderName> {
+        Vec::new()
+    }
 
     /// What the request phase would ask outside gatehouse about this request (Redis, an
     /// auth service, a JWKS URL), in words for an operator; `None` when it decides from
@@ -210,6 +217,8 @@ pub struct Chain {
     rejections: Box<[ByStatus]>,
     /// `gatehouse_fail_open_total{middleware}` handles, per link, resolved on first use.
     fail_opens: Box<[OnceLock<Counter>]>,
+    /// Every [`Middleware::request_fields`] of the chain.
+    request_fields: Box<[HeaderName]>,
 }
 
 impl Chain {
@@ -224,7 +233,14 @@ impl Chain {
             .enumerate()
             .filter(|(_, l)| l.middleware.inspects_body())
             .fold(0, |mask, (i, _)| mask | 1 << i);
+        let mut request_fields: Vec<HeaderName> = links
+            .iter()
+            .flat_map(|l| l.middleware.request_fields())
+            .collect();
+        request_fields.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        request_fields.dedup();
         Chain {
+            request_fields: request_fields.into(),
             rejections: links.iter().map(|_| ByStatus::new(400)).collect(),
             fail_opens: links.iter().map(|_| OnceLock::new()).collect(),
             links: links.into(),
@@ -298,6 +314,11 @@ impl Chain {
             }
         }
         None
+    }
+
+    /// Whether a middleware of the chain sets or removes the request header `name`.
+    pub fn sets_request_field(&self, name: &HeaderName) -> bool {
+        self.request_fields.contains(name)
     }
 
     /// The middlewares whose body phase a request's body goes through: those with one

@@ -43,6 +43,11 @@ pub enum Reason {
     BackendUnavailable,
     /// A malformed request (HTTP syntax, Host, path with dot-segments).
     BadRequest,
+    /// A method with a lowercase letter: apps upper-case methods, so it would slip past a
+    /// `methods` scope and still run the handler of the upper-case one.
+    LowercaseMethod,
+    /// A header name with an `_`, under `server.underscores_in_headers = "reject"`.
+    UnderscoreInHeader,
     HeadersTooLarge,
     /// A transfer coding gatehouse does not forward.
     NotImplemented,
@@ -78,6 +83,8 @@ impl Reason {
             Reason::AuthServiceUnavailable => "auth_service_unavailable",
             Reason::BackendUnavailable => "backend_unavailable",
             Reason::BadRequest => "bad_request",
+            Reason::LowercaseMethod => "lowercase_method",
+            Reason::UnderscoreInHeader => "underscore_in_header",
             Reason::HeadersTooLarge => "headers_too_large",
             Reason::NotImplemented => "not_implemented",
             Reason::Draining => "draining",

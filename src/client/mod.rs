@@ -235,12 +235,17 @@ impl Endpoint {
 
     /// Sends a request and waits (until `deadline`) for the response head. `encode` writes
     /// the head for the body's framing (it may be called again if a stale pooled
-    /// connection forces a retry). Returns the answer and when it came: the caller's clock
-    /// reads serve the pool and the timeout too, instead of each reading its own.
+    /// connection forces a retry). `upgrade`: the request asks to switch protocols, so a
+    /// `101` hands the connection over; to any other request a `101` is an invalid answer
+    /// (the connection is closed), or the app could open a tunnel past the chain. Returns
+    /// the answer and when it came: the caller's clock reads serve the pool and the
+    /// timeout too, instead of each reading its own.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send<B, F>(
         &self,
         shard: usize,
         method: &Method,
+        upgrade: bool,
         encode: F,
         body: &mut B,
         sent: Instant,
@@ -251,7 +256,7 @@ impl Endpoint {
         F: Fn(Framing, &mut Vec<u8>),
     {
         let result = self
-            .exchange(shard, method, encode, body, sent, deadline)
+            .exchange(shard, method, upgrade, encode, body, sent, deadline)
             .await;
         let answered = Instant::now();
         let result = result.map(|(head, conn)| {
@@ -266,10 +271,12 @@ impl Endpoint {
     }
 
     /// Sends the request on a pooled (or new) connection and reads the response head.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange<B, F>(
         &self,
         shard: usize,
         method: &Method,
+        upgrade: bool,
         encode: F,
         body: &mut B,
         sent: Instant,
@@ -302,7 +309,7 @@ impl Endpoint {
             };
             conn.out.clear();
             encode(framing, &mut conn.out);
-            let exchange = conn.exchange(method, framing, body);
+            let exchange = conn.exchange(method, upgrade, framing, body);
             let head = match tokio::time::timeout_at(deadline, exchange).await {
                 Err(_) => return Err(Error::Timeout),
                 Ok(Ok(head)) => head,
@@ -427,15 +434,22 @@ impl Endpoint {
         let now = Instant::now();
         let exchange = async {
             let (answer, _) = self
-                .send(shard, &parts.method, encode, &mut body, now, now + timeout)
+                .send(
+                    shard,
+                    &parts.method,
+                    false,
+                    encode,
+                    &mut body,
+                    now,
+                    now + timeout,
+                )
                 .await;
             let answer = answer.map_err(|e| match e {
                 Error::Timeout => format!("no answer within {timeout:?}"),
                 e => e.to_string(),
             });
-            let (head, body) = match answer? {
-                Answer::Response(head, body) => (head, body),
-                Answer::Upgrade(..) => return Err("unexpected 101 Switching Protocols".into()),
+            let Answer::Response(head, body) = answer? else {
+                unreachable!("a request that asks for no upgrade is never answered with one")
             };
             let bytes = Limited::new(body, max_body)
                 .collect()
@@ -531,6 +545,7 @@ impl Conn {
     async fn exchange<B>(
         &mut self,
         method: &Method,
+        upgrade: bool,
         framing: Framing,
         body: &mut B,
     ) -> Result<http1::response::Head, Failure>
@@ -546,7 +561,7 @@ impl Conn {
                 // The peer may have answered early (e.g. 401 to an upload it will not
                 // read) and closed: its response, if complete, is still the right answer.
                 Err(Error::Reset(e)) => {
-                    return match self.read_head(method).await {
+                    return match self.read_head(method, upgrade).await {
                         Ok(head) => Ok(head),
                         Err(_) => Err(Failure::Fatal(Error::Reset(e))),
                     };
@@ -555,7 +570,7 @@ impl Conn {
             }
         }
         let replayable = framing == Framing::Empty && is_idempotent(method);
-        match self.read_head(method).await {
+        match self.read_head(method, upgrade).await {
             Err(Failure::Stale(e)) if !replayable => Err(Failure::Fatal(Error::Reset(e))),
             other => other,
         }
@@ -594,17 +609,25 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads until a final response head (1xx other than 101 are skipped).
-    async fn read_head(&mut self, method: &Method) -> Result<http1::response::Head, Failure> {
+    /// Reads until a final response head (1xx other than 101 are skipped); a `101` is one
+    /// only when the request asked to `upgrade`.
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        upgrade: bool,
+    ) -> Result<http1::response::Head, Failure> {
         let mut received = !self.read.is_empty();
         loop {
             match http1::response::parse(&mut self.read, method) {
-                Ok(Some(head))
-                    if head.parts.status.is_informational()
-                        && head.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
-                {
-                    continue
+                Ok(Some(head)) if head.parts.status == StatusCode::SWITCHING_PROTOCOLS => {
+                    return match upgrade {
+                        true => Ok(head),
+                        false => Err(Failure::Fatal(Error::Invalid(
+                            "101 Switching Protocols to a request that asked for no upgrade",
+                        ))),
+                    };
                 }
+                Ok(Some(head)) if head.parts.status.is_informational() => continue,
                 Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
                 Err(e) => return Err(Failure::Fatal(Error::Invalid(e.0))),

@@ -94,6 +94,9 @@ pub struct ServerConfig {
     /// the app; any other upgrade (h2c, say) is ignored and the request served as usual.
     #[serde(default = "defaults::upgrades")]
     pub upgrades: Vec<String>,
+    /// What becomes of a request header whose name has an `_`.
+    #[serde(default)]
+    pub underscores_in_headers: Underscores,
     /// Present: the public listener terminates TLS.
     pub tls: Option<TlsConfig>,
 }
@@ -143,6 +146,19 @@ pub struct UpstreamConfig {
     /// What gatehouse speaks to the app.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+}
+
+/// `server.underscores_in_headers`. WSGI, CGI and PHP map `x_auth_subject` and
+/// `x-auth-subject` to one variable, so a client's underscored twin could shadow a header
+/// the chain set: by default it is dropped before the chain (nginx's rule); `reject`
+/// answers `400`, `allow` keeps it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Underscores {
+    #[default]
+    Drop,
+    Reject,
+    Allow,
 }
 
 /// `upstream.protocol`: HTTP/1.1, or HTTP/2 with prior knowledge (what gRPC apps serve).

@@ -509,8 +509,8 @@ async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> R
     // A gRPC call is answered with a gRPC status, as the proxy would.
     let grpc = grpc::is_grpc(&parts.headers);
     let uri = parts.uri.clone();
-    let admitted =
-        Proxy::check(&mut parts).and_then(|()| path::normalize(uri.path()).map_err(Reject::from));
+    let admitted = Proxy::check(&mut parts, config.server.underscores_in_headers)
+        .and_then(|()| path::normalize(uri.path()).map_err(Reject::from));
     let (answer, refused) = match admitted {
         Err(reject) => {
             let refusal = Refusal::from(&reject);

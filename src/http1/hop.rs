@@ -110,6 +110,42 @@ pub fn field(name: &HeaderName) -> Field {
     }
 }
 
+/// Whether `name` may travel as a request trailer field at all (RFC 9110 §6.5.1): not a
+/// hop-by-hop one, nor one that frames or routes the message, authenticates it, carries
+/// cookies, modifies the request (controls, conditionals, ranges), describes the content,
+/// or that gatehouse itself sets on the head (`x-forwarded-*`, trace context).
+pub fn may_be_trailer(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name)
+        && !matches!(
+            name.as_str(),
+            "content-length"
+                | "content-type"
+                | "content-encoding"
+                | "content-range"
+                | "host"
+                | "authorization"
+                | "cookie"
+                | "set-cookie"
+                | "www-authenticate"
+                | "cache-control"
+                | "expect"
+                | "max-forwards"
+                | "pragma"
+                | "range"
+                | "if-match"
+                | "if-none-match"
+                | "if-modified-since"
+                | "if-unmodified-since"
+                | "if-range"
+                | "forwarded"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | "traceparent"
+                | "tracestate"
+        )
+}
+
 /// Whether `name` is on the fixed hop-by-hop list.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)

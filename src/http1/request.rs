@@ -117,6 +117,7 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
     let mut length: Option<u64> = None;
     let mut codings: Option<Codings> = None;
     let mut hosts = 0usize;
+    let mut empty_host = false;
     let mut upgrade = None;
     let mut expect_continue = false;
     let mut trailers = false;
@@ -140,7 +141,9 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
             }
             Field::Host => {
                 hosts += 1;
-                if !is_host(value.as_bytes()) {
+                // Empty is allowed only where no host is needed: see below.
+                empty_host = value.is_empty();
+                if !empty_host && !is_host(value.as_bytes()) {
                     return Err(invalid(BAD, "the Host header is not a valid host"));
                 }
             }
@@ -180,11 +183,17 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
         return Err(invalid(BAD, "the request has more than one Host header"));
     }
     // RFC 9112 §3.2.2: an absolute-form target's authority is the host, whatever `Host` said.
-    if let Some(authority) = uri.authority() {
-        let value = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| invalid(BAD, "the request target is invalid"))?;
-        headers.insert(HOST, value);
-    }
+    let uri = match uri.authority() {
+        Some(authority) => {
+            let value = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| invalid(BAD, "the request target is invalid"))?;
+            headers.insert(HOST, value);
+            root_path(uri)
+        }
+        // An origin-form target's host is `Host`'s: an empty one names none.
+        None if empty_host => return Err(invalid(BAD, "the Host header is empty")),
+        None => uri,
+    };
 
     let framing = match (codings, length) {
         (Some(_), Some(_)) => {
@@ -239,6 +248,23 @@ fn names_a_version(buf: &[u8]) -> bool {
         if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
+/// An absolute-form target with an empty path (`http://a?q=1`) asks for `/` (RFC 9110
+/// §4.2.3): written as it is, its request line to the app would be invalid.
+fn root_path(uri: Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(p) if !p.as_str().starts_with('/') => {
+            let mut parts = uri.into_parts();
+            let rooted = format!(
+                "/{}",
+                parts.path_and_query.as_ref().map_or("", |p| p.as_str())
+            );
+            parts.path_and_query = Some(rooted.parse().expect("a path and query with / in front"));
+            Uri::from_parts(parts).expect("the parts of a valid URI")
+        }
+        _ => uri,
+    }
+}
+
 /// The request-target form must fit the method (RFC 9112 §3.2): authority-form only for
 /// CONNECT, asterisk-form only for OPTIONS, otherwise origin-form or absolute-form.
 fn check_target(method: &Method, target: &[u8], uri: &Uri) -> Result<(), Invalid> {
@@ -264,22 +290,26 @@ fn check_target(method: &Method, target: &[u8], uri: &Uri) -> Result<(), Invalid
     }
 }
 
-/// `uri-host [ ":" port ]` (RFC 9110 §7.2): an authority without user info; empty is
-/// allowed (the target had no authority). A plain name or IPv4 address with an optional
-/// port, what nearly every request carries, is checked byte by byte; anything else goes
-/// through the URI parser.
-fn is_host(value: &[u8]) -> bool {
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2): a non-empty host without user info, and a
+/// port of digits if there is a colon. A plain name or IPv4 address with an optional port,
+/// what nearly every request carries, is checked byte by byte; anything else (an IPv6
+/// literal, a percent-encoded name) goes through the URI parser. Also the check of an
+/// HTTP/2 `:authority`.
+pub fn is_host(value: &[u8]) -> bool {
+    // The port follows the last colon, unless that colon is inside an IPv6 literal.
     let (name, port) = match value.iter().rposition(|&b| b == b':') {
-        Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
-        None => (value, None),
+        Some(colon) if !value[colon..].contains(&b']') => {
+            (&value[..colon], Some(&value[colon + 1..]))
+        }
+        _ => (value, None),
     };
-    let plain = !name.is_empty()
-        && name
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
-        && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
-    plain
-        || value.is_empty()
+    let port_ok =
+        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit));
+    if name.is_empty() || !port_ok {
+        return false;
+    }
+    name.iter()
+        .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
         || !value.contains(&b'@')
             && Authority::try_from(value).is_ok_and(|a| a.as_str().len() == value.len())
 }

@@ -161,6 +161,13 @@ impl ApiKey {
 }
 
 impl Middleware for ApiKey {
+    fn request_fields(&self) -> Vec<HeaderName> {
+        match &self.source {
+            Source::Header(name) => vec![name.clone()],
+            Source::Query(_) => Vec::new(),
+        }
+    }
+
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let presented = match &self.source {
             Source::Header(name) => req.headers.get(name).map(|v| digest(&[v.as_bytes()])),

@@ -223,6 +223,10 @@ fn denied(answer: Response<Bytes>) -> Reject {
 }
 
 impl Middleware for ForwardAuth {
+    fn request_fields(&self) -> Vec<HeaderName> {
+        self.copy.clone()
+    }
+
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let auth = self.auth_request(req, ctx);
         Flow::wait(async move {

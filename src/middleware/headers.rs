@@ -1,7 +1,7 @@
 //! `headers`: set, add and remove request and response headers, e.g. security headers on
 //! every response or an environment marker for the app.
 
-use http::{request, response, HeaderMap};
+use http::{request, response, HeaderMap, HeaderName};
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware};
@@ -105,5 +105,14 @@ impl Middleware for Headers {
 
     fn on_response(&self, resp: &mut response::Parts, _: &mut Context) {
         self.response.apply(&mut resp.headers);
+    }
+
+    fn request_fields(&self) -> Vec<HeaderName> {
+        let edits = &self.request;
+        let names = edits.set.0.iter().chain(&edits.add.0).map(|(n, _)| n);
+        names
+            .chain(edits.remove.iter().map(|n| &n.0))
+            .cloned()
+            .collect()
     }
 }

@@ -699,6 +699,13 @@ impl Jwt {
 }
 
 impl Middleware for Jwt {
+    fn request_fields(&self) -> Vec<HeaderName> {
+        self.forward
+            .iter()
+            .map(|(_, header)| header.clone())
+            .collect()
+    }
+
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let Some(token) = bearer(req, self.cookie.as_deref()) else {
             return Flow::Reject(unauthorized(

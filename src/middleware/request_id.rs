@@ -47,6 +47,10 @@ struct RequestId {
 }
 
 impl Middleware for RequestId {
+    fn request_fields(&self) -> Vec<HeaderName> {
+        vec![self.header.clone()]
+    }
+
     fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow<'_> {
         let id = match req.headers.get(&self.header) {
             Some(v) if self.trust_incoming && is_safe_id(v.as_bytes()) => v.clone(),

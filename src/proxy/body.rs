@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::chain::{Chain, Reject};
 use crate::client::{self, H2Body, Upgraded};
+use crate::config::Underscores;
+use crate::http1::hop;
 
 /// The client's request body on its way upstream, through the chain's body phases. What it
 /// learns on the way (bytes received, a refusal) is kept by `T`: in the body itself while an
@@ -21,14 +24,17 @@ pub struct RequestBody<B, T> {
     tally: T,
     /// The middlewares whose body phase runs (see [`Chain::body_phases`]).
     phases: u64,
+    /// `server.underscores_in_headers`, which trailer fields obey too.
+    underscores: Underscores,
 }
 
 impl<B, T: Tally> RequestBody<B, T> {
-    pub fn new(inner: B, tally: T, phases: u64) -> Self {
+    pub fn new(inner: B, tally: T, phases: u64, underscores: Underscores) -> Self {
         RequestBody {
             inner,
             tally,
             phases,
+            underscores,
         }
     }
 
@@ -174,7 +180,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let mut frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
             Some(Err(_)) => {
                 this.tally.fail(None);
@@ -194,6 +200,8 @@ where
                     return Poll::Ready(Some(Err(BodyError::Refused)));
                 }
             }
+        } else if let Some(fields) = frame.trailers_mut() {
+            admit_trailers(fields, this.tally.chain(), this.underscores);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -204,6 +212,24 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Removes the request trailer fields the app must not get: those that may not be
+/// trailers at all, those the chain sets or removes on the head (a trailer could undo
+/// it), and names with an `_` unless `underscores` allows them, as on the head.
+fn admit_trailers(fields: &mut HeaderMap, chain: &Chain, underscores: Underscores) {
+    let refused: Vec<HeaderName> = fields
+        .keys()
+        .filter(|name| {
+            !hop::may_be_trailer(name)
+                || chain.sets_request_field(name)
+                || underscores != Underscores::Allow && name.as_str().contains('_')
+        })
+        .cloned()
+        .collect();
+    for name in refused {
+        fields.remove(name);
     }
 }
 

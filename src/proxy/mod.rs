@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, HOST, USER_AGENT};
+use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, USER_AGENT};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{request, response, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
@@ -32,9 +32,9 @@ use crate::audit::{Audit, Decision};
 use crate::chain::{path, Answer, Chain, Context, Reason, Reject};
 use crate::client::{self, Endpoint, Target};
 use crate::config::value::{Cidr, UpstreamUrl};
-use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::config::{Underscores, UpstreamConfig, UpstreamProtocol};
 use crate::grpc;
-use crate::http1::request::{encode, Forwarded};
+use crate::http1::request::{encode, is_host, Forwarded};
 use crate::middleware::Handles;
 use crate::trace::Tracer;
 use crate::Config;
@@ -50,6 +50,7 @@ pub struct Proxy {
     trusted_proxies: Vec<Cidr>,
     /// Protocols an `Upgrade` may ask for (`server.upgrades`, lower case).
     upgrades: Vec<String>,
+    underscores: Underscores,
     handles: Arc<Handles>,
     audit: Option<Arc<Audit>>,
     tracer: Option<Arc<Tracer>>,
@@ -78,6 +79,7 @@ impl Proxy {
                 .iter()
                 .map(|u| u.to_ascii_lowercase())
                 .collect(),
+            underscores: config.server.underscores_in_headers,
             upstream_errors: client::Error::KINDS
                 .iter()
                 .map(|kind| handles.metrics.upstream_errors(kind))
@@ -215,7 +217,7 @@ impl Proxy {
     where
         B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     {
-        if let Err(reject) = Self::check(parts) {
+        if let Err(reject) = Self::check(parts, self.underscores) {
             return self.answer(Answer::Reject(reject), s);
         }
         // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
@@ -268,7 +270,8 @@ impl Proxy {
             );
             Box::pin(forward).await
         } else {
-            let mut body = RequestBody::new(body, Local::new(&self.chain), phases);
+            let mut body =
+                RequestBody::new(body, Local::new(&self.chain), phases, self.underscores);
             let encode = |framing, out: &mut Vec<u8>| {
                 encode(parts, framing, &forwarded, upgrade.as_ref(), out);
             };
@@ -277,6 +280,7 @@ impl Proxy {
                 .send(
                     s.ctx.worker,
                     &parts.method,
+                    upgrade.is_some(),
                     encode,
                     &mut body,
                     sent,
@@ -349,7 +353,7 @@ impl Proxy {
         let progress = Arc::new(Progress::default());
         *upload = Some(progress.clone());
         let tally = Shared::new(self.chain.clone(), progress.clone());
-        let body = RequestBody::new(body, tally, phases);
+        let body = RequestBody::new(body, tally, phases, self.underscores);
         let req = h2_request(parts, forwarded, self.upstream.authority(), body);
         let (result, answered) = self
             .upstream
@@ -364,9 +368,10 @@ impl Proxy {
         (result, answered, progress.take_refused())
     }
 
-    /// Refuses what no middleware should ever see: what HTTP/1's parser refuses it refused
-    /// already; these rules hold for HTTP/2 too. (`explain` applies them as well.)
-    pub fn check(parts: &mut request::Parts) -> Result<(), Reject> {
+    /// Refuses, or mends, what no middleware should ever see: what HTTP/1's parser
+    /// refuses it refused already; these rules hold for HTTP/2 too. (`explain` applies
+    /// them as well.) `underscores`: `server.underscores_in_headers`.
+    pub fn check(parts: &mut request::Parts, underscores: Underscores) -> Result<(), Reject> {
         // A reverse proxy makes no tunnels to elsewhere.
         if parts.method == Method::CONNECT {
             return Err(Reject::new(
@@ -379,6 +384,20 @@ impl Proxy {
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             ));
         }
+        // nginx's rule: methods are case-sensitive, but apps upper-case them, so `post`
+        // would slip past a `methods = ["POST"]` scope and still reach the POST handler.
+        if parts
+            .method
+            .as_str()
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+        {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                Reason::LowercaseMethod,
+                "the request method has a lowercase letter: methods are upper case",
+            ));
+        }
         if parts.uri.path() == "*" {
             return Err(Reject::new(
                 StatusCode::BAD_REQUEST,
@@ -386,22 +405,39 @@ impl Proxy {
                 "OPTIONS * is not served",
             ));
         }
+        // An HTTP/2 `:path` of `?a=1` would become an invalid HTTP/1 request line.
+        if !parts
+            .uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('/'))
+        {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                Reason::BadRequest,
+                "the request path must start with /",
+            ));
+        }
         if parts.version == Version::HTTP_2 {
-            // RFC 9113 §8.3.1: `:authority` and `host` must agree; one `host` at most.
-            let mut hosts = parts.headers.get_all(HOST).iter();
-            let (first, second) = (hosts.next(), hosts.next());
-            let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
-            if second.is_some() || first.zip(authority).is_some_and(|(h, a)| h.as_bytes() != a) {
+            check_h2(parts)?;
+        }
+        if underscores != Underscores::Allow
+            && parts.headers.keys().any(|name| name.as_str().contains('_'))
+        {
+            if underscores == Underscores::Reject {
                 return Err(Reject::new(
                     StatusCode::BAD_REQUEST,
-                    Reason::BadRequest,
-                    "the request's :authority and Host disagree",
+                    Reason::UnderscoreInHeader,
+                    "a request header name has an underscore (server.underscores_in_headers = \"reject\")",
                 ));
             }
-            if first.is_none() {
-                if let Some(host) = client_host(parts) {
-                    parts.headers.insert(HOST, host);
-                }
+            let names: Vec<_> = parts
+                .headers
+                .keys()
+                .filter(|name| name.as_str().contains('_'))
+                .cloned()
+                .collect();
+            for name in names {
+                parts.headers.remove(name);
             }
         }
         Ok(())
@@ -466,6 +502,51 @@ impl Proxy {
         self.chain.on_response(&mut head, &mut s.ctx);
         Response::from_parts(head, Body::full(bytes))
     }
+}
+
+/// HTTP/2's own rules for the request's authority (RFC 9113 §8.3.1), and its cookie
+/// crumbs joined for an HTTP/1 app.
+fn check_h2(parts: &mut request::Parts) -> Result<(), Reject> {
+    let bad = |message| {
+        Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequest,
+            message,
+        ))
+    };
+    // `:authority` and `host` must agree; one `host` at most.
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    if second.is_some() || first.zip(authority).is_some_and(|(h, a)| h.as_bytes() != a) {
+        return bad("the request's :authority and Host disagree");
+    }
+    // No user info (`user:pw@`), and a port of digits, as HTTP/1's `Host` must be.
+    if !authority
+        .or(first.map(HeaderValue::as_bytes))
+        .is_none_or(is_host)
+    {
+        return bad("the request's :authority is not a host with an optional port");
+    }
+    if first.is_none() {
+        if let Some(host) = client_host(parts) {
+            parts.headers.insert(HOST, host);
+        }
+    }
+    // A client may send each cookie as its own field (RFC 9113 §8.2.3); an HTTP/1 app
+    // must get one line joined with "; ", or a WSGI server joins them with ",".
+    if parts.headers.get_all(COOKIE).iter().nth(1).is_some() {
+        let mut joined = Vec::new();
+        for crumb in parts.headers.get_all(COOKIE) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(crumb.as_bytes());
+        }
+        let joined = HeaderValue::from_bytes(&joined).expect("joined header values are valid");
+        parts.headers.insert(COOKIE, joined);
+    }
+    Ok(())
 }
 
 /// The upstream of `config`: the pool has a shard per worker plus the control thread's,

@@ -606,27 +606,33 @@ async fn upstream_route(req: Request<Incoming>) -> Result<Response<Body>, Infall
     Ok(resp)
 }
 
-async fn echo(req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let mut headers: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
-    for name in parts.headers.keys() {
-        let values: Vec<serde_json::Value> = parts
-            .headers
+/// Each header name with its values, as JSON.
+fn fields_json(fields: &HeaderMap) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for name in fields.keys() {
+        let values: Vec<serde_json::Value> = fields
             .get_all(name)
             .iter()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned().into())
             .collect();
-        headers.insert(name.as_str().to_string(), values.into());
+        map.insert(name.as_str().to_string(), values.into());
     }
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    map.into()
+}
+
+async fn echo(req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let collected = body.collect().await.ok();
+    let trailers = collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .map(fields_json);
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     let json = serde_json::json!({
         "method": parts.method.as_str(),
         "uri": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
-        "headers": headers,
+        "headers": fields_json(&parts.headers),
+        "trailers": trailers,
         "body_bytes": body.len(),
         "body": String::from_utf8_lossy(&body),
     });

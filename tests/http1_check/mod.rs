@@ -12,8 +12,10 @@
 //! property tests and under libFuzzer alike.
 
 use bytes::{Bytes, BytesMut};
+use gatehouse::config::Underscores;
 use gatehouse::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
 use gatehouse::http1::{request, response, Framing, MAX_HEADERS};
+use gatehouse::proxy::Proxy;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// Hop-by-hop headers whatever `Connection` says (RFC 9110 §7.6.1, and the list Go's and
@@ -383,6 +385,35 @@ fn check_request(bytes: &[u8], head: &request::Head) {
         hosts == 1 || (http10 && hosts == 0),
         "accepted {hosts} Host lines"
     );
+    // A Host names a host: not empty (unless an absolute-form target names it instead),
+    // no user info, and a port of digits after the colon that follows any IPv6 literal.
+    let absolute = parts.uri.scheme().is_some();
+    for host in lines.values("host") {
+        assert!(!host.is_empty() || absolute, "accepted an empty Host");
+        assert!(!host.contains(&b'@'), "accepted user info in Host");
+        let after_literal = host.iter().rposition(|&b| b == b']').map_or(0, |i| i + 1);
+        if let Some(colon) = host[after_literal..].iter().position(|&b| b == b':') {
+            let port = &host[after_literal + colon + 1..];
+            assert!(
+                !port.is_empty() && port.iter().all(u8::is_ascii_digit),
+                "accepted the Host port {:?}",
+                String::from_utf8_lossy(port)
+            );
+        }
+    }
+    // Whatever its form, a target the app is sent starts with `/` (CONNECT and `*` are
+    // answered by gatehouse).
+    if parts.method != Method::CONNECT && target != b"*" {
+        assert!(
+            parts
+                .uri
+                .path_and_query()
+                .is_some_and(|p| p.as_str().starts_with('/')),
+            "accepted a target the app cannot be sent: {:?}",
+            parts.uri
+        );
+    }
+    check_admission(parts);
 
     let tokens = lines.items("connection").unwrap_or_default();
     let said = |token: &str| tokens.iter().any(|t| t == token);
@@ -420,6 +451,43 @@ fn check_request(bytes: &[u8], head: &request::Head) {
         expected.insert(http::header::HOST, authority.as_str().parse().unwrap());
     }
     assert_eq!(parts.headers, expected, "the end-to-end headers");
+}
+
+/// What gatehouse admits to the chain after the parser, the same for HTTP/2: no method
+/// with a lowercase letter (a `methods` scope would miss it), no underscored header name
+/// (under the default `drop`), and a path that starts with `/`.
+fn check_admission(parts: &http::request::Parts) {
+    let mut admitted = parts.clone();
+    let lowercase = parts
+        .method
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase());
+    match Proxy::check(&mut admitted, Underscores::Drop) {
+        Ok(()) => {
+            assert!(!lowercase, "admitted the method {}", parts.method);
+            assert!(
+                admitted.headers.keys().all(|n| !n.as_str().contains('_')),
+                "admitted underscored names: {:?}",
+                admitted.headers
+            );
+            assert_eq!(
+                admitted.headers.len(),
+                parts
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !n.as_str().contains('_'))
+                    .count(),
+                "dropped more than the underscored names"
+            );
+        }
+        Err(reject) => assert!(
+            lowercase || parts.method == Method::CONNECT || parts.uri.path() == "*",
+            "refused {} {}: {reject:?}",
+            parts.method,
+            parts.uri
+        ),
+    }
 }
 
 /// An accepted response head, read again (RFC 9112 §6.3 decides the framing).
