@@ -654,6 +654,33 @@ async fn cors_replaces_the_apps_own_cors_headers() {
 }
 
 #[tokio::test]
+async fn cors_exposes_the_headers_the_chain_adds_besides_its_own_list() {
+    let chain = format!(
+        "[[middleware]]\ntype = \"request_id\"\nheader = \"x-trace-id\"\n{CORS_MW}\n\
+         [[middleware]]\ntype = \"rate_limit\"\nrate = \"100/s\"\n"
+    );
+    let (_up, gh) = proxy_with("", "", &chain).await;
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("origin", "https://app.example")]),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        lower_list(&resp, "access-control-expose-headers"),
+        [
+            "x-upstream",
+            "x-trace-id",
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "ratelimit-reset",
+            "retry-after"
+        ]
+    );
+    assert!(resp.header("ratelimit-remaining").is_some(), "{resp:?}");
+}
+
+#[tokio::test]
 async fn cors_above_auth_makes_its_401_readable_and_lets_preflights_through() {
     let (up, gh) = proxy_with(
         "",

@@ -8,14 +8,15 @@ use http::header::{
     HeaderName, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
     ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS,
     ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
-    VARY,
+    RETRY_AFTER, VARY, WWW_AUTHENTICATE,
 };
-use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{request, response, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
+use super::{Handles, Spec};
 use crate::chain::{Context, CorsVerdict, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
-use crate::config::{KeyPath, Problem};
+use crate::config::{KeyPath, MiddlewareEntry, Problem};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,13 +107,22 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
-        let join = |names: Vec<&str>| {
-            (!names.is_empty())
-                .then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
-        };
+    /// Built on its own: no other entry adds headers for it to expose.
+    fn build(&self, _: &str, _: &Handles) -> Box<dyn Middleware> {
+        self.build_exposing(&[])
+    }
+}
+
+impl Settings {
+    /// The middleware, exposing the headers the rest of its chain adds ([`chain_headers`])
+    /// besides `expose_headers`.
+    pub fn build_exposing(&self, chain_headers: &[HeaderName]) -> Box<dyn Middleware> {
+        Box::new(self.cors(chain_headers))
+    }
+
+    fn cors(&self, chain_headers: &[HeaderName]) -> Cors {
         let reflect_headers = self.reflects_headers();
-        Box::new(Cors {
+        Cors {
             any_origin: self.allow_origins.iter().any(|o| o == "*"),
             origins: self
                 .allow_origins
@@ -134,20 +144,74 @@ impl super::Settings for Settings {
                 )
             },
             reflect_headers,
-            expose_headers: join(self.expose_headers.iter().map(|h| h.0.as_str()).collect()),
+            expose_headers: exposed(&self.expose_headers, chain_headers),
             credentials: self.allow_credentials,
             max_age: HeaderValue::from(self.max_age.0.as_secs()),
-        })
+        }
     }
-}
 
-impl Settings {
     /// Whether preflights get the headers they ask for (`allow_headers` unset or `"*"`).
     fn reflects_headers(&self) -> bool {
         self.allow_headers
             .as_ref()
             .is_none_or(|list| list.iter().any(|h| h.0.as_str() == "*"))
     }
+}
+
+/// Names as one list header value, `None` for none.
+fn join(names: Vec<&str>) -> Option<HeaderValue> {
+    (!names.is_empty()).then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
+}
+
+/// `access-control-expose-headers`: the configured names, then those of `chain_headers` not
+/// among them.
+fn exposed(configured: &[HeaderNameValue], chain_headers: &[HeaderName]) -> Option<HeaderValue> {
+    let mut names: Vec<&str> = configured.iter().map(|h| h.0.as_str()).collect();
+    for name in chain_headers {
+        if !names.contains(&name.as_str()) {
+            names.push(name.as_str());
+        }
+    }
+    join(names)
+}
+
+/// The response headers that entries of `chain` add and a page cannot read unless they are
+/// exposed (none is CORS-safelisted): a `rate_limit`'s `ratelimit-*` and `retry-after`, an
+/// authentication's `www-authenticate`, a `request_id`'s header. Every `cors` entry of the
+/// chain exposes them, so a page reads what gatehouse tells it without the operator listing
+/// each. They are named when such an entry is anywhere in the chain: whether one can reach a
+/// given `cors` entry's responses (its place, its scope) is not worked out, since naming a
+/// header that never comes costs a few bytes and opens nothing. A fixed list would not know
+/// the request id header's name, and would announce `ratelimit-*` where nothing limits.
+pub fn chain_headers(chain: &[MiddlewareEntry<Spec>], handles: &Handles) -> Vec<HeaderName> {
+    let mut names = Vec::new();
+    for entry in chain {
+        match &entry.spec {
+            Spec::RateLimit(_) => names.extend([
+                HeaderName::from_static("ratelimit-limit"),
+                HeaderName::from_static("ratelimit-remaining"),
+                HeaderName::from_static("ratelimit-reset"),
+                RETRY_AFTER,
+            ]),
+            Spec::ApiKey(_) | Spec::BasicAuth(_) | Spec::Jwt(_) | Spec::ForwardAuth(_) => {
+                names.push(WWW_AUTHENTICATE)
+            }
+            // Its settings keep the header's name to themselves: it is the one header the
+            // middleware sets on a bare request.
+            Spec::RequestId(_) => {
+                let (mut req, ()) = Request::new(()).into_parts();
+                let ip = [127, 0, 0, 1].into();
+                let mut ctx = Context::new(ip, ip, false, std::time::Instant::now(), 0);
+                let _ = entry
+                    .spec
+                    .build(&entry.name, handles)
+                    .on_request(&mut req, &mut ctx);
+                names.extend(req.headers.keys().cloned());
+            }
+            _ => {}
+        }
+    }
+    names
 }
 
 enum OriginRule {
@@ -319,6 +383,46 @@ impl Middleware for Cors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn settings(toml: &str) -> Settings {
+        toml::from_str(toml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const APP: &str = "allow_origins = [\"https://app.example\"]\n";
+
+    #[test]
+    fn expose_headers_add_the_chain_s_own_once_each() {
+        let source = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n\
+             [[middleware]]\ntype = \"request_id\"\nheader = \"x-trace-id\"\n\
+             [[middleware]]\ntype = \"cors\"\n{APP}expose_headers = [\"x-upstream\", \"Retry-After\"]\n\
+             [[middleware]]\ntype = \"rate_limit\"\nrate = \"10/s\"\n\
+             [[middleware]]\ntype = \"rate_limit\"\nname = \"second\"\nrate = \"100/m\"\n\
+             [[middleware]]\ntype = \"api_key\"\nkeys = [{{ id = \"a\", key = \"k\" }}]\n"
+        );
+        let config = Config::parse(std::path::Path::new("proxy.toml"), &source, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Spec::Cors(cors) = &config.middleware[1].spec else {
+            panic!("the second entry is cors");
+        };
+        let made = chain_headers(&config.middleware, &Handles::offline());
+        assert_eq!(
+            cors.cors(&made).expose_headers.unwrap(),
+            "x-upstream, retry-after, x-trace-id, ratelimit-limit, ratelimit-remaining, \
+             ratelimit-reset, www-authenticate"
+        );
+        // Alone, it exposes what it is told to, and nothing when told nothing.
+        assert_eq!(
+            cors.cors(&[]).expose_headers.unwrap(),
+            "x-upstream, retry-after"
+        );
+        assert_eq!(settings(APP).cors(&[]).expose_headers, None);
+        assert_eq!(
+            settings(APP).cors(&[RETRY_AFTER]).expose_headers.unwrap(),
+            "retry-after"
+        );
+    }
 
     #[test]
     fn origin_rules() {
