@@ -321,6 +321,19 @@ async fn explains_a_refusal_by_each_middleware_type() {
             (403, "forbidden", "origin_not_allowed"),
         ),
         refusal(
+            "cors preflight for a method",
+            "type = \"cors\"\nallow_origins = [\"https://app.example\"]\nallow_methods = [\"GET\"]",
+            &[
+                "-H",
+                "origin: https://app.example",
+                "-H",
+                "access-control-request-method: PUT",
+                "OPTIONS",
+                "/items",
+            ],
+            (403, "forbidden", "method_not_allowed"),
+        ),
+        refusal(
             "body_limit",
             "type = \"body_limit\"\nmax = \"1KiB\"",
             &["--body-size", "2048", "POST", "/upload"],

@@ -280,35 +280,29 @@ impl Cors {
             .then(|| origin.clone())
     }
 
-    /// The `204` to an allowed preflight, or the refusal.
-    fn preflight(&self, req: &request::Parts, origin: &HeaderValue) -> Flow<'static> {
-        let method = req
-            .headers
-            .get(ACCESS_CONTROL_REQUEST_METHOD)
-            .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
-        let allow_origin = match (self.allow_origin(origin), method) {
-            (Some(allow), Some(m)) if self.methods.contains(&m) => allow,
-            (Some(_), _) => {
-                return Flow::Reject(Reject::new(
-                    StatusCode::FORBIDDEN,
-                    Reason::MethodNotAllowed,
-                    "CORS preflight: method not allowed",
-                ))
-            }
-            (None, _) => {
-                return Flow::Reject(Reject::new(
-                    StatusCode::FORBIDDEN,
-                    Reason::OriginNotAllowed,
-                    "CORS preflight: origin not allowed",
-                ))
-            }
+    /// The `204` to an allowed preflight for `method` (its `access-control-request-method`),
+    /// or the refusal.
+    fn preflight(
+        &self,
+        req: &request::Parts,
+        origin: &HeaderValue,
+        method: &HeaderValue,
+    ) -> Flow<'static> {
+        let Some(allow_origin) = self.allow_origin(origin) else {
+            return Flow::Reject(Reject::new(
+                StatusCode::FORBIDDEN,
+                Reason::OriginNotAllowed,
+                "CORS preflight: origin not allowed",
+            ));
         };
+        if !Method::from_bytes(method.as_bytes()).is_ok_and(|m| self.methods.contains(&m)) {
+            return Flow::Reject(self.method_refused(method, allow_origin));
+        }
         let mut resp = Response::new(bytes::Bytes::new());
         *resp.status_mut() = StatusCode::NO_CONTENT;
         let h = resp.headers_mut();
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
-        if let Some(methods) = &self.allow_methods {
-            h.insert(ACCESS_CONTROL_ALLOW_METHODS, methods.clone());
+        for (name, value) in self.preflight_headers(allow_origin) {
+            h.append(name, value);
         }
         let allow_headers = if self.reflect_headers {
             req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS).cloned()
@@ -319,13 +313,44 @@ impl Cors {
             h.insert(ACCESS_CONTROL_ALLOW_HEADERS, headers);
         }
         h.insert(ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
-        if self.credentials {
-            h.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
-        }
-        if !self.any_origin {
-            h.append(VARY, VARY_PREFLIGHT.clone());
-        }
         Flow::Respond(resp)
+    }
+
+    /// The headers of every answer to a preflight from an allowed origin.
+    fn preflight_headers(
+        &self,
+        allow_origin: HeaderValue,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        [
+            Some((ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin)),
+            self.allow_methods
+                .clone()
+                .map(|m| (ACCESS_CONTROL_ALLOW_METHODS, m)),
+            self.credentials
+                .then(|| (ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone())),
+            (!self.any_origin).then(|| (VARY, VARY_PREFLIGHT.clone())),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The refusal of a preflight from an allowed origin for a `method` not in
+    /// `allow_methods`: its message names both, and it carries the CORS headers of an allowed
+    /// origin, so that devtools show `access-control-allow-methods` and a browser's console
+    /// does not blame the origin ("no 'Access-Control-Allow-Origin' header"), which would
+    /// send the developer to `allow_origins`.
+    fn method_refused(&self, method: &HeaderValue, allow_origin: HeaderValue) -> Reject {
+        let allowed = self
+            .allow_methods
+            .as_ref()
+            .map_or("", |m| m.to_str().expect("method tokens"));
+        let message = format!(
+            "CORS preflight: method {} is not in allow_methods [{allowed}]",
+            String::from_utf8_lossy(method.as_bytes())
+        );
+        let mut reject = Reject::new(StatusCode::FORBIDDEN, Reason::MethodNotAllowed, message);
+        reject.headers.extend(self.preflight_headers(allow_origin));
+        reject
     }
 }
 
@@ -346,9 +371,10 @@ impl Middleware for Cors {
         let Some(origin) = req.headers.get(ORIGIN) else {
             return Flow::Continue;
         };
-        if req.method == Method::OPTIONS && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
-        {
-            return self.preflight(req, origin);
+        if req.method == Method::OPTIONS {
+            if let Some(method) = req.headers.get(ACCESS_CONTROL_REQUEST_METHOD) {
+                return self.preflight(req, origin, method);
+            }
         }
         ctx.cors = Some(match self.allow_origin(origin) {
             Some(allow) => CorsVerdict::Allowed(allow),
@@ -391,6 +417,20 @@ mod tests {
 
     const APP: &str = "allow_origins = [\"https://app.example\"]\n";
 
+    /// The request phase's refusal, or `None` when it lets the request through.
+    fn refusal(cors: &Cors, req: &mut request::Parts, ctx: &mut Context) -> Option<Reject> {
+        match cors.on_request(req, ctx) {
+            Flow::Continue => None,
+            Flow::Reject(reject) => Some(reject),
+            _ => panic!("neither continue nor a refusal"),
+        }
+    }
+
+    fn context() -> Context {
+        let ip = [127, 0, 0, 1].into();
+        Context::new(ip, ip, false, std::time::Instant::now(), 0)
+    }
+
     #[test]
     fn expose_headers_add_the_chain_s_own_once_each() {
         let source = format!(
@@ -422,6 +462,60 @@ mod tests {
             settings(APP).cors(&[RETRY_AFTER]).expose_headers.unwrap(),
             "retry-after"
         );
+    }
+
+    #[test]
+    fn a_preflight_for_a_method_not_allowed_names_it_and_allow_methods() {
+        let cors = settings(&format!(
+            "{APP}allow_methods = [\"GET\", \"POST\"]\nallow_credentials = true\n"
+        ))
+        .cors(&[]);
+        let asking = |origin: &str, method: &str| {
+            let (parts, ()) = Request::options("/items")
+                .header(ORIGIN, origin)
+                .header(ACCESS_CONTROL_REQUEST_METHOD, method)
+                .body(())
+                .unwrap()
+                .into_parts();
+            parts
+        };
+        let reject = refusal(
+            &cors,
+            &mut asking("https://app.example", "PUT"),
+            &mut context(),
+        )
+        .expect("refused");
+        assert_eq!(reject.reason, Reason::MethodNotAllowed);
+        assert_eq!(reject.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            reject.message,
+            "CORS preflight: method PUT is not in allow_methods [GET, POST]"
+        );
+        // The origin is allowed, and a browser is told so: what it refuses is the method.
+        let header = |name: HeaderName| {
+            let found = reject.headers.iter().find(|(n, _)| *n == name);
+            found.map(|(_, v)| v.to_str().unwrap())
+        };
+        assert_eq!(
+            header(ACCESS_CONTROL_ALLOW_ORIGIN),
+            Some("https://app.example")
+        );
+        assert_eq!(header(ACCESS_CONTROL_ALLOW_METHODS), Some("GET, POST"));
+        assert_eq!(header(ACCESS_CONTROL_ALLOW_CREDENTIALS), Some("true"));
+        // A refused origin is told nothing, whatever the method.
+        let reject = refusal(
+            &cors,
+            &mut asking("https://evil.example", "PUT"),
+            &mut context(),
+        )
+        .expect("refused");
+        assert_eq!(reject.reason, Reason::OriginNotAllowed);
+        assert!(reject.headers.is_empty(), "{:?}", reject.headers);
+        let mut allowed = asking("https://app.example", "POST");
+        assert!(matches!(
+            cors.on_request(&mut allowed, &mut context()),
+            Flow::Respond(resp) if resp.status() == StatusCode::NO_CONTENT
+        ));
     }
 
     #[test]
