@@ -334,6 +334,21 @@ async fn explains_a_refusal_by_each_middleware_type() {
             (403, "forbidden", "method_not_allowed"),
         ),
         refusal(
+            "cors websocket handshake",
+            "type = \"cors\"\nallow_origins = [\"https://app.example\"]",
+            &[
+                "-H",
+                "Upgrade: websocket",
+                "-H",
+                "Connection: upgrade",
+                "-H",
+                "Origin: https://evil.example",
+                "GET",
+                "http://x/ws",
+            ],
+            (403, "forbidden", "origin_not_allowed"),
+        ),
+        refusal(
             "body_limit",
             "type = \"body_limit\"\nmax = \"1KiB\"",
             &["--body-size", "2048", "POST", "/upload"],
