@@ -204,6 +204,29 @@ fn check_warns_when_authentication_comes_before_cors_and_still_passes() {
     );
 }
 
+#[test]
+fn check_warns_when_a_limit_or_an_ip_filter_comes_before_cors() {
+    for entry in [
+        "type = \"rate_limit\"\nrate = \"10/s\"",
+        "type = \"body_limit\"\nmax = \"1KiB\"",
+        "type = \"ip_filter\"\ndeny = [\"10.0.0.0/8\"]",
+    ] {
+        let guard = format!("\n[[middleware]]\nname = \"guard\"\npaths = [\"/api/**\"]\n{entry}\n");
+        let warnings = check_warnings(&[&guard, BROWSERS]);
+        assert_eq!(warnings.len(), 1, "{entry}: {warnings:?}");
+        let kind = entry.split('"').nth(1).unwrap();
+        for part in [
+            &format!("\"guard\" ({kind}) comes before \"browsers\" (cors)"),
+            " /api/",
+            "its refusals carry no CORS headers, so a page cannot read them",
+            "Move \"browsers\" above \"guard\"",
+        ] {
+            assert_mentions(&warnings[0], part);
+        }
+        assert_eq!(check_warnings(&[BROWSERS, &guard]), [] as [String; 0]);
+    }
+}
+
 #[tokio::test]
 async fn run_logs_the_order_warning_at_start() {
     let gh = Gatehouse::start(&with_chain(&[PARTNER_KEYS, BROWSERS]), &[]).await;

@@ -3,7 +3,9 @@
 //! permissive CORS layer of its own (it reflects any origin, with credentials). The page
 //! (tests/fixtures/cors_page.html) reports what its script could see, a status, a body,
 //! headers or the bare network error that a CORS refusal is, to the server it came from;
-//! the test checks that, what reached the app, and the audit events.
+//! the test checks that, what reached the app, and the audit events. A second page
+//! ([`WS_PAGE`]), served from an allowed origin and from a foreign one, opens a WebSocket
+//! through gatehouse and reads the headers gatehouse itself adds.
 //!
 //! Chromium runs without a driver: the page itself is the observer, so nothing but the
 //! browser is needed. It comes from Debian (`apt-get install chromium`, which `.ci/run`
@@ -81,20 +83,12 @@ async fn a_page_on_another_origin_gets_what_the_readme_promises() {
         return no_browser();
     };
     let app = App::start().await;
-    let (report_tx, mut reports) = mpsc::channel::<Bytes>(1);
     let gatehouse_port = free_port().to_string();
     let gatehouse_url = format!("http://127.0.0.1:{gatehouse_port}");
-    let page = render(PAGE, &[("gatehouse", &gatehouse_url), ("key", KEY)]);
-    let (page_origin, _page_server) = serve(Arc::new(move |req: Request<Bytes>| {
-        match (req.method().as_str(), req.uri().path()) {
-            ("GET", "/") => respond(StatusCode::OK, "text/html", page.clone()),
-            ("POST", "/report") => {
-                let _ = report_tx.try_send(req.into_body());
-                respond(StatusCode::NO_CONTENT, "text/plain", String::new())
-            }
-            _ => respond(StatusCode::NOT_FOUND, "text/plain", String::new()),
-        }
-    }))
+    let mut pages = PageServer::start(&render(
+        PAGE,
+        &[("gatehouse", &gatehouse_url), ("key", KEY)],
+    ))
     .await;
     let events = tempfile::tempdir().unwrap();
     let events_file = events.path().join("events.jsonl");
@@ -103,23 +97,14 @@ async fn a_page_on_another_origin_gets_what_the_readme_promises() {
         &[
             ("port", &gatehouse_port),
             ("upstream", &app.url),
-            ("page", &page_origin),
+            ("page", &pages.origin),
             ("key", KEY),
             ("events", events_file.to_str().unwrap()),
         ],
     )
     .await;
 
-    let browser = Browser::open(&chromium, &format!("{page_origin}/"));
-    let report = match tokio::time::timeout(Duration::from_secs(60), reports.recv()).await {
-        Ok(Some(body)) => serde_json::from_slice::<Value>(&body).expect("a JSON report"),
-        _ => panic!(
-            "no report from the page within 60s\n--- chromium ---\n{}\n{}",
-            browser.log(),
-            gh.output()
-        ),
-    };
-    drop(browser);
+    let (report, _) = pages.report(&chromium, &gh).await;
     gh.send_signal("TERM");
     gh.assert_exits_with(0).await;
     let events: Vec<Value> = std::fs::read_to_string(&events_file)
@@ -128,10 +113,6 @@ async fn a_page_on_another_origin_gets_what_the_readme_promises() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let page = Page(&report);
-    assert!(
-        report.get("failure").is_none(),
-        "the page failed: {report:#}"
-    );
     println!("browser: {}", report["user_agent"]);
 
     // A simple GET from the allowed origin: readable, the exposed headers too, and not the
@@ -226,6 +207,184 @@ async fn a_page_on_another_origin_gets_what_the_readme_promises() {
     assert!(statuses.contains(&&json!(401)), "{statuses:?}");
 }
 
+/// Opens a WebSocket to gatehouse's `/ws` and reports its events (`open`, `error`,
+/// `close`), then what it could read of a `GET /api/items` (`ratelimit-remaining` and
+/// `x-request-id`, which no `expose_headers` names) and of a `PUT /api/put` that
+/// `allow_methods` leaves out.
+const WS_PAGE: &str = r#"<!doctype html>
+<script>
+const gatehouse = "{gatehouse}";
+function websocket() {
+  return new Promise(resolve => {
+    const events = [];
+    const ws = new WebSocket(gatehouse.replace("http:", "ws:") + "/ws");
+    ws.onopen = () => { events.push("open"); resolve(events); };
+    ws.onerror = () => events.push("error");
+    ws.onclose = () => { events.push("close"); resolve(events); };
+  });
+}
+async function read(path, init) {
+  try {
+    const r = await fetch(gatehouse + path, init);
+    const h = name => r.headers.get(name);
+    return {status: r.status, ratelimit_remaining: h("ratelimit-remaining"), request_id: h("x-request-id")};
+  } catch (e) {
+    return {error: String(e)};
+  }
+}
+(async () => {
+  let report;
+  try {
+    report = {
+      websocket: await websocket(),
+      get: await read("/api/items"),
+      put: await read("/api/put", {method: "PUT"}),
+    };
+  } catch (e) {
+    report = {failure: String(e)};
+  }
+  await fetch("/report", {method: "POST", body: JSON.stringify(report)});
+})();
+</script>
+"#;
+
+/// `web` allows the page's origin on `/api/**` and `/ws`, with a `rate_limit` below it and a
+/// `request_id` above, and no `expose_headers`.
+const WS_CONFIG: &str = r#"[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "3s"
+
+[upstream]
+url = "{upstream}"
+
+[[middleware]]
+type = "request_id"
+
+[[middleware]]
+type = "cors"
+name = "web"
+paths = ["/api/**", "/ws"]
+allow_origins = ["{page}"]
+allow_methods = ["GET", "POST"]
+
+[[middleware]]
+type = "rate_limit"
+rate = "100/s"
+"#;
+
+#[tokio::test]
+async fn a_websocket_opens_from_an_allowed_origin_only_and_gatehouse_s_headers_are_readable() {
+    let Some(chromium) = find_chromium() else {
+        return no_browser();
+    };
+    let app = App::start().await;
+    let gatehouse_port = free_port().to_string();
+    let gatehouse_url = format!("http://127.0.0.1:{gatehouse_port}");
+    let page = render(WS_PAGE, &[("gatehouse", &gatehouse_url)]);
+    let (mut allowed, mut foreign) = (
+        PageServer::start(&page).await,
+        PageServer::start(&page).await,
+    );
+    let mut gh = Gatehouse::start(
+        WS_CONFIG,
+        &[
+            ("port", &gatehouse_port),
+            ("upstream", &app.url),
+            ("page", &allowed.origin),
+        ],
+    )
+    .await;
+
+    // From a foreign origin: no WebSocket, and the handshake never reaches the app.
+    let (report, _) = foreign.report(&chromium, &gh).await;
+    assert_eq!(report["websocket"], json!(["error", "close"]), "{report:#}");
+    assert!(!app.got("GET", "/ws"), "the app saw the handshake");
+    assert!(report["get"]["error"].is_string(), "{report:#}");
+
+    // From the allowed origin: it opens, and the headers gatehouse adds are readable.
+    let (report, log) = allowed.report(&chromium, &gh).await;
+    assert_eq!(report["websocket"], json!(["open"]), "{report:#}");
+    assert!(app.got("GET", "/ws"));
+    let get = &report["get"];
+    assert_eq!(get["status"], 200, "{report:#}");
+    assert!(
+        get["ratelimit_remaining"]
+            .as_str()
+            .is_some_and(|r| r.parse::<u32>().is_ok()),
+        "{report:#}"
+    );
+    assert!(
+        get["request_id"].as_str().is_some_and(is_uuid),
+        "{report:#}"
+    );
+    // A method `allow_methods` leaves out: refused, and the console does not blame the
+    // origin, which is allowed.
+    assert!(report["put"]["error"].is_string(), "{report:#}");
+    assert!(!app.got("PUT", "/api/put"));
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("/api/put")).collect();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.contains("does not have HTTP ok status"))
+            && !console
+                .iter()
+                .any(|l| l.contains("No 'Access-Control-Allow-Origin'")),
+        "the console on the PUT: {console:#?}"
+    );
+    gh.send_signal("TERM");
+    gh.assert_exits_with(0).await;
+}
+
+/// A server of one page on a fresh origin; the page posts its report to `/report`.
+struct PageServer {
+    origin: String,
+    reports: mpsc::Receiver<Bytes>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl PageServer {
+    async fn start(page: &str) -> PageServer {
+        let (report_tx, reports) = mpsc::channel::<Bytes>(1);
+        let page = page.to_owned();
+        let (origin, server) = serve(Arc::new(move |req: Request<Bytes>| {
+            match (req.method().as_str(), req.uri().path()) {
+                ("GET", "/") => respond(StatusCode::OK, "text/html", page.clone()),
+                ("POST", "/report") => {
+                    let _ = report_tx.try_send(req.into_body());
+                    respond(StatusCode::NO_CONTENT, "text/plain", String::new())
+                }
+                _ => respond(StatusCode::NOT_FOUND, "text/plain", String::new()),
+            }
+        }))
+        .await;
+        PageServer {
+            origin,
+            reports,
+            _server: server,
+        }
+    }
+
+    /// Shows the page in a fresh browser until it reports: the report, and the browser's
+    /// log (its console messages among them).
+    async fn report(&mut self, chromium: &Path, gh: &Gatehouse) -> (Value, String) {
+        let browser = Browser::open(chromium, &format!("{}/", self.origin));
+        let wait = tokio::time::timeout(Duration::from_secs(60), self.reports.recv());
+        let report = match wait.await {
+            Ok(Some(body)) => serde_json::from_slice::<Value>(&body).expect("a JSON report"),
+            _ => panic!(
+                "no report from the page within 60s\n--- chromium ---\n{}\n{}",
+                browser.log(),
+                gh.output()
+            ),
+        };
+        assert!(
+            report.get("failure").is_none(),
+            "the page failed: {report:#}"
+        );
+        (report, browser.log())
+    }
+}
+
 /// The page's report.
 struct Page<'a>(&'a Value);
 
@@ -299,6 +458,8 @@ impl Browser {
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
+                // Console messages (a CORS refusal's reason) go to the log.
+                "--enable-logging=stderr",
             ])
             .arg(format!(
                 "--user-data-dir={}",
@@ -331,7 +492,8 @@ impl Drop for Browser {
 
 /// The app behind gatehouse: answers every request with what it saw (method, path, headers,
 /// body) as JSON, the way an app with a leftover permissive CORS layer would: reflecting
-/// any `Origin`, with credentials, and exposing `x-internal`.
+/// any `Origin`, with credentials, and exposing `x-internal`. It accepts every WebSocket
+/// handshake, whatever its `Origin`, as an app that leaves that to gatehouse does.
 struct App {
     url: String,
     requests: Arc<Mutex<Vec<(String, String)>>>,
@@ -343,10 +505,13 @@ impl App {
         let requests: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
         let log = Arc::clone(&requests);
         let (url, server) = serve(Arc::new(move |req: Request<Bytes>| {
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
             log.lock()
                 .unwrap()
                 .push((parts.method.to_string(), parts.uri.path().to_owned()));
+            if parts.headers.contains_key("sec-websocket-key") {
+                return accept_websocket(&mut parts);
+            }
             let headers: serde_json::Map<String, Value> = parts
                 .headers
                 .iter()
@@ -398,6 +563,43 @@ impl App {
     }
 }
 
+/// The `101` to a WebSocket handshake; the connection is held open until the client leaves.
+fn accept_websocket(parts: &mut http::request::Parts) -> Response<Full<Bytes>> {
+    let accept = websocket_accept(parts.headers["sec-websocket-key"].as_bytes());
+    if let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let _ = tokio::io::copy(&mut io, &mut tokio::io::sink()).await;
+            }
+        });
+    }
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::default())
+        .unwrap()
+}
+
+/// RFC 6455's `sec-websocket-accept` for `key`: base64 of the SHA-1 of the key and the
+/// protocol's GUID. Redis names a script by its SHA-1, so the redis crate has one.
+fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    let text = format!(
+        "{}258EAFA5-E914-47DA-95CA-C5AB0DC85B11",
+        String::from_utf8_lossy(key)
+    );
+    let script = redis::Script::new(&text);
+    let hex = script.get_hash();
+    let digest: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
 type Handler = Arc<dyn Fn(Request<Bytes>) -> Response<Full<Bytes>> + Send + Sync>;
 
 /// An HTTP/1.1 server on a free 127.0.0.1 port answering with `handler`, the request body
@@ -418,7 +620,8 @@ async fn serve(handler: Handler) -> (String, tokio::task::JoinHandle<()>) {
             });
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades(),
             );
         }
     });

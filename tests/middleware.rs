@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 
 const DENY_ALL: &str = "deny = [\"0.0.0.0/0\", \"::/0\"]";
 
@@ -654,6 +655,33 @@ async fn cors_replaces_the_apps_own_cors_headers() {
 }
 
 #[tokio::test]
+async fn cors_exposes_the_headers_the_chain_adds_besides_its_own_list() {
+    let chain = format!(
+        "[[middleware]]\ntype = \"request_id\"\nheader = \"x-trace-id\"\n{CORS_MW}\n\
+         [[middleware]]\ntype = \"rate_limit\"\nrate = \"100/s\"\n"
+    );
+    let (_up, gh) = proxy_with("", "", &chain).await;
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("origin", "https://app.example")]),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        lower_list(&resp, "access-control-expose-headers"),
+        [
+            "x-upstream",
+            "x-trace-id",
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "ratelimit-reset",
+            "retry-after"
+        ]
+    );
+    assert!(resp.header("ratelimit-remaining").is_some(), "{resp:?}");
+}
+
+#[tokio::test]
 async fn cors_above_auth_makes_its_401_readable_and_lets_preflights_through() {
     let (up, gh) = proxy_with(
         "",
@@ -677,6 +705,104 @@ async fn cors_above_auth_makes_its_401_readable_and_lets_preflights_through() {
         "a page can read the 401 only with it: {denied:?}"
     );
     assert_eq!(up.request_count(), 0);
+}
+
+/// A WebSocket handshake for the test upstream's `/ws`, from `origin`.
+fn websocket_from(origin: Option<&str>) -> http::Request<Body> {
+    let mut req = websocket_request("/ws");
+    if let Some(origin) = origin {
+        let origin = http::HeaderValue::from_str(origin).unwrap();
+        req.headers_mut().insert("origin", origin);
+    }
+    req
+}
+
+#[tokio::test]
+async fn cors_refuses_a_websocket_handshake_from_an_origin_it_does_not_allow() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let audit = format!(
+        "[audit]\nflush_interval = \"10ms\"\n[[audit.sinks]]\ntype = \"file\"\npath = \"{}\"\n",
+        events.display()
+    );
+    let gh = Gatehouse::start(
+        &config("", "", &format!("{CORS_MW}\n{audit}")),
+        &[("upstream", &up.url())],
+    )
+    .await;
+    let refused = send(gh.port, websocket_from(Some("https://evil.example"))).await;
+    let body = refused.assert_gatehouse_error(403, "forbidden");
+    assert_eq!(
+        body["message"],
+        "WebSocket handshake: origin not allowed (origin_not_allowed)"
+    );
+    assert_eq!(up.request_count(), 0, "the app never sees the handshake");
+    let event = &wait_for_events(&events, 1).await[0];
+    assert_eq!(
+        (&event["path"], &event["status"], &event["decision"]),
+        (&json!("/ws"), &json!(403), &json!("deny")),
+        "{event}"
+    );
+    assert_eq!(
+        (&event["denied_by"], &event["deny_reason"]),
+        (&json!("cors"), &json!("origin_not_allowed"))
+    );
+
+    // An allowed origin, and a client that sends no `Origin` (no browser): the tunnel works.
+    for origin in [Some("https://app.example"), None] {
+        let mut conn = H1::connect(gh.port).await;
+        assert_websocket_echoes(conn.send_streaming(websocket_from(origin)).await).await;
+    }
+}
+
+#[tokio::test]
+async fn cors_lets_a_websocket_handshake_outside_its_scope_through() {
+    let scoped = CORS_MW.replace("allow_origins", "paths = [\"/api/**\"]\nallow_origins");
+    let (_up, gh) = proxy_with("", "", &scoped).await;
+    let mut conn = H1::connect(gh.port).await;
+    let handshake = websocket_from(Some("https://evil.example"));
+    assert_websocket_echoes(conn.send_streaming(handshake).await).await;
+}
+
+/// Over HTTP/2 a plain request from a refused origin passes as over HTTP/1 (without CORS
+/// headers), and an extended CONNECT (`:protocol`, a WebSocket over HTTP/2) never reaches
+/// the app: gatehouse does not announce it, so the stream is reset before the chain.
+#[tokio::test]
+async fn cors_over_h2_plain_requests_pass_and_extended_connect_never_reaches_the_app() {
+    let (up, gh) = proxy_with("", "", CORS_MW).await;
+    let mut h2 = h2_connect(gh.port).await;
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", gh.port);
+    let plain = http::Request::get(url("/echo"))
+        .header("origin", "https://evil.example")
+        .body(empty())
+        .unwrap();
+    let resp = within(STEP, "h2 response", h2.send_request(plain))
+        .await
+        .expect("h2 response");
+    let resp = collect(resp).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(
+        resp.header("access-control-allow-origin").is_none(),
+        "{resp:?}"
+    );
+
+    let mut connect = http::Request::connect(url("/ws"))
+        .header("origin", "https://evil.example")
+        .body(empty())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    within(STEP, "h2 ready", h2.ready()).await.unwrap();
+    let answer = within(STEP, "extended CONNECT", h2.send_request(connect)).await;
+    let err = answer.expect_err("an extended CONNECT gets no response");
+    assert!(format!("{err:?}").contains("PROTOCOL_ERROR"), "{err:?}");
+    assert_eq!(
+        up.request_count(),
+        1,
+        "only the plain request reached the app"
+    );
 }
 
 // ----- body_limit -------------------------------------------------------------------------------

@@ -36,6 +36,10 @@ pub struct Context {
     /// When the upstream's response head arrived: the response phases that need "now"
     /// use it instead of reading the clock again microseconds later.
     pub upstream_answered: Option<Instant>,
+    /// The protocol an HTTP/1.1 `Upgrade` asks to switch to (`websocket`): the parser takes
+    /// the header out of the request, so the proxy tells the chain here. (HTTP/2's extended
+    /// CONNECT keeps its `:protocol` in the request, as `hyper::ext::Protocol`.)
+    pub upgrade: Option<HeaderValue>,
     /// What a `cors` middleware decided for a request carrying `Origin`.
     pub cors: Option<CorsVerdict>,
     /// The tightest `rate_limit` quota the request was counted against, for its
@@ -68,6 +72,7 @@ impl Context {
             subject: None,
             upstream_time: None,
             upstream_answered: None,
+            upgrade: None,
             cors: None,
             rate_limit: None,
             denied_by: None,

@@ -505,6 +505,7 @@ async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> R
         Instant::now(),
         0,
     );
+    ctx.upgrade = head.upgrade;
     let summary = summarize(Some(&parts), client_ip);
     // A gRPC call is answered with a gRPC status, as the proxy would.
     let grpc = grpc::is_grpc(&parts.headers);

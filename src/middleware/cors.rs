@@ -3,19 +3,25 @@
 //! requests it handles it owns the `access-control-*` response headers: what the app (or a
 //! middleware below) set is replaced, so a leftover permissive CORS layer in the app cannot
 //! widen `allow_origins`.
+//!
+//! Browsers apply no CORS to WebSockets: a page on any origin may open one, with the
+//! user's cookies, and read what comes back. So `cors` refuses a WebSocket handshake from an
+//! origin it does not allow, where it would only withhold its headers from a plain request.
 
 use http::header::{
     HeaderName, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
     ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS,
     ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
-    VARY,
+    RETRY_AFTER, VARY, WWW_AUTHENTICATE,
 };
-use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{request, response, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::ext::Protocol;
 use serde::Deserialize;
 
+use super::{Handles, Spec};
 use crate::chain::{Context, CorsVerdict, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
-use crate::config::{KeyPath, Problem};
+use crate::config::{KeyPath, MiddlewareEntry, Problem};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,13 +112,22 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
-        let join = |names: Vec<&str>| {
-            (!names.is_empty())
-                .then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
-        };
+    /// Built on its own: no other entry adds headers for it to expose.
+    fn build(&self, _: &str, _: &Handles) -> Box<dyn Middleware> {
+        self.build_exposing(&[])
+    }
+}
+
+impl Settings {
+    /// The middleware, exposing the headers the rest of its chain adds ([`chain_headers`])
+    /// besides `expose_headers`.
+    pub fn build_exposing(&self, chain_headers: &[HeaderName]) -> Box<dyn Middleware> {
+        Box::new(self.cors(chain_headers))
+    }
+
+    fn cors(&self, chain_headers: &[HeaderName]) -> Cors {
         let reflect_headers = self.reflects_headers();
-        Box::new(Cors {
+        Cors {
             any_origin: self.allow_origins.iter().any(|o| o == "*"),
             origins: self
                 .allow_origins
@@ -134,20 +149,74 @@ impl super::Settings for Settings {
                 )
             },
             reflect_headers,
-            expose_headers: join(self.expose_headers.iter().map(|h| h.0.as_str()).collect()),
+            expose_headers: exposed(&self.expose_headers, chain_headers),
             credentials: self.allow_credentials,
             max_age: HeaderValue::from(self.max_age.0.as_secs()),
-        })
+        }
     }
-}
 
-impl Settings {
     /// Whether preflights get the headers they ask for (`allow_headers` unset or `"*"`).
     fn reflects_headers(&self) -> bool {
         self.allow_headers
             .as_ref()
             .is_none_or(|list| list.iter().any(|h| h.0.as_str() == "*"))
     }
+}
+
+/// Names as one list header value, `None` for none.
+fn join(names: Vec<&str>) -> Option<HeaderValue> {
+    (!names.is_empty()).then(|| HeaderValue::from_str(&names.join(", ")).expect("validated tokens"))
+}
+
+/// `access-control-expose-headers`: the configured names, then those of `chain_headers` not
+/// among them.
+fn exposed(configured: &[HeaderNameValue], chain_headers: &[HeaderName]) -> Option<HeaderValue> {
+    let mut names: Vec<&str> = configured.iter().map(|h| h.0.as_str()).collect();
+    for name in chain_headers {
+        if !names.contains(&name.as_str()) {
+            names.push(name.as_str());
+        }
+    }
+    join(names)
+}
+
+/// The response headers that entries of `chain` add and a page cannot read unless they are
+/// exposed (none is CORS-safelisted): a `rate_limit`'s `ratelimit-*` and `retry-after`, an
+/// authentication's `www-authenticate`, a `request_id`'s header. Every `cors` entry of the
+/// chain exposes them, so a page reads what gatehouse tells it without the operator listing
+/// each. They are named when such an entry is anywhere in the chain: whether one can reach a
+/// given `cors` entry's responses (its place, its scope) is not worked out, since naming a
+/// header that never comes costs a few bytes and opens nothing. A fixed list would not know
+/// the request id header's name, and would announce `ratelimit-*` where nothing limits.
+pub fn chain_headers(chain: &[MiddlewareEntry<Spec>], handles: &Handles) -> Vec<HeaderName> {
+    let mut names = Vec::new();
+    for entry in chain {
+        match &entry.spec {
+            Spec::RateLimit(_) => names.extend([
+                HeaderName::from_static("ratelimit-limit"),
+                HeaderName::from_static("ratelimit-remaining"),
+                HeaderName::from_static("ratelimit-reset"),
+                RETRY_AFTER,
+            ]),
+            Spec::ApiKey(_) | Spec::BasicAuth(_) | Spec::Jwt(_) | Spec::ForwardAuth(_) => {
+                names.push(WWW_AUTHENTICATE)
+            }
+            // Its settings keep the header's name to themselves: it is the one header the
+            // middleware sets on a bare request.
+            Spec::RequestId(_) => {
+                let (mut req, ()) = Request::new(()).into_parts();
+                let ip = [127, 0, 0, 1].into();
+                let mut ctx = Context::new(ip, ip, false, std::time::Instant::now(), 0);
+                let _ = entry
+                    .spec
+                    .build(&entry.name, handles)
+                    .on_request(&mut req, &mut ctx);
+                names.extend(req.headers.keys().cloned());
+            }
+            _ => {}
+        }
+    }
+    names
 }
 
 enum OriginRule {
@@ -216,35 +285,29 @@ impl Cors {
             .then(|| origin.clone())
     }
 
-    /// The `204` to an allowed preflight, or the refusal.
-    fn preflight(&self, req: &request::Parts, origin: &HeaderValue) -> Flow<'static> {
-        let method = req
-            .headers
-            .get(ACCESS_CONTROL_REQUEST_METHOD)
-            .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
-        let allow_origin = match (self.allow_origin(origin), method) {
-            (Some(allow), Some(m)) if self.methods.contains(&m) => allow,
-            (Some(_), _) => {
-                return Flow::Reject(Reject::new(
-                    StatusCode::FORBIDDEN,
-                    Reason::MethodNotAllowed,
-                    "CORS preflight: method not allowed",
-                ))
-            }
-            (None, _) => {
-                return Flow::Reject(Reject::new(
-                    StatusCode::FORBIDDEN,
-                    Reason::OriginNotAllowed,
-                    "CORS preflight: origin not allowed",
-                ))
-            }
+    /// The `204` to an allowed preflight for `method` (its `access-control-request-method`),
+    /// or the refusal.
+    fn preflight(
+        &self,
+        req: &request::Parts,
+        origin: &HeaderValue,
+        method: &HeaderValue,
+    ) -> Flow<'static> {
+        let Some(allow_origin) = self.allow_origin(origin) else {
+            return Flow::Reject(Reject::new(
+                StatusCode::FORBIDDEN,
+                Reason::OriginNotAllowed,
+                "CORS preflight: origin not allowed",
+            ));
         };
+        if !Method::from_bytes(method.as_bytes()).is_ok_and(|m| self.methods.contains(&m)) {
+            return Flow::Reject(self.method_refused(method, allow_origin));
+        }
         let mut resp = Response::new(bytes::Bytes::new());
         *resp.status_mut() = StatusCode::NO_CONTENT;
         let h = resp.headers_mut();
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
-        if let Some(methods) = &self.allow_methods {
-            h.insert(ACCESS_CONTROL_ALLOW_METHODS, methods.clone());
+        for (name, value) in self.preflight_headers(allow_origin) {
+            h.append(name, value);
         }
         let allow_headers = if self.reflect_headers {
             req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS).cloned()
@@ -255,14 +318,60 @@ impl Cors {
             h.insert(ACCESS_CONTROL_ALLOW_HEADERS, headers);
         }
         h.insert(ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
-        if self.credentials {
-            h.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
-        }
-        if !self.any_origin {
-            h.append(VARY, VARY_PREFLIGHT.clone());
-        }
         Flow::Respond(resp)
     }
+
+    /// The headers of every answer to a preflight from an allowed origin.
+    fn preflight_headers(
+        &self,
+        allow_origin: HeaderValue,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        [
+            Some((ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin)),
+            self.allow_methods
+                .clone()
+                .map(|m| (ACCESS_CONTROL_ALLOW_METHODS, m)),
+            self.credentials
+                .then(|| (ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone())),
+            (!self.any_origin).then(|| (VARY, VARY_PREFLIGHT.clone())),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The refusal of a preflight from an allowed origin for a `method` not in
+    /// `allow_methods`: its message names both, and it carries the CORS headers of an allowed
+    /// origin, so that devtools show `access-control-allow-methods` and a browser's console
+    /// does not blame the origin ("no 'Access-Control-Allow-Origin' header"), which would
+    /// send the developer to `allow_origins`.
+    fn method_refused(&self, method: &HeaderValue, allow_origin: HeaderValue) -> Reject {
+        let allowed = self
+            .allow_methods
+            .as_ref()
+            .map_or("", |m| m.to_str().expect("method tokens"));
+        let message = format!(
+            "CORS preflight: method {} is not in allow_methods [{allowed}]",
+            String::from_utf8_lossy(method.as_bytes())
+        );
+        let mut reject = Reject::new(StatusCode::FORBIDDEN, Reason::MethodNotAllowed, message);
+        reject.headers.extend(self.preflight_headers(allow_origin));
+        reject
+    }
+}
+
+/// Whether the request opens a WebSocket: HTTP/1.1's `Upgrade: websocket` (compared whole,
+/// as the proxy does before it tunnels one), or HTTP/2's extended CONNECT with `:protocol`
+/// `websocket` (RFC 8441). gatehouse announces no extended CONNECT today, so none gets this
+/// far, but the rule does not depend on that.
+fn opens_websocket(req: &request::Parts, ctx: &Context) -> bool {
+    let websocket = |p: &[u8]| p.eq_ignore_ascii_case(b"websocket");
+    ctx.upgrade
+        .as_ref()
+        .is_some_and(|u| websocket(u.as_bytes()))
+        || req
+            .extensions
+            .get::<Protocol>()
+            .is_some_and(|p| websocket(p.as_str().as_bytes()))
 }
 
 /// Removes every `access-control-*` header (all of them are CORS response headers).
@@ -279,15 +388,24 @@ fn remove_cors_headers(headers: &mut HeaderMap) {
 
 impl Middleware for Cors {
     fn on_request(&self, req: &mut request::Parts, ctx: &mut Context) -> Flow<'_> {
+        // Without `Origin` no browser sent it: a WebSocket client of another kind passes.
         let Some(origin) = req.headers.get(ORIGIN) else {
             return Flow::Continue;
         };
-        if req.method == Method::OPTIONS && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
-        {
-            return self.preflight(req, origin);
+        if req.method == Method::OPTIONS {
+            if let Some(method) = req.headers.get(ACCESS_CONTROL_REQUEST_METHOD) {
+                return self.preflight(req, origin, method);
+            }
         }
         ctx.cors = Some(match self.allow_origin(origin) {
             Some(allow) => CorsVerdict::Allowed(allow),
+            None if opens_websocket(req, ctx) => {
+                return Flow::Reject(Reject::new(
+                    StatusCode::FORBIDDEN,
+                    Reason::OriginNotAllowed,
+                    "WebSocket handshake: origin not allowed",
+                ))
+            }
             None => CorsVerdict::Refused,
         });
         Flow::Continue
@@ -319,6 +437,155 @@ impl Middleware for Cors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn settings(toml: &str) -> Settings {
+        toml::from_str(toml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const APP: &str = "allow_origins = [\"https://app.example\"]\n";
+
+    /// The request phase's refusal, or `None` when it lets the request through.
+    fn refusal(cors: &Cors, req: &mut request::Parts, ctx: &mut Context) -> Option<Reject> {
+        match cors.on_request(req, ctx) {
+            Flow::Continue => None,
+            Flow::Reject(reject) => Some(reject),
+            _ => panic!("neither continue nor a refusal"),
+        }
+    }
+
+    fn context() -> Context {
+        let ip = [127, 0, 0, 1].into();
+        Context::new(ip, ip, false, std::time::Instant::now(), 0)
+    }
+
+    #[test]
+    fn expose_headers_add_the_chain_s_own_once_each() {
+        let source = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n\
+             [[middleware]]\ntype = \"request_id\"\nheader = \"x-trace-id\"\n\
+             [[middleware]]\ntype = \"cors\"\n{APP}expose_headers = [\"x-upstream\", \"Retry-After\"]\n\
+             [[middleware]]\ntype = \"rate_limit\"\nrate = \"10/s\"\n\
+             [[middleware]]\ntype = \"rate_limit\"\nname = \"second\"\nrate = \"100/m\"\n\
+             [[middleware]]\ntype = \"api_key\"\nkeys = [{{ id = \"a\", key = \"k\" }}]\n"
+        );
+        let config = Config::parse(std::path::Path::new("proxy.toml"), &source, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Spec::Cors(cors) = &config.middleware[1].spec else {
+            panic!("the second entry is cors");
+        };
+        let made = chain_headers(&config.middleware, &Handles::offline());
+        assert_eq!(
+            cors.cors(&made).expose_headers.unwrap(),
+            "x-upstream, retry-after, x-trace-id, ratelimit-limit, ratelimit-remaining, \
+             ratelimit-reset, www-authenticate"
+        );
+        // Alone, it exposes what it is told to, and nothing when told nothing.
+        assert_eq!(
+            cors.cors(&[]).expose_headers.unwrap(),
+            "x-upstream, retry-after"
+        );
+        assert_eq!(settings(APP).cors(&[]).expose_headers, None);
+        assert_eq!(
+            settings(APP).cors(&[RETRY_AFTER]).expose_headers.unwrap(),
+            "retry-after"
+        );
+    }
+
+    #[test]
+    fn a_preflight_for_a_method_not_allowed_names_it_and_allow_methods() {
+        let cors = settings(&format!(
+            "{APP}allow_methods = [\"GET\", \"POST\"]\nallow_credentials = true\n"
+        ))
+        .cors(&[]);
+        let asking = |origin: &str, method: &str| {
+            let (parts, ()) = Request::options("/items")
+                .header(ORIGIN, origin)
+                .header(ACCESS_CONTROL_REQUEST_METHOD, method)
+                .body(())
+                .unwrap()
+                .into_parts();
+            parts
+        };
+        let reject = refusal(
+            &cors,
+            &mut asking("https://app.example", "PUT"),
+            &mut context(),
+        )
+        .expect("refused");
+        assert_eq!(reject.reason, Reason::MethodNotAllowed);
+        assert_eq!(reject.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            reject.message,
+            "CORS preflight: method PUT is not in allow_methods [GET, POST]"
+        );
+        // The origin is allowed, and a browser is told so: what it refuses is the method.
+        let header = |name: HeaderName| {
+            let found = reject.headers.iter().find(|(n, _)| *n == name);
+            found.map(|(_, v)| v.to_str().unwrap())
+        };
+        assert_eq!(
+            header(ACCESS_CONTROL_ALLOW_ORIGIN),
+            Some("https://app.example")
+        );
+        assert_eq!(header(ACCESS_CONTROL_ALLOW_METHODS), Some("GET, POST"));
+        assert_eq!(header(ACCESS_CONTROL_ALLOW_CREDENTIALS), Some("true"));
+        // A refused origin is told nothing, whatever the method.
+        let reject = refusal(
+            &cors,
+            &mut asking("https://evil.example", "PUT"),
+            &mut context(),
+        )
+        .expect("refused");
+        assert_eq!(reject.reason, Reason::OriginNotAllowed);
+        assert!(reject.headers.is_empty(), "{:?}", reject.headers);
+        let mut allowed = asking("https://app.example", "POST");
+        assert!(matches!(
+            cors.on_request(&mut allowed, &mut context()),
+            Flow::Respond(resp) if resp.status() == StatusCode::NO_CONTENT
+        ));
+    }
+
+    #[test]
+    fn a_websocket_handshake_from_an_origin_not_allowed_is_refused() {
+        let cors = settings(APP).cors(&[]);
+        let get = |origin: Option<&str>| {
+            let mut req = Request::get("/ws");
+            if let Some(origin) = origin {
+                req = req.header(ORIGIN, origin);
+            }
+            req.body(()).unwrap().into_parts().0
+        };
+        let upgrading = || {
+            let mut ctx = context();
+            ctx.upgrade = Some(HeaderValue::from_static("WebSocket"));
+            ctx
+        };
+        let evil = Some("https://evil.example");
+        let reject = refusal(&cors, &mut get(evil), &mut upgrading()).expect("refused");
+        assert_eq!(
+            (reject.status, reject.reason),
+            (StatusCode::FORBIDDEN, Reason::OriginNotAllowed)
+        );
+        // HTTP/2's extended CONNECT, were it let through before the chain.
+        let mut connect = Request::connect("https://gatehouse.test/ws")
+            .header(ORIGIN, "https://evil.example")
+            .extension(Protocol::from_static("websocket"))
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert!(refusal(&cors, &mut connect, &mut context()).is_some());
+        // An allowed origin, a client without `Origin`, a plain request or another upgrade
+        // from a refused origin: through.
+        let app = Some("https://app.example");
+        assert!(refusal(&cors, &mut get(app), &mut upgrading()).is_none());
+        assert!(refusal(&cors, &mut get(None), &mut upgrading()).is_none());
+        assert!(refusal(&cors, &mut get(evil), &mut context()).is_none());
+        let mut h2c = context();
+        h2c.upgrade = Some(HeaderValue::from_static("h2c"));
+        assert!(refusal(&cors, &mut get(evil), &mut h2c).is_none());
+    }
 
     #[test]
     fn origin_rules() {

@@ -133,6 +133,8 @@ registry! {
 
 /// Builds the chain of a config's entries, in order.
 pub fn chain(entries: &[MiddlewareEntry<Spec>], handles: &Handles) -> Chain {
+    // `cors` entries expose the headers the other entries add, found once per chain.
+    let exposed = cors::chain_headers(entries, handles);
     Chain::new(
         entries
             .iter()
@@ -144,7 +146,10 @@ pub fn chain(entries: &[MiddlewareEntry<Spec>], handles: &Handles) -> Chain {
                     skip_paths: e.skip_paths.clone(),
                     methods: e.methods.clone(),
                 },
-                middleware: e.spec.build(&e.name, handles),
+                middleware: match &e.spec {
+                    Spec::Cors(cors) => cors.build_exposing(&exposed),
+                    spec => spec.build(&e.name, handles),
+                },
             })
             .collect(),
     )

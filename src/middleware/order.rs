@@ -1,8 +1,9 @@
 //! Chain orders that load fine but break clients, found at load so that `gatehouse check`
-//! and the start-up log can say so: an authentication middleware above a `cors` entry that
-//! shares requests with it. A browser's preflight carries no credentials, so the
-//! authentication refuses it and the browser never makes the call; and its refusals carry
-//! no CORS headers, so a page cannot even read them.
+//! and the start-up log can say so: a middleware that refuses requests (an authentication,
+//! `rate_limit`, `body_limit`, `ip_filter`) above a `cors` entry that shares requests with
+//! it. Its refusals carry no CORS headers, so a page cannot read them: a `429` or `413`
+//! reaches it as a bare network error. An authentication is worse: a browser's preflight
+//! carries no credentials, so it refuses that too and the browser never makes the call.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -12,23 +13,23 @@ use super::Spec;
 use crate::config::value::PathPattern;
 use crate::config::MiddlewareEntry;
 
-/// One warning per authentication entry and later `cors` entry whose scopes share a
-/// request, naming both, an example request and the fix.
+/// One warning per refusing entry and later `cors` entry whose scopes share a request,
+/// naming both, an example request and the fix.
 pub fn warnings(chain: &[MiddlewareEntry<Spec>]) -> Vec<String> {
     let mut out = Vec::new();
-    for (i, auth) in chain.iter().enumerate() {
-        if !is_authentication(&auth.spec) {
+    for (i, above) in chain.iter().enumerate() {
+        let Some(example) = example_method(&above.spec) else {
             continue;
-        }
+        };
         for cors in chain[i + 1..]
             .iter()
             .filter(|e| matches!(e.spec, Spec::Cors(_)))
         {
-            let Some((method, path)) = shared_request(auth, cors) else {
+            let Some((method, path)) = shared_request(above, cors, &example) else {
                 continue;
             };
-            let (a, c) = (&auth.name, &cors.name);
-            let harm = if method == Method::OPTIONS {
+            let (a, c) = (&above.name, &cors.name);
+            let harm = if method == Method::OPTIONS && is_authentication(&above.spec) {
                 format!(
                     "browsers' preflights carry no credentials, so \"{a}\" refuses them and \
                      the browser never makes the call; its refusals also carry no CORS \
@@ -42,7 +43,7 @@ pub fn warnings(chain: &[MiddlewareEntry<Spec>]) -> Vec<String> {
             out.push(format!(
                 "\"{a}\" ({}) comes before \"{c}\" (cors) on requests both handle, e.g. \
                  {method} {path}: {harm}. Move \"{c}\" above \"{a}\"",
-                auth.spec.kind()
+                above.spec.kind()
             ));
         }
     }
@@ -56,15 +57,28 @@ fn is_authentication(spec: &Spec) -> bool {
     )
 }
 
-/// A request both entries' scopes take, preferring a preflight (`OPTIONS`).
+/// For the types whose refusals a page above `cors` cannot read, the method a warning
+/// shows it with, where both scopes take it: a preflight for an authentication (which
+/// refuses every one), a body for `body_limit`, a plain call for the others.
+fn example_method(spec: &Spec) -> Option<Method> {
+    match spec {
+        _ if is_authentication(spec) => Some(Method::OPTIONS),
+        Spec::BodyLimit(_) => Some(Method::POST),
+        Spec::RateLimit(_) | Spec::IpFilter(_) => Some(Method::GET),
+        _ => None,
+    }
+}
+
+/// A request both entries' scopes take, preferring `method`.
 fn shared_request(
     a: &MiddlewareEntry<Spec>,
     b: &MiddlewareEntry<Spec>,
+    method: &Method,
 ) -> Option<(Method, String)> {
     let takes =
         |e: &MiddlewareEntry<Spec>, m: &Method| e.methods.is_empty() || e.methods.contains(m);
-    let method = if takes(a, &Method::OPTIONS) && takes(b, &Method::OPTIONS) {
-        Method::OPTIONS
+    let method = if takes(a, method) && takes(b, method) {
+        method.clone()
     } else {
         a.methods
             .iter()
@@ -404,8 +418,34 @@ mod tests {
             let found = warnings_for(&format!("[[middleware]]\n{auth}\n{CORS}"));
             assert_eq!(found.len(), 1, "{auth}: {found:?}");
         }
-        let others = "[[middleware]]\ntype = \"ip_filter\"\ndeny = [\"10.0.0.0/8\"]\n";
+        let others =
+            "[[middleware]]\ntype = \"headers\"\nresponse = { set = { \"x-a\" = \"1\" } }\n";
         assert!(warnings_for(&format!("{others}{CORS}")).is_empty());
+    }
+
+    #[test]
+    fn refusing_types_before_cors_are_named_with_the_fix() {
+        for (entry, example) in [
+            ("type = \"rate_limit\"\nrate = \"10/s\"", "GET /:"),
+            ("type = \"body_limit\"\nmax = \"1KiB\"", "POST /:"),
+            ("type = \"ip_filter\"\ndeny = [\"10.0.0.0/8\"]", "GET /:"),
+        ] {
+            let chain = format!("[[middleware]]\nname = \"guard\"\n{entry}\n{CORS}");
+            let found = warnings_for(&chain);
+            assert_eq!(found.len(), 1, "{entry}: {found:?}");
+            let kind = entry.split('"').nth(1).unwrap();
+            for part in [
+                &format!("\"guard\" ({kind}) comes before \"web\" (cors)"),
+                &format!("e.g. {example}"),
+                "its refusals carry no CORS headers, so a page cannot read them",
+                "Move \"web\" above \"guard\"",
+            ] {
+                assert!(found[0].contains(part), "{part:?} not in {found:?}");
+            }
+            assert!(!found[0].contains("credentials"), "{found:?}");
+            // Below cors, its refusals get cors's headers.
+            assert!(warnings_for(&format!("{CORS}[[middleware]]\n{entry}\n")).is_empty());
+        }
     }
 
     #[test]

@@ -227,6 +227,7 @@ impl Proxy {
             Ok(path) => path,
             Err(refused) => return self.answer(Answer::Reject(refused.into()), s),
         };
+        s.ctx.upgrade.clone_from(&upgrade);
         if let Some(answer) = self.chain.on_request(parts, &path, &mut s.ctx).await {
             return self.answer(answer, s);
         }

@@ -805,6 +805,22 @@ pub fn websocket_request(path: &str) -> http::Request<Body> {
         .unwrap()
 }
 
+/// Asserts that `resp` is a `101` whose tunnel carries bytes to the test upstream's `/ws`
+/// and back.
+pub async fn assert_websocket_echoes(resp: Response<Incoming>) {
+    assert_eq!(resp.status(), 101, "{resp:?}");
+    let upgraded = within(STEP, "upgrade", hyper::upgrade::on(resp))
+        .await
+        .expect("upgraded connection");
+    let mut io = TokioIo::new(upgraded);
+    io.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    within(STEP, "echo", io.read_exact(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(&back, b"hello");
+}
+
 /// A request builder for origin-form `path` (`H1` adds `Host: 127.0.0.1:PORT` unless the
 /// request has one).
 pub fn request(method: &str, path: &str) -> http::request::Builder {
