@@ -719,3 +719,14 @@ proptest! {
         }
     }
 }
+
+/// Found by the fuzzer: a request line naming another version was `505` whole but `400` fed
+/// a byte at a time, because the version was refused before its line had ended.
+#[test]
+fn a_version_is_judged_once_its_line_has_ended_however_it_is_read() {
+    let input = b"-GET / HTTP/0.1\r\nGPOST\x10";
+    for cuts in [&[][..], &[1, 1], &[3, 7]] {
+        let refused = request_head(input, 64 << 10, cuts).unwrap_err();
+        assert_eq!(refused.status, 505, "{cuts:?}");
+    }
+}

@@ -91,6 +91,15 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
                 "the request has more than 100 header lines",
             ))
         }
+        // httparse refuses a version at its first wrong byte: whether the line names
+        // another version (505) or is malformed (400) is known once it has ended, so
+        // that how the line was cut into reads cannot change the answer.
+        Err(httparse::Error::Version) if !buf.contains(&b'\n') => {
+            return match buf.len() > max_head {
+                true => Err(too_large),
+                false => Ok(None),
+            };
+        }
         // A well-formed request line of another version is 505; anything else that
         // trips the version check is a malformed line.
         Err(httparse::Error::Version) if names_a_version(buf) => {
