@@ -993,3 +993,65 @@ async fn idle_upstream_connections_close_after_idle_timeout_and_the_gauge_follow
         assert_eq!(app.arrived.load(SeqCst), BURST, "{protocol}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Logs under overload
+// ---------------------------------------------------------------------------------------------
+
+/// The JSON log lines of `stderr` whose message starts with `message`.
+fn log_lines(stderr: &str, message: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .collect()
+}
+
+/// A saturated app fails every request alike: rather than a line per request, the log gets
+/// one per interval, and the next one counts those it left out.
+#[tokio::test]
+async fn overloaded_requests_log_one_line_per_interval_with_a_count_of_the_rest() {
+    const FAILED: &str = "upstream request failed";
+    let (up, gh) = proxy_with(
+        "",
+        "max_connections = 1\nmax_pending = 0\ntimeout = \"5m\"",
+        "",
+    )
+    .await;
+    let port = gh.port;
+    // One request holds the only connection for the whole test.
+    let _held = tokio::spawn(async move { get(port, "/slow?ms=300000").await });
+    up.wait_for_requests(1).await;
+    // One at a time, so each failure is logged (or counted) before the next is sent.
+    let (sent, lines) = within(Duration::from_secs(120), "a line with a count", async {
+        let mut sent = 0u64;
+        loop {
+            get(port, "/echo")
+                .await
+                .assert_gatehouse_error(503, "unavailable");
+            sent += 1;
+            let lines = log_lines(&gh.stderr(), FAILED);
+            if sent >= 50 && lines.iter().any(|l| l["suppressed"].as_u64() > Some(0)) {
+                return (sent, lines);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(lines.len() <= 3, "{sent} failures, {} lines", lines.len());
+    assert!(
+        lines.iter().all(|l| l["kind"] == "overloaded"),
+        "{lines:#?}"
+    );
+    // Every failure is either a line or counted in the next one.
+    let accounted: u64 = lines
+        .iter()
+        .map(|l| 1 + l["suppressed"].as_u64().expect("a count on every line"))
+        .sum();
+    assert_eq!(accounted, sent, "{lines:#?}");
+    assert_eq!(up.request_count(), 1, "no failure reached the app");
+}
