@@ -148,8 +148,8 @@ impl Audit {
         decision == Decision::Deny || self.include == Include::All
     }
 
-    /// The `request_headers` values of a request, to go in its event; nothing is read (or
-    /// allocated) when none are configured.
+    /// The `request_headers` values of a request, to go in its event, read from its head
+    /// as the client sent it; nothing is read (or allocated) when none are configured.
     pub fn capture_headers(&self, headers: &HeaderMap) -> Vec<Option<HeaderValue>> {
         self.headers
             .iter()

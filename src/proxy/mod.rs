@@ -207,6 +207,11 @@ impl Proxy {
             session.user_agent = parts.headers.get(USER_AGENT).cloned();
         }
         session.grpc = grpc::is_grpc(&parts.headers);
+        // As the client sent them, before a middleware can change them, and whatever the
+        // request's end: a refused request's event has them too.
+        if let Some(audit) = &self.audit {
+            session.headers = audit.capture_headers(&parts.headers);
+        }
         session
     }
 
@@ -233,9 +238,6 @@ impl Proxy {
         };
         if let Some(answer) = self.chain.on_request(parts, &path, &mut s.ctx).await {
             return self.answer(answer, s);
-        }
-        if let Some(audit) = &self.audit {
-            s.headers = audit.capture_headers(&parts.headers);
         }
 
         // An upgrade gatehouse does not tunnel (h2c, say) is no upgrade: the request goes
