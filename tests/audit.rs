@@ -260,6 +260,117 @@ async fn events_carry_spec_fields() {
     assert!(out > 0 && out < 50 * "data: 49\n\n".len() as u64, "{out}");
 }
 
+/// An app that answers `/broken` with bytes that are no HTTP response (gatehouse answers
+/// `502`), and anything else with `200 ok`.
+async fn half_broken_app() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(head) = read_http_head(&mut stream, &mut buf).await else {
+                    return;
+                };
+                let reply: &[u8] = if head.starts_with("get /broken ") {
+                    b"this is not HTTP at all\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                };
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    (url, task)
+}
+
+/// The keys of an event, sorted.
+fn keys(event: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = event
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Whatever its end (allowed, refused by a middleware, refused by the HTTP/1 parser, failed
+/// upstream), an event has the same keys, and the `request_headers` are the client's.
+#[tokio::test]
+async fn every_event_has_the_same_keys_and_the_clients_request_headers() {
+    let (app, app_task) = half_broken_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let chain = "[[middleware]]\ntype = \"headers\"\nrequest = { set = { \"x-tenant\" = \"rewritten\" } }\n\n\
+                 [[middleware]]\ntype = \"api_key\"\npaths = [\"/private/**\"]\nkeys = [{ id = \"ci\", key = \"k\" }]\n\n\
+                 [audit]\nrequest_headers = [\"user-agent\", \"x-tenant\"]\n";
+    let gh = Gatehouse::start(
+        &config("", "", &format!("{chain}{FILE_SINK}")),
+        &[("upstream", &app), ("events", events.to_str().unwrap())],
+    )
+    .await;
+    let port = gh.port;
+    let from_client = |path: &str, agent: &str, tenant: &str| {
+        request("GET", path)
+            .header("user-agent", agent)
+            .header("x-tenant", tenant)
+            .body(empty())
+            .unwrap()
+    };
+    let allowed = send(port, from_client("/open", "probe/1", "acme")).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    send(port, from_client("/private/x", "probe/2", "t-9"))
+        .await
+        .assert_gatehouse_error(401, "unauthorized");
+    send(port, from_client("/broken", "probe/3", "t-3"))
+        .await
+        .assert_gatehouse_error(502, "bad_gateway");
+    let (raw, _) = raw_exchange(
+        port,
+        b"GET /malformed HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/4\r\nno colon here\r\n\r\n",
+        STEP,
+    )
+    .await;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+
+    let events = wait_for_events(&events, 4).await;
+    let (allowed, denied, failed, refused) = (
+        the_event(&events, "/open"),
+        the_event(&events, "/private/x"),
+        the_event(&events, "/broken"),
+        the_event(&events, "/malformed"),
+    );
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(failed["decision"], "error");
+    assert_eq!(
+        (refused["decision"].as_str(), refused["status"].as_u64()),
+        (Some("deny"), Some(400))
+    );
+    for other in [denied, failed, refused] {
+        assert_eq!(keys(other), keys(allowed), "{other}");
+    }
+    // The values the client sent, not the ones a middleware set before the request went on.
+    for (event, agent, tenant) in [
+        (allowed, "probe/1", "acme"),
+        (denied, "probe/2", "t-9"),
+        (failed, "probe/3", "t-3"),
+    ] {
+        assert_eq!(event["user_agent"], agent, "{event}");
+        assert_eq!(event["x_tenant"], tenant, "{event}");
+    }
+    // A head the parser refused was never read as a request: nothing of it is known.
+    assert_eq!(refused["user_agent"], Value::Null);
+    assert_eq!(refused["x_tenant"], Value::Null);
+    app_task.abort();
+}
+
 #[tokio::test]
 async fn include_denied_records_only_denials() {
     let mut s = Setup::start(&format!(

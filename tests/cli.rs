@@ -441,6 +441,29 @@ max = "lots"
 }
 
 #[test]
+fn a_size_without_a_unit_is_an_error() {
+    let err = check_invalid(
+        r#"[server]
+listen = "127.0.0.1:18080"
+
+[upstream]
+url = "http://127.0.0.1:18000"
+
+[[middleware]]
+type = "body_limit"
+max = "10"
+"#,
+    );
+    assert_location(&err, 9);
+    assert_mentions(&err, "middleware[0].max");
+    assert_mentions(
+        &err,
+        "invalid size \"10\": expected a unit after the number",
+    );
+    assert_mentions(&err, "\"10B\" (bytes)");
+}
+
+#[test]
 fn bad_size_in_server_is_an_error() {
     assert_invalid_at(
         r#"[server]

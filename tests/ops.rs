@@ -874,3 +874,184 @@ async fn sigterm_lets_a_slow_request_and_a_stream_finish_and_closes_idle_connect
     gh.assert_exits_with(0).await;
     assert_eq!(up.request_count(), 4);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Idle connections to the app
+// ---------------------------------------------------------------------------------------------
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+/// An app (HTTP/1.1 and h2c) that holds every request until released, counting the requests
+/// that arrived and the connections open on its side.
+struct HoldingApp {
+    url: String,
+    arrived: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    release: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldingApp {
+    async fn start() -> HoldingApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (arrived, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let release = tokio::sync::watch::channel(false).0;
+        let (counted, opened, released) = (arrived.clone(), open.clone(), release.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                opened.fetch_add(1, SeqCst);
+                let (counted, opened, released) =
+                    (counted.clone(), opened.clone(), released.clone());
+                let service = hyper::service::service_fn(move |_req| {
+                    counted.fetch_add(1, SeqCst);
+                    let mut released = released.subscribe();
+                    async move {
+                        let _ = released.wait_for(|r| *r).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(full("held")))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                    opened.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        HoldingApp {
+            url,
+            arrived,
+            open,
+            release,
+            task,
+        }
+    }
+}
+
+impl Drop for HoldingApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// After a burst, with no request since to notice them, the app's connections are closed
+/// once idle past `upstream.idle_timeout`, and the gauge of open connections follows.
+#[tokio::test]
+async fn idle_upstream_connections_close_after_idle_timeout_and_the_gauge_follows() {
+    const BURST: usize = 8;
+    let gauge = "gatehouse_upstream_connections";
+    for protocol in ["http1", "h2c"] {
+        let app = HoldingApp::start().await;
+        let admin = free_port();
+        let template = config(
+            "workers = 2",
+            &format!("idle_timeout = \"300ms\"\nprotocol = \"{protocol}\""),
+            &admin_section(None),
+        );
+        let gh = Gatehouse::start(
+            &template,
+            &[("upstream", &app.url), ("admin", &admin.to_string())],
+        )
+        .await;
+        let port = gh.port;
+        let burst: Vec<_> = (0..BURST)
+            .map(|_| tokio::spawn(async move { get(port, "/held").await }))
+            .collect();
+        within(STEP, "the burst to reach the app", async {
+            while app.arrived.load(SeqCst) < BURST {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        // While the requests are held, every connection is open and counted.
+        let open = app.open.load(SeqCst);
+        let expected = if protocol == "http1" { BURST } else { 1 };
+        assert!(open >= expected, "{protocol}: {open} connections");
+        wait_sample(admin, gauge, open as f64).await;
+        app.release.send_replace(true);
+        for answer in burst {
+            assert_eq!(answer.await.unwrap().status, 200, "{protocol}");
+        }
+        // Nothing more reaches the app: its idle connections are closed all the same.
+        within(
+            Duration::from_secs(20),
+            "the idle connections to close",
+            async {
+                loop {
+                    let text = scrape(admin).await;
+                    if app.open.load(SeqCst) == 0 && sample(&text, gauge) == 0.0 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        )
+        .await;
+        assert_eq!(app.arrived.load(SeqCst), BURST, "{protocol}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs under overload
+// ---------------------------------------------------------------------------------------------
+
+/// The JSON log lines of `stderr` whose message starts with `message`.
+fn log_lines(stderr: &str, message: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .collect()
+}
+
+/// A saturated app fails every request alike: rather than a line per request, the log gets
+/// one per interval, and the next one counts those it left out.
+#[tokio::test]
+async fn overloaded_requests_log_one_line_per_interval_with_a_count_of_the_rest() {
+    const FAILED: &str = "upstream request failed";
+    let (up, gh) = proxy_with(
+        "",
+        "max_connections = 1\nmax_pending = 0\ntimeout = \"5m\"",
+        "",
+    )
+    .await;
+    let port = gh.port;
+    // One request holds the only connection for the whole test.
+    let _held = tokio::spawn(async move { get(port, "/slow?ms=300000").await });
+    up.wait_for_requests(1).await;
+    // One at a time, so each failure is logged (or counted) before the next is sent.
+    let (sent, lines) = within(Duration::from_secs(120), "a line with a count", async {
+        let mut sent = 0u64;
+        loop {
+            get(port, "/echo")
+                .await
+                .assert_gatehouse_error(503, "unavailable");
+            sent += 1;
+            let lines = log_lines(&gh.stderr(), FAILED);
+            if sent >= 50 && lines.iter().any(|l| l["suppressed"].as_u64() > Some(0)) {
+                return (sent, lines);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(lines.len() <= 3, "{sent} failures, {} lines", lines.len());
+    assert!(
+        lines.iter().all(|l| l["kind"] == "overloaded"),
+        "{lines:#?}"
+    );
+    // Every failure is either a line or counted in the next one.
+    let accounted: u64 = lines
+        .iter()
+        .map(|l| 1 + l["suppressed"].as_u64().expect("a count on every line"))
+        .sum();
+    assert_eq!(accounted, sent, "{lines:#?}");
+    assert_eq!(up.request_count(), 1, "no failure reached the app");
+}

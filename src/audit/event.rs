@@ -60,7 +60,8 @@ pub struct Event<'a> {
     pub trace: Option<(TraceId, SpanId)>,
     /// The gRPC status the client saw, for a gRPC call.
     pub grpc_status: Option<u16>,
-    /// One value per `request_headers` entry, in order.
+    /// The values of the `request_headers` entries, in order; empty when none were read
+    /// (a head the HTTP/1 parser refused).
     pub headers: &'a [Option<HeaderValue>],
 }
 
@@ -133,11 +134,12 @@ impl Event<'_> {
             Some(code) => push_int(&mut out, code),
             None => out.extend_from_slice(b"null"),
         }
-        for (name, value) in fields.iter().zip(self.headers) {
+        // Every field, known or not: an event's keys never depend on how the request ended.
+        for (i, name) in fields.iter().enumerate() {
             out.push(b',');
             push_str(&mut out, name);
             out.push(b':');
-            push_header(&mut out, value.as_ref());
+            push_header(&mut out, self.headers.get(i).and_then(Option::as_ref));
         }
         out.push(b'}');
         out
@@ -286,6 +288,26 @@ mod tests {
         assert_eq!(json["completed"], false);
         assert_eq!(json["duration_ms"], 0.0);
         assert_eq!(json["upstream_ms"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn request_header_fields_are_written_even_when_none_were_read() {
+        let uri = Uri::from_static("/");
+        let fields = ["user_agent".to_owned(), "x_tenant".to_owned()];
+        let read = [Some(HeaderValue::from_static("t/1")), None];
+        let keys = |headers| {
+            let json: serde_json::Value =
+                serde_json::from_slice(&event(&uri, headers).to_json(&fields)).unwrap();
+            let mut keys: Vec<String> = json.as_object().unwrap().keys().cloned().collect();
+            keys.sort_unstable();
+            (keys, json)
+        };
+        let (with_values, json) = keys(&read);
+        assert_eq!(json["user_agent"], "t/1");
+        let (without, json) = keys(&[]);
+        assert_eq!(with_values, without);
+        assert_eq!(json["user_agent"], serde_json::Value::Null);
+        assert_eq!(json["x_tenant"], serde_json::Value::Null);
     }
 
     #[test]

@@ -148,8 +148,8 @@ impl Audit {
         decision == Decision::Deny || self.include == Include::All
     }
 
-    /// The `request_headers` values of a request, to go in its event; nothing is read (or
-    /// allocated) when none are configured.
+    /// The `request_headers` values of a request, to go in its event, read from its head
+    /// as the client sent it; nothing is read (or allocated) when none are configured.
     pub fn capture_headers(&self, headers: &HeaderMap) -> Vec<Option<HeaderValue>> {
         self.headers
             .iter()
@@ -164,7 +164,7 @@ impl Audit {
         if self.queue.try_send(json).is_err() {
             self.queue_dropped.fetch_add(1, Relaxed);
             self.metrics.audit_dropped.inc();
-            if self.full_warning.ready() {
+            if self.full_warning.ready().is_some() {
                 tracing::warn!(
                     dropped_total = self.metrics.audit_dropped.get(),
                     "audit queue full: events are being dropped (raise audit.queue_capacity or check the sinks)"
@@ -388,7 +388,7 @@ async fn journal_tick(
                 }
                 if dropped > 0 {
                     sink.drop_events(dropped);
-                    if sink.spool_warning.ready() {
+                    if sink.spool_warning.ready().is_some() {
                         tracing::warn!(sink = %sink.name, dropped, "audit spool over spool_max_bytes: dropped its oldest events");
                     }
                 }
@@ -431,7 +431,7 @@ async fn sync_journals(
         let journals = journals.clone();
         let synced = sink::blocking(move || journals.iter().try_for_each(|j| j.sync())).await;
         if let Err(e) = synced {
-            if warning.ready() {
+            if warning.ready().is_some() {
                 tracing::error!(error = %e, "audit spool fsync failed: a machine crash may lose more than fsync_interval of events");
             }
         }
@@ -463,18 +463,34 @@ fn report_removed_sinks(dir: &std::path::Path, config: &AuditConfig) {
     }
 }
 
-/// Lets a warning through at most once per 10 seconds.
+/// Lets a warning through at most once per 10 seconds, and counts the ones it holds back
+/// meanwhile, for the next line to say how many there were: a failure repeated by every
+/// request must not flood the log.
 #[derive(Default)]
-struct Throttle(AtomicU64);
+pub struct Throttle {
+    /// When a line last went through, in seconds since the epoch (0: never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
 
 impl Throttle {
-    fn ready(&self) -> bool {
+    /// `Some(n)` when a line may be logged now, `n` lines having been held back since the
+    /// last one; `None` (and one more held back) when not.
+    pub fn ready(&self) -> Option<u64> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let last = self.0.load(Relaxed);
-        (last == 0 || now >= last + 10)
-            && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+        let last = self.last.load(Relaxed);
+        if (last == 0 || now >= last + 10)
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
     }
 }
 
@@ -539,6 +555,23 @@ mod tests {
         waited
             .await
             .unwrap_or_else(|_| panic!("{what}: not within 10s"));
+    }
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let throttle = Throttle::default();
+        assert_eq!(throttle.ready(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(throttle.ready(), None);
+        }
+        // As if the last line went out an interval ago.
+        throttle.last.fetch_sub(10, Relaxed);
+        assert_eq!(
+            throttle.ready(),
+            Some(5),
+            "the next line counts the held-back ones"
+        );
+        assert_eq!(throttle.ready(), None);
     }
 
     #[tokio::test]

@@ -62,7 +62,7 @@ impl SinkState {
     /// The sink's buffer was full: this sink misses the event, the others do not.
     pub fn overflow(&self) {
         self.drop_events(1);
-        if self.overflow_warning.ready() {
+        if self.overflow_warning.ready().is_some() {
             tracing::warn!(sink = %self.name, dropped_total = self.dropped.get(), "audit sink too slow: its buffer is full and events are dropped for it");
         }
     }
@@ -253,7 +253,7 @@ impl Worker {
         self.state.delivered.inc_by(n as u64);
         let (j, end) = (journal.clone(), taken.end);
         if let Err(e) = blocking(move || j.ack(end)).await {
-            if self.state.spool_warning.ready() {
+            if self.state.spool_warning.ready().is_some() {
                 tracing::warn!(sink = %self.state.name, error = %e, "cannot move the audit spool's cursor: after a restart, delivered events may be delivered again");
             }
         }

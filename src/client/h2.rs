@@ -5,7 +5,9 @@
 //!
 //! Unlike an HTTP/1 exchange, a connection has a task of its own (hyper's), and it polls
 //! the request body: the body is owned and sent as it comes while the response streams
-//! back, so both directions are open at once (bidirectional gRPC calls).
+//! back, so both directions are open at once (bidirectional gRPC calls). A connection the
+//! pool drops (idle past the idle timeout, by a request or the shard's [`Sweeper`]) ends
+//! its task once its streams are done, and gives its place under the limit back.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -24,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, Connection, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::{Endpoint, Error, Slot, Stream};
+use super::{lock, Endpoint, Error, Slot, Stream, Sweep, Sweeper};
 
 /// What a request body's failure is, for hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,6 +44,7 @@ struct Shard {
     /// One connect at a time per shard: requests that find every connection full while one
     /// is being opened wait for its streams instead of each opening a connection.
     connecting: tokio::sync::Mutex<()>,
+    sweeper: Sweeper,
 }
 
 /// One connection, as its shard keeps it.
@@ -75,10 +78,14 @@ impl Conn {
     fn has_room(&self) -> bool {
         self.open.load(Relaxed) < self.max_streams()
     }
-}
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether it is still worth keeping as of `now`: open, and busy or idle for no longer
+    /// than `idle_timeout`.
+    fn is_kept(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.is_open()
+            && (self.open.load(Relaxed) > 0
+                || now.saturating_duration_since(self.used) <= idle_timeout)
+    }
 }
 
 /// A stream's place on its connection, given back when the response is done with.
@@ -104,6 +111,7 @@ impl Pool {
                 .map(|_| Shard {
                     conns: Mutex::default(),
                     connecting: tokio::sync::Mutex::const_new(()),
+                    sweeper: Sweeper::default(),
                 })
                 .collect(),
             idle_timeout,
@@ -112,6 +120,22 @@ impl Pool {
 
     fn shard(&self, shard: usize) -> &Shard {
         &self.shards[shard % self.shards.len()]
+    }
+}
+
+impl Sweep for Pool {
+    fn expire(&self, shard: usize, now: Instant) -> Option<Instant> {
+        let mut conns = lock(&self.shard(shard).conns);
+        conns.retain(|c| c.is_kept(now, self.idle_timeout));
+        // A busy connection goes idle unannounced: it is looked at again an idle time on.
+        conns
+            .iter()
+            .map(|c| match c.open.load(Relaxed) {
+                0 => c.used,
+                _ => now,
+            })
+            .min()
+            .map(|since| since + self.idle_timeout)
     }
 }
 
@@ -128,11 +152,7 @@ impl Shard {
         idle_timeout: Duration,
     ) -> Option<Sent> {
         let mut conns = lock(&self.conns);
-        conns.retain(|c| {
-            c.is_open()
-                && (c.open.load(Relaxed) > 0
-                    || now.saturating_duration_since(c.used) <= idle_timeout)
-        });
+        conns.retain(|c| c.is_kept(now, idle_timeout));
         let conn = if queue {
             conns.iter_mut().min_by_key(|c| c.open.load(Relaxed))
         } else {
@@ -210,7 +230,7 @@ impl Endpoint {
 
     async fn exchange_h2(
         &self,
-        pool: &Pool,
+        pool: &Arc<Pool>,
         shard: usize,
         mut req: Request<Outgoing>,
         now: Instant,
@@ -242,12 +262,12 @@ impl Endpoint {
     /// the least busy one.
     async fn h2_stream(
         &self,
-        pool: &Pool,
-        shard: usize,
+        pool: &Arc<Pool>,
+        index: usize,
         req: Request<Outgoing>,
         now: Instant,
     ) -> Result<Sent, Error> {
-        let shard = pool.shard(shard);
+        let shard = pool.shard(index);
         let mut req = Some(req);
         let send = |req: &mut _, queue| shard.send(req, queue, now, pool.idle_timeout);
         if let Some(sent) = send(&mut req, false) {
@@ -271,6 +291,7 @@ impl Endpoint {
         // request's future.
         let conn = Box::pin(self.connect_h2(slot)).await?;
         lock(&shard.conns).push(conn);
+        shard.sweeper.wake(pool, index);
         send(&mut req, true).ok_or_else(|| Error::Reset(io::ErrorKind::ConnectionAborted.into()))
     }
 
@@ -427,6 +448,32 @@ mod tests {
         let (endpoint, connections) = app(2, 6).await;
         at_once(&endpoint, 6).await;
         assert_eq!(connections.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_past_the_idle_timeout_with_no_request_to_notice() {
+        let (app, connections) = app(100, 0).await;
+        let open = prometheus_client::metrics::gauge::Gauge::default();
+        let limit = super::super::Limit::new(8, 8, open.clone(), Default::default());
+        let endpoint = Endpoint::new(
+            app.target.clone(),
+            Duration::from_secs(5),
+            Duration::from_millis(300),
+            1,
+        )
+        .with_limit(limit)
+        .with_h2();
+        assert_eq!(call(&endpoint, "/").await, "ok");
+        assert_eq!(connections.load(Relaxed), 1);
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while endpoint.h2.as_ref().unwrap().connections(0) > 0 || open.get() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        waited.await.expect("the idle connection closed within 10s");
+        let pool = Arc::downgrade(endpoint.h2.as_ref().unwrap());
+        drop(endpoint);
+        assert!(pool.upgrade().is_none(), "the sweeper holds its pool");
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@
 //!
 //! An HTTP/1.1 connection has no task of its own: the request that holds it writes the
 //! request and reads the response head, and the response body reads the rest as the caller
-//! takes it, so an exchange runs in the caller's task with no channel hop.
+//! takes it, so an exchange runs in the caller's task with no channel hop. Idle connections
+//! are closed once past the idle timeout by each shard's [`Sweeper`], which requests never
+//! touch.
 
 mod body;
 pub mod collector;
@@ -19,7 +21,7 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,7 +33,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use body::{Body, Upgraded};
 pub use h2::{Body as H2Body, BoxError};
@@ -78,7 +80,7 @@ pub struct Endpoint {
     connect_timeout: Duration,
     pool: Arc<Pool>,
     /// Present when requests go to the app over HTTP/2.
-    h2: Option<h2::Pool>,
+    h2: Option<Arc<h2::Pool>>,
     limit: Option<Limit>,
 }
 
@@ -199,9 +201,7 @@ impl Endpoint {
             target,
             connect_timeout,
             pool: Arc::new(Pool {
-                shards: (0..shards.max(1))
-                    .map(|_| Mutex::new(VecDeque::new()))
-                    .collect(),
+                shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
                 idle_timeout,
                 waiting: None,
             }),
@@ -213,10 +213,10 @@ impl Endpoint {
     /// Sends requests over HTTP/2 with prior knowledge (see [`Endpoint::send_h2`]); the
     /// HTTP/1.1 pool stays for upgrades and side channels.
     pub fn with_h2(mut self) -> Endpoint {
-        self.h2 = Some(h2::Pool::new(
+        self.h2 = Some(Arc::new(h2::Pool::new(
             self.pool.shards.len(),
             self.pool.idle_timeout,
-        ));
+        )));
         self
     }
 
@@ -662,8 +662,17 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A shard's idle connections, oldest first, each with the time it went idle.
-type Shard = Mutex<VecDeque<(Conn, Instant)>>;
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A shard's idle connections, in the order they came back, each with the time it went
+/// idle, and the sweeper that closes them once they pass it.
+#[derive(Default)]
+struct Shard {
+    idle: Mutex<VecDeque<(Conn, Instant)>>,
+    sweeper: Sweeper,
+}
 
 /// Idle connections of one endpoint.
 struct Pool {
@@ -683,11 +692,7 @@ impl Pool {
     async fn checkout(&self, shard: usize, now: Instant) -> Option<Conn> {
         loop {
             // The lock is released before any await.
-            let (conn, since) = self
-                .shard(shard)
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_back()?;
+            let (conn, since) = lock(&self.shard(shard).idle).pop_back()?;
             if now.saturating_duration_since(since) <= self.idle_timeout
                 && poll_fn(|cx| Poll::Ready(conn.io.poll_idle_alive(cx))).await
             {
@@ -699,11 +704,12 @@ impl Pool {
     /// Pools `conn`, idle since `since`: the time its last response head arrived, which
     /// is never later than when the peer started its keep-alive timer, so a connection is
     /// retired early rather than late (a long stream makes its connection retire at once).
-    fn checkin(&self, shard: usize, conn: Conn, since: Instant) {
+    fn checkin(self: &Arc<Self>, shard: usize, conn: Conn, since: Instant) {
         if self.waiting.as_ref().is_some_and(|w| w.load(Relaxed) > 0) {
             return;
         }
-        let mut idle = self.shard(shard).lock().unwrap_or_else(|e| e.into_inner());
+        let shard = shard % self.shards.len();
+        let mut idle = lock(&self.shards[shard].idle);
         // The oldest connections sit at the front: drop those past their idle time.
         while idle
             .front()
@@ -711,15 +717,22 @@ impl Pool {
         {
             idle.pop_front();
         }
-        if idle.len() < MAX_IDLE_PER_SHARD {
-            idle.push_back((conn, since));
+        if idle.len() >= MAX_IDLE_PER_SHARD {
+            return;
+        }
+        idle.push_back((conn, since));
+        let first = idle.len() == 1;
+        drop(idle);
+        // Only a sweeper that found the shard empty waits to hear of a connection.
+        if first {
+            self.shards[shard].sweeper.wake(self, shard);
         }
     }
 
     /// Closes the oldest idle connection of any shard; false when none is idle.
     fn close_one_idle(&self) -> bool {
         self.shards.iter().any(|shard| {
-            let closed = shard.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+            let closed = lock(&shard.idle).pop_front();
             closed.is_some()
         })
     }
@@ -727,7 +740,72 @@ impl Pool {
     /// Idle connections in `shard`, for tests.
     #[cfg(test)]
     fn idle(&self, shard: usize) -> usize {
-        self.shard(shard).lock().unwrap().len()
+        self.shard(shard).idle.lock().unwrap().len()
+    }
+}
+
+impl Sweep for Pool {
+    fn expire(&self, shard: usize, now: Instant) -> Option<Instant> {
+        let mut idle = lock(&self.shard(shard).idle);
+        // Not only the front: a connection that streamed long comes back already old.
+        idle.retain(|(_, since)| now.saturating_duration_since(*since) <= self.idle_timeout);
+        idle.iter()
+            .map(|(_, since)| *since + self.idle_timeout)
+            .min()
+    }
+}
+
+/// A pool, as its sweepers see it.
+trait Sweep: Send + Sync + 'static {
+    /// Closes the connections of `shard` past their idle time as of `now`; returns when to
+    /// look again, `None` when the shard holds no connection.
+    fn expire(&self, shard: usize, now: Instant) -> Option<Instant>;
+}
+
+/// The task that closes a shard's connections once idle past the idle timeout, so a shard
+/// no request comes to does not keep them open (and counted) forever. The first connection
+/// the shard pools starts it on that thread, the shard's own: it closes connections where
+/// they were made, sharing nothing with other workers. It sleeps until the next one
+/// expires; with none left it waits, with no timer, until a request pools one in the empty
+/// shard and wakes it (requests never arm its timer). It holds its pool only while it
+/// sweeps, so a pool that a reload replaced is freed when its last request ends.
+#[derive(Default)]
+struct Sweeper(OnceLock<Arc<Notify>>);
+
+impl Sweeper {
+    /// Tells the sweeper of `pool`'s `shard` that the shard holds a connection again,
+    /// starting it the first time.
+    fn wake<P: Sweep>(&self, pool: &Arc<P>, shard: usize) {
+        self.0
+            .get_or_init(|| {
+                let wake = Arc::new(Notify::new());
+                tokio::spawn(sweep(Arc::downgrade(pool), shard, wake.clone()));
+                wake
+            })
+            .notify_one();
+    }
+}
+
+impl Drop for Sweeper {
+    /// The pool is gone: a sweeper waiting for a connection ends.
+    fn drop(&mut self) {
+        if let Some(wake) = self.0.get() {
+            wake.notify_one();
+        }
+    }
+}
+
+async fn sweep<P: Sweep>(pool: Weak<P>, shard: usize, wake: Arc<Notify>) {
+    loop {
+        // The pool is held only for this statement, never across the wait.
+        let next = match pool.upgrade() {
+            Some(pool) => pool.expire(shard, Instant::now()),
+            None => return,
+        };
+        match next {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => wake.notified().await,
+        }
     }
 }
 
@@ -841,6 +919,60 @@ mod tests {
         assert_eq!(endpoint.pool.idle(0), 0, "an expired connection is dropped");
         get(&endpoint, Method::GET).await.unwrap();
         assert_eq!(connections.load(Relaxed), 2);
+    }
+
+    /// Polls `done` every 10 ms for up to 10 s.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within 10s"));
+    }
+
+    /// An endpoint for the app of `endpoint` keeping idle connections for `idle`, its open
+    /// connections counted in the returned gauge.
+    fn with_idle_timeout(endpoint: &Endpoint, idle: Duration) -> (Endpoint, Gauge) {
+        let open = Gauge::default();
+        let endpoint = Endpoint::new(endpoint.target.clone(), Duration::from_secs(5), idle, 2)
+            .with_limit(Limit::new(8, 8, open.clone(), Gauge::default()));
+        (endpoint, open)
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_past_the_idle_timeout_with_no_request_to_notice() {
+        let (app, connections) = app(Script::Answer).await;
+        let (endpoint, open) = with_idle_timeout(&app, Duration::from_millis(300));
+        // Two connections at once, both pooled in shard 0.
+        let (a, b) = tokio::join!(get(&endpoint, Method::GET), get(&endpoint, Method::GET));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(connections.load(Relaxed), 2);
+        until("the idle connections closed", || {
+            endpoint.pool.idle(0) == 0 && open.get() == 0
+        })
+        .await;
+        // The pool works on: the next request opens a new connection, closed in turn.
+        get(&endpoint, Method::GET).await.unwrap();
+        assert_eq!(connections.load(Relaxed), 3);
+        until("the new one closed too", || open.get() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_sweeper_does_not_keep_its_pool_alive() {
+        let (app, _) = app(Script::Answer).await;
+        let (endpoint, open) = with_idle_timeout(&app, Duration::from_secs(60));
+        get(&endpoint, Method::GET).await.unwrap();
+        assert_eq!(endpoint.pool.idle(0), 1);
+        // Let the sweeper start and go to sleep until the connection expires.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let pool = Arc::downgrade(&endpoint.pool);
+        drop(endpoint);
+        assert!(pool.upgrade().is_none(), "the sweeper holds its pool");
+        assert_eq!(open.get(), 0, "the dropped pool's connection is closed");
     }
 
     #[tokio::test]

@@ -75,6 +75,8 @@ impl fmt::Display for Duration {
 }
 
 /// A byte size written as `"512KiB"`, `"1MiB"`, `"1GiB"`, `"100B"` (or `"64KB"` for 1000-based).
+/// The unit is required, as a duration's is: a bare `"10"` could mean anything, so it is
+/// refused rather than taken for bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
@@ -86,7 +88,12 @@ impl FromStr for ByteSize {
         };
         let (num, unit) = split_number(s.trim()).ok_or_else(expected)?;
         let mult: u64 = match unit {
-            "B" | "" => 1,
+            "" => {
+                return Err(format!(
+                    "invalid size {s:?}: expected a unit after the number, such as \"{num}B\" (bytes), \"{num}KiB\" or \"{num}MiB\""
+                ))
+            }
+            "B" => 1,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
@@ -451,9 +458,24 @@ mod tests {
         assert_eq!("512KiB".parse::<ByteSize>().unwrap().0, 512 * 1024);
         assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
         assert_eq!("100B".parse::<ByteSize>().unwrap().0, 100);
+        assert_eq!("64KB".parse::<ByteSize>().unwrap().0, 64_000);
         assert!("1 parsec".parse::<ByteSize>().is_err());
         assert!("99999999999999GiB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(64 << 10).to_string(), "64KiB");
+    }
+
+    #[test]
+    fn a_size_without_a_unit_is_refused() {
+        for bare in ["10", " 10 ", "0"] {
+            let err = bare.parse::<ByteSize>().unwrap_err();
+            assert!(
+                err.contains("expected a unit after the number"),
+                "{bare}: {err}"
+            );
+        }
+        let err = "10".parse::<ByteSize>().unwrap_err();
+        assert!(err.contains("\"10B\" (bytes)"), "{err}");
+        assert_eq!("10B".parse::<ByteSize>().unwrap().0, 10);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub use body::Body;
 pub use forwarded::{client_ip, Client};
 pub use session::{ResponseBody, Session};
 
-use crate::audit::{Audit, Decision};
+use crate::audit::{Audit, Decision, Throttle};
 use crate::chain::{path, Answer, Chain, Context, Reason, Reject};
 use crate::client::{self, Endpoint, Target};
 use crate::config::value::{Cidr, UpstreamUrl};
@@ -56,6 +56,8 @@ pub struct Proxy {
     tracer: Option<Arc<Tracer>>,
     /// `gatehouse_upstream_errors_total{kind}`, by [`client::Error::KINDS`] index.
     upstream_errors: Box<[Counter]>,
+    /// The log lines of upstream failures, by the same index.
+    upstream_warnings: Box<[Throttle]>,
 }
 
 impl Proxy {
@@ -83,6 +85,10 @@ impl Proxy {
             upstream_errors: client::Error::KINDS
                 .iter()
                 .map(|kind| handles.metrics.upstream_errors(kind))
+                .collect(),
+            upstream_warnings: client::Error::KINDS
+                .iter()
+                .map(|_| Throttle::default())
                 .collect(),
             handles: handles.clone(),
             audit,
@@ -203,6 +209,11 @@ impl Proxy {
             session.user_agent = parts.headers.get(USER_AGENT).cloned();
         }
         session.grpc = grpc::is_grpc(&parts.headers);
+        // As the client sent them, before a middleware can change them, and whatever the
+        // request's end: a refused request's event has them too.
+        if let Some(audit) = &self.audit {
+            session.headers = audit.capture_headers(&parts.headers);
+        }
         session
     }
 
@@ -230,9 +241,6 @@ impl Proxy {
         s.ctx.upgrade.clone_from(&upgrade);
         if let Some(answer) = self.chain.on_request(parts, &path, &mut s.ctx).await {
             return self.answer(answer, s);
-        }
-        if let Some(audit) = &self.audit {
-            s.headers = audit.capture_headers(&parts.headers);
         }
 
         // An upgrade gatehouse does not tunnel (h2c, say) is no upgrade: the request goes
@@ -445,8 +453,17 @@ impl Proxy {
     }
 
     fn upstream_failed(&self, e: client::Error, s: &mut Session) -> Response<Body> {
-        tracing::warn!(kind = e.kind(), error = %e, "upstream request failed");
         s.upstream_error = client::Error::KINDS.iter().position(|k| *k == e.kind());
+        // A dead or saturated app fails every request alike: one line per kind and interval.
+        let throttle = s.upstream_error.map(|kind| &self.upstream_warnings[kind]);
+        if let Some(suppressed) = throttle.map_or(Some(0), Throttle::ready) {
+            tracing::warn!(
+                kind = e.kind(),
+                error = %e,
+                suppressed,
+                "upstream request failed (logged at most every 10s per kind; suppressed: how many more since the last line)"
+            );
+        }
         let reject = match e {
             client::Error::ConnectTimeout | client::Error::Timeout => Reject::new(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -39,7 +39,7 @@ pub struct Session {
     pub version: Version,
     /// The client's `User-Agent`, kept for a sampled request's span.
     pub user_agent: Option<HeaderValue>,
-    /// The `request_headers` the audit wants, as forwarded.
+    /// The `request_headers` the audit wants, as the client sent them.
     pub headers: Vec<Option<HeaderValue>>,
     /// The answer's status; `None` while there is none (a client leaving then abandons
     /// the request: 499).
