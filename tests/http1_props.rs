@@ -730,3 +730,15 @@ fn a_version_is_judged_once_its_line_has_ended_however_it_is_read() {
         assert_eq!(refused.status, 505, "{cuts:?}");
     }
 }
+
+/// Found by the fuzzer: `CONNECT :` was taken (an authority with no host), and its target
+/// became a `Host` no client sent.
+#[test]
+fn a_connect_target_must_name_a_host_and_is_no_host_header() {
+    let refused = request_head(b"CONNECT : HTTP/1.0\r\n\n", 64 << 10, &[]).unwrap_err();
+    assert_eq!(refused.status, 400);
+    let (head, _) = request_head(b"CONNECT app:443 HTTP/1.0\r\n\r\n", 64 << 10, &[1])
+        .unwrap()
+        .unwrap();
+    assert!(head.parts.headers.is_empty(), "{:?}", head.parts.headers);
+}

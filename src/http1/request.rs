@@ -193,7 +193,7 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
     }
     // RFC 9112 §3.2.2: an absolute-form target's authority is the host, whatever `Host` said.
     let uri = match uri.authority() {
-        Some(authority) => {
+        Some(authority) if uri.scheme().is_some() => {
             let value = HeaderValue::from_str(authority.as_str())
                 .map_err(|_| invalid(BAD, "the request target is invalid"))?;
             headers.insert(HOST, value);
@@ -201,7 +201,7 @@ pub fn parse(buf: &Bytes, max_head: usize) -> Result<Option<(Head, usize)>, Inva
         }
         // An origin-form target's host is `Host`'s: an empty one names none.
         None if empty_host => return Err(invalid(BAD, "the Host header is empty")),
-        None => uri,
+        _ => uri,
     };
 
     let framing = match (codings, length) {
@@ -280,17 +280,19 @@ fn check_target(method: &Method, target: &[u8], uri: &Uri) -> Result<(), Invalid
     let origin_form = target.starts_with(b"/");
     let absolute_form = uri.scheme().is_some();
     let asterisk_form = target == b"*";
+    let names_a_host = |uri: &Uri| {
+        uri.authority()
+            .is_some_and(|a| is_host(a.as_str().as_bytes()))
+    };
     let ok = if *method == Method::CONNECT {
-        !origin_form && !absolute_form && !asterisk_form && uri.authority().is_some()
+        !origin_form && !absolute_form && !asterisk_form && names_a_host(uri)
     } else if asterisk_form {
         *method == Method::OPTIONS
     } else {
         origin_form
             || absolute_form
                 && matches!(uri.scheme_str(), Some("http" | "https"))
-                && uri
-                    .authority()
-                    .is_some_and(|a| is_host(a.as_str().as_bytes()))
+                && names_a_host(uri)
     };
     if ok {
         Ok(())
