@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use gatehouse::chain::{Context, Flow, Middleware};
 use gatehouse::config::Entries;
-use gatehouse::middleware::{Handles, Spec};
+use gatehouse::middleware::{Build, Handles, Spec};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 fn fixture(name: &str) -> String {
@@ -18,9 +18,11 @@ fn fixture(name: &str) -> String {
 
 fn build(kind: &str, settings: &str) -> Box<dyn Middleware> {
     let value: toml::Value = toml::from_str(settings).unwrap();
-    Spec::parse(kind, value)
-        .unwrap()
-        .build(kind, &Handles::offline())
+    Spec::parse(kind, value).unwrap().build(&Build {
+        name: kind,
+        handles: &Handles::offline(),
+        response_headers: &[],
+    })
 }
 
 fn token(alg: Algorithm, key: &EncodingKey) -> String {

@@ -14,14 +14,16 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use gatehouse::chain::{Context, Flow, Middleware};
 use gatehouse::config::Entries;
-use gatehouse::middleware::{Handles, Spec};
+use gatehouse::middleware::{Build, Handles, Spec};
 use http::{Request, Response};
 
 fn limiter() -> Box<dyn Middleware> {
     let settings = toml::from_str("rate = \"1000000/s\"\nburst = 1000\nmax_keys = 100000").unwrap();
-    Spec::parse("rate_limit", settings)
-        .unwrap()
-        .build("bench", &Handles::offline())
+    Spec::parse("rate_limit", settings).unwrap().build(&Build {
+        name: "bench",
+        handles: &Handles::offline(),
+        response_headers: &[],
+    })
 }
 
 fn bench(c: &mut Criterion) {
@@ -46,7 +48,7 @@ fn bench(c: &mut Criterion) {
                     limiter.on_request(&mut req, &mut ctx),
                     Flow::Continue
                 ));
-                black_box(ctx.rate_limit)
+                black_box(ctx.state)
             })
         });
     }

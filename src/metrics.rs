@@ -7,9 +7,11 @@
 //! One [`Metrics`] is made per server and handed to what counts; it outlives config
 //! reloads, and tests build their own.
 
+use std::any::Any;
 use std::fmt;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -19,9 +21,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
-/// Every metric family gatehouse exports, present (zero-valued) from the first scrape.
+/// Every metric family gatehouse exports, present (zero-valued) from the first scrape;
+/// a middleware type's own families from when its first entry is built ([`Metrics::family`]).
 pub struct Metrics {
-    registry: Registry,
+    registry: Mutex<Registry>,
+    /// The families middleware types registered, by name.
+    owned: Mutex<Vec<(&'static str, Box<dyn Any + Send + Sync>)>>,
     requests: Family<StatusLabel, Counter>,
     /// `gatehouse_requests_total{status}`, one resolved handle per status code seen.
     requests_by_status: ByStatus,
@@ -42,8 +47,6 @@ pub struct Metrics {
     /// `gatehouse_upstream_pending_requests`: requests waiting for a free connection.
     pub upstream_pending: Gauge,
     config_reloads: Family<ResultLabel, Counter>,
-    rate_limit_backend_errors: Family<MiddlewareLabel, Counter>,
-    jwt_cache_lookups: Family<LookupLabels, Counter>,
     trace_spans: Family<OutcomeLabel, Counter>,
     fail_open: Family<MiddlewareLabel, Counter>,
 }
@@ -70,15 +73,10 @@ struct AuditLabels {
     outcome: &'static str,
 }
 
+/// `{middleware="name"}`, for families counted per chain entry.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MiddlewareLabel {
-    middleware: Arc<str>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LookupLabels {
-    middleware: Arc<str>,
-    result: &'static str,
+pub struct MiddlewareLabel {
+    pub middleware: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,8 +116,6 @@ impl Metrics {
         let upstream_connections = Gauge::default();
         let upstream_pending = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
-        let rate_limit_backend_errors = Family::<MiddlewareLabel, Counter>::default();
-        let jwt_cache_lookups = Family::<LookupLabels, Counter>::default();
         let trace_spans = Family::<OutcomeLabel, Counter>::default();
         let fail_open = Family::<MiddlewareLabel, Counter>::default();
         // A family with no label set yet still prints its HELP and TYPE lines; the reload
@@ -184,19 +180,9 @@ impl Metrics {
             Listed(config_reloads.clone()),
         );
         registry.register(
-            "gatehouse_rate_limit_backend_errors",
-            "Rate limit decisions the backend (Redis) failed or timed out, by middleware name",
-            Listed(rate_limit_backend_errors.clone()),
-        );
-        registry.register(
             "gatehouse_trace_spans",
             "Spans of sampled requests, by outcome: exported, dropped (the export queue was full) or failed (the collector did not take them)",
             Listed(trace_spans.clone()),
-        );
-        registry.register(
-            "gatehouse_jwt_cache_lookups",
-            "Bearer tokens looked up in a jwt middleware's cache of verified tokens, by middleware name and result (hit or miss)",
-            Listed(jwt_cache_lookups.clone()),
         );
         registry.register(
             "gatehouse_fail_open",
@@ -205,7 +191,8 @@ impl Metrics {
         );
 
         Metrics {
-            registry,
+            registry: Mutex::new(registry),
+            owned: Mutex::default(),
             requests_by_status: ByStatus::new(100),
             requests,
             request_duration,
@@ -218,8 +205,6 @@ impl Metrics {
             upstream_connections,
             upstream_pending,
             config_reloads,
-            rate_limit_backend_errors,
-            jwt_cache_lookups,
             trace_spans,
             fail_open,
         }
@@ -271,25 +256,30 @@ impl Metrics {
             .inc();
     }
 
-    /// A handle for `gatehouse_rate_limit_backend_errors_total{middleware}`, resolved when
-    /// the limiter is built.
-    pub fn rate_limit_backend_errors(&self, middleware: &Arc<str>) -> Counter {
-        self.rate_limit_backend_errors
-            .get_or_create_owned(&MiddlewareLabel {
-                middleware: middleware.clone(),
-            })
-    }
-
-    /// Handles for `gatehouse_jwt_cache_lookups_total{middleware, result}`, hits then
-    /// misses, resolved when the cache is built.
-    pub fn jwt_cache_lookups(&self, middleware: &Arc<str>) -> (Counter, Counter) {
-        let handle = |result| {
-            self.jwt_cache_lookups.get_or_create_owned(&LookupLabels {
-                middleware: middleware.clone(),
-                result,
-            })
-        };
-        (handle("hit"), handle("miss"))
+    /// The family `name` of a middleware type: registered the first time a chain with
+    /// the type is built, the same one after, so a reloaded chain counts on. Asked only
+    /// while a chain is built; the request path holds resolved handles.
+    pub fn family<L, M>(&self, name: &'static str, help: &'static str) -> Family<L, M>
+    where
+        L: EncodeLabelSet + Clone + Hash + Eq + fmt::Debug + Send + Sync + 'static,
+        M: EncodeMetric + TypedMetric + Default + fmt::Debug + Send + Sync + 'static,
+    {
+        let mut owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = owned.iter().find(|(n, _)| *n == name).map(|(_, family)| {
+            family
+                .downcast_ref::<Family<L, M>>()
+                .expect("one family type per name")
+                .clone()
+        });
+        found.unwrap_or_else(|| {
+            let family = Family::<L, M>::default();
+            self.registry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .register(name, help, Listed(family.clone()));
+            owned.push((name, Box::new(family.clone())));
+            family
+        })
     }
 
     /// A handle for `gatehouse_trace_spans_total{outcome}` (`exported`, `dropped`,
@@ -309,7 +299,8 @@ impl Metrics {
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
     }
@@ -344,7 +335,7 @@ impl ByStatus {
 }
 
 /// A family that prints its HELP and TYPE lines even before it has a label set:
-/// prometheus-client leaves empty families out, SPEC wants every family from the start.
+/// prometheus-client leaves empty families out, and a dashboard wants every family from the start.
 #[derive(Debug)]
 struct Listed<M>(M);
 

@@ -5,14 +5,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::HeaderValue;
+use http::{Extensions, HeaderValue};
 
 use crate::trace::Trace;
 
 /// State of one request as it travels down the chain and back up.
 ///
-/// Plain owned fields, no maps: it lives in the request's own state and costs nothing to
-/// create.
+/// Plain owned fields and one type map for the middlewares' own state: it lives in the
+/// request's own state and costs nothing to create.
 #[derive(Debug)]
 pub struct Context {
     /// The client's address, after `server.trusted_proxies` have been peeled off.
@@ -40,11 +40,10 @@ pub struct Context {
     /// the header out of the request, so the proxy tells the chain here. (HTTP/2's extended
     /// CONNECT keeps its `:protocol` in the request, as `hyper::ext::Protocol`.)
     pub upgrade: Option<HeaderValue>,
-    /// What a `cors` middleware decided for a request carrying `Origin`.
-    pub cors: Option<CorsVerdict>,
-    /// The tightest `rate_limit` quota the request was counted against, for its
-    /// `ratelimit-*` response headers.
-    pub rate_limit: Option<Quota>,
+    /// What middlewares keep for their own response phase, each under a type private to
+    /// its file (a `cors` verdict, a `rate_limit` quota), so the context names none of
+    /// them. Allocated only when one stores something.
+    pub state: Extensions,
     /// Index of the middleware that refused the request.
     pub denied_by: Option<usize>,
     /// Bit `i` is set when middleware `i` let the request through only because its
@@ -73,8 +72,7 @@ impl Context {
             upstream_time: None,
             upstream_answered: None,
             upgrade: None,
-            cors: None,
-            rate_limit: None,
+            state: Extensions::new(),
             denied_by: None,
             fail_open: 0,
             trace: Trace::default(),
@@ -88,22 +86,4 @@ impl Context {
     pub fn failed_open(&mut self) {
         self.fail_open |= 1 << self.current;
     }
-}
-
-/// A rate limit the request was counted against, for the `ratelimit-*` response headers.
-/// When several limiters see a request, the one with the fewest remaining requests is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Quota {
-    pub limit: u32,
-    pub remaining: u32,
-    /// Whole seconds until the bucket is full again.
-    pub reset: u32,
-}
-
-/// What a `cors` entry decided for a request carrying `Origin`, for its response phase.
-#[derive(Debug)]
-pub enum CorsVerdict {
-    /// The `access-control-allow-origin` value to send.
-    Allowed(HeaderValue),
-    Refused,
 }

@@ -109,7 +109,11 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role::authentication()
+    }
+
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         Box::new(ApiKey {
             source: match &self.query {
                 Some(q) => Source::Query(q.as_str().into()),

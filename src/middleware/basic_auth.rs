@@ -166,7 +166,11 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role::authentication()
+    }
+
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         let users: HashMap<Box<str>, (Arc<str>, PasswordHash)> = self
             .all_users()
             .map(|u| {

@@ -27,7 +27,14 @@ impl super::Settings for Settings {
         format!("max={}", self.max)
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role {
+            refuses: Some(http::Method::POST),
+            ..super::Role::default()
+        }
+    }
+
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         Box::new(BodyLimit {
             max: self.max.0,
             message: format!("the request body is larger than {}", self.max).into(),

@@ -12,16 +12,15 @@ use http::header::{
     HeaderName, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
     ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS,
     ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
-    RETRY_AFTER, VARY, WWW_AUTHENTICATE,
+    VARY,
 };
-use http::{request, response, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::ext::Protocol;
 use serde::Deserialize;
 
-use super::{Handles, Spec};
-use crate::chain::{Context, CorsVerdict, Flow, Middleware, Reason, Reject};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
-use crate::config::{KeyPath, MiddlewareEntry, Problem};
+use crate::config::{KeyPath, Problem};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,19 +111,24 @@ impl super::Settings for Settings {
         )
     }
 
-    /// Built on its own: no other entry adds headers for it to expose.
-    fn build(&self, _: &str, _: &Handles) -> Box<dyn Middleware> {
-        self.build_exposing(&[])
+    fn role(&self) -> super::Role {
+        super::Role {
+            answers_preflights: true,
+            ..super::Role::default()
+        }
+    }
+
+    /// It exposes the headers the chain's entries add besides `expose_headers`: none is
+    /// CORS-safelisted, so a page could not read a `retry-after` or a request id otherwise.
+    /// They are named whether or not such an entry can reach this one's responses (its
+    /// place, its scope): naming a header that never comes costs a few bytes and opens
+    /// nothing.
+    fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
+        Box::new(self.cors(build.response_headers))
     }
 }
 
 impl Settings {
-    /// The middleware, exposing the headers the rest of its chain adds ([`chain_headers`])
-    /// besides `expose_headers`.
-    pub fn build_exposing(&self, chain_headers: &[HeaderName]) -> Box<dyn Middleware> {
-        Box::new(self.cors(chain_headers))
-    }
-
     fn cors(&self, chain_headers: &[HeaderName]) -> Cors {
         let reflect_headers = self.reflects_headers();
         Cors {
@@ -180,43 +184,13 @@ fn exposed(configured: &[HeaderNameValue], chain_headers: &[HeaderName]) -> Opti
     join(names)
 }
 
-/// The response headers that entries of `chain` add and a page cannot read unless they are
-/// exposed (none is CORS-safelisted): a `rate_limit`'s `ratelimit-*` and `retry-after`, an
-/// authentication's `www-authenticate`, a `request_id`'s header. Every `cors` entry of the
-/// chain exposes them, so a page reads what gatehouse tells it without the operator listing
-/// each. They are named when such an entry is anywhere in the chain: whether one can reach a
-/// given `cors` entry's responses (its place, its scope) is not worked out, since naming a
-/// header that never comes costs a few bytes and opens nothing. A fixed list would not know
-/// the request id header's name, and would announce `ratelimit-*` where nothing limits.
-pub fn chain_headers(chain: &[MiddlewareEntry<Spec>], handles: &Handles) -> Vec<HeaderName> {
-    let mut names = Vec::new();
-    for entry in chain {
-        match &entry.spec {
-            Spec::RateLimit(_) => names.extend([
-                HeaderName::from_static("ratelimit-limit"),
-                HeaderName::from_static("ratelimit-remaining"),
-                HeaderName::from_static("ratelimit-reset"),
-                RETRY_AFTER,
-            ]),
-            Spec::ApiKey(_) | Spec::BasicAuth(_) | Spec::Jwt(_) | Spec::ForwardAuth(_) => {
-                names.push(WWW_AUTHENTICATE)
-            }
-            // Its settings keep the header's name to themselves: it is the one header the
-            // middleware sets on a bare request.
-            Spec::RequestId(_) => {
-                let (mut req, ()) = Request::new(()).into_parts();
-                let ip = [127, 0, 0, 1].into();
-                let mut ctx = Context::new(ip, ip, false, std::time::Instant::now(), 0);
-                let _ = entry
-                    .spec
-                    .build(&entry.name, handles)
-                    .on_request(&mut req, &mut ctx);
-                names.extend(req.headers.keys().cloned());
-            }
-            _ => {}
-        }
-    }
-    names
+/// What the request phase decided for a request carrying `Origin`, for the response
+/// phase (kept in the context's `state`).
+#[derive(Debug, Clone)]
+enum Verdict {
+    /// The `access-control-allow-origin` value to send.
+    Allowed(HeaderValue),
+    Refused,
 }
 
 enum OriginRule {
@@ -397,8 +371,8 @@ impl Middleware for Cors {
                 return self.preflight(req, origin, method);
             }
         }
-        ctx.cors = Some(match self.allow_origin(origin) {
-            Some(allow) => CorsVerdict::Allowed(allow),
+        ctx.state.insert(match self.allow_origin(origin) {
+            Some(allow) => Verdict::Allowed(allow),
             None if opens_websocket(req, ctx) => {
                 return Flow::Reject(Reject::new(
                     StatusCode::FORBIDDEN,
@@ -406,18 +380,18 @@ impl Middleware for Cors {
                     "WebSocket handshake: origin not allowed",
                 ))
             }
-            None => CorsVerdict::Refused,
+            None => Verdict::Refused,
         });
         Flow::Continue
     }
 
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
         let headers = &mut resp.headers;
-        match ctx.cors.take() {
+        match ctx.state.remove::<Verdict>() {
             // Not a CORS request: the app's headers stay, as they would without gatehouse.
             None => {}
-            Some(CorsVerdict::Refused) => remove_cors_headers(headers),
-            Some(CorsVerdict::Allowed(allow)) => {
+            Some(Verdict::Refused) => remove_cors_headers(headers),
+            Some(Verdict::Allowed(allow)) => {
                 remove_cors_headers(headers);
                 headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
                 if let Some(expose) = &self.expose_headers {
@@ -438,6 +412,9 @@ impl Middleware for Cors {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::middleware::Spec;
+    use http::header::RETRY_AFTER;
+    use http::Request;
 
     fn settings(toml: &str) -> Settings {
         toml::from_str(toml).unwrap_or_else(|e| panic!("{e}"))
@@ -474,7 +451,7 @@ mod tests {
         let Spec::Cors(cors) = &config.middleware[1].spec else {
             panic!("the second entry is cors");
         };
-        let made = chain_headers(&config.middleware, &Handles::offline());
+        let made = super::super::response_headers(&config.middleware);
         assert_eq!(
             cors.cors(&made).expose_headers.unwrap(),
             "x-upstream, retry-after, x-trace-id, ratelimit-limit, ratelimit-remaining, \

@@ -131,7 +131,11 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, handles: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role::authentication()
+    }
+
+    fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
         let target = Target::from_uri(&self.url.0).expect("validated: an http URL with a host");
         Box::new(ForwardAuth {
             url: self.url.0.clone(),
@@ -141,7 +145,7 @@ impl super::Settings for Settings {
                 .request_headers
                 .as_ref()
                 .map(|names| names.iter().map(|h| h.0.clone()).collect()),
-            service: Endpoint::new(target, self.timeout.0, POOL_IDLE, handles.workers + 1),
+            service: Endpoint::new(target, self.timeout.0, POOL_IDLE, build.handles.workers + 1),
         })
     }
 }

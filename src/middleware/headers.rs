@@ -84,7 +84,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         Box::new(Headers {
             request: self.request.clone(),
             response: self.response.clone(),

@@ -38,7 +38,14 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role {
+            refuses: Some(http::Method::GET),
+            ..super::Role::default()
+        }
+    }
+
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         Box::new(IpFilter {
             allow: self.allow.clone(),
             deny: self.deny.clone(),

@@ -22,6 +22,7 @@ use http::header::{ACCEPT, AUTHORIZATION, COOKIE};
 use http::{request, HeaderName, HeaderValue, StatusCode, Uri};
 use jsonwebtoken::jwk::{JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -318,7 +319,12 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, name: &str, handles: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role::authentication()
+    }
+
+    fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
+        let (name, handles) = (build.name, build.handles);
         let keys = Arc::new(ArcSwap::from_pointee(KeySet {
             generation: 0,
             keys: self.static_keys().expect("validated"),
@@ -793,6 +799,13 @@ impl Entry {
     }
 }
 
+/// `gatehouse_jwt_cache_lookups_total{middleware, result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    middleware: Arc<str>,
+    result: &'static str,
+}
+
 /// Verifications by token digest, behind one lock.
 type Shard = Mutex<HashMap<[u8; 32], Entry>>;
 
@@ -820,7 +833,17 @@ impl Cache {
     ) -> Option<Cache> {
         let shards = (size / 64).clamp(1, 16);
         (size > 0).then(|| {
-            let (hits, misses) = metrics.jwt_cache_lookups(middleware);
+            let lookups = metrics.family::<LookupLabels, Counter>(
+                "gatehouse_jwt_cache_lookups",
+                "Bearer tokens looked up in a jwt middleware's cache of verified tokens, by middleware name and result (hit or miss)",
+            );
+            let handle = |result| {
+                lookups.get_or_create_owned(&LookupLabels {
+                    middleware: middleware.clone(),
+                    result,
+                })
+            };
+            let (hits, misses) = (handle("hit"), handle("miss"));
             Cache {
                 shards: (0..shards).map(|_| Mutex::default()).collect(),
                 per_shard: size / shards,

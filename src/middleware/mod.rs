@@ -1,8 +1,13 @@
 //! One file per middleware, named after its TOML `type`. Each file owns its `Settings`
-//! (the keys of its `[[middleware]]` entry) and the [`Middleware`] built from them; the
-//! registry below maps `type` names to files, the only place that lists them all.
+//! (the keys of its `[[middleware]]` entry), the [`Middleware`] built from them, its
+//! per-request state (in the context's `state`), its metrics and the state it keeps across
+//! reloads ([`Kept`]), and declares its [`Role`] for the rest of the chain; the registry
+//! below maps `type` names to files, the only place that lists them all.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use http::{HeaderName, Method};
 
 use crate::chain::{Chain, Link, Middleware, Scope};
 use crate::config::{deserialize, Entries, KeyPath, MiddlewareEntry, Problem};
@@ -30,10 +35,52 @@ pub trait Settings: std::fmt::Debug {
     }
     /// The entry's settings on one line, for `gatehouse check`.
     fn summary(&self) -> String;
-    /// The middleware of the entry called `name` (its type, unless named; types whose
-    /// state is keyed by name use it: kept across reloads, shared through Redis, labelled
-    /// in metrics), with the handles it may need.
-    fn build(&self, name: &str, handles: &Handles) -> Box<dyn Middleware>;
+    /// What the entry does that other entries and the order warnings need to know.
+    fn role(&self) -> Role {
+        Role::default()
+    }
+    /// The middleware of the entry, with what its building may need.
+    fn build(&self, build: &Build) -> Box<dyn Middleware>;
+}
+
+/// An entry's part in the chain, as the rest of the chain sees it.
+#[derive(Debug, Default)]
+pub struct Role {
+    /// It authenticates: it refuses a request without credentials, a browser's preflight
+    /// included.
+    pub authenticates: bool,
+    /// It refuses requests a page makes, shown in an order warning by a request of this
+    /// method (a preflight for an authentication, a body for a size limit).
+    pub refuses: Option<Method>,
+    /// It answers CORS preflights and decorates responses for pages (`cors`): an entry
+    /// that refuses above it leaves pages an unreadable error.
+    pub answers_preflights: bool,
+    /// Headers its answers or its response phase add for the client (`retry-after`, a
+    /// request id), which a page reads only when `cors` exposes them.
+    pub response_headers: Vec<HeaderName>,
+}
+
+impl Role {
+    /// An authentication's: it refuses requests without credentials (preflights too, shown
+    /// by one in a warning) with a `www-authenticate` challenge.
+    pub fn authentication() -> Role {
+        Role {
+            authenticates: true,
+            refuses: Some(Method::OPTIONS),
+            answers_preflights: false,
+            response_headers: vec![http::header::WWW_AUTHENTICATE],
+        }
+    }
+}
+
+/// What building one entry's middleware may need besides its settings.
+pub struct Build<'a> {
+    /// The entry's name (its type, unless named): types whose state is keyed by name use
+    /// it (kept across reloads, shared through Redis, labelled in metrics).
+    pub name: &'a str,
+    pub handles: &'a Handles,
+    /// Every [`Role::response_headers`] of the chain's entries, once each.
+    pub response_headers: &'a [HeaderName],
 }
 
 /// What building a middleware may need besides its settings: handles owned by whoever
@@ -41,8 +88,8 @@ pub trait Settings: std::fmt::Debug {
 /// process-wide globals.
 pub struct Handles {
     pub metrics: Arc<Metrics>,
-    /// Local rate-limit state that outlives a chain, so a reload keeps the counts.
-    pub rate_limits: rate_limit::States,
+    /// State that outlives a chain (a local rate limit's counts, kept by a reload).
+    pub kept: Kept,
     /// Where background work (JWKS refreshes) runs; `None` builds without any, as `check`
     /// and an offline `explain` do.
     pub runtime: Option<tokio::runtime::Handle>,
@@ -59,11 +106,30 @@ impl Handles {
     pub fn offline() -> Handles {
         Handles {
             metrics: Arc::default(),
-            rate_limits: rate_limit::States::default(),
+            kept: Kept::default(),
             runtime: None,
             workers: 1,
             read_only: false,
         }
+    }
+}
+
+/// State that outlives a config generation, one value per type, made on first use: a
+/// middleware type keeps its own here, and whoever holds the handles never names it.
+/// Looked up only while a chain is built.
+#[derive(Default)]
+pub struct Kept(Mutex<Vec<Arc<dyn Any + Send + Sync>>>);
+
+impl Kept {
+    /// The kept value of type `T`, made now if there is none yet.
+    pub fn get<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = kept.iter().find_map(|v| v.clone().downcast::<T>().ok()) {
+            return found;
+        }
+        let made = Arc::new(T::default());
+        kept.push(made.clone());
+        made
     }
 }
 
@@ -109,9 +175,9 @@ macro_rules! registry {
                 }
             }
 
-            /// Builds the middleware of the entry called `name`.
-            pub fn build(&self, name: &str, handles: &Handles) -> Box<dyn Middleware> {
-                self.settings().build(name, handles)
+            /// Builds the entry's middleware.
+            pub fn build(&self, build: &Build) -> Box<dyn Middleware> {
+                self.settings().build(build)
             }
         }
     };
@@ -133,8 +199,7 @@ registry! {
 
 /// Builds the chain of a config's entries, in order.
 pub fn chain(entries: &[MiddlewareEntry<Spec>], handles: &Handles) -> Chain {
-    // `cors` entries expose the headers the other entries add, found once per chain.
-    let exposed = cors::chain_headers(entries, handles);
+    let response_headers = response_headers(entries);
     Chain::new(
         entries
             .iter()
@@ -146,13 +211,28 @@ pub fn chain(entries: &[MiddlewareEntry<Spec>], handles: &Handles) -> Chain {
                     skip_paths: e.skip_paths.clone(),
                     methods: e.methods.clone(),
                 },
-                middleware: match &e.spec {
-                    Spec::Cors(cors) => cors.build_exposing(&exposed),
-                    spec => spec.build(&e.name, handles),
-                },
+                middleware: e.spec.build(&Build {
+                    name: &e.name,
+                    handles,
+                    response_headers: &response_headers,
+                }),
             })
             .collect(),
     )
+}
+
+/// Every [`Role::response_headers`] of `entries`, once each, in chain order.
+fn response_headers(entries: &[MiddlewareEntry<Spec>]) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for name in entries
+        .iter()
+        .flat_map(|e| e.spec.settings().role().response_headers)
+    {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
 }
 
 /// Formats a list for `check` summaries: `[a, b]`.

@@ -18,18 +18,19 @@ use crate::config::MiddlewareEntry;
 pub fn warnings(chain: &[MiddlewareEntry<Spec>]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, above) in chain.iter().enumerate() {
-        let Some(example) = example_method(&above.spec) else {
+        let role = above.spec.settings().role();
+        let Some(example) = role.refuses else {
             continue;
         };
         for cors in chain[i + 1..]
             .iter()
-            .filter(|e| matches!(e.spec, Spec::Cors(_)))
+            .filter(|e| e.spec.settings().role().answers_preflights)
         {
             let Some((method, path)) = shared_request(above, cors, &example) else {
                 continue;
             };
             let (a, c) = (&above.name, &cors.name);
-            let harm = if method == Method::OPTIONS && is_authentication(&above.spec) {
+            let harm = if method == Method::OPTIONS && role.authenticates {
                 format!(
                     "browsers' preflights carry no credentials, so \"{a}\" refuses them and \
                      the browser never makes the call; its refusals also carry no CORS \
@@ -48,25 +49,6 @@ pub fn warnings(chain: &[MiddlewareEntry<Spec>]) -> Vec<String> {
         }
     }
     out
-}
-
-fn is_authentication(spec: &Spec) -> bool {
-    matches!(
-        spec,
-        Spec::ApiKey(_) | Spec::BasicAuth(_) | Spec::Jwt(_) | Spec::ForwardAuth(_)
-    )
-}
-
-/// For the types whose refusals a page above `cors` cannot read, the method a warning
-/// shows it with, where both scopes take it: a preflight for an authentication (which
-/// refuses every one), a body for `body_limit`, a plain call for the others.
-fn example_method(spec: &Spec) -> Option<Method> {
-    match spec {
-        _ if is_authentication(spec) => Some(Method::OPTIONS),
-        Spec::BodyLimit(_) => Some(Method::POST),
-        Spec::RateLimit(_) | Spec::IpFilter(_) => Some(Method::GET),
-        _ => None,
-    }
 }
 
 /// A request both entries' scopes take, preferring `method`.

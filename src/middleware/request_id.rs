@@ -33,7 +33,14 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role {
+            response_headers: vec![self.header.0.clone()],
+            ..super::Role::default()
+        }
+    }
+
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         Box::new(RequestId {
             header: self.header.0.clone(),
             trust_incoming: self.trust_incoming,

@@ -55,7 +55,7 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, _: &str, _: &super::Handles) -> Box<dyn Middleware> {
+    fn build(&self, _: &super::Build) -> Box<dyn Middleware> {
         Box::new(Timing {
             header: self.header.0.clone(),
             format: self.format,

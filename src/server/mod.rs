@@ -23,7 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::admin::{self, Health};
 use crate::audit::Audit;
-use crate::middleware::{rate_limit, Handles};
+use crate::middleware::{Handles, Kept};
 use crate::proxy::Proxy;
 use crate::trace::Tracer;
 use crate::Config;
@@ -88,7 +88,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let workers = config.workers();
     let handles = Arc::new(Handles {
         metrics: Arc::default(),
-        rate_limits: rate_limit::States::default(),
+        kept: Kept::default(),
         runtime: Some(control.handle().clone()),
         workers,
         read_only: false,

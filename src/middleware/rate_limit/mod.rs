@@ -23,7 +23,7 @@ use http::{request, response, HeaderName, HeaderValue, StatusCode};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware, Quota, Reason, Reject};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, Rate};
 use crate::config::{KeyPath, Problem};
 
@@ -225,9 +225,24 @@ impl super::Settings for Settings {
         )
     }
 
-    fn build(&self, name: &str, handles: &super::Handles) -> Box<dyn Middleware> {
+    fn role(&self) -> super::Role {
+        super::Role {
+            refuses: Some(http::Method::GET),
+            response_headers: vec![
+                RATELIMIT_LIMIT,
+                RATELIMIT_REMAINING,
+                RATELIMIT_RESET,
+                RETRY_AFTER,
+            ],
+            ..super::Role::default()
+        }
+    }
+
+    fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
+        let (name, handles) = (build.name, build.handles);
+        let states = handles.kept.get::<States>();
         let backend = match self.backend {
-            Backend::Local => Store::Local(handles.rate_limits.local(name, self)),
+            Backend::Local => Store::Local(states.local(name, self)),
             Backend::Redis => Store::Redis(Box::new(redis::Remote::new(
                 name,
                 handles,
@@ -236,7 +251,7 @@ impl super::Settings for Settings {
             ))),
         };
         Box::new(RateLimit {
-            epoch: handles.rate_limits.epoch,
+            epoch: states.epoch,
             gcra: self.gcra(),
             limit: self.burst() as u32,
             limit_value: HeaderValue::from(self.burst() as u32),
@@ -280,6 +295,17 @@ impl States {
             state
         })
     }
+}
+
+/// A rate limit the request was counted against, for the `ratelimit-*` response headers
+/// (kept in the context's `state`). When several limiters see a request, the one with the
+/// fewest remaining requests is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Quota {
+    limit: u32,
+    remaining: u32,
+    /// Whole seconds until the bucket is full again.
+    reset: u32,
 }
 
 /// GCRA parameters, in microseconds.
@@ -378,7 +404,7 @@ impl RateLimit {
         };
         if !out.allowed {
             // Earlier limiters' response phases then repeat these headers, not their own.
-            ctx.rate_limit = Some(quota);
+            ctx.state.insert(quota);
             let mut reject = Reject::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Reason::RateLimited,
@@ -392,8 +418,12 @@ impl RateLimit {
                 .push((RETRY_AFTER, HeaderValue::from(ceil_secs(out.retry_after))));
             return Flow::Reject(reject);
         }
-        if ctx.rate_limit.is_none_or(|q| quota.remaining < q.remaining) {
-            ctx.rate_limit = Some(quota);
+        match ctx.state.get_mut::<Quota>() {
+            Some(q) if q.remaining <= quota.remaining => {}
+            Some(q) => *q = quota,
+            None => {
+                ctx.state.insert(quota);
+            }
         }
         Flow::Continue
     }
@@ -437,7 +467,7 @@ impl Middleware for RateLimit {
     }
 
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
-        if let Some(quota) = ctx.rate_limit {
+        if let Some(&quota) = ctx.state.get::<Quota>() {
             // The quota may be another limiter's (the one with the fewest remaining).
             let own = (quota.limit == self.limit).then_some(&self.limit_value);
             for (name, value) in quota_headers(quota, own) {

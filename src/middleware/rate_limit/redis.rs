@@ -20,6 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::{Gcra, KeyRef, Outcome};
+use crate::metrics::MiddlewareLabel;
 
 /// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval, tolerance, and
 /// whether to take from the bucket (`1`) or only look (`0`, for `explain --live`).
@@ -84,7 +85,15 @@ impl Remote {
         let name: Arc<str> = name.into();
         Remote {
             prefix: format!("gatehouse:rl:{name}:").into_bytes(),
-            errors: handles.metrics.rate_limit_backend_errors(&name),
+            errors: handles
+                .metrics
+                .family::<MiddlewareLabel, Counter>(
+                    "gatehouse_rate_limit_backend_errors",
+                    "Rate limit decisions the backend (Redis) failed or timed out, by middleware name",
+                )
+                .get_or_create_owned(&MiddlewareLabel {
+                    middleware: name.clone(),
+                }),
             name,
             client,
             config,
