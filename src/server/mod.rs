@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
 use crate::admin::{self, Health};
@@ -85,6 +85,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .build()
         .map_err(|e| StartError(format!("cannot start the control runtime: {e}")))?;
     let _control = control.enter();
+    // Before anything can be seen from outside (a bound port, a replayed spool): a SIGTERM
+    // that comes while gatehouse starts is a drain, not the default death.
+    let signals = Signals::install()
+        .map_err(|e| StartError(format!("cannot install the signal handlers: {e}")))?;
     let workers = config.workers();
     let handles = Arc::new(Handles {
         metrics: Arc::default(),
@@ -197,7 +201,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         "gatehouse started"
     );
 
-    control.block_on(control_loop(config, shared, rotation));
+    control.block_on(control_loop(config, shared, signals, rotation));
     // An audit sink stuck in a blocking write (a full pipe) must not hold up the exit.
     drop(_control);
     control.shutdown_background();
@@ -250,16 +254,36 @@ fn worker(
 /// How often the TLS certificate files are compared with the served certificate.
 const CERT_POLL: Duration = Duration::from_secs(2);
 
+/// The signals the control loop acts on.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Waits for signals: SIGHUP reloads, SIGTERM/SIGINT drain; follows the certificate files.
 /// Returns when drained.
 async fn control_loop(
     mut config: Config,
     shared: Arc<Shared>,
+    signals: Signals,
     mut rotation: Option<tls::Rotation>,
 ) {
-    let mut hup = signal(SignalKind::hangup()).expect("signal handlers install");
-    let mut term = signal(SignalKind::terminate()).expect("signal handlers install");
-    let mut int = signal(SignalKind::interrupt()).expect("signal handlers install");
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     let mut cert_poll = tokio::time::interval(CERT_POLL);
     cert_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
