@@ -435,7 +435,6 @@ mod tests {
             "gatehouse_audit_dropped_total",
             "gatehouse_audit_queue_depth",
             "gatehouse_config_reloads_total",
-            "gatehouse_rate_limit_backend_errors_total",
             "gatehouse_trace_spans_total",
             "gatehouse_fail_open_total",
         ] {
@@ -445,6 +444,25 @@ mod tests {
             );
         }
         assert!(text.contains("gatehouse_config_reloads_total{result=\"failure\"} 0"));
+    }
+
+    #[test]
+    fn a_types_family_is_registered_once_and_counts_on_across_builds() {
+        let m = Metrics::new();
+        let family = || m.family::<MiddlewareLabel, Counter>("gatehouse_things", "Things");
+        assert!(!m.encode().contains("gatehouse_things"));
+        let label = MiddlewareLabel {
+            middleware: "a".into(),
+        };
+        // A chain built, then its reload: the same family.
+        family().get_or_create(&label).inc();
+        family().get_or_create(&label).inc();
+        let text = m.encode();
+        assert_eq!(text.matches("# TYPE gatehouse_things counter").count(), 1);
+        assert!(
+            text.contains("gatehouse_things_total{middleware=\"a\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]
