@@ -1218,3 +1218,235 @@ fn the_shipped_configs_pass_their_policy_tests() {
         );
     }
 }
+
+// ----- serving and explaining agree -------------------------------------------------------
+
+/// One request of the agreement table: method, path (one per case), headers, body bytes.
+type Case = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, String)>,
+    usize,
+);
+
+/// Headers whose values differ by nature between two runs (an id, a duration, a bucket's
+/// remaining count) or come from the wire rather than the chain.
+const VARYING: [&str; 5] = [
+    "x-request-id",
+    "x-response-time",
+    "server-timing",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+];
+const WIRE: [&str; 4] = ["date", "content-length", "connection", "transfer-encoding"];
+
+/// The same config served and explained, one entry of each type (the auth service asked,
+/// `--live`), for a table of requests: the same status, decision, deciding entry, reason,
+/// subject, failed-open entries and response headers of gatehouse's own. Serving and
+/// `explain` run one pipeline; this is what keeps an explanation from lying.
+#[tokio::test]
+async fn serving_and_explaining_agree_on_a_table_of_requests_across_every_type() {
+    let auth = auth_service().await;
+    let app = RawUpstream::replying(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let chain = format!(
+        r#"
+[[middleware]]
+type = "request_id"
+
+[[middleware]]
+type = "timing"
+
+[[middleware]]
+type = "headers"
+response = {{ set = {{ "x-frame-options" = "DENY" }} }}
+
+[[middleware]]
+type = "cors"
+paths = ["/cors/**"]
+allow_origins = ["https://ok.example"]
+
+[[middleware]]
+type = "ip_filter"
+paths = ["/ip/**"]
+deny = ["127.0.0.0/8"]
+
+[[middleware]]
+type = "body_limit"
+paths = ["/body/**"]
+max = "16B"
+
+[[middleware]]
+type = "rate_limit"
+paths = ["/limit/**"]
+rate = "1000/s"
+
+[[middleware]]
+type = "api_key"
+paths = ["/key/**"]
+keys = [{{ id = "ci", key = "k-1" }}]
+
+[[middleware]]
+type = "basic_auth"
+paths = ["/basic/**"]
+users = [{{ user = "bob", password_hash = "{hash}" }}]
+
+[[middleware]]
+type = "jwt"
+paths = ["/jwt/**"]
+algorithms = ["HS256"]
+secret = "s3cret"
+require_claims = {{ scope = "read" }}
+
+[[middleware]]
+type = "forward_auth"
+paths = ["/fa/**"]
+url = "{auth}"
+copy_headers = ["x-user"]
+"#,
+        auth = auth.url("/verify")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let audit = format!(
+        "[audit]\nflush_interval = \"10ms\"\n[[audit.sinks]]\ntype = \"file\"\npath = \"{}\"\n",
+        events.display()
+    );
+    let template = config("", "", &format!("{chain}{audit}"));
+    let gh = Gatehouse::start(&template, &[("upstream", &app.url())]).await;
+    let config_path = gh.config_path.clone();
+    let jwt = |scope: &str| {
+        let claims = json!({"sub": "alice", "exp": now() + 600, "scope": scope});
+        format!("Bearer {}", hs256("s3cret", claims))
+    };
+    let h = |name: &'static str, value: &str| (name, value.to_owned());
+    let cases: Vec<Case> = vec![
+        ("GET", "/open", vec![], 0),
+        ("GET", "/a/../b", vec![], 0),
+        ("post", "/lower", vec![], 0),
+        (
+            "OPTIONS",
+            "/cors/pre",
+            vec![
+                h("origin", "https://ok.example"),
+                h("access-control-request-method", "GET"),
+            ],
+            0,
+        ),
+        (
+            "OPTIONS",
+            "/cors/pre-put",
+            vec![
+                h("origin", "https://ok.example"),
+                h("access-control-request-method", "PUT"),
+            ],
+            0,
+        ),
+        (
+            "GET",
+            "/cors/ok",
+            vec![h("origin", "https://ok.example")],
+            0,
+        ),
+        (
+            "GET",
+            "/cors/evil",
+            vec![h("origin", "https://evil.example")],
+            0,
+        ),
+        ("GET", "/ip/x", vec![], 0),
+        ("POST", "/body/small", vec![], 8),
+        ("POST", "/body/big", vec![], 32),
+        ("GET", "/limit/x", vec![], 0),
+        ("GET", "/key/none", vec![], 0),
+        ("GET", "/key/bad", vec![h("x-api-key", "nope")], 0),
+        ("GET", "/key/good", vec![h("x-api-key", "k-1")], 0),
+        ("GET", "/basic/none", vec![], 0),
+        (
+            "GET",
+            "/basic/good",
+            vec![h("authorization", "Basic Ym9iOnB3")],
+            0,
+        ),
+        (
+            "GET",
+            "/jwt/read",
+            vec![h("authorization", &jwt("read"))],
+            0,
+        ),
+        (
+            "GET",
+            "/jwt/write",
+            vec![h("authorization", &jwt("write"))],
+            0,
+        ),
+        (
+            "GET",
+            "/jwt/garbage",
+            vec![h("authorization", "Bearer x.y.z")],
+            0,
+        ),
+        ("GET", "/fa/good", vec![h("x-token", "good")], 0),
+        ("GET", "/fa/bad", vec![h("x-token", "bad")], 0),
+    ];
+    let mut served = Vec::new();
+    for (method, path, headers, body) in &cases {
+        let mut req = request(method, path);
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        served.push(send(gh.port, req.body(full(vec![b'x'; *body])).unwrap()).await);
+    }
+    let events = wait_for_events(&events, cases.len()).await;
+    for ((method, path, headers, body), resp) in cases.iter().zip(&served) {
+        let mut args: Vec<String> = vec!["--live".into()];
+        for (name, value) in headers {
+            args.extend(["-H".into(), format!("{name}: {value}")]);
+        }
+        if *body > 0 {
+            args.extend(["--body-size".into(), body.to_string()]);
+        }
+        args.extend([method.to_string(), path.to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let report = explain_json(&config_path, &args).await;
+        let what = format!("{method} {path}");
+        let event = events
+            .iter()
+            .find(|e| e["method"] == *method && e["path"] == *path)
+            .unwrap_or_else(|| panic!("{what}: no event in {events:#?}"));
+        assert_eq!(report["status"], resp.status.as_u16(), "{what}: {report:#}");
+        for field in [
+            "decision",
+            "denied_by",
+            "deny_reason",
+            "subject",
+            "fail_open",
+        ] {
+            assert_eq!(report[field], event[field], "{what}: {field}: {report:#}");
+        }
+        let ours = |name: &str| !WIRE.contains(&name);
+        let explained: std::collections::BTreeMap<String, Vec<String>> =
+            serde_json::from_value(report["headers"].clone()).unwrap();
+        let explained: Vec<(&String, &Vec<String>)> =
+            explained.iter().filter(|(n, _)| ours(n)).collect();
+        let mut got: Vec<(String, Vec<String>)> = resp
+            .headers
+            .keys()
+            .map(|n| n.as_str())
+            .filter(|n| ours(n))
+            .map(|n| (n.to_owned(), resp.header_all(n)))
+            .collect();
+        got.sort();
+        let names = |list: Vec<&String>| list.into_iter().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            names(explained.iter().map(|(n, _)| *n).collect()),
+            names(got.iter().map(|(n, _)| n).collect()),
+            "{what}: the header names"
+        );
+        for ((name, values), (_, served)) in explained.iter().zip(&got) {
+            if !VARYING.contains(&name.as_str()) {
+                assert_eq!(*values, served, "{what}: {name}");
+            }
+        }
+    }
+}

@@ -133,6 +133,11 @@ pub trait Trail {
         _answer: Option<&Answer>,
     ) {
     }
+    /// gatehouse itself refused the request before the chain (a malformed path, CONNECT).
+    fn refused(&mut self, _reject: &Reject) {}
+    /// The request body went through the body phases in `phases` (a mask of entries),
+    /// `received` bytes of it; `refused` names the phase that refused it, if one did.
+    fn body(&mut self, _phases: u64, _received: u64, _refused: Option<(usize, &Reject)>) {}
     /// Entry `i`'s response phase is next.
     fn before_response(&mut self, _i: usize, _resp: &response::Parts) {}
     /// Entry `i`'s response phase has run.
@@ -150,6 +155,12 @@ impl<T: Trail + ?Sized> Trail for &mut T {
     }
     fn after(&mut self, i: usize, req: &request::Parts, ctx: &Context, answer: Option<&Answer>) {
         (**self).after(i, req, ctx, answer)
+    }
+    fn refused(&mut self, reject: &Reject) {
+        (**self).refused(reject)
+    }
+    fn body(&mut self, phases: u64, received: u64, refused: Option<(usize, &Reject)>) {
+        (**self).body(phases, received, refused)
     }
     fn before_response(&mut self, i: usize, resp: &response::Parts) {
         (**self).before_response(i, resp)

@@ -23,7 +23,7 @@ use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
@@ -31,10 +31,13 @@ use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, Status
 use serde::Serialize;
 
 use crate::chain::reject::code_for;
-use crate::chain::{path, Answer, Chain, Context, Exclusion, Reject, Trail};
-use crate::grpc;
+use http_body_util::BodyExt;
+
+use crate::audit::Decision;
+use crate::chain::{Answer, Chain, Context, Exclusion, Reject, Trail};
+use crate::client;
 use crate::http1::{self, Framing};
-use crate::middleware::{self, Handles};
+use crate::middleware::Handles;
 use crate::proxy::{self, Proxy};
 use crate::Config;
 
@@ -168,9 +171,13 @@ pub struct Report {
     /// What the client gets.
     pub status: u16,
     pub headers: BTreeMap<String, Vec<String>>,
+    /// The audit event's `decision`: `allow`, `deny` or `error`.
+    pub decision: &'static str,
     pub denied_by: Option<String>,
     pub deny_reason: Option<&'static str>,
     pub fail_open: Vec<String>,
+    /// Who the request is from, as authentication said (the audit event's `subject`).
+    pub subject: Option<String>,
 }
 
 /// The request as the chain saw it arrive.
@@ -350,6 +357,8 @@ struct Recorder<'c> {
     /// The response headers before the running response phase.
     response_before: HeaderMap,
     response: Vec<ResponseStep>,
+    /// gatehouse's own refusal before the chain, if any.
+    gatehouse: Option<Refusal>,
 }
 
 impl<'c> Recorder<'c> {
@@ -371,6 +380,7 @@ impl<'c> Recorder<'c> {
             before: None,
             response_before: HeaderMap::new(),
             response: Vec::new(),
+            gatehouse: None,
         }
     }
 }
@@ -427,6 +437,27 @@ impl Trail for Recorder<'_> {
         });
     }
 
+    fn refused(&mut self, reject: &Reject) {
+        self.gatehouse = Some(reject.into());
+    }
+
+    fn body(&mut self, phases: u64, received: u64, refused: Option<(usize, &Reject)>) {
+        if received == 0 {
+            return; // no body: no body phase saw a byte
+        }
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            if phases & 1 << i != 0 {
+                step.body = Some(match refused {
+                    Some((at, reject)) if at == i => BodyResult::Deny {
+                        bytes: received,
+                        refusal: reject.into(),
+                    },
+                    _ => BodyResult::Continue { bytes: received },
+                });
+            }
+        }
+    }
+
     fn before_response(&mut self, _: usize, resp: &response::Parts) {
         self.response_before = resp.headers.clone();
     }
@@ -450,18 +481,20 @@ pub fn explain(config: &Config, request: &Request, live: bool) -> std::io::Resul
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let handles = Handles {
+    let handles = Arc::new(Handles {
         // Only a live chain gets background work (JWKS fetches).
         runtime: live.then(|| runtime.handle().clone()),
         read_only: true,
         ..Handles::offline()
-    };
-    let chain = middleware::chain(&config.middleware, &handles);
-    Ok(runtime.block_on(run(config, &chain, request, live)))
+    });
+    // The proxy `run` would build from the file, with no audit, tracing or app: what it
+    // records goes nowhere, and the app is never asked.
+    let proxy = Arc::new(Proxy::new(config, &handles, None, None));
+    Ok(runtime.block_on(run(config, &proxy, request, live)))
 }
 
-async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> Report {
-    let mut trail = Recorder::new(chain, live);
+async fn run(config: &Config, proxy: &Arc<Proxy>, request: &Request, live: bool) -> Report {
+    let mut trail = Recorder::new(proxy.chain(), live);
     let head = Bytes::from(request.head());
     let summarize = |parts: Option<&request::Parts>, client_ip| Summary {
         method: request.method.to_string(),
@@ -478,141 +511,152 @@ async fn run(config: &Config, chain: &Chain, request: &Request, live: bool) -> R
         // The server answers these itself: no middleware runs, not even on the response.
         Err(invalid) => {
             let reject = Reject::from(invalid);
-            let (refusal, reason) = (Refusal::from(&reject), reject.reason.code());
-            return finish(
-                trail,
-                summarize(None, request.from),
-                Some(refusal),
-                None,
-                reject.render(None, false).into_parts().0,
-                Context::new(
-                    request.from,
-                    request.from,
-                    request.target.tls,
-                    Instant::now(),
-                    0,
-                ),
-                Some(reason),
-            );
-        }
-    };
-    let mut parts = head.parts;
-    let client_ip = proxy::client_ip(request.from, &parts.headers, &config.server.trusted_proxies);
-    let mut ctx = Context::new(
-        client_ip,
-        request.from,
-        request.target.tls,
-        Instant::now(),
-        0,
-    );
-    ctx.upgrade = head.upgrade;
-    let summary = summarize(Some(&parts), client_ip);
-    // A gRPC call is answered with a gRPC status, as the proxy would.
-    let grpc = grpc::is_grpc(&parts.headers);
-    let uri = parts.uri.clone();
-    let admitted = Proxy::check(&mut parts, config.server.underscores_in_headers)
-        .and_then(|()| path::normalize(uri.path()).map_err(Reject::from));
-    let (answer, refused) = match admitted {
-        Err(reject) => {
-            let refusal = Refusal::from(&reject);
-            (Some(Answer::Reject(reject)), Some(refusal))
-        }
-        Ok(path) => {
-            let answer = chain
-                .on_request_with(&mut parts, &path, &mut ctx, &mut trail)
-                .await;
-            (answer, None)
-        }
-    };
-    let answer = match answer {
-        None => body(chain, &mut ctx, &mut trail, head.framing, request.body_size),
-        answered => answered,
-    };
-    let mut deny_reason = None;
-    let (mut resp, upstream) = match answer {
-        None => {
-            ctx.upstream_time = Some(Duration::ZERO);
-            ctx.upstream_answered = Some(Instant::now());
-            let mut resp = http::Response::new(()).into_parts().0;
-            resp.status = request.upstream_status;
-            let upstream = Upstream {
-                status: request.upstream_status.as_u16(),
+            let reason = reject.reason.code();
+            trail.gatehouse = Some(Refusal::from(&reject));
+            let outcome = Outcome {
+                resp: reject.render(None, false).into_parts().0,
+                decision: Decision::Deny,
+                subject: None,
+                denied_by: None,
+                deny_reason: Some(reason),
+                fail_open: 0,
+                upstream: None,
             };
-            (resp, Some(upstream))
-        }
-        Some(Answer::Respond(resp)) => (resp.into_parts().0, None),
-        Some(Answer::Reject(reject)) => {
-            deny_reason = Some(reject.reason.code());
-            (
-                reject.render(ctx.request_id.as_ref(), grpc).into_parts().0,
-                None,
-            )
+            return finish(trail, summarize(None, request.from), outcome);
         }
     };
-    chain.on_response_with(&mut resp, &mut ctx, &mut trail);
-    finish(trail, summary, refused, upstream, resp, ctx, deny_reason)
-}
-
-/// Streams the request body's bytes through the body phases of the entries whose request
-/// phase ran, in pieces, as the proxy would on its way to the app.
-fn body(
-    chain: &Chain,
-    ctx: &mut Context,
-    trail: &mut Recorder<'_>,
-    framing: Framing,
-    body_size: Option<u64>,
-) -> Option<Answer> {
-    let total = match framing {
+    let client_ip = proxy::client_ip(
+        request.from,
+        &head.parts.headers,
+        &config.server.trusted_proxies,
+    );
+    let summary = summarize(Some(&head.parts), client_ip);
+    let body = Zeros::new(match head.framing {
         Framing::Length(n) => n,
-        Framing::Chunked => body_size.unwrap_or(0),
+        Framing::Chunked => request.body_size.unwrap_or(0),
         Framing::Empty | Framing::UntilClose => 0,
+    });
+    let client = proxy::Client::new(request.from, request.target.tls, 0);
+    let assumed = Assumed(request.upstream_status);
+    let req = http::Request::from_parts(head.parts, body);
+    let resp = proxy
+        .handle_with(
+            req,
+            &client,
+            Instant::now(),
+            head.upgrade,
+            &assumed,
+            &mut trail,
+        )
+        .await;
+    let (resp, body) = resp.into_parts();
+    let s = body.session();
+    let outcome = Outcome {
+        resp,
+        decision: s.decision,
+        subject: s.ctx.subject.as_deref().map(str::to_owned),
+        denied_by: s.ctx.denied_by,
+        deny_reason: s.reason.map(|r| r.code()),
+        fail_open: s.ctx.fail_open,
+        upstream: s.upstream_status.map(|st| Upstream {
+            status: st.as_u16(),
+        }),
     };
-    let mask = chain.body_phases(ctx);
-    if mask == 0 || total == 0 {
-        return None;
-    }
-    let piece = Bytes::from(vec![0; BODY_PIECE.min(total as usize)]);
-    let mut received = 0;
-    let refused = loop {
-        if received == total {
-            break None;
-        }
-        let len = (total - received).min(BODY_PIECE as u64);
-        received += len;
-        if let Err((i, reject)) =
-            chain.on_request_body(mask, &piece.slice(..len as usize), received)
-        {
-            break Some((i, reject));
-        }
-    };
-    for (i, step) in trail.steps.iter_mut().enumerate() {
-        if mask & 1 << i != 0 {
-            step.body = Some(match &refused {
-                Some((at, reject)) if *at == i => BodyResult::Deny {
-                    bytes: received,
-                    refusal: reject.into(),
-                },
-                _ => BodyResult::Continue { bytes: received },
-            });
-        }
-    }
-    refused.map(|(i, reject)| {
-        ctx.denied_by = Some(i);
-        Answer::Reject(reject)
-    })
+    finish(trail, summary, outcome)
 }
 
-fn finish(
-    trail: Recorder<'_>,
-    request: Summary,
-    gatehouse: Option<Refusal>,
-    upstream: Option<Upstream>,
+/// The app as `explain` takes it: it answers with this status, its body empty, after the
+/// request body went through the body phases as serving sends it.
+struct Assumed(StatusCode);
+
+impl proxy::Upstream for Assumed {
+    async fn forward<B>(
+        &self,
+        proxy: &Proxy,
+        out: proxy::Outbound<'_, B>,
+        s: &mut proxy::Session,
+    ) -> proxy::Exchange
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    {
+        let mut body = proxy.request_body(out.body, s);
+        let mut failed = false;
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        let tally = body.tally();
+        s.bytes_in = tally.received;
+        let refused = tally.refused.take();
+        let mut head = http::Response::new(()).into_parts().0;
+        head.status = self.0;
+        proxy::Exchange {
+            result: match failed {
+                true => Err(client::Error::Body),
+                false => Ok((head, proxy::Body::full(Bytes::new()))),
+            },
+            answered: Instant::now(),
+            refused,
+        }
+    }
+}
+
+/// A request body of `left` zero bytes, in pieces of [`BODY_PIECE`], as a client's
+/// would arrive.
+struct Zeros {
+    left: u64,
+    piece: Bytes,
+}
+
+impl Zeros {
+    fn new(total: u64) -> Zeros {
+        Zeros {
+            left: total,
+            piece: Bytes::from(vec![0; BODY_PIECE.min(total as usize)]),
+        }
+    }
+}
+
+impl http_body::Body for Zeros {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let len = self.left.min(BODY_PIECE as u64);
+        self.left -= len;
+        std::task::Poll::Ready(
+            (len > 0).then(|| Ok(http_body::Frame::data(self.piece.slice(..len as usize)))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// What the client gets, and why, for the report.
+struct Outcome {
     resp: response::Parts,
-    ctx: Context,
+    decision: Decision,
+    subject: Option<String>,
+    denied_by: Option<usize>,
     deny_reason: Option<&'static str>,
-) -> Report {
+    fail_open: u64,
+    upstream: Option<Upstream>,
+}
+
+fn finish(trail: Recorder<'_>, request: Summary, outcome: Outcome) -> Report {
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, value) in &resp.headers {
+    for (name, value) in &outcome.resp.headers {
         headers
             .entry(name.to_string())
             .or_default()
@@ -621,19 +665,21 @@ fn finish(
     Report {
         request,
         live: trail.live,
-        gatehouse,
-        denied_by: ctx.denied_by.map(|i| trail.chain.name(i).to_string()),
+        gatehouse: trail.gatehouse,
+        denied_by: outcome.denied_by.map(|i| trail.chain.name(i).to_string()),
         fail_open: trail
             .chain
-            .names(ctx.fail_open)
+            .names(outcome.fail_open)
             .map(str::to_owned)
             .collect(),
         chain: trail.steps,
-        upstream,
+        upstream: outcome.upstream,
         response: trail.response,
-        status: resp.status.as_u16(),
+        status: outcome.resp.status.as_u16(),
         headers,
-        deny_reason,
+        deny_reason: outcome.deny_reason,
+        decision: outcome.decision.as_str(),
+        subject: outcome.subject,
     }
 }
 

@@ -13,32 +13,32 @@ mod forwarded;
 pub mod session;
 #[cfg(test)]
 mod tests;
+mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, USER_AGENT};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{request, response, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{ALLOW, CONNECTION, COOKIE, HOST, USER_AGENT};
+use http::{request, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use prometheus_client::metrics::counter::Counter;
 
-pub use body::Body;
+pub use body::{Body, Local, RequestBody};
 pub use forwarded::{client_ip, Client};
 pub use session::{ResponseBody, Session};
+pub use upstream::{App, Exchange, Outbound, Upstream};
 
 use crate::audit::{Audit, Decision, Throttle};
-use crate::chain::{path, Answer, Chain, Context, Reason, Reject};
+use crate::chain::{path, Answer, Chain, Context, Reason, Reject, Trail};
 use crate::client::{self, Endpoint, Target};
 use crate::config::value::{Cidr, UpstreamUrl};
 use crate::config::{Underscores, UpstreamConfig, UpstreamProtocol};
 use crate::grpc;
-use crate::http1::request::{encode, is_host, Forwarded};
+use crate::http1::request::is_host;
 use crate::middleware::Handles;
 use crate::trace::Tracer;
 use crate::Config;
-use body::{Local, Progress, RequestBody, Shared};
 
 /// One config generation's request handling.
 pub struct Proxy {
@@ -117,10 +117,38 @@ impl Proxy {
     where
         B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     {
+        self.handle_with(req, client, start, upgrade, &App, ())
+            .await
+    }
+
+    /// [`Proxy::handle`], with the request going to `upstream` and every step told to
+    /// `trail`: how `explain` runs a request, through the very phases that serve it.
+    pub async fn handle_with<B, U, T>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        client: &Client,
+        start: Instant,
+        upgrade: Option<HeaderValue>,
+        upstream: &U,
+        trail: T,
+    ) -> Response<ResponseBody>
+    where
+        B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+        U: Upstream,
+        T: Trail,
+    {
         let (mut parts, body) = req.into_parts();
         let mut session = self.session(&parts, client, start);
         let resp = self
-            .serve(&mut parts, body, client, upgrade, &mut session)
+            .serve(
+                &mut parts,
+                body,
+                client,
+                upgrade,
+                &mut session,
+                upstream,
+                trail,
+            )
             .await;
         session.status = Some(resp.status());
         resp.map(|body| ResponseBody::new(body, session))
@@ -141,7 +169,7 @@ impl Proxy {
             "gatehouse is shutting down",
         )
         .with_header(CONNECTION, HeaderValue::from_static("close"));
-        let resp = self.answer(Answer::Reject(reject), &mut session);
+        let resp = self.answer(Answer::Reject(reject), &mut session, ());
         session.status = Some(resp.status());
         resp.map(|body| ResponseBody::new(body, session))
     }
@@ -217,99 +245,52 @@ impl Proxy {
         session
     }
 
-    async fn serve<B>(
+    /// One request's phases, in order (Pingora's names): `request_filter` (gatehouse's own
+    /// checks, then the chain's request phases), the upstream request (its body through
+    /// the chain's body phases, to the app or to what `explain` takes as the app:
+    /// [`Upstream`]), and `response_filter` (the chain's response phases, bottom to top).
+    /// The last phase, logging, runs when the session ends (`session.rs`). `trail` is told
+    /// each step (`explain`'s report); serving passes `()`, which costs nothing.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve<B, U, T>(
         &self,
         parts: &mut request::Parts,
         body: B,
         client: &Client,
         upgrade: Option<HeaderValue>,
         s: &mut Session,
+        upstream: &U,
+        mut trail: T,
     ) -> Response<Body>
     where
         B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+        U: Upstream,
+        T: Trail,
     {
-        if let Err(reject) = Self::check(parts, self.underscores) {
-            return self.answer(Answer::Reject(reject), s);
+        if let Some(answer) = self
+            .request_filter(parts, upgrade.as_ref(), s, &mut trail)
+            .await
+        {
+            return self.answer(answer, s, trail);
         }
-        // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
-        // path is borrowed, not copied, while middlewares hold `parts` mutably.
-        let uri = parts.uri.clone();
-        let path = match path::normalize(uri.path()) {
-            Ok(path) => path,
-            Err(refused) => return self.answer(Answer::Reject(refused.into()), s),
-        };
-        s.ctx.upgrade.clone_from(&upgrade);
-        if let Some(answer) = self.chain.on_request(parts, &path, &mut s.ctx).await {
-            return self.answer(answer, s);
-        }
-
-        // An upgrade gatehouse does not tunnel (h2c, say) is no upgrade: the request goes
-        // on as a plain one, and the app cannot switch the connection behind the chain.
-        let upgrade = upgrade.filter(|u| {
-            self.upgrades
-                .iter()
-                .any(|a| a.as_bytes().eq_ignore_ascii_case(u.as_bytes()))
-        });
-        // The client's host, as it sent it, is what `x-forwarded-host` says.
-        if !self.preserve_host || s.host.is_none() {
-            parts
-                .headers
-                .insert(HOST, self.upstream.authority().clone());
-        }
-        let traceparent = s.ctx.trace.ids.map(|ids| ids.traceparent());
-        let forwarded = Forwarded {
-            peer: &client.forwarded_for,
-            proto: &client.proto,
-            host: s.host.as_ref(),
-            traceparent: traceparent.as_ref().map(|t| &t[..]),
-        };
-        let phases = self.chain.body_phases(&s.ctx);
         let sent = Instant::now();
-        // A gRPC call's own deadline bounds the wait too.
-        let timeout = match s.grpc.then(|| grpc::timeout(&parts.headers)).flatten() {
-            Some(deadline) => deadline.min(self.timeout),
-            None => self.timeout,
+        let outbound = Outbound {
+            parts,
+            body,
+            client,
+            upgrade,
+            sent,
         };
-        let (result, answered, refused) = if upgrade.is_none() && self.upstream.speaks_h2() {
-            s.upstream_version = Version::HTTP_2;
-            // Boxed: only a request sent over HTTP/2 carries this future.
-            let (worker, upload) = (s.ctx.worker, &mut s.upload);
-            let forward = self.forward_h2(
-                parts, body, &forwarded, phases, sent, timeout, worker, upload,
-            );
-            Box::pin(forward).await
-        } else {
-            let mut body =
-                RequestBody::new(body, Local::new(&self.chain), phases, self.underscores);
-            let encode = |framing, out: &mut Vec<u8>| {
-                encode(parts, framing, &forwarded, upgrade.as_ref(), out);
-            };
-            let (result, answered) = self
-                .upstream
-                .send(
-                    s.ctx.worker,
-                    &parts.method,
-                    upgrade.is_some(),
-                    encode,
-                    &mut body,
-                    sent,
-                    sent + timeout,
-                )
-                .await;
-            let tally = body.tally();
-            s.bytes_in = tally.received;
-            let result = result.map(|answer| match answer {
-                // The codec left the upstream's hop-by-hop headers out already.
-                client::Answer::Response(head, upstream) => (head, Body::Upstream(upstream)),
-                client::Answer::Upgrade(head, io) => (head, Body::Upgrade(Some(io))),
-            });
-            (result, answered, tally.refused.take())
-        };
+        let Exchange {
+            result,
+            answered,
+            refused,
+        } = upstream.forward(self, outbound, s).await;
+        let received = s.bytes_in + s.upload.as_ref().map_or(0, |u| u.received());
+        let phases = self.chain.body_phases(&s.ctx);
+        trail.body(phases, received, refused.as_ref().map(|(i, r)| (*i, r)));
         s.ctx.upstream_time = Some(answered - sent);
         s.ctx.upstream_answered = Some(answered);
-        if let Ok((head, _)) = &result {
-            s.upstream_status = Some(head.status);
-        }
         let (mut head, body) = match result {
             Ok(answer) => answer,
             Err(client::Error::Body) => {
@@ -324,57 +305,53 @@ impl Proxy {
                         "the request body could not be read",
                     ),
                 };
-                return self.answer(Answer::Reject(answer), s);
+                return self.answer(Answer::Reject(answer), s, trail);
             }
-            Err(e) => return self.upstream_failed(e, s),
+            Err(e) => return self.answer(Answer::Reject(self.upstream_failed(e, s)), s, trail),
         };
+        s.upstream_status = Some(head.status);
         if s.grpc {
             // A trailers-only answer carries its status in the head.
             s.grpc_status = grpc::status(&head.headers);
         }
         // The client's protocol decides the response's, not the upstream's.
         head.version = Version::default();
-        self.chain.on_response(&mut head, &mut s.ctx);
+        self.chain.on_response_with(&mut head, &mut s.ctx, trail);
         Response::from_parts(head, body)
     }
 
-    /// The upstream exchange over HTTP/2: the request body goes to the connection's task,
-    /// which sends it as it comes, its progress shared with the session (`upload`).
-    #[allow(clippy::too_many_arguments)]
-    async fn forward_h2<B>(
+    /// gatehouse's own checks, then the chain's request phases; the answer, if one of them
+    /// answered.
+    async fn request_filter<T: Trail>(
         &self,
         parts: &mut request::Parts,
-        body: B,
-        forwarded: &Forwarded<'_>,
-        phases: u64,
-        sent: Instant,
-        timeout: Duration,
-        worker: usize,
-        upload: &mut Option<Arc<Progress>>,
-    ) -> (
-        Result<(response::Parts, Body), client::Error>,
-        Instant,
-        Option<(usize, Reject)>,
-    )
-    where
-        B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
-    {
-        let progress = Arc::new(Progress::default());
-        *upload = Some(progress.clone());
-        let tally = Shared::new(self.chain.clone(), progress.clone());
-        let body = RequestBody::new(body, tally, phases, self.underscores);
-        let req = h2_request(parts, forwarded, self.upstream.authority(), body);
-        let (result, answered) = self
-            .upstream
-            .send_h2(worker, req, sent, sent + timeout)
-            .await;
-        let result = match result {
-            Ok((head, body)) => Ok((head, Body::UpstreamH2(body))),
-            // The stream failed because its body stopped short.
-            Err(_) if progress.failed() => Err(client::Error::Body),
-            Err(e) => Err(e),
+        upgrade: Option<&HeaderValue>,
+        s: &mut Session,
+        trail: &mut T,
+    ) -> Option<Answer> {
+        // Scopes match the normalized path; the Uri clone shares its bytes, so a plain
+        // path is borrowed, not copied, while middlewares hold `parts` mutably.
+        let uri = parts.uri.clone();
+        let admitted = Self::check(parts, self.underscores)
+            .and_then(|()| path::normalize(uri.path()).map_err(Reject::from));
+        let path = match admitted {
+            Ok(path) => path,
+            Err(reject) => {
+                trail.refused(&reject);
+                return Some(Answer::Reject(reject));
+            }
         };
-        (result, answered, progress.take_refused())
+        s.ctx.upgrade = upgrade.cloned();
+        self.chain
+            .on_request_with(parts, &path, &mut s.ctx, trail)
+            .await
+    }
+
+    /// The request body on its way out, through the chain's body phases of the entries
+    /// whose request phase ran, its progress kept in the body.
+    pub fn request_body<B>(&self, body: B, s: &Session) -> RequestBody<B, Local<'_>> {
+        let phases = self.chain.body_phases(&s.ctx);
+        RequestBody::new(body, Local::new(&self.chain), phases, self.underscores)
     }
 
     /// Refuses, or mends, what no middleware should ever see: what HTTP/1's parser
@@ -452,7 +429,8 @@ impl Proxy {
         Ok(())
     }
 
-    fn upstream_failed(&self, e: client::Error, s: &mut Session) -> Response<Body> {
+    /// The answer to an upstream failure, logged and counted.
+    fn upstream_failed(&self, e: client::Error, s: &mut Session) -> Reject {
         s.upstream_error = client::Error::KINDS.iter().position(|k| *k == e.kind());
         // A dead or saturated app fails every request alike: one line per kind and interval.
         let throttle = s.upstream_error.map(|kind| &self.upstream_warnings[kind]);
@@ -464,7 +442,7 @@ impl Proxy {
                 "upstream request failed (logged at most every 10s per kind; suppressed: how many more since the last line)"
             );
         }
-        let reject = match e {
+        match e {
             client::Error::ConnectTimeout | client::Error::Timeout => Reject::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 Reason::UpstreamTimeout,
@@ -494,13 +472,12 @@ impl Proxy {
                 Reason::UpstreamOverloaded,
                 "the upstream has no free connection (upstream.max_connections)",
             ),
-        };
-        self.answer(Answer::Reject(reject), s)
+        }
     }
 
     /// Sends an answer gatehouse (or a middleware) made back up the chain, and notes what
     /// it means for the record.
-    fn answer(&self, answer: Answer, s: &mut Session) -> Response<Body> {
+    fn answer<T: Trail>(&self, answer: Answer, s: &mut Session, trail: T) -> Response<Body> {
         let resp = match answer {
             Answer::Respond(resp) => resp,
             Answer::Reject(reject) => {
@@ -517,7 +494,7 @@ impl Proxy {
             }
         };
         let (mut head, bytes) = resp.into_parts();
-        self.chain.on_response(&mut head, &mut s.ctx);
+        self.chain.on_response_with(&mut head, &mut s.ctx, trail);
         Response::from_parts(head, Body::full(bytes))
     }
 }
@@ -595,42 +572,6 @@ fn upstream_endpoint(config: &UpstreamConfig, handles: &Handles) -> Endpoint {
         UpstreamProtocol::Http1 => endpoint,
         UpstreamProtocol::H2c => endpoint.with_h2(),
     }
-}
-
-/// The request as HTTP/2 sends it to the app: `:authority` from `Host` (the upstream's
-/// when that is no valid authority) and no `Host`, `x-forwarded-*` set, and the length the
-/// body has rather than the client's `content-length`.
-fn h2_request<B>(
-    parts: &mut request::Parts,
-    forwarded: &Forwarded,
-    upstream: &HeaderValue,
-    body: B,
-) -> Request<B> {
-    let mut headers = std::mem::take(&mut parts.headers);
-    let host = headers.remove(HOST);
-    headers.remove(CONTENT_LENGTH);
-    forwarded::set_headers(&mut headers, forwarded);
-    let authority = host
-        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-        .unwrap_or_else(|| {
-            Authority::try_from(upstream.as_bytes()).expect("the upstream's host is an authority")
-        });
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority);
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-    *req.version_mut() = Version::HTTP_2;
-    *req.headers_mut() = headers;
-    req
 }
 
 /// The request's Host as the client sent it: the header, else the URI's authority (HTTP/2).

@@ -255,6 +255,11 @@ impl ResponseBody {
         }
     }
 
+    /// The request's session, as it stands.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
     /// Records a tunnel's traffic when it closes: bytes from the client, bytes to it.
     pub fn tunnel_closed(&mut self, from_client: u64, to_client: u64) {
         self.session.bytes_in += from_client;
