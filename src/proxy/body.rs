@@ -283,3 +283,85 @@ impl HttpBody for Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    use super::*;
+    use crate::middleware::{self, Handles};
+
+    /// A chain that sets `x-env`, removes `x-debug` and strips the `x-api-key` it reads.
+    fn chain() -> Chain {
+        let source = "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n\
+             [[middleware]]\ntype = \"headers\"\nrequest = { set = { \"x-env\" = \"prod\" }, remove = [\"x-debug\"] }\n\
+             [[middleware]]\ntype = \"api_key\"\nkeys = [{ id = \"a\", key = \"k\" }]\n";
+        let config = crate::Config::parse(std::path::Path::new("proxy.toml"), source, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        middleware::chain(&config.middleware, &Handles::offline())
+    }
+
+    /// Names a trailer section may carry: fields that may not be trailers, the chain's
+    /// own, underscored ones, and ordinary ones.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            select(
+                &[
+                    "host",
+                    "authorization",
+                    "content-length",
+                    "cookie",
+                    "transfer-encoding",
+                    "te",
+                    "if-match",
+                    "range",
+                    "x-forwarded-for",
+                    "traceparent",
+                    "x-env",
+                    "x-debug",
+                    "x-api-key",
+                    "x_auth_subject",
+                    "x-checksum",
+                    "grpc-status",
+                ][..]
+            )
+            .prop_map(str::to_owned),
+            "[a-z][a-z_-]{0,12}",
+        ]
+    }
+
+    proptest! {
+        /// Whatever a client puts in a request's trailers, what reaches the app is exactly
+        /// the fields that may be trailers, that the chain does not own, and (unless
+        /// allowed) have no underscore, with their values in order.
+        #[test]
+        fn trailers_keep_exactly_the_admissible_fields(
+            fields in vec((name(), "[ -~]{0,8}"), 0..12),
+            allow in any::<bool>(),
+        ) {
+            let chain = chain();
+            let underscores = if allow { Underscores::Allow } else { Underscores::Drop };
+            let mut trailers = HeaderMap::new();
+            for (name, value) in &fields {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                trailers.append(name, value.parse().unwrap());
+            }
+            let sent = trailers.clone();
+            admit_trailers(&mut trailers, &chain, underscores);
+            for (name, _) in &sent {
+                let admissible = hop::may_be_trailer(name)
+                    && !chain.sets_request_field(name)
+                    && (allow || !name.as_str().contains('_'));
+                let kept: Vec<_> = trailers.get_all(name).iter().collect();
+                if admissible {
+                    prop_assert_eq!(kept, sent.get_all(name).iter().collect::<Vec<_>>());
+                } else {
+                    prop_assert!(kept.is_empty(), "{} reached the app", name);
+                }
+            }
+            prop_assert!(trailers.keys().all(|n| sent.contains_key(n)));
+        }
+    }
+}
