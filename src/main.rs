@@ -78,7 +78,7 @@ struct TestArgs {
     config: ConfigArg,
 }
 
-/// Exit statuses of SPEC: 1 start-up failure (and a bad command line, or a failed policy
+/// The documented exit statuses: 1 start-up failure (and a bad command line, or a failed policy
 /// test), 2 invalid config.
 const START_FAILED: u8 = 1;
 const INVALID_CONFIG: u8 = 2;

@@ -1,4 +1,4 @@
-//! The Prometheus metrics (SPEC "Admin").
+//! The Prometheus metrics served on the admin port's `/metrics`.
 //!
 //! prometheus-client owns the families and the text format; the request path only ever
 //! does atomic increments on handles resolved once (per status code, per middleware), never

@@ -1,4 +1,4 @@
-//! The audit event: what one request was and how it ended, written as SPEC's JSON object
+//! The audit event: what one request was and how it ended, written as the documented JSON object
 //! by the request's last phase, on the worker, once the response is out.
 
 use std::net::IpAddr;
@@ -66,7 +66,7 @@ pub struct Event<'a> {
 }
 
 impl Event<'_> {
-    /// The event as SPEC's JSON object; `fields` names the `request_headers` fields.
+    /// The event as its documented JSON object; `fields` names the `request_headers` fields.
     ///
     /// Written by hand: the schema is fixed, so keys are constants and only values are
     /// escaped; through serde_json, re-escaping every key was most of the cost.

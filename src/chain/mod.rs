@@ -2,7 +2,7 @@
 //! phase, the per-request context, the answers gatehouse makes itself, and the ordered
 //! chain of one config generation.
 //!
-//! Order and short-circuit (SPEC): request phases run top to bottom; a middleware may
+//! Order and short-circuit (as documented): request phases run top to bottom; a middleware may
 //! answer instead of forwarding, and then only the middlewares before it see the response,
 //! bottom to top. Phases are synchronous by default: most middlewares decide from what they
 //! already hold, so a request pays no boxed future per hop. A middleware that must wait

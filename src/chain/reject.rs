@@ -105,7 +105,7 @@ impl Reason {
     }
 }
 
-/// SPEC's error codes, one per status: the `error` field of the JSON body, which clients
+/// The documented error codes, one per status: the `error` field of the JSON body, which clients
 /// parse, so it stays the same for every cause of one status; the [`Reason`] tells them apart.
 pub fn code_for(status: StatusCode) -> &'static str {
     match status.as_u16() {
@@ -157,7 +157,7 @@ impl Reject {
         self
     }
 
-    /// The response: SPEC's JSON body
+    /// The response: the documented JSON body
     /// `{"error": "<code>", "message": "<text> (<reason>)", "request_id": "<id or null>"}`
     /// (or the passed-through body), the status, and the headers. To a gRPC call (`grpc`), a
     /// trailers-only response instead, which is what its client reads: `200`,
@@ -209,7 +209,7 @@ fn grpc_error(status: StatusCode, message: &str, reason: Reason) -> Response<Byt
     resp
 }
 
-/// SPEC's JSON error response, the shape of every answer gatehouse makes itself.
+/// The documented JSON error response, the shape of every answer gatehouse makes itself.
 pub fn json_error(
     status: StatusCode,
     message: &str,
