@@ -584,20 +584,13 @@ fn accept_websocket(parts: &mut http::request::Parts) -> Response<Full<Bytes>> {
 }
 
 /// RFC 6455's `sec-websocket-accept` for `key`: base64 of the SHA-1 of the key and the
-/// protocol's GUID. Redis names a script by its SHA-1, so the redis crate has one.
+/// protocol's GUID.
 fn websocket_accept(key: &[u8]) -> String {
     use base64::Engine;
-    let text = format!(
-        "{}258EAFA5-E914-47DA-95CA-C5AB0DC85B11",
-        String::from_utf8_lossy(key)
-    );
-    let script = redis::Script::new(&text);
-    let hex = script.get_hash();
-    let digest: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
-    base64::engine::general_purpose::STANDARD.encode(digest)
+    let mut sha1 = sha1_smol::Sha1::new();
+    sha1.update(key);
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1.digest().bytes())
 }
 
 type Handler = Arc<dyn Fn(Request<Bytes>) -> Response<Full<Bytes>> + Send + Sync>;
