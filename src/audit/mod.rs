@@ -24,7 +24,7 @@ mod stdout;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use event::{Decision, Event};
 
 use crate::config::audit::{field_name, AuditConfig, Include};
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use sink::SinkState;
 use spool::Journal;
@@ -463,37 +464,6 @@ fn report_removed_sinks(dir: &std::path::Path, config: &AuditConfig) {
     }
 }
 
-/// Lets a warning through at most once per 10 seconds, and counts the ones it holds back
-/// meanwhile, for the next line to say how many there were: a failure repeated by every
-/// request must not flood the log.
-#[derive(Default)]
-pub struct Throttle {
-    /// When a line last went through, in seconds since the epoch (0: never).
-    last: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl Throttle {
-    /// `Some(n)` when a line may be logged now, `n` lines having been held back since the
-    /// last one; `None` (and one more held back) when not.
-    pub fn ready(&self) -> Option<u64> {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last.load(Relaxed);
-        if (last == 0 || now >= last + 10)
-            && self
-                .last
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Relaxed));
-        }
-        self.suppressed.fetch_add(1, Relaxed);
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -555,23 +525,6 @@ mod tests {
         waited
             .await
             .unwrap_or_else(|_| panic!("{what}: not within 10s"));
-    }
-
-    #[test]
-    fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
-        let throttle = Throttle::default();
-        assert_eq!(throttle.ready(), Some(0));
-        for _ in 0..5 {
-            assert_eq!(throttle.ready(), None);
-        }
-        // As if the last line went out an interval ago.
-        throttle.last.fetch_sub(10, Relaxed);
-        assert_eq!(
-            throttle.ready(),
-            Some(5),
-            "the next line counts the held-back ones"
-        );
-        assert_eq!(throttle.ready(), None);
     }
 
     #[tokio::test]

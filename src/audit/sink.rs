@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::spool::Journal;
-use super::{file, http, otlp, redis_stream, stdout, Throttle};
+use super::{file, http, otlp, redis_stream, stdout};
 use crate::config::audit::SinkKind;
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
 
 /// What the dispatcher, the worker and shutdown share about one sink.

@@ -29,13 +29,14 @@ pub use forwarded::{client_ip, Client};
 pub use session::{ResponseBody, Session};
 pub use upstream::{App, Exchange, Outbound, Upstream};
 
-use crate::audit::{Audit, Decision, Throttle};
+use crate::audit::{Audit, Decision};
 use crate::chain::{path, Answer, Chain, Context, Reason, Reject, Trail};
 use crate::client::{self, Endpoint, Target};
 use crate::config::value::{Cidr, UpstreamUrl};
 use crate::config::{Underscores, UpstreamConfig, UpstreamProtocol};
 use crate::grpc;
 use crate::http1::request::is_host;
+use crate::logging::Throttle;
 use crate::middleware::Handles;
 use crate::trace::Tracer;
 use crate::Config;

@@ -58,21 +58,17 @@ pub struct Exchange {
 pub struct App;
 
 impl Upstream for App {
-    fn forward<'a, B>(
-        &'a self,
-        proxy: &'a Proxy,
-        out: Outbound<'a, B>,
-        s: &'a mut Session,
-    ) -> impl Future<Output = Exchange> + Send + 'a
+    async fn forward<B>(&self, proxy: &Proxy, out: Outbound<'_, B>, s: &mut Session) -> Exchange
     where
         B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     {
-        proxy.forward(out, s)
+        proxy.to_app(out, s).await
     }
 }
 
 impl Proxy {
-    async fn forward<B>(&self, out: Outbound<'_, B>, s: &mut Session) -> Exchange
+    /// The exchange with the app: HTTP/1.1 (an upgrade too), or HTTP/2 to an h2c app.
+    async fn to_app<B>(&self, out: Outbound<'_, B>, s: &mut Session) -> Exchange
     where
         B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     {

@@ -11,15 +11,15 @@
 
 use std::fmt::Display;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::{Gcra, KeyRef, Outcome};
+use crate::logging::Throttle;
 use crate::metrics::MiddlewareLabel;
 
 /// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval, tolerance, and
@@ -46,9 +46,6 @@ return {1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 
     )
 });
 
-/// At most one warning per limiter this often while Redis fails; the metric counts each.
-const WARN_EVERY_SECS: u64 = 10;
-
 pub(super) struct Remote {
     name: Arc<str>,
     /// `gatehouse:rl:<name>:`
@@ -62,11 +59,8 @@ pub(super) struct Remote {
     take: u8,
     /// `gatehouse_rate_limit_backend_errors_total{middleware=name}`.
     errors: Counter,
-    /// When the limiter was built: the origin of `last_warn`.
-    built: Instant,
-    /// When the last warning was logged, in seconds since `built` plus `WARN_EVERY_SECS`
-    /// (so 0 means never).
-    last_warn: AtomicU64,
+    /// Its failures' log lines.
+    warnings: Throttle,
 }
 
 impl Remote {
@@ -100,8 +94,7 @@ impl Remote {
             connections: (0..=handles.workers).map(|_| OnceLock::new()).collect(),
             timeout,
             take: u8::from(!handles.read_only),
-            built: Instant::now(),
-            last_warn: AtomicU64::new(0),
+            warnings: Throttle::default(),
         }
     }
 
@@ -175,18 +168,12 @@ impl Remote {
     /// Counts a failure, and logs it unless one was logged recently.
     fn failed(&self, error: impl Display) -> Option<Outcome> {
         self.errors.inc();
-        let now = self.built.elapsed().as_secs() + WARN_EVERY_SECS;
-        let last = self.last_warn.load(Relaxed);
-        if now >= last + WARN_EVERY_SECS
-            && self
-                .last_warn
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
+        if let Some(suppressed) = self.warnings.ready() {
             tracing::warn!(
                 middleware = %self.name,
                 %error,
-                "rate limit backend failed; on_backend_error applies (logged at most every {WARN_EVERY_SECS}s)"
+                suppressed,
+                "rate limit backend failed; on_backend_error applies (logged at most every 10s; suppressed: how many more since the last line)"
             );
         }
         None
