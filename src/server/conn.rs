@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
@@ -32,8 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::h1::{self, Phases, Served};
 use super::Shared;
-use crate::chain::Reason;
+use crate::chain::Reject;
 use crate::client::Upgraded;
+use crate::http1::request;
 use crate::proxy::{Client, ResponseBody};
 
 /// Per-connection settings, fixed at start-up.
@@ -107,9 +108,13 @@ impl Phases for Conn {
     fn busy(&self, reading_body: bool) {
         self.activity.enter(if reading_body { BODY } else { BUSY });
     }
-    fn refused(&self, line: &[u8], status: StatusCode, reason: Reason, sent: Option<u64>) {
+    fn refusal(&self, invalid: request::Invalid) -> Response<Bytes> {
+        Reject::from(invalid).render(None, false)
+    }
+    fn refused(&self, line: &[u8], invalid: request::Invalid, sent: Option<u64>) {
+        let reject = Reject::from(invalid);
         let proxy = self.shared.proxy.load_full();
-        proxy.refused(&self.client, line, status, reason, sent);
+        proxy.refused(&self.client, line, reject.status, reject.reason, sent);
     }
 }
 

@@ -218,6 +218,9 @@ impl Phases for NoPhases {
     fn idle(&self) {}
     fn head(&self) {}
     fn busy(&self, _: bool) {}
+    fn refusal(&self, invalid: http1::request::Invalid) -> Response<Bytes> {
+        crate::chain::Reject::from(invalid).render(None, false)
+    }
 }
 
 type Record = Arc<Mutex<Vec<Seen>>>;

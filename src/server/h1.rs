@@ -22,7 +22,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Versio
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::chain::{Reason, Reject};
 use crate::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
 use crate::http1::response::{self, Writing};
 use crate::http1::{request, Framing};
@@ -86,9 +85,12 @@ pub trait Phases {
     fn head(&self);
     /// A request is being served; `reading_body` while its body waits for the client.
     fn busy(&self, reading_body: bool);
-    /// A request head the parser refused was answered with `status` for `reason` (`sent`:
-    /// the answer's body bytes, if it was written whole); `line` is its first line.
-    fn refused(&self, _line: &[u8], _status: StatusCode, _reason: Reason, _sent: Option<u64>) {}
+    /// The answer to a request head the parser refused: the driver writes it and closes,
+    /// but what gatehouse answers (its one JSON shape) is the server's to say.
+    fn refusal(&self, invalid: request::Invalid) -> Response<Bytes>;
+    /// That answer went out (`sent`: its body bytes, if it was written whole); `line` is
+    /// the refused head's first line.
+    fn refused(&self, _line: &[u8], _invalid: request::Invalid, _sent: Option<u64>) {}
 }
 
 /// Serves requests from `io` until the connection closes or turns out to be HTTP/2.
@@ -124,12 +126,10 @@ where
                 return Outcome::Closed;
             }
             Err(Stop::Invalid(invalid)) => {
-                let reject = Reject::from(invalid);
-                let (status, reason) = (reject.status, reject.reason);
-                let answer = reject.render(None, false);
+                let answer = phases.refusal(invalid);
                 let size = answer.body().len() as u64;
                 let sent = write_error(io, &mut out, answer, &mut date).await;
-                phases.refused(first_line(buf), status, reason, sent.ok().map(|()| size));
+                phases.refused(first_line(buf), invalid, sent.ok().map(|()| size));
                 return Outcome::Closed;
             }
         };
