@@ -415,10 +415,19 @@ timeout = "5 parsecs"
     );
 }
 
+/// A size that is no size, or a number without its unit (which once meant bytes), is an
+/// error at its line that says what was expected.
 #[test]
 fn bad_size_is_an_error() {
-    let err = check_invalid(
-        r#"[server]
+    for (max, expected) in [
+        ("lots", "size"),
+        (
+            "10",
+            "invalid size \"10\": expected a unit after the number",
+        ),
+    ] {
+        let err = check_invalid(&format!(
+            r#"[server]
 listen = "127.0.0.1:18080"
 
 [upstream]
@@ -429,36 +438,19 @@ type = "timing"
 
 [[middleware]]
 type = "body_limit"
-max = "lots"
-"#,
-    );
-    assert_location(&err, 12);
-    assert_mentions(&err, "middleware[1].max");
-    assert!(
-        err.to_lowercase().contains("size"),
-        "should say a size was expected:\n{err}"
-    );
-}
-
-#[test]
-fn a_size_without_a_unit_is_an_error() {
+max = "{max}"
+"#
+        ));
+        assert_location(&err, 12);
+        assert_mentions(&err, "middleware[1].max");
+        assert!(
+            err.to_lowercase().contains(expected),
+            "should say {expected:?}:\n{err}"
+        );
+    }
     let err = check_invalid(
-        r#"[server]
-listen = "127.0.0.1:18080"
-
-[upstream]
-url = "http://127.0.0.1:18000"
-
-[[middleware]]
-type = "body_limit"
-max = "10"
-"#,
-    );
-    assert_location(&err, 9);
-    assert_mentions(&err, "middleware[0].max");
-    assert_mentions(
-        &err,
-        "invalid size \"10\": expected a unit after the number",
+        "[server]\nlisten = \"127.0.0.1:18080\"\n[upstream]\nurl = \"http://127.0.0.1:18000\"\n\
+         [[middleware]]\ntype = \"body_limit\"\nmax = \"10\"\n",
     );
     assert_mentions(&err, "\"10B\" (bytes)");
 }
