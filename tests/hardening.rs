@@ -10,10 +10,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// An app that switches any connection that asks for `Upgrade: h2c` (as hypercorn does),
-/// and otherwise answers 200 with the request head it got as the body. Returns its URL and
-/// a channel of the heads it saw.
-async fn h2c_accepting_app() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+/// An app that answers `101 Switching Protocols` to a request `switches` picks (as
+/// hypercorn does for `Upgrade: h2c`; a misbehaving app for anything) and then echoes
+/// whatever comes on the connection as raw bytes, and any other request with a 200 whose
+/// body is the head it got. Returns its URL and a channel of every head and raw chunk it
+/// saw (heads lower-cased).
+async fn switching_app(
+    switches: fn(&str) -> bool,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -24,12 +28,21 @@ async fn h2c_accepting_app() -> (String, tokio::sync::mpsc::UnboundedReceiver<St
                 let mut buf = Vec::new();
                 while let Some(head) = read_http_head(&mut stream, &mut buf).await {
                     let _ = tx.send(head.clone());
-                    if head.contains("\r\nupgrade: h2c") {
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
-                            .await;
-                        // What a switched app would do: take whatever comes as HTTP/2.
-                        let _ = stream.read(&mut [0u8; 4096]).await;
+                    if switches(&head) {
+                        let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n";
+                        if stream.write_all(switched).await.is_err() {
+                            return;
+                        }
+                        let mut piece = [0u8; 4096];
+                        while let Ok(n) = stream.read(&mut piece).await {
+                            if n == 0 {
+                                return;
+                            }
+                            let _ = tx.send(String::from_utf8_lossy(&piece[..n]).into_owned());
+                            if stream.write_all(&piece[..n]).await.is_err() {
+                                return;
+                            }
+                        }
                         return;
                     }
                     let reply = format!(
@@ -48,7 +61,7 @@ async fn h2c_accepting_app() -> (String, tokio::sync::mpsc::UnboundedReceiver<St
 
 #[tokio::test]
 async fn an_h2c_upgrade_is_never_forwarded_so_the_chain_cannot_be_bypassed() {
-    let (url, mut heads) = h2c_accepting_app().await;
+    let (url, mut heads) = switching_app(|head| head.contains("\r\nupgrade: h2c")).await;
     let gh = Gatehouse::start(
         &config(
             "",
@@ -552,45 +565,9 @@ async fn a_streamed_body_over_the_limit_aborts_the_apps_request() {
     assert!(bytes < 64 << 10, "{bytes} bytes reached the app");
 }
 
-/// An app that answers every request `101 Switching Protocols`, asked or not, and then
-/// echoes whatever comes on the connection as raw bytes; returns its URL and a channel of
-/// every request head and raw chunk it saw.
-async fn always_switching_app() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let Some(head) = read_http_head(&mut stream, &mut buf).await else {
-                    return;
-                };
-                let _ = tx.send(head);
-                let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\n";
-                if stream.write_all(switched).await.is_err() {
-                    return;
-                }
-                let mut piece = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut piece).await {
-                    if n == 0 {
-                        return;
-                    }
-                    let _ = tx.send(String::from_utf8_lossy(&piece[..n]).into_owned());
-                    if stream.write_all(&piece[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, rx)
-}
-
 #[tokio::test]
 async fn an_apps_unasked_for_101_is_a_502_and_opens_no_tunnel_past_the_chain() {
-    let (url, mut seen) = always_switching_app().await;
+    let (url, mut seen) = switching_app(|_| true).await;
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let gh = Gatehouse::start(

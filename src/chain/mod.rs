@@ -259,18 +259,9 @@ impl Chain {
         }
     }
 
-    /// Runs the request phases in order; returns the answer of the middleware that
-    /// answered. `path` is the request path as scopes match it (see [`path::normalize`]).
-    pub async fn on_request(
-        &self,
-        req: &mut request::Parts,
-        path: &str,
-        ctx: &mut Context,
-    ) -> Option<Answer> {
-        self.on_request_with(req, path, ctx, ()).await
-    }
-
-    /// [`Chain::on_request`], telling `trail` every step.
+    /// Runs the request phases in order, telling `trail` every step (serving passes
+    /// `()`); returns the answer of the middleware that answered. `path` is the request
+    /// path as scopes match it (see [`path::normalize`]).
     pub async fn on_request_with<T: Trail>(
         &self,
         req: &mut request::Parts,
@@ -358,12 +349,8 @@ impl Chain {
         Ok(())
     }
 
-    /// Runs the response phases, bottom to top, of the middlewares whose request phase ran.
-    pub fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
-        self.on_response_with(resp, ctx, ());
-    }
-
-    /// [`Chain::on_response`], telling `trail` every step.
+    /// Runs the response phases, bottom to top, of the middlewares whose request phase ran,
+    /// telling `trail` every step (serving passes `()`).
     pub fn on_response_with<T: Trail>(
         &self,
         resp: &mut response::Parts,
@@ -517,9 +504,9 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let answer = runtime.block_on(chain.on_request(&mut parts, path, &mut ctx));
+        let answer = runtime.block_on(chain.on_request_with(&mut parts, path, &mut ctx, ()));
         let (mut resp, _) = Response::new(()).into_parts();
-        chain.on_response(&mut resp, &mut ctx);
+        chain.on_response_with(&mut resp, &mut ctx, ());
         (ctx, answer)
     }
 

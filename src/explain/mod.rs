@@ -1,12 +1,12 @@
 //! `gatehouse explain`: what the chain of a config does to one request, without the app.
 //! [`cases`] builds `gatehouse test` on it.
 //!
-//! Nothing here imitates the chain: the request is written as an HTTP/1.1 head and read by
-//! the server's own parser (so `400`/`431` are explained too), goes through the proxy's
-//! own checks, then through the chain `run` would build from the same file, by the same
-//! loop that serves ([`Chain::on_request_with`]), with a [`Trail`] that records each step.
-//! Where serving would ask the app, a synthetic answer with the chosen status stands in,
-//! and the response phases run on it as they would on the app's.
+//! Nothing here imitates the proxy: the request is written as an HTTP/1.1 head and read by
+//! the server's own parser (so `400`/`431` are explained too), then goes through the
+//! proxy `run` would build from the same file, by the very pipeline that serves
+//! ([`Proxy::handle_with`]), with a [`Trail`] that records each step. Where serving would
+//! ask the app, [`Assumed`] stands in: it takes the body through the body phases and
+//! answers with the chosen status, and the response phases run on that answer.
 //!
 //! Outside state is never touched unless `live`: middlewares that would ask Redis, an auth
 //! service or a JWKS URL are reported with what they would ask ([`Middleware::would_ask`])
