@@ -2,25 +2,26 @@
 //! front of any service.
 //!
 //! Layers, bottom to top, each importing only from below: [`config`] (the file's schema,
-//! knowing no middleware), [`http1`] (the wire format both ways), [`json`], [`grpc`] and
-//! [`metrics`]; [`client`] (every outbound request); [`trace`] (trace context, the span
-//! exporter); [`chain`] (the middleware trait, the
-//! request context, gatehouse's own answers); [`middleware`] (one file per TOML `type`);
-//! [`audit`]; [`proxy`] (one request's path, start to record); [`server`], [`admin`] and
-//! [`explain`] (one request through the chain in-process, and policy tests).
+//! knowing no middleware), [`protocol`] (each HTTP version's codec and its downstream and
+//! upstream drivers), [`json`], [`grpc`] and [`metrics`]; [`pool`] (connections to the app
+//! and side services, and every outbound request); [`trace`] (trace context, the span
+//! exporter); [`chain`] (the middleware trait, the request context, gatehouse's own
+//! answers); [`middleware`] (one file per TOML `type`); [`audit`]; [`proxy`] (one request's
+//! path, start to record); [`server`], [`admin`] and [`explain`] (one request through the
+//! chain in-process, and policy tests).
 
 pub mod admin;
 pub mod audit;
 pub mod chain;
-pub mod client;
 pub mod config;
 pub mod explain;
 pub mod grpc;
-pub mod http1;
 pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
+pub mod pool;
+pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod trace;

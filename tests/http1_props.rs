@@ -6,10 +6,10 @@
 
 mod http1_check;
 
-use gatehouse::http1::chunked::{self, MAX_LINE};
-use gatehouse::http1::request::{self, Forwarded};
-use gatehouse::http1::response::{self, Writing};
-use gatehouse::http1::{Framing, MAX_HEADERS};
+use gatehouse::protocol::h1::chunked::{self, MAX_LINE};
+use gatehouse::protocol::h1::request::{self, Forwarded};
+use gatehouse::protocol::h1::response::{self, Writing};
+use gatehouse::protocol::h1::{Framing, MAX_HEADERS};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use proptest::collection::vec;

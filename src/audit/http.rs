@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 
-use crate::client::collector::{Collector, Retries};
 use crate::config::audit::HttpSettings;
+use crate::pool::collector::{Collector, Retries};
 
 pub struct HttpWriter {
     collector: Collector,

@@ -18,8 +18,8 @@ use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, S
 use prost::Message;
 use serde_json::{Map, Value};
 
-use crate::client::collector::Collector;
 use crate::config::audit::OtlpSettings;
+use crate::pool::collector::Collector;
 use crate::trace::{otlp, SpanId, TraceId};
 
 /// The records' `event_name`.

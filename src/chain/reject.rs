@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{HeaderName, Response, StatusCode};
 
-use crate::http1::request;
+use crate::protocol::h1::request;
 use crate::{grpc, json};
 
 /// Why gatehouse answered instead of the app. The code is stable: audit events

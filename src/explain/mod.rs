@@ -35,9 +35,9 @@ use http_body_util::BodyExt;
 
 use crate::audit::Decision;
 use crate::chain::{Answer, Chain, Context, Exclusion, Reject, Trail};
-use crate::client;
-use crate::http1::{self, Framing};
 use crate::middleware::Handles;
+use crate::pool;
+use crate::protocol::h1::{self, Framing};
 use crate::proxy::{self, Proxy};
 use crate::Config;
 
@@ -133,7 +133,7 @@ impl Request {
             .iter()
             .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
         for (name, value) in extra.iter().map(|(n, v)| (*n, v.as_slice())).chain(given) {
-            http1::header_line(&mut out, name, value);
+            h1::header_line(&mut out, name, value);
         }
         out.extend_from_slice(b"\r\n");
         out
@@ -504,7 +504,7 @@ async fn run(config: &Config, proxy: &Arc<Proxy>, request: &Request, live: bool)
             .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
         client_ip,
     };
-    let parsed = http1::request::parse(&head, config.server.max_header_bytes.0 as usize);
+    let parsed = h1::request::parse(&head, config.server.max_header_bytes.0 as usize);
     let head = match parsed {
         Ok(Some((head, _))) => head,
         Ok(None) => unreachable!("a whole head was written"),
@@ -594,7 +594,7 @@ impl proxy::Upstream for Assumed {
         head.status = self.0;
         proxy::Exchange {
             result: match failed {
-                true => Err(client::Error::Body),
+                true => Err(pool::Error::Body),
                 false => Ok((head, proxy::Body::full(Bytes::new()))),
             },
             answered: Instant::now(),

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::ByteSize;
-use crate::http1::parse_length;
+use crate::protocol::h1::parse_length;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

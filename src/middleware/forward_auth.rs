@@ -17,11 +17,11 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
-use crate::client::{Endpoint, Target};
+use crate::pool::{Endpoint, Target};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
-use crate::http1::hop::HOP_BY_HOP;
-use crate::http1::request::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::protocol::h1::hop::HOP_BY_HOP;
+use crate::protocol::h1::request::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// The most of an auth service's answer body that is buffered and passed on.
 const MAX_BODY: usize = 64 << 10;

@@ -31,7 +31,7 @@ use tokio::sync::{watch, Notify};
 
 use super::auth::{digest, unauthorized};
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
-use crate::client::{Endpoint, Target};
+use crate::pool::{Endpoint, Target};
 use crate::config::value::{ConfigFile, Duration, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 

@@ -11,9 +11,9 @@ use http::{HeaderMap, HeaderName};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::chain::{Chain, Reject};
-use crate::client::{self, H2Body, Upgraded};
 use crate::config::Underscores;
-use crate::http1::hop;
+use crate::pool::{self, H2Body, Upgraded};
+use crate::protocol::h1::hop;
 
 /// The client's request body on its way upstream, through the chain's body phases. What it
 /// learns on the way (bytes received, a refusal) is kept by `T`: in the body itself while an
@@ -58,7 +58,7 @@ pub struct Local<'a> {
     /// Body bytes taken from the client so far (the audit event's `bytes_in`).
     pub received: u64,
     /// The body phase that refused the body, and why: the upstream request fails with
-    /// [`client::Error::Body`], and this is the client's answer.
+    /// [`pool::Error::Body`], and this is the client's answer.
     pub refused: Option<(usize, Reject)>,
 }
 
@@ -238,7 +238,7 @@ fn admit_trailers(fields: &mut HeaderMap, chain: &Chain, underscores: Underscore
 /// client's.
 pub enum Body {
     Full(Option<Bytes>),
-    Upstream(client::Body),
+    Upstream(pool::Body),
     UpstreamH2(H2Body),
     Upgrade(Option<Upgraded>),
 }

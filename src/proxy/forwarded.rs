@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::value::Cidr;
-use crate::http1::request::{
+use crate::protocol::h1::request::{
     Forwarded, TRACEPARENT, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 

@@ -31,13 +31,13 @@ pub use upstream::{App, Exchange, Outbound, Upstream};
 
 use crate::audit::{Audit, Decision};
 use crate::chain::{path, Answer, Chain, Context, Reason, Reject, Trail};
-use crate::client::{self, Endpoint, Target};
 use crate::config::value::{Cidr, UpstreamUrl};
 use crate::config::{Underscores, UpstreamConfig, UpstreamProtocol};
 use crate::grpc;
-use crate::http1::request::is_host;
 use crate::logging::Throttle;
 use crate::middleware::Handles;
+use crate::pool::{self, Endpoint, Target};
+use crate::protocol::h1::request::is_host;
 use crate::trace::Tracer;
 use crate::Config;
 
@@ -55,7 +55,7 @@ pub struct Proxy {
     handles: Arc<Handles>,
     audit: Option<Arc<Audit>>,
     tracer: Option<Arc<Tracer>>,
-    /// `gatehouse_upstream_errors_total{kind}`, by [`client::Error::KINDS`] index.
+    /// `gatehouse_upstream_errors_total{kind}`, by [`pool::Error::KINDS`] index.
     upstream_errors: Box<[Counter]>,
     /// The log lines of upstream failures, by the same index.
     upstream_warnings: Box<[Throttle]>,
@@ -83,11 +83,11 @@ impl Proxy {
                 .map(|u| u.to_ascii_lowercase())
                 .collect(),
             underscores: config.server.underscores_in_headers,
-            upstream_errors: client::Error::KINDS
+            upstream_errors: pool::Error::KINDS
                 .iter()
                 .map(|kind| handles.metrics.upstream_errors(kind))
                 .collect(),
-            upstream_warnings: client::Error::KINDS
+            upstream_warnings: pool::Error::KINDS
                 .iter()
                 .map(|_| Throttle::default())
                 .collect(),
@@ -294,7 +294,7 @@ impl Proxy {
         s.ctx.upstream_answered = Some(answered);
         let (mut head, body) = match result {
             Ok(answer) => answer,
-            Err(client::Error::Body) => {
+            Err(pool::Error::Body) => {
                 let answer = match refused {
                     Some((i, reject)) => {
                         s.ctx.denied_by = Some(i);
@@ -431,8 +431,8 @@ impl Proxy {
     }
 
     /// The answer to an upstream failure, logged and counted.
-    fn upstream_failed(&self, e: client::Error, s: &mut Session) -> Reject {
-        s.upstream_error = client::Error::KINDS.iter().position(|k| *k == e.kind());
+    fn upstream_failed(&self, e: pool::Error, s: &mut Session) -> Reject {
+        s.upstream_error = pool::Error::KINDS.iter().position(|k| *k == e.kind());
         // A dead or saturated app fails every request alike: one line per kind and interval.
         let throttle = s.upstream_error.map(|kind| &self.upstream_warnings[kind]);
         if let Some(suppressed) = throttle.map_or(Some(0), Throttle::ready) {
@@ -444,31 +444,31 @@ impl Proxy {
             );
         }
         match e {
-            client::Error::ConnectTimeout | client::Error::Timeout => Reject::new(
+            pool::Error::ConnectTimeout | pool::Error::Timeout => Reject::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 Reason::UpstreamTimeout,
-                if matches!(e, client::Error::Timeout) {
+                if matches!(e, pool::Error::Timeout) {
                     "the upstream did not answer in time"
                 } else {
                     "the upstream did not accept a connection in time"
                 },
             ),
-            client::Error::Connect(_) => Reject::new(
+            pool::Error::Connect(_) => Reject::new(
                 StatusCode::BAD_GATEWAY,
                 Reason::UpstreamFailed,
                 "the upstream refused the connection",
             ),
-            client::Error::Reset(_) => Reject::new(
+            pool::Error::Reset(_) => Reject::new(
                 StatusCode::BAD_GATEWAY,
                 Reason::UpstreamFailed,
                 "the upstream closed the connection",
             ),
-            client::Error::Invalid(_) | client::Error::Body => Reject::new(
+            pool::Error::Invalid(_) | pool::Error::Body => Reject::new(
                 StatusCode::BAD_GATEWAY,
                 Reason::UpstreamFailed,
                 "the upstream sent an invalid response",
             ),
-            client::Error::Overloaded => Reject::new(
+            pool::Error::Overloaded => Reject::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Reason::UpstreamOverloaded,
                 "the upstream has no free connection (upstream.max_connections)",
@@ -556,7 +556,7 @@ fn upstream_endpoint(config: &UpstreamConfig, handles: &Handles) -> Endpoint {
         UpstreamUrl::Unix(path) => Target::Unix(path.clone()),
     };
     let m = &handles.metrics;
-    let limit = client::Limit::new(
+    let limit = pool::Limit::new(
         config.max_connections,
         config.max_pending,
         m.upstream_connections.clone(),

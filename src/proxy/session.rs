@@ -19,8 +19,8 @@ use super::body::{Body, Progress};
 use super::Proxy;
 use crate::audit::{Decision, Event};
 use crate::chain::{Context, Reason};
-use crate::client::{self, Upgraded};
 use crate::grpc;
+use crate::pool::{self, Upgraded};
 use crate::trace::{Ids, Internal, RequestSpans, SpanId, Text, UpstreamCall};
 
 /// nginx's status for a request whose client went away before the answer.
@@ -183,8 +183,8 @@ impl Proxy {
             status: s.upstream_status.map(|st| st.as_u16()),
             error: match (s.upstream_status, s.upstream_error) {
                 (Some(_), _) => None,
-                (None, Some(kind)) => Some(client::Error::KINDS[kind]),
-                (None, None) => Some(client::Error::Body.kind()),
+                (None, Some(kind)) => Some(pool::Error::KINDS[kind]),
+                (None, None) => Some(pool::Error::Body.kind()),
             },
         });
         let links = self.chain.links();

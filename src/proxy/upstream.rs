@@ -15,9 +15,9 @@ use http_body::Body as HttpBody;
 use super::body::{Body, Progress, RequestBody, Shared};
 use super::{forwarded, Client, Proxy, Session};
 use crate::chain::Reject;
-use crate::client;
 use crate::grpc;
-use crate::http1::request::{encode, Forwarded};
+use crate::pool;
+use crate::protocol::h1::request::{encode, Forwarded};
 
 /// Where the upstream request phase sends a request.
 pub trait Upstream: Sync {
@@ -47,10 +47,10 @@ pub struct Outbound<'a, B> {
 /// How the upstream request went.
 pub struct Exchange {
     /// The answer's head and its body to stream, or why none came.
-    pub result: Result<(response::Parts, Body), client::Error>,
+    pub result: Result<(response::Parts, Body), pool::Error>,
     pub answered: Instant,
     /// The body phase that refused the body, and why (the result is then
-    /// [`client::Error::Body`]).
+    /// [`pool::Error::Body`]).
     pub refused: Option<(usize, Reject)>,
 }
 
@@ -134,8 +134,8 @@ impl Proxy {
             s.bytes_in = tally.received;
             let result = result.map(|answer| match answer {
                 // The codec left the upstream's hop-by-hop headers out already.
-                client::Answer::Response(head, upstream) => (head, Body::Upstream(upstream)),
-                client::Answer::Upgrade(head, io) => (head, Body::Upgrade(Some(io))),
+                pool::Answer::Response(head, upstream) => (head, Body::Upstream(upstream)),
+                pool::Answer::Upgrade(head, io) => (head, Body::Upgrade(Some(io))),
             });
             (result, answered, tally.refused.take())
         };
@@ -160,7 +160,7 @@ impl Proxy {
         worker: usize,
         upload: &mut Option<Arc<Progress>>,
     ) -> (
-        Result<(response::Parts, Body), client::Error>,
+        Result<(response::Parts, Body), pool::Error>,
         Instant,
         Option<(usize, Reject)>,
     )
@@ -179,7 +179,7 @@ impl Proxy {
         let result = match result {
             Ok((head, body)) => Ok((head, Body::UpstreamH2(body))),
             // The stream failed because its body stopped short.
-            Err(_) if progress.failed() => Err(client::Error::Body),
+            Err(_) if progress.failed() => Err(pool::Error::Body),
             Err(e) => Err(e),
         };
         (result, answered, progress.take_refused())

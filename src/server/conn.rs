@@ -1,4 +1,4 @@
-//! One client connection: HTTP/1.x served by gatehouse's own driver (`h1.rs`), HTTP/2 by
+//! One client connection: HTTP/1.x served by gatehouse's own driver (`protocol::h1::downstream`), HTTP/2 by
 //! hyper (h2c prior knowledge detected from the first bytes; under TLS, ALPN decides: see
 //! `tls.rs`); its timeouts, and a graceful close when the server drains.
 //!
@@ -28,13 +28,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::h1::{self, Phases, Served};
 use super::Shared;
 use crate::chain::Reject;
-use crate::client::Upgraded;
-use crate::http1::request;
+use crate::pool::Upgraded;
+use crate::protocol::h1::downstream::{self as h1, Phases, Served};
+use crate::protocol::h1::request;
+use crate::protocol::h2;
 use crate::proxy::{Client, ResponseBody};
 
 /// Per-connection settings, fixed at start-up.
@@ -43,14 +44,6 @@ pub struct ConnSettings {
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
-}
-
-/// The HTTP/2 server settings every connection of a worker uses.
-pub fn h2_builder(max_header_bytes: usize) -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    // A larger header list gets hyper's 431.
-    b.max_header_list_size(max_header_bytes as u32);
-    b
 }
 
 /// Where the connection is, as the watchdog reads it.
@@ -211,34 +204,19 @@ where
     outcome
 }
 
-/// Reads the client's connection preface on a connection ALPN made HTTP/2 (within
-/// `header_read_timeout`), keeping it for hyper; anything else is answered with GOAWAY
-/// (PROTOCOL_ERROR) and the connection closed, which hyper would do without the GOAWAY.
+/// A connection ALPN made HTTP/2 must open with the preface (within
+/// `header_read_timeout`), which is kept for hyper.
 async fn preface<S>(conn: &Conn, io: &mut Counted<S>) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut got = BytesMut::with_capacity(h1::PREFACE.len());
-    let read = async {
-        while got.len() < h1::PREFACE.len() && h1::PREFACE.starts_with(&got) {
-            if io.read_buf(&mut got).await.map_or(true, |n| n == 0) {
-                return false;
-            }
-        }
-        true
-    };
     let timeout = conn.shared.conn_settings.header_read_timeout;
-    match tokio::time::timeout(timeout, read).await {
-        Ok(true) if got.starts_with(h1::PREFACE) => {
-            io.replay = got.freeze();
+    match h2::downstream::preface(io, timeout).await {
+        Some(preface) => {
+            io.replay = preface;
             true
         }
-        Ok(true) => {
-            let _ = io.write_all(h1::PREFACE_REFUSED).await;
-            let _ = io.shutdown().await;
-            false
-        }
-        _ => false,
+        None => false,
     }
 }
 

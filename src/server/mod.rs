@@ -7,9 +7,6 @@
 //! pipeline and the chain's background tasks.
 
 mod conn;
-#[cfg(test)]
-mod differential;
-mod h1;
 mod tls;
 
 use std::net::SocketAddr;
@@ -222,7 +219,7 @@ fn worker(
     runtime.block_on(async move {
         let listener =
             tokio::net::TcpListener::from_std(listener).expect("the listener is non-blocking");
-        let h2 = Arc::new(conn::h2_builder(shared.conn_settings.max_header_bytes));
+        let h2 = Arc::new(crate::protocol::h2::downstream::builder(shared.conn_settings.max_header_bytes));
         let mut stop = shared.stop.subscribe();
         loop {
             tokio::select! {

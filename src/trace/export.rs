@@ -22,9 +22,9 @@ use tokio::time::Instant;
 
 use super::otlp;
 use super::{Ids, RequestSpans, SpanId};
-use crate::client::collector::{Collector, Retries};
 use crate::config::tracing::TracingConfig;
 use crate::metrics::Metrics;
+use crate::pool::collector::{Collector, Retries};
 
 /// How often a busy exporter takes what is queued (at most; sooner when the queue fills, or
 /// at `flush_interval` if that is shorter). The queue is polled rather than woken per

@@ -30,8 +30,8 @@ use tokio::task::JoinHandle;
 pub use context::{Parent, SpanId, TraceId};
 
 use crate::config::tracing::TracingConfig;
-use crate::http1::request::TRACEPARENT;
 use crate::metrics::Metrics;
+use crate::protocol::h1::request::TRACEPARENT;
 
 /// The running tracer: the sampler and the exporter's queue. One per server, fixed at start.
 pub struct Tracer {
@@ -222,7 +222,7 @@ pub struct UpstreamCall {
     /// `network.protocol.version`: `1.1`, or `2` to an h2c app.
     pub protocol: &'static str,
     pub status: Option<u16>,
-    /// The kind of failure (`client::Error::kind`), when there was no response.
+    /// The kind of failure (`pool::Error::kind`), when there was no response.
     pub error: Option<&'static str>,
 }
 

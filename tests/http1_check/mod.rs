@@ -1,4 +1,4 @@
-//! Invariants of the HTTP/1 layer (`gatehouse::http1`) that hold for any input, whatever
+//! Invariants of the HTTP/1 layer (`gatehouse::protocol::h1`) that hold for any input, whatever
 //! its bytes and however they arrive. Shared by the property tests (`tests/http1_props.rs`)
 //! and the fuzz targets (`tests/fuzz`), so a long fuzz campaign checks exactly what
 //! `cargo test` checks.
@@ -13,8 +13,8 @@
 
 use bytes::{Bytes, BytesMut};
 use gatehouse::config::Underscores;
-use gatehouse::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
-use gatehouse::http1::{request, response, Framing, MAX_HEADERS};
+use gatehouse::protocol::h1::chunked::{self, Chunked, Decoded, InvalidChunk};
+use gatehouse::protocol::h1::{request, response, Framing, MAX_HEADERS};
 use gatehouse::proxy::Proxy;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 

@@ -1,4 +1,4 @@
-//! gatehouse's HTTP/1.x server: a thin driver over [`crate::http1`] that reads request
+//! gatehouse's HTTP/1.x server: a thin driver over [`crate::protocol::h1`] that reads request
 //! heads and bodies from a connection, hands each request to the service, and writes the
 //! answer back, one request after another (pipelined requests wait in the buffer).
 //!
@@ -22,21 +22,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Versio
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::http1::chunked::{self, Chunked, Decoded, InvalidChunk};
-use crate::http1::response::{self, Writing};
-use crate::http1::{request, Framing};
+use super::chunked::{self, Chunked, Decoded, InvalidChunk};
+use super::response::{self, Writing};
+use super::{request, Framing};
+use crate::protocol::h2::{PREFACE, PREFACE_REFUSED};
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// An HTTP/2 server's answer to an invalid connection preface (RFC 9113 §3.4: a connection
-/// error of type PROTOCOL_ERROR): its own preface, an empty SETTINGS frame, then GOAWAY
-/// with last stream 0 and PROTOCOL_ERROR.
-pub const PREFACE_REFUSED: &[u8] = &[
-    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, empty
-    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes of payload, stream 0
-    0, 0, 0, 0, // last stream id
-    0, 0, 0, 0x1, // PROTOCOL_ERROR
-];
 /// Free room asked of the buffer before each read.
 const READ_ROOM: usize = 4 << 10;
 /// Response bytes gathered before a write: a head and a small body go out together.

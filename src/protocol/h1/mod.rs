@@ -1,17 +1,20 @@
-//! HTTP/1.1 on the wire (RFC 9112), both ways and for both sides of the proxy: request heads
-//! the server parses and the upstream client writes, response heads the client parses and
-//! the server writes, body framing, the chunked coding, connection tokens and hop-by-hop
-//! headers, and the head size limit.
-//!
-//! Pure functions and state machines over buffers, with no IO: the server
-//! (`server/h1.rs`) and the upstream client (`client/`) are drivers over them. Every rule
-//! of the protocol that decides where a message ends, or which headers belong to a hop, is
-//! written once, here, where it is reviewed, property-tested and fuzzed (`tests/fuzz`).
+//! HTTP/1.1 (RFC 9112): the codec, and both drivers over it. The codec is pure functions and
+//! state machines over buffers, with no IO: request heads the server parses and the
+//! upstream driver writes, response heads the upstream driver parses and the server writes,
+//! body framing, the chunked coding, connection tokens and hop-by-hop headers, and the head
+//! size limit. Every rule of the protocol that decides where a message ends, or which
+//! headers belong to a hop, is written once, here, where it is reviewed, property-tested
+//! and fuzzed (`tests/fuzz`). [`downstream`] serves the client's connection with it,
+//! [`upstream`] runs one exchange on the app's.
 
 pub mod chunked;
+#[cfg(test)]
+mod differential;
+pub mod downstream;
 pub mod hop;
 pub mod request;
 pub mod response;
+pub mod upstream;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};

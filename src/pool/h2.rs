@@ -1,5 +1,5 @@
 //! HTTP/2 to the app (`upstream.protocol = "h2c"`, prior knowledge), over hyper's HTTP/2
-//! client: connections pooled per worker shard like the HTTP/1 ones, each carrying many
+//! client (`protocol::h2::upstream`): connections pooled per worker shard like the HTTP/1 ones, each carrying many
 //! requests at once, up to the app's `SETTINGS_MAX_CONCURRENT_STREAMS`; another connection
 //! is opened when every one is full (within the endpoint's [`Limit`](super::Limit)).
 //!
@@ -23,10 +23,10 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::{Builder, Connection, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http2::SendRequest;
 
 use super::{lock, Endpoint, Error, Slot, Stream, Sweep, Sweeper};
+use crate::protocol::h2::upstream;
 
 /// What a request body's failure is, for hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,7 +61,7 @@ struct Conn {
     used: Instant,
 }
 
-type Driver = Pin<Box<Connection<TokioIo<Stream>, Outgoing, TokioExecutor>>>;
+type Driver = Pin<Box<upstream::Driver<Stream, Outgoing>>>;
 
 impl Conn {
     fn is_open(&self) -> bool {
@@ -295,15 +295,11 @@ impl Endpoint {
         send(&mut req, true).ok_or_else(|| Error::Reset(io::ErrorKind::ConnectionAborted.into()))
     }
 
-    /// Opens a connection and starts its task, which keeps the connection's place under
-    /// the limit.
+    /// Opens a connection and starts its task; the socket, which hyper holds until the
+    /// task ends, keeps the connection's place under the limit.
     async fn connect_h2(&self, slot: Option<Slot>) -> Result<Conn, Error> {
-        let io = self.connect_stream().await?;
-        // No stream before the app's SETTINGS say how many it takes (hyper would assume
-        // 100, and the app refuse those past its limit): see below.
-        let handshake = Builder::new(TokioExecutor::new())
-            .initial_max_send_streams(0)
-            .handshake(TokioIo::new(io));
+        let io = self.connect_stream(slot).await?;
+        let handshake = upstream::handshake(io);
         let (send, conn) = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| Error::ConnectTimeout)?
@@ -311,7 +307,6 @@ impl Endpoint {
         let driver = Arc::new(Mutex::new(Some(Box::pin(conn))));
         let polled = driver.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let ended = poll_fn(|cx| {
                 let mut driver = lock(&polled);
                 let Some(conn) = driver.as_mut() else {
@@ -364,6 +359,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::convert::Infallible;
     use tokio::net::TcpListener;
     use tokio::sync::watch;

@@ -1,17 +1,11 @@
-//! The outbound HTTP client, one for everything gatehouse sends: requests to the app,
-//! and the side channels (forward_auth's auth service, JWKS fetches, the audit `http`
-//! sink). HTTP/1.1 is a thin driver over [`crate::http1`]: keep-alive connections over TCP
-//! or a Unix socket, pooled per [`Endpoint`] in shards (one per worker thread, plus one for
-//! the control thread), so a worker never contends with another for a connection. An
-//! endpoint may also speak HTTP/2 to the app (`h2.rs`), pooled the same way.
-//!
-//! An HTTP/1.1 connection has no task of its own: the request that holds it writes the
-//! request and reads the response head, and the response body reads the rest as the caller
-//! takes it, so an exchange runs in the caller's task with no channel hop. Idle connections
-//! are closed once past the idle timeout by each shard's [`Sweeper`], which requests never
-//! touch.
+//! Connections to the app and to side services (forward_auth's auth service, JWKS fetches,
+//! the audit `http` sink), pooled per [`Endpoint`] in shards (one per worker thread, plus
+//! one for the control thread), so a worker never contends with another for a connection.
+//! The exchanges themselves are the protocol drivers' (`protocol::h1::upstream`, and
+//! hyper's HTTP/2 client in `h2.rs`); this module decides which connection carries a
+//! request, bounds how many are open, and takes them back. Idle connections are closed
+//! once past the idle timeout by each shard's [`Sweeper`], which requests never touch.
 
-mod body;
 pub mod collector;
 mod h2;
 
@@ -25,25 +19,30 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{response, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Full, Limited};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-pub use body::{Body, Upgraded};
 pub use h2::{Body as H2Body, BoxError};
 
-use crate::http1::{self, chunked, header_line, Framing};
+/// A connection to the app, as the HTTP/1 driver runs an exchange on it.
+type Conn = upstream::Conn<Stream>;
+/// The response body of an HTTP/1 exchange; its connection comes back to the pool at its end.
+pub type Body = upstream::Body<Stream, Home>;
+/// A connection handed over after `101 Switching Protocols`.
+pub type Upgraded = upstream::Upgraded<Stream>;
+
+use crate::protocol::h1::upstream::{self, Failure};
+use crate::protocol::h1::{self, header_line, Framing};
 
 /// Idle connections kept per shard; more are closed when they come back.
 const MAX_IDLE_PER_SHARD: usize = 1024;
-/// Read-buffer growth step: small heads stay in one allocation, bodies read in big steps.
-const READ_CHUNK: usize = 16 << 10;
 
 /// Where an endpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,9 +260,14 @@ impl Endpoint {
         let answered = Instant::now();
         let result = result.map(|(head, conn)| {
             if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                Answer::Upgrade(head.parts, Upgraded::new(conn.io, conn.read))
+                Answer::Upgrade(head.parts, conn.upgraded())
             } else {
-                let body = Body::new(conn, &head, &self.pool, shard, answered);
+                let home = Home {
+                    pool: self.pool.clone(),
+                    shard,
+                    answered,
+                };
+                let body = Body::new(conn, &head, home);
                 Answer::Response(head.parts, body)
             }
         });
@@ -281,7 +285,7 @@ impl Endpoint {
         body: &mut B,
         sent: Instant,
         deadline: Instant,
-    ) -> Result<(http1::response::Head, Conn), Error>
+    ) -> Result<(h1::response::Head, Conn), Error>
     where
         B: HttpBody<Data = Bytes> + Unpin,
         F: Fn(Framing, &mut Vec<u8>),
@@ -307,16 +311,16 @@ impl Endpoint {
                     }
                 }
             };
-            conn.out.clear();
-            encode(framing, &mut conn.out);
+            encode(framing, conn.head());
             let exchange = conn.exchange(method, upgrade, framing, body);
             let head = match tokio::time::timeout_at(deadline, exchange).await {
                 Err(_) => return Err(Error::Timeout),
                 Ok(Ok(head)) => head,
                 // A stale pooled connection that the peer cannot have acted on: try another.
                 Ok(Err(Failure::Stale(_))) if reused => continue,
-                Ok(Err(Failure::Stale(e))) => return Err(Error::Reset(e)),
-                Ok(Err(Failure::Fatal(e))) => return Err(e),
+                Ok(Err(Failure::Stale(e) | Failure::Reset(e))) => return Err(Error::Reset(e)),
+                Ok(Err(Failure::Body)) => return Err(Error::Body),
+                Ok(Err(Failure::Invalid(why))) => return Err(Error::Invalid(why)),
             };
             return Ok((head, conn));
         }
@@ -366,30 +370,29 @@ impl Endpoint {
     }
 
     async fn connect(&self, slot: Option<Slot>) -> Result<Conn, Error> {
-        Ok(Conn {
-            io: self.connect_stream().await?,
-            read: BytesMut::with_capacity(READ_CHUNK),
-            out: Vec::with_capacity(1024),
-            _slot: slot,
-        })
+        Ok(Conn::new(self.connect_stream(slot).await?))
     }
 
     /// A TCP (no delay) or Unix socket to the endpoint, within the connect timeout.
-    async fn connect_stream(&self) -> Result<Stream, Error> {
+    async fn connect_stream(&self, slot: Option<Slot>) -> Result<Stream, Error> {
         let connect = async {
             Ok::<_, io::Error>(match &self.target {
                 Target::Tcp { host, port } => {
                     let stream = TcpStream::connect((host.as_str(), *port)).await?;
                     stream.set_nodelay(true)?;
-                    Stream::Tcp(stream)
+                    Socket::Tcp(stream)
                 }
-                Target::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+                Target::Unix(path) => Socket::Unix(UnixStream::connect(path).await?),
             })
         };
-        tokio::time::timeout(self.connect_timeout, connect)
+        let socket = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| Error::ConnectTimeout)?
-            .map_err(Error::Connect)
+            .map_err(Error::Connect)?;
+        Ok(Stream {
+            socket,
+            _slot: slot,
+        })
     }
 
     /// A whole small exchange for a side channel: `req` (its URI's path and query, its
@@ -464,15 +467,13 @@ impl Endpoint {
     }
 }
 
-/// Why an exchange failed.
-enum Failure {
-    /// Nothing the peer could have acted on: the request may go on another connection.
-    Stale(io::Error),
-    Fatal(Error),
+/// A connection's socket, holding its place under the endpoint's [`Limit`] until it closes.
+pub struct Stream {
+    socket: Socket,
+    _slot: Option<Slot>,
 }
 
-/// A TCP or Unix socket.
-pub enum Stream {
+enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -481,9 +482,9 @@ impl Stream {
     /// Readable while idle means the peer closed it (or sent garbage): either way,
     /// unusable. Tokio's cached readiness answers without a system call.
     fn poll_idle_alive(&self, cx: &mut Context<'_>) -> bool {
-        let readable = match self {
-            Stream::Tcp(s) => s.poll_read_ready(cx),
-            Stream::Unix(s) => s.poll_read_ready(cx),
+        let readable = match &self.socket {
+            Socket::Tcp(s) => s.poll_read_ready(cx),
+            Socket::Unix(s) => s.poll_read_ready(cx),
         };
         readable.is_pending()
     }
@@ -495,9 +496,9 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -508,158 +509,39 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
-/// One connection and its buffers, reused request after request.
-struct Conn {
-    io: Stream,
-    /// Bytes read from the peer and not yet consumed.
-    read: BytesMut,
-    /// The encoded request head (and chunk framing) on its way out.
-    out: Vec<u8>,
-    /// Its place under the endpoint's limit.
-    _slot: Option<Slot>,
+/// Where a response body takes its connection back: its endpoint's pool, in the shard it
+/// came from, idle since its response head arrived.
+pub struct Home {
+    pool: Arc<Pool>,
+    shard: usize,
+    answered: Instant,
 }
 
-impl Conn {
-    /// Writes the encoded head and the body, then reads the response head.
-    async fn exchange<B>(
-        &mut self,
-        method: &Method,
-        upgrade: bool,
-        framing: Framing,
-        body: &mut B,
-    ) -> Result<http1::response::Head, Failure>
-    where
-        B: HttpBody<Data = Bytes> + Unpin,
-    {
-        if let Err(e) = self.io.write_all(&self.out).await {
-            return Err(Failure::Stale(e));
-        }
-        if framing != Framing::Empty {
-            match self.write_body(framing, body).await {
-                Ok(()) => {}
-                // The peer may have answered early (e.g. 401 to an upload it will not
-                // read) and closed: its response, if complete, is still the right answer.
-                Err(Error::Reset(e)) => {
-                    return match self.read_head(method, upgrade).await {
-                        Ok(head) => Ok(head),
-                        Err(_) => Err(Failure::Fatal(Error::Reset(e))),
-                    };
-                }
-                Err(e) => return Err(Failure::Fatal(e)),
-            }
-        }
-        let replayable = framing == Framing::Empty && is_idempotent(method);
-        match self.read_head(method, upgrade).await {
-            Err(Failure::Stale(e)) if !replayable => Err(Failure::Fatal(Error::Reset(e))),
-            other => other,
-        }
+impl upstream::Recycle<Stream> for Home {
+    fn recycle(self, conn: Conn) {
+        self.pool.checkin(self.shard, conn, self.answered);
     }
-
-    /// Streams the request body; `Reset` means the peer stopped taking it.
-    async fn write_body<B>(&mut self, framing: Framing, body: &mut B) -> Result<(), Error>
-    where
-        B: HttpBody<Data = Bytes> + Unpin,
-    {
-        let chunked = framing == Framing::Chunked;
-        while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-            match frame.map_err(|_| Error::Body)?.into_data() {
-                Ok(data) if chunked => {
-                    self.out.clear();
-                    chunked::encode(&data, &mut self.out);
-                    self.io.write_all(&self.out).await.map_err(Error::Reset)?;
-                }
-                Ok(data) => self.io.write_all(&data).await.map_err(Error::Reset)?,
-                // Trailers travel only in the chunked coding; a body of known length drops them.
-                Err(frame) => {
-                    if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
-                        self.out.clear();
-                        chunked::encode_last(&trailers, &mut self.out);
-                        return self.io.write_all(&self.out).await.map_err(Error::Reset);
-                    }
-                }
-            }
-        }
-        if chunked {
-            self.io
-                .write_all(chunked::LAST_CHUNK)
-                .await
-                .map_err(Error::Reset)?;
-        }
-        Ok(())
-    }
-
-    /// Reads until a final response head (1xx other than 101 are skipped); a `101` is one
-    /// only when the request asked to `upgrade`.
-    async fn read_head(
-        &mut self,
-        method: &Method,
-        upgrade: bool,
-    ) -> Result<http1::response::Head, Failure> {
-        let mut received = !self.read.is_empty();
-        loop {
-            match http1::response::parse(&mut self.read, method) {
-                Ok(Some(head)) if head.parts.status == StatusCode::SWITCHING_PROTOCOLS => {
-                    return match upgrade {
-                        true => Ok(head),
-                        false => Err(Failure::Fatal(Error::Invalid(
-                            "101 Switching Protocols to a request that asked for no upgrade",
-                        ))),
-                    };
-                }
-                Ok(Some(head)) if head.parts.status.is_informational() => continue,
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(e) => return Err(Failure::Fatal(Error::Invalid(e.0))),
-            }
-            self.read.reserve(READ_CHUNK);
-            match poll_fn(|cx| {
-                tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
-            })
-            .await
-            {
-                Ok(0) if !received => {
-                    return Err(Failure::Stale(io::ErrorKind::UnexpectedEof.into()))
-                }
-                Ok(0) => {
-                    return Err(Failure::Fatal(Error::Invalid(
-                        "the response head was cut short",
-                    )))
-                }
-                Ok(_) => received = true,
-                Err(e) if !received => return Err(Failure::Stale(e)),
-                Err(e) => return Err(Failure::Fatal(Error::Reset(e))),
-            }
-        }
-    }
-}
-
-/// Methods whose request may be sent twice (RFC 9110 §9.2.2).
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -694,7 +576,7 @@ impl Pool {
             // The lock is released before any await.
             let (conn, since) = lock(&self.shard(shard).idle).pop_back()?;
             if now.saturating_duration_since(since) <= self.idle_timeout
-                && poll_fn(|cx| Poll::Ready(conn.io.poll_idle_alive(cx))).await
+                && poll_fn(|cx| Poll::Ready(conn.io().poll_idle_alive(cx))).await
             {
                 return Some(conn);
             }
@@ -813,7 +695,7 @@ async fn sweep<P: Sweep>(pool: Weak<P>, shard: usize, wake: Arc<Notify>) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
 
     /// What the test app does with the `n`th request (counted from 0 across connections).

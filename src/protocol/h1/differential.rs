@@ -24,8 +24,8 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::h1::{self, Phases, Served};
-use crate::http1::{self, hop, request::Forwarded, Framing};
+use super::downstream::{self, Phases, Served};
+use super::{hop, request::Forwarded, Framing};
 
 /// One request as the service saw it, normalized the way RFC 9110/9112 define it: the
 /// hop-by-hop headers (and those `Connection` names) are not the message's, and an
@@ -118,7 +118,7 @@ impl Seen {
             Framing::Length(body.len() as u64)
         };
         let mut out = Vec::new();
-        http1::request::encode(&parts, framing, &forwarded, None, &mut out);
+        super::request::encode(&parts, framing, &forwarded, None, &mut out);
         out.extend_from_slice(&body);
         out
     }
@@ -218,8 +218,10 @@ impl Phases for NoPhases {
     fn idle(&self) {}
     fn head(&self) {}
     fn busy(&self, _: bool) {}
-    fn refusal(&self, invalid: http1::request::Invalid) -> Response<Bytes> {
-        crate::chain::Reject::from(invalid).render(None, false)
+    fn refusal(&self, invalid: super::request::Invalid) -> Response<Bytes> {
+        let mut answer = Response::new(Bytes::from_static(invalid.message.as_bytes()));
+        *answer.status_mut() = invalid.status;
+        answer
     }
 }
 
@@ -282,7 +284,7 @@ fn responses(mut bytes: BytesMut, methods: &[Method]) -> (Vec<u16>, Vec<Bytes>, 
     let mut answered = 0;
     loop {
         let method = methods.get(answered).cloned().unwrap_or(Method::GET);
-        let Ok(Some(head)) = http1::response::parse(&mut bytes, &method) else {
+        let Ok(Some(head)) = super::response::parse(&mut bytes, &method) else {
             return (statuses, bodies, bytes.freeze());
         };
         let status = head.parts.status;
@@ -299,14 +301,14 @@ fn responses(mut bytes: BytesMut, methods: &[Method]) -> (Vec<u16>, Vec<Bytes>, 
             Framing::Length(n) => bytes.split_to(n as usize).freeze(),
             Framing::UntilClose => bytes.split().freeze(),
             Framing::Chunked => {
-                let mut decoder = http1::chunked::Chunked::Size;
+                let mut decoder = super::chunked::Chunked::Size;
                 let (mut body, mut trailers) = (Vec::new(), None);
                 loop {
                     match decoder.decode(&mut bytes, &mut trailers).unwrap() {
-                        http1::chunked::Decoded::Data(d) => body.extend_from_slice(&d),
-                        http1::chunked::Decoded::End => break,
-                        http1::chunked::Decoded::Trailers(_) => {}
-                        http1::chunked::Decoded::NeedMore => panic!("a cut-short chunked body"),
+                        super::chunked::Decoded::Data(d) => body.extend_from_slice(&d),
+                        super::chunked::Decoded::End => break,
+                        super::chunked::Decoded::Trailers(_) => {}
+                        super::chunked::Decoded::NeedMore => panic!("a cut-short chunked body"),
                     }
                 }
                 body.into()
@@ -323,11 +325,11 @@ async fn through_gatehouse(bytes: &[u8], after: &[u8], methods: &[Method]) -> Ou
         let record = record.clone();
         tokio::spawn(async move {
             let mut buf = BytesMut::new();
-            let settings = h1::Settings {
+            let settings = downstream::Settings {
                 max_head: 64 << 10,
                 h2c: false,
             };
-            let call = |req: Request<h1::Body>, upgrade: Option<HeaderValue>| {
+            let call = |req: Request<downstream::Body>, upgrade: Option<HeaderValue>| {
                 let record = record.clone();
                 async move {
                     let (parts, body) = req.into_parts();
@@ -337,7 +339,7 @@ async fn through_gatehouse(bytes: &[u8], after: &[u8], methods: &[Method]) -> Ou
                     resp
                 }
             };
-            h1::serve(&mut server_io, &mut buf, &settings, &NoPhases, call, || {
+            downstream::serve(&mut server_io, &mut buf, &settings, &NoPhases, call, || {
                 false
             })
             .await
@@ -362,7 +364,7 @@ async fn through_hyper(bytes: &[u8], after: &[u8], methods: &[Method]) -> Outcom
                         .headers
                         .get_all(CONNECTION)
                         .iter()
-                        .any(|v| http1::has_token(v, "upgrade"));
+                        .any(|v| super::has_token(v, "upgrade"));
                 let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
                 let seen = Seen::read(&parts, body).await;
                 let mut resp = answer(&seen, parts.uri.path(), upgrade);
