@@ -138,7 +138,13 @@ impl Audit {
             let every = config.fsync_interval.0;
             workers.spawn(sync_journals(journals, every, dispatched.clone()));
         }
-        workers.spawn(dispatch(audit.clone(), rx, feeds, dispatched));
+        let pace = Pace {
+            slowest: SLOW_TICK
+                .min(config.flush_interval.0 / 2)
+                .max(DISPATCH_TICK),
+            many: (config.queue_capacity / 16).max(FEW_EVENTS),
+        };
+        workers.spawn(dispatch(audit.clone(), rx, feeds, pace, dispatched));
         drop(workers);
         Ok(audit)
     }
@@ -239,9 +245,19 @@ impl Audit {
 /// The most of the shutdown time kept for spooling what the sinks did not take.
 const SPOOL_RESERVE: Duration = Duration::from_secs(1);
 
-/// How often the dispatcher empties the queue. It polls rather than being woken: a wake
-/// per event would cost the request's thread a syscall to unpark the control thread.
+/// How often the dispatcher empties the queue while events come fast. It polls rather
+/// than being woken: a wake per event would cost the request's thread a syscall to unpark
+/// the control thread.
 const DISPATCH_TICK: Duration = Duration::from_millis(10);
+
+/// The longest tick, when events come slowly: a sidecar at a few hundred requests a second
+/// would otherwise wake the control thread a hundred times a second (a context switch on
+/// a CPU it shares with the app) to move three events each time. Never past half the
+/// `flush_interval`, which bounds how late an event may reach its sink.
+const SLOW_TICK: Duration = Duration::from_millis(100);
+
+/// Events moved in one tick below which the next tick is twice as long.
+const FEW_EVENTS: usize = 64;
 
 /// Empty ticks in a row after which the dispatcher stops polling and sleeps until the next
 /// event wakes it: an idle gatehouse then makes no wake-ups for audit (each costs tens of
@@ -251,6 +267,27 @@ const IDLE_AFTER: u32 = 10;
 /// How long a sink whose journal could not be written gets its events in memory before
 /// the journal is tried again (and only once its buffer is empty, so order holds).
 const JOURNAL_RETRY: Duration = Duration::from_secs(1);
+
+/// How the dispatcher's tick follows the rate of events.
+struct Pace {
+    /// The longest tick.
+    slowest: Duration,
+    /// Events waiting at a tick from which the next is the shortest again, far below the
+    /// queue's capacity so that a burst is moved before the queue fills.
+    many: usize,
+}
+
+impl Pace {
+    /// The tick after one that found `waiting` events: longer while they are few, the
+    /// shortest as soon as they are many.
+    fn next(&self, tick: Duration, waiting: usize) -> Duration {
+        match waiting {
+            n if n >= self.many => DISPATCH_TICK,
+            n if n < FEW_EVENTS => (tick * 2).min(self.slowest),
+            _ => tick,
+        }
+    }
+}
 
 /// Where the dispatcher hands one sink its events.
 struct Feed {
@@ -286,12 +323,12 @@ async fn dispatch(
     audit: Arc<Audit>,
     mut rx: mpsc::Receiver<Bytes>,
     mut feeds: Vec<Feed>,
+    pace: Pace,
     dispatched: CancellationToken,
 ) {
     let journaled = feeds.iter().any(|f| f.journal.is_some());
     let depth = &audit.metrics.audit_queue_depth;
-    let mut tick = tokio::time::interval(DISPATCH_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = DISPATCH_TICK;
     let mut closing = false;
     let mut empty_ticks = 0;
     while !closing {
@@ -301,7 +338,7 @@ async fn dispatch(
             tokio::select! {
                 biased;
                 _ = audit.closing.notified() => closing = true,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(tick) => {}
             }
         } else {
             tokio::select! {
@@ -309,14 +346,16 @@ async fn dispatch(
                 _ = audit.closing.notified() => closing = true,
                 event = rx.recv() => first = event,
             }
-            tick.reset();
+            tick = DISPATCH_TICK;
         }
-        depth.set(rx.len() as i64);
-        empty_ticks = if first.is_none() && rx.is_empty() {
+        let waiting = rx.len();
+        depth.set(waiting as i64);
+        empty_ticks = if first.is_none() && waiting == 0 {
             empty_ticks + 1
         } else {
             0
         };
+        tick = pace.next(tick, waiting);
         if journaled {
             journal_tick(&audit, first, &mut rx, &mut feeds).await;
         } else {
