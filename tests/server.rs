@@ -467,3 +467,38 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
     assert_eq!(resp.header("x-generation").as_deref(), Some("2"));
     assert!(up.request_count() >= 3);
 }
+
+/// The scheduling policy (`SCHED_*` number) of each of the process's threads, from
+/// `/proc/PID/task/TID/stat` (field 41).
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn threads_run_under_sched_batch_unless_scheduling_is_normal() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    for (server, want) in [
+        ("", SCHED_BATCH),
+        ("scheduling = \"normal\"\n", SCHED_OTHER),
+    ] {
+        let (_up, gh) = proxy_with(server, "", "").await;
+        assert_eq!(get(gh.port, "/echo").await.status, 200);
+        let policies = thread_policies(gh.pid());
+        assert!(policies.len() > 1, "{policies:?}");
+        assert!(
+            policies.iter().all(|p| *p == want),
+            "server: {server:?}: policies {policies:?}, want all {want}"
+        );
+    }
+}

@@ -97,6 +97,9 @@ pub struct ServerConfig {
     /// What becomes of a request header whose name has an `_`.
     #[serde(default)]
     pub underscores_in_headers: Underscores,
+    /// How the kernel weighs gatehouse's threads against the app's on a shared CPU.
+    #[serde(default)]
+    pub scheduling: Scheduling,
     /// Present: the public listener terminates TLS.
     pub tls: Option<TlsConfig>,
 }
@@ -159,6 +162,21 @@ pub enum Underscores {
     Drop,
     Reject,
     Allow,
+}
+
+/// `server.scheduling` (Linux; elsewhere ignored). `batch` (the default) runs gatehouse's
+/// threads under `SCHED_BATCH`, which never preempts the running task when a socket wakes
+/// them: beside the app on a shared CPU, an app that writes a response's head and body in
+/// two writes is no longer interrupted between them, so gatehouse wakes once per response
+/// instead of twice, and a request costs about one context switch fewer. Alone on a core
+/// it changes nothing. `normal` lets gatehouse preempt the app as soon as bytes arrive,
+/// for the lowest latency next to an app that keeps its CPU busy.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduling {
+    #[default]
+    Batch,
+    Normal,
 }
 
 /// `upstream.protocol`: HTTP/1.1, or HTTP/2 with prior knowledge (what gRPC apps serve).

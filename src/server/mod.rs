@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::admin::{self, Health};
 use crate::audit::Audit;
+use crate::config::Scheduling;
 use crate::middleware::{Handles, Kept};
 use crate::proxy::Proxy;
 use crate::trace::Tracer;
@@ -75,6 +76,8 @@ pub struct StartError(pub String);
 
 /// Binds, serves until SIGTERM/SIGINT, drains, and returns. Errors are start-up failures.
 pub fn run(config: Config) -> Result<(), StartError> {
+    // First, so that every thread made after it (runtimes, workers) inherits the policy.
+    schedule(config.server.scheduling);
     // The control runtime exists before the chain is built: middlewares spawn their
     // background work on it (key refreshes, file reloads), at start and on every reload.
     let control = tokio::runtime::Builder::new_current_thread()
@@ -394,6 +397,10 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     "server.workers",
                     new.server.workers != config.server.workers,
                 ),
+                (
+                    "server.scheduling",
+                    new.server.scheduling != config.server.scheduling,
+                ),
                 ("admin", new.admin != config.admin),
                 (
                     "server.tls",
@@ -421,6 +428,21 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
             None
         }
     }
+}
+
+/// Applies `server.scheduling` to the calling thread, which threads it makes later inherit.
+fn schedule(policy: Scheduling) {
+    #[cfg(target_os = "linux")]
+    if policy == Scheduling::Batch {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param` only for the call; pid 0 is this thread.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, "server.scheduling = \"batch\" could not be applied; the default policy stays");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = policy;
 }
 
 /// The listening socket, shared by all workers: whichever worker is free accepts next.
