@@ -158,7 +158,7 @@ def measure(t, upstream, args, workdir, tag):
         r[f"cpu{cpu}_steal_pct"] = 100 * steal / total if total else None
     if win:
         r.update(cpu_us=win.cpu_s * 1e6 / n, switches=win.switches / n, proxy_pct=100 * win.cpu_s / wall,
-                 exited_threads=len(win.exited), exited_cpu_pct=100 * win.exited_cpu_s / wall,
+                 thread_churn=win.churn, exited_cpu_pct=100 * win.exited_cpu_s / wall,
                  threads=[(comm, round(pct, 1)) for comm, pct in win.busiest(wall)],
                  peak_rss_mib=tree_mem_kib([t.proc.pid]) / 1024)
         if win.syscalls is not None:
@@ -298,9 +298,9 @@ def notes(targets, args):
             out.append(f"{t.name}: besides its busiest thread ({r['threads'][0][0]} {r['threads'][0][1]:.0f}%) "
                        + ", ".join(f"{c} {p:.1f}%" for c, p in r["threads"][1:] if p >= 0.5)
                        + f" of a core in round {r['round']}, counted in its CPU µs/req")
-        if any(r.get("exited_threads") for r in t.rounds):
-            out.append(f"{t.name}: threads exited during a window; their CPU is counted (the process clock keeps it), "
-                       f"their last ≤0.25 s of context switches may not be")
+        if any(r.get("thread_churn") for r in t.rounds):
+            out.append(f"{t.name}: threads exited during a window: their CPU is counted (the process clock keeps it), "
+                       f"their context switches only in part, so its context switches/req is a lower bound")
         disturbed = [r for r in t.rounds if r["other_pct"] > args.max_other]
         if disturbed:
             who = ", ".join(f"{c} {p:.0f}%" for c, p in disturbed[0]["other_processes"])

@@ -259,15 +259,19 @@ class Window:
             run_the_load()
         w.cpu_s, w.switches, w.syscalls, w.threads
 
-    cpu_s is exact: the processes' CPU clocks. Per-thread CPU and context switches come from
-    /proc/PID/task, sampled every `interval` seconds from this (the harness's) CPU, so a
-    thread that exits in the window keeps the counts it had at its last sample; the CPU of
-    exited threads (cpu_s less the live threads' sum) is in exited_cpu_s. `syscalls` ("perf"
-    or "strace") also counts the processes' system calls; both tools slow the traced process
-    (strace by far), so the CPU of such windows is not comparable with plain ones.
+    cpu_s is exact: the processes' CPU clocks, which keep the time of exited threads. Per-thread
+    CPU and context switches come from /proc/PID/task, sampled every `interval` seconds from
+    this (the harness's) CPU: the kernel keeps no context-switch count of a process's exited
+    threads that /proc shows, so a thread that exits in the window keeps the switches it had at
+    its last sample, and one that lives and dies between two samples is missed. `exited` lists
+    the threads seen to exit; `exited_cpu_s` (cpu_s less the live threads' sum) is nonzero when
+    any did, seen or not: then `switches` is a lower bound. A proxy's threads normally live as
+    long as it does. `syscalls` ("perf" or "strace") also counts the processes' system calls;
+    both tools slow the traced process (strace by far), so the CPU of such windows is not
+    comparable with plain ones.
     """
 
-    def __init__(self, roots, syscalls=None, workdir=None, interval=0.25):
+    def __init__(self, roots, syscalls=None, workdir=None, interval=0.1):
         self.roots = roots
         self.tool = syscalls
         self.workdir = workdir
@@ -308,6 +312,12 @@ class Window:
         self.exited = [tid for tid in self.last if tid not in live]
         self.exited_cpu_s = max(0.0, self.cpu_s - sum(s for tid, (_, s, _) in self.threads.items() if tid in live))
         return False
+
+    @property
+    def churn(self):
+        """Did threads exit in the window (so that `switches` is a lower bound)? The 1 ms is
+        the slack between reading the clocks and the threads' counters."""
+        return bool(self.exited) or self.exited_cpu_s > 0.001
 
     def busiest(self, wall):
         """[(comm, % of a core)] of the threads, busiest first."""

@@ -14,25 +14,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
 binary=""
+args=()
 tools=(nginx haproxy wrk h2load taskset python3)
-for arg in "$@"; do
-    case "$arg" in
+while [ $# -gt 0 ]; do
+    case "$1" in
         -h | --help) exec python3 "$here/bench.py" --help ;;
-        --binary=*) binary="${arg#--binary=}" ;;
-        --syscalls=strace) tools+=(strace) ;;
+        --binary) binary="${2:?--binary needs a path}"; args+=("$1" "$2"); shift 2 ;;
+        --binary=*) binary="${1#--binary=}"; args+=("$1"); shift ;;
+        --syscalls) [ "${2:-}" != strace ] || tools+=(strace); args+=("$1"); shift ;;
+        --syscalls=strace) tools+=(strace); args+=("$1"); shift ;;
+        *) args+=("$1"); shift ;;
     esac
-done
-prev=""
-for arg in "$@"; do
-    case "$prev" in
-        --binary) binary="$arg" ;;
-        --syscalls) [ "$arg" != strace ] || tools+=(strace) ;;
-    esac
-    prev="$arg"
 done
 
 bash "$here/install.sh" "${tools[@]}"
-args=("$@")
 if [ -z "$binary" ]; then
     echo "bench: cargo build --release" >&2
     (cd "$root" && cargo build --release --quiet) >&2
