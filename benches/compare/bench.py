@@ -353,7 +353,9 @@ def parse_args(argv):
     ap.add_argument("--proxy-cpu", type=int, default=1, help="the proxies' CPU (default 1)")
     ap.add_argument("--load-cpu", type=int, default=0, help="CPU for the load generator, the upstream and this "
                                                             "script (default 0)")
-    ap.add_argument("--port-base", type=int, default=39100, help="upstream port; proxies on base+11..base+23")
+    ap.add_argument("--port-base", type=int, default=19100,
+                    help="upstream port; proxies on base+11..base+23; below the ephemeral range (32768-), whose "
+                         "ports the load's own connections may hold (default 19100)")
     ap.add_argument("--nginx-log-buffer", action=argparse.BooleanOptionalAction, default=True,
                     help="nginx's access_log buffer=64k flush=1s in `full` (default on)")
     ap.add_argument("--max-other", type=float, default=5.0,
