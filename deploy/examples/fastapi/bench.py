@@ -67,7 +67,7 @@ TARGETS = {"before": ("before", "tcp", None), "after": (".", "tcp", "chain"), "a
            "basic": (".", "tcp", "basic"), "basic-unix": (".", "unix", "basic"),
            "nginx": (".", "tcp", "nginx"), "nginx-unix": (".", "unix", "nginx")}
 SEAT = "nginx,basic,after,nginx-unix,basic-unix,after-unix"
-SEAT_LABELS = {"nginx": "nginx, `proxy_pass` + one header", "basic": "gatehouse `basic` (one response header)",
+SEAT_LABELS = {"nginx": "nginx, `proxy_pass` + one response header", "basic": "gatehouse, one response header",
                "chain": "gatehouse, the example's chain (`proxy.toml`)"}
 # Headers each feature adds: a target that lacks one is not doing the work being compared.
 FEATURE_HEADERS_200 = {"x-request-id", "x-response-time", "server-timing", "ratelimit-limit",
@@ -343,7 +343,7 @@ def seat_table(targets, args, phase):
             continue
         rounds, ref = getattr(t, phase), nginx.get(t.transport)
         ratio = paired_ratio(rounds, getattr(ref, phase), "proxy_us") if ref else None
-        rows.append([f"{SEAT_LABELS[t.proxy]} ({t.name})", "TCP" if t.transport == "tcp" else "Unix socket",
+        rows.append([f"`{t.name}`: {SEAT_LABELS[t.proxy]}", "TCP" if t.transport == "tcp" else "Unix socket",
                      cell(rounds, "proxy_us"), fmt_ratio(ratio), cell(rounds, "proxy_cs", 2),
                      cell(rounds, "proxy_syscalls", 1) if syscalls else "not counted (--syscalls)",
                      cell(rounds, "app_us")])
