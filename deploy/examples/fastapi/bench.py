@@ -1,31 +1,42 @@
 #!/usr/bin/env python3
-"""The FastAPI example before and after gatehouse, measured side by side.
+"""The FastAPI example before and after gatehouse, and gatehouse's seat beside it against nginx's.
 
-Run through bench.sh (it sets up the venv, wrk, h2load and the release build first):
+Run through bench.sh (it sets up the venv, wrk, h2load, nginx and the release build first):
 
     bash deploy/examples/fastapi/bench.sh                        # before vs after, ~2.5 min
     bash deploy/examples/fastapi/bench.sh --targets after,after-unix   # TCP vs Unix-socket hop
+    bash deploy/examples/fastapi/bench.sh --seat                 # the proxy's seat: nginx vs gatehouse
 
 Targets, each a "pod" pinned to --pod-cpu (the load generators run on --load-cpu):
   before      before/app.py under uvicorn: the middleware in Python
   after       app.py under uvicorn on 127.0.0.1, gatehouse in front with ./proxy.toml
   after-unix  the same, the app on a Unix socket (uvicorn --uds, APP_URL=unix:PATH)
-
-Every target gets the same uvicorn command line (bar the address) and the same settings:
-API_KEY, RATE_LIMIT (1000000/s: it never fires, but every request pays for it) and an
-AUDIT_FILE. Before measuring, each must answer 200/401 with the same header names as the
-others, pass its request id to the app, and write exactly one audit line per request.
+  basic       app.py, gatehouse with one `headers` middleware (one response header) in front
+  basic-unix  the same, the app on a Unix socket
+  nginx       app.py, nginx in gatehouse's seat: proxy_pass to an upstream keep-alive pool, one
+              worker, access_log off, one response header (the `basic` pair's config, shared
+              with benches/compare)
+  nginx-unix  the same, the app on a Unix socket
+The compared pairs reach the app the same way: nginx, basic and after over TCP; the -unix
+ones over a Unix socket. before and after* get the same settings: API_KEY, RATE_LIMIT
+(1000000/s: it never fires, but every request pays for it) and an AUDIT_FILE. Before
+measuring, those must answer 200/401 with the same header names as each other, pass their
+request id to the app and write one audit line per request; basic and nginx must answer 200
+with the app's body and their one header. Every target gets the same uvicorn command line
+(bar the address).
 
 Then, interleaved (A B, B A, A B ...): --rounds closed-loop windows (wrk), then --rounds
-windows at one fixed offered rate below saturation (h2load --rps, latencies from its
-per-request log).
-In every window the CPU time (utime+stime from /proc/PID/stat) of every process of the
-target is read, so CPU µs per request is the whole pod's. Figures are medians over rounds;
-ratios are medians of the per-round ratios to the first target (paired, so drift cancels).
-Stdlib only.
+windows at one fixed offered rate below saturation (h2load, latencies from its per-request
+log); --phases picks either. In every window each process of the target (the app, the proxy)
+is measured on its own: CPU time from its CPU clock and its threads' schedstat (exact to the
+ns, exited threads included, not clock ticks), context switches of every thread, and with
+--syscalls its syscalls (perf or strace). Figures are medians over rounds; ratios are medians
+of per-round ratios (paired, so drift cancels): the pod table's to the first target, the seat
+table's to nginx over the same transport. Stdlib only.
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -33,200 +44,93 @@ import platform
 import re
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+COMPARE = os.path.join(HERE, "..", "..", "..", "benches", "compare")
+sys.path.insert(0, COMPARE)
+from benchlib import (SYSCALL_TOOLS, BenchError, Launcher, Window, cell, connector, core_times,  # noqa: E402
+                      fmt, fmt_ratio, h2load, log, markdown, med, paired_ratio, port_free, render, tail, wait_until,
+                      wrk)
+
 API_KEY = "bench-fastapi-3c9e71d2"
 # proxy.toml's maximum: with its burst of 5 a key may send 5 requests within 5 µs, which a
 # request that takes tens of µs to serve never does. A 429 would fail the window it is in.
 RATE_LIMIT = "1000000/s"
 PATH = "/items/42"
-TARGETS = ("before", "after", "after-unix")
+# name -> (the app's directory, how the proxy reaches it, the proxy in front: None, "chain"
+# (gatehouse with ./proxy.toml), "basic" (gatehouse, one header) or "nginx")
+TARGETS = {"before": ("before", "tcp", None), "after": (".", "tcp", "chain"), "after-unix": (".", "unix", "chain"),
+           "basic": (".", "tcp", "basic"), "basic-unix": (".", "unix", "basic"),
+           "nginx": (".", "tcp", "nginx"), "nginx-unix": (".", "unix", "nginx")}
+SEAT = "nginx,basic,after,nginx-unix,basic-unix,after-unix"
+SEAT_LABELS = {"nginx": "nginx, `proxy_pass` + one response header", "basic": "gatehouse, one response header",
+               "chain": "gatehouse, the example's chain (`proxy.toml`)"}
 # Headers each feature adds: a target that lacks one is not doing the work being compared.
 FEATURE_HEADERS_200 = {"x-request-id", "x-response-time", "server-timing", "ratelimit-limit",
                        "ratelimit-remaining", "ratelimit-reset"}
 FEATURE_HEADERS_401 = {"x-request-id", "x-response-time", "server-timing", "www-authenticate"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-STARTED = []  # every Popen we started (own process group each), stopped on exit
-
-# wrk prints one machine-readable line; only a done() hook, so no per-request Lua cost.
-WRK_LUA = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {"duration_us":%d,"requests":%d,"non2xx":%d,"socket_errors":%d,' ..
-    '"p50_us":%.0f,"p99_us":%.0f}\n',
-    summary.duration, summary.requests, e.status,
-    e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-class BenchError(Exception):
-    pass
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- /proc
-
-def cpu_ticks(pid):
-    """utime+stime (+ waited-for children) of a process, all its threads; 0 once gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return sum(int(x) for x in fields[11:15])  # fields 14-17: utime stime cutime cstime
-
-
-def core_ticks(cpu):
-    """(busy, total) ticks of one CPU from /proc/stat."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith(f"cpu{cpu} "):
-                v = [int(x) for x in line.split()[1:9]]
-                busy = v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
-                return busy, busy + v[3] + v[4] + v[7]  # + idle iowait steal
-    raise BenchError(f"no cpu{cpu} in /proc/stat")
-
-
-def loadavg():
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
-def cpu_model():
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
-# ----------------------------------------------------------------------------- processes
-
-def start(name, argv, cpu, workdir, env, cwd):
-    out = open(os.path.join(workdir, f"{name}.log"), "ab")
-    p = subprocess.Popen(["taskset", "-c", str(cpu)] + argv, stdin=subprocess.DEVNULL, stdout=out,
-                         stderr=subprocess.STDOUT, env=dict(os.environ, **env), cwd=cwd,
-                         start_new_session=True)
-    out.close()
-    p.name = name
-    p.log_path = os.path.join(workdir, f"{name}.log")
-    STARTED.append(p)
-    return p
-
-
-def stop(p, timeout=15.0):
-    """SIGTERM p's own process group and wait (gatehouse flushes its audit queue then)."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
-    if p in STARTED:
-        STARTED.remove(p)
-
-
-def tail(path, n=20):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-def wait_until(p, connect, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        if p.poll() is not None:
-            raise BenchError(f"{p.name} exited with {p.returncode} before {what}:\n{tail(p.log_path)}")
-        try:
-            connect().close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{p.name}: no {what} within {timeout:.0f}s:\n{tail(p.log_path)}")
-            time.sleep(0.05)
-
-
-def port_free(port):
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no owner
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+BASIC_HEADER = "x-bench-proxy"  # what the basic gatehouse and the nginx configs add
 
 
 # ----------------------------------------------------------------------------- targets
 
 class Target:
-    """One pod: its processes (app, and gatehouse for the after targets), its port, its audit file."""
+    """One pod: its processes (the app, and a proxy in front of it), its port, its audit file."""
 
     def __init__(self, name, port):
         self.name = name
+        self.app_dir, self.transport, self.proxy = TARGETS[name]
         self.port = port
         self.procs = {}  # role ("app", "proxy") -> Popen
         self.audit_file = None
         self.closed = []  # per-round results
         self.open = []
 
-
-def connector(where):
-    """Connects to `where`: a port on 127.0.0.1, or a Unix socket's path."""
-    def connect():
-        if isinstance(where, int):
-            return socket.create_connection(("127.0.0.1", where))
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(where)
-        except OSError:
-            s.close()
-            raise
-        return s
-    return connect
+    @property
+    def chain(self):
+        """Does it do the example's middleware (in Python or in gatehouse)?"""
+        return self.proxy in (None, "chain")
 
 
-def start_target(name, index, args, workdir):
-    """Starts a target's app (and gatehouse in front of it) on the pod's CPU."""
+def start_target(name, index, args, workdir, launcher):
+    """Starts a target's app (and the proxy in front of it) on the pod's CPU."""
     base = args.port_base + 10 * index
     t = Target(name, base)
-    t.audit_file = os.path.join(workdir, f"{name}.audit.jsonl")
-    settings = {"API_KEY": API_KEY, "RATE_LIMIT": RATE_LIMIT, "AUDIT_FILE": t.audit_file,
+    t.audit_file = os.path.join(workdir, f"{name}.audit.jsonl") if t.chain else None
+    settings = {"API_KEY": API_KEY, "RATE_LIMIT": RATE_LIMIT, "AUDIT_FILE": t.audit_file or os.devnull,
                 "PYTHONDONTWRITEBYTECODE": "1"}
-    # The same uvicorn command line for every target, but for the app and its address.
-    app_dir, listen = {"before": ("before", base), "after": (".", base + 1),
-                       "after-unix": (".", os.path.join(workdir, "app.sock"))}[name]
-    address = ["--uds", listen] if isinstance(listen, str) else ["--host", "127.0.0.1", "--port", str(listen)]
-    argv = [os.path.join(args.venv, "bin", "python"), "-m", "uvicorn", "app:app", "--app-dir", app_dir]
-    t.procs["app"] = start(f"{name}-app", argv + address, args.pod_cpu, workdir, settings, HERE)
+    listen = (base if t.proxy is None else base + 1) if t.transport == "tcp" else os.path.join(workdir, f"{name}.sock")
+    address = ["--uds", listen] if t.transport == "unix" else ["--host", "127.0.0.1", "--port", str(listen)]
+    argv = [os.path.join(args.venv, "bin", "python"), "-m", "uvicorn", "app:app", "--app-dir", t.app_dir]
+    t.procs["app"] = launcher.start(f"{name}-app", argv + address, args.pod_cpu, settings, HERE)
     wait_until(t.procs["app"], connector(listen), "listening")
-    if name == "before":
+    if t.proxy is None:
         return t
-    env = dict(settings, GATEHOUSE_LISTEN=f"127.0.0.1:{base}", ADMIN_LISTEN=f"127.0.0.1:{base + 2}",
-               APP_URL=f"unix:{listen}" if isinstance(listen, str) else f"http://127.0.0.1:{listen}")
-    config = os.path.join(HERE, "proxy.toml")
-    check = subprocess.run([args.binary, "check", "--config", config], capture_output=True, text=True,
-                           env=dict(os.environ, **env))
-    if check.returncode != 0:
-        raise BenchError(f"gatehouse check {config} failed:\n{check.stdout}{check.stderr}")
-    t.procs["proxy"] = start(f"{name}-gatehouse", [args.binary, "run", "--config", config], args.pod_cpu,
-                             workdir, env, workdir)
+    unix = t.transport == "unix"
+    values = {"WORKDIR": workdir, "NAME": name, "LISTEN_PORT": base,
+              "UPSTREAM_URL": f"unix:{listen}" if unix else f"http://127.0.0.1:{listen}",
+              "UPSTREAM_SERVER": f"unix:{listen}" if unix else f"127.0.0.1:{listen}"}
+    if t.proxy == "nginx":
+        conf = render(os.path.join(COMPARE, "configs", "basic-nginx.conf"), values,
+                      os.path.join(workdir, f"{name}.nginx.conf"))
+        argv = [args.nginx, "-p", workdir, "-c", conf, "-e", os.path.join(workdir, f"{name}.error.log")]
+        t.procs["proxy"] = launcher.start(f"{name}-nginx", argv, args.pod_cpu)
+    else:
+        env = dict(settings, GATEHOUSE_LISTEN=f"127.0.0.1:{base}", ADMIN_LISTEN=f"127.0.0.1:{base + 2}",
+                   APP_URL=values["UPSTREAM_URL"])
+        config = (os.path.join(HERE, "proxy.toml") if t.proxy == "chain" else
+                  render(os.path.join(COMPARE, "configs", "basic-gatehouse.toml"), values,
+                         os.path.join(workdir, f"{name}.toml")))
+        check = subprocess.run([args.binary, "check", "--config", config], capture_output=True, text=True,
+                               env=dict(os.environ, **env))
+        if check.returncode != 0:
+            raise BenchError(f"gatehouse check {config} failed:\n{check.stdout}{check.stderr}")
+        t.procs["proxy"] = launcher.start(f"{name}-gatehouse", [args.binary, "run", "--config", config],
+                                          args.pod_cpu, env)
     wait_until(t.procs["proxy"], connector(base), "listening")
     return t
 
@@ -249,13 +153,13 @@ def audit_lines(t):
         return []
 
 
-def audit_counts(t):
+def audit_counts(t, launcher):
     """(audit events of 200s, 200s in uvicorn's access log) once the audit file is complete.
     Both count requests that wrk's connections left unanswered at the end of its windows,
     which wrk does not; only one of them may count such a request."""
     # A Python writer task drains its queue while the app runs; gatehouse flushes on SIGTERM.
     if "proxy" in t.procs:
-        stop(t.procs["proxy"])
+        launcher.stop(t.procs["proxy"])
     lines, deadline = -1, time.monotonic() + 15
     while time.monotonic() < deadline and lines != len(audit_lines(t)):
         lines = len(audit_lines(t))
@@ -267,15 +171,22 @@ def audit_counts(t):
 
 
 def check(targets):
-    """Before measuring: each target does every feature, with the same header names as the
-    others, and writes one audit line per request. Returns the problems found."""
+    """Before measuring: each target with the example's chain does every feature, with the
+    same header names as the others, and writes one audit line per request; each plain proxy
+    answers 200 with the app's body and its one header. Returns the problems found."""
     problems, seen = [], {}
     for t in targets:
         status, ok_h, body = get(t.port, PATH, {"x-api-key": API_KEY})
-        denied = [get(t.port, PATH, h) for h in ({}, {"x-api-key": API_KEY + "-wrong"})]
         if status != 200:
             problems.append(f"{t.name}: GET {PATH} with the key -> {status}, want 200: {body[:200]!r}")
             continue
+        if not t.chain:
+            if json.loads(body).get("id") != 42:
+                problems.append(f"{t.name}: GET {PATH} did not reach the app: {body[:200]!r}")
+            if BASIC_HEADER not in ok_h:
+                problems.append(f"{t.name}: the 200 has no {BASIC_HEADER}")
+            continue
+        denied = [get(t.port, PATH, h) for h in ({}, {"x-api-key": API_KEY + "-wrong"})]
         rid = ok_h.get("x-request-id")
         if json.loads(body).get("request_id") != rid:
             problems.append(f"{t.name}: the app did not get the request id {rid!r}: {body[:200]!r}")
@@ -288,9 +199,9 @@ def check(targets):
             problems.append(f"{t.name}: the 200 has no {name}")
         # gatehouse answers a 401 itself, so it lacks the app server's `server` header.
         seen[t.name] = (set(ok_h), set(denied[0][1]) - {"server"}, rid)
-    ref = targets[0].name
+    ref = next(iter(seen), None)
     for name, (ok_names, denied_names, _) in seen.items():
-        if name == ref or ref not in seen:
+        if name == ref:
             continue
         for what, mine, theirs in (("200", ok_names, seen[ref][0]), ("401", denied_names, seen[ref][1])):
             if mine != theirs:
@@ -298,7 +209,7 @@ def check(targets):
                                 f"{sorted(mine - theirs)}, only {ref}: {sorted(theirs - mine)}")
     # gatehouse writes its audit file in batches, at least every flush_interval (1s).
     deadline = time.monotonic() + 5
-    for t in targets:
+    for t in (t for t in targets if t.name in seen):
         while len(audit_lines(t)) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         lines = audit_lines(t)
@@ -312,99 +223,62 @@ def check(targets):
             continue
         if sorted(e.get("status") for e in events) != [200, 401, 401]:
             problems.append(f"{t.name}: audit statuses {[e.get('status') for e in events]}, want 200, 401, 401")
-        if t.name in seen and seen[t.name][2] not in [e.get("request_id") for e in events]:
+        if seen[t.name][2] not in [e.get("request_id") for e in events]:
             problems.append(f"{t.name}: no audit line carries the 200's request id {seen[t.name][2]}")
     return problems
 
 
 # ----------------------------------------------------------------------------- load
 
-def run_loadgen(argv, seconds):
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=seconds + 60)
-    return p.returncode, p.stdout, p.stderr
+def load(t, phase, seconds, args, workdir, tag):
+    url = f"http://127.0.0.1:{t.port}{PATH}"
+    headers = [f"x-api-key: {API_KEY}"]
+    if phase == "closed":
+        return wrk(url, seconds, args.connections, args.load_cpu, headers, wrk_bin=args.wrk)
+    return h2load(url, args.rate, seconds, args.connections, args.load_cpu,
+                  os.path.join(workdir, f"{tag}.requests.tsv"), headers, args.h2load)
 
 
-def wrk(t, seconds, args, workdir):
-    lua = os.path.join(workdir, "report.lua")
-    argv = ["taskset", "-c", str(args.load_cpu), args.wrk, "-t1", f"-c{args.connections}",
-            f"-d{seconds}s", "--timeout", "10s", "-s", lua, "-H", f"x-api-key: {API_KEY}",
-            f"http://127.0.0.1:{t.port}{PATH}"]
-    rc, out, err = run_loadgen(argv, seconds)
-    m = re.search(r"^BENCHJSON (\{.*\})$", out, re.M)
-    if rc != 0 or not m:
-        raise BenchError(f"wrk against {t.name} failed (exit {rc}):\n{out}{err}")
-    r = json.loads(m.group(1))
-    return {"requests": r["requests"], "seconds": r["duration_us"] / 1e6, "errors": r["non2xx"] + r["socket_errors"],
-            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000}
-
-
-def h2load(t, seconds, args, workdir, tag):
-    """A fixed offered rate, evenly spread. Each h2load connection sends --rps requests a
-    second on its own timer, started when it connects: with -D all connect at once and their
-    requests arrive in bursts of --connections. Connecting them one by one (-r, --rate-period
-    in whole ms; -n instead of -D, which -r excludes) spreads the timers over one interval."""
-    log_file = os.path.join(workdir, f"{tag}.requests.tsv")
-    gap_ms = 1000 / args.rate  # between two requests, and so between two connections' starts
-    per_period, period_ms = (1, round(gap_ms)) if gap_ms >= 1 else (round(args.rate / 1000), 1)
-    argv = ["taskset", "-c", str(args.load_cpu), args.h2load, "--h1", "-t1", "-c", str(args.connections),
-            f"--rps={args.rate / args.connections:.3f}", "-n", str(round(args.rate * seconds)),
-            "-r", str(per_period), f"--rate-period={period_ms}ms", "-H", f"x-api-key: {API_KEY}",
-            f"--log-file={log_file}", f"http://127.0.0.1:{t.port}{PATH}"]
-    rc, out, err = run_loadgen(argv, seconds)
-    fin = re.search(r"finished in ([\d.]+)(m?s)", out)
-    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                     r"(\d+) errored, (\d+) timeout", out)
-    if rc != 0 or not (fin and done):
-        raise BenchError(f"h2load against {t.name} failed (exit {rc}):\n{out}{err}")
-    with open(log_file) as f:  # one row per request: start (µs), status, latency (µs)
-        lat = sorted(int(row.split("\t")[2]) for row in f if row.count("\t") >= 2)
-    os.remove(log_file)
-    if not lat:
-        raise BenchError(f"h2load against {t.name}: empty per-request log")
-
-    def pct(q):
-        return lat[min(len(lat) - 1, int(len(lat) * q / 100))] / 1000
-
-    requests, succeeded = int(done.group(1)), int(done.group(2))
-    seconds_run = float(fin.group(1)) / (1000 if fin.group(2) == "ms" else 1)
-    # failed (errored included) and non-2xx are done but not succeeded
-    return {"requests": requests, "seconds": seconds_run, "errors": requests - succeeded + int(done.group(5)),
-            "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": lat[-1] / 1000}
-
-
-def measure(t, load, args):
-    """One window: the load generator's figures plus the CPU time of each of t's processes."""
-    before = {role: cpu_ticks(p.pid) for role, p in t.procs.items()}
-    core0 = core_ticks(args.pod_cpu)
-    t0 = time.monotonic()
-    r = load()
-    wall = time.monotonic() - t0
-    core1 = core_ticks(args.pod_cpu)
-    used = {role: (cpu_ticks(p.pid) - before[role]) / CLK_TCK for role, p in t.procs.items()}
+def measure(t, phase, args, workdir, tag):
+    """One window: the load generator's figures plus, per process of t (the app, the proxy),
+    its CPU time, context switches and (--syscalls, the proxy only) syscalls."""
+    core0 = core_times()[args.pod_cpu]
+    with contextlib.ExitStack() as stack:
+        windows = {role: stack.enter_context(Window([p.pid], args.syscalls if role == "proxy" else None, workdir))
+                   for role, p in t.procs.items()}
+        t0 = time.monotonic()
+        r = load(t, phase, args.duration, args, workdir, tag)
+        wall = time.monotonic() - t0
+    core1 = core_times()[args.pod_cpu]
     for p in t.procs.values():
         if p.poll() is not None:
             raise BenchError(f"{p.name} exited with {p.returncode} during a window:\n{tail(p.log_path)}")
-    if r["errors"]:
-        raise BenchError(f"{t.name}: {r['errors']} requests failed, timed out or were not 2xx in a window")
+    if r["non2xx"] or r["socket_errors"]:
+        raise BenchError(f"{t.name}: {r['non2xx']} non-2xx answers and {r['socket_errors']} failed or timed-out "
+                         f"requests in a window")
     n = r["requests"] or 1
     r["rps"] = r["requests"] / r["seconds"]
-    for role, secs in used.items():
-        r[f"{role}_us"] = secs * 1e6 / n
-    r["pod_us"] = sum(used.values()) * 1e6 / n
-    r["pod_pct"] = 100 * sum(used.values()) / wall
-    busy, total = core1[0] - core0[0], core1[1] - core0[1]
+    for role, w in windows.items():
+        r[f"{role}_us"] = w.cpu_s * 1e6 / n
+        r[f"{role}_cs"] = w.switches / n
+        r[f"{role}_churn"] = w.churn
+        if w.syscalls is not None:
+            r[f"{role}_syscalls"] = w.syscalls / n
+    pod_s = sum(w.cpu_s for w in windows.values())
+    r["pod_us"] = pod_s * 1e6 / n
+    r["pod_cs"] = sum(w.switches for w in windows.values()) / n
+    busy, _, total = (b - a for a, b in zip(core0, core1))
     # What else ran on the pod's core: the idle targets, other tenants, the kernel.
-    r["other_pct"] = max(0.0, 100 * busy / total - r["pod_pct"]) if total else None
+    r["other_pct"] = max(0.0, 100 * busy / total - 100 * pod_s / wall) if total else None
     return r
 
 
-def run_rounds(targets, phase, load, args):
+def run_rounds(targets, phase, args, workdir):
     """--rounds windows per target, interleaved and in alternating order (A B, B A, ...), so
     that the machine drifting within a round favours neither."""
     for rnd in range(1, args.rounds + 1):
         for t in targets if rnd % 2 else targets[::-1]:
-            r = measure(t, lambda: load(t, f"{t.name}-{phase}-r{rnd}"), args)
+            r = measure(t, phase, args, workdir, f"{t.name}-{phase}-r{rnd}")
             getattr(t, phase).append(r)
             log(f"  {phase:6s} r{rnd} {t.name:10s} {r['rps']:7,.0f} req/s  {split_us(r)}  p50 {r['p50_ms']:.2f} "
                 f"p99 {r['p99_ms']:.2f} ms  other {fmt(r['other_pct'], 0)}%")
@@ -413,34 +287,19 @@ def run_rounds(targets, phase, load, args):
 # ----------------------------------------------------------------------------- summary
 
 def split_us(r):
-    """One window's CPU µs/request: the pod's, and the app's and gatehouse's shares."""
-    proxy = f" + gatehouse {r['proxy_us']:,.0f}" if "proxy_us" in r else ""
+    """One window's CPU µs/request: the pod's, and the app's and the proxy's shares."""
+    proxy = ""
+    if "proxy_us" in r:
+        calls = f", {r['proxy_syscalls']:.1f} syscalls" if "proxy_syscalls" in r else ""
+        proxy = f" + proxy {r['proxy_us']:,.0f} ({r['proxy_cs']:.2f} cs{calls})"
     return f"pod {r['pod_us']:6,.0f} µs/req (app {r['app_us']:,.0f}{proxy})"
 
 
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+def rate_label(args, phase):
+    return "closed loop" if phase == "closed" else f"at {args.rate:,.0f} req/s"
 
 
-def paired_ratio(rounds, ref_rounds, key):
-    return med([a[key] / b[key] for a, b in zip(rounds, ref_rounds) if a.get(key) and b.get(key)])
-
-
-def fmt(v, digits=0):
-    return "—" if v is None else f"{v:,.{digits}f}"
-
-
-def cell(rounds, key, digits=0):
-    values = [r[key] for r in rounds if r.get(key) is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return fmt(values[0], digits)
-    return f"{fmt(med(values), digits)} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
-
-
-def table(targets, args, audit):
+def pod_table(targets, args, audit):
     ref = targets[0]
     others = targets[1:]
     head = ["", *(t.name for t in targets), *(f"{t.name} ÷ {ref.name}" for t in others)]
@@ -454,46 +313,73 @@ def table(targets, args, audit):
     def plain(label, values, digits):
         rows.append([label, *(fmt(v, digits) for v in values), *("" for _ in others)])
 
-    rate = f"{args.rate:,.0f} req/s"
-    for phase, load in (("closed", "closed loop"), ("open", f"at {rate}")):
+    for phase in args.phase_list:
         if phase == "closed":
             row("req/s, closed loop (wrk)", phase, "rps")
         else:
-            row(f"p50 ms at {rate} (open loop, h2load)", phase, "p50_ms", 2)
-            row(f"p99 ms at {rate}", phase, "p99_ms", 2)
-        row(f"CPU µs/request, whole pod, {load}", phase, "pod_us")
+            row(f"p50 ms at {args.rate:,.0f} req/s (open loop, h2load)", phase, "p50_ms", 2)
+            row(f"p99 ms at {args.rate:,.0f} req/s", phase, "p99_ms", 2)
+        row(f"CPU µs/request, whole pod, {rate_label(args, phase)}", phase, "pod_us")
         row("… the app (uvicorn)", phase, "app_us")
-        row("… gatehouse", phase, "proxy_us")
-    plain("audit events per request served", [audit[t.name][0] / audit[t.name][1] if audit[t.name][1] else None
-                                               for t in targets], 3)
+        row("… the proxy", phase, "proxy_us")
+        row(f"context switches/request, whole pod, {rate_label(args, phase)}", phase, "pod_cs", 2)
+    plain("audit events per request served",
+          [audit[t.name][0] / audit[t.name][1] if t.name in audit and audit[t.name][1] else None
+           for t in targets], 3)
     plain("other work on the pod's CPU, % (median)",
           [med([r.get("other_pct") for r in t.closed + t.open]) for t in targets], 1)
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown(head, rows)
+
+
+def seat_table(targets, args, phase):
+    """The proxy alone, per request, beside the app: issue 30's table."""
+    nginx = {t.transport: t for t in targets if t.proxy == "nginx"}
+    syscalls = any("proxy_syscalls" in r for t in targets for r in getattr(t, phase))
+    head = ["proxy in the seat", "app over", "CPU µs/request", "÷ nginx (same transport)",
+            "context switches/request", "syscalls/request", "app CPU µs/request"]
+    rows = []
+    for t in targets:
+        if t.proxy is None:
+            continue
+        rounds, ref = getattr(t, phase), nginx.get(t.transport)
+        ratio = paired_ratio(rounds, getattr(ref, phase), "proxy_us") if ref else None
+        rows.append([f"`{t.name}`: {SEAT_LABELS[t.proxy]}", "TCP" if t.transport == "tcp" else "Unix socket",
+                     cell(rounds, "proxy_us"), fmt_ratio(ratio), cell(rounds, "proxy_cs", 2),
+                     cell(rounds, "proxy_syscalls", 1) if syscalls else "not counted (--syscalls)",
+                     cell(rounds, "app_us")])
+    return markdown(head, rows) if rows else None
 
 
 def notes(targets, args, audit):
     out = []
     for t in targets:
-        events, served = audit[t.name]
-        cut_off = args.connections * (args.rounds + (1 if args.warmup else 0))
-        if abs(events - served) > cut_off:
-            out.append(f"{t.name}: {events:,} audit events for {served:,} requests served, more apart than the "
-                       f"{cut_off} requests wrk may cut off: events were lost or written twice")
+        if t.name in audit:
+            events, served = audit[t.name]
+            cut_off = args.connections * (args.rounds + (1 if args.warmup else 0))
+            if abs(events - served) > cut_off:
+                out.append(f"{t.name}: {events:,} audit events for {served:,} requests served, more apart than the "
+                           f"{cut_off} requests wrk may cut off: events were lost or written twice")
         held = med([r["rps"] for r in t.open])
         if held is not None and held < 0.97 * args.rate:
             out.append(f"{t.name} held only {held:,.0f} of the {args.rate:,.0f} req/s offered: it was saturated, "
                        f"so its open-loop figures are not at equal load (lower --rate)")
-        for phase in ("closed", "open"):
-            values = [r["pod_us"] for r in getattr(t, phase)]
-            if len(values) > 1 and max(values) > 1.15 * min(values):
-                out.append(f"{t.name}: CPU µs/request varied {min(values):,.0f}–{max(values):,.0f} over the "
-                           f"{phase}-loop rounds (>15%): a noisy machine; add --rounds")
+        for phase in args.phase_list:
+            for key, what in (("pod_us", "the pod's"), ("proxy_us", "the proxy's")):
+                values = [r[key] for r in getattr(t, phase) if key in r]
+                if len(values) > 1 and max(values) > 1.15 * min(values):
+                    out.append(f"{t.name}: {what} CPU µs/request varied {min(values):,.0f}–{max(values):,.0f} over "
+                               f"the {phase}-loop rounds (>15%): a noisy machine; add --rounds")
+        churn = sorted({role for r in t.closed + t.open for role in t.procs if r.get(f"{role}_churn")})
+        if churn:
+            out.append(f"{t.name}: threads of its {' and '.join(churn)} exited during a window: their CPU is counted "
+                       f"(the process clock keeps it), their context switches only in part (a lower bound)")
         busy = [r for r in t.closed + t.open if (r.get("other_pct") or 0) > 10]
         if busy:
             out.append(f"{t.name}: in {len(busy)} of {len(t.closed + t.open)} windows other processes used over "
                        f"10% of the pod's CPU (up to {max(r['other_pct'] for r in busy):.0f}%)")
+    if args.syscalls == "strace":
+        out.append("syscalls were counted with strace, which slows every syscall many times over: the proxies' "
+                   "CPU and latency in this run are not comparable with a run without it")
     return out
 
 
@@ -502,44 +388,65 @@ def notes(targets, args, audit):
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="bench.sh", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="before,after",
-                    help="comma list of before, after, after-unix; ratios are to the first (default before,after)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per load (default 3)")
+    ap.add_argument("--seat", action="store_true",
+                    help=f"the proxy's seat (issue 30's table): unless given, --targets {SEAT} --phases open "
+                         f"--rate 320 --rounds 5")
+    ap.add_argument("--targets", help=f"comma list of {', '.join(TARGETS)}; the pod table's ratios are to the "
+                                      f"first (default before,after)")
+    ap.add_argument("--phases", help="comma list of closed (wrk) and open (h2load at --rate) (default both)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per load (default 3)")
     ap.add_argument("--duration", type=int, default=10, help="seconds per window (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="closed-loop seconds per target before measuring (default 3)")
-    ap.add_argument("--rate", type=float, default=0,
+    ap.add_argument("--rate", type=float,
                     help="open-loop offered req/s (default: half the slowest target's closed-loop req/s)")
     ap.add_argument("--connections", type=int, default=16, help="wrk and h2load connections (default 16)")
-    ap.add_argument("--pod-cpu", type=int, default=1, help="CPU for the apps and gatehouse (default 1)")
+    ap.add_argument("--syscalls", choices=SYSCALL_TOOLS,
+                    help="also count the proxy's syscalls: perf (raw_syscalls:sys_enter; slows it a little) or "
+                         "strace -c -f (slows it a lot: its CPU figures are then not comparable)")
+    ap.add_argument("--pod-cpu", type=int, default=1, help="CPU for the apps and the proxies (default 1)")
     ap.add_argument("--load-cpu", type=int, default=0, help="CPU for wrk, h2load and this script (default 0)")
     ap.add_argument("--port-base", type=int, default=20300,
-                    help="targets use base, base+10, base+20 (+1 app, +2 admin) (default 20300)")
+                    help="targets use base, base+10, base+20, ... (+1 app, +2 admin) (default 20300)")
     ap.add_argument("--binary", required=True,
                     help="gatehouse binary (bench.sh builds and passes target/release/gatehouse)")
     ap.add_argument("--venv", required=True, help="venv with requirements.txt (bench.sh sets it up)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and audit files")
-    ap.add_argument("--wrk", default="wrk", help="wrk executable (default: wrk on PATH)")
-    ap.add_argument("--h2load", default="h2load", help="h2load executable (default: h2load on PATH)")
+    for tool in ("wrk", "h2load", "nginx"):
+        ap.add_argument(f"--{tool}", default=shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin")
+                        or tool, help=f"{tool} executable (default: on PATH)")
     args = ap.parse_args(argv)
+    seat = {"targets": SEAT, "phases": "open", "rate": 320, "rounds": 5} if args.seat else {}
+    for key, default in (("targets", "before,after"), ("phases", "closed,open"), ("rate", 0), ("rounds", 3)):
+        if getattr(args, key) is None:
+            setattr(args, key, seat.get(key, default))
     names = [n for n in args.targets.split(",") if n]
     bad = [n for n in names if n not in TARGETS]
     if bad or not names or len(set(names)) != len(names):
         ap.error(f"--targets: a comma list of distinct {', '.join(TARGETS)}, got {args.targets!r}")
+    phases = [p for p in args.phases.split(",") if p]
+    if not phases or set(phases) - {"closed", "open"}:
+        ap.error(f"--phases: closed, open or both, got {args.phases!r}")
+    if phases == ["open"] and not args.rate:
+        ap.error("--phases open needs --rate (the default rate comes from the closed loop)")
     if args.rounds < 1 or args.duration < 1 or args.warmup < 0 or args.rate < 0 or args.connections < 1:
         ap.error("--rounds, --duration and --connections must be at least 1, --warmup and --rate not negative")
     usable = os.sched_getaffinity(0)
     if args.pod_cpu == args.load_cpu or not {args.pod_cpu, args.load_cpu} <= usable:
         ap.error(f"--pod-cpu and --load-cpu must be two distinct CPUs of {sorted(usable)}")
     args.names = names
+    args.phase_list = [p for p in ("closed", "open") if p in phases]
     args.binary = os.path.abspath(args.binary)  # gatehouse runs in the work dir
     return args
 
 
 def main(argv):
     args = parse_args(argv)
-    for tool in (args.wrk, args.h2load, "taskset"):
+    tools = [args.wrk, args.h2load, "taskset"] + ([args.nginx] if any(TARGETS[n][2] == "nginx" for n in args.names)
+                                                  else []) + ([args.syscalls] if args.syscalls else [])
+    for tool in tools:
         if not shutil.which(tool):
-            log(f"bench: {tool} not found (bench.sh installs wrk, nghttp2-client and util-linux)")
+            log(f"bench: {tool} not found (bench.sh installs wrk, h2load, taskset, nginx and strace; perf is "
+                f"Debian's linux-perf)")
             return 2
     busy = [args.port_base + 10 * i + k for i in range(len(args.names)) for k in range(3)
             if not port_free(args.port_base + 10 * i + k)]
@@ -550,34 +457,36 @@ def main(argv):
     load_start = loadavg()
     os.sched_setaffinity(0, {args.load_cpu})  # this script stays off the pod's CPU
     workdir = tempfile.mkdtemp(prefix="fastapi-bench.")
-    with open(os.path.join(workdir, "report.lua"), "w") as f:
-        f.write(WRK_LUA)
+    os.chmod(workdir, 0o755)  # nginx's worker runs as nobody and connects to the apps' sockets here
+    os.makedirs(os.path.join(workdir, "tmp"))
+    launcher = Launcher(workdir)
     log(f"bench: work dir {workdir}; load average {load_start}")
     targets = []
     try:
         for i, name in enumerate(args.names):
             log(f"bench: start {name} (CPU {args.pod_cpu})")
-            targets.append(start_target(name, i, args, workdir))
+            targets.append(start_target(name, i, args, workdir, launcher))
         problems = check(targets)
         if problems:
             raise BenchError("check before measuring failed:\n- " + "\n- ".join(problems))
         log("bench: checked: same header names, request id reaches the app, one audit line per request")
         for t in targets:
             if args.warmup:
-                wrk(t, args.warmup, args, workdir)
-        run_rounds(targets, "closed", lambda t, tag: wrk(t, args.duration, args, workdir), args)
-        if not args.rate:
-            slowest = min(med([r["rps"] for r in t.closed]) for t in targets)
-            args.rate = max(10, int(slowest / 2 / 10) * 10)
-        log(f"bench: open loop at {args.rate:,.0f} req/s")
-        run_rounds(targets, "open", lambda t, tag: h2load(t, args.duration, args, workdir, tag), args)
-        audit = {t.name: audit_counts(t) for t in targets}
-    except (BenchError, OSError, http.client.HTTPException, subprocess.TimeoutExpired) as e:
+                load(t, "closed", args.warmup, args, workdir, f"{t.name}-warmup")
+        if "closed" in args.phase_list:
+            run_rounds(targets, "closed", args, workdir)
+        if "open" in args.phase_list:
+            if not args.rate:
+                slowest = min(med([r["rps"] for r in t.closed]) for t in targets)
+                args.rate = max(10, int(slowest / 2 / 10) * 10)
+            log(f"bench: open loop at {args.rate:,.0f} req/s")
+            run_rounds(targets, "open", args, workdir)
+        audit = {t.name: audit_counts(t, launcher) for t in targets if t.audit_file}
+    except (BenchError, OSError, http.client.HTTPException) as e:
         log(f"bench: FAILED: {e!r}" if not isinstance(e, BenchError) else f"bench: FAILED: {e}")
         return 1
     finally:
-        for p in list(STARTED):
-            stop(p)
+        launcher.stop_all()
         if args.keep_workdir:
             log(f"bench: kept {workdir}")
         else:
@@ -586,17 +495,40 @@ def main(argv):
                              "import importlib.metadata as m, os, sys; print(sys.version.split()[0], "
                              "os.path.realpath(sys.executable), m.version('fastapi'), m.version('uvicorn'))"],
                             capture_output=True, text=True).stdout.split()
+    nginx = subprocess.run([args.nginx, "-v"], capture_output=True, text=True).stderr.strip() \
+        if any(t.proxy == "nginx" for t in targets) else None
     print(f"FastAPI example, {' vs '.join(args.names)}: Python {python[0]} ({python[1]}), fastapi {python[2]}, "
-          f"uvicorn {python[3]} (one worker, same options), gatehouse `{args.binary}`; the pod on CPU "
-          f"{args.pod_cpu}, wrk/h2load on CPU {args.load_cpu}, {args.connections} connections; {args.rounds} "
-          f"interleaved rounds of {args.duration} s per load; medians (min–max); ratios are medians of per-round "
-          f"ratios.\n")
-    print(table(targets, args, audit))
+          f"uvicorn {python[3]} (one worker, same options), gatehouse `{args.binary}`"
+          + (f", {nginx}" if nginx else "") + f"; the pod on CPU {args.pod_cpu}, wrk/h2load on CPU {args.load_cpu}, "
+          f"{args.connections} connections; {args.rounds} interleaved rounds of {args.duration} s per load; "
+          f"medians (min–max); ratios are medians of per-round ratios.\n")
+    print(pod_table(targets, args, audit))
     for n in notes(targets, args, audit):
         print(f"- {n}")
+    for phase in args.phase_list:
+        seat = seat_table(targets, args, phase)
+        if seat:
+            print(f"\nThe proxy in the seat, {rate_label(args, phase)} ({args.connections} connections; the "
+                  f"proxy's processes alone, all threads; ÷ nginx is the median per-round ratio to nginx reaching "
+                  f"the app the same way):\n")
+            print(seat)
     print(f"\nMachine: {os.cpu_count()} CPUs, {cpu_model()}, Linux {platform.release()}; load average "
-          f"{load_start} at start, {loadavg()} at end; {time.monotonic() - started:.0f} s.")
+          f"{load_start} at start, {loadavg()} at end; "
+          f"{time.monotonic() - started:.0f} s.")
     return 0
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # What the pod spends per request: the FastAPI example with its middleware in Python
-# (before/app.py) against app.py behind gatehouse (proxy.toml), measured in one run.
+# (before/app.py) against app.py behind gatehouse (proxy.toml), measured in one run; and what
+# the proxy in front of the app costs, gatehouse against nginx in the same seat (--seat).
 #
 #   bash deploy/examples/fastapi/bench.sh                                 # ~2.5 min; Markdown on stdout
 #   bash deploy/examples/fastapi/bench.sh --rounds 1 --duration 3 --warmup 1   # ~30 s smoke run
 #   bash deploy/examples/fastapi/bench.sh --targets after,after-unix      # the app over TCP vs a Unix socket
+#   bash deploy/examples/fastapi/bench.sh --seat                          # ~6 min; the proxy's seat: nginx vs gatehouse
+#   bash deploy/examples/fastapi/bench.sh --seat --syscalls perf          # ... with syscalls per request
 #   bash deploy/examples/fastapi/bench.sh --help                          # every option
 #
-# Sets up what it needs first: wrk, h2load (Debian's nghttp2-client) and taskset if missing
-# (apt-get, as root or through sudo), the example's pinned requirements in a venv (under
-# target/fastapi-bench-venv, one per `--python PATH`, default python3 on PATH), and
+# Sets up what it needs first: wrk, h2load, taskset and nginx (and strace for --syscalls
+# strace) if missing (benches/compare/install.sh: apt-get, as root or through sudo; starts no
+# service), the example's pinned requirements in a venv (under target/fastapi-bench-venv, one per `--python PATH`, default python3 on PATH), and
 # `cargo build --release` of this checkout unless --binary names a gatehouse binary. The
 # measuring is bench.py's. The apps' CPU time is most of the pod's, so the interpreter's build
 # shows in the figures (pyenv, for one, builds without PGO/LTO by default); the output names it.
@@ -20,6 +23,7 @@ root="$(cd "$here/../../.." && pwd)"
 binary=""
 python="python3"
 args=()
+tools=(wrk h2load taskset nginx)
 while [ $# -gt 0 ]; do
     case "$1" in
         -h | --help)
@@ -30,27 +34,18 @@ while [ $# -gt 0 ]; do
         --python=*) python="${1#--python=}"; shift ;;
         --binary) binary="${2:?--binary needs a path}"; args+=("$1" "$2"); shift 2 ;;
         --binary=*) binary="${1#--binary=}"; args+=("$1"); shift ;;
+        --syscalls) tools+=("${2:?--syscalls needs perf or strace}"); args+=("$1" "$2"); shift 2 ;;
+        --syscalls=*) tools+=("${1#--syscalls=}"); args+=("$1"); shift ;;
         *) args+=("$1"); shift ;;
     esac
 done
 
-missing=()
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-        sudo=()
-    elif sudo -n true 2>/dev/null; then
-        sudo=(sudo)
-    else
-        echo "bench: missing ${missing[*]}: run \`sudo apt-get install ${missing[*]}\` (Debian/Ubuntu)" >&2
-        exit 2
-    fi
-    echo "bench: apt-get install ${missing[*]}" >&2
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >&2
-fi
+# perf is not installed here: Debian's linux-perf must match the running kernel.
+installable=()
+for tool in "${tools[@]}"; do
+    [ "$tool" = perf ] || installable+=("$tool")
+done
+bash "$root/benches/compare/install.sh" "${installable[@]}"
 
 # One venv per interpreter, rebuilt when requirements.txt changes (its stamp holds the file).
 if ! interpreter="$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable), sys.version.split()[0])')"; then
