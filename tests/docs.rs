@@ -5,6 +5,7 @@
 //!   ```` ```toml fragment ```` is part of one: without its own `[server]` and `[upstream]` it
 //!   is put under a minimal pair and checked all the same. ```` ```toml file=NAME ```` is also
 //!   saved as `NAME` for the page's transcripts.
+//! - ```` ```toml invalid ```` shows a config error: `gatehouse check` must refuse it (exit 2).
 //! - ```` ```toml cases ```` is a policy test file: it must load in `gatehouse test` against
 //!   the repository's proxy.toml.
 //! - A ```` ```console ```` block is a transcript: each `$ gatehouse explain|check|test ...`
@@ -169,6 +170,8 @@ fn every_toml_block_passes_gatehouse_check() {
         // exit 1; a file that does not load exits 2).
         let (args, ok): (Vec<&str>, &[i32]) = if block.mark("cases") {
             (vec!["test", path, "--config", "proxy.toml"], &[0, 1])
+        } else if block.mark("invalid") {
+            (vec!["check", "--config", path], &[2])
         } else {
             (vec!["check", "--config", path], &[0])
         };
