@@ -873,6 +873,10 @@ fn redis_sink(port: u16, audit: &str) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn the_redis_stream_gets_every_event() {
     let redis = Redis::start().await;
     let mut s = Setup::start(&redis_sink(redis.port, "")).await;
@@ -887,6 +891,10 @@ async fn the_redis_stream_gets_every_event() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn a_redis_that_comes_up_late_gets_the_spooled_events_in_order() {
     let port = free_port();
     let mut s = Setup::start(&redis_sink(port, "spool_dir = \"{dir}/spool\"")).await;
@@ -1350,6 +1358,10 @@ impl Drop for Immutable {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_chattr),
+    ignore = "needs root and chattr (e2fsprogs) for chattr +i"
+)]
 async fn an_unwritable_journal_degrades_to_delivery_from_memory_and_recovers() {
     let collector = Collector::start(&[]).await;
     let admin = free_port();

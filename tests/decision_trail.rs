@@ -127,6 +127,10 @@ fn get_with(path: &str, headers: &[(&str, &str)]) -> http::Request<Body> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn every_refusal_names_its_reason_and_failing_open_is_recorded() {
     let up = Upstream::start().await;
     let redis = Redis::start().await;

@@ -838,6 +838,10 @@ fn redis_conn(redis: &Redis) -> redis::Connection {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn outside_state_is_untouched_offline_and_asked_read_only_with_live() {
     let redis = Redis::start().await;
     let auth = auth_service().await;

@@ -224,6 +224,10 @@ fn assert_timing_header(resp: &Resp) {
 /// timing headers, the key check, the rate limit and the audit log itself (what the README's
 /// side-by-side compares and bench.sh measures).
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn before_app_did_it_in_python_middleware() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
@@ -328,6 +332,10 @@ async fn before_app_did_it_in_python_middleware() {
 /// gatehouse adds the request id (and hands it to the app), the timing headers, and takes
 /// the API key off the request before the app sees it.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn request_id_and_timing_headers_come_from_gatehouse() {
     let ex = Example::start("1000/s", Listen::tcp()).await;
     let resp = ex.get("/items/7", Some(API_KEY)).await;
@@ -352,6 +360,10 @@ async fn request_id_and_timing_headers_come_from_gatehouse() {
 
 /// Missing and wrong keys get gatehouse's 401 (with the request id) and never reach the app.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn api_key_rejections_are_401_and_never_reach_the_app() {
     let ex = Example::start("1000/s", Listen::tcp()).await;
     for key in [None, Some("not-the-key")] {
@@ -378,6 +390,10 @@ async fn api_key_rejections_are_401_and_never_reach_the_app() {
 
 /// The streaming route's chunks pass through one by one, not buffered into one body.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn stream_arrives_in_chunks() {
     let ex = Example::start("1000/s", Listen::tcp()).await;
     let mut conn = H1::connect(ex.gh.port).await;
@@ -411,6 +427,10 @@ async fn stream_arrives_in_chunks() {
 /// deploy/kubernetes/components/unix-socket runs the pod: requests, rejections and streams
 /// behave as over TCP, and once the app is gone gatehouse answers 502.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn example_over_a_unix_socket() {
     let mut ex = Example::start("1000/s", Listen::unix()).await;
     let resp = ex.get("/items/9", Some(API_KEY)).await;
@@ -442,6 +462,10 @@ async fn example_over_a_unix_socket() {
 /// After the burst, the key's requests get 429 with retry-after; the allowed ones carried the
 /// ratelimit-* headers.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn rate_limit_answers_429_after_the_burst() {
     let ex = Example::start("1/h", Listen::tcp()).await;
     let mut allowed = 0;
@@ -477,6 +501,10 @@ async fn rate_limit_answers_429_after_the_burst() {
 
 /// Every request is one audit event in the file; SIGTERM flushes them before exit 0.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn audit_events_are_written_to_the_file_sink() {
     let mut ex = Example::start("1000/s", Listen::tcp()).await;
     let ok = ex.get("/items/5?page=2", Some(API_KEY)).await;

@@ -232,6 +232,10 @@ async fn gatehouse(app_url: &str, server: &str, upstream: &str, rest: &str) -> G
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn example_calls_of_every_kind_pass_through() {
     let ex = Example::start("1000/s").await;
     let echo = ex.call(&["echo", "hello"]).await;
@@ -269,6 +273,10 @@ async fn example_calls_of_every_kind_pass_through() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn example_api_key_refusals_are_unauthenticated() {
     let ex = Example::start("1000/s").await;
     for flags in [&[][..], &["--api-key", "not-the-key"][..]] {
@@ -286,6 +294,10 @@ async fn example_api_key_refusals_are_unauthenticated() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn example_rate_limit_is_resource_exhausted() {
     let ex = Example::start("1/h").await;
     let mut allowed = 0;
@@ -307,6 +319,10 @@ async fn example_rate_limit_is_resource_exhausted() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn example_health_service_passes_through_without_a_key() {
     let ex = Example::start("1000/s").await;
     for service in ["", "demo.v1.Demo"] {
@@ -319,6 +335,10 @@ async fn example_health_service_passes_through_without_a_key() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn example_audit_events_carry_grpc_status() {
     let mut ex = Example::start("1000/s").await;
     let allowed = ex.call(&["echo", "fine"]).await;
@@ -386,6 +406,10 @@ fn example_config_passes_gatehouse_check() {
 /// 16 MiB messages each way: gatehouse forwards them in flow-controlled pieces, so its
 /// memory grows by less than one message.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn large_messages_stream_with_flat_memory() {
     let ex = Example::start("1000/s").await;
     ok(&ex.call(&["echo", "warm"]).await);
@@ -404,6 +428,10 @@ async fn large_messages_stream_with_flat_memory() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn jwt_bearer_metadata_allowed_and_denied() {
     let app = App::start(&[]).await;
     let rest = r#"
@@ -448,6 +476,10 @@ require_claims = { scope = "calls" }
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn upstream_timeout_is_deadline_exceeded() {
     let app = App::start(&[]).await;
     let gh = gatehouse(&app.url, "", "timeout = \"300ms\"", "").await;
@@ -499,6 +531,10 @@ async fn grpc_timeout_bounds_the_upstream_wait() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn app_down_is_unavailable() {
     let nothing = format!("http://127.0.0.1:{}", free_port());
     let gh = gatehouse(&nothing, "", "", "").await;
@@ -508,6 +544,10 @@ async fn app_down_is_unavailable() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn tls_with_alpn_h2_from_the_client() {
     let app = App::start(&[]).await;
     let key = rcgen::KeyPair::generate().unwrap();
@@ -543,6 +583,10 @@ async fn tls_with_alpn_h2_from_the_client() {
 /// An HTTP/1.1 client that accepts trailers gets the app's status in chunked trailers, and
 /// gatehouse's own answer as a gRPC status too.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn http1_client_gets_trailers_and_grpc_answers() {
     let app = App::start(&[]).await;
     let rest = format!(
@@ -588,6 +632,10 @@ async fn http1_client_gets_trailers_and_grpc_answers() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn unix_socket_app() {
     let app = App::start_unix().await;
     let gh = gatehouse(&app.url, "", "", "").await;
@@ -597,6 +645,10 @@ async fn unix_socket_app() {
 
 /// Calls share one connection to the app, up to its `SETTINGS_MAX_CONCURRENT_STREAMS`.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn app_stream_limit_opens_more_connections() {
     for (limit, more) in [(None, false), (Some("2"), true)] {
         let envs: Vec<(&str, &str)> = limit
@@ -643,6 +695,10 @@ async fn upgrades_still_take_http1() {
 /// A body phase's refusal stops a stream that hyper's task was sending: the client gets
 /// RESOURCE_EXHAUSTED, and the app never a whole body.
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) and PyPI"
+)]
 async fn body_limit_is_resource_exhausted() {
     let app = App::start(&[]).await;
     let rest = "[[middleware]]\ntype = \"body_limit\"\nmax = \"64KiB\"";

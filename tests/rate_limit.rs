@@ -196,6 +196,10 @@ async fn start_with_redis(up: &Upstream, redis: &str, rest: &str) -> Gatehouse {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn two_processes_sharing_one_redis_share_one_budget() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;
@@ -211,6 +215,10 @@ async fn two_processes_sharing_one_redis_share_one_budget() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn redis_refill_after_retry_after() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;
@@ -264,6 +272,10 @@ async fn wait_for_recovery(open: &Gatehouse, closed: &Gatehouse) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 async fn redis_outage_fails_open_or_closed_as_configured_and_recovers() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;

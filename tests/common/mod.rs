@@ -1149,7 +1149,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1"])
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server is installed");
+            .expect("redis-server on PATH (apt-get install redis-server)");
         within(Duration::from_secs(10), "redis-server to listen", async {
             while tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
