@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build gatehouse as one static x86_64 musl binary, the same build as deploy/Dockerfile's
-# builder stage, without a container engine (CI runs this; so can a developer).
+# Build gatehouse as one static x86_64 musl binary, the container image's binary, without a
+# container engine (CI runs this; so can a developer). deploy/build-image.sh then puts it in
+# the image archive.
 #
 #   bash deploy/build-static.sh      # -> target/x86_64-unknown-linux-musl/release/gatehouse
 #

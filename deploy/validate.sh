@@ -3,7 +3,9 @@
 # against the Kubernetes API schemas (kubernetes-validate, pinned), then check that each
 # pod's preStop and terminationGracePeriodSeconds agree with its proxy.toml's
 # shutdown_delay/shutdown_grace (check_drain.py), and that a Unix-socket upstream is on a
-# volume the app shares (check_socket.py). Fails on any error.
+# volume the app shares (check_socket.py), and that components/inject gave gatehouse to
+# exactly the Deployments labelled gatehouse.io/inject: "true" (check_inject.py). Fails on
+# any error.
 #
 #   bash deploy/validate.sh
 #
@@ -12,7 +14,8 @@
 # and `components` (recursively, the components' own `resources` included) as they are: it
 # applies no patches, images, namespaces, replicas, name prefixes or hash suffixes and
 # renders no configMapGenerator/secretGenerator, so it checks the hand-written resources
-# only, and the drain check is skipped (no rendered proxy.toml). It says when it is used.
+# only, and the drain and injection checks are skipped (no rendered proxy.toml, no sidecar).
+# It says when it is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +32,10 @@ if [ ! -x "$VENV/bin/kubernetes-validate" ] || ! grep -qx "Version: $KV_VERSION"
 fi
 
 status=0
+
+have_kustomize() {
+    command -v kubectl >/dev/null 2>&1 || command -v kustomize >/dev/null 2>&1
+}
 
 render() {
     local dir="$1"
@@ -63,9 +70,9 @@ PY
     fi
 }
 
-if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+if ! have_kustomize; then
     echo "validate: no kubectl/kustomize: rendering by concatenating resources (no patches," \
-        "components or generators applied)" >&2
+        "components or generators applied; the injection check is skipped)" >&2
 fi
 
 # components/redis/proxy.toml is base/proxy.toml with the rate limit on Redis: a change to one
@@ -107,6 +114,10 @@ for kfile in $(find deploy/kubernetes -name kustomization.yaml | sort); do
     fi
     # An upstream on a Unix socket must be on a volume the app mounts and listens on.
     if ! "$VENV/bin/python" deploy/check_socket.py "$rendered"; then
+        status=1
+    fi
+    # components/inject's label-selected patch reached the labelled Deployments, only them.
+    if have_kustomize && ! "$VENV/bin/python" deploy/check_inject.py "$rendered"; then
         status=1
     fi
 done
