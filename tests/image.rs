@@ -6,14 +6,13 @@
 //! that `docker load`, `podman load` and `kind load image-archive` give the image are checked
 //! in the archive's `index.json` and `manifest.json`.
 //!
-//! The archive needs the release musl build, so `cargo test` does not build it: where it (or
-//! skopeo/umoci, Debian's `skopeo` and `umoci` packages) is missing the tests say so on stderr
-//! and pass, except under CI (`CI=true`), where `.ci/run` builds and installs them first and
-//! a missing piece fails.
+//! The archive needs the release musl build, which `cargo test` does not make, so these tests
+//! are ignored by default, with the reason; `.ci/run` builds the archive, installs skopeo and
+//! umoci, and runs them with `cargo test --test image -- --ignored`, where a missing piece
+//! fails.
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,35 +26,23 @@ fn normalized_name() -> String {
     format!("docker.io/library/gatehouse:{VERSION}")
 }
 
-/// Why a test did not run, said where `cargo test` shows it, unless the run is CI's, which
-/// builds the archive and installs the tools and so must run it.
-fn skip(test: &str, reason: &str) {
-    assert!(
-        std::env::var("CI").is_err(),
-        "{reason}; .ci/run provides it, so CI must not skip this test"
-    );
-    let _ = writeln!(std::io::stderr(), "image::{test}: skipped: {reason}");
-}
-
-/// The archive and the OCI tools, or the reason the test cannot run.
-fn prerequisites() -> Result<PathBuf, String> {
+/// The archive, once the OCI tools are known to be there.
+fn prerequisites() -> PathBuf {
     let archive = std::env::var_os("GATEHOUSE_IMAGE")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(ROOT).join("target/gatehouse-image.tar"));
-    if !archive.is_file() {
-        return Err(format!(
-            "no image archive at {} (bash deploy/build-static.sh && bash deploy/build-image.sh)",
-            archive.display()
-        ));
-    }
+    assert!(
+        archive.is_file(),
+        "no image archive at {} (bash deploy/build-static.sh && bash deploy/build-image.sh)",
+        archive.display()
+    );
     for tool in ["skopeo", "umoci"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Err(format!(
-                "no `{tool}` on PATH (Debian: apt-get install {tool})"
-            ));
-        }
+        assert!(
+            Command::new(tool).arg("--version").output().is_ok(),
+            "no `{tool}` on PATH (Debian: apt-get install {tool})"
+        );
     }
-    Ok(archive)
+    archive
 }
 
 /// Run `cmd`, panicking with its output unless it succeeds; its stdout.
@@ -98,11 +85,9 @@ fn skopeo_inspect(archive: &Path, extra: &[&str]) -> Value {
 /// What skopeo reads from the archive: the crate's version and description, the documented
 /// defaults (config path, ports, non-root user) and the entrypoint.
 #[test]
+#[ignore = "needs the image archive: bash deploy/build-static.sh && bash deploy/build-image.sh, then cargo test --test image -- --ignored"]
 fn skopeo_reads_the_image_and_its_defaults() {
-    let archive = match prerequisites() {
-        Ok(a) => a,
-        Err(reason) => return skip("skopeo_reads_the_image_and_its_defaults", &reason),
-    };
+    let archive = prerequisites();
     let image = skopeo_inspect(&archive, &[]);
     let labels = &image["Labels"];
     assert_eq!(
@@ -160,11 +145,9 @@ fn skopeo_reads_the_image_and_its_defaults() {
 /// for; podman normalizes `org.opencontainers.image.ref.name`; Docker's classic store reads
 /// `manifest.json`, whose config and layer must be the OCI manifest's own blobs.
 #[test]
+#[ignore = "needs the image archive: bash deploy/build-static.sh && bash deploy/build-image.sh, then cargo test --test image -- --ignored"]
 fn loaders_name_it_gatehouse_version() {
-    let archive = match prerequisites() {
-        Ok(a) => a,
-        Err(reason) => return skip("loaders_name_it_gatehouse_version", &reason),
-    };
+    let archive = prerequisites();
     let layout = tempfile::tempdir().unwrap();
     run_setup(
         Command::new("tar")
@@ -207,11 +190,9 @@ fn loaders_name_it_gatehouse_version() {
 /// gatehouse `run` as 65532 with GATEHOUSE_CONFIG set, and there is no shell to run anything
 /// else.
 #[test]
+#[ignore = "needs the image archive: bash deploy/build-static.sh && bash deploy/build-image.sh, then cargo test --test image -- --ignored"]
 fn unpacked_root_filesystem_runs() {
-    let archive = match prerequisites() {
-        Ok(a) => a,
-        Err(reason) => return skip("unpacked_root_filesystem_runs", &reason),
-    };
+    let archive = prerequisites();
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
     let bundle = work.path().join("bundle");
@@ -289,17 +270,14 @@ fn unpacked_root_filesystem_runs() {
 /// Two builds from the same binary and commit are the same bytes (fixed mtimes and owners,
 /// sorted entries, gzip without a timestamp), so the image's digest identifies its inputs.
 #[test]
+#[ignore = "needs the image archive: bash deploy/build-static.sh && bash deploy/build-image.sh, then cargo test --test image -- --ignored"]
 fn the_archive_is_reproducible() {
     let binary = Path::new(ROOT).join("target/x86_64-unknown-linux-musl/release/gatehouse");
-    if !binary.is_file() {
-        return skip(
-            "the_archive_is_reproducible",
-            &format!(
-                "no static binary at {} (bash deploy/build-static.sh)",
-                binary.display()
-            ),
-        );
-    }
+    assert!(
+        binary.is_file(),
+        "no static binary at {} (bash deploy/build-static.sh)",
+        binary.display()
+    );
     let work = tempfile::tempdir().unwrap();
     let build = |name: &str| {
         let out = work.path().join(name);
