@@ -63,9 +63,15 @@ pub fn string(what: &str) -> Schema {
     json_schema!({ "type": "string", "description": what })
 }
 
-/// A string matching `pattern` (an ECMA-262 regular expression, as JSON Schema's are).
+/// A string matching `pattern` (an anchored ECMA-262 regular expression, as JSON Schema's
+/// are), or holding a `${VAR}`: such a value is only known, and checked, when the config
+/// is loaded.
 pub fn pattern(what: &str, pattern: &str) -> Schema {
-    json_schema!({ "type": "string", "description": what, "pattern": pattern })
+    json_schema!({
+        "type": "string",
+        "description": what,
+        "pattern": format!("{pattern}|\\$\\{{"),
+    })
 }
 
 /// One branch of a tagged array's `oneOf`: `settings` (an object schema) with
