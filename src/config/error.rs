@@ -305,10 +305,12 @@ impl fmt::Display for Located {
         if let Some((line, col)) = self.position {
             write!(f, ":{line}:{col}")?;
         }
-        match &self.path {
-            Some(path) if !path.0.is_empty() => write!(f, ": {path}: {}", self.message),
-            _ => write!(f, ": {}", self.message),
+        if let Some(path) = self.path.as_ref().filter(|p| !p.0.is_empty()) {
+            write!(f, ": {path}")?;
         }
+        // One line per problem, whatever the message (TOML syntax errors have two).
+        let lines: Vec<&str> = self.message.lines().map(str::trim).collect();
+        write!(f, ": {}", lines.join("; "))
     }
 }
 
