@@ -56,6 +56,9 @@ pub enum SinkKind {
 /// The sink types `type` accepts.
 pub const SINK_TYPES: [&str; 5] = ["stdout", "file", "http", "redis_stream", "otlp"];
 
+/// What an `otlp` sink is, for the schema (its keys are the `http` sink's).
+const OTLP: &str = "`type = \"otlp\"`: OTLP/HTTP log records, with the `http` sink's keys; `url` is the logs endpoint, e.g. `http://otel-collector:4318/v1/logs`.";
+
 /// `type = "otlp"`: the `http` sink's keys (`url` is the OTLP/HTTP logs endpoint, e.g.
 /// `http://otel-collector:4318/v1/logs`), and the resource the records are about: the
 /// `[tracing]` one, else the one `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` say.
@@ -242,7 +245,12 @@ fn sinks_schema(generator: &mut SchemaGenerator) -> Schema {
             let settings = match kind {
                 "stdout" => NoKeys::json_schema(generator),
                 "file" => FileSettings::json_schema(generator),
-                "http" | "otlp" => HttpSettings::json_schema(generator),
+                "http" => HttpSettings::json_schema(generator),
+                "otlp" => {
+                    let mut settings = HttpSettings::json_schema(generator);
+                    settings.insert("description".into(), OTLP.into());
+                    settings
+                }
                 "redis_stream" => RedisSettings::json_schema(generator),
                 other => unreachable!("sink type {other} has no settings"),
             };

@@ -274,16 +274,6 @@ impl ConfigError {
         located.sort_by_key(|l| l.position);
         ConfigError(located)
     }
-
-    /// How many problems were found.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Always false: an error has at least one problem.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// One problem per line: `file:line:col: key.path: what was expected`.

@@ -66,7 +66,12 @@ pub struct Config<S> {
 /// that a problem in one of them does not stop the rest of the file from being checked.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, bound = "")]
-#[schemars(bound = "S: Entries", rename = "ProxyConfig")]
+#[schemars(
+    bound = "S: Entries",
+    rename = "ProxyConfig",
+    title = "gatehouse proxy.toml",
+    description = "The config of gatehouse, a reverse-proxy sidecar: the public listener, the app behind it and the middleware chain between them. Every string value may use ${VAR} or ${VAR:-default} from the environment."
+)]
 struct RawConfig<S> {
     #[schemars(required)]
     server: Option<ServerConfig>,
@@ -509,9 +514,9 @@ impl<S: Entries> Config<S> {
     /// editors to complete and check a config with. Made from the types the file is
     /// deserialized into, so it says what the loader accepts.
     pub fn schema() -> serde_json::Value {
-        let mut schema = schema::generator().into_root_schema_for::<RawConfig<S>>();
-        schema.insert("title".into(), "gatehouse proxy.toml".into());
-        schema.to_value()
+        schema::generator()
+            .into_root_schema_for::<RawConfig<S>>()
+            .to_value()
     }
 
     /// Types the sections and entries of `raw`, adding what is wrong to `problems`; the
