@@ -123,7 +123,7 @@ pub struct ServerConfig {
     /// How long a client connection may sit idle between requests.
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: Duration,
-    /// On SIGTERM, how long to keep accepting (and fail readiness) before draining, so
+    /// On SIGTERM, how long to keep serving (with `/readyz` failing) before draining, so
     /// load balancers stop sending first.
     #[serde(default = "defaults::zero")]
     pub shutdown_delay: Duration,
@@ -231,7 +231,7 @@ impl std::fmt::Display for UpstreamProtocol {
     }
 }
 
-/// `[log]`.
+/// `[log]`: gatehouse's own log lines, on stderr.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
