@@ -32,6 +32,8 @@ enum Command {
     Explain(ExplainArgs),
     /// Run policy test cases (a TOML file of [[case]] tables) against the config, offline.
     Test(TestArgs),
+    /// Print the JSON Schema of the config file, for editors (`#:schema` in Taplo).
+    Schema,
 }
 
 #[derive(Args)]
@@ -95,6 +97,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Explain(args) => explain(args),
         Command::Test(args) => test(&args),
+        Command::Schema => {
+            let schema = Config::schema();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).expect("a schema serializes")
+            );
+            ExitCode::SUCCESS
+        }
         Command::Check(args) => match Config::load(&args.config) {
             Ok(config) => {
                 print!("{}", describe(&config));
@@ -178,8 +188,12 @@ fn test(args: &TestArgs) -> ExitCode {
     }
 }
 
+/// Prints `error` to stderr, each of its lines (a config error has one per problem)
+/// marked as an error.
 fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("gatehouse: error: {error}");
+    for line in error.to_string().lines() {
+        eprintln!("gatehouse: error: {line}");
+    }
     ExitCode::from(code)
 }
 

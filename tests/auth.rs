@@ -215,15 +215,15 @@ async fn api_key_keys_file_is_reread_on_sighup() {
 fn api_key_config_errors_name_the_key() {
     assert_config_error(
         "[[middleware]]\ntype = \"api_key\"\nkeys = []\n",
-        "middleware[0].keys",
+        "middleware[1].keys",
     );
     assert_config_error(
         "[[middleware]]\ntype = \"api_key\"\nkeys_file = \"/nonexistent/keys\"\n",
-        "middleware[0].keys_file: cannot read /nonexistent/keys",
+        "middleware[1].keys_file: cannot read /nonexistent/keys",
     );
     assert_config_error(
         "[[middleware]]\ntype = \"api_key\"\nheader = \"x-k\"\nquery = \"k\"\nkeys = [{ id = \"a\", key = \"b\" }]\n",
-        "middleware[0].query",
+        "middleware[1].query",
     );
 }
 
@@ -319,7 +319,7 @@ async fn basic_auth_without_strip_forwards_authorization() {
 fn basic_auth_plaintext_password_is_a_config_error() {
     assert_config_error(
         "[[middleware]]\ntype = \"basic_auth\"\nusers = [{ user = \"u\", password_hash = \"hunter2\" }]\n",
-        "middleware[0].users[0].password_hash: expected a bcrypt",
+        "middleware[1].users[1].password_hash: expected a bcrypt",
     );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("htpasswd");
@@ -329,7 +329,7 @@ fn basic_auth_plaintext_password_is_a_config_error() {
             "[[middleware]]\ntype = \"basic_auth\"\nhtpasswd_file = \"{}\"\n",
             file.display()
         ),
-        "middleware[0].htpasswd_file:",
+        "middleware[1].htpasswd_file:",
     );
 }
 
@@ -766,29 +766,29 @@ fn jwt_config_errors_name_the_key() {
     let jwt = |rest: &str| format!("[[middleware]]\ntype = \"jwt\"\n{rest}\n");
     assert_config_error(
         &jwt("algorithms = [\"none\"]\nsecret = \"s\""),
-        "middleware[0].algorithms[0]: unknown algorithm \"none\"",
+        "middleware[1].algorithms[1]: unknown algorithm \"none\"",
     );
     assert_config_error(
         &jwt("algorithms = [\"HS256\", \"RS256\"]\nsecret = \"s\""),
-        "middleware[0].algorithms: a `secret` verifies only",
+        "middleware[1].algorithms: a `secret` verifies only",
     );
     let pem = fixture("rsa_public.pem");
     assert_config_error(
         &jwt(&format!(
             "algorithms = [\"RS256\", \"HS256\"]\npublic_key_file = \"{pem}\""
         )),
-        "middleware[0].algorithms: HS algorithms need a `secret`",
+        "middleware[1].algorithms: HS algorithms need a `secret`",
     );
     assert_config_error(
         &jwt(&format!(
             "algorithms = [\"ES256\"]\npublic_key_file = \"{pem}\""
         )),
-        "middleware[0].public_key_file:",
+        "middleware[1].public_key_file:",
     );
     assert_config_error(&jwt(&format!("algorithms = [\"RS256\"]\npublic_key_file = \"{pem}\"\njwks_url = \"http://127.0.0.1:1/\"")), "set exactly one of");
     assert_config_error(
         &jwt("algorithms = [\"RS256\"]\njwks_url = \"https://idp/jwks\""),
-        "middleware[0].jwks_url: invalid URL",
+        "middleware[1].jwks_url: invalid URL",
     );
 }
 
@@ -1173,7 +1173,7 @@ fn forward_auth_request_headers_config_errors_and_summary() {
     };
     assert_config_error(
         &entry("request_headers = []"),
-        "middleware[0].request_headers: list at least one header, or leave `request_headers` out",
+        "middleware[1].request_headers: list at least one header, or leave `request_headers` out",
     );
     for (name, why) in [
         ("connection", "a hop-by-hop header"),
@@ -1189,7 +1189,7 @@ fn forward_auth_request_headers_config_errors_and_summary() {
         assert_config_error(
             &entry(&format!("request_headers = [\"x-token\", \"{name}\"]")),
             &format!(
-                "middleware[0].request_headers[1]: {}: {why}",
+                "middleware[1].request_headers[2]: {}: {why}",
                 name.to_lowercase()
             ),
         );

@@ -311,7 +311,7 @@ type = "request_id"
 heder = "x-id"
 "#,
         9,
-        &["middleware[0]", "heder"],
+        &["middleware[1]", "heder"],
     );
 }
 
@@ -332,7 +332,7 @@ type = "ip_filter"
 alow = ["10.0.0.0/8"]
 "#,
         12,
-        &["middleware[1]", "alow"],
+        &["middleware[2]", "alow"],
     );
 }
 
@@ -382,7 +382,7 @@ type = "bogus_filter"
 "#,
     );
     assert_location(&err, 8);
-    assert_mentions(&err, "middleware[0]");
+    assert_mentions(&err, "middleware[1]");
     assert_mentions(&err, "bogus_filter");
     for known in [
         "request_id",
@@ -442,7 +442,7 @@ max = "{max}"
 "#
         ));
         assert_location(&err, 12);
-        assert_mentions(&err, "middleware[1].max");
+        assert_mentions(&err, "middleware[2].max");
         assert!(
             err.to_lowercase().contains(expected),
             "should say {expected:?}:\n{err}"
@@ -629,7 +629,7 @@ type = "headers"
 request = { sett = { "x-env" = "prod" } }
 "#,
         9,
-        &["middleware[0].request", "sett"],
+        &["middleware[1].request", "sett"],
     );
 }
 
@@ -647,7 +647,7 @@ type = "ip_filter"
 deny = ["10.0.0.0/8", "10.0.0.0/99"]
 "#,
         9,
-        &["middleware[0].deny", "10.0.0.0/99"],
+        &["middleware[1].deny", "10.0.0.0/99"],
     );
 }
 
@@ -669,7 +669,7 @@ type = "request_id"
 name = "dup"
 "#,
     );
-    assert_mentions(&err, "middleware[1]");
+    assert_mentions(&err, "middleware[2]");
     assert_mentions(&err, "dup");
 }
 
@@ -711,7 +711,7 @@ type = "timing"
 paths = "/api/**"
 "#,
         9,
-        &["middleware[0].paths"],
+        &["middleware[1].paths"],
     );
 }
 

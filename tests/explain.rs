@@ -764,7 +764,7 @@ fn a_bad_command_line_exits_1_and_a_bad_config_2() {
         None,
     );
     assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("middleware[0].allow"), "{}", out.stderr);
+    assert!(out.stderr.contains("middleware[1].allow"), "{}", out.stderr);
 }
 
 // ----- outside state: offline and --live ----------------------------------------------------
@@ -1169,14 +1169,14 @@ expect = 200
 #[test]
 fn errors_in_a_test_file_are_located_and_exit_2() {
     let cases = [
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpct = 200\n", "cases.toml:4:1: case[0].expct: unknown field `expct`"),
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\n", "cases.toml:1:1: case[0].expect: missing field `expect`"),
-        ("[[case]]\nname = \"x\"\nurl = \"items\"\nexpect = 200\n", "cases.toml:3:1: case[0].url: invalid URL \"items\""),
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\nfrom = \"the moon\"\nexpect = 200\n", "cases.toml:4:1: case[0].from: invalid address \"the moon\""),
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 200\nexpect_denied_by = \"nobody\"\n", "case[0].expect_denied_by: no middleware named \"nobody\""),
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 900\n", "cases.toml:4:1: case[0].expect: invalid status 900"),
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\nheaders = { \"x-k\" = \"${NOT_SET_ANYWHERE}\" }\nexpect = 200\n", "case[0].headers.x-k: environment variable NOT_SET_ANYWHERE"),
-        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 200\n[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 200\n", "case[1].name: duplicate case name \"x\""),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpct = 200\n", "cases.toml:4:1: case[1].expct: unknown field `expct`"),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\n", "cases.toml:1:1: case[1].expect: missing field `expect`"),
+        ("[[case]]\nname = \"x\"\nurl = \"items\"\nexpect = 200\n", "cases.toml:3:1: case[1].url: invalid URL \"items\""),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\nfrom = \"the moon\"\nexpect = 200\n", "cases.toml:4:1: case[1].from: invalid address \"the moon\""),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 200\nexpect_denied_by = \"nobody\"\n", "case[1].expect_denied_by: no middleware named \"nobody\""),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 900\n", "cases.toml:4:1: case[1].expect: invalid status 900"),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\nheaders = { \"x-k\" = \"${NOT_SET_ANYWHERE}\" }\nexpect = 200\n", "case[1].headers.x-k: environment variable NOT_SET_ANYWHERE"),
+        ("[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 200\n[[case]]\nname = \"x\"\nurl = \"/\"\nexpect = 200\n", "case[2].name: duplicate case name \"x\""),
         ("", "no test cases"),
     ];
     for (text, wanted) in cases {

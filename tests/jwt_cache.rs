@@ -254,7 +254,7 @@ fn cache_size_is_checked_and_zero_is_allowed() {
     assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
     assert!(
         out.stderr
-            .contains("middleware[0].cache_size: at most 1000000"),
+            .contains("middleware[1].cache_size: at most 1000000"),
         "{}",
         out.stderr
     );

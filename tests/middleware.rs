@@ -262,7 +262,7 @@ fn timing_format_is_checked_and_summarized() {
     let out = check("s");
     assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
     assert!(
-        out.stderr.contains("middleware[0].format")
+        out.stderr.contains("middleware[1].format")
             && out.stderr.contains("expected `ms` or `seconds`"),
         "{}",
         out.stderr

@@ -314,21 +314,21 @@ async fn redis_outage_fails_open_or_closed_as_configured_and_recovers() {
 #[tokio::test]
 async fn bad_settings_are_config_errors_naming_the_key() {
     for (keys, expected) in [
-        ("rate = \"10/s\"\nkey = \"cookie\"", "middleware[0].key"),
-        ("rate = \"10/s\"\nburst = 0", "middleware[0].burst"),
+        ("rate = \"10/s\"\nkey = \"cookie\"", "middleware[1].key"),
+        ("rate = \"10/s\"\nburst = 0", "middleware[1].burst"),
         (
             "rate = \"10/s\"\nbackend = \"redis\"",
-            "middleware[0].redis_url",
+            "middleware[1].redis_url",
         ),
         (
             "rate = \"10/s\"\nbackend = \"redis\"\nredis_url = \"http://x\"",
-            "middleware[0].redis_url",
+            "middleware[1].redis_url",
         ),
         (
             "rate = \"10/s\"\non_backend_error = \"maybe\"",
-            "middleware[0].on_backend_error",
+            "middleware[1].on_backend_error",
         ),
-        ("burst = 5", "middleware[0].rate"),
+        ("burst = 5", "middleware[1].rate"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");

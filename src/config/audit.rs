@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
 
 use crate::config::tracing::Resource;
 use crate::config::value::{ByteSize, Duration, HeaderNameValue, HeaderPairs};
-use crate::config::{deserialize, KeyPath, Problem};
+use crate::config::{schema, suggest, typed, KeyPath, Problem};
 
 /// The validated `[audit]` section.
 #[derive(Debug, PartialEq)]
@@ -24,9 +25,10 @@ pub struct AuditConfig {
 }
 
 /// Which requests produce an event.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Include {
+    /// Every request.
     #[default]
     All,
     /// Only requests that gatehouse or a middleware refused.
@@ -54,6 +56,9 @@ pub enum SinkKind {
 /// The sink types `type` accepts.
 pub const SINK_TYPES: [&str; 5] = ["stdout", "file", "http", "redis_stream", "otlp"];
 
+/// What an `otlp` sink is, for the schema (its keys are the `http` sink's).
+const OTLP: &str = "`type = \"otlp\"`: OTLP/HTTP log records, with the `http` sink's keys; `url` is the logs endpoint, e.g. `http://otel-collector:4318/v1/logs`.";
+
 /// `type = "otlp"`: the `http` sink's keys (`url` is the OTLP/HTTP logs endpoint, e.g.
 /// `http://otel-collector:4318/v1/logs`), and the resource the records are about: the
 /// `[tracing]` one, else the one `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` say.
@@ -64,11 +69,12 @@ pub struct OtlpSettings {
 }
 
 /// `type = "redis_stream"`: `XADD` per event.
-#[derive(Debug, PartialEq, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]` (or `rediss://` is refused: no TLS).
     pub url: String,
+    /// The stream events are added to.
     #[serde(default = "default_stream")]
     pub stream: String,
     /// Approximate length the stream is trimmed to (`MAXLEN ~`).
@@ -87,11 +93,13 @@ fn default_maxlen() -> u64 {
 }
 
 impl RedisSettings {
-    fn validate(self) -> Result<RedisSettings, Problem> {
+    /// What is wrong with the keys' values, every one of it.
+    fn problems(&self) -> Vec<Problem> {
         let key = |name: &str| KeyPath::default().key(name);
+        let mut problems = Vec::new();
         let tcp = self.url.starts_with("redis://") || self.url.starts_with("redis+unix://");
         if !tcp || redis::Client::open(self.url.as_str()).is_err() {
-            return Err((
+            problems.push((
                 key("url"),
                 format!(
                     "invalid URL {:?}: expected redis://[user:password@]host:port[/db]",
@@ -100,20 +108,20 @@ impl RedisSettings {
             ));
         }
         if self.stream.is_empty() {
-            return Err((key("stream"), "expected a stream name".into()));
+            problems.push((key("stream"), "expected a stream name".into()));
         }
         if self.maxlen == 0 {
-            return Err((key("maxlen"), "expected a length above zero".into()));
+            problems.push((key("maxlen"), "expected a length above zero".into()));
         }
         if self.timeout.0.is_zero() {
-            return Err((key("timeout"), "expected a duration above zero".into()));
+            problems.push((key("timeout"), "expected a duration above zero".into()));
         }
-        Ok(self)
+        problems
     }
 }
 
 /// `type = "http"`: POSTs each batch as a JSON array.
-#[derive(Debug, PartialEq, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// `http://host:port/path`.
@@ -143,71 +151,113 @@ fn default_backoff() -> Duration {
 }
 
 impl HttpSettings {
-    fn validate(self) -> Result<HttpSettings, Problem> {
+    /// What is wrong with the keys' values, every one of it.
+    fn problems(&self) -> Vec<Problem> {
         let key = |name: &str| KeyPath::default().key(name);
-        let uri: ::http::Uri = self.url.parse().map_err(|_| {
-            (
+        let mut problems = Vec::new();
+        match self.url.parse::<::http::Uri>() {
+            Err(_) => problems.push((
                 key("url"),
                 format!("invalid URL {:?}: expected http://host:port/path", self.url),
-            )
-        })?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err((
+            )),
+            Ok(uri) if uri.scheme_str() != Some("http") || uri.authority().is_none() => problems.push((
                 key("url"),
                 format!(
                     "invalid URL {:?}: expected http://host:port/path (https is not supported by this sink; send to a local collector)",
                     self.url
                 ),
-            ));
+            )),
+            Ok(_) => {}
         }
         for (name, d) in [("timeout", self.timeout), ("backoff", self.backoff)] {
             if d.0.is_zero() {
-                return Err((key(name), "expected a duration above zero".into()));
+                problems.push((key(name), "expected a duration above zero".into()));
             }
         }
         if self.retries > 100 {
-            return Err((
+            problems.push((
                 key("retries"),
                 format!("{}: expected 0 up to 100", self.retries),
             ));
         }
-        Ok(self)
+        problems
     }
 }
 
-/// `type = "file"`.
-#[derive(Debug, PartialEq, Deserialize)]
+/// `type = "file"`: one JSON event per line, appended.
+#[derive(Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
+    /// The file events are appended to (reopened on SIGHUP, for logrotate).
     pub path: PathBuf,
 }
 
-/// `type = "stdout"` has no keys of its own.
-#[derive(Deserialize)]
+/// `type = "stdout"`: one JSON event per line; no keys of its own.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NoKeys {}
 
-/// `[audit]` as written, before the sinks are typed.
-#[derive(Debug, Deserialize)]
+/// `[audit]`: one event per request, sent to every sink.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Audit")]
 pub(crate) struct RawAudit {
+    /// Events that may wait for the sinks; beyond, events are dropped and counted.
     #[serde(default = "default_queue_capacity")]
     queue_capacity: usize,
     #[serde(default)]
     include: Include,
+    /// Request headers recorded in each event, as fields named after them (`user-agent`
+    /// becomes `user_agent`).
     #[serde(default)]
     request_headers: Vec<HeaderNameValue>,
+    /// Events per write to a sink.
     #[serde(default = "default_batch_size")]
     batch_size: usize,
+    /// The longest an event waits for its batch to fill.
     #[serde(default = "default_flush_interval")]
     flush_interval: Duration,
+    /// Where events a sink could not take yet are journaled, so a restart loses none.
     spool_dir: Option<PathBuf>,
+    /// The most a sink's spool may hold; beyond, its oldest events are dropped.
     #[serde(default = "default_spool_max_bytes")]
     spool_max_bytes: ByteSize,
+    /// How often the journals are fsynced: what a machine crash may lose.
     #[serde(default = "default_fsync_interval")]
     fsync_interval: Duration,
+    /// Where events go: each entry names its `type` and that type's keys.
     #[serde(default)]
+    #[schemars(schema_with = "sinks_schema")]
     sinks: Vec<toml::Table>,
+}
+
+/// The schema of `[[audit.sinks]]`: each of [`SINK_TYPES`], told apart by `type`, with
+/// `name`.
+fn sinks_schema(generator: &mut SchemaGenerator) -> Schema {
+    let shared = schemars::json_schema!({ "properties": { "name": {
+        "type": "string",
+        "description": "Unique; defaults to the type. Labels the sink's metrics and names its spool directory: letters, digits, `-` and `_`.",
+        "pattern": "^[A-Za-z0-9_-]+$",
+    } } });
+    let types = SINK_TYPES
+        .iter()
+        .map(|&kind| {
+            let settings = match kind {
+                "stdout" => NoKeys::json_schema(generator),
+                "file" => FileSettings::json_schema(generator),
+                "http" => HttpSettings::json_schema(generator),
+                "otlp" => {
+                    let mut settings = HttpSettings::json_schema(generator);
+                    settings.insert("description".into(), OTLP.into());
+                    settings
+                }
+                "redis_stream" => RedisSettings::json_schema(generator),
+                other => unreachable!("sink type {other} has no settings"),
+            };
+            schema::tagged(kind, settings, &shared)
+        })
+        .collect();
+    schema::array_of_one_of(types)
 }
 
 fn default_queue_capacity() -> usize {
@@ -262,22 +312,23 @@ impl AuditConfig {
     pub(crate) fn from_raw(
         raw: RawAudit,
         resource: &dyn Fn() -> Result<Resource, String>,
-    ) -> Result<AuditConfig, Problem> {
+    ) -> Result<AuditConfig, Vec<Problem>> {
         let key = |name: &str| KeyPath::default().key(name);
+        let mut problems = Vec::new();
         if !(1..=1 << 24).contains(&raw.queue_capacity) {
-            return Err((
+            problems.push((
                 key("queue_capacity"),
                 format!("{}: expected 1 up to 16777216", raw.queue_capacity),
             ));
         }
         if !(1..=65536).contains(&raw.batch_size) {
-            return Err((
+            problems.push((
                 key("batch_size"),
                 format!("{}: expected 1 up to 65536", raw.batch_size),
             ));
         }
         if raw.flush_interval.0.is_zero() {
-            return Err((
+            problems.push((
                 key("flush_interval"),
                 "expected a duration above zero".into(),
             ));
@@ -288,7 +339,7 @@ impl AuditConfig {
             if EVENT_FIELDS.contains(&field.as_str()) || fields.contains(&field) {
                 let mut at = key("request_headers");
                 at.push_index(i);
-                return Err((
+                problems.push((
                     at,
                     format!("header {:?} would be recorded as the field {field:?}, which the event already has", header.0.as_str()),
                 ));
@@ -296,16 +347,16 @@ impl AuditConfig {
             fields.push(field);
         }
         if raw.spool_max_bytes.0 == 0 {
-            return Err((key("spool_max_bytes"), "expected a size above zero".into()));
+            problems.push((key("spool_max_bytes"), "expected a size above zero".into()));
         }
         if raw.fsync_interval.0.is_zero() {
-            return Err((
+            problems.push((
                 key("fsync_interval"),
                 "expected a duration above zero".into(),
             ));
         }
         if raw.sinks.is_empty() {
-            return Err((
+            problems.push((
                 key("sinks"),
                 "[audit] needs at least one [[audit.sinks]] entry".into(),
             ));
@@ -314,17 +365,27 @@ impl AuditConfig {
         for (i, table) in raw.sinks.into_iter().enumerate() {
             let mut base = key("sinks");
             base.push_index(i);
-            let sink = parse_sink(table, resource).map_err(|(p, m)| (base.join(&p), m))?;
+            let sink = match parse_sink(table, resource) {
+                Ok(sink) => sink,
+                Err(found) => {
+                    problems.extend(found.into_iter().map(|(p, m)| (base.join(&p), m)));
+                    continue;
+                }
+            };
             if let Some(first) = sinks.iter().position(|s| s.name == sink.name) {
-                return Err((
+                problems.push((
                     base.key("name"),
                     format!(
-                        "duplicate sink name {:?} (also audit.sinks[{first}]): give one of them a distinct `name`",
-                        sink.name
+                        "duplicate sink name {:?} (also audit.sinks[{}]): give one of them a distinct `name`",
+                        sink.name,
+                        first + 1
                     ),
                 ));
             }
             sinks.push(sink);
+        }
+        if !problems.is_empty() {
+            return Err(problems);
         }
         Ok(AuditConfig {
             queue_capacity: raw.queue_capacity,
@@ -347,51 +408,69 @@ fn is_plain_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `T` from `value` when neither it nor its own checks (`problems`) have problems.
+fn checked<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    problems: impl Fn(&T) -> Vec<Problem>,
+) -> Result<T, Vec<Problem>> {
+    let t = typed::<T>(value)?;
+    let found = problems(&t);
+    if found.is_empty() {
+        Ok(t)
+    } else {
+        Err(found)
+    }
+}
+
 fn parse_sink(
     mut table: toml::Table,
     resource: &dyn Fn() -> Result<Resource, String>,
-) -> Result<SinkConfig, Problem> {
+) -> Result<SinkConfig, Vec<Problem>> {
     let type_key = || KeyPath::default().key("type");
     let kind = match table.remove("type") {
         Some(toml::Value::String(kind)) => kind,
-        Some(_) => return Err((type_key(), "expected a string such as \"file\"".into())),
+        Some(_) => {
+            return Err(vec![(
+                type_key(),
+                "expected a string such as \"file\"".into(),
+            )])
+        }
         None => {
-            return Err((
+            return Err(vec![(
                 type_key(),
                 format!(
                     "missing field `type`: expected one of {}",
                     SINK_TYPES.join(", ")
                 ),
-            ))
+            )])
         }
     };
     let name = match table.remove("name") {
         None => kind.clone(),
         Some(toml::Value::String(name)) if is_plain_name(&name) => name,
-        Some(_) => return Err((
+        Some(_) => {
+            return Err(vec![(
             KeyPath::default().key("name"),
             "expected a name of letters, digits, `-` and `_` (it names the sink's spool directory)"
                 .into(),
-        )),
+        )])
+        }
     };
     let rest = toml::Value::Table(table);
     let kind = match kind.as_str() {
-        "stdout" => deserialize::<NoKeys>(rest).map(|_| SinkKind::Stdout)?,
-        "file" => SinkKind::File(deserialize(rest)?),
-        "http" => SinkKind::Http(deserialize::<HttpSettings>(rest)?.validate()?),
-        "redis_stream" => SinkKind::RedisStream(deserialize::<RedisSettings>(rest)?.validate()?),
+        "stdout" => typed::<NoKeys>(rest).map(|_| SinkKind::Stdout)?,
+        "file" => SinkKind::File(typed(rest)?),
+        "http" => SinkKind::Http(checked(rest, HttpSettings::problems)?),
+        "redis_stream" => SinkKind::RedisStream(checked(rest, RedisSettings::problems)?),
         "otlp" => SinkKind::Otlp(OtlpSettings {
-            http: deserialize::<HttpSettings>(rest)?.validate()?,
-            resource: resource().map_err(|m| (type_key(), m))?,
+            http: checked(rest, HttpSettings::problems)?,
+            resource: resource().map_err(|m| vec![(type_key(), m)])?,
         }),
         other => {
-            return Err((
+            return Err(vec![(
                 type_key(),
-                format!(
-                    "unknown sink type {other:?}: expected one of {}",
-                    SINK_TYPES.join(", ")
-                ),
-            ))
+                suggest::unknown_name("sink type", other, &SINK_TYPES),
+            )])
         }
     };
     Ok(SinkConfig { name, kind })
@@ -451,47 +530,47 @@ mod tests {
             ),
             (
                 "[audit]\nrequest_headers = [\"user-agent\", \"Host\"]\n[[audit.sinks]]\ntype = \"stdout\"\n",
-                "audit.request_headers[1]: header \"host\" would be recorded as the field \"host\"",
+                "audit.request_headers[2]: header \"host\" would be recorded as the field \"host\"",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\nname = \"../x\"\n",
-                "proxy.toml:8:1: audit.sinks[0].name: expected a name of letters",
+                "proxy.toml:8:1: audit.sinks[1].name: expected a name of letters",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"kafka\"\n",
-                "proxy.toml:7:1: audit.sinks[0].type: unknown sink type \"kafka\": expected one of stdout, file, http, redis_stream, otlp",
+                "proxy.toml:7:1: audit.sinks[1].type: unknown sink type \"kafka\": expected one of stdout, file, http, redis_stream, otlp",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"file\"\n",
-                "audit.sinks[0].path: missing field `path`",
+                "audit.sinks[1].path: missing field `path`",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"https://c/x\"\n",
-                "proxy.toml:8:1: audit.sinks[0].url: invalid URL \"https://c/x\"",
+                "proxy.toml:8:1: audit.sinks[1].url: invalid URL \"https://c/x\"",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"http://c/x\"\nheaders = { \"bad header\" = \"v\" }\n",
-                "audit.sinks[0].headers: invalid header name",
+                "audit.sinks[1].headers: invalid header name",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"http\"\nurl = \"http://c/x\"\nbackoff = \"0s\"\n",
-                "proxy.toml:9:1: audit.sinks[0].backoff: expected a duration above zero",
+                "proxy.toml:9:1: audit.sinks[1].backoff: expected a duration above zero",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"http://r:6379\"\n",
-                "proxy.toml:8:1: audit.sinks[0].url: invalid URL \"http://r:6379\": expected redis://",
+                "proxy.toml:8:1: audit.sinks[1].url: invalid URL \"http://r:6379\": expected redis://",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"redis://r\"\nmaxlen = 0\n",
-                "proxy.toml:9:1: audit.sinks[0].maxlen: expected a length above zero",
+                "proxy.toml:9:1: audit.sinks[1].maxlen: expected a length above zero",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\npath = \"/x\"\n",
-                "proxy.toml:8:1: audit.sinks[0].path: unknown field `path`",
+                "proxy.toml:8:1: audit.sinks[1].path: unknown field `path`",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"stdout\"\n[[audit.sinks]]\ntype = \"stdout\"\n",
-                "audit.sinks[1].name: duplicate sink name \"stdout\" (also audit.sinks[0])",
+                "audit.sinks[2].name: duplicate sink name \"stdout\" (also audit.sinks[1])",
             ),
         ] {
             let err = parse(audit).unwrap_err();

@@ -4,34 +4,35 @@
 use super::error::KeyPath;
 
 /// Replaces every `${VAR}` and `${VAR:-default}` in the string values of `value`, in place.
-/// `$${` stands for a literal `${`. On failure, returns where and why.
+/// `$${` stands for a literal `${`. A string that cannot be expanded is left as it is and
+/// where and why added to `problems`.
 pub fn interpolate(
     value: &mut toml::Value,
     path: &mut KeyPath,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), (KeyPath, String)> {
+    problems: &mut Vec<(KeyPath, String)>,
+) {
     match value {
         toml::Value::String(s) if s.contains('$') => match expand(s, lookup) {
             Ok(expanded) => *s = expanded,
-            Err(msg) => return Err((path.clone(), msg)),
+            Err(msg) => problems.push((path.clone(), msg)),
         },
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 path.push_index(i);
-                interpolate(item, path, lookup)?;
+                interpolate(item, path, lookup, problems);
                 path.pop();
             }
         }
         toml::Value::Table(table) => {
             for (key, item) in table.iter_mut() {
                 path.push_key(key);
-                interpolate(item, path, lookup)?;
+                interpolate(item, path, lookup, problems);
                 path.pop();
             }
         }
         _ => {}
     }
-    Ok(())
 }
 
 fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
@@ -116,10 +117,17 @@ mod tests {
     }
 
     #[test]
-    fn walks_nested_values_and_reports_the_path() {
-        let mut v: toml::Value = toml::from_str("a = [{ b = \"${NOPE}\" }]").unwrap();
-        let (path, msg) = interpolate(&mut v, &mut KeyPath::default(), &env).unwrap_err();
-        assert_eq!(path.to_string(), "a[0].b");
+    fn walks_nested_values_and_reports_every_path() {
+        let mut v: toml::Value =
+            toml::from_str("a = [{ b = \"${NOPE}\" }]\nc = \"${KEY}\"\nd = \"${GONE}\"").unwrap();
+        let mut problems = Vec::new();
+        interpolate(&mut v, &mut KeyPath::default(), &env, &mut problems);
+        let [(first, msg), (second, _)] = &problems[..] else {
+            panic!("two problems: {problems:?}")
+        };
+        assert_eq!(first.to_string(), "a[1].b");
         assert!(msg.contains("NOPE"));
+        assert_eq!(second.to_string(), "d");
+        assert_eq!(v["c"].as_str(), Some("s3cret"));
     }
 }

@@ -1,4 +1,6 @@
 //! Config errors that say where: file, line and column, key path, and what was expected.
+//! One [`ConfigError`] holds every problem found in a file, so a fix-and-retry loop needs
+//! one run, not one per mistake.
 
 use std::fmt;
 use std::ops::Range;
@@ -7,10 +9,12 @@ use std::path::{Path, PathBuf};
 use toml_edit::{Item, TableLike, Value};
 
 /// A key path such as `middleware[2].rate`: how operators and error messages name a key.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Its indexes count from 0, as the file's arrays do; shown, they count from 1, as
+/// `gatehouse check` numbers the chain (`middleware[1]` is the first entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyPath(Vec<Segment>);
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Segment {
     Key(String),
     Index(usize),
@@ -31,6 +35,71 @@ impl KeyPath {
 
     pub fn pop(&mut self) {
         self.0.pop();
+    }
+
+    /// Whether `self` is `prefix` or lies below it.
+    pub fn starts_with(&self, prefix: &KeyPath) -> bool {
+        self.0.starts_with(&prefix.0)
+    }
+
+    /// The path of the table or array holding this key; `None` for the root.
+    pub fn parent(&self) -> Option<KeyPath> {
+        let (_, parent) = self.0.split_last()?;
+        Some(KeyPath(parent.to_vec()))
+    }
+
+    /// This path, taken in `value` after the array elements at `removed` were taken out,
+    /// as a path of the value before: every index moves past the removed elements.
+    pub(crate) fn before_removals(&self, removed: &[KeyPath]) -> KeyPath {
+        let mut out = KeyPath::default();
+        for seg in &self.0 {
+            match seg {
+                Segment::Key(_) => out.0.push(seg.clone()),
+                Segment::Index(i) => {
+                    let mut gone: Vec<usize> = removed
+                        .iter()
+                        .filter_map(|r| match r.0.split_last() {
+                            Some((Segment::Index(g), parent)) if parent == out.0 => Some(*g),
+                            _ => None,
+                        })
+                        .collect();
+                    gone.sort_unstable();
+                    let mut index = *i;
+                    for g in gone {
+                        if g <= index {
+                            index += 1;
+                        }
+                    }
+                    out.0.push(Segment::Index(index));
+                }
+            }
+        }
+        out
+    }
+
+    /// Takes the value at this path out of `value`; false when there is none.
+    pub(crate) fn remove_from(&self, value: &mut toml::Value) -> bool {
+        let Some((last, parent)) = self.0.split_last() else {
+            return false;
+        };
+        let mut node = value;
+        for seg in parent {
+            let next = match (seg, node) {
+                (Segment::Key(k), toml::Value::Table(t)) => t.get_mut(k),
+                (Segment::Index(i), toml::Value::Array(a)) => a.get_mut(*i),
+                _ => None,
+            };
+            let Some(next) = next else { return false };
+            node = next;
+        }
+        match (last, node) {
+            (Segment::Key(k), toml::Value::Table(t)) => t.remove(k).is_some(),
+            (Segment::Index(i), toml::Value::Array(a)) if *i < a.len() => {
+                a.remove(*i);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// `self` followed by `more`.
@@ -125,16 +194,21 @@ impl fmt::Display for KeyPath {
             match seg {
                 Segment::Key(k) if i == 0 => f.write_str(k)?,
                 Segment::Key(k) => write!(f, ".{k}")?,
-                Segment::Index(n) => write!(f, "[{n}]")?,
+                Segment::Index(n) => write!(f, "[{}]", n + 1)?,
             }
         }
         Ok(())
     }
 }
 
-/// Why a config file was refused, with enough context to fix it without guessing.
+/// Why a file was refused: every problem found in it, each with enough context to fix it
+/// without guessing. Never empty.
 #[derive(Debug)]
-pub struct ConfigError {
+pub struct ConfigError(Vec<Located>);
+
+/// One problem, placed in its file.
+#[derive(Debug)]
+struct Located {
     file: PathBuf,
     /// 1-based line and column, when the problem has a place in the file.
     position: Option<(usize, usize)>,
@@ -145,12 +219,12 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem with the file as a whole (cannot read it).
     pub fn file(file: &Path, message: impl Into<String>) -> Self {
-        ConfigError {
+        ConfigError(vec![Located {
             file: file.to_owned(),
             position: None,
             path: None,
             message: message.into(),
-        }
+        }])
     }
 
     /// A problem at a byte offset of the source, e.g. a TOML syntax error.
@@ -160,12 +234,12 @@ impl ConfigError {
         span: Option<Range<usize>>,
         message: impl Into<String>,
     ) -> Self {
-        ConfigError {
+        ConfigError(vec![Located {
             file: file.to_owned(),
             position: span.map(|s| line_col(source, s.start)),
             path: None,
             message: message.into(),
-        }
+        }])
     }
 
     /// A problem with one key, located in the parsed document.
@@ -176,26 +250,57 @@ impl ConfigError {
         path: KeyPath,
         message: impl Into<String>,
     ) -> Self {
-        let position = path.locate(doc).map(|s| line_col(source, s.start));
-        ConfigError {
-            file: file.to_owned(),
-            position,
-            path: Some(path),
-            message: message.into(),
-        }
+        Self::at_keys(file, source, doc, vec![(path, message.into())])
+    }
+
+    /// Problems with keys, located in the parsed document and sorted by their place in
+    /// the file. `problems` must not be empty.
+    pub fn at_keys(
+        file: &Path,
+        source: &str,
+        doc: &Item,
+        problems: Vec<(KeyPath, String)>,
+    ) -> Self {
+        debug_assert!(!problems.is_empty(), "an error has at least one problem");
+        let mut located: Vec<Located> = problems
+            .into_iter()
+            .map(|(path, message)| Located {
+                file: file.to_owned(),
+                position: path.locate(doc).map(|s| line_col(source, s.start)),
+                path: Some(path),
+                message,
+            })
+            .collect();
+        located.sort_by_key(|l| l.position);
+        ConfigError(located)
     }
 }
 
+/// One problem per line: `file:line:col: key.path: what was expected`.
 impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some((line, col)) = self.position {
             write!(f, ":{line}:{col}")?;
         }
-        match &self.path {
-            Some(path) if !path.0.is_empty() => write!(f, ": {path}: {}", self.message),
-            _ => write!(f, ": {}", self.message),
+        if let Some(path) = self.path.as_ref().filter(|p| !p.0.is_empty()) {
+            write!(f, ": {path}")?;
         }
+        // One line per problem, whatever the message (TOML syntax errors have two).
+        let lines: Vec<&str> = self.message.lines().map(str::trim).collect();
+        write!(f, ": {}", lines.join("; "))
     }
 }
 
@@ -224,7 +329,7 @@ mod tests {
         let err = ConfigError::at_key(Path::new("proxy.toml"), src, root, p, "bad rate");
         assert_eq!(
             err.to_string(),
-            "proxy.toml:9:1: middleware[1].rate: bad rate"
+            "proxy.toml:9:1: middleware[2].rate: bad rate"
         );
 
         let mut p = KeyPath::default();
@@ -234,7 +339,7 @@ mod tests {
         p.push_key("set");
         p.push_key("a");
         let err = ConfigError::at_key(Path::new("f"), src, root, p, "m");
-        assert_eq!(err.to_string(), "f:10:15: middleware[1].h.set.a: m");
+        assert_eq!(err.to_string(), "f:10:15: middleware[2].h.set.a: m");
 
         // A missing key points at its parent.
         let mut p = KeyPath::default();

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use http::Uri;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::config::value::{Duration, HeaderPairs};
@@ -37,24 +38,39 @@ pub struct Resource {
     pub attributes: Vec<(String, String)>,
 }
 
-/// `[tracing]` as written.
-#[derive(Debug, Deserialize)]
+/// `[tracing]`: OpenTelemetry spans over OTLP/HTTP. Spans are exported only when this
+/// table is present.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Tracing")]
 pub(crate) struct RawTracing {
+    /// The OTLP/HTTP base URL (`/v1/traces` is appended), e.g.
+    /// `"http://otel-collector:4318"`; defaults to `$OTEL_EXPORTER_OTLP_ENDPOINT`. Written
+    /// empty, nothing is exported: `"${OTEL_EXPORTER_OTLP_ENDPOINT:-}"` exports only where
+    /// the variable is set.
     endpoint: Option<String>,
+    /// `service.name`; defaults to `$OTEL_SERVICE_NAME`, else `gatehouse`.
     service_name: Option<String>,
+    /// The share of traces gatehouse starts that are recorded (0.0 to 1.0); a parent's
+    /// decision is always followed.
     #[serde(default = "default_sample_ratio")]
     sample_ratio: f64,
+    /// Sent with every export (e.g. `authorization`).
     #[serde(default)]
     headers: HeaderPairs,
+    /// Resource attributes, over `$OTEL_RESOURCE_ATTRIBUTES`.
     #[serde(default)]
     resource_attributes: BTreeMap<String, String>,
+    /// Requests whose spans may wait for export; beyond, their spans are dropped.
     #[serde(default = "default_queue_capacity")]
     queue_capacity: usize,
+    /// Spans per export.
     #[serde(default = "default_batch_size")]
     batch_size: usize,
+    /// The longest a span waits for its batch to fill.
     #[serde(default = "default_flush_interval")]
     flush_interval: Duration,
+    /// For one export attempt, connecting included.
     #[serde(default = "default_timeout")]
     timeout: Duration,
 }
@@ -81,35 +97,45 @@ pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl TracingConfig {
     /// Types and checks `[tracing]`, filling what it leaves out from the environment;
-    /// problems are located below `tracing`.
-    pub(crate) fn from_raw(raw: RawTracing, lookup: Lookup) -> Result<TracingConfig, Problem> {
+    /// problems are located below `tracing`. `None` when `endpoint` is written empty (as
+    /// `"${OTEL_EXPORTER_OTLP_ENDPOINT:-}"` is where the variable is unset): nothing is
+    /// exported.
+    pub(crate) fn from_raw(
+        raw: RawTracing,
+        lookup: Lookup,
+    ) -> Result<Option<TracingConfig>, Vec<Problem>> {
         let key = |name: &str| KeyPath::default().key(name);
-        let endpoint = match raw.endpoint {
-            Some(endpoint) => endpoint,
-            None => lookup("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .filter(|e| !e.is_empty())
-                .ok_or_else(|| {
-                    (
-                        key("endpoint"),
-                        "missing: set `endpoint` (e.g. \"http://otel-collector:4318\") or the environment variable OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
-                    )
-                })?,
+        let mut problems = Vec::new();
+        let endpoint = raw
+            .endpoint
+            .or_else(|| lookup("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|e| !e.is_empty()));
+        let url = match endpoint {
+            None => {
+                problems.push((
+                    key("endpoint"),
+                    "missing: set `endpoint` (e.g. \"http://otel-collector:4318\") or the environment variable OTEL_EXPORTER_OTLP_ENDPOINT; `endpoint = \"${OTEL_EXPORTER_OTLP_ENDPOINT:-}\"` exports only where it is set".to_owned(),
+                ));
+                None
+            }
+            Some(endpoint) if endpoint.is_empty() => None,
+            Some(endpoint) => signal_url(&endpoint, "traces")
+                .map_err(|m| problems.push((key("endpoint"), m)))
+                .ok(),
         };
-        let url = signal_url(&endpoint, "traces").map_err(|m| (key("endpoint"), m))?;
         if !(0.0..=1.0).contains(&raw.sample_ratio) {
-            return Err((
+            problems.push((
                 key("sample_ratio"),
                 format!("{}: expected 0.0 up to 1.0", raw.sample_ratio),
             ));
         }
         if !(1..=1 << 20).contains(&raw.queue_capacity) {
-            return Err((
+            problems.push((
                 key("queue_capacity"),
                 format!("{}: expected 1 up to 1048576", raw.queue_capacity),
             ));
         }
         if !(1..=65536).contains(&raw.batch_size) {
-            return Err((
+            problems.push((
                 key("batch_size"),
                 format!("{}: expected 1 up to 65536", raw.batch_size),
             ));
@@ -119,21 +145,25 @@ impl TracingConfig {
             ("timeout", raw.timeout),
         ] {
             if d.0.is_zero() {
-                return Err((key(name), "expected a duration above zero".into()));
+                problems.push((key(name), "expected a duration above zero".into()));
             }
         }
         let resource = resource(raw.service_name, raw.resource_attributes, lookup)
-            .map_err(|m| (key("resource_attributes"), m))?;
-        Ok(TracingConfig {
-            url,
-            sample_ratio: raw.sample_ratio,
-            headers: raw.headers,
-            resource,
-            queue_capacity: raw.queue_capacity,
-            batch_size: raw.batch_size,
-            flush_interval: raw.flush_interval,
-            timeout: raw.timeout,
-        })
+            .map_err(|m| problems.push((key("resource_attributes"), m)));
+        match (url, resource) {
+            _ if !problems.is_empty() => Err(problems),
+            (Some(url), Ok(resource)) => Ok(Some(TracingConfig {
+                url,
+                sample_ratio: raw.sample_ratio,
+                headers: raw.headers,
+                resource,
+                queue_capacity: raw.queue_capacity,
+                batch_size: raw.batch_size,
+                flush_interval: raw.flush_interval,
+                timeout: raw.timeout,
+            })),
+            _ => Ok(None),
+        }
     }
 }
 

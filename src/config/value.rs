@@ -2,6 +2,7 @@
 //! patterns. Each parses from its TOML string once, at load, so the request path only
 //! ever sees ready-made values, and each names what it expected when it refuses one.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +11,11 @@ use std::str::FromStr;
 
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::{self, Deserialize, Deserializer};
+use serde::{Serialize, Serializer};
+
+use super::schema;
 
 /// Implements `Deserialize` through `FromStr`, so every value type reports its own
 /// "expected ..." message and serde adds where in the file it was.
@@ -38,6 +43,107 @@ deserialize_from_str!(
     UpstreamUrl,
 );
 
+/// Writes each value type as the string it is read from, so a default shows in the
+/// schema as it would be written.
+macro_rules! serialize_as_text {
+    ($($ty:ty => $text:expr),* $(,)?) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let text: fn(&$ty) -> String = $text;
+                s.serialize_str(&text(self))
+            }
+        }
+    )*};
+}
+
+serialize_as_text!(
+    Duration => ToString::to_string,
+    ByteSize => ToString::to_string,
+    HeaderNameValue => |h| h.0.as_str().to_owned(),
+    Cidr => ToString::to_string,
+    HttpMethod => |m| m.0.as_str().to_owned(),
+    PathPattern => ToString::to_string,
+    ListenAddr => |a| a.0.to_string(),
+    UpstreamUrl => ToString::to_string,
+);
+
+/// The schema of each value type: a string, described, with the pattern it must match
+/// where one can say it (built from the same unit tables the parser reads).
+macro_rules! string_schema {
+    ($($ty:ty => $name:literal: $schema:expr),* $(,)?) => {$(
+        impl JsonSchema for $ty {
+            fn schema_name() -> Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                $schema
+            }
+        }
+    )*};
+}
+
+/// An HTTP token (RFC 9110 §5.6.2): what header names and methods are made of.
+const TOKEN: &str = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$";
+
+string_schema!(
+    Duration => "Duration": schema::pattern(
+        "A whole number with a unit ms, s, m or h, e.g. \"250ms\", \"5s\", \"1m\".",
+        &number_with_unit(DURATION_UNITS.map(|(unit, _)| unit)),
+    ),
+    ByteSize => "ByteSize": schema::pattern(
+        "A whole number with a unit B, KiB, MiB, GiB (or KB, MB, GB for 1000-based), e.g. \"64KiB\".",
+        &number_with_unit(SIZE_UNITS.map(|(unit, _)| unit)),
+    ),
+    Rate => "Rate": schema::pattern(
+        "A count per s, m or h, e.g. \"100/s\", \"6000/m\".",
+        &format!(
+            "^\\s*0*[1-9][0-9]*\\s*/\\s*({})\\s*$",
+            RATE_UNITS.map(|(unit, _)| unit).join("|")
+        ),
+    ),
+    HeaderNameValue => "HeaderName": schema::pattern("An HTTP header name, e.g. \"x-request-id\".", TOKEN),
+    HeaderText => "HeaderValue": schema::string("An HTTP header value: no control characters."),
+    Cidr => "Cidr": schema::string("A network such as \"10.0.0.0/8\" or \"::1/128\", or one address."),
+    HttpMethod => "HttpMethod": schema::pattern("An HTTP method such as \"GET\".", TOKEN),
+    PathPattern => "PathPattern": schema::pattern(
+        "A request path pattern: `*` matches within a segment, `**` anything below, e.g. \"/api/**\".",
+        "^/",
+    ),
+    ListenAddr => "ListenAddr": schema::string("IP:PORT, e.g. \"0.0.0.0:8080\"."),
+    UpstreamUrl => "UpstreamUrl": schema::pattern(
+        "\"http://HOST:PORT\" or \"unix:/path/to/socket\".",
+        "^(http://[^/]+/?|unix:/.*)$",
+    ),
+);
+
+/// `^\s*[0-9]+\s*(u1|u2)\s*$`: what [`split_number`] accepts with one of `units`.
+fn number_with_unit<const N: usize>(units: [&str; N]) -> String {
+    format!("^\\s*[0-9]+\\s*({})\\s*$", units.join("|"))
+}
+
+/// Duration units, in milliseconds.
+const DURATION_UNITS: [(&str, u64); 4] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000)];
+
+/// Size units, in bytes.
+const SIZE_UNITS: [(&str, u64); 8] = [
+    ("B", 1),
+    ("KiB", 1 << 10),
+    ("MiB", 1 << 20),
+    ("GiB", 1 << 30),
+    ("KB", 1_000),
+    ("kB", 1_000),
+    ("MB", 1_000_000),
+    ("GB", 1_000_000_000),
+];
+
+/// Rate units, in seconds.
+const RATE_UNITS: [(&str, u64); 3] = [("s", 1), ("m", 60), ("h", 3600)];
+
+/// The factor of `unit` in `units`.
+fn unit_factor(units: &[(&str, u64)], unit: &str) -> Option<u64> {
+    units.iter().find(|(u, _)| *u == unit).map(|&(_, f)| f)
+}
+
 /// A duration written as `"250ms"`, `"5s"`, `"1m"` or `"1h"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Duration(pub std::time::Duration);
@@ -49,13 +155,7 @@ impl FromStr for Duration {
             format!("invalid duration {s:?}: expected a whole number with a unit ms, s, m or h (e.g. \"250ms\", \"5s\", \"1m\")")
         };
         let (num, unit) = split_number(s.trim()).ok_or_else(expected)?;
-        let ms_per_unit: u64 = match unit {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            _ => return Err(expected()),
-        };
+        let ms_per_unit = unit_factor(&DURATION_UNITS, unit).ok_or_else(expected)?;
         let ms = num.checked_mul(ms_per_unit).ok_or_else(expected)?;
         Ok(Duration(std::time::Duration::from_millis(ms)))
     }
@@ -87,21 +187,12 @@ impl FromStr for ByteSize {
             format!("invalid size {s:?}: expected a whole number with a unit B, KiB, MiB or GiB (e.g. \"64KiB\", \"1MiB\")")
         };
         let (num, unit) = split_number(s.trim()).ok_or_else(expected)?;
-        let mult: u64 = match unit {
-            "" => {
-                return Err(format!(
-                    "invalid size {s:?}: expected a unit after the number, such as \"{num}B\" (bytes), \"{num}KiB\" or \"{num}MiB\""
-                ))
-            }
-            "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            _ => return Err(expected()),
-        };
+        if unit.is_empty() {
+            return Err(format!(
+                "invalid size {s:?}: expected a unit after the number, such as \"{num}B\" (bytes), \"{num}KiB\" or \"{num}MiB\""
+            ));
+        }
+        let mult = unit_factor(&SIZE_UNITS, unit).ok_or_else(expected)?;
         num.checked_mul(mult).map(ByteSize).ok_or_else(expected)
     }
 }
@@ -133,12 +224,7 @@ impl FromStr for Rate {
         };
         let (count, unit) = s.trim().split_once('/').ok_or_else(expected)?;
         let count: u64 = count.trim().parse().map_err(|_| expected())?;
-        let secs = match unit.trim() {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            _ => return Err(expected()),
-        };
+        let secs = unit_factor(&RATE_UNITS, unit.trim()).ok_or_else(expected)?;
         if count == 0 {
             return Err(expected());
         }
@@ -376,6 +462,30 @@ impl<'de> Deserialize<'de> for HeaderPairs {
     }
 }
 
+impl Serialize for HeaderPairs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            self.0
+                .iter()
+                .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes()))),
+        )
+    }
+}
+
+impl JsonSchema for HeaderPairs {
+    fn schema_name() -> Cow<'static, str> {
+        "HeaderPairs".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "description": "Header names to values, e.g. { \"x-env\" = \"prod\" }.",
+            "propertyNames": generator.subschema_for::<HeaderNameValue>(),
+            "additionalProperties": generator.subschema_for::<HeaderText>(),
+        })
+    }
+}
+
 /// What a file named in the config holds, parsed from the file's bytes.
 pub trait FileContent: Sized {
     fn parse(bytes: Vec<u8>) -> Result<Self, String>;
@@ -405,6 +515,17 @@ impl<'de, T: FileContent> Deserialize<'de> for ConfigFile<T> {
         let content =
             T::parse(bytes).map_err(|e| de::Error::custom(format!("{}: {e}", path.display())))?;
         Ok(ConfigFile { path, content })
+    }
+}
+
+impl<T> JsonSchema for ConfigFile<T> {
+    fn schema_name() -> Cow<'static, str> {
+        "FilePath".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        schema::string(
+            "The path of a file, read when the config is loaded (at start and on SIGHUP).",
+        )
     }
 }
 

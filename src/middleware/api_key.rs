@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{request, HeaderName, HeaderValue, Uri};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
@@ -14,13 +15,15 @@ use crate::chain::{Context, Flow, Middleware, Reason};
 use crate::config::value::{ConfigFile, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
-#[derive(Debug, Deserialize)]
+/// `api_key`: a key in a header or query parameter; `401` without a known one.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Header carrying the key; the default when `query` is not set.
     header: Option<HeaderNameValue>,
     /// Query parameter carrying the key, instead of a header.
     query: Option<String>,
+    /// The accepted keys; the id becomes the request's subject.
     #[serde(default)]
     keys: Vec<KeyEntry>,
     /// `id:key` lines, read at every (re)load of the config.
@@ -30,10 +33,12 @@ pub struct Settings {
     strip: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyEntry {
+    /// Who holds the key: logged and audited, never the key.
     id: String,
+    /// The key itself (use `${VAR}` to keep it out of the file).
     key: String,
 }
 

@@ -13,6 +13,7 @@ use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::{request, HeaderValue};
 use serde::de::{self, Deserializer};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::auth::{colon_entries, digest, unauthorized};
@@ -25,11 +26,14 @@ const CACHE_TTL: Duration = Duration::from_secs(60);
 /// The most remembered verifications; past it, expired ones are dropped, then all.
 const CACHE_MAX: usize = 10_000;
 
-#[derive(Debug, Deserialize)]
+/// `basic_auth`: HTTP Basic users with bcrypt or argon2id hashes; `401` otherwise.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The realm of the `www-authenticate` challenge.
     #[serde(default = "default_realm")]
     realm: String,
+    /// The accepted users.
     #[serde(default)]
     users: Vec<User>,
     /// `user:hash` lines, read at every (re)load of the config.
@@ -43,10 +47,14 @@ fn default_realm() -> String {
     "gatehouse".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct User {
+    /// The user name; it becomes the request's subject.
     user: String,
+    /// A bcrypt (`$2y$`, `$2b$`, `$2a$`) or argon2id (`$argon2id$`) hash, as
+    /// `htpasswd -nbB user password` prints; never a plaintext password.
+    #[schemars(with = "String")]
     password_hash: PasswordHash,
 }
 

@@ -5,15 +5,18 @@
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{request, StatusCode};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::ByteSize;
 use crate::protocol::h1::parse_length;
 
-#[derive(Debug, Deserialize)]
+/// `body_limit`: refuses request bodies over `max` with `413`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The largest request body, counted as it streams.
     #[serde(default = "default_max")]
     max: ByteSize,
 }

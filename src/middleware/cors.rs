@@ -16,28 +16,34 @@ use http::header::{
 };
 use http::{request, response, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::ext::Protocol;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, HeaderNameValue, HttpMethod};
 use crate::config::{KeyPath, Problem};
 
-#[derive(Debug, Deserialize)]
+/// `cors`: answers browsers' preflights and lets the allowed origins read responses.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Exact origins (`"https://app.example.com"`), subdomain wildcards
     /// (`"https://*.example.com"`), or `"*"` for any origin.
     allow_origins: Vec<String>,
+    /// Methods a page may use, answered in preflights.
     #[serde(default = "default_methods")]
     allow_methods: Vec<HttpMethod>,
     /// Request headers a browser may send. Unset (or `"*"`), a preflight from an allowed
     /// origin gets the headers it asks for: a fixed default list would break the first
     /// `content-type: application/json` call, or the first header a tracing SDK adds.
     allow_headers: Option<Vec<HeaderNameValue>>,
+    /// Response headers a page may read, besides the ones the chain's answers add.
     #[serde(default)]
     expose_headers: Vec<HeaderNameValue>,
+    /// Let pages send cookies and other credentials.
     #[serde(default)]
     allow_credentials: bool,
+    /// How long a browser may keep a preflight's answer.
     #[serde(default = "default_max_age")]
     max_age: Duration,
 }

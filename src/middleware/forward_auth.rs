@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, LOCATION, TE, WWW_AUTHENTICATE};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use serde::de::{self, Deserializer};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
@@ -42,10 +43,14 @@ static SET_HERE: [&HeaderName; 5] = [
 /// they describe the body it does not have, or (`host`) travel as `x-forwarded-host`.
 static NOT_SENT: [&HeaderName; 3] = [&CONTENT_LENGTH, &EXPECT, &HOST];
 
-#[derive(Debug, Deserialize)]
+/// `forward_auth`: asks an auth service about each request; a 2xx answer lets it through.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The auth service, `http://host[:port]/path`.
+    #[schemars(with = "String")]
     url: AuthUrl,
+    /// The longest the auth service may take.
     #[serde(default = "default_timeout")]
     timeout: Duration,
     /// Headers of a 2xx answer that are set on the upstream request.

@@ -2,29 +2,36 @@
 //! every response or an environment marker for the app.
 
 use http::{request, response, HeaderMap, HeaderName};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware};
 use crate::config::value::{HeaderNameValue, HeaderPairs};
 
-#[derive(Debug, Deserialize)]
+/// `headers`: set, add and remove request and response headers.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// Edits of the request, before the app sees it.
     #[serde(default)]
     request: Edits,
+    /// Edits of the response, before the client sees it.
     #[serde(default)]
     response: Edits,
 }
 
 /// Applied in the order remove, set, add: `set` replaces every value of a name, `add`
 /// appends one more, `remove` deletes every value.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Edits {
+    /// Replace every value of these headers.
     #[serde(default)]
     set: HeaderPairs,
+    /// Append one more value of these headers.
     #[serde(default)]
     add: HeaderPairs,
+    /// Delete every value of these headers.
     #[serde(default)]
     remove: Vec<HeaderNameValue>,
 }

@@ -2,13 +2,15 @@
 //! derived with `server.trusted_proxies`, so a client cannot pick it with a header.
 
 use http::{request, StatusCode};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::Cidr;
 use crate::config::{KeyPath, Problem};
 
-#[derive(Debug, Deserialize)]
+/// `ip_filter`: allow or deny by client address (after `server.trusted_proxies`).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// When not empty, only these networks pass.

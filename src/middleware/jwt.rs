@@ -25,6 +25,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use serde::de::{self, Deserializer};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::{watch, Notify};
@@ -46,26 +47,42 @@ const CACHE_TTL: u64 = 300;
 /// The largest `cache_size`, so a typo cannot let the cache grow to gigabytes.
 const CACHE_SIZE_MAX: usize = 1_000_000;
 
-#[derive(Debug, Deserialize)]
+/// `jwt`: a signed JWT in `authorization: Bearer` (or a cookie); `401` without a valid one.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The accepted algorithms: HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384,
+    /// PS512, ES256, ES384 or EdDSA.
+    #[schemars(with = "Vec<String>")]
     algorithms: Vec<Alg>,
+    /// The HMAC secret, for the HS algorithms (use `${VAR}`).
+    #[schemars(with = "Option<String>")]
     secret: Option<Secret>,
     // Boxed: the settings of every middleware type share one enum.
+    /// A PEM public key file.
     public_key_file: Option<Box<ConfigFile<Vec<u8>>>>,
+    /// A JWKS document file.
     jwks_file: Option<Box<ConfigFile<JwkSet>>>,
+    /// The issuer's JWKS, `http://host[:port]/path`, fetched again every `jwks_refresh`.
+    #[schemars(with = "Option<String>")]
     jwks_url: Option<Box<JwksUrl>>,
+    /// How often `jwks_url` is fetched again.
     #[serde(default = "default_refresh")]
     jwks_refresh: Duration,
+    /// The required `iss` claim.
     issuer: Option<String>,
+    /// The accepted `aud` values; empty: `aud` is not checked.
     #[serde(default)]
     audiences: Vec<String>,
+    /// The clock skew allowed for `exp` and `nbf`.
     #[serde(default = "default_leeway")]
     leeway: Duration,
     /// Read the token from this cookie when there is no `authorization: Bearer`.
     cookie: Option<String>,
+    /// Claims that must have exactly these values.
     #[serde(default)]
     require_claims: BTreeMap<String, String>,
+    /// Claims sent to the app, each as the named request header.
     #[serde(default)]
     forward_claims: BTreeMap<String, HeaderNameValue>,
     /// How many verified tokens to remember; 0 verifies every request.

@@ -8,9 +8,10 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{HeaderName, Method};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 
 use crate::chain::{Chain, Link, Middleware, Scope};
-use crate::config::{deserialize, Entries, KeyPath, MiddlewareEntry, Problem};
+use crate::config::{typed, Entries, MiddlewareEntry, Problem};
 use crate::metrics::Metrics;
 
 mod auth;
@@ -136,18 +137,17 @@ macro_rules! registry {
         impl Entries for Spec {
             const TYPES: &'static [&'static str] = &[$($name),*];
 
-            fn parse(kind: &str, settings: toml::Value) -> Result<Spec, Problem> {
+            fn parse(kind: &str, settings: toml::Value) -> Result<Spec, Vec<Problem>> {
                 let spec = match kind {
-                    $($name => Spec::$variant(deserialize(settings)?),)*
-                    other => {
-                        return Err((
-                            KeyPath::default().key("type"),
-                            format!("unknown middleware type {other:?}: expected one of {}", Self::TYPES.join(", ")),
-                        ))
-                    }
+                    $($name => Spec::$variant(typed(settings)?),)*
+                    other => unreachable!("the config checks the type {other:?} against TYPES"),
                 };
-                spec.settings().validate()?;
+                spec.settings().validate().map_err(|problem| vec![problem])?;
                 Ok(spec)
+            }
+
+            fn schemas(generator: &mut SchemaGenerator) -> Vec<(&'static str, Schema)> {
+                vec![$(($name, <$module::Settings as JsonSchema>::json_schema(generator)),)*]
             }
         }
 

@@ -2,14 +2,17 @@
 //! followed through the app's logs, gatehouse's responses and the audit event.
 
 use http::{request, response, HeaderName, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware};
 use crate::config::value::HeaderNameValue;
 
-#[derive(Debug, Deserialize)]
+/// `request_id`: gives every request an id, sent upstream and back.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The header carrying the id, to the app and back to the client.
     #[serde(default = "default_header")]
     header: HeaderNameValue,
     /// Keep an id the client (or an edge proxy) already set, when it is well-formed.

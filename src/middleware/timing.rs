@@ -8,18 +8,22 @@
 use std::time::{Duration, Instant};
 
 use http::{request, response, HeaderName, HeaderValue};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::chain::{Context, Flow, Middleware};
 use crate::config::value::HeaderNameValue;
 
-#[derive(Debug, Deserialize)]
+/// `timing`: how long gatehouse and the upstream took, in a response header.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The header the total time is written to.
     #[serde(default = "default_header")]
     header: HeaderNameValue,
     #[serde(default)]
     format: Format,
+    /// Also add `server-timing` with the upstream's and the proxy's shares.
     #[serde(default = "yes")]
     server_timing: bool,
 }
@@ -33,7 +37,7 @@ fn yes() -> bool {
 }
 
 /// How the header writes the duration.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Format {
     /// `6.445ms`

@@ -420,7 +420,7 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                 shared.tracer.clone(),
             );
             shared.proxy.store(Arc::new(proxy));
-            tracing::info!(file = %config.file.display(), "config reloaded");
+            tracing::info!(file = %config.file.display(), "config reloaded: {}", new.middleware.iter().map(|m| m.name.as_str()).chain(["proxy"]).collect::<Vec<_>>().join(" → "));
             Some(new)
         }
         Err(e) => {

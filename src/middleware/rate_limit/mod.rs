@@ -21,25 +21,32 @@ use std::time::Instant;
 use http::header::RETRY_AFTER;
 use http::{request, response, HeaderName, HeaderValue, StatusCode};
 use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{Duration, Rate};
 use crate::config::{KeyPath, Problem};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `rate_limit`: requests per key over time (GCRA), `429` beyond.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The sustained rate each key gets.
     rate: Rate,
     /// Requests allowed at once; defaults to the rate's per-second amount (at least 1).
     burst: Option<u64>,
+    /// What a request is counted under: "client_ip", "header:NAME", "subject" or "global".
     #[serde(default)]
+    #[schemars(with = "String")]
     key: KeySpec,
     #[serde(default)]
     backend: Backend,
+    /// `redis://host:port[/db]`, for `backend = "redis"`.
     redis_url: Option<String>,
     #[serde(default)]
     on_backend_error: OnBackendError,
+    /// The most keys the local backend holds; past it, idle keys are forgotten first.
     #[serde(default = "default_max_keys")]
     max_keys: usize,
     /// How long a Redis decision may take before `on_backend_error` applies.
@@ -132,15 +139,19 @@ enum KeyRef<'a> {
     Shared,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+/// Where the counts live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Backend {
+    /// In this process.
     #[default]
     Local,
+    /// In Redis, shared by every replica.
     Redis,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+/// What happens to a request while Redis fails or is slow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum OnBackendError {
     /// Fail open: the request passes unlimited while Redis is slow or gone.
