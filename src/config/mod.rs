@@ -221,7 +221,7 @@ pub enum Underscores {
 /// instead of twice, and a request costs about one context switch fewer. Alone on a core
 /// it changes nothing. `normal` lets gatehouse preempt the app as soon as bytes arrive,
 /// for the lowest latency next to an app that keeps its CPU busy.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduling {
     #[default]
