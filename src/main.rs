@@ -1,5 +1,5 @@
 //! The `gatehouse` command: `run` serves, `check` validates, `explain` shows what the chain
-//! does to one request, `test` runs policy tests.
+//! does to one request, `test` runs policy tests, `inject` adds gatehouse to Kubernetes YAML.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use gatehouse::explain::{self, cases, Target};
+use gatehouse::inject;
 use gatehouse::middleware::order;
 use gatehouse::Config;
 use http::{HeaderName, HeaderValue, Method};
@@ -32,6 +33,21 @@ enum Command {
     Explain(ExplainArgs),
     /// Run policy test cases (a TOML file of [[case]] tables) against the config, offline.
     Test(TestArgs),
+    /// Add gatehouse as a native sidecar to every workload in Kubernetes YAML.
+    #[command(long_about = inject::HELP)]
+    Inject(InjectArgs),
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The sidecar's image.
+    #[arg(long, value_name = "IMAGE", default_value = inject::DEFAULT_IMAGE)]
+    image: String,
+    /// The YAML to read; standard input when absent or '-'.
+    #[arg(value_name = "FILE|-")]
+    file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -95,6 +111,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Explain(args) => explain(args),
         Command::Test(args) => test(&args),
+        Command::Inject(args) => inject(&args),
         Command::Check(args) => match Config::load(&args.config) {
             Ok(config) => {
                 print!("{}", describe(&config));
@@ -147,6 +164,18 @@ fn explain(args: ExplainArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(START_FAILED, &format!("cannot run the chain: {e}")),
+    }
+}
+
+/// `inject`: the YAML on stdout, or nothing and the error.
+fn inject(args: &InjectArgs) -> ExitCode {
+    match inject::run(&args.config.config, &args.image, args.file.as_deref()) {
+        Ok(yaml) => match std::io::Write::write_all(&mut std::io::stdout(), yaml.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(START_FAILED, &format!("cannot write the output: {e}")),
+        },
+        Err(inject::Error::Config(e)) => fail(INVALID_CONFIG, &e),
+        Err(inject::Error::Input(e)) => fail(START_FAILED, &e),
     }
 }
 
