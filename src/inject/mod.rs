@@ -466,19 +466,15 @@ fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<Node, Str
             app: plan.app.number,
         },
     )?;
-    let mut metadata = Node::map([
-        ("name", Node::str(name)),
-        (
-            "labels",
-            Node::map([(
-                "app.kubernetes.io/managed-by",
-                Node::str("gatehouse-inject"),
-            )]),
-        ),
-    ]);
+    let mut metadata = Node::map([("name", Node::str(name))]);
     if let Some(ns) = &w.namespace {
         metadata.set("namespace", Node::str(ns));
     }
+    let managed = (
+        "app.kubernetes.io/managed-by",
+        Node::str("gatehouse-inject"),
+    );
+    metadata.set("labels", Node::map([managed]));
     Ok(Node::map([
         ("apiVersion", Node::str("v1")),
         ("kind", Node::str("ConfigMap")),
