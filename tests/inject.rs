@@ -347,6 +347,13 @@ fn every_workload_is_injected_validated_and_routed_through_gatehouse() {
                 Some(format!("http://127.0.0.1:{app}").as_str()),
                 "{workload}"
             );
+            // A gRPC app (its port has a gRPC probe) is spoken to over h2c.
+            let grpc = *workload == "deployment/catalog";
+            assert_eq!(
+                config["upstream"].get("protocol").and_then(|p| p.as_str()),
+                grpc.then_some("h2c"),
+                "{workload}"
+            );
             assert_eq!(
                 toml_port(&config, "server"),
                 gatehouse_port(pod, "gatehouse")

@@ -5,7 +5,7 @@
 //! * each Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and Pod gets the
 //!   sidecar (see [`pod`]) in front of its app container's port, and a ConfigMap before it
 //!   with its own copy of the config, whose addresses are set for the pod (see
-//!   [`proxy_toml`]);
+//!   [`proxy_toml`]; an app whose port has a gRPC probe is spoken to over h2c);
 //! * a Service in the input that selects an injected pod template and targets the app's
 //!   port (by number or by name) targets gatehouse's instead;
 //! * the app's probes stay as they are, straight to the app's port;
@@ -51,6 +51,9 @@ Annotations on a workload or its pod template:
   gatehouse.io/app-port: NAME|NUMBER  its port (when it has several)
   gatehouse.io/port: NUMBER           gatehouse's port (default 8080, or the next free one)
   gatehouse.io/admin-port: NUMBER     its admin port: probes, metrics (default 9901, or next)
+  gatehouse.io/upstream-protocol: h2c|http1
+                                      what the app speaks (h2c when its port has a gRPC probe;
+                                      else the config's upstream.protocol)
 
 Exit status: 0, 2 when the config is invalid, 1 when the YAML cannot be read or injected.";
 
@@ -458,12 +461,13 @@ fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<Node, Str
     let text = proxy_toml::for_pod(
         settings.config,
         &settings.config_file,
-        &proxy_toml::Addresses {
+        &proxy_toml::ForPod {
             listen_ip: settings.listen_ip,
             admin_ip: settings.admin_ip,
             port: plan.port,
             admin: plan.admin,
             app: plan.app.number,
+            protocol: plan.protocol,
         },
     )?;
     let mut metadata = Node::map([("name", Node::str(name))]);

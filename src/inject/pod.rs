@@ -12,6 +12,7 @@ pub const CONTAINER: &str = "gatehouse.io/container";
 pub const APP_PORT: &str = "gatehouse.io/app-port";
 pub const PORT: &str = "gatehouse.io/port";
 pub const ADMIN_PORT: &str = "gatehouse.io/admin-port";
+pub const PROTOCOL: &str = "gatehouse.io/upstream-protocol";
 /// Set on the pod template of every injected workload.
 pub const INJECTED: &str = "gatehouse.io/injected";
 
@@ -46,6 +47,9 @@ pub struct AppPort {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub app: AppPort,
+    /// `upstream.protocol` for this pod: the annotation's, or `h2c` when the app's port
+    /// has a gRPC probe (it speaks HTTP/2); `None` keeps the config's.
+    pub protocol: Option<&'static str>,
     pub port: u16,
     pub admin: u16,
     pub grace: i64,
@@ -103,6 +107,20 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
     }
 
     let app = app_port(containers, annotation(CONTAINER), annotation(APP_PORT))?;
+    let protocol = match annotation(PROTOCOL) {
+        Some("h2c") => Some("h2c"),
+        Some("http1") => Some("http1"),
+        Some(other) => {
+            return Err(format!(
+                "annotation {PROTOCOL}: {other:?}: expected \"http1\" or \"h2c\""
+            ))
+        }
+        None => containers
+            .iter()
+            .find(|c| name(c) == Some(app.container.as_str()))
+            .filter(|c| grpc_probe(c, app.number))
+            .map(|_| "h2c"),
+    };
     let mut used: BTreeSet<u16> = all().flat_map(|c| ports(c, false)).map(|p| p.1).collect();
     used.insert(app.number);
     let port = choose_port(annotation(PORT), PORT, DEFAULT_PORT, &used)?;
@@ -139,10 +157,19 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
     let grace = current.max(sidecar.drain) + sidecar.drain + GRACE_MARGIN;
     Ok(Outcome::Inject(Plan {
         app,
+        protocol,
         port,
         admin,
         grace,
     }))
+}
+
+/// Whether a probe of `container` asks gRPC health on `port`.
+fn grpc_probe(container: &Node, port: u16) -> bool {
+    ["readinessProbe", "livenessProbe", "startupProbe"]
+        .iter()
+        .filter_map(|p| container.at(&[p, "grpc", "port"]))
+        .any(|p| p.as_int() == Some(port.into()))
 }
 
 fn name(node: &Node) -> Option<&str> {
@@ -447,6 +474,7 @@ mod tests {
         );
         // 8080 is the app's: gatehouse takes the next free port.
         assert_eq!((p.port, p.admin), (8081, 9901));
+        assert_eq!(p.protocol, None);
         // 30s default for the app, then gatehouse's 25s drain and the margin.
         assert_eq!(p.grace, 30 + 25 + 10);
     }
@@ -477,6 +505,24 @@ mod tests {
         let several = "spec:\n  containers:\n    - {name: a, ports: [{name: x, containerPort: 1}, {containerPort: 2}]}\n";
         let e = plan_of(several).unwrap_err();
         assert!(e.contains("x (1), 2") && e.contains(APP_PORT), "{e}");
+    }
+
+    #[test]
+    fn a_grpc_probe_or_the_annotation_chooses_h2c() {
+        let grpc = "spec:\n  containers:\n    - name: s\n      ports: [{containerPort: 50051}]\n      readinessProbe: {grpc: {port: 50051}}\n";
+        let Outcome::Inject(p) = plan_of(grpc).unwrap() else {
+            panic!("not injected")
+        };
+        assert_eq!(p.protocol, Some("h2c"));
+        let annotated = format!("metadata:\n  annotations: {{{PROTOCOL}: http1}}\n{grpc}");
+        let Outcome::Inject(p) = plan_of(&annotated).unwrap() else {
+            panic!("not injected")
+        };
+        assert_eq!(p.protocol, Some("http1"));
+        let bad = annotated.replace("http1", "h3");
+        assert!(plan_of(&bad)
+            .unwrap_err()
+            .contains("expected \"http1\" or \"h2c\""));
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Each injected pod's copy of the user's `proxy.toml`: the same file, comments and all,
-//! with the three addresses only the pod can know set for it.
+//! with the addresses only the pod can know set for it (and the upstream's protocol, when
+//! the pod says which).
 
 use std::net::{IpAddr, SocketAddr};
 
 use toml_edit::{DocumentMut, Item, Table, Value};
 
-/// The addresses of one pod's gatehouse.
-pub struct Addresses {
+/// What one pod's gatehouse needs set.
+pub struct ForPod<'a> {
     /// The IP both listeners bind: the user's when it is a wildcard, else all IPv4
     /// interfaces (the Service and the kubelet reach the pod IP).
     pub listen_ip: IpAddr,
@@ -15,11 +16,13 @@ pub struct Addresses {
     pub admin: u16,
     /// The app's port, on loopback.
     pub app: u16,
+    /// `upstream.protocol`, when the pod says what its app speaks.
+    pub protocol: Option<&'a str>,
 }
 
-/// `source` with `server.listen`, `admin.listen` and `upstream.url` set (`[admin]` added
-/// when absent) and a header saying so; `file` names the original in the header.
-pub fn for_pod(source: &str, file: &str, a: &Addresses) -> Result<String, String> {
+/// `source` with `server.listen`, `admin.listen`, `upstream.url` (and `upstream.protocol`)
+/// set, `[admin]` added when absent, and a header saying so; `file` names the original.
+pub fn for_pod(source: &str, file: &str, a: &ForPod) -> Result<String, String> {
     let mut doc: DocumentMut = source
         .parse()
         .map_err(|e| format!("{file}: cannot edit the config: {e}"))?;
@@ -45,9 +48,18 @@ pub fn for_pod(source: &str, file: &str, a: &Addresses) -> Result<String, String
         format!("http://127.0.0.1:{}", a.app),
         " # set by gatehouse inject: the app's port, on loopback",
     )?;
+    if let Some(protocol) = a.protocol {
+        set(
+            &mut doc,
+            "upstream",
+            "protocol",
+            protocol.to_owned(),
+            " # set by gatehouse inject: what the app speaks",
+        )?;
+    }
     Ok(format!(
         "# This pod's copy of {file}, written by `gatehouse inject`: server.listen, admin.listen\n\
-         # and upstream.url are set for the pod; the rest is the file as it was.\n{doc}"
+         # and upstream.url (and protocol) are set for the pod; the rest is as it was.\n{doc}"
     ))
 }
 
@@ -89,12 +101,13 @@ mod tests {
     use crate::Config;
     use std::path::Path;
 
-    const ADDR: Addresses = Addresses {
+    const ADDR: ForPod = ForPod {
         listen_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         admin_ip: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         port: 8081,
         admin: 9901,
         app: 3000,
+        protocol: None,
     };
 
     #[test]
@@ -123,10 +136,15 @@ mod tests {
     #[test]
     fn inline_tables_are_edited_in_place() {
         let source = "server = { listen = \"0.0.0.0:1\" }\nupstream = { url = \"http://127.0.0.1:2\" }\nadmin = { listen = \"0.0.0.0:3\", upstream_check = \"2s\" }\n";
-        let out = for_pod(source, "p.toml", &ADDR).unwrap();
+        let h2c = ForPod {
+            protocol: Some("h2c"),
+            ..ADDR
+        };
+        let out = for_pod(source, "p.toml", &h2c).unwrap();
         let config = Config::parse(Path::new("p.toml"), &out, &|_| None).unwrap();
         assert_eq!(config.server.listen.0.port(), 8081);
         assert_eq!(config.upstream.url.to_string(), "http://127.0.0.1:3000");
+        assert_eq!(config.upstream.protocol.to_string(), "h2c");
         let admin = config.admin.unwrap();
         assert_eq!(admin.listen.0.port(), 9901);
         assert!(admin.upstream_check.is_some());
