@@ -170,10 +170,15 @@ fn explain(args: ExplainArgs) -> ExitCode {
 /// `inject`: the YAML on stdout, or nothing and the error.
 fn inject(args: &InjectArgs) -> ExitCode {
     match inject::run(&args.config.config, &args.image, args.file.as_deref()) {
-        Ok(yaml) => match std::io::Write::write_all(&mut std::io::stdout(), yaml.as_bytes()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(START_FAILED, &format!("cannot write the output: {e}")),
-        },
+        Ok(out) => {
+            for note in &out.notes {
+                eprintln!("gatehouse: note: {note}");
+            }
+            match std::io::Write::write_all(&mut std::io::stdout(), out.yaml.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(START_FAILED, &format!("cannot write the output: {e}")),
+            }
+        }
         Err(inject::Error::Config(e)) => fail(INVALID_CONFIG, &e),
         Err(inject::Error::Input(e)) => fail(START_FAILED, &e),
     }

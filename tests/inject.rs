@@ -616,3 +616,32 @@ fn an_invalid_config_exits_2_with_the_loaders_message() {
         out.stderr
     );
 }
+
+/// A `${VAR}` the config needs in the pod is the user's to provide: inject says so.
+#[test]
+fn variables_the_sidecar_needs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"${APP_URL:-http://127.0.0.1:1}\"\n[[middleware]]\ntype = \"api_key\"\nheader = \"x-api-key\"\nkeys = [{ id = \"k\", key = \"${API_KEY}\" }]\n").unwrap();
+    let input = fixture("jobs.yaml");
+    let args = [
+        "inject",
+        "--config",
+        config.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ];
+    let out = cli(&args, &[("API_KEY", "set-where-inject-runs")], None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("reads ${API_KEY} with no default: give the gatehouse containers API_KEY")
+            && !out.stderr.contains("APP_URL"),
+        "{}",
+        out.stderr
+    );
+    // The copies keep the reference, never the value.
+    assert!(
+        out.stdout.contains("key = \"${API_KEY}\"")
+            && !out.stdout.contains("set-where-inject-runs")
+    );
+}

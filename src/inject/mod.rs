@@ -66,9 +66,15 @@ pub enum Error {
     Input(String),
 }
 
+/// What inject wrote, and what the user must still do by hand.
+pub struct Injected {
+    pub yaml: String,
+    pub notes: Vec<String>,
+}
+
 /// Reads the config and the YAML (`input`, or stdin when `None` or `-`) and returns the
 /// injected YAML.
-pub fn run(config_path: &Path, image: &str, input: Option<&Path>) -> Result<String, Error> {
+pub fn run(config_path: &Path, image: &str, input: Option<&Path>) -> Result<Injected, Error> {
     let source = std::fs::read_to_string(config_path).map_err(|e| {
         Error::Config(ConfigError::file(
             config_path,
@@ -121,11 +127,22 @@ pub fn run(config_path: &Path, image: &str, input: Option<&Path>) -> Result<Stri
                 wildcard(a.listen.0.ip())
             }),
     };
-    inject(&name, &stream, &settings).map_err(Error::Input)
+    let yaml = inject(&name, &stream, &settings).map_err(Error::Input)?;
+    let notes = proxy_toml::required_env(&source)
+        .into_iter()
+        .map(|var| {
+            format!(
+                "{} reads ${{{var}}} with no default: give the gatehouse containers {var} \
+                 (env or envFrom, from a Secret say), or they will not start",
+                config_path.display()
+            )
+        })
+        .collect();
+    Ok(Injected { yaml, notes })
 }
 
 /// What every injected workload shares.
-pub struct Settings<'a> {
+struct Settings<'a> {
     sidecar: Sidecar<'a>,
     /// The config's text, and its file's name for the copies' header.
     config: &'a str,
@@ -170,7 +187,7 @@ impl Workload {
 }
 
 /// Injects every workload of `stream` (read from `name`, for messages).
-pub fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, String> {
+fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, String> {
     let mut docs = Vec::new();
     let mut problems = Vec::new();
     for segment in yaml::split(stream) {
@@ -195,7 +212,10 @@ pub fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, S
         let d = &docs[loc.doc];
         let node = object(&docs, loc);
         format!("{name}:{}: document {}", node.line.max(1), d.number)
-            + &loc.item.map(|i| format!(", item {i}")).unwrap_or_default()
+            + &loc
+                .item
+                .map(|i| format!(", items[{i}]"))
+                .unwrap_or_default()
     };
 
     let mut workloads = Vec::new();
@@ -272,10 +292,7 @@ pub fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, S
         let template = object_mut(&mut docs, w.loc)
             .at_mut(w.path)
             .expect("planned from this template");
-        let configmap = configmaps[&w.loc]
-            .at(&["metadata", "name"])
-            .and_then(Node::as_str);
-        pod::apply(template, plan, &settings.sidecar, configmap.expect("named"))
+        pod::apply(template, plan, &settings.sidecar, &configmap_name(w))
             .map_err(|e| format!("{}: {}: {e}", w.at, w.id()))?;
         docs[w.loc.doc].changed = true;
     }
@@ -450,9 +467,15 @@ fn retarget(service: &Node, workloads: &[Workload]) -> Result<Vec<(usize, Node)>
     Ok(edits)
 }
 
+/// One per workload: each pod's copy differs, and a later inject of other workloads into
+/// the same namespace must not replace it.
+fn configmap_name(w: &Workload) -> String {
+    format!("gatehouse-{}-{}", w.kind.to_lowercase(), w.name)
+}
+
 /// The ConfigMap holding a workload's copy of the config.
 fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<Node, String> {
-    let name = format!("gatehouse-{}-{}", w.kind.to_lowercase(), w.name);
+    let name = configmap_name(w);
     if name.len() > 253 {
         return Err(format!(
             "its ConfigMap's name {name:?} would be longer than Kubernetes allows (253)"

@@ -63,6 +63,42 @@ pub fn for_pod(source: &str, file: &str, a: &ForPod) -> Result<String, String> {
     ))
 }
 
+/// The variables the config reads as `${VAR}` with no default, in order: gatehouse in the
+/// pod needs them in its environment, which inject has no way to fill (they are often
+/// secrets).
+pub fn required_env(source: &str) -> Vec<String> {
+    fn walk(value: &toml::Value, out: &mut Vec<String>) {
+        match value {
+            toml::Value::String(s) => {
+                let mut rest = s.as_str();
+                while let Some(at) = rest.find('$') {
+                    rest = &rest[at..];
+                    if let Some(after) = rest.strip_prefix("$${") {
+                        rest = after;
+                    } else if let Some((inner, after)) =
+                        rest.strip_prefix("${").and_then(|r| r.split_once('}'))
+                    {
+                        if !inner.contains(":-") && !out.iter().any(|n| n == inner) {
+                            out.push(inner.to_owned());
+                        }
+                        rest = after;
+                    } else {
+                        rest = &rest[1..];
+                    }
+                }
+            }
+            toml::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            toml::Value::Table(table) => table.values().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(value) = source.parse::<toml::Value>() {
+        walk(&value, &mut out);
+    }
+    out
+}
+
 fn set(
     doc: &mut DocumentMut,
     table: &str,
@@ -131,6 +167,12 @@ mod tests {
         assert_eq!(config.upstream.timeout.to_string(), "9s");
         assert_eq!(config.admin.unwrap().listen.0.port(), 9901);
         assert_eq!(config.middleware.len(), 1);
+    }
+
+    #[test]
+    fn finds_the_variables_without_a_default() {
+        let source = "# ${NOT_IN_A_COMMENT}\n[a]\nk = \"${KEY}\"\nd = \"${HAS:-x}\"\ne = \"$${ESCAPED} $5\"\nlist = [{ v = \"${KEY}-${OTHER}\" }]\n";
+        assert_eq!(required_env(source), ["KEY", "OTHER"]);
     }
 
     #[test]
