@@ -335,6 +335,10 @@ impl Builder {
         match &mut frame.node.value {
             Value::Seq(items) => items.push(node),
             Value::Map(entries) => match frame.key.take() {
+                None if !matches!(node.value, Value::Scalar(_)) => self.fail(
+                    mark,
+                    "a mapping or list as a key: not supported here".into(),
+                ),
                 None => frame.key = Some(node),
                 Some(key) if key.tag.is_none() && key.value == plain("<<") => {
                     frame.merges.push(node)
@@ -715,6 +719,12 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.message.contains("aliases expand"), "{e:?}");
+        let complex = parse(&Segment {
+            text: "? [a, b]\n: 1\n",
+            first_line: 1,
+        })
+        .unwrap_err();
+        assert!(complex.message.contains("as a key"), "{complex:?}");
         assert!(parse(&Segment {
             text: "# only a comment\n",
             first_line: 1
