@@ -339,6 +339,18 @@ fn every_workload_is_injected_validated_and_routed_through_gatehouse() {
             assert_eq!(sc["allowPrivilegeEscalation"], false);
             assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
             assert_eq!(sidecar["resources"]["limits"]["memory"], "128Mi");
+            for (probe, path) in [
+                ("startupProbe", "/healthz"),
+                ("readinessProbe", "/readyz"),
+                ("livenessProbe", "/healthz"),
+            ] {
+                let get = &sidecar[probe]["httpGet"];
+                assert_eq!(
+                    (&get["path"], &get["port"]),
+                    (&Value::from(path), &Value::from("gatehouse-admin")),
+                    "{workload} {probe}"
+                );
+            }
 
             let (cm, config) = pod_config(pod, &by_name);
             assert_eq!(cm["metadata"]["namespace"], obj["metadata"]["namespace"]);

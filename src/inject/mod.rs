@@ -48,7 +48,7 @@ byte; a workload already injected is left as it is.
 Annotations on a workload or its pod template:
   gatehouse.io/inject: \"false\"        leave it out
   gatehouse.io/container: NAME        the container gatehouse fronts (when several have ports)
-  gatehouse.io/app-port: NAME|NUMBER  its port (when it has several)
+  gatehouse.io/app-port: NAME|NUMBER  its port (when it has several and none is named http)
   gatehouse.io/port: NUMBER           gatehouse's port (default 8080, or the next free one)
   gatehouse.io/admin-port: NUMBER     its admin port: probes, metrics (default 9901, or next)
   gatehouse.io/upstream-protocol: h2c|http1

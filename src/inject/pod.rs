@@ -200,7 +200,7 @@ fn describe_ports(list: &[(Option<&str>, u16)]) -> String {
 }
 
 /// The container and port gatehouse fronts: the ones the annotations name, else the only
-/// container with a TCP port and its only one.
+/// container with a TCP port, and its only one or the one named `http`.
 fn app_port(
     containers: &[Node],
     container: Option<&str>,
@@ -268,13 +268,19 @@ fn app_port(
                      fronts with the annotation {APP_PORT}: <number>"
                 ))
             }
-            several => {
-                return Err(format!(
-                    "container {container} declares several ports ({}): name the one gatehouse \
-                     fronts with the annotation {APP_PORT}: <name or number>",
-                    describe_ports(several)
-                ))
-            }
+            // The conventional name of a container's HTTP port, when it has others
+            // (metrics, debug) beside it.
+            several => match several.iter().find(|p| p.0 == Some("http")) {
+                Some(http) => *http,
+                None => {
+                    return Err(format!(
+                        "container {container} declares several ports ({}) and none is named \
+                         http: name the one gatehouse fronts with the annotation {APP_PORT}: \
+                         <name or number>",
+                        describe_ports(several)
+                    ))
+                }
+            },
         },
     };
     Ok(AppPort {
@@ -387,7 +393,9 @@ fn container(plan: &Plan, sidecar: &Sidecar) -> Node {
             ]),
         ),
         // The app container starts once this succeeds, so it never runs without its proxy.
-        ("startupProbe", probe("/readyz", 1, None, 30)),
+        // /healthz, not /readyz: with `[admin] upstream_check` /readyz waits for the app,
+        // which waits for this. gatehouse binds its public port before the admin port.
+        ("startupProbe", probe("/healthz", 1, None, 30)),
         ("livenessProbe", probe("/healthz", 10, Some(2), 3)),
         // Out of the Service as soon as gatehouse starts draining.
         ("readinessProbe", probe("/readyz", 5, Some(2), 1)),
@@ -505,6 +513,13 @@ mod tests {
         let several = "spec:\n  containers:\n    - {name: a, ports: [{name: x, containerPort: 1}, {containerPort: 2}]}\n";
         let e = plan_of(several).unwrap_err();
         assert!(e.contains("x (1), 2") && e.contains(APP_PORT), "{e}");
+        let Outcome::Inject(p) =
+            plan_of(&several.replace("{containerPort: 2}", "{name: http, containerPort: 2}"))
+                .unwrap()
+        else {
+            panic!("not injected")
+        };
+        assert_eq!(p.app.number, 2);
     }
 
     #[test]
