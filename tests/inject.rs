@@ -56,7 +56,7 @@ const CASES: &[Case] = &[
             ("deployment/cart", 7070),
             ("deployment/checkout", 3000),
         ],
-        untouched: &["deployment/backoffice"],
+        untouched: &["deployment/backoffice", "deployment/order-worker"],
         routes: &[
             (
                 "storefront",
@@ -485,14 +485,22 @@ fn documents_it_does_not_change_are_written_back_byte_for_byte() {
     let mut kept = 0;
     for doc in input.split("\n---\n") {
         let workload = doc.contains("kind: Deployment") || doc.contains("kind: Service");
-        if !workload || doc.contains("gatehouse.io/inject: \"false\"") {
+        let left_alone =
+            doc.contains("gatehouse.io/inject: \"false\"") || doc.contains("name: order-worker");
+        if !workload || left_alone {
             assert!(out.stdout.contains(doc), "not kept as it was:\n{doc}");
             kept += 1;
         }
     }
     assert_eq!(
-        kept, 3,
-        "the header, the settings ConfigMap and the opted-out Deployment"
+        kept, 4,
+        "the header, the settings ConfigMap, the opted-out and the portless Deployment"
+    );
+    assert!(
+        out.stderr
+            .contains("deployment/order-worker: left as it is: no container declares a port"),
+        "{}",
+        out.stderr
     );
     // A changed document keeps its comments before its content.
     assert!(out.stdout.contains(
@@ -582,6 +590,20 @@ fn two_app_containers_need_the_annotation() {
     let (code, stderr, stdout, _dir) = inject_text(&annotated);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("url = \"http://127.0.0.1:81\""), "{stdout}");
+}
+
+#[test]
+fn a_service_selecting_a_pod_without_ports_needs_the_annotation() {
+    let portless = WEB.replace(", ports: [{containerPort: 80}]", "");
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80}]\n";
+    let (code, stderr, _, _dir) = inject_text(&format!("{portless}---\n{service}"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "service/web selects deployment/web, none of whose containers declares a port"
+        ) && stderr.contains("gatehouse.io/app-port: <number>"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -67,6 +67,7 @@ pub enum Error {
 }
 
 /// What inject wrote, and what the user must still do by hand.
+#[derive(Debug)]
 pub struct Injected {
     pub yaml: String,
     pub notes: Vec<String>,
@@ -127,18 +128,16 @@ pub fn run(config_path: &Path, image: &str, input: Option<&Path>) -> Result<Inje
                 wildcard(a.listen.0.ip())
             }),
     };
-    let yaml = inject(&name, &stream, &settings).map_err(Error::Input)?;
-    let notes = proxy_toml::required_env(&source)
-        .into_iter()
-        .map(|var| {
+    let mut out = inject(&name, &stream, &settings).map_err(Error::Input)?;
+    out.notes
+        .extend(proxy_toml::required_env(&source).into_iter().map(|var| {
             format!(
                 "{} reads ${{{var}}} with no default: give the gatehouse containers {var} \
                  (env or envFrom, from a Secret say), or they will not start",
                 config_path.display()
             )
-        })
-        .collect();
-    Ok(Injected { yaml, notes })
+        }));
+    Ok(out)
 }
 
 /// What every injected workload shares.
@@ -187,7 +186,7 @@ impl Workload {
 }
 
 /// Injects every workload of `stream` (read from `name`, for messages).
-fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, String> {
+fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, String> {
     let mut docs = Vec::new();
     let mut problems = Vec::new();
     for segment in yaml::split(stream) {
@@ -284,6 +283,20 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, Strin
         }
     }
     check(&problems)?;
+    // The ones a Service selects were refused above: the rest serve nothing.
+    let notes = workloads
+        .iter()
+        .filter(|w| w.outcome == Outcome::NoPort)
+        .map(|w| {
+            format!(
+                "{}: {}: left as it is: no container declares a port (a worker?); to put \
+                 gatehouse in front of one, annotate its pod template with {}: <number>",
+                w.at,
+                w.id(),
+                pod::APP_PORT
+            )
+        })
+        .collect();
 
     for w in &workloads {
         let Outcome::Inject(plan) = &w.outcome else {
@@ -305,7 +318,10 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<String, Strin
         port.set("targetPort", target);
         docs[loc.doc].changed = true;
     }
-    Ok(render(docs, configmaps))
+    Ok(Injected {
+        yaml: render(docs, configmaps),
+        notes,
+    })
 }
 
 fn check(problems: &[String]) -> Result<(), String> {
@@ -407,6 +423,17 @@ fn retarget(service: &Node, workloads: &[Workload]) -> Result<Vec<(usize, Node)>
         })
         .filter(|w| selector.iter().all(|pair| w.labels.contains(pair)))
         .collect();
+    if let Some(w) = selected.iter().find(|w| w.outcome == Outcome::NoPort) {
+        return Err(format!(
+            "service/{name} selects {}, none of whose containers declares a port: name the one \
+             gatehouse fronts with the annotation {}: <number> on its pod template (and {}: \
+             <name> if it has several containers), or opt it out with {}: \"false\"",
+            w.id(),
+            pod::APP_PORT,
+            pod::CONTAINER,
+            pod::INJECT
+        ));
+    }
     let ports = service.at(&["spec", "ports"]).map_or(&[][..], Node::as_seq);
     let mut edits = Vec::new();
     for (i, port) in ports.iter().enumerate() {
@@ -603,20 +630,20 @@ mod tests {
 
     #[test]
     fn injects_retargets_and_keeps_what_it_does_not_touch() {
-        let out = inject("in.yaml", APP, &settings()).unwrap();
+        let out = inject("in.yaml", APP, &settings()).unwrap().yaml;
         assert!(out.starts_with("# the web tier\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: gatehouse-deployment-web\n"), "{out}");
         assert!(out.contains("---\n# untouched\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: other}   # keep me\n"), "{out}");
         assert!(out.contains("# end of web\n"), "{out}");
         assert!(out.contains("    - name: a\n      port: 80\n      targetPort: gatehouse\n    - name: b\n      port: 3000\n      targetPort: 8080\n    - name: c\n      port: 81\n      targetPort: 9999\n"), "{out}");
         assert!(out.contains("url = \"http://127.0.0.1:3000\""), "{out}");
         // Injected output is left as it is.
-        assert_eq!(inject("out.yaml", &out, &settings()).unwrap(), out);
+        assert_eq!(inject("out.yaml", &out, &settings()).unwrap().yaml, out);
     }
 
     #[test]
     fn lists_get_their_configmaps_as_items() {
         let list = "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Pod\n    metadata: {name: p}\n    spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}\n";
-        let out = inject("l.yaml", list, &settings()).unwrap();
+        let out = inject("l.yaml", list, &settings()).unwrap().yaml;
         let doc = yaml::parse(&Segment {
             text: &out,
             first_line: 1,

@@ -60,6 +60,9 @@ pub enum Outcome {
     Inject(Plan),
     OptedOut,
     AlreadyInjected,
+    /// No container declares a TCP port and no annotation names one: a worker, most
+    /// likely, with no traffic to proxy.
+    NoPort,
 }
 
 /// The sidecar's settings, the same for every workload.
@@ -98,6 +101,12 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
     }
     if containers.is_empty() {
         return Err("the pod has no containers".into());
+    }
+    if annotation(CONTAINER).is_none()
+        && annotation(APP_PORT).is_none()
+        && containers.iter().all(|c| ports(c, true).is_empty())
+    {
+        return Ok(Outcome::NoPort);
     }
     if spec.get("hostNetwork").and_then(Node::as_str) == Some("true") {
         return Err(format!(
@@ -520,6 +529,19 @@ mod tests {
             panic!("not injected")
         };
         assert_eq!(p.app.number, 2);
+    }
+
+    #[test]
+    fn a_pod_without_ports_is_not_fronted_unless_annotated() {
+        let worker = "spec:\n  containers: [{name: w}, {name: x, ports: [{containerPort: 53, protocol: UDP}]}]\n";
+        assert_eq!(plan_of(worker).unwrap(), Outcome::NoPort);
+        let annotated = format!(
+            "metadata: {{annotations: {{{CONTAINER}: w, {APP_PORT}: \"9000\"}}}}\n{worker}"
+        );
+        let Outcome::Inject(p) = plan_of(&annotated).unwrap() else {
+            panic!("not injected")
+        };
+        assert_eq!((p.app.container.as_str(), p.app.number), ("w", 9000));
     }
 
     #[test]
