@@ -14,7 +14,8 @@
 //!   inside it are not, anchors come out expanded and strings in the sidecar's style.
 //!
 //! A workload that already has a `gatehouse` container, or the injected annotation, is left
-//! as it is (and so are its Services), so injecting twice is injecting once.
+//! as it is (and so are its Services), so injecting twice is injecting once. So is one whose
+//! containers declare no port (a worker), with a note, unless an annotation names the port.
 
 mod pod;
 mod proxy_toml;
@@ -43,7 +44,13 @@ config (listen, admin and upstream addresses set for the pod) and a termination 
 that covers the app's drain and then gatehouse's. A Service in the same input that targets the
 app's port targets gatehouse's instead. The app's own probes are left as they are: the kubelet
 sends them to the pod IP, straight to the app's port. Other documents are written back byte for
-byte; a workload already injected is left as it is.
+byte; a workload already injected is left as it is, and so is one whose containers declare no
+port (a worker), with a note.
+
+The app still listens on the pod IP, where other pods can reach it around gatehouse: add a
+NetworkPolicy, or bind the app to 127.0.0.1 (then its httpGet and tcpSocket probes, which the
+kubelet sends to the pod IP, must become exec probes). Variables the config reads with ${VAR}
+must be given to the gatehouse container (inject names them).
 
 Annotations on a workload or its pod template:
   gatehouse.io/inject: \"false\"        leave it out
