@@ -481,7 +481,7 @@ pub fn emit(node: &Node) -> String {
     let mut out = String::new();
     match &node.value {
         Value::Scalar(_) => {
-            write_tag(&mut out, node, "");
+            write_tag(&mut out, node, " ");
             write_scalar(&mut out, node, 0, false);
         }
         _ if is_empty(node) => {
@@ -551,7 +551,7 @@ fn write_block(out: &mut String, node: &Node, col: usize) {
                 write_value(out, item, col + 2, true);
             }
         }
-        Value::Scalar(_) => write_scalar(out, node, col, false),
+        Value::Scalar(_) => unreachable!("only collections are written as blocks"),
     }
 }
 
