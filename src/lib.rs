@@ -8,7 +8,8 @@
 //! exporter); [`chain`] (the middleware trait, the request context, gatehouse's own
 //! answers); [`middleware`] (one file per TOML `type`); [`audit`]; [`proxy`] (one request's
 //! path, start to record); [`server`], [`admin`] and [`explain`] (one request through the
-//! chain in-process, and policy tests).
+//! chain in-process, and policy tests) and [`inject`] (Kubernetes YAML with gatehouse
+//! added as a sidecar).
 
 pub mod admin;
 pub mod audit;
@@ -16,6 +17,7 @@ pub mod chain;
 pub mod config;
 pub mod explain;
 pub mod grpc;
+pub mod inject;
 pub mod json;
 pub mod logging;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! The `gatehouse` command: `run` serves, `check` validates, `explain` shows what the chain
-//! does to one request, `test` runs policy tests.
+//! does to one request, `test` runs policy tests, `inject` adds gatehouse to Kubernetes YAML.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use gatehouse::explain::{self, cases, Target};
+use gatehouse::inject;
 use gatehouse::middleware::order;
 use gatehouse::Config;
 use http::{HeaderName, HeaderValue, Method};
@@ -34,6 +35,21 @@ enum Command {
     Test(TestArgs),
     /// Print the JSON Schema of the config file, for editors (`#:schema` in Taplo).
     Schema,
+    /// Add gatehouse as a native sidecar to every workload in Kubernetes YAML.
+    #[command(long_about = inject::HELP)]
+    Inject(InjectArgs),
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The sidecar's image.
+    #[arg(long, value_name = "IMAGE", default_value = inject::DEFAULT_IMAGE)]
+    image: String,
+    /// The YAML to read; standard input when absent or '-'.
+    #[arg(value_name = "FILE|-")]
+    file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -105,6 +121,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Inject(args) => inject(&args),
         Command::Check(args) => match Config::load(&args.config) {
             Ok(config) => {
                 print!("{}", describe(&config));
@@ -157,6 +174,23 @@ fn explain(args: ExplainArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(START_FAILED, &format!("cannot run the chain: {e}")),
+    }
+}
+
+/// `inject`: the YAML on stdout, or nothing and the error.
+fn inject(args: &InjectArgs) -> ExitCode {
+    match inject::run(&args.config.config, &args.image, args.file.as_deref()) {
+        Ok(out) => {
+            for note in &out.notes {
+                eprintln!("gatehouse: note: {note}");
+            }
+            match std::io::Write::write_all(&mut std::io::stdout(), out.yaml.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(START_FAILED, &format!("cannot write the output: {e}")),
+            }
+        }
+        Err(inject::Error::Config(e)) => fail(INVALID_CONFIG, &e),
+        Err(inject::Error::Input(e)) => fail(START_FAILED, &e),
     }
 }
 

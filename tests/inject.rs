@@ -1,0 +1,681 @@
+//! `gatehouse inject`, run as a user runs it, on fixtures modelled on multi-service apps
+//! (`tests/fixtures/kubernetes/`): every result is validated offline against the Kubernetes
+//! 1.29 schemas (kubernetes-validate, as `deploy/validate.sh` does, in its venv), checked by
+//! `deploy/check_drain.py`, read back by an independent YAML reader (PyYAML) and followed
+//! from each Service's port to the container it reaches and on to gatehouse's upstream.
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{cli, gatehouse_cmd, run_setup, CliOutput};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kubernetes")
+        .join(name)
+}
+
+fn inject(file: &Path) -> CliOutput {
+    let config = fixture("proxy.toml");
+    let args = [
+        "inject",
+        "--config",
+        config.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ];
+    cli(&args, &[], None)
+}
+
+/// Where a Service port should land: gatehouse in front of `app` (the app's port), or a
+/// container's own port (one gatehouse does not front).
+enum Lands {
+    Gatehouse { workload: &'static str, app: u16 },
+    Direct { container: &'static str, port: u16 },
+}
+
+struct Case {
+    file: &'static str,
+    /// Workloads (kind/name) and the app port gatehouse must front.
+    injected: &'static [(&'static str, u16)],
+    /// Workloads that must come out without the sidecar.
+    untouched: &'static [&'static str],
+    /// Service name, Service port, where it must land.
+    routes: &'static [(&'static str, u16, Lands)],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        file: "shop.yaml",
+        injected: &[
+            ("deployment/storefront", 8080),
+            ("deployment/catalog", 50051),
+            ("deployment/cart", 7070),
+            ("deployment/checkout", 3000),
+        ],
+        untouched: &["deployment/backoffice", "deployment/order-worker"],
+        routes: &[
+            (
+                "storefront",
+                80,
+                Lands::Gatehouse {
+                    workload: "deployment/storefront",
+                    app: 8080,
+                },
+            ),
+            (
+                "catalog",
+                50051,
+                Lands::Gatehouse {
+                    workload: "deployment/catalog",
+                    app: 50051,
+                },
+            ),
+            (
+                "cart",
+                7070,
+                Lands::Gatehouse {
+                    workload: "deployment/cart",
+                    app: 7070,
+                },
+            ),
+            (
+                "checkout",
+                80,
+                Lands::Gatehouse {
+                    workload: "deployment/checkout",
+                    app: 3000,
+                },
+            ),
+            (
+                "checkout",
+                9102,
+                Lands::Direct {
+                    container: "exporter",
+                    port: 9102,
+                },
+            ),
+        ],
+    },
+    Case {
+        file: "search.yaml",
+        injected: &[("statefulset/search", 9200)],
+        untouched: &[],
+        routes: &[
+            (
+                "search-peers",
+                9200,
+                Lands::Gatehouse {
+                    workload: "statefulset/search",
+                    app: 9200,
+                },
+            ),
+            (
+                "search-peers",
+                9300,
+                Lands::Direct {
+                    container: "node",
+                    port: 9300,
+                },
+            ),
+            (
+                "search",
+                9200,
+                Lands::Gatehouse {
+                    workload: "statefulset/search",
+                    app: 9200,
+                },
+            ),
+        ],
+    },
+    Case {
+        file: "jobs.yaml",
+        injected: &[
+            ("cronjob/nightly-report", 9000),
+            ("job/migrate-2026-12", 8080),
+        ],
+        untouched: &[],
+        routes: &[],
+    },
+    Case {
+        file: "list.yaml",
+        injected: &[
+            ("daemonset/node-agent", 9901),
+            ("pod/debug-echo", 5678),
+            ("replicaset/legacy-web", 80),
+        ],
+        untouched: &[],
+        routes: &[(
+            "node-agent",
+            80,
+            Lands::Gatehouse {
+                workload: "daemonset/node-agent",
+                app: 9901,
+            },
+        )],
+    },
+];
+
+/// Reads a YAML stream with PyYAML, `kind: List` items as objects of their own; writes them
+/// to `argv[2]` as a stream for the validators and prints them as JSON.
+const FLATTEN: &str = r#"
+import json, sys, yaml
+with open(sys.argv[1]) as f:
+    docs = [d for d in yaml.safe_load_all(f) if d]
+flat = []
+for d in docs:
+    flat.extend(d["items"] if d.get("kind") == "List" else [d])
+with open(sys.argv[2], "w") as f:
+    yaml.safe_dump_all(flat, f, sort_keys=False)
+json.dump(flat, sys.stdout)
+"#;
+
+/// The venv `deploy/validate.sh` uses, with the validator it pins; `None` (said loudly)
+/// where Python has no venv module, which CI installs.
+fn validator_venv() -> Option<PathBuf> {
+    let venv_module = Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !venv_module {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with the venv module is required under CI (.ci/run installs python3-venv)"
+        );
+        eprintln!(
+            "SKIPPED: python3 -m venv is not available (on Debian: apt-get install python3-venv), \
+             so inject's output is not validated against the Kubernetes schemas here"
+        );
+        return None;
+    }
+    Some(common::python_venv(
+        "ci-venv",
+        "tests/fixtures/kubernetes/requirements.txt",
+    ))
+}
+
+fn kind_name(obj: &Value) -> String {
+    format!(
+        "{}/{}",
+        obj["kind"].as_str().unwrap().to_lowercase(),
+        obj["metadata"]["name"].as_str().unwrap()
+    )
+}
+
+fn pod_template(obj: &Value) -> &Value {
+    match obj["kind"].as_str().unwrap() {
+        "Pod" => obj,
+        "CronJob" => &obj["spec"]["jobTemplate"]["spec"]["template"],
+        _ => &obj["spec"]["template"],
+    }
+}
+
+fn containers(pod: &Value) -> impl Iterator<Item = &Value> {
+    let spec = &pod["spec"];
+    spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(spec["containers"].as_array())
+        .flatten()
+}
+
+/// The (container name, port number) a Service port's target reaches in `pod`.
+fn resolve(service_port: &Value, pod: &Value) -> (String, u64) {
+    let target = match &service_port["targetPort"] {
+        Value::Null => &service_port["port"],
+        t => t,
+    };
+    for c in containers(pod) {
+        for p in c["ports"].as_array().into_iter().flatten() {
+            let hit = match target {
+                Value::String(name) => p["name"].as_str() == Some(name),
+                n => p["containerPort"] == *n,
+            };
+            if hit {
+                let name = c["name"].as_str().unwrap().to_owned();
+                return (name, p["containerPort"].as_u64().unwrap());
+            }
+        }
+    }
+    panic!("targetPort {target} reaches no container port of the pod")
+}
+
+/// The port number of the named port of the `gatehouse` container.
+fn gatehouse_port(pod: &Value, name: &str) -> u64 {
+    let sidecar = containers(pod).find(|c| c["name"] == "gatehouse").unwrap();
+    let port = sidecar["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name);
+    port.unwrap()["containerPort"].as_u64().unwrap()
+}
+
+/// The config gatehouse reads in `pod`: its ConfigMap (the one its volume names), parsed.
+fn pod_config<'a>(pod: &Value, by_name: &HashMap<String, &'a Value>) -> (&'a Value, toml::Value) {
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "gatehouse-config")
+        .unwrap();
+    let name = volume["configMap"]["name"].as_str().unwrap();
+    let cm = by_name[&format!("configmap/{name}")];
+    let config = cm["data"]["proxy.toml"].as_str().unwrap().parse().unwrap();
+    (cm, config)
+}
+
+fn toml_port(table: &toml::Value, path: &str) -> u64 {
+    let addr: std::net::SocketAddr = table[path]["listen"].as_str().unwrap().parse().unwrap();
+    u64::from(addr.port())
+}
+
+#[test]
+fn every_workload_is_injected_validated_and_routed_through_gatehouse() {
+    let Some(venv) = validator_venv() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let input = fixture(case.file);
+        let out = inject(&input);
+        assert_eq!(out.code, Some(0), "{}: {}", case.file, out.stderr);
+        let injected = dir.path().join(case.file);
+        std::fs::write(&injected, &out.stdout).unwrap();
+        let flat = dir.path().join(format!("flat-{}", case.file));
+
+        // An independent reader, then the repository's validators.
+        let json = Command::new(venv.join("bin/python"))
+            .args(["-c", FLATTEN])
+            .arg(&injected)
+            .arg(&flat)
+            .output()
+            .unwrap();
+        assert!(
+            json.status.success(),
+            "{}: PyYAML: {}",
+            case.file,
+            String::from_utf8_lossy(&json.stderr)
+        );
+        let objects: Vec<Value> = serde_json::from_slice(&json.stdout).unwrap();
+        run_setup(
+            Command::new(venv.join("bin/kubernetes-validate"))
+                .args(["--strict", "--kubernetes-version", "1.29.0"])
+                .arg(&flat),
+            &format!("kubernetes-validate of inject's output for {}", case.file),
+        );
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        run_setup(
+            Command::new(venv.join("bin/python"))
+                .arg(root.join("deploy/check_drain.py"))
+                .arg(&flat),
+            &format!("deploy/check_drain.py of inject's output for {}", case.file),
+        );
+
+        let by_name: HashMap<String, &Value> = objects.iter().map(|o| (kind_name(o), o)).collect();
+        let originals = flatten_original(&venv, &input, dir.path());
+        for (workload, app) in case.injected {
+            let obj = by_name
+                .get(*workload)
+                .unwrap_or_else(|| panic!("{workload} in the output"));
+            let pod = pod_template(obj);
+            let sidecar = &pod["spec"]["initContainers"][0];
+            assert_eq!(sidecar["name"], "gatehouse", "{workload}");
+            assert_eq!(sidecar["restartPolicy"], "Always", "{workload}");
+            assert_eq!(
+                sidecar["image"],
+                concat!("gatehouse:", env!("CARGO_PKG_VERSION"))
+            );
+            assert_eq!(sidecar["imagePullPolicy"], "IfNotPresent");
+            let sc = &sidecar["securityContext"];
+            assert_eq!(
+                (&sc["runAsNonRoot"], &sc["runAsUser"]),
+                (&Value::Bool(true), &Value::from(65532))
+            );
+            assert_eq!(sc["readOnlyRootFilesystem"], true);
+            assert_eq!(sc["allowPrivilegeEscalation"], false);
+            assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+            assert_eq!(sidecar["resources"]["limits"]["memory"], "128Mi");
+            for (probe, path) in [
+                ("startupProbe", "/healthz"),
+                ("readinessProbe", "/readyz"),
+                ("livenessProbe", "/healthz"),
+            ] {
+                let get = &sidecar[probe]["httpGet"];
+                assert_eq!(
+                    (&get["path"], &get["port"]),
+                    (&Value::from(path), &Value::from("gatehouse-admin")),
+                    "{workload} {probe}"
+                );
+            }
+
+            let (cm, config) = pod_config(pod, &by_name);
+            assert_eq!(cm["metadata"]["namespace"], obj["metadata"]["namespace"]);
+            assert_eq!(
+                config["upstream"]["url"].as_str(),
+                Some(format!("http://127.0.0.1:{app}").as_str()),
+                "{workload}"
+            );
+            // A gRPC app (its port has a gRPC probe) is spoken to over h2c.
+            let grpc = *workload == "deployment/catalog";
+            assert_eq!(
+                config["upstream"].get("protocol").and_then(|p| p.as_str()),
+                grpc.then_some("h2c"),
+                "{workload}"
+            );
+            assert_eq!(
+                toml_port(&config, "server"),
+                gatehouse_port(pod, "gatehouse")
+            );
+            assert_eq!(
+                toml_port(&config, "admin"),
+                gatehouse_port(pod, "gatehouse-admin")
+            );
+            // Comments of the user's file survive into the copy.
+            assert!(cm["data"]["proxy.toml"]
+                .as_str()
+                .unwrap()
+                .contains("# keep serving while endpoints drop the pod"));
+            // gatehouse's ports are its own: no other container's, not the app's.
+            let mut others: Vec<u64> = containers(pod)
+                .filter(|c| c["name"] != "gatehouse")
+                .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+                .map(|p| p["containerPort"].as_u64().unwrap())
+                .collect();
+            others.push(u64::from(*app));
+            let ours = [
+                gatehouse_port(pod, "gatehouse"),
+                gatehouse_port(pod, "gatehouse-admin"),
+            ];
+            assert!(
+                ours[0] != ours[1] && !ours.iter().any(|p| others.contains(p)),
+                "{workload}: {ours:?} vs {others:?}"
+            );
+
+            // The grace period covers the app's own (30s by default), then gatehouse's
+            // 5s + 20s drain.
+            let before = pod_template(&originals[*workload])["spec"]
+                ["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap_or(30);
+            let after = pod["spec"]["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap();
+            assert!(
+                after >= before.max(25) + 25,
+                "{workload}: {before}s became {after}s"
+            );
+        }
+        for workload in case.untouched {
+            let pod = pod_template(by_name[*workload]);
+            assert!(
+                containers(pod).all(|c| c["name"] != "gatehouse"),
+                "{workload}"
+            );
+        }
+
+        for (service, port, lands) in case.routes {
+            let svc = by_name[&format!("service/{service}")];
+            let sp = svc["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["port"] == *port)
+                .unwrap_or_else(|| panic!("service/{service} port {port}"));
+            match lands {
+                Lands::Gatehouse { workload, app } => {
+                    let pod = pod_template(by_name[*workload]);
+                    let (container, number) = resolve(sp, pod);
+                    assert_eq!(container, "gatehouse", "service/{service}:{port}");
+                    assert_eq!(number, gatehouse_port(pod, "gatehouse"));
+                    let (_, config) = pod_config(pod, &by_name);
+                    assert_eq!(toml_port(&config, "server"), number);
+                    assert_eq!(
+                        config["upstream"]["url"].as_str(),
+                        Some(format!("http://127.0.0.1:{app}").as_str())
+                    );
+                }
+                Lands::Direct {
+                    container,
+                    port: want,
+                } => {
+                    let pod = objects
+                        .iter()
+                        .filter(|o| o["kind"] != "Service" && o["kind"] != "ConfigMap")
+                        .map(pod_template)
+                        .find(|p| containers(p).any(|c| c["name"] == *container))
+                        .unwrap();
+                    assert_eq!(
+                        resolve(sp, pod),
+                        ((*container).to_owned(), u64::from(*want))
+                    );
+                }
+            }
+        }
+
+        // Injecting the output again changes nothing.
+        let again = inject(&injected);
+        assert_eq!(again.code, Some(0), "{}", again.stderr);
+        assert_eq!(again.stdout, out.stdout, "{}: inject | inject", case.file);
+    }
+}
+
+/// The input's objects (PyYAML), by kind/name.
+fn flatten_original(venv: &Path, input: &Path, dir: &Path) -> HashMap<String, Value> {
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", FLATTEN])
+        .arg(input)
+        .arg(dir.join("original.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let objects: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    objects.into_iter().map(|o| (kind_name(&o), o)).collect()
+}
+
+/// Documents inject does not change come out byte for byte: comments, anchors, quoting.
+#[test]
+fn documents_it_does_not_change_are_written_back_byte_for_byte() {
+    let input = std::fs::read_to_string(fixture("shop.yaml")).unwrap();
+    let out = inject(&fixture("shop.yaml"));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let mut kept = 0;
+    for doc in input.split("\n---\n") {
+        let workload = doc.contains("kind: Deployment") || doc.contains("kind: Service");
+        let left_alone =
+            doc.contains("gatehouse.io/inject: \"false\"") || doc.contains("name: order-worker");
+        if !workload || left_alone {
+            assert!(out.stdout.contains(doc), "not kept as it was:\n{doc}");
+            kept += 1;
+        }
+    }
+    assert_eq!(
+        kept, 4,
+        "the header, the settings ConfigMap, the opted-out and the portless Deployment"
+    );
+    assert!(
+        out.stderr
+            .contains("deployment/order-worker: left as it is: no container declares a port"),
+        "{}",
+        out.stderr
+    );
+    // A changed document keeps its comments before its content.
+    assert!(out.stdout.contains(
+        "---\n# The storefront listens on 8080, gatehouse's default port: gatehouse takes the next one.\napiVersion: apps/v1\n"
+    ));
+
+    let injected = std::fs::read_to_string(fixture("injected.yaml")).unwrap();
+    let out = inject(&fixture("injected.yaml"));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout, injected,
+        "an injected workload and its Service are left alone"
+    );
+}
+
+#[test]
+fn reads_standard_input() {
+    let config = fixture("proxy.toml");
+    let input = std::fs::read(fixture("jobs.yaml")).unwrap();
+    let from_file = inject(&fixture("jobs.yaml"));
+    for args in [&["-"][..], &[]] {
+        let mut child = gatehouse_cmd()
+            .args(["inject", "--config", config.to_str().unwrap()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), from_file.stdout);
+    }
+}
+
+/// Runs inject on `yaml` written to a file; returns (exit code, stderr, the file's path).
+fn inject_text(yaml: &str) -> (Option<i32>, String, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = inject(&path);
+    (out.code, out.stderr, out.stdout, dir)
+}
+
+const WEB: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n        - {name: web, image: web, ports: [{containerPort: 80}]}\n";
+
+#[test]
+fn unreadable_yaml_names_file_document_and_line() {
+    let (code, stderr, stdout, dir) = inject_text(&format!(
+        "{WEB}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web\nspec: {{}}\n"
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "nothing is written on error: {stdout}");
+    let path = dir.path().join("input.yaml");
+    assert!(
+        stderr.starts_with(&format!(
+            "gatehouse: error: {}:18:5: document 2: ",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn two_app_containers_need_the_annotation() {
+    let two = WEB.replace(
+        "        - {name: web, image: web, ports: [{containerPort: 80}]}\n",
+        "        - {name: web, image: web, ports: [{containerPort: 80}]}\n        - {name: admin, image: admin, ports: [{containerPort: 81}]}\n",
+    );
+    let (code, stderr, stdout, _dir) = inject_text(&two);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("deployment/web: containers web, admin all declare ports")
+            && stderr.contains("gatehouse.io/container: <name>"),
+        "{stderr}"
+    );
+    let annotated = two.replace(
+        "      labels: {app: web}\n",
+        "      labels: {app: web}\n      annotations: {gatehouse.io/container: admin}\n",
+    );
+    let (code, stderr, stdout, _dir) = inject_text(&annotated);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("url = \"http://127.0.0.1:81\""), "{stdout}");
+}
+
+#[test]
+fn a_service_selecting_a_pod_without_ports_needs_the_annotation() {
+    let portless = WEB.replace(", ports: [{containerPort: 80}]", "");
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80}]\n";
+    let (code, stderr, _, _dir) = inject_text(&format!("{portless}---\n{service}"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "service/web selects deployment/web, none of whose containers declares a port"
+        ) && stderr.contains("gatehouse.io/app-port: <number>"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_service_shared_with_an_opted_out_workload_is_refused() {
+    let opted_out = WEB.replace(
+        "name: web\n",
+        "name: old-web\n  annotations: {gatehouse.io/inject: \"false\"}\n",
+    );
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80}]\n";
+    let (code, stderr, _, _dir) = inject_text(&format!("{WEB}---\n{opted_out}---\n{service}"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "service/web: port 1 reaches both deployment/web (injected) and deployment/old-web"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_invalid_config_exits_2_with_the_loaders_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[server]\nlisten = \"0.0.0.0:8080\"\nshutdown_grace = \"soon\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+    let input = fixture("shop.yaml");
+    let args = [
+        "inject",
+        "--config",
+        config.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ];
+    let out = cli(&args, &[], None);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stdout.is_empty());
+    let check = cli(&["check", "--config", config.to_str().unwrap()], &[], None);
+    assert_eq!(check.code, Some(2));
+    assert_eq!(
+        out.stderr, check.stderr,
+        "the same message as gatehouse check"
+    );
+    assert!(
+        out.stderr.contains(&format!("{}:3:", config.display())),
+        "{}",
+        out.stderr
+    );
+}
+
+/// A `${VAR}` the config needs in the pod is the user's to provide: inject says so.
+#[test]
+fn variables_the_sidecar_needs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"${APP_URL:-http://127.0.0.1:1}\"\n[[middleware]]\ntype = \"api_key\"\nheader = \"x-api-key\"\nkeys = [{ id = \"k\", key = \"${API_KEY}\" }]\n").unwrap();
+    let input = fixture("jobs.yaml");
+    let args = [
+        "inject",
+        "--config",
+        config.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ];
+    let out = cli(&args, &[("API_KEY", "set-where-inject-runs")], None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("reads ${API_KEY} with no default: give the gatehouse containers API_KEY")
+            && !out.stderr.contains("APP_URL"),
+        "{}",
+        out.stderr
+    );
+    // The copies keep the reference, never the value.
+    assert!(
+        out.stdout.contains("key = \"${API_KEY}\"")
+            && !out.stdout.contains("set-where-inject-runs")
+    );
+}
