@@ -3,19 +3,18 @@
 //!
 //! - A ```` ```toml ```` block is a whole config and must pass `gatehouse check`.
 //!   ```` ```toml fragment ```` is part of one: without its own `[server]` and `[upstream]` it
-//!   is put under a minimal pair and checked all the same. ```` ```toml file=NAME ```` is also
-//!   saved as `NAME` for the page's transcripts.
+//!   is put under a minimal pair and checked all the same.
+//! - A block of any language marked `file=NAME` (```` ```toml file=proxy.toml ````, ```` ```yaml
+//!   file=deploy.yaml ````) is also saved as `NAME` for the page's transcripts.
 //! - ```` ```toml invalid ```` shows a config error: `gatehouse check` must refuse it (exit 2).
 //! - ```` ```toml cases ```` is a policy test file: it must load in `gatehouse test` against
 //!   the repository's proxy.toml.
-//! - A ```` ```console ```` block is a transcript: each `$ gatehouse explain|check|test ...`
+//! - A ```` ```console ```` block is a transcript: each `$ gatehouse explain|check|test|inject ...`
 //!   line (after optional `VAR=value` words) is run and its output (stdout, then stderr)
 //!   must be the lines that follow it, exactly, but for what is genuinely variable (generated
 //!   ids, measured durations, the worker count). It runs in a directory holding the page's
-//!   `file=` blocks when its `--config` names one, else in the repository's root. Any other
-//!   command in a transcript fails the test, unless the block is marked
-//!   ```` ```console pending ````: a command this build does not have yet, listed by
-//!   [`pending_transcripts_are_listed`].
+//!   `file=` blocks when one of its arguments names one, else in the repository's root. Any
+//!   other command in a transcript fails the test: show those in a ```` ```sh ```` block.
 //!
 //! A failure names the file and line of the block.
 
@@ -224,12 +223,12 @@ fn steps(block: &Block) -> Result<Vec<Step>, String> {
         let runnable = argv.first().map(String::as_str) == Some("gatehouse")
             && matches!(
                 argv.get(1).map(String::as_str),
-                Some("explain" | "check" | "test")
+                Some("explain" | "check" | "test" | "inject")
             );
         if !runnable {
             return Err(format!(
-                "`{command}` is not a command this test runs (gatehouse explain, check or \
-                 test); mark the block `console pending` if it is not checkable yet"
+                "`{command}` is not a command this test runs (gatehouse explain, check, test or \
+                 inject): show it in a `sh` block instead"
             ));
         }
         steps.push(Step {
@@ -348,16 +347,17 @@ fn every_transcript_is_what_the_binary_prints() {
         let blocks = blocks(&page);
         let files = tempfile::tempdir().unwrap();
         let mut names = Vec::new();
-        for block in blocks.iter().filter(|b| b.lang == "toml") {
+        for block in &blocks {
             if let Some(name) = block.value("file") {
-                std::fs::write(files.path().join(name), config_of(block)).unwrap();
+                let text = match block.lang.as_str() {
+                    "toml" => config_of(block),
+                    _ => block.text.clone(),
+                };
+                std::fs::write(files.path().join(name), text).unwrap();
                 names.push(name.to_owned());
             }
         }
-        for block in blocks
-            .iter()
-            .filter(|b| b.lang == "console" && !b.mark("pending"))
-        {
+        for block in blocks.iter().filter(|b| b.lang == "console") {
             let steps = match steps(block) {
                 Ok(steps) => steps,
                 Err(e) => {
@@ -366,10 +366,9 @@ fn every_transcript_is_what_the_binary_prints() {
                 }
             };
             for step in steps {
-                let config = step.argv.iter().skip_while(|a| *a != "--config").nth(1);
-                let cwd = match config {
-                    Some(c) if names.contains(c) => files.path(),
-                    _ => root(),
+                let cwd = match step.argv.iter().any(|a| names.contains(a)) {
+                    true => files.path(),
+                    false => root(),
                 };
                 let mut env: Vec<(&str, &str)> = ENV.to_vec();
                 env.extend(step.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -391,42 +390,6 @@ fn every_transcript_is_what_the_binary_prints() {
     }
     assert!(ran > 10, "only {ran} transcript commands found");
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
-}
-
-/// Transcripts of commands this build does not have yet are marked `pending`; this lists
-/// them (on stderr, uncaptured with `--nocapture`) and fails if one names a command that
-/// exists, so a pending mark cannot outlive its reason.
-#[test]
-fn pending_transcripts_are_listed() {
-    let help = cli(&["--help"], &[], None).stdout;
-    for block in all_blocks()
-        .iter()
-        .filter(|b| b.lang == "console" && b.mark("pending"))
-    {
-        let commands: Vec<&str> = block
-            .text
-            .lines()
-            .filter_map(|l| l.strip_prefix("$ "))
-            .collect();
-        eprintln!("pending: {}: {}", block.at(), commands.join(" ; "));
-        for command in commands {
-            let Some(sub) = command
-                .split_whitespace()
-                .skip_while(|w| *w != "gatehouse")
-                .nth(1)
-            else {
-                continue;
-            };
-            let exists = help
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(sub));
-            assert!(
-                !exists,
-                "{}: `gatehouse {sub}` exists now: drop the block's `pending` mark",
-                block.at()
-            );
-        }
-    }
 }
 
 #[test]
