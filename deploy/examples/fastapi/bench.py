@@ -332,7 +332,7 @@ def pod_table(targets, args, audit):
 
 
 def seat_table(targets, args, phase):
-    """The proxy alone, per request, beside the app: issue 30's table."""
+    """The proxy alone, per request, beside the app: the seat table."""
     nginx = {t.transport: t for t in targets if t.proxy == "nginx"}
     syscalls = any("proxy_syscalls" in r for t in targets for r in getattr(t, phase))
     head = ["proxy in the seat", "app over", "CPU µs/request", "÷ nginx (same transport)",
@@ -389,7 +389,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="bench.sh", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seat", action="store_true",
-                    help=f"the proxy's seat (issue 30's table): unless given, --targets {SEAT} --phases open "
+                    help=f"the proxy's seat beside the app: unless given, --targets {SEAT} --phases open "
                          f"--rate 320 --rounds 5")
     ap.add_argument("--targets", help=f"comma list of {', '.join(TARGETS)}; the pod table's ratios are to the "
                                       f"first (default before,after)")

@@ -2,7 +2,7 @@
 """gRPC unary calls through gatehouse (upstream.protocol = "h2c") and through nginx's
 grpc_pass, side by side. Stdlib only; run it as `bash deploy/examples/grpc/bench.sh`.
 
-The approach of shared/bench: the proxy under test runs alone on one core (taskset), the
+The approach of benches/compare: the proxy under test runs alone on one core (taskset), the
 load generator (h2load) and the upstream on the other; both proxies run one worker; rounds
 are interleaved (gatehouse, nginx, gatehouse, nginx...) so drift hits both; the proxy's CPU
 time (utime+stime of its process tree, /proc/PID/stat) over a measured window divided by
@@ -33,7 +33,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATH = "/demo.v1.Demo/Echo"
 # Echo(Message{text: "hello"}): the 5-byte gRPC prefix (uncompressed, length 7), then protobuf.
 REQUEST = b"\x00\x00\x00\x00\x07\x0a\x05hello"
-# The answer: Message{text: 92 bytes}, 100 bytes with its prefix, as shared/bench's body.
+# The answer: Message{text: 92 bytes}, 100 bytes with its prefix, as benches/compare's upstream answers.
 TEXT = (b"gatehouse-bench grpc upstream: a fixed message so that proxy work, not payload, counts" + b"." * 92)[:92]
 REPLY_MESSAGE = b"\x0a" + bytes([len(TEXT)]) + TEXT
 REPLY = b"\x00" + len(REPLY_MESSAGE).to_bytes(4, "big") + REPLY_MESSAGE
@@ -369,7 +369,7 @@ def main(argv):
     args.nginx = shutil.which(args.nginx) or shutil.which(args.nginx, path="/usr/sbin:/sbin")
     for tool in ("nginx", "h2load", "nghttp"):
         if not getattr(args, tool) or not shutil.which(getattr(args, tool)):
-            log(f"missing {tool}: run `bash shared/bench/install.sh` (nginx, nghttp2-client)")
+            log(f"missing {tool}: run `bash benches/compare/install.sh nginx h2load taskset`")
             return 2
     if not shutil.which("taskset"):
         log("missing taskset (util-linux)")
