@@ -16,6 +16,8 @@
 //!   `file=` blocks when one of its arguments names one, else in the repository's root. Any
 //!   other command in a transcript fails the test: show those in a ```` ```sh ```` block.
 //!
+//! - Every key of `gatehouse schema` is documented ([`every_config_key_is_documented`]).
+//!
 //! A failure names the file and line of the block.
 
 mod common;
@@ -506,4 +508,90 @@ fn the_quick_start_demo_serves_its_site_on_loopback_and_stops_cleanly() {
     assert!(ended.success(), "{ended}");
     assert!(get(demo, "/").is_none(), "the demo app outlived the script");
     assert!(get(listen, "/").is_none(), "gatehouse outlived the script");
+}
+
+/// The config reference is checked against `gatehouse schema`, generated from the types the
+/// loader reads: every key of every section is documented somewhere under docs/ (as
+/// `` `key` ``, `` `key = …` `` or the table `` `[section.key]` ``), every middleware type's
+/// keys on its own page, every audit sink type's keys on the audit page. A key added to the
+/// config without a word in the docs fails here.
+#[test]
+fn every_config_key_is_documented() {
+    let out = cli(&["schema"], &[], None);
+    assert_eq!(out.code, Some(0), "gatehouse schema: {}", out.stderr);
+    let schema: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let definitions = &schema["definitions"];
+    // A section's own keys, through `$ref`s and the `allOf`/`anyOf` wrappers of optional ones.
+    fn keys<'a>(node: &'a serde_json::Value, defs: &'a serde_json::Value) -> Vec<&'a str> {
+        if let Some(name) = node["$ref"].as_str() {
+            return keys(&defs[name.rsplit('/').next().unwrap()], defs);
+        }
+        for wrapper in ["allOf", "anyOf"] {
+            if let Some(inner) = node[wrapper].as_array() {
+                return inner.iter().flat_map(|n| keys(n, defs)).collect();
+            }
+        }
+        node["properties"]
+            .as_object()
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+    let documents = |text: &str, section: &str, key: &str| {
+        [
+            format!("`{key}`"),
+            format!("`{key} ="),
+            format!("`[{section}.{key}]`"),
+        ]
+        .iter()
+        .any(|form| text.contains(form.as_str()))
+    };
+    let read = |page: &str| std::fs::read_to_string(root().join(page)).unwrap();
+    let all: String = pages()
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for section in ["server", "upstream", "admin", "log", "tracing", "audit"] {
+        for key in keys(&schema["properties"][section], definitions) {
+            checked += 1;
+            if !documents(&all, section, key) {
+                missing.push(format!("[{section}] {key}: nowhere under docs/"));
+            }
+        }
+    }
+    let typed = [
+        (
+            &schema["properties"]["middleware"]["items"]["oneOf"],
+            "docs/middleware/{}.md",
+        ),
+        (
+            &definitions["Audit"]["properties"]["sinks"]["items"]["oneOf"],
+            "docs/audit.md",
+        ),
+    ];
+    for (branches, page) in typed {
+        let branches = branches.as_array().expect("a oneOf of types");
+        assert!(branches.len() > 3, "{page}: only {} types", branches.len());
+        for branch in branches {
+            let kind = branch["properties"]["type"]["const"].as_str().unwrap();
+            let page = page.replace("{}", kind);
+            let text = read(&page);
+            for key in keys(branch, definitions)
+                .into_iter()
+                .filter(|k| *k != "type")
+            {
+                checked += 1;
+                if !documents(&text, kind, key) {
+                    missing.push(format!("type {kind:?}, key {key}: not in {page}"));
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} keys found in the schema");
+    assert!(
+        missing.is_empty(),
+        "undocumented config keys:\n{}",
+        missing.join("\n")
+    );
 }
