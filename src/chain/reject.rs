@@ -14,7 +14,7 @@ use crate::protocol::h1::request;
 use crate::{grpc, json};
 
 /// Why gatehouse answered instead of the app. The code is stable: audit events
-/// (`deny_reason`) and alerts key on it; README lists every one.
+/// (`deny_reason`) and alerts key on it; docs/audit.md and docs/security.md list every one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// No credentials where an authentication middleware wants some.
