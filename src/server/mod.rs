@@ -434,9 +434,16 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
 fn schedule(policy: Scheduling) {
     #[cfg(target_os = "linux")]
     if policy == Scheduling::Batch {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param` only for the call; pid 0 is this thread.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        // The system call, not libc's wrapper: musl's (the static build's) refuses with
+        // ENOSYS, as POSIX means it for a whole process and Linux does it per thread.
+        // SAFETY: `sched_param` is plain integers (musl adds some beside the priority), for
+        // which all zeros is valid; the kernel reads it only during the call; pid 0 is this
+        // thread.
+        let set = unsafe {
+            let param: libc::sched_param = std::mem::zeroed();
+            libc::syscall(libc::SYS_sched_setscheduler, 0, libc::SCHED_BATCH, &param)
+        };
+        if set != 0 {
             let error = std::io::Error::last_os_error();
             tracing::warn!(%error, "server.scheduling = \"batch\" could not be applied; the default policy stays");
         }
