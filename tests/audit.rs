@@ -1406,3 +1406,33 @@ async fn an_unwritable_journal_degrades_to_delivery_from_memory_and_recovers() {
     assert_eq!(collector.accepted_ids(), sent, "once each, in order");
     assert_eq!(spool_files(&dir), 0);
 }
+
+/// A `file` sink whose file cannot be opened (its directory does not exist) stops gatehouse
+/// at start, naming the sink and the path, instead of losing every event after it.
+#[test]
+fn a_file_sink_that_cannot_be_opened_is_a_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing-dir/audit.jsonl");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\n[upstream]\nurl = \"http://127.0.0.1:9\"\n\
+             [audit]\n[[audit.sinks]]\ntype = \"file\"\npath = \"{}\"\n",
+            free_port(),
+            path.display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&["run", "--config", config.to_str().unwrap()], &[], None);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "audit sink \"file\": cannot open {}",
+            path.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!path.exists());
+}

@@ -26,6 +26,25 @@ impl FileWriter {
         }
     }
 
+    /// Opens (creating it if need be) the file for appending and closes it again; without
+    /// blocking, so a FIFO whose reader is not there yet (ENXIO) passes.
+    pub fn check(path: &std::path::Path) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path);
+        match opened {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    fn open(path: &std::path::Path) -> std::io::Result<File> {
+        OpenOptions::new().create(true).append(true).open(path)
+    }
+
     /// Appends one batch (already JSON lines). After a failure the file is reopened next time.
     pub async fn write(&mut self, lines: Vec<u8>) -> std::io::Result<()> {
         let generation = self.reopen.load(Relaxed);
@@ -35,7 +54,7 @@ impl FileWriter {
         let file = super::sink::blocking(move || {
             let mut file = match file {
                 Some(file) => file,
-                None => OpenOptions::new().create(true).append(true).open(&*path)?,
+                None => Self::open(&path)?,
             };
             file.write_all(&lines)?;
             Ok(file)

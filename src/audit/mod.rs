@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use event::{Decision, Event};
 
-use crate::config::audit::{field_name, AuditConfig, Include};
+use crate::config::audit::{field_name, AuditConfig, Include, SinkKind};
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use sink::SinkState;
@@ -64,12 +64,24 @@ impl Audit {
     /// Starts the dispatcher and one worker per sink on the current tokio runtime, taking
     /// over the journals a previous process left. `shard` is the connection-pool shard of
     /// the thread they run on (sinks that send over HTTP). Fails when a spool directory is
-    /// unusable.
+    /// unusable, or a `file` sink's file cannot be opened for appending (a missing
+    /// directory, say): better refused at start than every event lost after it.
     pub fn start(
         config: &AuditConfig,
         metrics: &Arc<Metrics>,
         shards: usize,
     ) -> Result<Arc<Audit>, String> {
+        for sink in &config.sinks {
+            if let SinkKind::File(file) = &sink.kind {
+                file::FileWriter::check(&file.path).map_err(|e| {
+                    format!(
+                        "audit sink {:?}: cannot open {}: {e}",
+                        sink.name,
+                        file.path.display()
+                    )
+                })?;
+            }
+        }
         let mut journals = Vec::with_capacity(config.sinks.len());
         for sink in &config.sinks {
             journals.push(match &config.spool_dir {
