@@ -64,14 +64,15 @@ impl Audit {
     /// Starts the dispatcher and one worker per sink on the current tokio runtime, taking
     /// over the journals a previous process left. `shard` is the connection-pool shard of
     /// the thread they run on (sinks that send over HTTP). Fails when a spool directory is
-    /// unusable, or a `file` sink's file cannot be opened for appending (a missing
-    /// directory, say): better refused at start than every event lost after it.
+    /// unusable, or, without a spool, when a `file` sink's file cannot be opened for
+    /// appending (a missing directory, say): better refused at start than every event lost
+    /// after it. With a spool the journal keeps the events until the file can be written.
     pub fn start(
         config: &AuditConfig,
         metrics: &Arc<Metrics>,
         shards: usize,
     ) -> Result<Arc<Audit>, String> {
-        for sink in &config.sinks {
+        for sink in config.sinks.iter().filter(|_| config.spool_dir.is_none()) {
             if let SinkKind::File(file) = &sink.kind {
                 file::FileWriter::check(&file.path).map_err(|e| {
                     format!(
