@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import (SYSCALL_TOOLS, BenchError, Launcher, Window, all_proc_ticks, cell, connector, core_times,
+from benchlib import (STRACE_NOTE, SYSCALL_TOOLS, BenchError, Launcher, Window, all_proc_ticks, cell, connector, core_times,
                       fmt, fmt_ratio, h2load, log, markdown, med, paired_ratio, port_free, process_tree, render,
                       tree_cpu_s, tree_mem_kib, wait_until, wrk)
 
@@ -313,8 +313,7 @@ def notes(targets, args):
             out.append(f"{t.name}: {t.audit['lines']:,} audit lines for {t.audit['requests']:,} requests: it dropped "
                        f"events, so it did less work")
     if args.syscalls == "strace":
-        out.append("syscalls were counted with strace, which slows every syscall many times over: the CPU, latency "
-                   "and req/s of this run are not comparable with a run without it")
+        out.append(STRACE_NOTE)
     return out
 
 

@@ -28,6 +28,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 WRK_LUA = os.path.join(HERE, "wrk_report.lua")
 SYSCALL_TOOLS = ("perf", "strace")
+# The note of a run that counted syscalls with strace.
+STRACE_NOTE = ("syscalls were counted with strace, which slows every syscall many times over: the CPU, latency "
+               "and req/s of this run are not comparable with a run without it")
 
 
 class BenchError(Exception):

@@ -30,19 +30,17 @@ impl FileWriter {
     /// blocking, so a FIFO whose reader is not there yet (ENXIO) passes.
     pub fn check(path: &std::path::Path) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        let opened = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path);
-        match opened {
+        match Self::options().custom_flags(libc::O_NONBLOCK).open(path) {
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
             other => other.map(drop),
         }
     }
 
-    fn open(path: &std::path::Path) -> std::io::Result<File> {
-        OpenOptions::new().create(true).append(true).open(path)
+    /// Appending, creating the file if need be.
+    fn options() -> OpenOptions {
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        options
     }
 
     /// Appends one batch (already JSON lines). After a failure the file is reopened next time.
@@ -54,7 +52,7 @@ impl FileWriter {
         let file = super::sink::blocking(move || {
             let mut file = match file {
                 Some(file) => file,
-                None => Self::open(&path)?,
+                None => Self::options().open(&*path)?,
             };
             file.write_all(&lines)?;
             Ok(file)

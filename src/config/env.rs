@@ -36,6 +36,45 @@ pub fn interpolate(
 }
 
 fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    substitute(s, |name, default| match (lookup(name), default) {
+        (Some(v), _) => Ok(v),
+        (None, Some(d)) => Ok(d.to_owned()),
+        (None, None) => Err(format!(
+            "environment variable {name} is not set (use ${{{name}:-default}} to give a default)"
+        )),
+    })
+}
+
+/// The variables `value`'s strings read as `${VAR}` without a default, in order, each once:
+/// what a process loading it must have in its environment (`gatehouse inject` names them).
+/// A string whose `${` is malformed is skipped: loading it reports that.
+pub fn required(value: &toml::Value) -> Vec<String> {
+    fn walk(value: &toml::Value, out: &mut Vec<String>) {
+        match value {
+            toml::Value::String(s) => {
+                let _ = substitute(s, |name, default| {
+                    if default.is_none() && !out.iter().any(|n| n == name) {
+                        out.push(name.to_owned());
+                    }
+                    Ok(String::new())
+                });
+            }
+            toml::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            toml::Value::Table(table) => table.values().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, &mut out);
+    out
+}
+
+/// The `${VAR}` / `${VAR:-default}` / `$${` grammar, written once: `s` with each variable
+/// replaced by what `resolve(name, default)` gives.
+fn substitute(
+    s: &str,
+    mut resolve: impl FnMut(&str, Option<&str>) -> Result<String, String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(at) = rest.find('$') {
@@ -58,15 +97,7 @@ fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, St
                     "invalid variable name {name:?} in {s:?}: expected letters, digits and '_', not starting with a digit"
                 ));
             }
-            match (lookup(name), default) {
-                (Some(v), _) => out.push_str(&v),
-                (None, Some(d)) => out.push_str(d),
-                (None, None) => {
-                    return Err(format!(
-                        "environment variable {name} is not set (use ${{{name}:-default}} to give a default)"
-                    ))
-                }
-            }
+            out.push_str(&resolve(name, default)?);
             rest = &after[end + 1..];
         } else {
             out.push('$');

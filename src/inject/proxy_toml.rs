@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use toml_edit::{DocumentMut, Item, Table, Value};
 
+use crate::config::env;
+
 /// What one pod's gatehouse needs set.
 pub struct ForPod<'a> {
     /// The IP both listeners bind: the user's when it is a wildcard, else all IPv4
@@ -67,36 +69,10 @@ pub fn for_pod(source: &str, file: &str, a: &ForPod) -> Result<String, String> {
 /// pod needs them in its environment, which inject has no way to fill (they are often
 /// secrets).
 pub fn required_env(source: &str) -> Vec<String> {
-    fn walk(value: &toml::Value, out: &mut Vec<String>) {
-        match value {
-            toml::Value::String(s) => {
-                let mut rest = s.as_str();
-                while let Some(at) = rest.find('$') {
-                    rest = &rest[at..];
-                    if let Some(after) = rest.strip_prefix("$${") {
-                        rest = after;
-                    } else if let Some((inner, after)) =
-                        rest.strip_prefix("${").and_then(|r| r.split_once('}'))
-                    {
-                        if !inner.contains(":-") && !out.iter().any(|n| n == inner) {
-                            out.push(inner.to_owned());
-                        }
-                        rest = after;
-                    } else {
-                        rest = &rest[1..];
-                    }
-                }
-            }
-            toml::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
-            toml::Value::Table(table) => table.values().for_each(|v| walk(v, out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    if let Ok(value) = source.parse::<toml::Value>() {
-        walk(&value, &mut out);
-    }
-    out
+    source
+        .parse::<toml::Value>()
+        .map(|value| env::required(&value))
+        .unwrap_or_default()
 }
 
 fn set(

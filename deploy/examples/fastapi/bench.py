@@ -52,7 +52,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMPARE = os.path.join(HERE, "..", "..", "..", "benches", "compare")
 sys.path.insert(0, COMPARE)
-from benchlib import (SYSCALL_TOOLS, BenchError, Launcher, Window, cell, connector, core_times,  # noqa: E402
+from benchlib import (STRACE_NOTE, SYSCALL_TOOLS, BenchError, Launcher, Window, cell, connector, core_times,  # noqa: E402
                       fmt, fmt_ratio, h2load, log, markdown, med, paired_ratio, port_free, render, tail, wait_until,
                       wrk)
 
@@ -378,8 +378,7 @@ def notes(targets, args, audit):
             out.append(f"{t.name}: in {len(busy)} of {len(t.closed + t.open)} windows other processes used over "
                        f"10% of the pod's CPU (up to {max(r['other_pct'] for r in busy):.0f}%)")
     if args.syscalls == "strace":
-        out.append("syscalls were counted with strace, which slows every syscall many times over: the proxies' "
-                   "CPU and latency in this run are not comparable with a run without it")
+        out.append(STRACE_NOTE)
     return out
 
 
