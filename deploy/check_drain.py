@@ -9,7 +9,7 @@ rendering (so not for the fallback renderer, which generates no ConfigMap):
 * `terminationGracePeriodSeconds` exceeds the worst case: the app's preStop + drain and then
   gatehouse's shutdown_delay + shutdown_grace (a native sidecar stops after the app), taking
   the app's drain as shutdown_grace; for a regular container the two run in parallel.
-Exits 1 naming each disagreement. Durations use SPEC's units (ms, s, m, h).
+Exits 1 naming each disagreement. Durations use gatehouse's units (ms, s, m, h).
 """
 
 import re
