@@ -305,7 +305,7 @@ async fn a_websocket_opens_from_an_allowed_origin_only_and_gatehouse_s_headers_a
     assert!(report["get"]["error"].is_string(), "{report:#}");
 
     // From the allowed origin: it opens, and the headers gatehouse adds are readable.
-    let (report, log) = allowed.report(&chromium, &gh).await;
+    let (report, browser) = allowed.report(&chromium, &gh).await;
     assert_eq!(report["websocket"], json!(["open"]), "{report:#}");
     assert!(app.got("GET", "/ws"));
     let get = &report["get"];
@@ -324,6 +324,10 @@ async fn a_websocket_opens_from_an_allowed_origin_only_and_gatehouse_s_headers_a
     // origin, which is allowed.
     assert!(report["put"]["error"].is_string(), "{report:#}");
     assert!(!app.got("PUT", "/api/put"));
+    // Chromium may write the console message after the page has posted its report.
+    let log = browser
+        .log_once(|log| log.contains("/api/put") && log.contains("does not have HTTP ok status"))
+        .await;
     let console: Vec<&str> = log.lines().filter(|l| l.contains("/api/put")).collect();
     assert!(
         console
@@ -367,9 +371,9 @@ impl PageServer {
         }
     }
 
-    /// Shows the page in a fresh browser until it reports: the report, and the browser's
-    /// log (its console messages among them).
-    async fn report(&mut self, chromium: &Path, gh: &Gatehouse) -> (Value, String) {
+    /// Shows the page in a fresh browser until it reports: the report, and the browser, still
+    /// open, whose log holds its console messages.
+    async fn report(&mut self, chromium: &Path, gh: &Gatehouse) -> (Value, Browser) {
         let browser = Browser::open(chromium, &format!("{}/", self.origin));
         let wait = tokio::time::timeout(Duration::from_secs(60), self.reports.recv());
         let report = match wait.await {
@@ -384,7 +388,7 @@ impl PageServer {
             report.get("failure").is_none(),
             "the page failed: {report:#}"
         );
-        (report, browser.log())
+        (report, browser)
     }
 }
 
@@ -472,6 +476,19 @@ impl Browser {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("chromium.log")).unwrap_or_default()
+    }
+
+    /// The log once `done` holds for it, or as it is after 10 s (the caller's assertion
+    /// then says what is missing).
+    async fn log_once(&self, done: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if done(&log) || tokio::time::Instant::now() >= deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
