@@ -662,3 +662,158 @@ fn variables_the_sidecar_needs_are_named() {
             && !out.stdout.contains("set-where-inject-runs")
     );
 }
+
+/// The app on a Unix socket (`gatehouse.io/app-socket`): both containers mount one in-memory
+/// volume, gatehouse's upstream is the socket, and the app's probes of its port (which it no
+/// longer listens on) move to gatehouse's; the one the chain would refuse is named.
+#[test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) for the Kubernetes schema validator"
+)]
+fn an_app_on_a_unix_socket_shares_a_volume_and_its_probes_go_through_gatehouse() {
+    let venv = validator_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n\
+         [[middleware]]\ntype = \"api_key\"\nheader = \"x-api-key\"\n\
+         keys = [{ id = \"k\", key = \"secret\" }]\nskip_paths = [\"/healthz\"]\n",
+    )
+    .unwrap();
+    let app = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: api\nspec:\n  selector:\n    matchLabels: {app: api}\n  template:\n    metadata:\n      labels: {app: api}\n      annotations: {gatehouse.io/app-socket: /run/app/app.sock}\n    spec:\n      containers:\n        - name: api\n          image: api:1\n          args: [--uds, /run/app/app.sock]\n          ports: [{name: http, containerPort: 8000}]\n          readinessProbe: {httpGet: {path: /healthz, port: http}}\n          startupProbe: {httpGet: {path: /ready, port: 8000, httpHeaders: [{name: x-api-key, value: secret}]}}\n          livenessProbe: {httpGet: {path: /live, port: 8000}}\n        - name: metrics\n          image: exporter:1\n          readinessProbe: {tcpSocket: {port: 8000}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec:\n  selector: {app: api}\n  ports: [{port: 80, targetPort: http}]\n";
+    let input = dir.path().join("in.yaml");
+    std::fs::write(&input, app).unwrap();
+    let args = [
+        "inject",
+        "--config",
+        config.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ];
+    let out = cli(&args, &[], None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let injected = dir.path().join("out.yaml");
+    std::fs::write(&injected, &out.stdout).unwrap();
+    let flat = dir.path().join("flat.yaml");
+    let json = Command::new(venv.join("bin/python"))
+        .args(["-c", FLATTEN])
+        .arg(&injected)
+        .arg(&flat)
+        .output()
+        .unwrap();
+    assert!(json.status.success());
+    run_setup(
+        Command::new(venv.join("bin/kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", "1.29.0"])
+            .arg(&flat),
+        "kubernetes-validate of inject's output",
+    );
+    let objects: Vec<Value> = serde_json::from_slice(&json.stdout).unwrap();
+    let by_name: HashMap<String, &Value> = objects.iter().map(|o| (kind_name(o), o)).collect();
+    let pod = pod_template(by_name["deployment/api"]);
+
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "gatehouse-app-socket")
+        .expect("the socket's volume");
+    assert_eq!(volume["emptyDir"]["medium"], "Memory");
+    let mount = |c: &Value| {
+        c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == "gatehouse-app-socket")
+            .map(|m| (m["mountPath"].clone(), m["readOnly"].clone()))
+    };
+    let by = |name: &str| containers(pod).find(|c| c["name"] == name).unwrap();
+    assert_eq!(
+        mount(by("gatehouse")),
+        Some(("/run/app".into(), true.into()))
+    );
+    assert_eq!(mount(by("api")), Some(("/run/app".into(), Value::Null)));
+    assert_eq!(mount(by("metrics")), None);
+    let (_, toml) = pod_config(pod, &by_name);
+    assert_eq!(
+        toml["upstream"]["url"].as_str(),
+        Some("unix:/run/app/app.sock")
+    );
+
+    // The app's probes of its port (by name or number) reach gatehouse's port; another
+    // container's are its own business.
+    for probe in ["readinessProbe", "startupProbe", "livenessProbe"] {
+        let port = &by("api")[probe]["httpGet"]["port"];
+        assert_eq!(port, "gatehouse", "{probe}");
+        assert_eq!(
+            resolve(&serde_json::json!({ "targetPort": port }), pod),
+            ("gatehouse".into(), 8080)
+        );
+    }
+    assert_eq!(by("metrics")["readinessProbe"]["tcpSocket"]["port"], 8000);
+    assert_eq!(
+        resolve(&by_name["service/api"]["spec"]["ports"][0], pod),
+        ("gatehouse".into(), 8080)
+    );
+
+    // The notes: how to start the app, and the one probe the chain refuses (the others are
+    // exempt, or carry the key).
+    let notes: Vec<&str> = out.stderr.lines().collect();
+    assert!(
+        notes.iter().any(|n| n.contains(
+            "gatehouse reaches the app at unix:/run/app/app.sock: start container api listening there"
+        ) && n.contains("uvicorn --uds /run/app/app.sock")),
+        "{}",
+        out.stderr
+    );
+    let refused: Vec<&&str> = notes.iter().filter(|n| n.contains("Probe (")).collect();
+    assert_eq!(refused.len(), 1, "{}", out.stderr);
+    assert!(
+        refused[0].contains("livenessProbe (GET /live) now goes through gatehouse")
+            && refused[0].contains("status 401 (denied by api_key: missing_credentials)"),
+        "{}",
+        out.stderr
+    );
+
+    // Injected output is left as it is.
+    let again = cli(
+        &[
+            "inject",
+            "--config",
+            config.to_str().unwrap(),
+            injected.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert_eq!(again.stdout, out.stdout);
+}
+
+#[test]
+fn a_socket_path_both_containers_cannot_share_is_refused() {
+    for (path, why) in [
+        ("app.sock", "expected an absolute path"),
+        ("/app.sock", "the socket needs a directory of its own"),
+        ("/run/../app.sock", "expected an absolute path"),
+        (
+            "/etc/gatehouse/app.sock",
+            "gatehouse's config is mounted there",
+        ),
+    ] {
+        let yaml = WEB.replace(
+            "      labels: {app: web}\n",
+            &format!("      labels: {{app: web}}\n      annotations: {{gatehouse.io/app-socket: {path:?}}}\n"),
+        );
+        let (code, stderr, stdout, _dir) = inject_text(&yaml);
+        assert_eq!(code, Some(1), "{path}: {stderr}");
+        assert!(stdout.is_empty());
+        assert!(
+            stderr.contains(&format!(
+                "annotation gatehouse.io/app-socket: {path:?}: {why}"
+            )),
+            "{path}: {stderr}"
+        );
+    }
+}

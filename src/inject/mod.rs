@@ -8,7 +8,9 @@
 //!   [`proxy_toml`]; an app whose port has a gRPC probe is spoken to over h2c);
 //! * a Service in the input that selects an injected pod template and targets the app's
 //!   port (by number or by name) targets gatehouse's instead;
-//! * the app's probes stay as they are, straight to the app's port;
+//! * the app's probes stay as they are, straight to the app's port, unless the app is put
+//!   on a Unix socket (`gatehouse.io/app-socket`): then it has no port to probe, and its
+//!   probes move to gatehouse's, each checked against the chain as `explain` would;
 //! * every other document is written back byte for byte. A document inject changes is
 //!   written anew from its tree: its comments before and after the content are kept, those
 //!   inside it are not, anchors come out expanded and strings in the sidecar's style.
@@ -26,9 +28,12 @@ use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
+use http::Method;
+
 use crate::config::ConfigError;
+use crate::explain;
 use crate::Config;
-use pod::{Outcome, Plan, Sidecar};
+use pod::{MovedProbe, Outcome, Plan, ProbeKind, Sidecar};
 use yaml::{Node, Segment};
 
 /// The sidecar's image unless `--image` says otherwise: the image the release builds.
@@ -61,6 +66,12 @@ Annotations on a workload or its pod template:
   gatehouse.io/upstream-protocol: h2c|http1
                                       what the app speaks (h2c when its port has a gRPC probe;
                                       else the config's upstream.protocol)
+  gatehouse.io/app-socket: PATH       the app listens on this Unix socket (uvicorn --uds PATH)
+                                      instead of its port: cheaper per request, and only the
+                                      two containers reach it. inject adds an in-memory volume
+                                      for it to both and moves the app's probes of its port to
+                                      gatehouse's (the chain must let them through: inject
+                                      says when it would not)
 
 Exit status: 0, 2 when the config is invalid, 1 when the YAML cannot be read or injected.";
 
@@ -123,6 +134,7 @@ pub fn run(config_path: &Path, image: &str, input: Option<&Path>) -> Result<Inje
                 .unwrap_or(i64::MAX / 2),
         },
         config: &source,
+        loaded: &config,
         config_file: config_path.file_name().map_or_else(
             || config_path.display().to_string(),
             |n| n.to_string_lossy().into(),
@@ -152,6 +164,8 @@ struct Settings<'a> {
     sidecar: Sidecar<'a>,
     /// The config's text, and its file's name for the copies' header.
     config: &'a str,
+    /// The config as loaded: what the chain does to a probe moved onto gatehouse's port.
+    loaded: &'a Config,
     config_file: String,
     listen_ip: IpAddr,
     admin_ip: IpAddr,
@@ -291,7 +305,7 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, Str
     }
     check(&problems)?;
     // The ones a Service selects were refused above: the rest serve nothing.
-    let notes = workloads
+    let mut notes: Vec<String> = workloads
         .iter()
         .filter(|w| w.outcome == Outcome::NoPort)
         .map(|w| {
@@ -312,9 +326,12 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, Str
         let template = object_mut(&mut docs, w.loc)
             .at_mut(w.path)
             .expect("planned from this template");
-        pod::apply(template, plan, &settings.sidecar, &configmap_name(w))
+        let moved = pod::apply(template, plan, &settings.sidecar, &configmap_name(w))
             .map_err(|e| format!("{}: {}: {e}", w.at, w.id()))?;
         docs[w.loc.doc].changed = true;
+        if let Some(socket) = &plan.socket {
+            notes.extend(socket_notes(w, plan, socket, &moved, settings.loaded));
+        }
     }
     for (loc, i, target) in retargets {
         let port = object_mut(&mut docs, loc)
@@ -501,6 +518,82 @@ fn retarget(service: &Node, workloads: &[Workload]) -> Result<Vec<(usize, Node)>
     Ok(edits)
 }
 
+/// What the user of a workload whose app listens on a Unix socket must know: that the app
+/// must be started on it, and where its probes now go. A probe moved onto gatehouse's port
+/// passes through the chain, so each is explained offline, as `gatehouse explain` would,
+/// and one the chain would refuse is named with the entry that refuses it.
+fn socket_notes(
+    w: &Workload,
+    plan: &Plan,
+    socket: &str,
+    moved: &[MovedProbe],
+    config: &Config,
+) -> Vec<String> {
+    let mut notes = vec![format!(
+        "{}: {}: gatehouse reaches the app at unix:{socket}: start container {} listening \
+         there instead of on port {} (uvicorn --uds {socket}, gunicorn --bind unix:{socket}, \
+         Node's server.listen({socket:?}), Go's net.Listen(\"unix\", {socket:?})); until it \
+         does, requests get 502",
+        w.at,
+        w.id(),
+        plan.app.container,
+        plan.app.number
+    )];
+    for m in moved {
+        let (request, what) = match &m.kind {
+            ProbeKind::Tcp => {
+                notes.push(format!(
+                    "{}: {}: the app's tcpSocket {} now checks gatehouse's port, not the app \
+                     (an httpGet probe would check the app through gatehouse)",
+                    w.at,
+                    w.id(),
+                    m.probe
+                ));
+                continue;
+            }
+            ProbeKind::Http { path, headers } => {
+                probe_request(Method::GET, path, headers.iter().map(|(n, v)| (&**n, &**v)))
+            }
+            ProbeKind::Grpc => probe_request(
+                Method::POST,
+                "/grpc.health.v1.Health/Check",
+                [("content-type", "application/grpc"), ("te", "trailers")],
+            ),
+        };
+        let verdict = match explain::explain(config, &request, false) {
+            Ok(report) if report.upstream.is_some() && report.status < 400 => continue,
+            Ok(report) => format!("the chain answers it: {}", report.outcome()),
+            Err(e) => format!("it could not be explained ({e})"),
+        };
+        notes.push(format!(
+            "{}: {}: the app's {} ({what}) now goes through gatehouse, and {verdict}: let it \
+             through (skip_paths on the entries that refuse it), or the probe fails",
+            w.at,
+            w.id(),
+            m.probe
+        ));
+    }
+    notes
+}
+
+/// The request the kubelet makes for a probe, as `explain` takes it, and how to name it.
+fn probe_request<'h>(
+    method: Method,
+    path: &str,
+    headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+) -> (explain::Request, String) {
+    let what = format!("{method} {path}");
+    let target = path
+        .parse()
+        .unwrap_or_else(|_| "/".parse().expect("a path"));
+    let mut request = explain::Request::new(method, target);
+    request.headers = headers
+        .into_iter()
+        .filter_map(|(n, v)| explain::parse_header(&format!("{n}: {v}")).ok())
+        .collect();
+    (request, what)
+}
+
 /// One per workload: each pod's copy differs, and a later inject of other workloads into
 /// the same namespace must not replace it.
 fn configmap_name(w: &Workload) -> String {
@@ -523,7 +616,10 @@ fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<Node, Str
             admin_ip: settings.admin_ip,
             port: plan.port,
             admin: plan.admin,
-            app: plan.app.number,
+            app: match &plan.socket {
+                Some(path) => proxy_toml::App::Socket(path),
+                None => proxy_toml::App::Port(plan.app.number),
+            },
             protocol: plan.protocol,
         },
     )?;
@@ -620,13 +716,17 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings<'static> {
+        const CONFIG: &str =
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n";
+        let loaded = Config::parse(Path::new("proxy.toml"), CONFIG, &|_| None).unwrap();
         Settings {
             sidecar: Sidecar {
                 image: "gatehouse:test",
                 drain: 25,
             },
-            config:
-                "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n",
+            config: CONFIG,
+            // Each test's settings live for the test.
+            loaded: Box::leak(Box::new(loaded)),
             config_file: "proxy.toml".into(),
             listen_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             admin_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),

@@ -13,6 +13,7 @@ pub const APP_PORT: &str = "gatehouse.io/app-port";
 pub const PORT: &str = "gatehouse.io/port";
 pub const ADMIN_PORT: &str = "gatehouse.io/admin-port";
 pub const PROTOCOL: &str = "gatehouse.io/upstream-protocol";
+pub const APP_SOCKET: &str = "gatehouse.io/app-socket";
 /// Set on the pod template of every injected workload.
 pub const INJECTED: &str = "gatehouse.io/injected";
 
@@ -22,6 +23,10 @@ pub const NAME: &str = "gatehouse";
 pub const PORT_NAME: &str = "gatehouse";
 const ADMIN_PORT_NAME: &str = "gatehouse-admin";
 const VOLUME: &str = "gatehouse-config";
+/// The in-memory volume both containers mount for `APP_SOCKET`.
+const SOCKET_VOLUME: &str = "gatehouse-app-socket";
+/// A Unix socket's path must fit `sockaddr_un.sun_path` (108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 const CONFIG_DIR: &str = "/etc/gatehouse";
 pub const CONFIG_KEY: &str = "proxy.toml";
 
@@ -50,6 +55,8 @@ pub struct Plan {
     /// `upstream.protocol` for this pod: the annotation's, or `h2c` when the app's port
     /// has a gRPC probe (it speaks HTTP/2); `None` keeps the config's.
     pub protocol: Option<&'static str>,
+    /// The Unix socket the app listens on (`APP_SOCKET`), instead of its port.
+    pub socket: Option<String>,
     pub port: u16,
     pub admin: u16,
     pub grace: i64,
@@ -149,10 +156,32 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
         }
     }
     let volumes = spec.get("volumes").map_or(&[][..], Node::as_seq);
-    if volumes.iter().any(|v| name(v) == Some(VOLUME)) {
+    if let Some(v) = [VOLUME, SOCKET_VOLUME]
+        .into_iter()
+        .find(|v| volumes.iter().any(|have| name(have) == Some(v)))
+    {
         return Err(format!(
-            "the pod already has a volume named {VOLUME}, which gatehouse's sidecar uses"
+            "the pod already has a volume named {v}, which gatehouse's sidecar uses"
         ));
+    }
+    let socket = annotation(APP_SOCKET).map(socket_path).transpose()?;
+    if let Some(path) = &socket {
+        let dir = socket_dir(path);
+        let mounts = containers
+            .iter()
+            .find(|c| name(c) == Some(app.container.as_str()))
+            .and_then(|c| c.get("volumeMounts"))
+            .map_or(&[][..], Node::as_seq);
+        if mounts
+            .iter()
+            .any(|m| m.get("mountPath").and_then(Node::as_str) == Some(dir))
+        {
+            return Err(format!(
+                "annotation {APP_SOCKET}: container {} already mounts a volume at {dir}: put \
+                 the socket in a directory of its own",
+                app.container
+            ));
+        }
     }
 
     let current = match spec.get("terminationGracePeriodSeconds") {
@@ -167,6 +196,7 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
     Ok(Outcome::Inject(Plan {
         app,
         protocol,
+        socket,
         port,
         admin,
         grace,
@@ -183,6 +213,34 @@ fn grpc_probe(container: &Node, port: u16) -> bool {
 
 fn name(node: &Node) -> Option<&str> {
     node.get("name").and_then(Node::as_str)
+}
+
+/// The annotation's socket path, if it is one both containers can mount the directory of:
+/// absolute, plain (no `.`, `..` or empty segments), not at the root nor under the config's
+/// directory, and short enough for a socket address.
+fn socket_path(text: &str) -> Result<String, String> {
+    let plain = text.starts_with('/')
+        && text[1..]
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    let dir = socket_dir(text);
+    let problem = if !plain {
+        "expected an absolute path such as /run/app/app.sock"
+    } else if dir.is_empty() {
+        "the socket needs a directory of its own (both containers mount it), not /"
+    } else if dir == CONFIG_DIR || dir.starts_with(&format!("{CONFIG_DIR}/")) {
+        "gatehouse's config is mounted there: choose another directory"
+    } else if text.len() > MAX_SOCKET_PATH {
+        "longer than a Unix socket address allows (107 bytes)"
+    } else {
+        return Ok(text.to_owned());
+    };
+    Err(format!("annotation {APP_SOCKET}: {text:?}: {problem}"))
+}
+
+/// The directory a socket path is in (empty for one at the root).
+fn socket_dir(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(dir, _)| dir)
 }
 
 /// A container's declared ports as (name, number), TCP only when `tcp_only`.
@@ -322,14 +380,39 @@ fn choose_port(
     }
 }
 
+/// A probe of the app that [`apply`] moved to gatehouse's port, because the app listens on
+/// a Unix socket and no longer on the port it probed: the kubelet's requests now pass
+/// through the chain to the app.
+#[derive(Debug, PartialEq)]
+pub struct MovedProbe {
+    /// `readinessProbe`, `livenessProbe` or `startupProbe`.
+    pub probe: &'static str,
+    pub kind: ProbeKind,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum ProbeKind {
+    /// An `httpGet` probe: its path and `httpHeaders`.
+    Http {
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// A gRPC health check, which gatehouse forwards like any request.
+    Grpc,
+    /// A `tcpSocket` probe, which now reaches gatehouse's listener, not the app.
+    Tcp,
+}
+
 /// Adds the sidecar, its config volume, the marker annotation and the grace period to
-/// `template`, whose config is in the ConfigMap `configmap`.
+/// `template`, whose config is in the ConfigMap `configmap`; with the app on a Unix
+/// socket, also the socket's volume, and the app's probes of its port moved to gatehouse's
+/// (returned).
 pub fn apply(
     template: &mut Node,
     plan: &Plan,
     sidecar: &Sidecar,
     configmap: &str,
-) -> Result<(), String> {
+) -> Result<Vec<MovedProbe>, String> {
     let shape = |what: &str| format!("{what}: expected a mapping or list as Kubernetes has it");
     template
         .child("metadata", empty_map)
@@ -349,7 +432,93 @@ pub fn apply(
             ("configMap", Node::map([("name", Node::str(configmap))])),
         ]));
     spec.set("terminationGracePeriodSeconds", Node::int(plan.grace));
-    Ok(())
+    let Some(socket) = &plan.socket else {
+        return Ok(Vec::new());
+    };
+    spec.child("volumes", empty_seq)
+        .and_then(Node::as_seq_mut)
+        .ok_or_else(|| shape("volumes"))?
+        .push(Node::map([
+            ("name", Node::str(SOCKET_VOLUME)),
+            (
+                "emptyDir",
+                Node::map([
+                    ("medium", Node::str("Memory")),
+                    ("sizeLimit", Node::str("1Mi")),
+                ]),
+            ),
+        ]));
+    let app = spec
+        .get_mut("containers")
+        .and_then(Node::as_seq_mut)
+        .and_then(|cs| {
+            cs.iter_mut()
+                .find(|c| name(c) == Some(plan.app.container.as_str()))
+        })
+        .expect("planned from this template");
+    app.child("volumeMounts", empty_seq)
+        .and_then(Node::as_seq_mut)
+        .ok_or_else(|| shape("volumeMounts"))?
+        .push(Node::map([
+            ("name", Node::str(SOCKET_VOLUME)),
+            ("mountPath", Node::str(socket_dir(socket))),
+        ]));
+    Ok(move_probes(app, plan))
+}
+
+/// Points the app container's probes of its port at gatehouse's instead.
+fn move_probes(app: &mut Node, plan: &Plan) -> Vec<MovedProbe> {
+    let targets_app = |port: Option<&Node>| {
+        port.is_some_and(|p| {
+            p.as_int() == Some(plan.app.number.into())
+                || (p.as_str().is_some() && p.as_str() == plan.app.name.as_deref())
+        })
+    };
+    let mut moved = Vec::new();
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+        let Some(node) = app.get_mut(probe) else {
+            continue;
+        };
+        let kind = if let Some(get) = node.get_mut("httpGet") {
+            if !targets_app(get.get("port")) {
+                continue;
+            }
+            get.set("port", Node::str(PORT_NAME));
+            ProbeKind::Http {
+                path: get
+                    .get("path")
+                    .and_then(Node::as_str)
+                    .unwrap_or("/")
+                    .to_owned(),
+                headers: get
+                    .get("httpHeaders")
+                    .map_or(&[][..], Node::as_seq)
+                    .iter()
+                    .filter_map(|h| {
+                        let text = |k| h.get(k).and_then(Node::as_str).map(str::to_owned);
+                        Some((text("name")?, text("value")?))
+                    })
+                    .collect(),
+            }
+        } else if let Some(grpc) = node.get_mut("grpc") {
+            if !targets_app(grpc.get("port")) {
+                continue;
+            }
+            // A gRPC probe's port is a number only.
+            grpc.set("port", Node::int(plan.port.into()));
+            ProbeKind::Grpc
+        } else if let Some(tcp) = node.get_mut("tcpSocket") {
+            if !targets_app(tcp.get("port")) {
+                continue;
+            }
+            tcp.set("port", Node::str(PORT_NAME));
+            ProbeKind::Tcp
+        } else {
+            continue;
+        };
+        moved.push(MovedProbe { probe, kind });
+    }
+    moved
 }
 
 fn probe(path: &str, period: i64, timeout: Option<i64>, failures: i64) -> Node {
@@ -375,6 +544,21 @@ fn probe(path: &str, period: i64, timeout: Option<i64>, failures: i64) -> Node {
 /// app's own probes are left as they are: the kubelet sends them to the pod IP, straight to
 /// the app's port, so they report the app itself; gatehouse's report gatehouse.
 fn container(plan: &Plan, sidecar: &Sidecar) -> Node {
+    let mount = |name: &str, path: &str| {
+        Node::map([
+            ("name", Node::str(name)),
+            ("mountPath", Node::str(path)),
+            ("readOnly", Node::bool(true)),
+        ])
+    };
+    // Read-only suffices for the socket: connecting to one writes nothing.
+    let mounts = std::iter::once(mount(VOLUME, CONFIG_DIR))
+        .chain(
+            plan.socket
+                .as_deref()
+                .map(|s| mount(SOCKET_VOLUME, socket_dir(s))),
+        )
+        .collect();
     let port = |name: &str, n: u16| {
         Node::map([
             ("name", Node::str(name)),
@@ -441,14 +625,7 @@ fn container(plan: &Plan, sidecar: &Sidecar) -> Node {
                 ),
             ]),
         ),
-        (
-            "volumeMounts",
-            Node::seq(vec![Node::map([
-                ("name", Node::str(VOLUME)),
-                ("mountPath", Node::str(CONFIG_DIR)),
-                ("readOnly", Node::bool(true)),
-            ])]),
-        ),
+        ("volumeMounts", Node::seq(mounts)),
     ])
 }
 
@@ -585,6 +762,59 @@ mod tests {
                 .unwrap()
                 .as_int(),
             Some(65)
+        );
+    }
+
+    #[test]
+    fn an_app_on_a_socket_gets_the_volume_and_its_probes_move() {
+        let t = "metadata: {annotations: {gatehouse.io/app-socket: /run/app/s.sock}}\nspec:\n  containers:\n    - name: s\n      ports: [{name: grpc, containerPort: 50051}]\n      readinessProbe: {grpc: {port: 50051}}\n      livenessProbe: {tcpSocket: {port: grpc}}\n      startupProbe: {exec: {command: [true]}}\n";
+        let Outcome::Inject(p) = plan_of(t).unwrap() else {
+            panic!("not injected")
+        };
+        assert_eq!(p.socket.as_deref(), Some("/run/app/s.sock"));
+        let mut template = node(t);
+        let moved = apply(&mut template, &p, &SIDECAR, "cm").unwrap();
+        assert_eq!(
+            moved,
+            [
+                MovedProbe {
+                    probe: "readinessProbe",
+                    kind: ProbeKind::Grpc
+                },
+                MovedProbe {
+                    probe: "livenessProbe",
+                    kind: ProbeKind::Tcp
+                }
+            ]
+        );
+        let app = &template.at(&["spec", "containers"]).unwrap().as_seq()[0];
+        // A gRPC probe's port can only be a number.
+        assert_eq!(
+            app.at(&["readinessProbe", "grpc", "port"])
+                .unwrap()
+                .as_int(),
+            Some(p.port.into())
+        );
+        assert_eq!(
+            app.at(&["livenessProbe", "tcpSocket", "port"])
+                .unwrap()
+                .as_str(),
+            Some(PORT_NAME)
+        );
+        let mounted = app.get("volumeMounts").unwrap().as_seq();
+        assert_eq!(
+            mounted[0].get("mountPath").unwrap().as_str(),
+            Some("/run/app")
+        );
+
+        let taken = t.replace(
+            "      startupProbe",
+            "      volumeMounts: [{name: data, mountPath: /run/app}]\n      startupProbe",
+        );
+        let e = plan_of(&taken).unwrap_err();
+        assert!(
+            e.contains("container s already mounts a volume at /run/app"),
+            "{e}"
         );
     }
 }

@@ -16,10 +16,19 @@ pub struct ForPod<'a> {
     pub admin_ip: IpAddr,
     pub port: u16,
     pub admin: u16,
-    /// The app's port, on loopback.
-    pub app: u16,
+    /// Where gatehouse reaches the app.
+    pub app: App<'a>,
     /// `upstream.protocol`, when the pod says what its app speaks.
     pub protocol: Option<&'a str>,
+}
+
+/// Where the app listens, as gatehouse in the pod reaches it.
+#[derive(Clone, Copy)]
+pub enum App<'a> {
+    /// Its port, on loopback.
+    Port(u16),
+    /// A Unix socket in the volume both containers mount.
+    Socket(&'a str),
 }
 
 /// `source` with `server.listen`, `admin.listen`, `upstream.url` (and `upstream.protocol`)
@@ -43,13 +52,17 @@ pub fn for_pod(source: &str, file: &str, a: &ForPod) -> Result<String, String> {
         SocketAddr::new(a.admin_ip, a.admin).to_string(),
         note,
     )?;
-    set(
-        &mut doc,
-        "upstream",
-        "url",
-        format!("http://127.0.0.1:{}", a.app),
-        " # set by gatehouse inject: the app's port, on loopback",
-    )?;
+    let (url, note) = match a.app {
+        App::Port(port) => (
+            format!("http://127.0.0.1:{port}"),
+            " # set by gatehouse inject: the app's port, on loopback",
+        ),
+        App::Socket(path) => (
+            format!("unix:{path}"),
+            " # set by gatehouse inject: the app's Unix socket",
+        ),
+    };
+    set(&mut doc, "upstream", "url", url, note)?;
     if let Some(protocol) = a.protocol {
         set(
             &mut doc,
@@ -118,7 +131,7 @@ mod tests {
         admin_ip: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         port: 8081,
         admin: 9901,
-        app: 3000,
+        app: App::Port(3000),
         protocol: None,
     };
 
@@ -156,12 +169,13 @@ mod tests {
         let source = "server = { listen = \"0.0.0.0:1\" }\nupstream = { url = \"http://127.0.0.1:2\" }\nadmin = { listen = \"0.0.0.0:3\", upstream_check = \"2s\" }\n";
         let h2c = ForPod {
             protocol: Some("h2c"),
+            app: App::Socket("/run/app/app.sock"),
             ..ADDR
         };
         let out = for_pod(source, "p.toml", &h2c).unwrap();
         let config = Config::parse(Path::new("p.toml"), &out, &|_| None).unwrap();
         assert_eq!(config.server.listen.0.port(), 8081);
-        assert_eq!(config.upstream.url.to_string(), "http://127.0.0.1:3000");
+        assert_eq!(config.upstream.url.to_string(), "unix:/run/app/app.sock");
         assert_eq!(config.upstream.protocol.to_string(), "h2c");
         let admin = config.admin.unwrap();
         assert_eq!(admin.listen.0.port(), 9901);
