@@ -25,6 +25,7 @@ pub mod middleware;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod redis_link;
 pub mod server;
 pub mod trace;
 

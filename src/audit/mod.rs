@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use event::{Decision, Event};
 
 use crate::config::audit::{field_name, AuditConfig, Include, SinkKind};
+use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use sink::SinkState;
@@ -53,6 +55,9 @@ pub struct Audit {
     queue_dropped: AtomicU64,
     /// Bumped by SIGHUP: file sinks reopen their file before their next write.
     reopen: Arc<AtomicU64>,
+    /// The connection settings of each sink that has them (by sink name), which a reload
+    /// replaces: the sink reconnects with them at its next write (a rotated password).
+    connections: Vec<(String, Arc<ArcSwap<RedisConnection>>)>,
     closing: Notify,
     /// Set when `spool_dir` is: at shutdown, what cannot be delivered in time is spooled.
     spool_now: Option<CancellationToken>,
@@ -111,6 +116,17 @@ impl Audit {
             .map(|s| Arc::new(SinkState::new(&s.name, metrics)))
             .collect();
         let reopen = Arc::new(AtomicU64::new(0));
+        let connections: Vec<_> = config
+            .sinks
+            .iter()
+            .filter_map(|sink| match &sink.kind {
+                SinkKind::RedisStream(s) => Some((
+                    sink.name.clone(),
+                    Arc::new(ArcSwap::from_pointee(s.connection())),
+                )),
+                _ => None,
+            })
+            .collect();
         let audit = Arc::new(Audit {
             include: config.include,
             headers: config.request_headers.iter().map(|h| h.0.clone()).collect(),
@@ -120,6 +136,7 @@ impl Audit {
             metrics: metrics.clone(),
             queue_dropped: AtomicU64::new(0),
             reopen: reopen.clone(),
+            connections,
             closing: Notify::new(),
             spool_now: config.spool_dir.is_some().then(|| spool_now.clone()),
             workers: Mutex::new(JoinSet::new()),
@@ -135,7 +152,17 @@ impl Audit {
                 failed: None,
             });
             let worker = sink::Worker {
-                writer: sink::Writer::new(&sink.kind, &reopen, shards),
+                writer: sink::Writer::new(
+                    sink,
+                    &reopen,
+                    audit
+                        .connections
+                        .iter()
+                        .find(|(name, _)| *name == sink.name)
+                        .map(|(_, c)| c),
+                    shards,
+                    metrics,
+                ),
                 rx,
                 state,
                 batch_size: config.batch_size,
@@ -201,6 +228,24 @@ impl Audit {
     /// Makes file sinks reopen their files (after logrotate moved them), at their next write.
     pub fn reopen(&self) {
         self.reopen.fetch_add(1, Relaxed);
+    }
+
+    /// Hands each sink that connects somewhere the connection settings `new` gives the sink
+    /// of its name (a reload: a rotated password, a renewed certificate); it reconnects
+    /// with them at its next write. Returns the names of the sinks that changed.
+    pub fn reconnect(&self, new: &AuditConfig) -> Vec<&str> {
+        let mut changed = Vec::new();
+        for (name, current) in &self.connections {
+            let found = new.sinks.iter().find(|s| &s.name == name);
+            if let Some(SinkKind::RedisStream(settings)) = found.map(|s| &s.kind) {
+                let settings = settings.connection();
+                if **current.load() != settings {
+                    current.store(Arc::new(settings));
+                    changed.push(name.as_str());
+                }
+            }
+        }
+        changed
     }
 
     /// Flushes the queue to every sink within `within`. With a spool, the last part of that

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod env;
 pub mod error;
+pub mod redis;
 pub mod schema;
 mod suggest;
 pub mod tracing;

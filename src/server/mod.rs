@@ -406,11 +406,25 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     "server.tls",
                     new.server.tls.is_some() != config.server.tls.is_some(),
                 ),
-                ("audit", new.audit != config.audit),
+                (
+                    "audit",
+                    match (&config.audit, &new.audit) {
+                        (Some(old), Some(new)) => old.needs_restart_for(new),
+                        (old, new) => old.is_some() != new.is_some(),
+                    },
+                ),
                 ("tracing", new.tracing != config.tracing),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
+                }
+            }
+            if let (Some(audit), Some(settings)) = (&shared.audit, &new.audit) {
+                for sink in audit.reconnect(settings) {
+                    tracing::info!(
+                        sink,
+                        "audit sink reconnects with its new connection settings"
+                    );
                 }
             }
             let proxy = Proxy::new(
