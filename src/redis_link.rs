@@ -17,7 +17,7 @@
 //! the config generation that built it goes; a reload with new credentials makes new ones.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -51,6 +51,32 @@ const AUTH_RETRY: Duration = Duration::from_secs(2);
 struct FailureLabels {
     client: Arc<str>,
     reason: &'static str,
+}
+
+/// Every link the process has made (while it lives) and whether it has connected once:
+/// what `/readyz` waits for with `[admin] ready_requires = ["redis"]`.
+#[derive(Clone, Default)]
+pub struct Links(Arc<Mutex<Vec<Listed>>>);
+
+/// A link's user and its "connected once" flag, for as long as the link lives.
+type Listed = (Arc<str>, Weak<AtomicBool>);
+
+impl Links {
+    fn add(&self, client: &Arc<str>, connected: &Arc<AtomicBool>) {
+        let mut links = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        links.retain(|(_, link)| link.strong_count() > 0);
+        links.push((client.clone(), Arc::downgrade(connected)));
+    }
+
+    /// The users of the links that have not connected yet (`rate_limit:NAME`, `audit:SINK`).
+    pub fn waiting(&self) -> Vec<Arc<str>> {
+        let links = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        links
+            .iter()
+            .filter(|(_, link)| link.upgrade().is_some_and(|c| !c.load(Relaxed)))
+            .map(|(client, _)| client.clone())
+            .collect()
+    }
 }
 
 /// Connections to one Redis target, one per slot, re-made after failures.
@@ -131,11 +157,14 @@ impl ConnectionLike for Conn {
 
 impl Link {
     /// A link to `settings` (checked at load) for `client`, with `slots` connections, each
-    /// answering within `response_timeout`. Connects lazily, at a slot's first request.
+    /// answering within `response_timeout`, listed in `links`. Inside a tokio runtime, the
+    /// last slot connects at once, trying until it has (so readiness needs no traffic);
+    /// the others connect at their first request.
     pub fn new(
         client: &str,
         settings: &RedisConnection,
         metrics: &Metrics,
+        links: &Links,
         slots: usize,
         response_timeout: Duration,
     ) -> Link {
@@ -148,7 +177,7 @@ impl Link {
         });
         // Connecting may take a sentinel lookup and a TLS handshake: never less than 1 s.
         let connect_timeout = response_timeout.max(Duration::from_secs(1));
-        Link {
+        let link = Link {
             shared: Arc::new(Shared {
                 client: client.into(),
                 target,
@@ -165,7 +194,16 @@ impl Link {
                 connected: Arc::default(),
             }),
             slots: (0..slots.max(1)).map(|_| Arc::default()).collect(),
+        };
+        links.add(&link.shared.client, &link.shared.connected);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let last = &link.slots[link.slots.len() - 1];
+            tokio::spawn(first_connection(
+                Arc::downgrade(&link.shared),
+                Arc::downgrade(last),
+            ));
         }
+        link
     }
 
     /// Where the link goes, for logs and `explain` (never the credentials).
@@ -173,22 +211,6 @@ impl Link {
         match &self.shared.target {
             Ok(target) => target.describe(),
             Err(e) => format!("nowhere ({e})"),
-        }
-    }
-
-    /// Set once any slot has connected: what `/readyz` waits for.
-    pub fn connected(&self) -> Arc<AtomicBool> {
-        self.shared.connected.clone()
-    }
-
-    /// Starts connecting `slot` now (on the caller's runtime), so the first request finds a
-    /// connection.
-    pub fn warm(&self, slot: usize) {
-        let slot = &self.slots[slot % self.slots.len()];
-        let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.conn.load().is_none() && !state.connecting {
-            state.connecting = true;
-            tokio::spawn(attempt(self.shared.clone(), slot.clone()));
         }
     }
 
@@ -266,6 +288,37 @@ impl Link {
         if slot.timeouts.fetch_add(1, Relaxed) + 1 >= TIMEOUTS_TO_DROP {
             slot.timeouts.store(0, Relaxed);
             slot.conn.store(None);
+        }
+    }
+}
+
+/// Connects `slot` and keeps trying, each time its backoff allows, until any slot of the
+/// link has connected once or the link is gone.
+async fn first_connection(shared: Weak<Shared>, slot: Weak<Slot>) {
+    loop {
+        let (Some(shared), Some(slot)) = (shared.upgrade(), slot.upgrade()) else {
+            return;
+        };
+        if shared.connected.load(Relaxed) {
+            return;
+        }
+        let retry_at = {
+            let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+            match state.retry_at {
+                _ if state.connecting => Some(Instant::now() + FIRST_RETRY),
+                Some(at) if Instant::now() < at => Some(at),
+                _ => {
+                    state.connecting = true;
+                    None
+                }
+            }
+        };
+        match retry_at {
+            Some(at) => {
+                drop((shared, slot));
+                tokio::time::sleep_until(at.into()).await;
+            }
+            None => attempt(shared, slot).await,
         }
     }
 }

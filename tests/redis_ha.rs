@@ -211,7 +211,7 @@ async fn report(
     fleet: Fleet,
     (samples, started): (Vec<Sample>, Instant),
     received: impl FnOnce() -> Vec<String>,
-) {
+) -> Vec<String> {
     let fail_opens = fleet.metric("gatehouse_fail_open_total").await;
     // The journals keep what Redis could not take yet until it takes it.
     let sent_count = samples.len() as u64;
@@ -261,6 +261,7 @@ async fn report(
     );
     assert_eq!(missing, 0, "audit events lost\n{}", logs.join("\n"));
     assert!(got_unique.is_subset(&sent), "events the load never sent");
+    logs
 }
 
 /// The `request_id` of every event in `stream`, through `con`.
@@ -620,5 +621,64 @@ async fn tls_with_a_client_certificate_and_an_acl_user_whose_password_is_rotated
         },
     )
     .await;
-    report(what, fleet, run, || stream_ids(&mut conn(plain), "audit")).await;
+    let logs = report(what, fleet, run, || stream_ids(&mut conn(plain), "audit")).await;
+    for log in logs {
+        // Two links (the limit, the sink), each logging at most once per 10 s.
+        let refused = log.matches("Redis refused the login").count();
+        assert!(
+            (1..=4).contains(&refused),
+            "a refused login is logged, not once per attempt: {log}"
+        );
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
+async fn readyz_waits_for_redis_at_start_when_told_to() {
+    let port = free_port();
+    let up = Upstream::start().await;
+    let start = |ready_requires: &'static str| {
+        let admin = free_port();
+        let spool = tempfile::tempdir().unwrap();
+        let template = fleet_config(&format!("{{ url = \"redis://127.0.0.1:{port}\" }}"))
+            .replace("[admin]\n", &format!("[admin]\n{ready_requires}\n"));
+        let gh = Gatehouse::spawn(
+            &template,
+            &[
+                ("upstream", &up.url()),
+                ("admin", &admin.to_string()),
+                ("spool", spool.path().to_str().unwrap()),
+            ],
+            &[],
+        );
+        (gh, admin, spool)
+    };
+    let (mut waits, waits_admin, _s1) = start("ready_requires = [\"redis\"]");
+    let (mut plain, plain_admin, _s2) = start("");
+    waits.wait_ready().await;
+    plain.wait_ready().await;
+    let readyz = |admin| async move { get(admin, "/readyz").await };
+    let not_yet = readyz(waits_admin).await;
+    assert_eq!(not_yet.status, 503, "{not_yet:?}");
+    assert!(
+        not_yet.text().contains("rate_limit:shared")
+            && not_yet.text().contains("audit:redis_stream"),
+        "names what it waits for: {}",
+        not_yet.text()
+    );
+    assert_eq!(readyz(plain_admin).await.status, 200, "off by default");
+
+    let redis = Redis::on(port).await;
+    within(Duration::from_secs(30), "/readyz to turn 200", async {
+        while readyz(waits_admin).await.status != 200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Only the start waits: a later outage is on_backend_error's.
+    redis.kill();
+    assert_eq!(readyz(waits_admin).await.status, 200);
 }

@@ -39,6 +39,7 @@ use crate::config::audit::{field_name, AuditConfig, Include, SinkKind};
 use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
+use crate::redis_link::Links;
 use sink::SinkState;
 use spool::Journal;
 
@@ -75,6 +76,7 @@ impl Audit {
     pub fn start(
         config: &AuditConfig,
         metrics: &Arc<Metrics>,
+        links: &Links,
         shards: usize,
     ) -> Result<Arc<Audit>, String> {
         for sink in config.sinks.iter().filter(|_| config.spool_dir.is_none()) {
@@ -162,6 +164,7 @@ impl Audit {
                         .map(|(_, c)| c),
                     shards,
                     metrics,
+                    links,
                 ),
                 rx,
                 state,
@@ -634,7 +637,7 @@ mod tests {
             file_sink("b", &b)
         ));
         let metrics = Arc::new(Metrics::new());
-        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let audit = Audit::start(&config, &metrics, &Links::default(), 1).unwrap();
         let sent = ids(500);
         for id in &sent {
             record(&audit, id);
@@ -661,7 +664,8 @@ mod tests {
                 "{spool}flush_interval = \"10ms\"\n{}",
                 file_sink("audit", &events)
             ));
-            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            let audit =
+                Audit::start(&config, &Arc::new(Metrics::new()), &Links::default(), 1).unwrap();
             record(&audit, "r0");
             until("the first event", || ids_in(&events).len() == 1).await;
             // Long enough for the dispatcher to go idle.
@@ -695,7 +699,7 @@ mod tests {
             file_sink("ok", &ok)
         ));
         let metrics = Arc::new(Metrics::new());
-        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let audit = Audit::start(&config, &metrics, &Links::default(), 1).unwrap();
         let sent = ids(200);
         // A queue's worth at a time, each handed on before the next: only the stuck sink's
         // own buffer can overflow.
@@ -748,7 +752,8 @@ mod tests {
                 .unwrap()
         };
         runtime().block_on(async {
-            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            let audit =
+                Audit::start(&config, &Arc::new(Metrics::new()), &Links::default(), 1).unwrap();
             for id in &sent {
                 record(&audit, id);
             }
@@ -759,7 +764,8 @@ mod tests {
         });
         std::fs::create_dir(events.parent().unwrap()).unwrap();
         runtime().block_on(async {
-            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            let audit =
+                Audit::start(&config, &Arc::new(Metrics::new()), &Links::default(), 1).unwrap();
             until("the journal delivered", || ids_in(&events).len() >= 50).await;
             audit.shutdown(Duration::from_secs(5)).await;
         });

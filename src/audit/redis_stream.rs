@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use crate::config::audit::RedisSettings;
 use crate::config::redis::RedisConnection;
 use crate::metrics::Metrics;
-use crate::redis_link::Link;
+use crate::redis_link::{Link, Links};
 
 /// The sink runs on the control thread: one connection.
 const SLOT: usize = 0;
@@ -26,6 +26,7 @@ pub struct RedisWriter {
     link: Link,
     built: Arc<RedisConnection>,
     metrics: Arc<Metrics>,
+    links: Links,
     stream: String,
     maxlen: u64,
     timeout: Duration,
@@ -37,10 +38,13 @@ impl RedisWriter {
         s: &RedisSettings,
         settings: Arc<ArcSwap<RedisConnection>>,
         metrics: Arc<Metrics>,
+        links: &Links,
     ) -> RedisWriter {
         let built = settings.load_full();
+        let client = format!("audit:{name}");
         RedisWriter {
-            link: Link::new(&format!("audit:{name}"), &built, &metrics, 1, s.timeout.0),
+            link: Link::new(&client, &built, &metrics, links, 1, s.timeout.0),
+            links: links.clone(),
             name: name.to_owned(),
             settings,
             built,
@@ -56,7 +60,14 @@ impl RedisWriter {
         if !Arc::ptr_eq(&self.built, &self.settings.load()) {
             self.built = self.settings.load_full();
             let client = format!("audit:{}", self.name);
-            self.link = Link::new(&client, &self.built, &self.metrics, 1, self.timeout);
+            self.link = Link::new(
+                &client,
+                &self.built,
+                &self.metrics,
+                &self.links,
+                1,
+                self.timeout,
+            );
         }
         let mut pipe = redis::pipe();
         for event in batch {

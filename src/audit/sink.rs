@@ -16,6 +16,7 @@ use crate::config::audit::{SinkConfig, SinkKind};
 use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
+use crate::redis_link::Links;
 
 /// What the dispatcher, the worker and shutdown share about one sink.
 pub struct SinkState {
@@ -95,6 +96,7 @@ impl Writer {
         connection: Option<&Arc<ArcSwap<RedisConnection>>>,
         shards: usize,
         metrics: &Arc<Metrics>,
+        links: &Links,
     ) -> Writer {
         match &sink.kind {
             SinkKind::Stdout => Writer::Stdout,
@@ -107,6 +109,7 @@ impl Writer {
                     .expect("a redis_stream sink has its connection")
                     .clone(),
                 metrics.clone(),
+                links,
             ))),
             SinkKind::Otlp(s) => Writer::Otlp(Box::new(otlp::OtlpWriter::new(s, shards))),
         }

@@ -82,6 +82,7 @@ impl Remote {
                 &format!("rate_limit:{name}"),
                 redis,
                 &handles.metrics,
+                &handles.redis,
                 handles.workers + 1,
                 timeout,
             ),
