@@ -7,8 +7,8 @@
 //! dropped, and the next request makes a new one, asking the sentinels again where the
 //! primary is. A cluster connection follows `MOVED` and `ASK` and refreshes its slot map by
 //! itself. Connecting runs as a task of its own, not under a request's short timeout, and a
-//! failed attempt waits before the next one (100 ms, doubling up to 5 s; at least 2 s after
-//! a refused login), so a server that is down or a wrong password costs a request only
+//! failed attempt waits before the next one (100 ms, doubling up to 500 ms; 2 s doubling up
+//! to 8 s after a refused login), so a server that is down or a wrong password costs a request only
 //! `on_backend_error`, is never retried in a tight loop, and is counted
 //! (`gatehouse_redis_connect_failures_total{client,reason}`) and logged at most every 10 s.
 //!
@@ -41,9 +41,11 @@ use crate::metrics::Metrics;
 /// requests in a row timed out, its connection is dropped and a new one made.
 pub const TIMEOUTS_TO_DROP: u32 = 3;
 
+/// Retries of an unreachable server: 100 ms, doubling, at most 500 ms apart, so a
+/// promoted replica is found within half a second of Sentinel naming it.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-const LAST_RETRY: Duration = Duration::from_secs(5);
-/// A wrong password stays wrong until someone changes it: no quicker retry than this.
+const LAST_RETRY: Duration = Duration::from_millis(500);
+/// A wrong password stays wrong until someone changes it: 2 s, doubling up to 8 s.
 const AUTH_RETRY: Duration = Duration::from_secs(2);
 
 /// `{client="rate_limit:shared",reason="auth"}`.
@@ -352,12 +354,13 @@ async fn attempt(shared: Arc<Shared>, slot: Arc<Slot>) {
             state.last_error = None;
         }
         Err((reason, error)) => {
-            let mut wait = FIRST_RETRY
-                .saturating_mul(1 << state.failures.min(6))
-                .min(LAST_RETRY);
-            if reason == "auth" {
-                wait = wait.max(AUTH_RETRY);
-            }
+            let wait = if reason == "auth" {
+                AUTH_RETRY.saturating_mul(1 << state.failures.min(2))
+            } else {
+                FIRST_RETRY
+                    .saturating_mul(1 << state.failures.min(3))
+                    .min(LAST_RETRY)
+            };
             state.failures += 1;
             state.retry_at = Some(Instant::now() + wait);
             shared
