@@ -477,3 +477,38 @@ async fn connect(target: &Target, shared: &Shared) -> RedisResult<Conn> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_attempt_is_not_repeated_before_its_backoff() {
+        // Nothing listens on port 1: connecting fails at once.
+        let metrics = Metrics::new();
+        let links = Links::default();
+        let link = Link::new(
+            "test:unreachable",
+            &RedisConnection::from_url("redis://127.0.0.1:1"),
+            &metrics,
+            &links,
+            1,
+            Duration::from_millis(50),
+        );
+        // The start-up attempt (this is a runtime), then requests within its backoff.
+        for _ in 0..20 {
+            assert!(link.connection(0).await.is_err());
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains("gatehouse_redis_connect_failures_total{client=\"test:unreachable\",reason=\"unreachable\"} 1"),
+            "one attempt, not one per request: {text}"
+        );
+        assert_eq!(links.waiting().len(), 1, "never connected");
+        drop(link);
+        assert!(
+            links.waiting().is_empty(),
+            "a link that is gone is not waited for"
+        );
+    }
+}

@@ -578,6 +578,24 @@ mod tests {
     }
 
     #[test]
+    fn a_sinks_new_connection_settings_need_no_restart_its_other_keys_do() {
+        let sink = |keys: &str| {
+            parse(&format!(
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\n{keys}\n"
+            ))
+            .unwrap()
+        };
+        let old = sink("redis = { url = \"redis://r\", username = \"u\", password = \"one\" }");
+        let rotated = sink("redis = { url = \"redis://r\", username = \"u\", password = \"two\" }");
+        assert!(!old.needs_restart_for(&rotated));
+        let restream = sink(
+            "redis = { url = \"redis://r\", username = \"u\", password = \"one\" }\nstream = \"s\"",
+        );
+        assert!(old.needs_restart_for(&restream));
+        assert!(old.needs_restart_for(&parse("[audit]\nbatch_size = 1\n[[audit.sinks]]\ntype = \"redis_stream\"\nredis = { url = \"redis://r\", username = \"u\", password = \"one\" }\n").unwrap()));
+    }
+
+    #[test]
     fn errors_are_located() {
         for (audit, expected) in [
             ("[audit]\n", "proxy.toml:5:2: audit.sinks: [audit] needs at least one"),
@@ -628,6 +646,18 @@ mod tests {
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"http://r:6379\"\n",
                 "proxy.toml:8:1: audit.sinks[1].url: invalid Redis URL \"http://r:6379\"",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nredis = { cluster = true, nodes = [\"a\", \"b:70000\"] }\n",
+                "proxy.toml:8:41: audit.sinks[1].redis.nodes[2]: invalid address \"b:70000\"",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"redis://r\"\nredis = { url = \"redis://r\" }\n",
+                "audit.sinks[1].redis: give `url` or a `redis` table, not both",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\n",
+                "audit.sinks[1].url: expected `url` (redis://host:port) or a `redis` table",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"redis://r\"\nmaxlen = 0\n",
