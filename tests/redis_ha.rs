@@ -214,7 +214,7 @@ async fn report(
     what: &str,
     fleet: Fleet,
     (samples, started): (Vec<Sample>, Instant),
-    received: impl FnOnce() -> Vec<String>,
+    received: impl FnOnce() -> Vec<(String, bool)>,
 ) -> Vec<String> {
     let fail_opens = fleet.metric("gatehouse_fail_open_total").await;
     // The journals keep what Redis could not take yet until it takes it.
@@ -251,7 +251,13 @@ async fn report(
         .max();
     let sent: HashSet<String> = samples.iter().map(|s| s.id.clone()).collect();
     let got = received();
-    let got_unique: HashSet<String> = got.iter().cloned().collect();
+    let got_unique: HashSet<String> = got.iter().map(|(id, _)| id.clone()).collect();
+    let failed_open: HashSet<&String> = got.iter().filter(|e| e.1).map(|e| &e.0).collect();
+    let undecided_ids: HashSet<&String> = undecided.iter().map(|s| &s.id).collect();
+    assert_eq!(
+        failed_open, undecided_ids,
+        "the audit events of exactly the undecided answers name the limiter in fail_open"
+    );
     let missing = sent.difference(&got_unique).count();
     println!(
         "{what}: answered {} ({} passed, {} refused), fail-opens {fail_opens}, every answer from Redis again {} after the event; audit events sent {}, received {} ({} twice), missing {missing}",
@@ -268,8 +274,9 @@ async fn report(
     logs
 }
 
-/// The `request_id` of every event in `stream`, through `con`.
-fn stream_ids(con: &mut impl redis::ConnectionLike, stream: &str) -> Vec<String> {
+/// Every event in `stream` (through `con`): its `request_id`, and whether its `fail_open`
+/// names the limiter.
+fn stream_ids(con: &mut impl redis::ConnectionLike, stream: &str) -> Vec<(String, bool)> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
@@ -280,7 +287,11 @@ fn stream_ids(con: &mut impl redis::ConnectionLike, stream: &str) -> Vec<String>
         .into_iter()
         .map(|(_, fields)| {
             let event: serde_json::Value = serde_json::from_str(&fields[1]).unwrap();
-            event["request_id"].as_str().unwrap().to_owned()
+            let failed_open = event["fail_open"] == serde_json::json!(["shared"]);
+            (
+                event["request_id"].as_str().unwrap().to_owned(),
+                failed_open,
+            )
         })
         .collect()
 }
