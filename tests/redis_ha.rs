@@ -621,7 +621,7 @@ fn issue_certs(dir: &Path, names: &[&str]) {
     not(gatehouse_has_redis),
     ignore = "needs redis-server (apt-get install redis-server)"
 )]
-async fn tls_with_a_client_certificate_and_an_acl_user_whose_password_is_rotated() {
+async fn tls_with_a_client_certificate_and_an_acl_user_whose_password_file_is_rotated() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     issue_certs(d, &["server", "client"]);
@@ -651,17 +651,19 @@ async fn tls_with_a_client_certificate_and_an_acl_user_whose_password_is_rotated
         ],
     )
     .await;
-    let table = |password: &str| {
-        format!(
-            "{{ url = \"rediss://localhost:{tls}\", username = \"gatehouse\", password = \"{password}\", \
-             tls_ca_file = \"{}\", tls_cert_file = \"{}\", tls_key_file = \"{}\" }}",
-            file("ca.pem"),
-            file("client.pem"),
-            file("client.key")
-        )
-    };
-    let fleet = Fleet::start(&table("first-secret")).await;
-    let what = "tls + ACL user: password rotated, config edited, SIGHUP";
+    // The password as a mounted Secret holds it: a file, rotated in place.
+    let password_file = d.join("redis-password");
+    std::fs::write(&password_file, "first-secret\n").unwrap();
+    let table = format!(
+        "{{ url = \"rediss://localhost:{tls}\", username = \"gatehouse\", password_file = \"{}\", \
+         tls_ca_file = \"{}\", tls_cert_file = \"{}\", tls_key_file = \"{}\" }}",
+        password_file.display(),
+        file("ca.pem"),
+        file("client.pem"),
+        file("client.key")
+    );
+    let fleet = Fleet::start(&table).await;
+    let what = "tls + ACL user: password rotated, password_file rewritten, SIGHUP";
     let run = scenario(
         what,
         &fleet,
@@ -681,13 +683,8 @@ async fn tls_with_a_client_certificate_and_an_acl_user_whose_password_is_rotated
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+            std::fs::write(&password_file, "second-secret\n").unwrap();
             for m in &fleet.members {
-                let current = std::fs::read_to_string(&m.gh.config_path).unwrap();
-                std::fs::write(
-                    &m.gh.config_path,
-                    current.replace("first-secret", "second-secret"),
-                )
-                .unwrap();
                 m.gh.send_signal("HUP");
             }
         },

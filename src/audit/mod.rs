@@ -234,21 +234,16 @@ impl Audit {
     }
 
     /// Hands each sink that connects somewhere the connection settings `new` gives the sink
-    /// of its name (a reload: a rotated password, a renewed certificate); it reconnects
-    /// with them at its next write. Returns the names of the sinks that changed.
-    pub fn reconnect(&self, new: &AuditConfig) -> Vec<&str> {
-        let mut changed = Vec::new();
+    /// of its name (a reload); it reconnects with them at its next write, reading the files
+    /// they name again (a rotated `password_file`, a renewed certificate) even when the
+    /// settings are the same.
+    pub fn reconnect(&self, new: &AuditConfig) {
         for (name, current) in &self.connections {
             let found = new.sinks.iter().find(|s| &s.name == name);
             if let Some(SinkKind::RedisStream(settings)) = found.map(|s| &s.kind) {
-                let settings = settings.connection();
-                if **current.load() != settings {
-                    current.store(Arc::new(settings));
-                    changed.push(name.as_str());
-                }
+                current.store(Arc::new(settings.connection()));
             }
         }
-        changed
     }
 
     /// Flushes the queue to every sink within `within`. With a spool, the last part of that

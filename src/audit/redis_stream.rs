@@ -22,7 +22,8 @@ pub struct RedisWriter {
     name: String,
     /// The connection settings, replaced by a reload ([`crate::audit::Audit::reconnect`]).
     settings: Arc<ArcSwap<RedisConnection>>,
-    /// Made from `built`; made anew when `settings` no longer is that.
+    /// Made from `built`; made anew (its files read again) when a reload has stored new
+    /// `settings`.
     link: Link,
     built: Arc<RedisConnection>,
     metrics: Arc<Metrics>,

@@ -38,6 +38,9 @@ pub struct RedisConnection {
     pub username: Option<String>,
     /// The password (use `${VAR}`); the URL's when left out. Re-read on SIGHUP.
     pub password: Option<String>,
+    /// A file holding the password (a mounted Secret), read at start and on SIGHUP, so a
+    /// rotated one is picked up by a reload; a final newline is not part of it.
+    pub password_file: Option<PathBuf>,
     /// TLS to every node (and sentinel); implied by `rediss://`.
     #[serde(default)]
     pub tls: bool,
@@ -203,6 +206,26 @@ impl RedisConnection {
                 )),
                 (Some(own), None) => *from_url = Some(own.clone()),
                 _ => {}
+            }
+        }
+        if let Some(path) = &self.password_file {
+            match std::fs::read_to_string(path) {
+                _ if password.is_some() => problems.push((
+                    at("password_file"),
+                    "a password is given already (`password` or the URL's): give it in one place"
+                        .into(),
+                )),
+                Ok(text) if !text.trim_end_matches(['\r', '\n']).is_empty() => {
+                    password = Some(text.trim_end_matches(['\r', '\n']).to_owned());
+                }
+                Ok(_) => problems.push((
+                    at("password_file"),
+                    format!("{} is empty: expected the password", path.display()),
+                )),
+                Err(e) => problems.push((
+                    at("password_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )),
             }
         }
         if username.is_some() && password.is_none() {
@@ -450,6 +473,11 @@ mod tests {
                 ConnectionAddr::Tcp("b".into(), 2)
             ])
         );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-a-secret\n").unwrap();
+        let t = resolve(&format!("url = \"redis://r\"\npassword_file = {file:?}")).unwrap();
+        assert_eq!(t.password.as_deref(), Some("from-a-secret"));
     }
 
     #[test]
@@ -493,6 +521,14 @@ mod tests {
             (
                 "url = \"redis://r\"\nusername = \"u\"",
                 "password: an ACL `username` needs",
+            ),
+            (
+                "url = \"redis://r\"\npassword = \"p\"\npassword_file = \"Cargo.toml\"",
+                "password_file: a password is given already",
+            ),
+            (
+                "url = \"redis://r\"\npassword_file = \"/nonexistent/pw\"",
+                "password_file: cannot read /nonexistent/pw",
             ),
             (
                 "url = \"redis://r\"\ntls_ca_file = \"/x\"",

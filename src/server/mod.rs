@@ -429,12 +429,7 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                 }
             }
             if let (Some(audit), Some(settings)) = (&shared.audit, &new.audit) {
-                for sink in audit.reconnect(settings) {
-                    tracing::info!(
-                        sink,
-                        "audit sink reconnects with its new connection settings"
-                    );
-                }
+                audit.reconnect(settings);
             }
             let proxy = Proxy::new(
                 &new,
