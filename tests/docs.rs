@@ -33,6 +33,7 @@ const ENV: &[(&str, &str)] = &[
     ("CI_API_KEY", "ci-key"),
     ("JWT_SECRET", "a-long-enough-shared-secret-for-hs256"),
     ("REDIS_URL", "redis://127.0.0.1:6379"),
+    ("REDIS_PASSWORD", "s3cret"),
     ("AUDIT_FILE", "/tmp/gatehouse-docs-audit.jsonl"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
     ("OTEL_TOKEN", "token"),

@@ -1152,7 +1152,15 @@ impl Redis {
 
     /// Starts (or restarts) a server on `port` and waits until it accepts connections.
     pub async fn on(port: u16) -> Redis {
+        Redis::with(port, &[]).await
+    }
+
+    /// A server on `port` started with `args` first (a config file must come first; TLS,
+    /// ACL users, replication, `--sentinel`, cluster mode), waiting until it accepts
+    /// connections.
+    pub async fn with(port: u16, args: &[&str]) -> Redis {
         let child = Command::new("redis-server")
+            .args(args)
             .args([
                 "--port",
                 &port.to_string(),

@@ -25,6 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::config::redis::RedisConnection;
 use crate::config::value::{Duration, Rate};
 use crate::config::{KeyPath, Problem};
 
@@ -42,8 +43,11 @@ pub struct Settings {
     key: KeySpec,
     #[serde(default)]
     backend: Backend,
-    /// `redis://host:port[/db]`, for `backend = "redis"`.
+    /// For `backend = "redis"`: `redis://host:port[/db]`, short for `redis = { url = … }`.
     redis_url: Option<String>,
+    /// For `backend = "redis"`: where Redis is (a server, Sentinel, Cluster) and how to log
+    /// in, as every Redis user in gatehouse takes it.
+    redis: Option<RedisConnection>,
     #[serde(default)]
     on_backend_error: OnBackendError,
     /// The most keys the local backend holds; past it, idle keys are forgotten first.
@@ -167,6 +171,15 @@ impl Settings {
             .unwrap_or_else(|| (self.rate.count / self.rate.per.as_secs().max(1)).max(1))
     }
 
+    /// The Redis to use (`backend = "redis"`).
+    fn connection(&self) -> RedisConnection {
+        match (&self.redis, &self.redis_url) {
+            (Some(redis), _) => redis.clone(),
+            (None, Some(url)) => RedisConnection::from_url(url),
+            (None, None) => RedisConnection::default(),
+        }
+    }
+
     fn gcra(&self) -> Gcra {
         let interval = self.rate.per.as_micros() as u64 / self.rate.count;
         Gcra {
@@ -198,18 +211,33 @@ impl super::Settings for Settings {
         if self.timeout.0.is_zero() {
             return Err((at("timeout"), "expected a duration above zero".into()));
         }
-        match (self.backend, &self.redis_url) {
-            (Backend::Redis, None) => Err((
+        match (self.backend, &self.redis_url, &self.redis) {
+            (Backend::Redis, None, None) => Err((
                 at("redis_url"),
-                "backend = \"redis\" needs a `redis_url` such as \"redis://127.0.0.1:6379\"".into(),
+                "backend = \"redis\" needs a `redis_url` such as \"redis://127.0.0.1:6379\" (or a `redis` table)".into(),
             )),
-            (Backend::Redis, Some(url)) => ::redis::Client::open(url.as_str())
-                .map(drop)
-                .map_err(|e| (at("redis_url"), format!("invalid Redis URL: {e}"))),
-            (Backend::Local, Some(_)) => {
+            (Backend::Redis, Some(_), Some(_)) => Err((
+                at("redis"),
+                "give `redis_url` or a `redis` table, not both".into(),
+            )),
+            (Backend::Redis, Some(_), None) => {
+                // The short form's problems are all about its URL.
+                self.connection().resolve().map(drop).map_err(|problems| {
+                    let (_, message) = problems.into_iter().next().expect("a problem");
+                    (at("redis_url"), message)
+                })
+            }
+            (Backend::Redis, None, Some(redis)) => redis.resolve().map(drop).map_err(|problems| {
+                let (path, message) = problems.into_iter().next().expect("a problem");
+                (at("redis").join(&path), message)
+            }),
+            (Backend::Local, Some(_), _) => {
                 Err((at("redis_url"), "only used with backend = \"redis\"".into()))
             }
-            (Backend::Local, None) => Ok(()),
+            (Backend::Local, None, Some(_)) => {
+                Err((at("redis"), "only used with backend = \"redis\"".into()))
+            }
+            (Backend::Local, None, None) => Ok(()),
         }
     }
 
@@ -257,7 +285,7 @@ impl super::Settings for Settings {
             Backend::Redis => Store::Redis(Box::new(redis::Remote::new(
                 name,
                 handles,
-                self.redis_url.as_deref().expect("validated"),
+                &self.connection(),
                 self.timeout.0,
             ))),
         };
