@@ -104,16 +104,19 @@ fn stream(body: Bytes, trailers: Option<HeaderMap>) -> Body {
 /// them a Content-Length (chunked otherwise), `type=` a content-type (JSON by default),
 /// `status=`, `etag=strong|weak`, `ce=` (content-encoding), `cc=` (cache-control), `vary=`
 /// and `trailers=1` (an `x-checksum` trailer) shape the head. `/sse` is a stream of events
-/// that sends one, then holds the stream open until the test releases it.
+/// that sends one, then holds the stream open until the test releases it. `/page` is
+/// [`PAGE`] for a browser, which reports to `/report?r=` what it saw.
 struct App {
     server: TestServer,
     release: Arc<Notify>,
+    reports: mpsc::UnboundedReceiver<String>,
 }
 
 impl App {
     async fn start() -> App {
         let release = Arc::new(Notify::new());
         let held = release.clone();
+        let (report, reports) = mpsc::unbounded_channel();
         let server = TestServer::start(move |parts| {
             let query: Vec<(&str, &str)> = parts
                 .uri
@@ -123,6 +126,20 @@ impl App {
                 .filter_map(|kv| kv.split_once('='))
                 .collect();
             let param = |name: &str| query.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+            match parts.uri.path() {
+                "/page" => {
+                    return reply(
+                        200,
+                        &[("content-type", "text/html; charset=utf-8")],
+                        &page(),
+                    )
+                }
+                "/report" => {
+                    let _ = report.send(param("r").unwrap_or("").to_owned());
+                    return reply(204, &[], "");
+                }
+                _ => {}
+            }
             if parts.uri.path() == "/sse" {
                 let (tx, rx) = mpsc::channel(4);
                 let held = held.clone();
@@ -171,7 +188,11 @@ impl App {
             resp.body(stream(body, trailers)).unwrap()
         })
         .await;
-        App { server, release }
+        App {
+            server,
+            release,
+            reports,
+        }
     }
 
     fn url(&self) -> String {
@@ -716,4 +737,102 @@ fn explain_says_whether_a_body_is_compressed_and_why_not() {
         out.contains("body: as it is: its content-length is below min_size"),
         "{out}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A browser
+// ---------------------------------------------------------------------------------------------
+
+/// What the page does once loaded: reads a large JSON body with `fetch`, waits for the
+/// first event of `/sse` (which the app holds open after it), and reports both, with the
+/// length of its own text, to `/report`.
+const PAGE_SCRIPT: &str = r#"<script>
+(async () => {
+  const result = {};
+  try {
+    const r = await fetch('/body?n=300000');
+    result.coding = r.headers.get('content-encoding');
+    result.json_length = (await r.text()).length;
+    result.event = await new Promise((resolve, reject) => {
+      const events = new EventSource('/sse');
+      events.onmessage = (e) => { events.close(); resolve(e.data); };
+      events.onerror = () => reject(new Error('EventSource failed'));
+    });
+    result.page_length = document.getElementById('filler').textContent.length;
+  } catch (e) {
+    result.failure = String(e);
+  }
+  await fetch('/report?r=' + encodeURIComponent(JSON.stringify(result)));
+})();
+</script>"#;
+
+/// The page: 40 000 characters of text, then [`PAGE_SCRIPT`].
+fn page() -> String {
+    let filler = "compressible page text ".repeat(40_000 / 23 + 1);
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>compress</title></head>\
+         <body><p id=\"filler\">{}</p>{PAGE_SCRIPT}</body></html>",
+        &filler[..40_000]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(gatehouse_has_chromium),
+    ignore = "needs chromium (apt-get install chromium)"
+)]
+async fn a_browser_reads_a_compressed_page_and_a_live_event_stream() {
+    let chromium = common::browser::find_chromium();
+    let mut app = App::start().await;
+    let (gh, dir) = gatehouse(
+        &app,
+        "content_types = [\"text/html\", \"application/json\", \"text/event-stream\"]",
+    )
+    .await;
+    let browser =
+        common::browser::Browser::open(&chromium, &format!("http://127.0.0.1:{}/page", gh.port));
+    let report = within(
+        Duration::from_secs(60),
+        "the page's report",
+        app.reports.recv(),
+    )
+    .await
+    .unwrap_or_else(|| panic!("no report\n{}", browser.log()));
+    app.release.notify_one();
+    let report: serde_json::Value = serde_json::from_str(&urldecode(&report)).unwrap();
+    assert!(report.get("failure").is_none(), "the page failed: {report}");
+    assert!(
+        CODINGS.contains(&report["coding"].as_str().unwrap_or("none")),
+        "{report}"
+    );
+    assert_eq!(report["json_length"], 300_000, "{report}");
+    assert_eq!(report["event"], "first", "{report}");
+    assert_eq!(report["page_length"], 40_000, "{report}");
+    // What went to the browser was compressed: far fewer bytes than the app sent.
+    let events = wait_for_events(&dir.path().join("events.jsonl"), 2).await;
+    for (path, size) in [("/page", page().len()), ("/body", 300_000)] {
+        let event = events
+            .iter()
+            .find(|e| e["path"] == path)
+            .unwrap_or_else(|| panic!("no event for {path}: {events:?}"));
+        let sent = event["bytes_out"].as_u64().unwrap() as usize;
+        assert!(sent < size / 2, "{path}: {sent} bytes sent for {size}");
+    }
+}
+
+/// `%XX` escapes decoded (what `encodeURIComponent` makes).
+fn urldecode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            out.push(u8::from_str_radix(&text[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
 }
