@@ -531,6 +531,32 @@ mod tests {
         fn on_response(&self, _: &mut response::Parts, _: &mut Context) {
             self.log.lock().unwrap().push(format!("resp{}", self.id));
         }
+        // Probes 1 and 3 have a response-body phase; only 3 asks for a filter.
+        fn filters_response_body(&self) -> bool {
+            self.id % 2 == 1
+        }
+        fn on_response_body(&self, _: &mut response::Parts, _: &mut Context) -> BodyPhase {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("resp_body{}", self.id));
+            match self.id {
+                3 => BodyPhase::Filter(Box::new(Tag(self.id))),
+                _ => BodyPhase::Pass("not this one"),
+            }
+        }
+    }
+
+    /// A filter that appends its probe's id to each piece.
+    struct Tag(usize);
+
+    impl BodyFilter for Tag {
+        fn filter(&mut self, data: Bytes, _: Boundary) -> std::io::Result<Bytes> {
+            Ok([&data[..], self.0.to_string().as_bytes()].concat().into())
+        }
+        fn describe(&self) -> String {
+            format!("tag {}", self.0)
+        }
     }
 
     fn chain(log: &Arc<Mutex<Vec<String>>>, reject_at: usize, scoped: Option<usize>) -> Chain {
@@ -579,7 +605,9 @@ mod tests {
             .unwrap();
         let answer = runtime.block_on(chain.on_request_with(&mut parts, path, &mut ctx, ()));
         let (mut resp, _) = Response::new(()).into_parts();
-        chain.on_response_with(&mut resp, &mut ctx, ());
+        let filters = chain.on_response_with(&mut resp, &mut ctx, ());
+        let described: Vec<String> = filters.iter().map(|f| f.describe()).collect();
+        ctx.state.insert(described);
         (ctx, answer)
     }
 
@@ -589,7 +617,7 @@ mod tests {
         let (ctx, answer) = run(&chain(&log, 2, None), "/");
         assert_eq!(
             *log.lock().unwrap(),
-            ["req0", "req1", "req2", "resp1", "resp0"]
+            ["req0", "req1", "req2", "resp1", "resp_body1", "resp0"]
         );
         assert_eq!(ctx.denied_by, Some(2));
         assert!(matches!(answer, Some(Answer::Reject(r)) if r.reason == Reason::IpDenied));
@@ -615,6 +643,10 @@ mod tests {
         }
         fn before_response(&mut self, i: usize, _: &response::Parts) {
             self.seen.push(format!("before_response{i}"));
+        }
+        fn response_body(&mut self, i: usize, phase: &BodyPhase) {
+            let filters = matches!(phase, BodyPhase::Filter(_));
+            self.seen.push(format!("response_body{i}:{filters}"));
         }
         fn after_response(&mut self, i: usize, _: &response::Parts, _: &Context) {
             self.seen.push(format!("after_response{i}"));
@@ -695,8 +727,19 @@ mod tests {
         assert!(answer.is_none());
         assert_eq!(
             *log.lock().unwrap(),
-            ["req0", "req2", "req3", "resp3", "resp2", "resp0"]
+            [
+                "req0",
+                "req2",
+                "req3",
+                "resp3",
+                "resp_body3",
+                "resp2",
+                "resp0"
+            ]
         );
+        // Only entries whose request phase ran, with a response-body phase, are asked;
+        // the filters they hand back come out in the order the body goes through them.
+        assert_eq!(ctx.state.get::<Vec<String>>().unwrap(), &["tag 3"]);
         assert_eq!(ctx.denied_by, None);
         // Only the middlewares with a body phase whose request phase ran see the body.
         log.lock().unwrap().clear();
