@@ -117,6 +117,9 @@ enum Level {
 struct Params {
     quality: u32,
     window_log: u32,
+    /// zstd's match-finder tables (log2 entries), where the level's own would be far
+    /// larger than its window.
+    tables_log: Option<u32>,
 }
 
 impl Level {
@@ -132,7 +135,8 @@ impl Level {
     /// 1 MiB (zstd) whatever the level: a proxy compresses many streams at once, and JSON
     /// and HTML gain little from longer ones. gzip's is always 32 KiB. Brotli stops at
     /// quality 5: from 6 on it costs several times the CPU for a percent or two, and from
-    /// 9 on its hasher alone takes over 30 MiB per stream.
+    /// 9 on its hasher alone takes over 30 MiB per stream. zstd 12's tables are capped at
+    /// 2^18 entries (its own are 2^22 and more: 42 MiB per stream with a 1 MiB window).
     fn params(self, algorithm: Algorithm) -> Params {
         let (quality, window_log) = match (algorithm, self) {
             (Algorithm::Gzip, Level::Fastest) => (1, 15),
@@ -148,6 +152,7 @@ impl Level {
         Params {
             quality,
             window_log,
+            tables_log: (algorithm == Algorithm::Zstd && self == Level::Best).then_some(18),
         }
     }
 }
@@ -508,6 +513,7 @@ impl Encoder {
         let Params {
             quality,
             window_log,
+            tables_log,
         } = level.params(algorithm);
         let codec = match algorithm {
             Algorithm::Gzip => Codec::Gzip(GzEncoder::new(
@@ -528,6 +534,10 @@ impl Encoder {
             Algorithm::Zstd => {
                 let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), quality as i32)?;
                 encoder.window_log(window_log)?;
+                if let Some(log) = tables_log {
+                    encoder.set_parameter(zstd::stream::raw::CParameter::HashLog(log))?;
+                    encoder.set_parameter(zstd::stream::raw::CParameter::ChainLog(log))?;
+                }
                 // A known size lets zstd size its tables to the body (and says it in the
                 // frame); the upstream's framing guarantees the length.
                 encoder.set_pledged_src_size(length)?;
