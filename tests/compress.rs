@@ -836,3 +836,42 @@ fn urldecode(text: &str) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+#[test]
+fn bad_settings_are_refused_with_where_and_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let cases = [
+        (
+            "content_types = [\"json\"]",
+            "middleware[1].content_types[1]: invalid media type \"json\"",
+        ),
+        (
+            "algorithms = [\"gzip\", \"gzip\"]",
+            "middleware[1].algorithms[2]: \"gzip\" is listed twice",
+        ),
+        (
+            "algorithms = []",
+            "middleware[1].algorithms: expected at least one",
+        ),
+        (
+            "algorithms = [\"deflate\"]",
+            "unknown variant `deflate`, expected one of `zstd`, `br`, `gzip`",
+        ),
+        (
+            "level = \"max\"",
+            "unknown variant `max`, expected one of `fastest`, `default`, `best`",
+        ),
+        ("min_size = \"10\"", "expected a unit after the number"),
+    ];
+    for (setting, expected) in cases {
+        let rest = format!("[[middleware]]\ntype = \"compress\"\n{setting}\n");
+        let text = config("", "", &rest)
+            .replace("{port}", "8080")
+            .replace("{upstream}", "http://127.0.0.1:8000");
+        std::fs::write(&path, text).unwrap();
+        let out = cli(&["check", "--config", path.to_str().unwrap()], &[], None);
+        assert_eq!(out.code, Some(2), "{setting}: {}", out.stderr);
+        assert!(out.stderr.contains(expected), "{setting}: {}", out.stderr);
+    }
+}
