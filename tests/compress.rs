@@ -337,6 +337,10 @@ async fn every_codec_at_every_level_decodes_byte_for_byte() {
             .map(|e| e["bytes_out"].as_u64().unwrap())
             .collect();
         assert_eq!(counted, sent, "{level}: audit bytes_out");
+        assert!(
+            events.iter().all(|e| e["completed"] == true),
+            "{level}: {events:?}"
+        );
     }
 }
 

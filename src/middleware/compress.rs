@@ -186,14 +186,14 @@ impl MediaRange {
         }
     }
 
-    /// Whether it covers `essence` (a lower-case `type/subtype`). Wildcards leave
+    /// Whether it covers `essence` (a `type/subtype`, in any case). Wildcards leave
     /// `text/event-stream` out: a stream of events is compressed only when named.
     fn covers(&self, essence: &str) -> bool {
         match self {
-            MediaRange::Exact(name) => name == essence,
-            _ if essence == "text/event-stream" => false,
+            MediaRange::Exact(name) => name.eq_ignore_ascii_case(essence),
+            _ if essence.eq_ignore_ascii_case("text/event-stream") => false,
             MediaRange::Any => true,
-            MediaRange::Type(prefix) => essence.starts_with(prefix.as_str()),
+            MediaRange::Type(prefix) => starts_with_ignore_case(essence, prefix),
         }
     }
 }
@@ -392,11 +392,10 @@ impl Compress {
         let Some(essence) = headers.get(CONTENT_TYPE).and_then(essence) else {
             return Err("the response has no content-type");
         };
-        let essence = essence.to_ascii_lowercase();
-        if essence.starts_with("application/grpc") {
+        if starts_with_ignore_case(essence, "application/grpc") {
             return Err("a gRPC response (gRPC compresses its messages itself)");
         }
-        if !self.content_types.iter().any(|t| t.covers(&essence)) {
+        if !self.content_types.iter().any(|t| t.covers(essence)) {
             return Err("its content-type is not in content_types");
         }
         let length = headers
@@ -450,6 +449,12 @@ fn qvalue(text: &[u8]) -> Option<u16> {
         thousandths += u16::from(d - b'0') * [100, 10, 1][i];
     }
     (whole + thousandths <= 1000).then_some(whole + thousandths)
+}
+
+/// Whether `text` starts with `prefix`, ASCII case aside.
+fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
+    text.get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
 }
 
 /// The `type/subtype` of a `content-type`, without its parameters.
@@ -678,6 +683,11 @@ mod tests {
     fn media_ranges() {
         let text = MediaRange::parse("Text/*").unwrap();
         assert!(text.covers("text/html"));
+        assert!(text.covers("TEXT/Html"));
+        assert!(!text.covers("TEXT/Event-Stream"));
+        assert!(MediaRange::parse("application/json")
+            .unwrap()
+            .covers("Application/JSON"));
         assert!(!text.covers("text/event-stream"));
         assert!(!text.covers("application/json"));
         assert!(MediaRange::parse("text/event-stream")
