@@ -78,6 +78,9 @@ struct ExplainArgs {
     /// The status the app is taken to answer.
     #[arg(long, value_name = "CODE", default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
     upstream_status: u16,
+    /// A response header the app is taken to answer with, as 'Name: value' (repeat for more).
+    #[arg(long = "upstream-header", value_name = "NAME: VALUE", value_parser = explain::parse_header)]
+    upstream_headers: Vec<(HeaderName, HeaderValue)>,
     /// Ask outside state for real (Redis, auth services, JWKS URLs), read-only where possible.
     #[arg(long)]
     live: bool,
@@ -161,6 +164,7 @@ fn explain(args: ExplainArgs) -> ExitCode {
     request.body_size = args.body_size;
     request.upstream_status =
         http::StatusCode::from_u16(args.upstream_status).expect("clap checked the range");
+    request.upstream_headers = args.upstream_headers;
     match explain::explain(&config, &request, args.live) {
         Ok(report) if args.json => {
             println!(

@@ -14,13 +14,12 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::browser::{find_chromium, Browser};
 use common::*;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -421,84 +420,6 @@ impl Page<'_> {
         let (_, r) = self.readable(case);
         serde_json::from_str(r["body"].as_str().unwrap())
             .unwrap_or_else(|e| panic!("{case}: not the app's JSON ({e}): {r}"))
-    }
-}
-
-/// The browser on `PATH`; its absence fails the test (build.rs ignores it where there is
-/// none, except under CI).
-fn find_chromium() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("chromium"))
-        .find(|p| p.is_file())
-        .expect("no `chromium` on PATH (Debian: apt-get install chromium)")
-}
-
-/// Headless Chromium showing one URL, with a fresh profile; killed (with every process it
-/// started) on drop.
-struct Browser {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Browser {
-    fn open(binary: &Path, url: &str) -> Browser {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("chromium.log")).unwrap();
-        let child = Command::new(binary)
-            // As root (CI) Chromium needs --no-sandbox; the rest keeps it from reaching
-            // out to the network (updates, sync, QUIC probes).
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                // Console messages (a CORS refusal's reason) go to the log.
-                "--enable-logging=stderr",
-            ])
-            .arg(format!(
-                "--user-data-dir={}",
-                dir.path().join("profile").display()
-            ))
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        Browser { child, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("chromium.log")).unwrap_or_default()
-    }
-
-    /// The log once `done` holds for it, or as it is after 10 s (the caller's assertion
-    /// then says what is missing).
-    async fn log_once(&self, done: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log();
-            if done(&log) || tokio::time::Instant::now() >= deadline {
-                return log;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // The browser's own process group: its renderer and helper processes too.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,6 +1,6 @@
-//! The middleware chain: one trait with a request phase, a body phase and a response
-//! phase, the per-request context, the answers gatehouse makes itself, and the ordered
-//! chain of one config generation.
+//! The middleware chain: one trait with a request phase, a body phase, a response phase
+//! and a response-body phase, the per-request context, the answers gatehouse makes itself,
+//! and the ordered chain of one config generation.
 //!
 //! Order and short-circuit (as documented): request phases run top to bottom; a middleware may
 //! answer instead of forwarding, and then only the middlewares before it see the response,
@@ -73,6 +73,43 @@ pub enum Answer {
     Reject(Reject),
 }
 
+/// Where a response body stands when a [`BodyFilter`] is asked for output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    /// More of the body is on its way: the filter may hold output back.
+    More,
+    /// The app has nothing more for now (its stream paused): everything held back goes
+    /// out, so that a stream of events or a long poll stays live.
+    Pause,
+    /// The body ends here; its trailers, if any, follow unchanged.
+    End,
+}
+
+/// A transformation of a response body as it streams (compression), asked for by a
+/// response-body phase. It never sees the body whole: it is shown each piece as it
+/// arrives, and told when the app pauses and when the body ends.
+pub trait BodyFilter: Send + 'static {
+    /// The output for `data`, the next piece of the body (empty at a pause or the end),
+    /// with `at` saying where the body stands after it. Empty output sends nothing.
+    fn filter(&mut self, data: Bytes, at: Boundary) -> std::io::Result<Bytes>;
+
+    /// What it does, in words for `explain` ("gzip at level default"). Never called
+    /// while serving.
+    fn describe(&self) -> String;
+}
+
+/// What a response-body phase decided for one response.
+pub enum BodyPhase {
+    /// The body goes through this filter (the phase has made the head match it).
+    Filter(Box<dyn BodyFilter>),
+    /// The body goes as it is, for this reason (in words, for `explain`).
+    Pass(&'static str),
+}
+
+/// The filters of one response's body, in the order the body goes through them (the
+/// app's side first). Empty, and so not allocated, for most responses.
+pub type Filters = Vec<Box<dyn BodyFilter>>;
+
 /// One middleware. Implementations are built once per config and shared by all requests.
 pub trait Middleware: Send + Sync + 'static {
     /// Request phase: may change the request on its way upstream, or answer it.
@@ -95,6 +132,19 @@ pub trait Middleware: Send + Sync + 'static {
     /// Response phase: runs only if this middleware's request phase ran and let the request
     /// through, for upstream responses and for answers of later middlewares alike.
     fn on_response(&self, _resp: &mut response::Parts, _ctx: &mut Context) {}
+
+    /// Whether this middleware has a response-body phase; asked once, when the chain is
+    /// built, so that a chain without one pays nothing for the mechanism.
+    fn filters_response_body(&self) -> bool {
+        false
+    }
+
+    /// Response-body phase: runs right after this middleware's response phase, and may
+    /// send the response body through a [`BodyFilter`], making the head match it (a
+    /// `content-encoding`, no `content-length`).
+    fn on_response_body(&self, _resp: &mut response::Parts, _ctx: &mut Context) -> BodyPhase {
+        BodyPhase::Pass("it has no response-body phase")
+    }
 
     /// The request header fields the request phase sets or removes. A request trailer
     /// never carries one of them to the app: it could undo the phase there (a stripped
@@ -140,7 +190,9 @@ pub trait Trail {
     fn body(&mut self, _phases: u64, _received: u64, _refused: Option<(usize, &Reject)>) {}
     /// Entry `i`'s response phase is next.
     fn before_response(&mut self, _i: usize, _resp: &response::Parts) {}
-    /// Entry `i`'s response phase has run.
+    /// Entry `i`'s response-body phase decided (before [`Trail::after_response`]).
+    fn response_body(&mut self, _i: usize, _phase: &BodyPhase) {}
+    /// Entry `i`'s response phase (and response-body phase) has run.
     fn after_response(&mut self, _i: usize, _resp: &response::Parts, _ctx: &Context) {}
 }
 
@@ -164,6 +216,9 @@ impl<T: Trail + ?Sized> Trail for &mut T {
     }
     fn before_response(&mut self, i: usize, resp: &response::Parts) {
         (**self).before_response(i, resp)
+    }
+    fn response_body(&mut self, i: usize, phase: &BodyPhase) {
+        (**self).response_body(i, phase)
     }
     fn after_response(&mut self, i: usize, resp: &response::Parts, ctx: &Context) {
         (**self).after_response(i, resp, ctx)
@@ -224,6 +279,8 @@ pub struct Chain {
     links: Box<[Link]>,
     /// Bit `i` is set when middleware `i` has a body phase.
     body_phases: u64,
+    /// Bit `i` is set when middleware `i` has a response-body phase.
+    response_body_phases: u64,
     /// `gatehouse_rejections_total{middleware, status}` handles, per link.
     rejections: Box<[ByStatus]>,
     /// `gatehouse_fail_open_total{middleware}` handles, per link, resolved on first use.
@@ -239,11 +296,15 @@ impl Chain {
             links.len() <= MAX_MIDDLEWARES,
             "config validation caps the chain"
         );
-        let body_phases = links
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.middleware.inspects_body())
-            .fold(0, |mask, (i, _)| mask | 1 << i);
+        let mask = |has: fn(&dyn Middleware) -> bool| {
+            links
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| has(&*l.middleware))
+                .fold(0, |mask, (i, _)| mask | 1 << i)
+        };
+        let body_phases = mask(|m| m.inspects_body());
+        let response_body_phases = mask(|m| m.filters_response_body());
         let mut request_fields: Vec<HeaderName> = links
             .iter()
             .flat_map(|l| l.middleware.request_fields())
@@ -256,6 +317,7 @@ impl Chain {
             fail_opens: links.iter().map(|_| OnceLock::new()).collect(),
             links: links.into(),
             body_phases,
+            response_body_phases,
         }
     }
 
@@ -350,22 +412,33 @@ impl Chain {
     }
 
     /// Runs the response phases, bottom to top, of the middlewares whose request phase ran,
-    /// telling `trail` every step (serving passes `()`).
+    /// each followed by its response-body phase if it has one, telling `trail` every step
+    /// (serving passes `()`); returns the filters the body must go through.
     pub fn on_response_with<T: Trail>(
         &self,
         resp: &mut response::Parts,
         ctx: &mut Context,
         mut trail: T,
-    ) {
+    ) -> Filters {
+        let mut filters = Filters::new();
         let mut ran = ctx.ran;
         while ran != 0 {
             let i = 63 - ran.leading_zeros() as usize;
             ran &= !(1 << i);
             ctx.current = i;
             trail.before_response(i, resp);
-            self.links[i].middleware.on_response(resp, ctx);
+            let middleware = &self.links[i].middleware;
+            middleware.on_response(resp, ctx);
+            if self.response_body_phases & 1 << i != 0 {
+                let phase = middleware.on_response_body(resp, ctx);
+                trail.response_body(i, &phase);
+                if let BodyPhase::Filter(filter) = phase {
+                    filters.push(filter);
+                }
+            }
             trail.after_response(i, resp, ctx);
         }
+        filters
     }
 
     /// The links, in request order.
@@ -458,6 +531,32 @@ mod tests {
         fn on_response(&self, _: &mut response::Parts, _: &mut Context) {
             self.log.lock().unwrap().push(format!("resp{}", self.id));
         }
+        // Probes 1 and 3 have a response-body phase; only 3 asks for a filter.
+        fn filters_response_body(&self) -> bool {
+            self.id % 2 == 1
+        }
+        fn on_response_body(&self, _: &mut response::Parts, _: &mut Context) -> BodyPhase {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("resp_body{}", self.id));
+            match self.id {
+                3 => BodyPhase::Filter(Box::new(Tag(self.id))),
+                _ => BodyPhase::Pass("not this one"),
+            }
+        }
+    }
+
+    /// A filter that appends its probe's id to each piece.
+    struct Tag(usize);
+
+    impl BodyFilter for Tag {
+        fn filter(&mut self, data: Bytes, _: Boundary) -> std::io::Result<Bytes> {
+            Ok([&data[..], self.0.to_string().as_bytes()].concat().into())
+        }
+        fn describe(&self) -> String {
+            format!("tag {}", self.0)
+        }
     }
 
     fn chain(log: &Arc<Mutex<Vec<String>>>, reject_at: usize, scoped: Option<usize>) -> Chain {
@@ -506,7 +605,9 @@ mod tests {
             .unwrap();
         let answer = runtime.block_on(chain.on_request_with(&mut parts, path, &mut ctx, ()));
         let (mut resp, _) = Response::new(()).into_parts();
-        chain.on_response_with(&mut resp, &mut ctx, ());
+        let filters = chain.on_response_with(&mut resp, &mut ctx, ());
+        let described: Vec<String> = filters.iter().map(|f| f.describe()).collect();
+        ctx.state.insert(described);
         (ctx, answer)
     }
 
@@ -516,7 +617,7 @@ mod tests {
         let (ctx, answer) = run(&chain(&log, 2, None), "/");
         assert_eq!(
             *log.lock().unwrap(),
-            ["req0", "req1", "req2", "resp1", "resp0"]
+            ["req0", "req1", "req2", "resp1", "resp_body1", "resp0"]
         );
         assert_eq!(ctx.denied_by, Some(2));
         assert!(matches!(answer, Some(Answer::Reject(r)) if r.reason == Reason::IpDenied));
@@ -542,6 +643,10 @@ mod tests {
         }
         fn before_response(&mut self, i: usize, _: &response::Parts) {
             self.seen.push(format!("before_response{i}"));
+        }
+        fn response_body(&mut self, i: usize, phase: &BodyPhase) {
+            let filters = matches!(phase, BodyPhase::Filter(_));
+            self.seen.push(format!("response_body{i}:{filters}"));
         }
         fn after_response(&mut self, i: usize, _: &response::Parts, _: &Context) {
             self.seen.push(format!("after_response{i}"));
@@ -622,8 +727,19 @@ mod tests {
         assert!(answer.is_none());
         assert_eq!(
             *log.lock().unwrap(),
-            ["req0", "req2", "req3", "resp3", "resp2", "resp0"]
+            [
+                "req0",
+                "req2",
+                "req3",
+                "resp3",
+                "resp_body3",
+                "resp2",
+                "resp0"
+            ]
         );
+        // Only entries whose request phase ran, with a response-body phase, are asked;
+        // the filters they hand back come out in the order the body goes through them.
+        assert_eq!(ctx.state.get::<Vec<String>>().unwrap(), &["tag 3"]);
         assert_eq!(ctx.denied_by, None);
         // Only the middlewares with a body phase whose request phase ran see the body.
         log.lock().unwrap().clear();

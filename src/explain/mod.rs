@@ -34,7 +34,7 @@ use crate::chain::reject::code_for;
 use http_body_util::BodyExt;
 
 use crate::audit::Decision;
-use crate::chain::{Answer, Chain, Context, Exclusion, Reject, Trail};
+use crate::chain::{Answer, BodyPhase, Chain, Context, Exclusion, Reject, Trail};
 use crate::middleware::Handles;
 use crate::pool;
 use crate::protocol::h1::{self, Framing};
@@ -97,6 +97,8 @@ pub struct Request {
     pub body_size: Option<u64>,
     /// What the app is taken to answer.
     pub upstream_status: StatusCode,
+    /// The response headers the app is taken to answer with.
+    pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Request {
@@ -109,6 +111,7 @@ impl Request {
             from: IpAddr::from([127, 0, 0, 1]),
             body_size: None,
             upstream_status: StatusCode::OK,
+            upstream_headers: Vec::new(),
         }
     }
 
@@ -280,6 +283,19 @@ pub struct ResponseStep {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub changes: Changes,
+    /// The response-body phase's verdict, when the entry has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<ResponseBodyResult>,
+}
+
+/// What a response-body phase does to the body.
+#[derive(Debug, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ResponseBodyResult {
+    /// The body streams through this filter.
+    Filter { filter: String },
+    /// The body goes as it is, for this reason.
+    Pass { reason: &'static str },
 }
 
 /// What one phase changed.
@@ -356,6 +372,8 @@ struct Recorder<'c> {
     before: Option<(HeaderMap, Uri, Option<Arc<str>>)>,
     /// The response headers before the running response phase.
     response_before: HeaderMap,
+    /// The running response phase's response-body verdict, if it has that phase.
+    response_body: Option<ResponseBodyResult>,
     response: Vec<ResponseStep>,
     /// gatehouse's own refusal before the chain, if any.
     gatehouse: Option<Refusal>,
@@ -379,6 +397,7 @@ impl<'c> Recorder<'c> {
                 .collect(),
             before: None,
             response_before: HeaderMap::new(),
+            response_body: None,
             response: Vec::new(),
             gatehouse: None,
         }
@@ -462,6 +481,15 @@ impl Trail for Recorder<'_> {
         self.response_before = resp.headers.clone();
     }
 
+    fn response_body(&mut self, _: usize, phase: &BodyPhase) {
+        self.response_body = Some(match phase {
+            BodyPhase::Filter(filter) => ResponseBodyResult::Filter {
+                filter: filter.describe(),
+            },
+            BodyPhase::Pass(reason) => ResponseBodyResult::Pass { reason },
+        });
+    }
+
     fn after_response(&mut self, i: usize, resp: &response::Parts, _: &Context) {
         let link = &self.chain.links()[i];
         self.response.push(ResponseStep {
@@ -471,6 +499,7 @@ impl Trail for Recorder<'_> {
                 headers: Changes::between(&self.response_before, &resp.headers),
                 ..Changes::default()
             },
+            body: self.response_body.take(),
         });
     }
 }
@@ -537,7 +566,10 @@ async fn run(config: &Config, proxy: &Arc<Proxy>, request: &Request, live: bool)
         Framing::Empty | Framing::UntilClose => 0,
     });
     let client = proxy::Client::new(request.from, request.target.tls, 0);
-    let assumed = Assumed(request.upstream_status);
+    let assumed = Assumed {
+        status: request.upstream_status,
+        headers: &request.upstream_headers,
+    };
     let req = http::Request::from_parts(head.parts, body);
     let resp = proxy
         .handle_with(
@@ -565,11 +597,14 @@ async fn run(config: &Config, proxy: &Arc<Proxy>, request: &Request, live: bool)
     finish(trail, summary, outcome)
 }
 
-/// The app as `explain` takes it: it answers with this status, its body empty, after the
-/// request body went through the body phases as serving sends it.
-struct Assumed(StatusCode);
+/// The app as `explain` takes it: it answers with this status and these headers, its body
+/// empty, after the request body went through the body phases as serving sends it.
+struct Assumed<'a> {
+    status: StatusCode,
+    headers: &'a [(HeaderName, HeaderValue)],
+}
 
-impl proxy::Upstream for Assumed {
+impl proxy::Upstream for Assumed<'_> {
     async fn forward<B>(
         &self,
         proxy: &Proxy,
@@ -591,7 +626,10 @@ impl proxy::Upstream for Assumed {
         s.bytes_in = tally.received;
         let refused = tally.refused.take();
         let mut head = http::Response::new(()).into_parts().0;
-        head.status = self.0;
+        head.status = self.status;
+        for (name, value) in self.headers {
+            head.headers.append(name, value.clone());
+        }
         proxy::Exchange {
             result: match failed {
                 true => Err(pool::Error::Body),
@@ -822,11 +860,20 @@ impl fmt::Display for Report {
             writeln!(f, "response phases:")?;
             for step in &self.response {
                 let name = label(&step.name, step.kind);
-                if step.changes.headers.is_empty() {
+                if step.changes.headers.is_empty() && step.body.is_none() {
                     writeln!(f, "      {name}: no change")?;
-                } else {
-                    writeln!(f, "      {name}:")?;
-                    write_changes(f, &step.changes)?;
+                    continue;
+                }
+                writeln!(f, "      {name}:")?;
+                write_changes(f, &step.changes)?;
+                match &step.body {
+                    Some(ResponseBodyResult::Filter { filter }) => {
+                        writeln!(f, "        body: {filter}")?
+                    }
+                    Some(ResponseBodyResult::Pass { reason }) => {
+                        writeln!(f, "        body: as it is: {reason}")?
+                    }
+                    None => {}
                 }
             }
         }

@@ -190,6 +190,7 @@ registry! {
     "basic_auth" => BasicAuth(basic_auth),
     "jwt" => Jwt(jwt),
     "forward_auth" => ForwardAuth(forward_auth),
+    "compress" => Compress(compress),
 }
 
 /// Builds the chain of a config's entries, in order.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::chain::{Chain, Reject};
+use crate::chain::{BodyFilter, Boundary, Chain, Filters, Reject};
 use crate::config::Underscores;
 use crate::pool::{self, H2Body, Upgraded};
 use crate::protocol::h1::hop;
@@ -234,18 +234,98 @@ fn admit_trailers(fields: &mut HeaderMap, chain: &Chain, underscores: Underscore
 }
 
 /// A response body to the client: the upstream's, streamed (over HTTP/1.1 or HTTP/2); one
-/// gatehouse made; or, after a `101`, the upstream connection the server splices to the
-/// client's.
+/// gatehouse made; either of them through the filters of response-body phases; or, after a
+/// `101`, the upstream connection the server splices to the client's.
 pub enum Body {
     Full(Option<Bytes>),
     Upstream(pool::Body),
     UpstreamH2(H2Body),
+    Filtered(Box<Filtered>),
     Upgrade(Option<Upgraded>),
 }
 
 impl Body {
     pub fn full(bytes: Bytes) -> Self {
         Body::Full((!bytes.is_empty()).then_some(bytes))
+    }
+
+    /// This body through `filters` (from the response phases); itself when there are none.
+    pub fn filtered(self, filters: Filters) -> Self {
+        if filters.is_empty() {
+            return self;
+        }
+        Body::Filtered(Box::new(Filtered {
+            inner: self,
+            filters,
+            held: false,
+            ended: false,
+            trailers: None,
+        }))
+    }
+}
+
+/// A body through filters: each piece of the inner body goes through them in order, a
+/// pause of the inner body (its poll is pending) flushes what they hold, and its end (its
+/// `None`, or its trailers) finishes them before the trailers go on unchanged.
+pub struct Filtered {
+    inner: Body,
+    filters: Filters,
+    /// The filters have been given data since they last flushed.
+    held: bool,
+    /// The inner body has ended and the filters have finished.
+    ended: bool,
+    /// The inner body's trailers, sent after the filters' last output.
+    trailers: Option<HeaderMap>,
+}
+
+impl Filtered {
+    /// `data` through every filter, each told `at`.
+    fn run(&mut self, data: Bytes, at: Boundary) -> std::io::Result<Bytes> {
+        self.filters
+            .iter_mut()
+            .try_fold(data, |data, filter: &mut Box<dyn BodyFilter>| {
+                filter.filter(data, at)
+            })
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
+        let data = |out: Bytes| Poll::Ready(Some(Ok(Frame::data(out))));
+        loop {
+            if self.ended {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            let (piece, at) = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending if self.held => {
+                    self.held = false;
+                    (Bytes::new(), Boundary::Pause)
+                }
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(piece) => {
+                        self.held = true;
+                        (piece, Boundary::More)
+                    }
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        self.ended = true;
+                        (Bytes::new(), Boundary::End)
+                    }
+                },
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    (Bytes::new(), Boundary::End)
+                }
+            };
+            let out = self.run(piece, at)?;
+            if !out.is_empty() {
+                return data(out);
+            }
+            if at == Boundary::Pause {
+                // The inner body's waker is registered: it wakes us when there is more.
+                return Poll::Pending;
+            }
+        }
     }
 }
 
@@ -261,6 +341,7 @@ impl HttpBody for Body {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
             Body::UpstreamH2(body) => Pin::new(body).poll_frame(cx),
+            Body::Filtered(body) => body.poll_frame(cx),
             Body::Upgrade(_) => Poll::Ready(None),
         }
     }
@@ -270,6 +351,7 @@ impl HttpBody for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Upstream(body) => body.is_end_stream(),
             Body::UpstreamH2(body) => body.is_end_stream(),
+            Body::Filtered(body) => body.ended && body.trailers.is_none(),
             Body::Upgrade(_) => true,
         }
     }
@@ -279,6 +361,11 @@ impl HttpBody for Body {
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(body) => body.size_hint(),
             Body::UpstreamH2(body) => body.size_hint(),
+            // A filter changes the length: it is known once the body has ended.
+            Body::Filtered(body) if body.ended && body.trailers.is_none() => {
+                SizeHint::with_exact(0)
+            }
+            Body::Filtered(_) => SizeHint::default(),
             Body::Upgrade(_) => SizeHint::with_exact(0),
         }
     }

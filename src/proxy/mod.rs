@@ -249,7 +249,9 @@ impl Proxy {
     /// One request's phases, in order (Pingora's names): `request_filter` (gatehouse's own
     /// checks, then the chain's request phases), the upstream request (its body through
     /// the chain's body phases, to the app or to what `explain` takes as the app:
-    /// [`Upstream`]), and `response_filter` (the chain's response phases, bottom to top).
+    /// [`Upstream`]), `response_filter` (the chain's response phases, bottom to top) and
+    /// `response_body_filter` (the filters those phases asked for, wrapped around the
+    /// body: they run as it streams to the client).
     /// The last phase, logging, runs when the session ends (`session.rs`). `trail` is told
     /// each step (`explain`'s report); serving passes `()`, which costs nothing.
     #[allow(clippy::too_many_arguments)]
@@ -317,8 +319,8 @@ impl Proxy {
         }
         // The client's protocol decides the response's, not the upstream's.
         head.version = Version::default();
-        self.chain.on_response_with(&mut head, &mut s.ctx, trail);
-        Response::from_parts(head, body)
+        let filters = self.chain.on_response_with(&mut head, &mut s.ctx, trail);
+        Response::from_parts(head, body.filtered(filters))
     }
 
     /// gatehouse's own checks, then the chain's request phases; the answer, if one of them
@@ -495,8 +497,8 @@ impl Proxy {
             }
         };
         let (mut head, bytes) = resp.into_parts();
-        self.chain.on_response_with(&mut head, &mut s.ctx, trail);
-        Response::from_parts(head, Body::full(bytes))
+        let filters = self.chain.on_response_with(&mut head, &mut s.ctx, trail);
+        Response::from_parts(head, Body::full(bytes).filtered(filters))
     }
 }
 

@@ -5,6 +5,8 @@
 //! * client helpers: [`send`], [`get`], [`H1`], [`h2_send`], [`raw_exchange`].
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
