@@ -12,7 +12,7 @@ fn get_with(path: &str, headers: &[(&str, &str)]) -> http::Request<Body> {
     b.body(empty()).unwrap()
 }
 
-/// A rejection: the status, SPEC's body, the challenge, and the upstream never reached.
+/// A rejection: the status, gatehouse's error body, the challenge, and the upstream never reached.
 async fn assert_rejected(
     gh: &Gatehouse,
     up: &Upstream,

@@ -204,7 +204,7 @@ impl Example {
     }
 }
 
-/// `x-response-time` as SPEC formats it: milliseconds with three decimals.
+/// `x-response-time` as gatehouse formats it: milliseconds with three decimals.
 fn assert_timing_header(resp: &Resp) {
     let value = resp.header("x-response-time").expect("x-response-time");
     let ms = value

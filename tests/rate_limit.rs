@@ -32,7 +32,7 @@ fn assert_passed(resp: &Resp, limit: u32, remaining: u32) {
     assert!(resp.header("ratelimit-reset").is_some(), "{resp:?}");
 }
 
-/// Asserts a 429 with SPEC's body, `retry-after` and the headers; returns retry-after.
+/// Asserts a 429 with gatehouse's error body, `retry-after` and the headers; returns retry-after.
 fn assert_limited(resp: &Resp, limit: u32) -> u64 {
     resp.assert_gatehouse_error(429, "rate_limited");
     assert_eq!(resp.header("ratelimit-limit"), Some(limit.to_string()));

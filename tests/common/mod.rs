@@ -769,8 +769,8 @@ impl Resp {
             .collect()
     }
 
-    /// Asserts this is one of gatehouse's own error responses (SPEC "Responses that gatehouse
-    /// makes itself") with the given status and code; returns the JSON body.
+    /// Asserts this is one of gatehouse's own error responses (its JSON error body, as
+    /// docs/security.md shows it) with the given status and code; returns the JSON body.
     pub fn assert_gatehouse_error(&self, status: u16, code: &str) -> serde_json::Value {
         assert_eq!(self.status.as_u16(), status, "unexpected status: {self:?}");
         let ct = self.header("content-type").unwrap_or_default();
