@@ -15,6 +15,7 @@ use crate::config::{typed, Entries, MiddlewareEntry, Problem};
 use crate::metrics::Metrics;
 
 mod auth;
+mod jwks;
 pub mod order;
 
 /// What every middleware's settings can do besides deserializing.
@@ -186,6 +187,7 @@ registry! {
     "basic_auth" => BasicAuth(basic_auth),
     "jwt" => Jwt(jwt),
     "forward_auth" => ForwardAuth(forward_auth),
+    "oidc" => Oidc(oidc),
 }
 
 /// Builds the chain of a config's entries, in order.
