@@ -180,8 +180,9 @@ impl<'de> Deserialize<'de> for Issuer {
                 Ok(Issuer(trimmed.to_owned()))
             }
             _ => Err(de::Error::custom(format!(
-                "invalid issuer {s:?}: expected http://host[:port][/path] (https is not \
-                 supported: reach the provider through a local TLS-originating proxy)"
+                "invalid issuer {s:?}: expected http://host[:port][/path] (gatehouse calls \
+                 providers over plain HTTP only: one reachable only over https cannot be used \
+                 yet)"
             ))),
         }
     }
