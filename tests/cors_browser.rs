@@ -15,7 +15,7 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,7 +82,7 @@ path = "{events}"
     ignore = "needs chromium (apt-get install chromium)"
 )]
 async fn a_page_on_another_origin_gets_what_the_readme_promises() {
-    let chromium = find_chromium();
+    let chromium = find_program("chromium", "Debian: apt-get install chromium");
     let app = App::start().await;
     let gatehouse_port = free_port().to_string();
     let gatehouse_url = format!("http://127.0.0.1:{gatehouse_port}");
@@ -279,7 +279,7 @@ rate = "100/s"
     ignore = "needs chromium (apt-get install chromium)"
 )]
 async fn a_websocket_opens_from_an_allowed_origin_only_and_gatehouse_s_headers_are_readable() {
-    let chromium = find_chromium();
+    let chromium = find_program("chromium", "Debian: apt-get install chromium");
     let app = App::start().await;
     let gatehouse_port = free_port().to_string();
     let gatehouse_url = format!("http://127.0.0.1:{gatehouse_port}");
@@ -422,16 +422,6 @@ impl Page<'_> {
         serde_json::from_str(r["body"].as_str().unwrap())
             .unwrap_or_else(|e| panic!("{case}: not the app's JSON ({e}): {r}"))
     }
-}
-
-/// The browser on `PATH`; its absence fails the test (build.rs ignores it where there is
-/// none, except under CI).
-fn find_chromium() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("chromium"))
-        .find(|p| p.is_file())
-        .expect("no `chromium` on PATH (Debian: apt-get install chromium)")
 }
 
 /// Headless Chromium showing one URL, with a fresh profile; killed (with every process it

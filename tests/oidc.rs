@@ -29,6 +29,9 @@ shutdown_grace = "1s"
 [upstream]
 url = "{upstream}"
 
+[admin]
+listen = "127.0.0.1:{admin}"
+
 [[middleware]]
 type = "oidc"
 issuer = "http://127.0.0.1:{idp}"
@@ -258,6 +261,7 @@ fn events(path: &std::path::Path) -> Vec<Value> {
 
 struct Setup {
     provider: Provider,
+    admin: u16,
     gh: Gatehouse,
     _app: Upstream,
     events: PathBuf,
@@ -265,7 +269,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let (port, idp) = (free_port(), free_port());
+    let (port, idp, admin) = (free_port(), free_port(), free_port());
     let provider = Provider::start(idp, port).await;
     let app = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -275,6 +279,7 @@ async fn setup() -> Setup {
         &[
             ("port", &port.to_string()),
             ("idp", &idp.to_string()),
+            ("admin", &admin.to_string()),
             ("upstream", &app.url()),
             ("secret", SECRET),
             ("events", events.to_str().unwrap()),
@@ -296,6 +301,7 @@ async fn setup() -> Setup {
     .await;
     Setup {
         provider,
+        admin,
         gh,
         _app: app,
         events,
@@ -311,6 +317,7 @@ async fn setup() -> Setup {
 async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
     let Setup {
         provider,
+        admin,
         mut gh,
         events: events_file,
         _app,
@@ -484,6 +491,32 @@ async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
         .iter()
         .any(|c| c.starts_with("gatehouse_session=;")));
 
+    // An API client with the provider's ID token for this client as a bearer token.
+    let token = id_token(&provider, port, "carol").await;
+    let resp = send(
+        port,
+        request("GET", "/echo")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.upstream_headers()["x-user"], ["carol"]);
+
+    let metrics = get(admin, "/metrics").await.text();
+    for (event, n) in [
+        ("login", 2),
+        ("login_failed", 2),
+        ("refresh", 1),
+        ("refresh_failed", 1),
+        ("logout", 1),
+    ] {
+        let line =
+            format!("gatehouse_oidc_events_total{{middleware=\"oidc\",event=\"{event}\"}} {n}\n");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+
     gh.send_signal("TERM");
     gh.assert_exits_with(0).await;
     let events = events(&events_file);
@@ -507,6 +540,61 @@ async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
     );
 }
 
+/// An ID token for gatehouse's client, signed in as `user` by the test itself (the code
+/// flow with PKCE, the code exchanged at the token endpoint), as an API client gets one.
+async fn id_token(provider: &Provider, app: u16, user: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let verifier = "a-test-verifier-that-is-long-enough-for-pkce-0123456789";
+    let challenge = b64.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let redirect = format!("http://127.0.0.1:{app}/oauth2/callback");
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("response_type", "code")
+        .append_pair("client_id", "gatehouse")
+        .append_pair("redirect_uri", &redirect)
+        .append_pair("scope", "openid email")
+        .append_pair("nonce", "n")
+        .append_pair(
+            "claims",
+            r#"{"id_token":{"email":null,"email_verified":null}}"#,
+        )
+        .append_pair("code_challenge", &challenge)
+        .append_pair("code_challenge_method", "S256")
+        .finish();
+    let start = format!("http://127.0.0.1:{}/auth?{query}", provider.port);
+    let Walk::Stopped(callback) = Browser::default()
+        .walk(&start, user, |u| u.starts_with(&redirect))
+        .await
+    else {
+        panic!("the provider did not answer with a code")
+    };
+    let code = form_urlencoded::parse(callback.split_once('?').unwrap().1.as_bytes())
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let form = form_urlencoded::Serializer::new(String::new())
+        .append_pair("grant_type", "authorization_code")
+        .append_pair("code", &code)
+        .append_pair("redirect_uri", &redirect)
+        .append_pair("code_verifier", verifier)
+        .finish();
+    let basic = base64::engine::general_purpose::STANDARD.encode("gatehouse:gatehouse-test-secret");
+    let resp = send(
+        provider.port,
+        request("POST", "/token")
+            .header("host", format!("127.0.0.1:{}", provider.port))
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full(form))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.json()["id_token"].as_str().unwrap().to_owned()
+}
+
 /// Runs the futures at once and returns their outputs in order.
 async fn futures_join<F: std::future::Future<Output = Resp> + Send + 'static>(
     futures: impl Iterator<Item = F>,
@@ -525,7 +613,7 @@ async fn futures_join<F: std::future::Future<Output = Resp> + Send + 'static>(
     ignore = "needs node and npm (apt-get install nodejs npm)"
 )]
 async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
-    let (port, idp) = (free_port(), free_port());
+    let (port, idp, admin) = (free_port(), free_port(), free_port());
     let app = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
@@ -534,6 +622,7 @@ async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
         &[
             ("port", &port.to_string()),
             ("idp", &idp.to_string()),
+            ("admin", &admin.to_string()),
             ("upstream", &app.url()),
             ("secret", SECRET),
             ("events", events.to_str().unwrap()),
@@ -571,7 +660,7 @@ async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
 )]
 async fn a_browser_signs_in_through_the_provider_forms() {
     let setup = setup().await;
-    let chromium = which("chromium");
+    let chromium = find_program("chromium", "Debian: apt-get install chromium");
     let url = format!("http://127.0.0.1:{}/echo?page=1", setup.gh.port);
     let out = within(
         STEP,
@@ -615,14 +704,4 @@ async fn a_browser_signs_in_through_the_provider_forms() {
     assert_eq!(session["httpOnly"], true);
     assert_eq!(session["secure"], true);
     assert_eq!(session["sameSite"], "Lax");
-}
-
-fn which(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(program))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| panic!("{program} is not on PATH"))
 }

@@ -846,9 +846,17 @@ impl Inner {
     }
 
     /// The `set-cookie` values that store `session` (split when large) and expire the
-    /// request's other session cookies (a split one becoming whole, or fewer chunks).
-    fn session_cookies(&self, req: &request::Parts, session: &Session) -> Vec<HeaderValue> {
+    /// request's other session cookies (a split one becoming whole, or fewer chunks); `Err`
+    /// with its size for a session too large for [`MAX_CHUNKS`] cookies.
+    fn session_cookies(
+        &self,
+        req: &request::Parts,
+        session: &Session,
+    ) -> Result<Vec<HeaderValue>, usize> {
         let sealed = self.seal(&self.cookie_name, session);
+        if sealed.len() > CHUNK * MAX_CHUNKS {
+            return Err(sealed.len());
+        }
         let max_age = session.expires.saturating_sub(unix_now());
         let mut out = Vec::new();
         let mut written = Vec::new();
@@ -868,7 +876,7 @@ impl Inner {
                 .filter(|name| !written.contains(name))
                 .map(|name| self.set_cookie(&name, "", 0)),
         );
-        out
+        Ok(out)
     }
 
     /// The names of the session cookies (whole or chunks) the request carries.
@@ -1253,8 +1261,22 @@ impl Inner {
             id_token,
             expires: now + self.session_ttl,
         };
+        let mut cookies = match self.session_cookies(req, &session) {
+            Ok(c) => c,
+            Err(size) => {
+                return failed(
+                    StatusCode::BAD_GATEWAY,
+                    Reason::InvalidCredentials,
+                    format!(
+                        "the session is too large for cookies ({size} bytes sealed, at most \
+                         {}): ask for fewer scopes, or have the provider put fewer claims in \
+                         the ID token",
+                        CHUNK * MAX_CHUNKS
+                    ),
+                )
+            }
+        };
         self.metrics.logins.inc();
-        let mut cookies = self.session_cookies(req, &session);
         cookies.push(clear_state);
         let back = if same_origin(&pending.back) {
             pending.back.as_str()
@@ -1532,9 +1554,10 @@ impl Middleware for Oidc {
             return inner.login(req, ctx, Reason::SessionExpired, clear);
         }
         Flow::wait(async move {
-            match inner.refreshed(session, ctx.worker).await {
-                Some(fresh) => {
-                    let cookies = inner.session_cookies(req, &fresh);
+            let refreshed = inner.refreshed(session, ctx.worker).await;
+            // A session grown too large for its cookies ends as a failed refresh would.
+            match refreshed.and_then(|f| Some((inner.session_cookies(req, &f).ok()?, f))) {
+                Some((cookies, fresh)) => {
                     let flow = inner.admit(&fresh.claims, req, ctx);
                     if matches!(flow, Flow::Continue) {
                         ctx.state.insert(Reissue(cookies));
@@ -1647,6 +1670,71 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(inner.open::<Value>("a", &URL_SAFE_NO_PAD.encode(old)), Some(json!([1])));
+    }
+
+    /// The request a browser sends back after `set_cookies`.
+    fn sent_back(set_cookies: &[HeaderValue]) -> request::Parts {
+        let pairs: Vec<&str> = set_cookies
+            .iter()
+            .map(|c| c.to_str().unwrap().split(';').next().unwrap())
+            .filter(|pair| !pair.ends_with('='))
+            .collect();
+        http::Request::get("/")
+            .header(COOKIE, pairs.join("; "))
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn session(claims: Value) -> Session {
+        Session {
+            id: "s".into(),
+            claims: claims.as_object().unwrap().clone(),
+            access_token: "at".into(),
+            access_expires: u64::MAX / 2,
+            refresh_at: u64::MAX / 2,
+            refresh_token: None,
+            id_token: "it".into(),
+            expires: unix_now() + 3600,
+        }
+    }
+
+    #[test]
+    fn a_large_session_is_split_and_joined_and_a_small_one_clears_the_chunks() {
+        let inner = inner(&[], &[]);
+        let groups: Vec<String> = (0..800).map(|i| format!("group-{i}")).collect();
+        let big = session(json!({"sub": "alice", "groups": groups}));
+        let empty = http::Request::get("/").body(()).unwrap().into_parts().0;
+        let set = inner.session_cookies(&empty, &big).unwrap();
+        assert!(set.len() > 2, "{set:?}");
+        for (i, c) in set.iter().enumerate() {
+            let c = c.to_str().unwrap();
+            assert!(c.starts_with(&format!("gatehouse_session_{i}=")), "{c}");
+            assert!(c.len() < 4000, "{} bytes", c.len());
+            for attr in ["; Path=/", "; HttpOnly", "; SameSite=Lax", "; Secure", "; Max-Age="] {
+                assert!(c.contains(attr), "{attr} in {c}");
+            }
+        }
+        let back = sent_back(&set);
+        let opened = inner.session(&back).unwrap().unwrap();
+        assert_eq!(opened.claims["groups"].as_array().unwrap().len(), 800);
+        // A chunk missing from the middle: the rest does not open.
+        let mut partial = set.clone();
+        partial.remove(1);
+        assert!(inner.session(&sent_back(&partial)).is_err());
+        // Smaller again: one cookie, and every chunk the browser holds is expired.
+        let small = inner
+            .session_cookies(&back, &session(json!({"sub": "alice"})))
+            .unwrap();
+        assert!(small[0].to_str().unwrap().starts_with("gatehouse_session="));
+        assert_eq!(small.len(), 1 + set.len());
+        assert!(small[1..].iter().all(|c| c.to_str().unwrap().contains("=; Path=/")
+            && c.to_str().unwrap().ends_with("Max-Age=0")));
+        // Too large for the cookies a browser keeps: refused, not cut short.
+        let groups: Vec<String> = (0..4000).map(|i| format!("group-{i}")).collect();
+        let huge = session(json!({"sub": "alice", "groups": groups}));
+        assert!(inner.session_cookies(&empty, &huge).is_err());
     }
 
     #[test]
