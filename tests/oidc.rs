@@ -42,6 +42,7 @@ scopes = ["openid", "email", "profile", "offline_access"]
 post_logout_redirect = "http://127.0.0.1:{port}/signed-out"
 allowed = { email_domains = ["example.com"] }
 forward_claims = { sub = "x-user", email = "x-email", groups = "x-groups" }
+{store}
 
 [audit]
 [[audit.sinks]]
@@ -268,7 +269,8 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+/// The provider, the app and gatehouse in front of it (`store`: session store keys).
+async fn setup(store: &str) -> Setup {
     let (port, idp, admin) = (free_port(), free_port(), free_port());
     let provider = Provider::start(idp, port).await;
     let app = Upstream::start().await;
@@ -283,6 +285,7 @@ async fn setup() -> Setup {
             ("upstream", &app.url()),
             ("secret", SECRET),
             ("events", events.to_str().unwrap()),
+            ("store", store),
         ],
     )
     .await;
@@ -322,7 +325,7 @@ async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
         events: events_file,
         _app,
         _dir,
-    } = setup().await;
+    } = setup("").await;
     let port = gh.port;
     let origin = format!("http://127.0.0.1:{port}");
 
@@ -615,6 +618,7 @@ async fn futures_join<F: std::future::Future<Output = Resp> + Send + 'static>(
 async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
     let (port, idp, admin) = (free_port(), free_port(), free_port());
     let app = Upstream::start().await;
+    let store = "";
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let _gh = Gatehouse::start(
@@ -626,6 +630,7 @@ async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
             ("upstream", &app.url()),
             ("secret", SECRET),
             ("events", events.to_str().unwrap()),
+            ("store", store),
         ],
     )
     .await;
@@ -659,7 +664,7 @@ async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
     ignore = "needs node, npm and chromium (apt-get install nodejs npm chromium)"
 )]
 async fn a_browser_signs_in_through_the_provider_forms() {
-    let setup = setup().await;
+    let setup = setup("").await;
     let chromium = find_program("chromium", "Debian: apt-get install chromium");
     let url = format!("http://127.0.0.1:{}/echo?page=1", setup.gh.port);
     let out = within(
@@ -704,4 +709,102 @@ async fn a_browser_signs_in_through_the_provider_forms() {
     assert_eq!(session["httpOnly"], true);
     assert_eq!(session["secure"], true);
     assert_eq!(session["sameSite"], "Lax");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(all(gatehouse_has_node, gatehouse_has_redis)),
+    ignore = "needs node, npm and redis-server (apt-get install nodejs npm redis-server)"
+)]
+async fn a_redis_store_signs_out_server_side_and_recovers_from_a_new_password() {
+    let redis = Redis::with_args(free_port(), &["--requirepass", "first"]).await;
+    let redis_port = redis.port;
+    let store =
+        format!("session_store = \"redis\"\nredis_url = \"redis://:first@127.0.0.1:{redis_port}\"");
+    let Setup {
+        mut gh,
+        events: events_file,
+        provider,
+        admin: _,
+        _app,
+        _dir,
+    } = setup(&store).await;
+    let port = gh.port;
+    let echo = format!("http://127.0.0.1:{port}/echo");
+
+    // The cookie holds only the session's id; the session is in Redis.
+    let mut alice = Browser::default();
+    let resp = alice.sign_in(port, "/echo", "alice").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.upstream_headers()["x-user"], ["alice"]);
+    let cookie = &alice.jar["gatehouse_session"];
+    assert!(cookie.len() < 200, "an id, not a session: {cookie}");
+
+    // Sign-out deletes it there: a copy of the cookie opens nothing any more.
+    let copy = alice.clone();
+    let resp = alice
+        .go(
+            "GET",
+            &format!("http://127.0.0.1:{port}/oauth2/sign_out"),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status, 302, "{resp:?}");
+    let resp = copy.clone().go("GET", &echo, None).await;
+    assert_eq!(resp.status, 302, "{resp:?}");
+    assert!(resp.header("location").unwrap().contains("/auth?"));
+
+    // Redis restarts with a new password: sessions cannot be read, and the browser gets an
+    // error page (fails closed), not a redirect.
+    let mut bob = Browser::default();
+    assert_eq!(bob.sign_in(port, "/echo", "bob").await.status, 200);
+    redis.kill();
+    let _redis = Redis::with_args(redis_port, &["--requirepass", "second"]).await;
+    let resp = bob.clone().go("GET", &echo, None).await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert_eq!(resp.header("location"), None);
+
+    // The new password in the config, reloaded: the store works again, without a restart
+    // (the old server's sessions are gone with it: sign in again).
+    let config = std::fs::read_to_string(&gh.config_path)
+        .unwrap()
+        .replace(":first@", ":second@");
+    std::fs::write(&gh.config_path, config).unwrap();
+    gh.send_signal("HUP");
+    within(STEP, "the reloaded store", async {
+        while bob.clone().go("GET", &echo, None).await.status == 503 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut bob = Browser::default();
+    let resp = bob.sign_in(port, "/echo", "bob").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.upstream_headers()["x-user"], ["bob"]);
+
+    // Its access token expires: one refresh for parallel requests, kept in Redis under the
+    // same id (the cookie does not change).
+    let before = provider.counts().await["refresh_token"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let answers = futures_join((0..10).map(|_| {
+        let mut b = bob.clone();
+        let url = echo.clone();
+        async move { b.go("GET", &url, None).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+    assert_eq!(provider.counts().await["refresh_token"], before + 1);
+    let resp = bob.go("GET", &echo, None).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+
+    gh.send_signal("TERM");
+    gh.assert_exits_with(0).await;
+    let events = events(&events_file);
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["deny_reason"].as_str())
+        .collect();
+    for reason in ["session_expired", "backend_unavailable"] {
+        assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
+    }
 }

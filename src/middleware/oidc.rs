@@ -44,6 +44,8 @@ use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 use crate::pool::{Endpoint, Target};
 
+mod store;
+
 /// How long a sign-in may take between the redirect to the provider and the callback.
 const STATE_TTL: u64 = 600;
 /// A cookie value longer than this is split into `<name>_0`, `<name>_1`...: browsers keep
@@ -108,6 +110,12 @@ pub struct Settings {
     /// deployment on another host.
     #[serde(default = "super::auth::yes")]
     cookie_secure: bool,
+    /// Where sessions live: `cookie` (sealed into the cookie itself) or `redis` (the cookie
+    /// holds only the session's id; sign-out deletes the session server-side).
+    #[serde(default)]
+    session_store: SessionStore,
+    /// `redis://[:password@]host:port[/db]`, for `session_store = "redis"`.
+    redis_url: Option<String>,
     /// How long a session lasts after sign-in, refreshes included.
     #[serde(default = "default_session_ttl")]
     session_ttl: Duration,
@@ -134,6 +142,15 @@ pub struct Settings {
     /// The clock skew allowed for `exp`, `nbf` and `iat`.
     #[serde(default = "default_leeway")]
     leeway: Duration,
+}
+
+/// `session_store`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+enum SessionStore {
+    #[default]
+    Cookie,
+    Redis,
 }
 
 /// `allowed = { email_domains, groups }`.
@@ -279,6 +296,26 @@ impl super::Settings for Settings {
                 ),
             ));
         }
+        match (self.session_store, &self.redis_url) {
+            (SessionStore::Redis, None) => {
+                return Err((
+                    at.key("redis_url"),
+                    "session_store = \"redis\" needs a `redis_url` such as \
+                     \"redis://127.0.0.1:6379\""
+                        .into(),
+                ))
+            }
+            (SessionStore::Redis, Some(url)) => {
+                store::Store::check_url(url).map_err(|e| (at.key("redis_url"), e))?
+            }
+            (SessionStore::Cookie, Some(_)) => {
+                return Err((
+                    at.key("redis_url"),
+                    "only used with session_store = \"redis\"".into(),
+                ))
+            }
+            (SessionStore::Cookie, None) => {}
+        }
         if self.session_ttl.0 < StdDuration::from_secs(60) {
             return Err((at.key("session_ttl"), "at least 1m".into()));
         }
@@ -295,13 +332,14 @@ impl super::Settings for Settings {
 
     fn summary(&self) -> String {
         format!(
-            "issuer={} client_id={} redirect_path={} logout_path={} cookie={} session_ttl={} \
+            "issuer={} client_id={} redirect_path={} logout_path={} cookie={} store={:?} session_ttl={} \
              refresh={} allowed={{email_domains={}, groups={}}} forward={:?} api_bearer={}",
             self.issuer.0,
             self.client_id,
             self.redirect_path,
             self.logout_path,
             self.cookie_name,
+            self.session_store,
             self.session_ttl,
             self.refresh,
             super::list(&self.allowed.email_domains),
@@ -396,6 +434,10 @@ impl Settings {
                 .map(|(c, h)| (c.clone(), h.0.clone()))
                 .collect(),
             api_bearer: self.api_bearer,
+            store: self
+                .redis_url
+                .as_deref()
+                .map(|url| store::Store::new(build.name, handles, url)),
             provider,
             keys,
             remote,
@@ -666,6 +708,8 @@ struct Inner {
     groups: Vec<String>,
     forward: Vec<(String, HeaderName)>,
     api_bearer: bool,
+    /// `session_store = "redis"`; `None`: the cookie holds the session.
+    store: Option<store::Store>,
     provider: Arc<ArcSwapOption<Provider>>,
     keys: Arc<ArcSwap<KeySet>>,
     remote: Arc<Remote>,
@@ -685,6 +729,26 @@ impl Drop for Inner {
             task.abort();
         }
     }
+}
+
+/// The associated data of a session sealed into a store (never a cookie's name).
+const STORED: &str = "gatehouse oidc stored session";
+
+/// What a live session needs.
+enum Next {
+    Admit,
+    /// Its lifetime is over, or its access token without a refresh.
+    Expired,
+    Refresh,
+}
+
+/// The page of a session store that cannot be reached: fails closed, without a redirect.
+fn store_unavailable() -> Reject {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Reason::BackendUnavailable,
+        "the session store is not answering; try again in a moment".into(),
+    )
 }
 
 /// Cookies to set on the response of a request that goes on to the app (a refreshed
@@ -845,15 +909,19 @@ impl Inner {
         (!joined.is_empty()).then_some(joined)
     }
 
-    /// The `set-cookie` values that store `session` (split when large) and expire the
-    /// request's other session cookies (a split one becoming whole, or fewer chunks); `Err`
-    /// with its size for a session too large for [`MAX_CHUNKS`] cookies.
+    /// The `set-cookie` values that keep `session` in the browser: the session itself
+    /// (split when large), or its id when a store holds it; they also expire the request's
+    /// other session cookies (a split one becoming whole, or fewer chunks). `Err` with its
+    /// size for a session too large for [`MAX_CHUNKS`] cookies.
     fn session_cookies(
         &self,
         req: &request::Parts,
         session: &Session,
     ) -> Result<Vec<HeaderValue>, usize> {
-        let sealed = self.seal(&self.cookie_name, session);
+        let sealed = match &self.store {
+            None => self.seal(&self.cookie_name, session),
+            Some(_) => self.seal(&self.cookie_name, &session.id),
+        };
         if sealed.len() > CHUNK * MAX_CHUNKS {
             return Err(sealed.len());
         }
@@ -896,12 +964,98 @@ impl Inner {
             .collect()
     }
 
-    /// The session the request's cookie holds; `Err` for one that does not open (tampered,
-    /// or sealed with a secret no longer configured).
-    fn session(&self, req: &request::Parts) -> Result<Option<Session>, ()> {
+    /// What the request's session cookie holds (the session, or its id in a store); `Err`
+    /// for a cookie that does not open (tampered, or sealed with a secret no longer
+    /// configured).
+    fn cookie_holds<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: &request::Parts,
+    ) -> Result<Option<T>, ()> {
         match self.session_value(req) {
             None => Ok(None),
             Some(v) => self.open(&self.cookie_name, &v).map(Some).ok_or(()),
+        }
+    }
+
+    /// The session stored under `id`: `Ok(None)` when the store has none (signed out,
+    /// expired, lost) or it does not open.
+    async fn stored(
+        &self,
+        store: &store::Store,
+        worker: usize,
+        id: &str,
+    ) -> Result<Option<Session>, store::Unavailable> {
+        let sealed = store.get(worker, id).await?;
+        Ok(sealed.and_then(|s| self.open(STORED, &s)))
+    }
+
+    /// Puts `session` where it is kept: nothing to do for cookies, a write for a store.
+    async fn save(&self, session: &Session, worker: usize) -> Result<(), store::Unavailable> {
+        match &self.store {
+            None => Ok(()),
+            Some(store) => {
+                let ttl = session.expires.saturating_sub(unix_now());
+                store
+                    .set(worker, &session.id, &self.seal(STORED, session), ttl)
+                    .await
+            }
+        }
+    }
+
+    /// What a live session needs now.
+    fn next(&self, session: &Session, now: u64) -> Next {
+        if session.expires <= now {
+            return Next::Expired;
+        }
+        if !Inner::due(session, now) {
+            return Next::Admit;
+        }
+        if !self.refresh || session.refresh_token.is_none() {
+            return if session.access_expires > now {
+                Next::Admit
+            } else {
+                Next::Expired
+            };
+        }
+        Next::Refresh
+    }
+
+    /// The request goes on with `session`, refreshed first when due, or is sent to sign in.
+    fn proceed<'a>(
+        self: &'a Arc<Self>,
+        session: Session,
+        req: &'a mut request::Parts,
+        ctx: &'a mut Context,
+    ) -> Flow<'a> {
+        match self.next(&session, unix_now()) {
+            Next::Admit => self.admit(&session.claims, req, ctx),
+            Next::Expired => {
+                let clear = self.clear_session(req);
+                self.login(req, ctx, Reason::SessionExpired, clear)
+            }
+            Next::Refresh => Flow::wait(async move {
+                let refreshed = self.refreshed(session, ctx.worker).await;
+                // A store keeps the refreshed session under the same id: the cookie stays.
+                // A session grown too large for its cookies ends as a failed refresh would.
+                let cookies = match (&refreshed, &self.store) {
+                    (Some(fresh), None) => self.session_cookies(req, fresh).ok(),
+                    (Some(_), Some(_)) => Some(Vec::new()),
+                    (None, _) => None,
+                };
+                match (refreshed, cookies) {
+                    (Some(fresh), Some(cookies)) => {
+                        let flow = self.admit(&fresh.claims, req, ctx);
+                        if matches!(flow, Flow::Continue) && !cookies.is_empty() {
+                            ctx.state.insert(Reissue(cookies));
+                        }
+                        flow
+                    }
+                    _ => {
+                        let clear = self.clear_session(req);
+                        self.login(req, ctx, Reason::SessionExpired, clear)
+                    }
+                }
+            }),
         }
     }
 
@@ -1261,6 +1415,10 @@ impl Inner {
             id_token,
             expires: now + self.session_ttl,
         };
+        if self.save(&session, ctx.worker).await.is_err() {
+            self.metrics.login_failures.inc();
+            return Flow::Reject(store_unavailable().with_header(SET_COOKIE, clear_state));
+        }
         let mut cookies = match self.session_cookies(req, &session) {
             Ok(c) => c,
             Err(size) => {
@@ -1289,7 +1447,20 @@ impl Inner {
     /// Signs out: clears the session, revokes its refresh token (or access token) at the
     /// provider, and sends the browser through the provider's sign-out.
     async fn logout(&self, req: &request::Parts, ctx: &Context) -> Flow<'static> {
-        let session = self.session(req).ok().flatten();
+        let session = match &self.store {
+            None => self.cookie_holds::<Session>(req).ok().flatten(),
+            Some(store) => match self.cookie_holds::<String>(req).ok().flatten() {
+                Some(id) => {
+                    let session = self.stored(store, ctx.worker, &id).await.ok().flatten();
+                    // Signed out server-side: a copy of the cookie opens nothing from now on.
+                    if store.delete(ctx.worker, &id).await.is_err() {
+                        return Flow::Reject(store_unavailable());
+                    }
+                    session
+                }
+                None => None,
+            },
+        };
         let mut cookies = self.clear_session(req);
         if cookie(req, &self.state_cookie).is_some() {
             cookies.push(self.set_cookie(&self.state_cookie, "", 0));
@@ -1349,7 +1520,19 @@ impl Inner {
                     // Its own task: a client that goes away does not abandon the others.
                     let inner = Arc::clone(self);
                     tokio::spawn(async move {
-                        let result = inner.refresh_once(session, &token, shard).await;
+                        let id = session.id.clone();
+                        let mut result = inner.refresh_once(session, &token, shard).await;
+                        if let Some(store) = &inner.store {
+                            result = match result {
+                                Some(fresh) => {
+                                    inner.save(&fresh, shard).await.ok().map(|()| fresh)
+                                }
+                                None => {
+                                    let _ = store.delete(shard, &id).await;
+                                    None
+                                }
+                            };
+                        }
                         inner
                             .flights
                             .lock()
@@ -1530,44 +1713,37 @@ impl Middleware for Oidc {
                 return inner.bearer(token, req, ctx);
             }
         }
-        let session = match inner.session(req) {
-            Ok(Some(s)) => s,
+        let Some(store) = &inner.store else {
+            return match inner.cookie_holds::<Session>(req) {
+                Ok(Some(session)) => inner.proceed(session, req, ctx),
+                Ok(None) => inner.login(req, ctx, Reason::LoginRequired, Vec::new()),
+                Err(()) => {
+                    let clear = inner.clear_session(req);
+                    inner.login(req, ctx, Reason::LoginRequired, clear)
+                }
+            };
+        };
+        let id = match inner.cookie_holds::<String>(req) {
+            Ok(Some(id)) => id,
             Ok(None) => return inner.login(req, ctx, Reason::LoginRequired, Vec::new()),
             Err(()) => {
                 let clear = inner.clear_session(req);
                 return inner.login(req, ctx, Reason::LoginRequired, clear);
             }
         };
-        let now = unix_now();
-        if session.expires <= now {
-            let clear = inner.clear_session(req);
-            return inner.login(req, ctx, Reason::SessionExpired, clear);
-        }
-        if !Inner::due(&session, now) {
-            return inner.admit(&session.claims, req, ctx);
-        }
-        if !inner.refresh || session.refresh_token.is_none() {
-            if session.access_expires > now {
-                return inner.admit(&session.claims, req, ctx);
-            }
-            let clear = inner.clear_session(req);
-            return inner.login(req, ctx, Reason::SessionExpired, clear);
-        }
         Flow::wait(async move {
-            let refreshed = inner.refreshed(session, ctx.worker).await;
-            // A session grown too large for its cookies ends as a failed refresh would.
-            match refreshed.and_then(|f| Some((inner.session_cookies(req, &f).ok()?, f))) {
-                Some((cookies, fresh)) => {
-                    let flow = inner.admit(&fresh.claims, req, ctx);
-                    if matches!(flow, Flow::Continue) {
-                        ctx.state.insert(Reissue(cookies));
-                    }
-                    flow
-                }
-                None => {
+            match inner.stored(store, ctx.worker, &id).await {
+                Err(store::Unavailable) => Flow::Reject(store_unavailable()),
+                Ok(None) => {
                     let clear = inner.clear_session(req);
                     inner.login(req, ctx, Reason::SessionExpired, clear)
                 }
+                Ok(Some(session)) => match inner.proceed(session, req, ctx) {
+                    Flow::Continue => Flow::Continue,
+                    Flow::Respond(resp) => Flow::Respond(resp),
+                    Flow::Reject(reject) => Flow::Reject(reject),
+                    Flow::Wait(refresh) => refresh.await,
+                },
             }
         })
     }
@@ -1591,8 +1767,11 @@ impl Middleware for Oidc {
         if path == inner.redirect_path {
             return Some(at("would exchange the sign-in code for tokens"));
         }
+        if let (Some(store), Ok(Some(_))) = (&inner.store, inner.cookie_holds::<String>(req)) {
+            return Some(format!("would read the session from {}", store.describe()));
+        }
         if path == inner.logout_path {
-            let session = inner.session(req).ok().flatten()?;
+            let session = inner.cookie_holds::<Session>(req).ok().flatten()?;
             let revokes = provider.as_ref().is_none_or(|p| p.revocation.is_some());
             return revokes.then(|| {
                 format!(
@@ -1609,7 +1788,7 @@ impl Middleware for Oidc {
                 )
             });
         }
-        match inner.session(req) {
+        match inner.cookie_holds::<Session>(req) {
             Ok(Some(s)) if s.expires > unix_now() => {
                 (Inner::due(&s, unix_now()) && inner.refresh && s.refresh_token.is_some())
                     .then(|| at(&format!("would refresh {}'s session", s.subject().unwrap_or("?"))))
@@ -1717,12 +1896,12 @@ mod tests {
             }
         }
         let back = sent_back(&set);
-        let opened = inner.session(&back).unwrap().unwrap();
+        let opened = inner.cookie_holds::<Session>(&back).unwrap().unwrap();
         assert_eq!(opened.claims["groups"].as_array().unwrap().len(), 800);
         // A chunk missing from the middle: the rest does not open.
         let mut partial = set.clone();
         partial.remove(1);
-        assert!(inner.session(&sent_back(&partial)).is_err());
+        assert!(inner.cookie_holds::<Session>(&sent_back(&partial)).is_err());
         // Smaller again: one cookie, and every chunk the browser holds is expired.
         let small = inner
             .session_cookies(&back, &session(json!({"sub": "alice"})))

@@ -1146,6 +1146,11 @@ impl Redis {
 
     /// Starts (or restarts) a server on `port` and waits until it accepts connections.
     pub async fn on(port: u16) -> Redis {
+        Redis::with_args(port, &[]).await
+    }
+
+    /// [`Redis::on`] with more server arguments (`--requirepass`).
+    pub async fn with_args(port: u16, args: &[&str]) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -1156,6 +1161,7 @@ impl Redis {
                 "no",
             ])
             .args(["--bind", "127.0.0.1"])
+            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (apt-get install redis-server)");
