@@ -535,12 +535,20 @@ async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
     ] {
         assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
     }
-    assert!(
-        events
-            .iter()
-            .any(|e| e["subject"] == "alice" && e["decision"] == "allow"),
-        "{events:#?}"
-    );
+    // Alice's requests name her session by a digest, the same one from sign-in to sign-out
+    // (refreshes included), never the cookie.
+    let sessions: std::collections::HashSet<&str> = events
+        .iter()
+        .filter(|e| e["subject"] == "alice" && e["decision"] == "allow")
+        .filter_map(|e| e["session"].as_str())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{events:#?}");
+    let digest = sessions.into_iter().next().unwrap();
+    assert_eq!(digest.len(), 32, "{digest}");
+    assert!(!signed_in.jar["gatehouse_session"].contains(digest));
+    // An API client's bearer token is no session.
+    let carol = events.iter().find(|e| e["subject"] == "carol").unwrap();
+    assert_eq!(carol["session"], Value::Null, "{carol}");
 }
 
 /// An ID token for gatehouse's client, signed in as `user` by the test itself (the code

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use super::auth::{claim_header_value, cookie, digest};
 use super::jwks::{refresh_loop, Alg, Failure, Jwks, KeySet, Remote, FETCH_TIMEOUT};
-use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::chain::{Context, Flow, Middleware, Reason, Reject, SessionDigest};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 use crate::pool::{Endpoint, Target};
@@ -1028,7 +1028,7 @@ impl Inner {
         ctx: &'a mut Context,
     ) -> Flow<'a> {
         match self.next(&session, unix_now()) {
-            Next::Admit => self.admit(&session.claims, req, ctx),
+            Next::Admit => self.admit(&session.claims, Some(&session.id), req, ctx),
             Next::Expired => {
                 let clear = self.clear_session(req);
                 self.login(req, ctx, Reason::SessionExpired, clear)
@@ -1044,7 +1044,7 @@ impl Inner {
                 };
                 match (refreshed, cookies) {
                     (Some(fresh), Some(cookies)) => {
-                        let flow = self.admit(&fresh.claims, req, ctx);
+                        let flow = self.admit(&fresh.claims, Some(&fresh.id), req, ctx);
                         if matches!(flow, Flow::Continue) && !cookies.is_empty() {
                             ctx.state.insert(Reissue(cookies));
                         }
@@ -1160,10 +1160,12 @@ impl Inner {
         domain_ok && group_ok
     }
 
-    /// The request goes on as the user of `claims` (or gets a `403`).
+    /// The request goes on as the user of `claims`, in the session `session` (the id; an
+    /// API client's bearer token has none), or gets a `403`.
     fn admit(
         &self,
         claims: &Map<String, Value>,
+        session: Option<&str>,
         req: &mut request::Parts,
         ctx: &mut Context,
     ) -> Flow<'static> {
@@ -1174,7 +1176,7 @@ impl Inner {
                 "signed in, but not as one of the allowed users",
             ));
         }
-        publish(ctx, claims);
+        publish(ctx, claims, session);
         for (claim, header) in &self.forward {
             req.headers.remove(header);
             if let Some(value) = claims.get(claim).and_then(claim_header_value) {
@@ -1602,11 +1604,11 @@ impl Inner {
         ctx: &'a mut Context,
     ) -> Flow<'a> {
         match token {
-            Ok(claims) => self.admit(&claims, req, ctx),
+            Ok(claims) => self.admit(&claims, None, req, ctx),
             Err(None) => Flow::Reject(invalid_bearer(Reason::InvalidCredentials)),
             Err(Some(unknown_kid)) => Flow::wait(async move {
                 match self.verify(&unknown_kid).await {
-                    Ok(claims) => self.admit(&claims, req, ctx),
+                    Ok(claims) => self.admit(&claims, None, req, ctx),
                     Err(reason) => Flow::Reject(invalid_bearer(reason)),
                 }
             }),
@@ -1655,10 +1657,18 @@ fn bearer_token(req: &request::Parts) -> Option<&str> {
 }
 
 /// Publishes the signed-in user to later middlewares and the audit event: `sub` is the
-/// subject.
-fn publish(ctx: &mut Context, claims: &Map<String, Value>) {
+/// subject, and the session is named by a digest of its id (never the cookie).
+fn publish(ctx: &mut Context, claims: &Map<String, Value>, session: Option<&str>) {
     if let Some(sub) = claims.get("sub").and_then(Value::as_str) {
         ctx.subject = Some(sub.into());
+    }
+    if let Some(id) = session {
+        let digest = digest(&[b"oidc session", id.as_bytes()]);
+        let mut hex = String::with_capacity(32);
+        for b in &digest[..16] {
+            let _ = write!(hex, "{b:02x}");
+        }
+        ctx.state.insert(SessionDigest(hex.into()));
     }
 }
 
