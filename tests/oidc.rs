@@ -63,9 +63,10 @@ fn node_modules() -> PathBuf {
         for file in ["package.json", "provider.mjs", "browser.mjs"] {
             std::fs::copy(fixtures.join(file), dir.join(file)).unwrap();
         }
-        if !dir.join("node_modules/oidc-provider").is_dir()
-            || !dir.join("node_modules/playwright-core").is_dir()
-        {
+        // Installed again when the pinned versions change.
+        let wanted = std::fs::read(fixtures.join("package.json")).unwrap();
+        let installed = dir.join("installed-package.json");
+        if std::fs::read(&installed).ok().as_ref() != Some(&wanted) {
             let out = std::process::Command::new("npm")
                 .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
                 .current_dir(&dir)
@@ -77,6 +78,7 @@ fn node_modules() -> PathBuf {
                 dir.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
+            std::fs::write(&installed, &wanted).unwrap();
         }
         dir
     })

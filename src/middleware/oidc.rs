@@ -1510,8 +1510,11 @@ impl Inner {
         let key = digest(&[token.as_bytes()]);
         let mut waiting = {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            flights.retain(|_, f| {
-                !matches!(f, Flight::Done(_, at) if at.elapsed() > REFRESH_REMEMBERED)
+            // Forgotten: results past their time, and refreshes whose task ended without
+            // one (it panicked, or the runtime is going).
+            flights.retain(|_, f| match f {
+                Flight::Done(_, at) => at.elapsed() <= REFRESH_REMEMBERED,
+                Flight::Running(rx) => rx.has_changed().is_ok(),
             });
             match flights.get(&key) {
                 Some(Flight::Done(result, _)) => return result.clone(),
