@@ -21,8 +21,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use bytes::Bytes;
 use chacha20poly1305::aead::rand_core::RngCore;
-use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{KeyInit, OsRng};
+use chacha20poly1305::XChaCha20Poly1305;
 use http::header::{
     ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, LOCATION, SET_COOKIE,
 };
@@ -38,21 +38,21 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::auth::{claim_header_value, cookie, digest};
-use super::jwks::{refresh_loop, Alg, Failure, Jwks, KeySet, Remote, FETCH_TIMEOUT};
+use super::jwks::{Failure, KeySet, Remote, FETCH_TIMEOUT};
 use crate::chain::{Context, Flow, Middleware, Reason, Reject, SessionDigest};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
-use crate::pool::{Endpoint, Target};
 
+mod cookies;
+mod provider;
 mod store;
+
+use cookies::{CHUNK, MAX_CHUNKS};
+
+use provider::{discover_then_refresh, Provider};
 
 /// How long a sign-in may take between the redirect to the provider and the callback.
 const STATE_TTL: u64 = 600;
-/// A cookie value longer than this is split into `<name>_0`, `<name>_1`...: browsers keep
-/// at most about 4 KiB per cookie, name and attributes included.
-const CHUNK: usize = 3500;
-/// The most chunks a session may take (and that a request's cookies are searched for).
-const MAX_CHUNKS: usize = 8;
 /// A finished refresh is remembered this long, so a request that still carries the cookie
 /// from before it (sent while the refresh ran) gets its result instead of a second refresh
 /// with a refresh token the provider has rotated away.
@@ -415,10 +415,12 @@ impl Settings {
             logout_path: self.logout_path.clone(),
             post_logout_redirect: self.post_logout_redirect.clone(),
             scope: self.scopes.join(" "),
-            cookie_name: self.cookie_name.clone(),
-            state_cookie: format!("{}_state", self.cookie_name),
-            attributes: format!("; Path=/; HttpOnly; SameSite=Lax{secure}"),
-            openers,
+            jar: cookies::Jar {
+                name: self.cookie_name.clone(),
+                state: format!("{}_state", self.cookie_name),
+                attributes: format!("; Path=/; HttpOnly; SameSite=Lax{secure}"),
+                openers,
+            },
             session_ttl: self.session_ttl.0.as_secs(),
             refresh: self.refresh,
             email_domains: self
@@ -446,148 +448,6 @@ impl Settings {
             metrics,
         }
     }
-}
-
-/// What the provider's discovery document says, with the endpoints gatehouse calls.
-struct Provider {
-    authorization_endpoint: String,
-    /// The code exchange and the refreshes.
-    token: Call,
-    /// Claims the ID token leaves out (`email`, `groups` at some providers).
-    userinfo: Option<Call>,
-    revocation: Option<Call>,
-    end_session_endpoint: Option<String>,
-}
-
-/// An endpoint URL with the connection pool of its origin (shared by the endpoints of one
-/// origin).
-struct Call {
-    url: Uri,
-    endpoint: Arc<Endpoint>,
-}
-
-/// The discovery document's fields gatehouse uses.
-#[derive(Deserialize)]
-struct Document {
-    issuer: String,
-    authorization_endpoint: String,
-    token_endpoint: String,
-    userinfo_endpoint: Option<String>,
-    jwks_uri: String,
-    revocation_endpoint: Option<String>,
-    end_session_endpoint: Option<String>,
-}
-
-/// An endpoint URL of the discovery document, checked to be one gatehouse can call.
-fn http_url(field: &str, url: &str) -> Result<Uri, String> {
-    url.parse::<Uri>()
-        .ok()
-        .filter(|u| u.scheme_str() == Some("http") && u.host().is_some())
-        .ok_or_else(|| format!("`{field}` {url:?} is not an http://host URL"))
-}
-
-/// One GET of the discovery document, checked against the configured issuer.
-async fn discover(
-    url: &Uri,
-    issuer: &str,
-    workers: usize,
-) -> Result<(Provider, Uri), String> {
-    let target = Target::from_uri(url).expect("validated: an http URL with a host");
-    let endpoint = Endpoint::new(target, FETCH_TIMEOUT, StdDuration::from_secs(1), workers + 1);
-    let req = http::Request::get(url.clone())
-        .header(ACCEPT, "application/json")
-        .body(Bytes::new())
-        .map_err(|e| e.to_string())?;
-    let resp = endpoint
-        .fetch(workers, req, FETCH_TIMEOUT, MAX_ANSWER)
-        .await?;
-    if !resp.status().is_success() {
-        return Err(format!("status {}", resp.status()));
-    }
-    let doc: Document = serde_json::from_slice(resp.body())
-        .map_err(|e| format!("not an OpenID discovery document: {e}"))?;
-    if doc.issuer.trim_end_matches('/') != issuer {
-        return Err(format!(
-            "the document's issuer is {:?}, not the configured {issuer:?}",
-            doc.issuer
-        ));
-    }
-    let jwks = http_url("jwks_uri", &doc.jwks_uri)?;
-    let mut pools: Vec<(Target, Arc<Endpoint>)> = Vec::new();
-    let mut call = |field: &str, url: &str| -> Result<Call, String> {
-        let url = http_url(field, url)?;
-        let target = Target::from_uri(&url).expect("checked: an http URL with a host");
-        let endpoint = match pools.iter().find(|(t, _)| *t == target) {
-            Some((_, pool)) => Arc::clone(pool),
-            None => {
-                let pool = Arc::new(Endpoint::new(
-                    target.clone(),
-                    FETCH_TIMEOUT,
-                    StdDuration::from_secs(30),
-                    workers + 1,
-                ));
-                pools.push((target, Arc::clone(&pool)));
-                pool
-            }
-        };
-        Ok(Call { url, endpoint })
-    };
-    let token = call("token_endpoint", &doc.token_endpoint)?;
-    let userinfo = doc
-        .userinfo_endpoint
-        .as_deref()
-        .map(|u| call("userinfo_endpoint", u))
-        .transpose()?;
-    let revocation = doc
-        .revocation_endpoint
-        .as_deref()
-        .map(|u| call("revocation_endpoint", u))
-        .transpose()?;
-    Ok((
-        Provider {
-            authorization_endpoint: doc.authorization_endpoint,
-            token,
-            userinfo,
-            revocation,
-            end_session_endpoint: doc.end_session_endpoint,
-        },
-        jwks,
-    ))
-}
-
-/// Discovers the provider (trying again every [`DISCOVERY_RETRY`] while it cannot be
-/// reached), then keeps its key set fresh as `jwt` keeps a JWKS URL's.
-async fn discover_then_refresh(
-    url: Uri,
-    issuer: String,
-    workers: usize,
-    validation: Validation,
-    provider: Arc<ArcSwapOption<Provider>>,
-    keys: Arc<ArcSwap<KeySet>>,
-    remote: Arc<Remote>,
-) {
-    let jwks = loop {
-        match discover(&url, &issuer, workers).await {
-            Ok((found, jwks)) => {
-                provider.store(Some(Arc::new(found)));
-                break jwks;
-            }
-            Err(e) => {
-                tracing::warn!(url = %url, error = %e, "OpenID discovery failed; trying again");
-                tokio::time::sleep(DISCOVERY_RETRY).await;
-            }
-        }
-    };
-    let allowed: Vec<Alg> = ALGORITHMS.iter().map(|a| Alg(*a)).collect();
-    refresh_loop(
-        Jwks::new(&jwks, workers),
-        StdDuration::from_secs(300),
-        allowed,
-        validation,
-        keys,
-        remote,
-    )
-    .await
 }
 
 /// A signed-in browser's session, sealed into its cookie.
@@ -696,12 +556,7 @@ struct Inner {
     logout_path: String,
     post_logout_redirect: Option<String>,
     scope: String,
-    cookie_name: String,
-    state_cookie: String,
-    /// `; Path=/; HttpOnly; SameSite=Lax[; Secure]`.
-    attributes: String,
-    /// The cookie secret's cipher first, then the previous ones'.
-    openers: Vec<XChaCha20Poly1305>,
+    jar: cookies::Jar,
     session_ttl: u64,
     refresh: bool,
     email_domains: Vec<String>,
@@ -845,123 +700,21 @@ fn origin(req: &request::Parts, ctx: &Context) -> Option<String> {
 }
 
 impl Inner {
-    /// `value` sealed for the cookie `name` (its associated data).
-    fn seal(&self, name: &str, value: &impl Serialize) -> String {
-        let plain = serde_json::to_vec(value).expect("plain data serializes");
-        let mut nonce = [0u8; 24];
-        OsRng.fill_bytes(&mut nonce);
-        let sealed = self.openers[0]
-            .encrypt(
-                &XNonce::from(nonce),
-                Payload {
-                    msg: &plain,
-                    aad: name.as_bytes(),
-                },
-            )
-            .expect("sealing in memory does not fail");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        URL_SAFE_NO_PAD.encode(out)
-    }
-
-    /// The value sealed in a cookie `name`, if one of the secrets opens it.
-    fn open<T: for<'de> Deserialize<'de>>(&self, name: &str, value: &str) -> Option<T> {
-        let bytes = URL_SAFE_NO_PAD.decode(value).ok()?;
-        if bytes.len() < 24 + 16 {
-            return None;
-        }
-        let (nonce, sealed) = bytes.split_at(24);
-        let nonce = XNonce::from(<[u8; 24]>::try_from(nonce).expect("24 bytes"));
-        let plain = self.openers.iter().find_map(|c| {
-            let payload = Payload {
-                msg: sealed,
-                aad: name.as_bytes(),
-            };
-            c.decrypt(&nonce, payload).ok()
-        })?;
-        serde_json::from_slice(&plain).ok()
-    }
-
-    fn set_cookie(&self, name: &str, value: &str, max_age: u64) -> HeaderValue {
-        HeaderValue::from_str(&format!(
-            "{name}={value}{}; Max-Age={max_age}",
-            self.attributes
-        ))
-        .expect("cookie names, base64 and attributes are valid header text")
-    }
-
-    fn chunk_name(&self, i: usize) -> String {
-        format!("{}_{i}", self.cookie_name)
-    }
-
-    /// The request's sealed session value: the cookie itself, or its chunks joined.
-    fn session_value(&self, req: &request::Parts) -> Option<String> {
-        if let Some(v) = cookie(req, &self.cookie_name) {
-            return Some(v.to_owned());
-        }
-        let mut joined = String::new();
-        for i in 0..MAX_CHUNKS {
-            match cookie(req, &self.chunk_name(i)) {
-                Some(part) => joined.push_str(part),
-                None => break,
-            }
-        }
-        (!joined.is_empty()).then_some(joined)
-    }
-
     /// The `set-cookie` values that keep `session` in the browser: the session itself
     /// (split when large), or its id when a store holds it; they also expire the request's
     /// other session cookies (a split one becoming whole, or fewer chunks). `Err` with its
-    /// size for a session too large for [`MAX_CHUNKS`] cookies.
+    /// size for a session too large for [`cookies::MAX_CHUNKS`] cookies.
     fn session_cookies(
         &self,
         req: &request::Parts,
         session: &Session,
     ) -> Result<Vec<HeaderValue>, usize> {
         let sealed = match &self.store {
-            None => self.seal(&self.cookie_name, session),
-            Some(_) => self.seal(&self.cookie_name, &session.id),
+            None => self.jar.seal(&self.jar.name, session),
+            Some(_) => self.jar.seal(&self.jar.name, &session.id),
         };
-        if sealed.len() > CHUNK * MAX_CHUNKS {
-            return Err(sealed.len());
-        }
-        let max_age = session.expires.saturating_sub(unix_now());
-        let mut out = Vec::new();
-        let mut written = Vec::new();
-        if sealed.len() <= CHUNK {
-            out.push(self.set_cookie(&self.cookie_name, &sealed, max_age));
-            written.push(self.cookie_name.clone());
-        } else {
-            for (i, part) in sealed.as_bytes().chunks(CHUNK).enumerate() {
-                let name = self.chunk_name(i);
-                let part = std::str::from_utf8(part).expect("base64 is ASCII");
-                out.push(self.set_cookie(&name, part, max_age));
-                written.push(name);
-            }
-        }
-        out.extend(
-            self.present_session_cookies(req)
-                .filter(|name| !written.contains(name))
-                .map(|name| self.set_cookie(&name, "", 0)),
-        );
-        Ok(out)
-    }
-
-    /// The names of the session cookies (whole or chunks) the request carries.
-    fn present_session_cookies<'a>(
-        &'a self,
-        req: &'a request::Parts,
-    ) -> impl Iterator<Item = String> + 'a {
-        std::iter::once(self.cookie_name.clone())
-            .chain((0..MAX_CHUNKS).map(|i| self.chunk_name(i)))
-            .filter(|name| cookie(req, name).is_some())
-    }
-
-    /// `set-cookie` values that expire every session cookie the request carries.
-    fn clear_session(&self, req: &request::Parts) -> Vec<HeaderValue> {
-        self.present_session_cookies(req)
-            .map(|name| self.set_cookie(&name, "", 0))
-            .collect()
+        self.jar
+            .session(req, &sealed, session.expires.saturating_sub(unix_now()))
     }
 
     /// What the request's session cookie holds (the session, or its id in a store); `Err`
@@ -971,9 +724,9 @@ impl Inner {
         &self,
         req: &request::Parts,
     ) -> Result<Option<T>, ()> {
-        match self.session_value(req) {
+        match self.jar.session_value(req) {
             None => Ok(None),
-            Some(v) => self.open(&self.cookie_name, &v).map(Some).ok_or(()),
+            Some(v) => self.jar.open(&self.jar.name, &v).map(Some).ok_or(()),
         }
     }
 
@@ -986,7 +739,7 @@ impl Inner {
         id: &str,
     ) -> Result<Option<Session>, store::Unavailable> {
         let sealed = store.get(worker, id).await?;
-        Ok(sealed.and_then(|s| self.open(STORED, &s)))
+        Ok(sealed.and_then(|s| self.jar.open(STORED, &s)))
     }
 
     /// Puts `session` where it is kept: nothing to do for cookies, a write for a store.
@@ -996,7 +749,7 @@ impl Inner {
             Some(store) => {
                 let ttl = session.expires.saturating_sub(unix_now());
                 store
-                    .set(worker, &session.id, &self.seal(STORED, session), ttl)
+                    .set(worker, &session.id, &self.jar.seal(STORED, session), ttl)
                     .await
             }
         }
@@ -1030,7 +783,7 @@ impl Inner {
         match self.next(&session, unix_now()) {
             Next::Admit => self.admit(&session.claims, Some(&session.id), req, ctx),
             Next::Expired => {
-                let clear = self.clear_session(req);
+                let clear = self.jar.clear(req);
                 self.login(req, ctx, Reason::SessionExpired, clear)
             }
             Next::Refresh => Flow::wait(async move {
@@ -1051,7 +804,7 @@ impl Inner {
                         flow
                     }
                     _ => {
-                        let clear = self.clear_session(req);
+                        let clear = self.jar.clear(req);
                         self.login(req, ctx, Reason::SessionExpired, clear)
                     }
                 }
@@ -1124,9 +877,9 @@ impl Inner {
             '?'
         };
         let location = format!("{}{sep}{query}", provider.authorization_endpoint);
-        cookies.push(self.set_cookie(
-            &self.state_cookie,
-            &self.seal(&self.state_cookie, &pending),
+        cookies.push(self.jar.set_cookie(
+            &self.jar.state,
+            &self.jar.seal(&self.jar.state, &pending),
             STATE_TTL,
         ));
         let mut reject = Reject::new(StatusCode::FOUND, reason, "sign-in required");
@@ -1183,7 +936,7 @@ impl Inner {
                 req.headers.insert(header.clone(), value);
             }
         }
-        strip_cookies(req, &self.cookie_name);
+        strip_cookies(req, &self.jar.name);
         Flow::Continue
     }
 
@@ -1305,9 +1058,9 @@ impl Inner {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.into_owned())
         };
-        let clear_state = self.set_cookie(&self.state_cookie, "", 0);
-        let pending: Option<Pending> = cookie(req, &self.state_cookie)
-            .and_then(|v| self.open(&self.state_cookie, v))
+        let clear_state = self.jar.set_cookie(&self.jar.state, "", 0);
+        let pending: Option<Pending> = cookie(req, &self.jar.state)
+            .and_then(|v| self.jar.open(&self.jar.state, v))
             .filter(|p: &Pending| p.expires > unix_now());
         let Some(pending) = pending else {
             self.metrics.login_failures.inc();
@@ -1463,9 +1216,9 @@ impl Inner {
                 None => None,
             },
         };
-        let mut cookies = self.clear_session(req);
-        if cookie(req, &self.state_cookie).is_some() {
-            cookies.push(self.set_cookie(&self.state_cookie, "", 0));
+        let mut cookies = self.jar.clear(req);
+        if cookie(req, &self.jar.state).is_some() {
+            cookies.push(self.jar.set_cookie(&self.jar.state, "", 0));
         }
         self.metrics.logouts.inc();
         let provider = self.provider.load_full();
@@ -1731,7 +1484,7 @@ impl Middleware for Oidc {
                 Ok(Some(session)) => inner.proceed(session, req, ctx),
                 Ok(None) => inner.login(req, ctx, Reason::LoginRequired, Vec::new()),
                 Err(()) => {
-                    let clear = inner.clear_session(req);
+                    let clear = inner.jar.clear(req);
                     inner.login(req, ctx, Reason::LoginRequired, clear)
                 }
             };
@@ -1740,7 +1493,7 @@ impl Middleware for Oidc {
             Ok(Some(id)) => id,
             Ok(None) => return inner.login(req, ctx, Reason::LoginRequired, Vec::new()),
             Err(()) => {
-                let clear = inner.clear_session(req);
+                let clear = inner.jar.clear(req);
                 return inner.login(req, ctx, Reason::LoginRequired, clear);
             }
         };
@@ -1748,7 +1501,7 @@ impl Middleware for Oidc {
             match inner.stored(store, ctx.worker, &id).await {
                 Err(store::Unavailable) => Flow::Reject(store_unavailable()),
                 Ok(None) => {
-                    let clear = inner.clear_session(req);
+                    let clear = inner.jar.clear(req);
                     inner.login(req, ctx, Reason::SessionExpired, clear)
                 }
                 Ok(Some(session)) => match inner.proceed(session, req, ctx) {
@@ -1818,6 +1571,8 @@ impl Middleware for Oidc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chacha20poly1305::aead::{Aead, Payload};
+    use chacha20poly1305::XNonce;
     use serde_json::json;
 
     fn inner(email_domains: &[&str], groups: &[&str]) -> Inner {
@@ -1846,12 +1601,12 @@ mod tests {
     #[test]
     fn sealed_cookies_open_only_under_their_name_and_secrets() {
         let inner = inner(&[], &[]);
-        let sealed = inner.seal("a", &json!({"x": 1}));
-        assert_eq!(inner.open::<Value>("a", &sealed), Some(json!({"x": 1})));
-        assert_eq!(inner.open::<Value>("b", &sealed), None, "bound to its name");
+        let sealed = inner.jar.seal("a", &json!({"x": 1}));
+        assert_eq!(inner.jar.open::<Value>("a", &sealed), Some(json!({"x": 1})));
+        assert_eq!(inner.jar.open::<Value>("b", &sealed), None, "bound to its name");
         let mut tampered = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
         *tampered.last_mut().unwrap() ^= 1;
-        assert_eq!(inner.open::<Value>("a", &URL_SAFE_NO_PAD.encode(tampered)), None);
+        assert_eq!(inner.jar.open::<Value>("a", &URL_SAFE_NO_PAD.encode(tampered)), None);
         // A cookie sealed with the previous secret still opens.
         let previous = XChaCha20Poly1305::new(&[2u8; 32].into());
         let nonce = [7u8; 24];
@@ -1861,7 +1616,7 @@ mod tests {
                 .encrypt(&XNonce::from(nonce), Payload { msg: b"[1]", aad: b"a" })
                 .unwrap(),
         );
-        assert_eq!(inner.open::<Value>("a", &URL_SAFE_NO_PAD.encode(old)), Some(json!([1])));
+        assert_eq!(inner.jar.open::<Value>("a", &URL_SAFE_NO_PAD.encode(old)), Some(json!([1])));
     }
 
     /// The request a browser sends back after `set_cookies`.
