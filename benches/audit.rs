@@ -33,7 +33,13 @@ fn enqueue(c: &mut Criterion) {
         .unwrap();
     let _enter = runtime.enter();
     let metrics = Arc::new(Metrics::new());
-    let audit = Audit::start(config.audit.as_ref().unwrap(), &metrics, 2).unwrap();
+    let audit = Audit::start(
+        config.audit.as_ref().unwrap(),
+        &metrics,
+        &Default::default(),
+        2,
+    )
+    .unwrap();
 
     let (parts, ()) = Request::get("/v1/items?page=2")
         .header("host", "api.example")

@@ -4,7 +4,8 @@
 //! Layers, bottom to top, each importing only from below: [`config`] (the file's schema,
 //! knowing no middleware), [`protocol`] (each HTTP version's codec and its downstream and
 //! upstream drivers), [`json`], [`grpc`] and [`metrics`]; [`pool`] (connections to the app
-//! and side services, and every outbound request); [`trace`] (trace context, the span
+//! and side services, and every outbound request); [`redis_link`] (connections to a Redis
+//! server, Sentinel or Cluster, for every Redis user); [`trace`] (trace context, the span
 //! exporter); [`chain`] (the middleware trait, the request context, gatehouse's own
 //! answers); [`middleware`] (one file per TOML `type`); [`audit`]; [`proxy`] (one request's
 //! path, start to record); [`server`], [`admin`] and [`explain`] (one request through the
@@ -25,6 +26,7 @@ pub mod middleware;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod redis_link;
 pub mod server;
 pub mod trace;
 

@@ -38,6 +38,7 @@ const ENV: &[(&str, &str)] = &[
         "q83vEi1Nq2d1ZTXyYx0jxHoDhn2Fc/HpSoBpR1kz5bM=",
     ),
     ("REDIS_URL", "redis://127.0.0.1:6379"),
+    ("REDIS_PASSWORD", "s3cret"),
     ("AUDIT_FILE", "/tmp/gatehouse-docs-audit.jsonl"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
     ("OTEL_TOKEN", "token"),

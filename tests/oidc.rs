@@ -727,7 +727,7 @@ async fn a_browser_signs_in_through_the_provider_forms() {
     ignore = "needs node, npm and redis-server (apt-get install nodejs npm redis-server)"
 )]
 async fn a_redis_store_signs_out_server_side_and_recovers_from_a_new_password() {
-    let redis = Redis::with_args(free_port(), &["--requirepass", "first"]).await;
+    let redis = Redis::with(free_port(), &["--requirepass", "first"]).await;
     let redis_port = redis.port;
     let store =
         format!("session_store = \"redis\"\nredis_url = \"redis://:first@127.0.0.1:{redis_port}\"");
@@ -769,7 +769,7 @@ async fn a_redis_store_signs_out_server_side_and_recovers_from_a_new_password() 
     let mut bob = Browser::default();
     assert_eq!(bob.sign_in(port, "/echo", "bob").await.status, 200);
     redis.kill();
-    let _redis = Redis::with_args(redis_port, &["--requirepass", "second"]).await;
+    let _redis = Redis::with(redis_port, &["--requirepass", "second"]).await;
     let resp = bob.clone().go("GET", &echo, None).await;
     assert_eq!(resp.status, 503, "{resp:?}");
     assert_eq!(resp.header("location"), None);

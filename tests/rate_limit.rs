@@ -329,6 +329,26 @@ async fn bad_settings_are_config_errors_naming_the_key() {
             "middleware[1].on_backend_error",
         ),
         ("burst = 5", "middleware[1].rate"),
+        (
+            "rate = \"10/s\"\nbackend = \"redis\"\nredis = { sentinel_master = \"m\", sentinels = [\"s:1\", \"s:x\"] }",
+            ":13:54: middleware[1].redis.sentinels[2]: invalid address \"s:x\"",
+        ),
+        (
+            "rate = \"10/s\"\nbackend = \"redis\"\nredis = { cluster = true }",
+            "middleware[1].redis.nodes: cluster = true needs seed nodes",
+        ),
+        (
+            "rate = \"10/s\"\nbackend = \"redis\"\nredis_url = \"redis://r\"\nredis = { url = \"redis://r\" }",
+            "middleware[1].redis: give `redis_url` or a `redis` table, not both",
+        ),
+        (
+            "rate = \"10/s\"\nredis = { url = \"redis://r\" }",
+            "middleware[1].redis: only used with backend = \"redis\"",
+        ),
+        (
+            "rate = \"10/s\"\nbackend = \"redis\"\nredis = { url = \"redis://r\", tls_cert_file = \"/x.pem\" }",
+            "middleware[1].redis.tls_cert_file: only used with TLS",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");

@@ -4,6 +4,7 @@
 //! are saturated, and it stays up through the whole drain, until the process exits, so
 //! Kubernetes sees `/readyz` turn 503 the moment SIGTERM arrives.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -20,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::chain::reject::json_error;
 use crate::metrics::Metrics;
+use crate::redis_link::Links;
 
 type Body = Full<Bytes>;
 
@@ -35,23 +37,50 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Health {
     draining: AtomicBool,
     upstream_down: AtomicBool,
+    /// `[admin] ready_requires = ["redis"]`: the links to wait for until all connected once.
+    redis: Option<Links>,
+    /// Set when they all had: from then on Redis no longer decides readiness.
+    redis_ready: AtomicBool,
 }
 
 impl Health {
+    /// Health that waits for `redis`'s links at start, when given.
+    pub fn new(redis: Option<Links>) -> Health {
+        Health {
+            redis,
+            ..Health::default()
+        }
+    }
+
     /// SIGTERM arrived: `/readyz` answers 503 from now on.
     pub fn set_draining(&self) {
         self.draining.store(true, Relaxed);
     }
 
     /// Why the process is not ready, if it is not.
-    fn not_ready(&self) -> Option<&'static str> {
+    fn not_ready(&self) -> Option<Cow<'static, str>> {
         if self.draining.load(Relaxed) {
-            Some("draining: gatehouse is shutting down")
-        } else if self.upstream_down.load(Relaxed) {
-            Some("the upstream is unreachable")
-        } else {
-            None
+            return Some("draining: gatehouse is shutting down".into());
         }
+        if self.upstream_down.load(Relaxed) {
+            return Some("the upstream is unreachable".into());
+        }
+        let links = self
+            .redis
+            .as_ref()
+            .filter(|_| !self.redis_ready.load(Relaxed))?;
+        let waiting = links.waiting();
+        if waiting.is_empty() {
+            self.redis_ready.store(true, Relaxed);
+            return None;
+        }
+        Some(
+            format!(
+                "waiting for Redis to connect once (ready_requires): {}",
+                waiting.join(", ")
+            )
+            .into(),
+        )
     }
 }
 
@@ -100,7 +129,7 @@ fn answer(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Respon
                 "text/plain; charset=utf-8",
                 "ready\n".into(),
             ),
-            Some(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+            Some(why) => error(StatusCode::SERVICE_UNAVAILABLE, &why),
         },
         "/metrics" => text(
             StatusCode::OK,

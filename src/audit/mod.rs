@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -35,8 +36,10 @@ use tokio_util::sync::CancellationToken;
 pub use event::{Decision, Event};
 
 use crate::config::audit::{field_name, AuditConfig, Include, SinkKind};
+use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
+use crate::redis_link::Links;
 use sink::SinkState;
 use spool::Journal;
 
@@ -53,6 +56,9 @@ pub struct Audit {
     queue_dropped: AtomicU64,
     /// Bumped by SIGHUP: file sinks reopen their file before their next write.
     reopen: Arc<AtomicU64>,
+    /// The connection settings of each sink that has them (by sink name), which a reload
+    /// replaces: the sink reconnects with them at its next write (a rotated password).
+    connections: Vec<(String, Arc<ArcSwap<RedisConnection>>)>,
     closing: Notify,
     /// Set when `spool_dir` is: at shutdown, what cannot be delivered in time is spooled.
     spool_now: Option<CancellationToken>,
@@ -70,6 +76,7 @@ impl Audit {
     pub fn start(
         config: &AuditConfig,
         metrics: &Arc<Metrics>,
+        links: &Links,
         shards: usize,
     ) -> Result<Arc<Audit>, String> {
         for sink in config.sinks.iter().filter(|_| config.spool_dir.is_none()) {
@@ -111,6 +118,17 @@ impl Audit {
             .map(|s| Arc::new(SinkState::new(&s.name, metrics)))
             .collect();
         let reopen = Arc::new(AtomicU64::new(0));
+        let connections: Vec<_> = config
+            .sinks
+            .iter()
+            .filter_map(|sink| match &sink.kind {
+                SinkKind::RedisStream(s) => Some((
+                    sink.name.clone(),
+                    Arc::new(ArcSwap::from_pointee(s.connection())),
+                )),
+                _ => None,
+            })
+            .collect();
         let audit = Arc::new(Audit {
             include: config.include,
             headers: config.request_headers.iter().map(|h| h.0.clone()).collect(),
@@ -120,6 +138,7 @@ impl Audit {
             metrics: metrics.clone(),
             queue_dropped: AtomicU64::new(0),
             reopen: reopen.clone(),
+            connections,
             closing: Notify::new(),
             spool_now: config.spool_dir.is_some().then(|| spool_now.clone()),
             workers: Mutex::new(JoinSet::new()),
@@ -135,7 +154,18 @@ impl Audit {
                 failed: None,
             });
             let worker = sink::Worker {
-                writer: sink::Writer::new(&sink.kind, &reopen, shards),
+                writer: sink::Writer::new(
+                    sink,
+                    &reopen,
+                    audit
+                        .connections
+                        .iter()
+                        .find(|(name, _)| *name == sink.name)
+                        .map(|(_, c)| c),
+                    shards,
+                    metrics,
+                    links,
+                ),
                 rx,
                 state,
                 batch_size: config.batch_size,
@@ -201,6 +231,19 @@ impl Audit {
     /// Makes file sinks reopen their files (after logrotate moved them), at their next write.
     pub fn reopen(&self) {
         self.reopen.fetch_add(1, Relaxed);
+    }
+
+    /// Hands each sink that connects somewhere the connection settings `new` gives the sink
+    /// of its name (a reload); it reconnects with them at its next write, reading the files
+    /// they name again (a rotated `password_file`, a renewed certificate) even when the
+    /// settings are the same.
+    pub fn reconnect(&self, new: &AuditConfig) {
+        for (name, current) in &self.connections {
+            let found = new.sinks.iter().find(|s| &s.name == name);
+            if let Some(SinkKind::RedisStream(settings)) = found.map(|s| &s.kind) {
+                current.store(Arc::new(settings.connection()));
+            }
+        }
     }
 
     /// Flushes the queue to every sink within `within`. With a spool, the last part of that
@@ -589,7 +632,7 @@ mod tests {
             file_sink("b", &b)
         ));
         let metrics = Arc::new(Metrics::new());
-        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let audit = Audit::start(&config, &metrics, &Links::default(), 1).unwrap();
         let sent = ids(500);
         for id in &sent {
             record(&audit, id);
@@ -616,7 +659,8 @@ mod tests {
                 "{spool}flush_interval = \"10ms\"\n{}",
                 file_sink("audit", &events)
             ));
-            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            let audit =
+                Audit::start(&config, &Arc::new(Metrics::new()), &Links::default(), 1).unwrap();
             record(&audit, "r0");
             until("the first event", || ids_in(&events).len() == 1).await;
             // Long enough for the dispatcher to go idle.
@@ -650,7 +694,7 @@ mod tests {
             file_sink("ok", &ok)
         ));
         let metrics = Arc::new(Metrics::new());
-        let audit = Audit::start(&config, &metrics, 1).unwrap();
+        let audit = Audit::start(&config, &metrics, &Links::default(), 1).unwrap();
         let sent = ids(200);
         // A queue's worth at a time, each handed on before the next: only the stuck sink's
         // own buffer can overflow.
@@ -703,7 +747,8 @@ mod tests {
                 .unwrap()
         };
         runtime().block_on(async {
-            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            let audit =
+                Audit::start(&config, &Arc::new(Metrics::new()), &Links::default(), 1).unwrap();
             for id in &sent {
                 record(&audit, id);
             }
@@ -714,7 +759,8 @@ mod tests {
         });
         std::fs::create_dir(events.parent().unwrap()).unwrap();
         runtime().block_on(async {
-            let audit = Audit::start(&config, &Arc::new(Metrics::new()), 1).unwrap();
+            let audit =
+                Audit::start(&config, &Arc::new(Metrics::new()), &Links::default(), 1).unwrap();
             until("the journal delivered", || ids_in(&events).len() >= 50).await;
             audit.shutdown(Duration::from_secs(5)).await;
         });

@@ -1,27 +1,55 @@
 //! The `redis_stream` sink: one `XADD <stream> MAXLEN ~ <maxlen> * event <json>` per event,
-//! a batch sent as one pipeline on a multiplexed connection. A failed batch drops the
-//! connection; the next delivery connects anew.
+//! a batch sent as one pipeline through [`crate::redis_link`] (which follows a Sentinel or
+//! Cluster failover). A batch that fails is delivered again (the journal keeps it): a
+//! primary that dies mid-batch may leave some of its events twice, never none.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::config::audit::RedisSettings;
+use crate::config::redis::RedisConnection;
+use crate::metrics::Metrics;
+use crate::redis_link::{Link, Links};
+
+/// The sink runs on the control thread: one connection.
+const SLOT: usize = 0;
 
 pub struct RedisWriter {
-    client: redis::Client,
-    connection: Option<MultiplexedConnection>,
+    name: String,
+    /// The connection settings, replaced by a reload ([`crate::audit::Audit::reconnect`]).
+    settings: Arc<ArcSwap<RedisConnection>>,
+    /// Made from `built`; made anew (its files read again) when a reload has stored new
+    /// `settings`.
+    link: Link,
+    built: Arc<RedisConnection>,
+    metrics: Arc<Metrics>,
+    links: Links,
     stream: String,
     maxlen: u64,
     timeout: Duration,
 }
 
 impl RedisWriter {
-    pub fn new(s: &RedisSettings) -> RedisWriter {
+    pub fn new(
+        name: &str,
+        s: &RedisSettings,
+        settings: Arc<ArcSwap<RedisConnection>>,
+        metrics: Arc<Metrics>,
+        links: &Links,
+    ) -> RedisWriter {
+        let built = settings.load_full();
+        let client = format!("audit:{name}");
         RedisWriter {
-            client: redis::Client::open(s.url.as_str()).expect("validated at load"),
-            connection: None,
+            link: Link::new(&client, &built, &metrics, links, 1, s.timeout.0),
+            links: links.clone(),
+            name: name.to_owned(),
+            settings,
+            built,
+            metrics,
             stream: s.stream.clone(),
             maxlen: s.maxlen,
             timeout: s.timeout.0,
@@ -30,6 +58,18 @@ impl RedisWriter {
 
     /// Appends the batch to the stream, within `timeout` (connecting included).
     pub async fn write(&mut self, batch: &[Bytes]) -> Result<(), String> {
+        if !Arc::ptr_eq(&self.built, &self.settings.load()) {
+            self.built = self.settings.load_full();
+            let client = format!("audit:{}", self.name);
+            self.link = Link::new(
+                &client,
+                &self.built,
+                &self.metrics,
+                &self.links,
+                1,
+                self.timeout,
+            );
+        }
         let mut pipe = redis::pipe();
         for event in batch {
             pipe.cmd("XADD")
@@ -39,24 +79,31 @@ impl RedisWriter {
                 .arg(self.maxlen)
                 .arg("*")
                 .arg("event")
-                .arg(event.as_ref())
-                .ignore();
+                .arg(event.as_ref());
         }
         let exchange = async {
-            let connection = match &mut self.connection {
-                Some(c) => c,
-                None => self
-                    .connection
-                    .insert(self.client.get_multiplexed_async_connection().await?),
-            };
-            pipe.query_async::<()>(connection).await
+            let mut conn = self.link.connection(SLOT).await.map_err(Err)?;
+            // Each XADD's own answer is looked at: a `READONLY` from a primary demoted
+            // meanwhile fails the batch (and drops the connection), it is not delivered.
+            pipe.query_async::<redis::Value>(&mut conn)
+                .await
+                .and_then(redis::Value::extract_error)
+                .map_err(Ok)
         };
-        let result = match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => format!("redis: {e}"),
-            Err(_) => format!("redis: no answer within {:?}", self.timeout),
-        };
-        self.connection = None;
-        Err(result)
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(_)) => {
+                self.link.answered(SLOT);
+                Ok(())
+            }
+            Ok(Err(Ok(e))) => {
+                self.link.failed(SLOT, &e);
+                Err(format!("redis: {e}"))
+            }
+            Ok(Err(Err(e))) => Err(e.to_string()),
+            Err(_) => {
+                self.link.timed_out(SLOT);
+                Err(format!("redis: no answer within {:?}", self.timeout))
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
@@ -11,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::spool::Journal;
 use super::{file, http, otlp, redis_stream, stdout};
-use crate::config::audit::SinkKind;
+use crate::config::audit::{SinkConfig, SinkKind};
+use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
+use crate::redis_link::Links;
 
 /// What the dispatcher, the worker and shutdown share about one sink.
 pub struct SinkState {
@@ -84,14 +87,30 @@ pub enum Writer {
 }
 
 impl Writer {
-    /// `reopen` is the SIGHUP generation file sinks follow; `shards` the connection-pool
-    /// shards (the last one is the control thread's, where sinks run).
-    pub fn new(kind: &SinkKind, reopen: &Arc<AtomicU64>, shards: usize) -> Writer {
-        match kind {
+    /// `reopen` is the SIGHUP generation file sinks follow; `connection` the settings a
+    /// connecting sink follows across reloads; `shards` the connection-pool shards (the
+    /// last one is the control thread's, where sinks run).
+    pub fn new(
+        sink: &SinkConfig,
+        reopen: &Arc<AtomicU64>,
+        connection: Option<&Arc<ArcSwap<RedisConnection>>>,
+        shards: usize,
+        metrics: &Arc<Metrics>,
+        links: &Links,
+    ) -> Writer {
+        match &sink.kind {
             SinkKind::Stdout => Writer::Stdout,
             SinkKind::File(s) => Writer::File(file::FileWriter::new(s.path.clone(), reopen)),
             SinkKind::Http(s) => Writer::Http(Box::new(http::HttpWriter::new(s, shards))),
-            SinkKind::RedisStream(s) => Writer::Redis(Box::new(redis_stream::RedisWriter::new(s))),
+            SinkKind::RedisStream(s) => Writer::Redis(Box::new(redis_stream::RedisWriter::new(
+                &sink.name,
+                s,
+                connection
+                    .expect("a redis_stream sink has its connection")
+                    .clone(),
+                metrics.clone(),
+                links,
+            ))),
             SinkKind::Otlp(s) => Writer::Otlp(Box::new(otlp::OtlpWriter::new(s, shards))),
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
+use crate::config::redis::RedisConnection;
 use crate::config::tracing::Resource;
 use crate::config::value::{ByteSize, Duration, HeaderNameValue, HeaderPairs};
 use crate::config::{schema, suggest, typed, KeyPath, Problem};
@@ -72,8 +73,12 @@ pub struct OtlpSettings {
 #[derive(Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://` is refused: no TLS).
-    pub url: String,
+    /// `redis://[user:password@]host:port[/db]`, short for `redis = { url = … }`.
+    pub url: Option<String>,
+    /// Where Redis is (a server, Sentinel, Cluster) and how to log in, as every Redis user
+    /// in gatehouse takes it. On a cluster the stream is one key, so it lives on the primary
+    /// of its slot (CRC16 of the name, or of its `{hash tag}`).
+    pub redis: Option<RedisConnection>,
     /// The stream events are added to.
     #[serde(default = "default_stream")]
     pub stream: String,
@@ -93,19 +98,38 @@ fn default_maxlen() -> u64 {
 }
 
 impl RedisSettings {
+    /// The Redis the stream is on.
+    pub fn connection(&self) -> RedisConnection {
+        match (&self.redis, &self.url) {
+            (Some(redis), _) => redis.clone(),
+            (None, Some(url)) => RedisConnection::from_url(url),
+            (None, None) => RedisConnection::default(),
+        }
+    }
+
     /// What is wrong with the keys' values, every one of it.
     fn problems(&self) -> Vec<Problem> {
         let key = |name: &str| KeyPath::default().key(name);
         let mut problems = Vec::new();
-        let tcp = self.url.starts_with("redis://") || self.url.starts_with("redis+unix://");
-        if !tcp || redis::Client::open(self.url.as_str()).is_err() {
-            problems.push((
+        match (&self.url, &self.redis) {
+            (None, None) => problems.push((
                 key("url"),
-                format!(
-                    "invalid URL {:?}: expected redis://[user:password@]host:port[/db]",
-                    self.url
-                ),
-            ));
+                "expected `url` (redis://host:port) or a `redis` table".into(),
+            )),
+            (Some(_), Some(_)) => problems.push((
+                key("redis"),
+                "give `url` or a `redis` table, not both".into(),
+            )),
+            (Some(_), None) => {
+                if let Err(found) = self.connection().resolve() {
+                    problems.extend(found.into_iter().map(|(_, m)| (key("url"), m)));
+                }
+            }
+            (None, Some(redis)) => {
+                if let Err(found) = redis.resolve() {
+                    problems.extend(found.into_iter().map(|(p, m)| (key("redis").join(&p), m)));
+                }
+            }
         }
         if self.stream.is_empty() {
             problems.push((key("stream"), "expected a stream name".into()));
@@ -307,6 +331,51 @@ pub fn field_name(header: &HeaderNameValue) -> String {
 }
 
 impl AuditConfig {
+    /// Whether `new` differs from this in more than what a reload applies to a running
+    /// pipeline: the sinks' connection settings ([`RedisSettings::connection`]).
+    pub fn needs_restart_for(&self, new: &AuditConfig) -> bool {
+        let AuditConfig {
+            queue_capacity,
+            include,
+            request_headers,
+            batch_size,
+            flush_interval,
+            spool_dir,
+            spool_max_bytes,
+            fsync_interval,
+            sinks,
+        } = self;
+        let same_sink = |(old, new): (&SinkConfig, &SinkConfig)| {
+            old.name == new.name
+                && match (&old.kind, &new.kind) {
+                    (SinkKind::RedisStream(o), SinkKind::RedisStream(n)) => {
+                        (&o.stream, o.maxlen, o.timeout) == (&n.stream, n.maxlen, n.timeout)
+                    }
+                    (o, n) => o == n,
+                }
+        };
+        (
+            queue_capacity,
+            include,
+            request_headers,
+            batch_size,
+            flush_interval,
+            spool_dir,
+            spool_max_bytes,
+            fsync_interval,
+        ) != (
+            &new.queue_capacity,
+            &new.include,
+            &new.request_headers,
+            &new.batch_size,
+            &new.flush_interval,
+            &new.spool_dir,
+            &new.spool_max_bytes,
+            &new.fsync_interval,
+        ) || sinks.len() != new.sinks.len()
+            || !sinks.iter().zip(&new.sinks).all(same_sink)
+    }
+
     /// Types and checks `[audit]`; problems are located below `audit`. `resource` is what
     /// `otlp` sinks' records are about.
     pub(crate) fn from_raw(
@@ -509,6 +578,24 @@ mod tests {
     }
 
     #[test]
+    fn a_sinks_new_connection_settings_need_no_restart_its_other_keys_do() {
+        let sink = |keys: &str| {
+            parse(&format!(
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\n{keys}\n"
+            ))
+            .unwrap()
+        };
+        let old = sink("redis = { url = \"redis://r\", username = \"u\", password = \"one\" }");
+        let rotated = sink("redis = { url = \"redis://r\", username = \"u\", password = \"two\" }");
+        assert!(!old.needs_restart_for(&rotated));
+        let restream = sink(
+            "redis = { url = \"redis://r\", username = \"u\", password = \"one\" }\nstream = \"s\"",
+        );
+        assert!(old.needs_restart_for(&restream));
+        assert!(old.needs_restart_for(&parse("[audit]\nbatch_size = 1\n[[audit.sinks]]\ntype = \"redis_stream\"\nredis = { url = \"redis://r\", username = \"u\", password = \"one\" }\n").unwrap()));
+    }
+
+    #[test]
     fn errors_are_located() {
         for (audit, expected) in [
             ("[audit]\n", "proxy.toml:5:2: audit.sinks: [audit] needs at least one"),
@@ -558,7 +645,19 @@ mod tests {
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"http://r:6379\"\n",
-                "proxy.toml:8:1: audit.sinks[1].url: invalid URL \"http://r:6379\": expected redis://",
+                "proxy.toml:8:1: audit.sinks[1].url: invalid Redis URL \"http://r:6379\"",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nredis = { cluster = true, nodes = [\"a\", \"b:70000\"] }\n",
+                "proxy.toml:8:41: audit.sinks[1].redis.nodes[2]: invalid address \"b:70000\"",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"redis://r\"\nredis = { url = \"redis://r\" }\n",
+                "audit.sinks[1].redis: give `url` or a `redis` table, not both",
+            ),
+            (
+                "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\n",
+                "audit.sinks[1].url: expected `url` (redis://host:port) or a `redis` table",
             ),
             (
                 "[audit]\n[[audit.sinks]]\ntype = \"redis_stream\"\nurl = \"redis://r\"\nmaxlen = 0\n",

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod env;
 pub mod error;
+pub mod redis;
 pub mod schema;
 mod suggest;
 pub mod tracing;
@@ -166,6 +167,20 @@ pub struct AdminConfig {
     /// When set, the upstream is probed (a connect) this often and `/readyz` answers 503
     /// while the last probe failed, so a pod whose app is down leaves the endpoints.
     pub upstream_check: Option<Duration>,
+    /// What `/readyz` waits for at start: `["redis"]` answers 503 until every Redis the
+    /// config uses (shared rate limits, `redis_stream` sinks) has been connected to once,
+    /// so a pod takes no traffic before its shared limiter works. Later outages leave it
+    /// ready: `on_backend_error` decides then.
+    #[serde(default)]
+    pub ready_requires: Vec<ReadyRequirement>,
+}
+
+/// Something `/readyz` waits for at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyRequirement {
+    /// Every Redis the config uses, connected to once.
+    Redis,
 }
 
 /// `[upstream]`: the service gatehouse stands in front of.

@@ -13,6 +13,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use crate::chain::{Chain, Link, Middleware, Scope};
 use crate::config::{typed, Entries, MiddlewareEntry, Problem};
 use crate::metrics::Metrics;
+use crate::redis_link::Links;
 
 mod auth;
 mod jwks;
@@ -90,6 +91,8 @@ pub struct Handles {
     /// Middlewares look at their outside state but change nothing there, as
     /// `explain --live` wants: a Redis rate limit reads its bucket without taking from it.
     pub read_only: bool,
+    /// The Redis links built with these handles, for `/readyz`.
+    pub redis: Links,
 }
 
 impl Handles {
@@ -101,6 +104,7 @@ impl Handles {
             runtime: None,
             workers: 1,
             read_only: false,
+            redis: Links::default(),
         }
     }
 }

@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use super::auth::{claim_header_value, cookie, digest};
 use super::jwks::{Failure, KeySet, Remote, FETCH_TIMEOUT};
 use crate::chain::{Context, Flow, Middleware, Reason, Reject, SessionDigest};
+use crate::config::redis::{entry_redis, RedisConnection};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
@@ -114,8 +115,13 @@ pub struct Settings {
     /// holds only the session's id; sign-out deletes the session server-side).
     #[serde(default)]
     session_store: SessionStore,
-    /// `redis://[:password@]host:port[/db]`, for `session_store = "redis"`.
+    /// For `session_store = "redis"`: `redis://[:password@]host:port[/db]`, short for
+    /// `redis = { url = … }`.
     redis_url: Option<String>,
+    /// For `session_store = "redis"`: where Redis is (a server, Sentinel, Cluster) and how
+    /// to log in, as `rate_limit`'s `redis` table. (Boxed: the settings of every middleware
+    /// type share one enum.)
+    redis: Option<Box<RedisConnection>>,
     /// How long a session lasts after sign-in, refreshes included.
     #[serde(default = "default_session_ttl")]
     session_ttl: Duration,
@@ -296,25 +302,30 @@ impl super::Settings for Settings {
                 ),
             ));
         }
-        match (self.session_store, &self.redis_url) {
+        match (
+            self.session_store,
+            entry_redis(self.redis_url.as_deref(), self.redis.as_deref())?,
+        ) {
             (SessionStore::Redis, None) => {
                 return Err((
                     at.key("redis_url"),
                     "session_store = \"redis\" needs a `redis_url` such as \
-                     \"redis://127.0.0.1:6379\""
+                     \"redis://127.0.0.1:6379\" (or a `redis` table)"
                         .into(),
                 ))
             }
-            (SessionStore::Redis, Some(url)) => {
-                store::Store::check_url(url).map_err(|e| (at.key("redis_url"), e))?
-            }
             (SessionStore::Cookie, Some(_)) => {
+                let key = if self.redis_url.is_some() {
+                    "redis_url"
+                } else {
+                    "redis"
+                };
                 return Err((
-                    at.key("redis_url"),
+                    at.key(key),
                     "only used with session_store = \"redis\"".into(),
-                ))
+                ));
             }
-            (SessionStore::Cookie, None) => {}
+            _ => {}
         }
         if self.session_ttl.0 < StdDuration::from_secs(60) {
             return Err((at.key("session_ttl"), "at least 1m".into()));
@@ -436,10 +447,9 @@ impl Settings {
                 .map(|(c, h)| (c.clone(), h.0.clone()))
                 .collect(),
             api_bearer: self.api_bearer,
-            store: self
-                .redis_url
-                .as_deref()
-                .map(|url| store::Store::new(build.name, handles, url)),
+            store: entry_redis(self.redis_url.as_deref(), self.redis.as_deref())
+                .expect("validated")
+                .map(|redis| store::Store::new(build.name, handles, &redis)),
             provider,
             keys,
             remote,

@@ -69,7 +69,13 @@ async fn setup(upstream: &str) -> Setup {
     );
     let config = Config::parse(std::path::Path::new("t.toml"), &source, &|_| None).unwrap();
     let handles = Arc::new(Handles::offline());
-    let audit = Audit::start(config.audit.as_ref().unwrap(), &handles.metrics, 2).unwrap();
+    let audit = Audit::start(
+        config.audit.as_ref().unwrap(),
+        &handles.metrics,
+        &handles.redis,
+        2,
+    )
+    .unwrap();
     let proxy = Arc::new(Proxy::new(&config, &handles, Some(audit.clone()), None));
     Setup {
         proxy,

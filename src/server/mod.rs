@@ -20,7 +20,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::admin::{self, Health};
 use crate::audit::Audit;
-use crate::config::Scheduling;
+use crate::config::{ReadyRequirement, Scheduling};
 use crate::middleware::{Handles, Kept};
 use crate::proxy::Proxy;
 use crate::trace::Tracer;
@@ -96,12 +96,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
         runtime: Some(control.handle().clone()),
         workers,
         read_only: false,
+        redis: crate::redis_link::Links::default(),
     });
     // Pool shards: one per worker, then the control thread's.
     let audit = match &config.audit {
-        Some(audit) => {
-            Some(Audit::start(audit, &handles.metrics, workers + 1).map_err(StartError)?)
-        }
+        Some(audit) => Some(
+            Audit::start(audit, &handles.metrics, &handles.redis, workers + 1)
+                .map_err(StartError)?,
+        ),
         None => None,
     };
     let tracer = config
@@ -128,6 +130,13 @@ pub fn run(config: Config) -> Result<(), StartError> {
         ),
         None => None,
     };
+    let health = Arc::new(Health::new(
+        config
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.ready_requires.contains(&ReadyRequirement::Redis))
+            .then(|| handles.redis.clone()),
+    ));
     let shared = Arc::new(Shared {
         proxy: ArcSwap::from_pointee(Proxy::new(&config, &handles, audit.clone(), tracer.clone())),
         handles,
@@ -143,7 +152,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             idle_timeout: config.server.idle_timeout.0,
             max_header_bytes: config.server.max_header_bytes.0 as usize,
         },
-        health: Arc::default(),
+        health,
     });
     if let Some(listener) = admin_listener {
         tokio::spawn(admin::serve(
@@ -406,12 +415,21 @@ fn reload(config: &Config, shared: &Shared) -> Option<Config> {
                     "server.tls",
                     new.server.tls.is_some() != config.server.tls.is_some(),
                 ),
-                ("audit", new.audit != config.audit),
+                (
+                    "audit",
+                    match (&config.audit, &new.audit) {
+                        (Some(old), Some(new)) => old.needs_restart_for(new),
+                        (old, new) => old.is_some() != new.is_some(),
+                    },
+                ),
                 ("tracing", new.tracing != config.tracing),
             ] {
                 if changed {
                     tracing::warn!(key, "changed in the file, but only takes effect on restart");
                 }
+            }
+            if let (Some(audit), Some(settings)) = (&shared.audit, &new.audit) {
+                audit.reconnect(settings);
             }
             let proxy = Proxy::new(
                 &new,

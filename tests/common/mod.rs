@@ -39,12 +39,27 @@ pub async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output
     }
 }
 
+/// A port nothing listens on, for a server that binds it itself (a gatehouse under test).
+/// Taken below the kernel's ephemeral range (32768 up by default), where every `bind(0)`
+/// and outgoing connection of the tests gets its port: a port from `bind(0)`, released for
+/// gatehouse, could go to another test's server before gatehouse binds it, and the test
+/// would then talk to that server. Each call of a process gets a different port, from a
+/// start that differs between processes.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 32_768 - FIRST;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        std::sync::atomic::AtomicU32::new(std::process::id().wrapping_mul(7919) ^ nanos)
+    });
+    (0..COUNT)
+        .map(|_| (FIRST + next.fetch_add(1, Ordering::Relaxed) % COUNT) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below 32768")
 }
 
 /// The program `name` on `PATH`; `install` says how to get it when it is missing.
@@ -1146,12 +1161,15 @@ impl Redis {
 
     /// Starts (or restarts) a server on `port` and waits until it accepts connections.
     pub async fn on(port: u16) -> Redis {
-        Redis::with_args(port, &[]).await
+        Redis::with(port, &[]).await
     }
 
-    /// [`Redis::on`] with more server arguments (`--requirepass`).
-    pub async fn with_args(port: u16, args: &[&str]) -> Redis {
+    /// A server on `port` started with `args` first (a config file must come first; TLS,
+    /// ACL users, replication, `--sentinel`, cluster mode), waiting until it accepts
+    /// connections.
+    pub async fn with(port: u16, args: &[&str]) -> Redis {
         let child = Command::new("redis-server")
+            .args(args)
             .args([
                 "--port",
                 &port.to_string(),
@@ -1161,7 +1179,6 @@ impl Redis {
                 "no",
             ])
             .args(["--bind", "127.0.0.1"])
-            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (apt-get install redis-server)");

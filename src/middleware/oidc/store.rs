@@ -6,19 +6,19 @@
 //! keyspace never holds what the cookie holds; the value is the session sealed with the
 //! cookie secret, so Redis never holds tokens in the clear either.
 //!
-//! Connections follow `rate_limit`'s Redis backend: one `ConnectionManager` per worker,
-//! made on that worker's first use, owned by the middleware, so a reload (a new
-//! `redis_url`, a new password) starts afresh and the old connections go with the old chain.
+//! Connections: [`crate::redis_link`] (a server, Sentinel or Cluster, TLS, reconnection
+//! with backoff), one per worker thread, owned by the middleware, so a reload with a new
+//! password starts afresh and the old connections go with the old chain.
 
 use std::fmt::Display;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
 
+use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
+use crate::redis_link::Link;
 
 /// How long one Redis call may take.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -28,10 +28,7 @@ pub(super) struct Store {
     name: String,
     /// `gatehouse:oidc:<name>:`
     prefix: String,
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// One connection per worker (and the control thread), made on its first use.
-    connections: Box<[OnceLock<ConnectionManager>]>,
+    link: Link,
     /// `explain --live` reads sessions but writes and deletes none.
     read_only: bool,
     warnings: Throttle,
@@ -41,33 +38,30 @@ pub(super) struct Store {
 pub(super) struct Unavailable;
 
 impl Store {
-    pub(super) fn new(name: &str, handles: &crate::middleware::Handles, url: &str) -> Store {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
+    pub(super) fn new(
+        name: &str,
+        handles: &crate::middleware::Handles,
+        redis: &RedisConnection,
+    ) -> Store {
         Store {
             name: name.to_owned(),
             prefix: format!("gatehouse:oidc:{name}:"),
-            client: redis::Client::open(url).expect("validated"),
-            config,
-            connections: (0..=handles.workers).map(|_| OnceLock::new()).collect(),
+            link: Link::new(
+                &format!("oidc:{name}"),
+                redis,
+                &handles.metrics,
+                &handles.redis,
+                handles.workers + 1,
+                TIMEOUT,
+            ),
             read_only: handles.read_only,
             warnings: Throttle::default(),
         }
     }
 
-    /// Whether `url` can be a store's, for the config check.
-    pub(super) fn check_url(url: &str) -> Result<(), String> {
-        redis::Client::open(url)
-            .map(|_| ())
-            .map_err(|e| format!("invalid Redis URL: {e}"))
-    }
-
-    /// The server (never the URL, which may hold a password), for `explain`.
+    /// The server (never the credentials), for `explain`.
     pub(super) fn describe(&self) -> String {
-        format!("Redis at {}", self.client.get_connection_info().addr())
+        format!("Redis at {}", self.link.describe())
     }
 
     fn key(&self, id: &str) -> String {
@@ -79,22 +73,14 @@ impl Store {
         key
     }
 
-    fn connection(&self, worker: usize) -> ConnectionManager {
-        self.connections[worker % self.connections.len()]
-            .get_or_init(|| {
-                self.client
-                    .get_connection_manager_lazy(self.config.clone())
-                    .expect("no push sender is configured")
-            })
-            .clone()
-    }
-
     /// The sealed session stored under `id`; `None` when there is none (signed out,
     /// expired, or lost with the server's data).
     pub(super) async fn get(&self, worker: usize, id: &str) -> Result<Option<String>, Unavailable> {
-        let mut conn = self.connection(worker);
         let key = self.key(id);
-        self.within(conn.get::<_, Option<String>>(key)).await
+        self.call(worker, |mut conn| async move {
+            conn.get::<_, Option<String>>(key).await
+        })
+        .await
     }
 
     /// Stores the sealed session under `id` for `ttl` seconds.
@@ -108,10 +94,11 @@ impl Store {
         if self.read_only {
             return Ok(());
         }
-        let mut conn = self.connection(worker);
-        let key = self.key(id);
-        self.within(conn.set_ex::<_, _, ()>(key, sealed, ttl.max(1)))
-            .await
+        let (key, sealed) = (self.key(id), sealed.to_owned());
+        self.call(worker, |mut conn| async move {
+            conn.set_ex::<_, _, ()>(key, sealed, ttl.max(1)).await
+        })
+        .await
     }
 
     /// Deletes the session under `id`.
@@ -119,19 +106,40 @@ impl Store {
         if self.read_only {
             return Ok(());
         }
-        let mut conn = self.connection(worker);
         let key = self.key(id);
-        self.within(conn.del::<_, ()>(key)).await
+        self.call(worker, |mut conn| async move { conn.del::<_, ()>(key).await })
+            .await
     }
 
-    async fn within<T>(
+    /// One command on `worker`'s connection, within [`TIMEOUT`], telling the link how it
+    /// went (so it drops a broken connection).
+    async fn call<T, F>(
         &self,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, Unavailable> {
-        match tokio::time::timeout(TIMEOUT, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => Err(self.failed(format_args!("no answer within {TIMEOUT:?}"))),
+        worker: usize,
+        command: impl FnOnce(crate::redis_link::Conn) -> F,
+    ) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let exchange = async {
+            let conn = self.link.connection(worker).await.map_err(Err)?;
+            command(conn).await.map_err(Ok)
+        };
+        match tokio::time::timeout(TIMEOUT, exchange).await {
+            Ok(Ok(value)) => {
+                self.link.answered(worker);
+                Ok(value)
+            }
+            Ok(Err(Ok(e))) => {
+                self.link.failed(worker, &e);
+                Err(self.failed(e))
+            }
+            // No connection (the link says why, and logs its own attempts).
+            Ok(Err(Err(e))) => Err(self.failed(e)),
+            Err(_) => {
+                self.link.timed_out(worker);
+                Err(self.failed(format_args!("no answer within {TIMEOUT:?}")))
+            }
         }
     }
 

@@ -25,6 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::config::redis::{entry_redis, RedisConnection};
 use crate::config::value::{Duration, Rate};
 use crate::config::{KeyPath, Problem};
 
@@ -42,8 +43,11 @@ pub struct Settings {
     key: KeySpec,
     #[serde(default)]
     backend: Backend,
-    /// `redis://host:port[/db]`, for `backend = "redis"`.
+    /// For `backend = "redis"`: `redis://host:port[/db]`, short for `redis = { url = … }`.
     redis_url: Option<String>,
+    /// For `backend = "redis"`: where Redis is (a server, Sentinel, Cluster) and how to log
+    /// in, as every Redis user in gatehouse takes it.
+    redis: Option<RedisConnection>,
     #[serde(default)]
     on_backend_error: OnBackendError,
     /// The most keys the local backend holds; past it, idle keys are forgotten first.
@@ -167,6 +171,15 @@ impl Settings {
             .unwrap_or_else(|| (self.rate.count / self.rate.per.as_secs().max(1)).max(1))
     }
 
+    /// The Redis to use (`backend = "redis"`).
+    fn connection(&self) -> RedisConnection {
+        match (&self.redis, &self.redis_url) {
+            (Some(redis), _) => redis.clone(),
+            (None, Some(url)) => RedisConnection::from_url(url),
+            (None, None) => RedisConnection::default(),
+        }
+    }
+
     fn gcra(&self) -> Gcra {
         let interval = self.rate.per.as_micros() as u64 / self.rate.count;
         Gcra {
@@ -198,18 +211,17 @@ impl super::Settings for Settings {
         if self.timeout.0.is_zero() {
             return Err((at("timeout"), "expected a duration above zero".into()));
         }
-        match (self.backend, &self.redis_url) {
+        let redis = entry_redis(self.redis_url.as_deref(), self.redis.as_ref())?;
+        match (self.backend, redis) {
             (Backend::Redis, None) => Err((
                 at("redis_url"),
-                "backend = \"redis\" needs a `redis_url` such as \"redis://127.0.0.1:6379\"".into(),
+                "backend = \"redis\" needs a `redis_url` such as \"redis://127.0.0.1:6379\" (or a `redis` table)".into(),
             )),
-            (Backend::Redis, Some(url)) => ::redis::Client::open(url.as_str())
-                .map(drop)
-                .map_err(|e| (at("redis_url"), format!("invalid Redis URL: {e}"))),
-            (Backend::Local, Some(_)) => {
-                Err((at("redis_url"), "only used with backend = \"redis\"".into()))
-            }
-            (Backend::Local, None) => Ok(()),
+            (Backend::Local, Some(_)) => Err((
+                at(if self.redis_url.is_some() { "redis_url" } else { "redis" }),
+                "only used with backend = \"redis\"".into(),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -257,7 +269,7 @@ impl super::Settings for Settings {
             Backend::Redis => Store::Redis(Box::new(redis::Remote::new(
                 name,
                 handles,
-                self.redis_url.as_deref().expect("validated"),
+                &self.connection(),
                 self.timeout.0,
             ))),
         };

@@ -2,25 +2,23 @@
 //! script doing the same GCRA as [`super::Gcra::decide`] atomically on the server, with the
 //! server's clock (`TIME`), so replicas' clocks do not matter.
 //!
-//! Connection: each worker thread has its own multiplexed connection per limiter, behind a
-//! `ConnectionManager` that reconnects by itself, created on that worker's first decision.
-//! Its driver task then runs on the worker's own runtime (the `redis` crate spawns it, and
-//! any reconnection, on the runtime of the caller), so a decision never crosses threads:
-//! the thread-per-core way, at the price of one Redis connection per worker and limiter.
-//! The limiter owns its connections (one slot per worker), so they go when it goes.
+//! Connections: [`crate::redis_link`], one per worker thread (and the control thread),
+//! each made on that worker's runtime, so a decision never crosses threads. The script
+//! touches one key, so it runs unchanged on a Redis Cluster (on the key's primary).
 
 use std::fmt::Display;
 use std::io::Write;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::{Gcra, KeyRef, Outcome};
+use crate::config::redis::RedisConnection;
 use crate::logging::Throttle;
 use crate::metrics::MiddlewareLabel;
+use crate::redis_link::Link;
 
 /// GCRA with server time, in microseconds. KEYS[1] the key; ARGV interval, tolerance, and
 /// whether to take from the bucket (`1`) or only look (`0`, for `explain --live`).
@@ -50,10 +48,8 @@ pub(super) struct Remote {
     name: Arc<str>,
     /// `gatehouse:rl:<name>:`
     prefix: Vec<u8>,
-    client: redis::Client,
-    config: ConnectionManagerConfig,
     /// One connection per worker (and the control thread), made on its first decision.
-    connections: Box<[OnceLock<ConnectionManager>]>,
+    link: Link,
     timeout: Duration,
     /// `1` takes from the bucket; `0` only looks (`Handles::read_only`).
     take: u8,
@@ -67,15 +63,9 @@ impl Remote {
     pub(super) fn new(
         name: &str,
         handles: &crate::middleware::Handles,
-        url: &str,
+        redis: &RedisConnection,
         timeout: Duration,
     ) -> Remote {
-        let client = redis::Client::open(url).expect("validated");
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
         let name: Arc<str> = name.into();
         Remote {
             prefix: format!("gatehouse:rl:{name}:").into_bytes(),
@@ -88,10 +78,15 @@ impl Remote {
                 .get_or_create_owned(&MiddlewareLabel {
                     middleware: name.clone(),
                 }),
+            link: Link::new(
+                &format!("rate_limit:{name}"),
+                redis,
+                &handles.metrics,
+                &handles.redis,
+                handles.workers + 1,
+                timeout,
+            ),
             name,
-            client,
-            config,
-            connections: (0..=handles.workers).map(|_| OnceLock::new()).collect(),
             timeout,
             take: u8::from(!handles.read_only),
             warnings: Throttle::default(),
@@ -106,24 +101,36 @@ impl Remote {
         key: KeyRef<'_>,
         gcra: &Gcra,
     ) -> Option<Outcome> {
-        let mut conn = self.connection(worker);
         let mut call = SCRIPT.key(self.key(key));
         call.arg(gcra.interval).arg(gcra.tolerance).arg(self.take);
-        let answer = tokio::time::timeout(
-            self.timeout,
-            call.invoke_async::<(u8, u64, u64, u64)>(&mut conn),
-        )
-        .await;
-        match answer {
-            Ok(Ok((allowed, remaining, reset, retry_after))) => Some(Outcome {
-                allowed: allowed == 1,
-                tat: 0,
-                remaining,
-                reset,
-                retry_after,
-            }),
-            Ok(Err(e)) => self.failed(e),
-            Err(_) => self.failed(format_args!("no answer within {:?}", self.timeout)),
+        let exchange = async {
+            let mut conn = self.link.connection(worker).await.map_err(Err)?;
+            call.invoke_async::<(u8, u64, u64, u64)>(&mut conn)
+                .await
+                .map_err(Ok)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok((allowed, remaining, reset, retry_after))) => {
+                self.link.answered(worker);
+                Some(Outcome {
+                    allowed: allowed == 1,
+                    tat: 0,
+                    remaining,
+                    reset,
+                    retry_after,
+                })
+            }
+            // The server answered with an error, or the connection broke.
+            Ok(Err(Ok(e))) => {
+                self.link.failed(worker, &e);
+                self.failed(e)
+            }
+            // No connection (the link says why, and logs its own attempts).
+            Ok(Err(Err(e))) => self.failed(e),
+            Err(_) => {
+                self.link.timed_out(worker);
+                self.failed(format_args!("no answer within {:?}", self.timeout))
+            }
         }
     }
 
@@ -143,26 +150,14 @@ impl Remote {
         redis_key
     }
 
-    /// What a decision on `key` asks, for `explain`: the server (never the URL, which may
-    /// hold a password) and the bucket's key.
+    /// What a decision on `key` asks, for `explain`: the server (never the credentials)
+    /// and the bucket's key.
     pub(super) fn describe(&self, key: KeyRef<'_>) -> String {
         format!(
             "would ask Redis at {} about the bucket {}",
-            self.client.get_connection_info().addr(),
+            self.link.describe(),
             String::from_utf8_lossy(&self.key(key))
         )
-    }
-
-    /// `worker`'s connection for this limiter (connecting lazily, on the caller's runtime,
-    /// which is that worker's).
-    fn connection(&self, worker: usize) -> ConnectionManager {
-        self.connections[worker % self.connections.len()]
-            .get_or_init(|| {
-                self.client
-                    .get_connection_manager_lazy(self.config.clone())
-                    .expect("no push sender is configured")
-            })
-            .clone()
     }
 
     /// Counts a failure, and logs it unless one was logged recently.
@@ -191,7 +186,7 @@ mod tests {
         let remote = Remote::new(
             "rl-unreachable",
             &handles,
-            "redis://127.0.0.1:1",
+            &RedisConnection::from_url("redis://127.0.0.1:1"),
             Duration::from_millis(50),
         );
         let gcra = Gcra {
