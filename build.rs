@@ -25,6 +25,8 @@ fn main() {
 
     let redis = find(&path, "redis-server");
     let chromium = find(&path, "chromium");
+    let node = find(&path, "node");
+    let npm = find(&path, "npm");
     let python = find(&path, "python3");
     let chattr = find(&path, "chattr");
     let venv = python.as_deref().is_some_and(|python| {
@@ -61,6 +63,12 @@ fn main() {
         chromium.is_some(),
         &[&chromium],
         "chromium (apt-get install chromium)",
+    );
+    have(
+        "gatehouse_has_node",
+        node.is_some() && npm.is_some(),
+        &[&node, &npm],
+        "node and npm (apt-get install nodejs npm)",
     );
     have(
         "gatehouse_has_python_venv",

@@ -78,6 +78,7 @@ fn enqueue(c: &mut Criterion) {
                         upstream: Some(duration),
                         client_ip: ip,
                         subject: None,
+                        session: None,
                         decision: Decision::Allow,
                         denied_by: None,
                         deny_reason: None,

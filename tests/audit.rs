@@ -187,6 +187,7 @@ async fn events_carry_spec_fields() {
         "upstream_ms",
         "client_ip",
         "subject",
+        "session",
         "decision",
         "denied_by",
         "deny_reason",

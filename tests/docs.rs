@@ -32,6 +32,11 @@ const ENV: &[(&str, &str)] = &[
     ("CI_KEY", "ci-key"),
     ("CI_API_KEY", "ci-key"),
     ("JWT_SECRET", "a-long-enough-shared-secret-for-hs256"),
+    ("OIDC_CLIENT_SECRET", "client-secret"),
+    (
+        "OIDC_COOKIE_SECRET",
+        "q83vEi1Nq2d1ZTXyYx0jxHoDhn2Fc/HpSoBpR1kz5bM=",
+    ),
     ("REDIS_URL", "redis://127.0.0.1:6379"),
     ("REDIS_PASSWORD", "s3cret"),
     ("AUDIT_FILE", "/tmp/gatehouse-docs-audit.jsonl"),

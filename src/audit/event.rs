@@ -47,6 +47,8 @@ pub struct Event<'a> {
     pub upstream: Option<Duration>,
     pub client_ip: IpAddr,
     pub subject: Option<&'a str>,
+    /// The client's session, as a middleware that keeps sessions names it (a digest).
+    pub session: Option<&'a str>,
     pub decision: Decision,
     pub denied_by: Option<&'a str>,
     /// The refusal's [`Reason`](crate::chain::Reason) code, when `decision` is `deny`.
@@ -96,6 +98,8 @@ impl Event<'_> {
         push_ip(&mut out, self.client_ip);
         out.extend_from_slice(b"\",\"subject\":");
         push_opt(&mut out, self.subject);
+        out.extend_from_slice(b",\"session\":");
+        push_opt(&mut out, self.session);
         out.extend_from_slice(b",\"decision\":\"");
         out.extend_from_slice(self.decision.as_str().as_bytes());
         out.extend_from_slice(b"\",\"denied_by\":");
@@ -201,6 +205,7 @@ mod tests {
             upstream: None,
             client_ip: "2001:db8::1".parse().unwrap(),
             subject: None,
+            session: None,
             decision: Decision::Error,
             denied_by: None,
             deny_reason: None,
@@ -227,6 +232,7 @@ mod tests {
             duration: Duration::from_micros(12_310),
             upstream: Some(Duration::from_micros(12_020)),
             client_ip: "10.1.2.3".parse().unwrap(),
+            session: Some("3f2a"),
             decision: Decision::Allow,
             bytes_out: 734,
             completed: true,
@@ -243,12 +249,13 @@ mod tests {
         assert_eq!(json["duration_ms"], 12.31);
         assert_eq!(json["upstream_ms"], 12.02);
         assert_eq!(json["subject"], serde_json::Value::Null);
+        assert_eq!(json["session"], "3f2a");
         assert_eq!(json["user_agent"], "curl/8.5.0");
         assert_eq!(json["x_tenant"], serde_json::Value::Null);
         assert_eq!(json["deny_reason"], serde_json::Value::Null);
         assert_eq!(json["fail_open"], serde_json::json!([]));
         assert_eq!(json["trace_id"], serde_json::Value::Null);
-        assert_eq!(json.as_object().unwrap().len(), 23);
+        assert_eq!(json.as_object().unwrap().len(), 24);
         let traced = Event {
             trace: Some((TraceId([0xab; 16]), SpanId([1, 2, 3, 4, 5, 6, 7, 8]))),
             ..event(&uri, &headers)

@@ -87,3 +87,10 @@ impl Context {
         self.fail_open |= 1 << self.current;
     }
 }
+
+/// Names the client's session for the request's record (the audit event's `session`): a
+/// middleware that keeps sessions puts one into [`Context::state`]. A digest, never what the
+/// client holds, so the record can tie requests of one session together without being able
+/// to replay it.
+#[derive(Clone, Debug)]
+pub struct SessionDigest(pub Arc<str>);

@@ -61,6 +61,15 @@ pub enum Reason {
     UpstreamOverloaded,
     /// The client's request body broke off on its way to the upstream.
     ClientBodyFailed,
+    /// A browser sign-in is needed: no session, or one that no longer opens.
+    LoginRequired,
+    /// The session ended (its lifetime is over, or its refresh failed).
+    SessionExpired,
+    /// Signed in, but not one of the allowed users (email domain, group).
+    NotAllowed,
+    /// A sign-in callback whose `state` is not the one this browser was sent with (missing,
+    /// expired, replayed or from another browser).
+    StateMismatch,
 }
 
 impl Reason {
@@ -92,6 +101,10 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::UpstreamOverloaded => "upstream_overloaded",
             Reason::ClientBodyFailed => "client_body_failed",
+            Reason::LoginRequired => "login_required",
+            Reason::SessionExpired => "session_expired",
+            Reason::NotAllowed => "not_allowed",
+            Reason::StateMismatch => "state_mismatch",
         }
     }
 

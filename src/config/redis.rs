@@ -97,6 +97,40 @@ impl Target {
     }
 }
 
+/// A middleware entry's Redis, given as `redis_url` (the short form) or as a `redis` table,
+/// checked (the problem located at the key given); `None` when the entry gives neither.
+pub fn entry_redis(
+    url: Option<&str>,
+    table: Option<&RedisConnection>,
+) -> Result<Option<RedisConnection>, Problem> {
+    let at = |key: &str| KeyPath::default().key(key);
+    match (url, table) {
+        (Some(_), Some(_)) => Err((
+            at("redis"),
+            "give `redis_url` or a `redis` table, not both".into(),
+        )),
+        (Some(url), None) => {
+            let connection = RedisConnection::from_url(url);
+            // The short form's problems are all about its URL.
+            match connection.resolve() {
+                Ok(_) => Ok(Some(connection)),
+                Err(problems) => {
+                    let (_, message) = problems.into_iter().next().expect("a problem");
+                    Err((at("redis_url"), message))
+                }
+            }
+        }
+        (None, Some(table)) => match table.resolve() {
+            Ok(_) => Ok(Some(table.clone())),
+            Err(problems) => {
+                let (path, message) = problems.into_iter().next().expect("a problem");
+                Err((at("redis").join(&path), message))
+            }
+        },
+        (None, None) => Ok(None),
+    }
+}
+
 impl RedisConnection {
     /// A connection to `url` and nothing else (the short forms `redis_url` and a sink's `url`).
     pub fn from_url(url: &str) -> RedisConnection {

@@ -1,8 +1,9 @@
 //! What the authentication middlewares share: the 401 with its challenge, the digest
 //! that credentials are compared (and cached) by, and the `left:right` credential files.
 
-use http::header::WWW_AUTHENTICATE;
-use http::{HeaderValue, StatusCode};
+use http::header::{COOKIE, WWW_AUTHENTICATE};
+use http::{request, HeaderValue, StatusCode};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::chain::{Reason, Reject};
@@ -31,7 +32,28 @@ pub(crate) fn unauthorized(
         .with_header(WWW_AUTHENTICATE, challenge.clone())
 }
 
-/// Serde default for `strip = true`.
+/// The value of the request's (first non-empty) cookie `name`.
+pub(crate) fn cookie<'r>(req: &'r request::Parts, name: &str) -> Option<&'r str> {
+    req.headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then_some(v)
+        })
+}
+
+/// A claim as a header value: strings as they are, anything else as JSON text.
+pub(crate) fn claim_header_value(value: &Value) -> Option<HeaderValue> {
+    match value {
+        Value::String(s) => HeaderValue::from_str(s).ok(),
+        other => HeaderValue::from_str(&other.to_string()).ok(),
+    }
+}
+
+/// Serde default for `true`.
 pub(crate) fn yes() -> bool {
     true
 }

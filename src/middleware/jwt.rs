@@ -14,13 +14,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, COOKIE};
+use http::header::AUTHORIZATION;
 use http::{request, HeaderName, HeaderValue, StatusCode, Uri};
-use jsonwebtoken::jwk::{JwkSet, PublicKeyUse};
+use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,20 +27,13 @@ use serde::de::{self, Deserializer};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::sync::{watch, Notify};
 
-use super::auth::{digest, unauthorized};
+use super::auth::{claim_header_value, digest, unauthorized};
+use super::jwks::{jwks_keys, refresh_loop, Alg, Failure, Jwks, Key, KeySet, Remote};
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
-use crate::pool::{Endpoint, Target};
 use crate::config::value::{ConfigFile, Duration, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
-/// An unknown `kid` asks for a JWKS refetch at most this often.
-const REFETCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long one JWKS fetch (connect, request, body) may take.
-const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// The largest JWKS document accepted.
-const JWKS_MAX_BYTES: usize = 1 << 20;
 /// A cached verification is trusted at most this long (seconds), whatever the token's `exp`.
 const CACHE_TTL: u64 = 300;
 /// The largest `cache_size`, so a typo cannot let the cache grow to gigabytes.
@@ -100,22 +92,6 @@ fn default_refresh() -> Duration {
 
 fn default_leeway() -> Duration {
     Duration(std::time::Duration::from_secs(30))
-}
-
-/// One allowed algorithm; `none` does not exist here.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Alg(Algorithm);
-
-impl<'de> Deserialize<'de> for Alg {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Algorithm::from_str(&s).map(Alg).map_err(|_| {
-            de::Error::custom(format!(
-                "unknown algorithm {s:?}: expected HS256, HS384, HS512, RS256, RS384, RS512, \
-                 PS256, PS384, PS512, ES256, ES384 or EdDSA"
-            ))
-        })
-    }
 }
 
 /// The HMAC secret; never printed.
@@ -347,16 +323,11 @@ impl super::Settings for Settings {
             keys: self.static_keys().expect("validated"),
         }));
         let remote = self.jwks_url.as_ref().map(|url| {
-            let remote = Arc::new(Remote {
-                url: url.0.clone(),
-                kick: Notify::new(),
-                fetched: watch::Sender::new(0),
-                last_kick: Mutex::new(None),
-            });
+            let remote = Arc::new(Remote::new(url.0.clone()));
             // `check` and an offline `explain` fetch nothing.
             let task = handles.runtime.as_ref().map(|rt| {
                 rt.spawn(refresh_loop(
-                    Jwks::new(url, handles.workers),
+                    Jwks::new(&url.0, handles.workers),
                     self.jwks_refresh.0,
                     self.algorithms.clone(),
                     self.base_validation(),
@@ -397,172 +368,6 @@ impl super::Settings for Settings {
     }
 }
 
-/// The keys in use, numbered so that a verification made with an older set is not reused.
-struct KeySet {
-    generation: u64,
-    keys: Vec<Key>,
-}
-
-/// A verification key with the validation that goes with it.
-struct Key {
-    kid: Option<String>,
-    key: DecodingKey,
-    validation: Validation,
-}
-
-impl Key {
-    /// The key, if one of the allowed algorithms is of its family (and is `only`, if set).
-    fn new(
-        kid: Option<String>,
-        key: DecodingKey,
-        only: Option<Algorithm>,
-        allowed: &[Alg],
-        base: &Validation,
-    ) -> Option<Key> {
-        let algorithms: Vec<Algorithm> = allowed
-            .iter()
-            .map(|a| a.0)
-            .filter(|a| a.family() == key.family() && only.is_none_or(|o| o == *a))
-            .collect();
-        if algorithms.is_empty() {
-            return None;
-        }
-        let mut validation = base.clone();
-        validation.algorithms = algorithms;
-        Some(Key {
-            kid,
-            key,
-            validation,
-        })
-    }
-}
-
-/// The signing keys of a JWKS usable with the allowed algorithms; symmetric (`oct`) keys
-/// and encryption keys are left out.
-fn jwks_keys(set: &JwkSet, allowed: &[Alg], base: &Validation) -> Vec<Key> {
-    set.keys
-        .iter()
-        .filter(|jwk| !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)))
-        .filter_map(|jwk| {
-            let key = DecodingKey::from_jwk(jwk).ok()?;
-            if key.family() == AlgorithmFamily::Hmac {
-                return None;
-            }
-            let only = match jwk.common.key_algorithm {
-                Some(a) => Some(Algorithm::from_str(&a.to_string()).ok()?),
-                None => None,
-            };
-            Key::new(jwk.common.key_id.clone(), key, only, allowed, base)
-        })
-        .collect()
-}
-
-/// What the request path shares with the background JWKS task.
-struct Remote {
-    /// The JWKS document's URL.
-    url: Uri,
-    /// Wakes the task for an early refetch.
-    kick: Notify,
-    /// Counts finished fetch attempts, so a request can wait for the one it asked for.
-    fetched: watch::Sender<u64>,
-    /// When a request last asked for a refetch.
-    last_kick: Mutex<Option<Instant>>,
-}
-
-impl Remote {
-    /// Asks for a refetch (at most once per [`REFETCH_EVERY`]) and waits for it; false
-    /// when none was due.
-    async fn refetch(&self) -> bool {
-        {
-            let mut last = self.last_kick.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            if last.is_some_and(|t| now.duration_since(t) < REFETCH_EVERY) {
-                return false;
-            }
-            *last = Some(now);
-        }
-        let mut fetched = self.fetched.subscribe();
-        fetched.borrow_and_update();
-        self.kick.notify_one();
-        tokio::time::timeout(FETCH_TIMEOUT * 2, fetched.changed())
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-}
-
-/// Where the JWKS document comes from.
-struct Jwks {
-    url: Uri,
-    endpoint: Endpoint,
-    /// The control thread's pool shard: the refreshes run there.
-    shard: usize,
-}
-
-impl Jwks {
-    fn new(url: &JwksUrl, workers: usize) -> Jwks {
-        let target = Target::from_uri(&url.0).expect("validated: an http URL with a host");
-        // Fetches are minutes apart: nothing worth keeping idle in between.
-        let idle = std::time::Duration::from_secs(1);
-        Jwks {
-            url: url.0.clone(),
-            endpoint: Endpoint::new(target, FETCH_TIMEOUT, idle, workers + 1),
-            shard: workers,
-        }
-    }
-
-    /// One GET of the document.
-    async fn fetch(&self) -> Result<JwkSet, String> {
-        let req = http::Request::get(self.url.clone())
-            .header(ACCEPT, "application/json")
-            .body(Bytes::new())
-            .map_err(|e| e.to_string())?;
-        let resp = self
-            .endpoint
-            .fetch(self.shard, req, FETCH_TIMEOUT, JWKS_MAX_BYTES)
-            .await?;
-        if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
-        }
-        serde_json::from_slice(resp.body()).map_err(|e| format!("not a JWKS document: {e}"))
-    }
-}
-
-/// Fetches the JWKS now, then every `every` or when kicked; a failed fetch keeps the last
-/// good set.
-async fn refresh_loop(
-    jwks: Jwks,
-    every: std::time::Duration,
-    allowed: Vec<Alg>,
-    base: Validation,
-    keys: Arc<ArcSwap<KeySet>>,
-    remote: Arc<Remote>,
-) {
-    let mut last = None;
-    loop {
-        match jwks.fetch().await {
-            // An unchanged document keeps the key set, and so the cached verifications.
-            Ok(set) if last.as_ref() == Some(&set) => {}
-            Ok(set) => {
-                let fresh = jwks_keys(&set, &allowed, &base);
-                tracing::debug!(url = %jwks.url, keys = fresh.len(), "JWKS fetched");
-                keys.store(Arc::new(KeySet {
-                    generation: keys.load().generation + 1,
-                    keys: fresh,
-                }));
-                last = Some(set);
-            }
-            Err(e) => {
-                tracing::warn!(url = %jwks.url, error = %e, "JWKS fetch failed; keeping the last keys")
-            }
-        }
-        remote.fetched.send_modify(|n| *n += 1);
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = remote.kick.notified() => {}
-        }
-    }
-}
-
 struct Jwt {
     keys: Arc<ArcSwap<KeySet>>,
     remote: Option<Arc<Remote>>,
@@ -584,67 +389,7 @@ impl Drop for Jwt {
     }
 }
 
-/// Why a token did not verify.
-enum Failure {
-    /// No key for its `kid` (or no key at all yet): a JWKS refetch may help.
-    NoKey,
-    Invalid(Reason),
-}
-
-/// The refusal reason of a failed verification.
-fn reason(error: &jsonwebtoken::errors::Error) -> Reason {
-    use jsonwebtoken::errors::ErrorKind;
-    match error.kind() {
-        ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => Reason::Expired,
-        ErrorKind::InvalidSignature => Reason::BadSignature,
-        ErrorKind::InvalidIssuer => Reason::WrongIssuer,
-        ErrorKind::InvalidAudience => Reason::WrongAudience,
-        ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => Reason::WrongIssuer,
-        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => Reason::WrongAudience,
-        _ => Reason::InvalidCredentials,
-    }
-}
-
 impl Jwt {
-    /// The claims of a token that verifies, with the generation of the key set that did it.
-    fn verify(
-        &self,
-        token: &str,
-        alg: Algorithm,
-        kid: Option<&str>,
-    ) -> Result<(u64, Map<String, Value>), Failure> {
-        let set = self.keys.load();
-        let mut candidates = set
-            .keys
-            .iter()
-            .filter(|k| kid.is_none() || k.kid.as_deref() == kid)
-            .filter(|k| k.validation.algorithms.contains(&alg))
-            .peekable();
-        if candidates.peek().is_none() {
-            let kid_known =
-                kid.is_some_and(|kid| set.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
-            return Err(if kid_known {
-                Failure::Invalid(Reason::InvalidCredentials)
-            } else {
-                Failure::NoKey
-            });
-        }
-        // Without a `kid` several keys may be tried: one the signature does not fit says
-        // nothing about the token, while one it fits names the real problem (expired...).
-        let mut why = None;
-        for k in candidates {
-            match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &k.validation) {
-                Ok(data) => return Ok((set.generation, data.claims)),
-                Err(e) => {
-                    if why.is_none_or(|r| r == Reason::BadSignature) {
-                        why = Some(reason(&e));
-                    }
-                }
-            }
-        }
-        Err(Failure::Invalid(why.unwrap_or(Reason::InvalidCredentials)))
-    }
-
     /// Remembers a verified token (`key` is its digest, when caching), then admits it.
     fn accept(
         &self,
@@ -747,7 +492,7 @@ impl Middleware for Jwt {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return self.reject(Reason::InvalidCredentials, "malformed token");
         };
-        match self.verify(token, header.alg, header.kid.as_deref()) {
+        match self.keys.load().verify(token, header.alg, header.kid.as_deref()) {
             Ok(verified) => self.accept(key, verified, req, ctx),
             Err(Failure::Invalid(reason)) => self.invalid_token(reason),
             Err(Failure::NoKey) => match &self.remote {
@@ -759,7 +504,7 @@ impl Middleware for Jwt {
                             return self
                                 .reject(Reason::InvalidCredentials, "no key for this token");
                         }
-                        match self.verify(&token, header.alg, header.kid.as_deref()) {
+                        match self.keys.load().verify(&token, header.alg, header.kid.as_deref()) {
                             Ok(verified) => self.accept(key, verified, req, ctx),
                             Err(Failure::Invalid(reason)) => self.invalid_token(reason),
                             Err(Failure::NoKey) => {
@@ -927,16 +672,7 @@ fn bearer<'r>(req: &'r request::Parts, cookie: Option<&str>) -> Option<&'r str> 
         let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
     }
-    let name = cookie?;
-    req.headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k == name && !v.is_empty()).then_some(v)
-        })
+    super::auth::cookie(req, cookie?)
 }
 
 /// String equality; membership for an array claim and for space-separated `scope`.
@@ -951,13 +687,6 @@ fn claim_satisfies(value: Option<&Value>, name: &str, want: &str) -> bool {
     }
 }
 
-/// A claim as a header value: strings as they are, anything else as JSON text.
-fn claim_header_value(value: &Value) -> Option<HeaderValue> {
-    match value {
-        Value::String(s) => HeaderValue::from_str(s).ok(),
-        other => HeaderValue::from_str(&other.to_string()).ok(),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::redis_link::Links;
 
 mod auth;
+mod jwks;
 pub mod order;
 
 /// What every middleware's settings can do besides deserializing.
@@ -190,6 +191,7 @@ registry! {
     "basic_auth" => BasicAuth(basic_auth),
     "jwt" => Jwt(jwt),
     "forward_auth" => ForwardAuth(forward_auth),
+    "oidc" => Oidc(oidc),
     "compress" => Compress(compress),
 }
 

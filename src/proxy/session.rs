@@ -18,7 +18,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use super::body::{Body, Progress};
 use super::Proxy;
 use crate::audit::{Decision, Event};
-use crate::chain::{Context, Reason};
+use crate::chain::{Context, Reason, SessionDigest};
 use crate::grpc;
 use crate::pool::{self, Upgraded};
 use crate::trace::{Ids, Internal, RequestSpans, SpanId, Text, UpstreamCall};
@@ -152,6 +152,7 @@ impl Proxy {
             upstream: s.ctx.upstream_time,
             client_ip: s.ctx.client_ip,
             subject: s.ctx.subject.as_deref(),
+            session: s.ctx.state.get::<SessionDigest>().map(|d| &*d.0),
             decision: s.decision,
             denied_by: s.ctx.denied_by.map(|i| &**self.chain.name(i)),
             deny_reason: s

@@ -11,11 +11,7 @@ use std::time::Duration;
 /// The browser on `PATH`; its absence fails the test (build.rs ignores it where there is
 /// none, except under CI).
 pub fn find_chromium() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("chromium"))
-        .find(|p| p.is_file())
-        .expect("no `chromium` on PATH (Debian: apt-get install chromium)")
+    super::find_program("chromium", "Debian: apt-get install chromium")
 }
 
 /// Headless Chromium showing one URL, with a fresh profile; killed (with every process it

@@ -64,6 +64,15 @@ pub fn free_port() -> u16 {
         .expect("a free port below 32768")
 }
 
+/// The program `name` on `PATH`; `install` says how to get it when it is missing.
+pub fn find_program(name: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no `{name}` on PATH ({install})"))
+}
+
 /// Replace every `{name}` in `template` with its value. TOML inline tables (`{ a = 1 }`)
 /// are left alone because only the given names are replaced.
 pub fn render(template: &str, vars: &[(&str, &str)]) -> String {

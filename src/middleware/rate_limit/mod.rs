@@ -25,7 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
-use crate::config::redis::RedisConnection;
+use crate::config::redis::{entry_redis, RedisConnection};
 use crate::config::value::{Duration, Rate};
 use crate::config::{KeyPath, Problem};
 
@@ -211,33 +211,17 @@ impl super::Settings for Settings {
         if self.timeout.0.is_zero() {
             return Err((at("timeout"), "expected a duration above zero".into()));
         }
-        match (self.backend, &self.redis_url, &self.redis) {
-            (Backend::Redis, None, None) => Err((
+        let redis = entry_redis(self.redis_url.as_deref(), self.redis.as_ref())?;
+        match (self.backend, redis) {
+            (Backend::Redis, None) => Err((
                 at("redis_url"),
                 "backend = \"redis\" needs a `redis_url` such as \"redis://127.0.0.1:6379\" (or a `redis` table)".into(),
             )),
-            (Backend::Redis, Some(_), Some(_)) => Err((
-                at("redis"),
-                "give `redis_url` or a `redis` table, not both".into(),
+            (Backend::Local, Some(_)) => Err((
+                at(if self.redis_url.is_some() { "redis_url" } else { "redis" }),
+                "only used with backend = \"redis\"".into(),
             )),
-            (Backend::Redis, Some(_), None) => {
-                // The short form's problems are all about its URL.
-                self.connection().resolve().map(drop).map_err(|problems| {
-                    let (_, message) = problems.into_iter().next().expect("a problem");
-                    (at("redis_url"), message)
-                })
-            }
-            (Backend::Redis, None, Some(redis)) => redis.resolve().map(drop).map_err(|problems| {
-                let (path, message) = problems.into_iter().next().expect("a problem");
-                (at("redis").join(&path), message)
-            }),
-            (Backend::Local, Some(_), _) => {
-                Err((at("redis_url"), "only used with backend = \"redis\"".into()))
-            }
-            (Backend::Local, None, Some(_)) => {
-                Err((at("redis"), "only used with backend = \"redis\"".into()))
-            }
-            (Backend::Local, None, None) => Ok(()),
+            _ => Ok(()),
         }
     }
 
