@@ -186,6 +186,7 @@ registry! {
     "basic_auth" => BasicAuth(basic_auth),
     "jwt" => Jwt(jwt),
     "forward_auth" => ForwardAuth(forward_auth),
+    "authorize" => Authorize(authorize),
 }
 
 /// Builds the chain of a config's entries, in order.
