@@ -596,3 +596,121 @@ impl VariableResolver for Activation<'_> {
         Some(CowVal::Borrowed(value))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn decide(rules: &str, req: http::Request<()>, ctx: &Context) -> Policy {
+        let settings: Settings = toml::from_str(rules).unwrap();
+        let (programs, reads) = settings.compiled(&environment()).unwrap();
+        let authorize = Authorize {
+            env: Arc::new(environment()),
+            rules: programs
+                .into_iter()
+                .map(|(program, allows)| Rule {
+                    program,
+                    allows,
+                    errors: Counter::default(),
+                    warnings: Throttle::default(),
+                })
+                .collect(),
+            names: settings.rules.iter().map(|r| r.name.as_str().into()).collect(),
+            default_allows: false,
+            reads,
+            middleware: "authorize".into(),
+            challenge: HeaderValue::from_static("Bearer"),
+        };
+        authorize.decide(&req.into_parts().0, ctx)
+    }
+
+    fn context() -> Context {
+        Context::new(
+            [203, 0, 113, 9].into(),
+            [127, 0, 0, 1].into(),
+            false,
+            Instant::now(),
+            0,
+        )
+    }
+
+    #[test]
+    fn the_headers_and_query_are_made_only_for_rules_that_read_them() {
+        let env = environment();
+        let mut reads = Reads::default();
+        compile(&env, "request.path == '/' && source.ip == '::1'", &mut reads).unwrap();
+        assert!(!reads.headers && !reads.query);
+        compile(&env, "request.headers['x-tenant'] == 'a'", &mut reads).unwrap();
+        assert!(reads.headers && !reads.query);
+        let mut reads = Reads::default();
+        compile(&env, "size(request) > 0", &mut reads).unwrap();
+        assert!(reads.headers && reads.query, "the whole request is read");
+    }
+
+    #[test]
+    fn variables_as_the_rules_see_them() {
+        let rules = r#"rules = [
+          { name = "path", deny = "request.path != '/admin/x y'" },
+          { name = "query", deny = "request.query.q != 'a b+c' || request.query['n'] != '1'" },
+          { name = "header", deny = "request.headers['x-tenant'] != 'acme'" },
+          { name = "host", deny = "request.host != 'api.example:8080'" },
+          { name = "source", deny = "source.ip != '203.0.113.9'" },
+          { name = "anonymous", deny = "subject != null || claims != {}" },
+          { name = "time", deny = "time < timestamp('2024-01-01T00:00:00Z')" },
+          { name = "all", allow = "true" },
+        ]"#;
+        let req = http::Request::get("/%61dmin/x%20y?q=a+b%2Bc&n=1&n=2")
+            .header("host", "api.example:8080")
+            .header("x-tenant", "acme")
+            .header("x-tenant", "other")
+            .body(())
+            .unwrap();
+        let policy = decide(rules, req, &context());
+        assert_eq!(policy.errors, []);
+        assert_eq!(policy.rule_name(), "all");
+    }
+
+    #[test]
+    fn claims_are_derived_once_and_failures_do_not_match() {
+        let rules = r#"rules = [
+          { name = "typed", allow = "claims.level > 3" },
+          { name = "missing", allow = "'admin' in claims.roles" },
+          { name = "not-bool", allow = "claims.sub" },
+          { name = "reader", allow = "'read' in claims.scope.split(' ') && subject == 'alice'" },
+        ]"#;
+        let serde_json::Value::Object(values) =
+            serde_json::json!({"sub": "alice", "level": "high", "scope": "read write"})
+        else {
+            unreachable!()
+        };
+        let claims = Arc::new(crate::chain::Claims::new(values));
+        let mut ctx = context();
+        ctx.subject = Some("alice".into());
+        ctx.claims = Some(Arc::clone(&claims));
+        let policy = decide(rules, http::Request::get("/").body(()).unwrap(), &ctx);
+        assert_eq!(policy.rule_name(), "reader");
+        assert!(policy.allowed);
+        let failed: Vec<usize> = policy.errors.iter().map(|(i, _)| *i).collect();
+        assert_eq!(failed, [0, 1, 2], "{:?}", policy.errors);
+        let derived = |c: &crate::chain::Claims| {
+            c.derived(|_| -> CelClaims { unreachable!("derived already") })
+                .map(|c| c as *const CelClaims)
+        };
+        let first = derived(&claims).expect("derived by the first request");
+        decide(rules, http::Request::get("/").body(()).unwrap(), &ctx);
+        assert_eq!(derived(&claims), Some(first), "the same values, not made again");
+    }
+
+    #[test]
+    fn error_positions_count_characters() {
+        assert_eq!(char_at("ab\né + ) x", 2, 3), 5);
+        assert_eq!(char_at("abc", 1, 1), 0);
+        let env = environment();
+        let mut reads = Reads::default();
+        let (at, message) = compile(&env, "'é' == x", &mut reads).unwrap_err();
+        assert_eq!((at, message.as_str()), (7, "unknown variable `x`: expected one of request, source, subject, claims, time"));
+        let (at, _) = compile(&env, "claims.all(k, k == r)", &mut reads).unwrap_err();
+        assert_eq!(at, 19, "`k` is bound, `r` is not");
+    }
+}
