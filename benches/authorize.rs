@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use gatehouse::chain::{Claims, Context, Flow, Middleware};
+use gatehouse::chain::{Claims, Context, Flow};
 use gatehouse::config::Entries;
 use gatehouse::middleware::{Build, Handles, Spec};
 
