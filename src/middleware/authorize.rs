@@ -602,27 +602,18 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    fn decide(rules: &str, req: http::Request<()>, ctx: &Context) -> Policy {
+    /// The policy of `rules` built as a chain builds it, and its decision on `req`.
+    fn decide(rules: &str, req: http::Request<()>, ctx: &mut Context) -> Policy {
+        use super::super::Settings as _;
         let settings: Settings = toml::from_str(rules).unwrap();
-        let (programs, reads) = settings.compiled(&environment()).unwrap();
-        let authorize = Authorize {
-            env: Arc::new(environment()),
-            rules: programs
-                .into_iter()
-                .map(|(program, allows)| Rule {
-                    program,
-                    allows,
-                    errors: Counter::default(),
-                    warnings: Throttle::default(),
-                })
-                .collect(),
-            names: settings.rules.iter().map(|r| r.name.as_str().into()).collect(),
-            default_allows: false,
-            reads,
-            middleware: "authorize".into(),
-            challenge: HeaderValue::from_static("Bearer"),
-        };
-        authorize.decide(&req.into_parts().0, ctx)
+        let middleware = settings.build(&super::super::Build {
+            name: "authorize",
+            handles: &super::super::Handles::offline(),
+            response_headers: &[],
+        });
+        let mut parts = req.into_parts().0;
+        let _ = middleware.on_request(&mut parts, ctx);
+        ctx.policy.take().expect("a decision")
     }
 
     fn context() -> Context {
@@ -666,7 +657,7 @@ mod tests {
             .header("x-tenant", "other")
             .body(())
             .unwrap();
-        let policy = decide(rules, req, &context());
+        let policy = decide(rules, req, &mut context());
         assert_eq!(policy.errors, []);
         assert_eq!(policy.rule_name(), "all");
     }
@@ -688,7 +679,7 @@ mod tests {
         let mut ctx = context();
         ctx.subject = Some("alice".into());
         ctx.claims = Some(Arc::clone(&claims));
-        let policy = decide(rules, http::Request::get("/").body(()).unwrap(), &ctx);
+        let policy = decide(rules, http::Request::get("/").body(()).unwrap(), &mut ctx);
         assert_eq!(policy.rule_name(), "reader");
         assert!(policy.allowed);
         let failed: Vec<usize> = policy.errors.iter().map(|(i, _)| *i).collect();
@@ -698,7 +689,7 @@ mod tests {
                 .map(|c| c as *const CelClaims)
         };
         let first = derived(&claims).expect("derived by the first request");
-        decide(rules, http::Request::get("/").body(()).unwrap(), &ctx);
+        decide(rules, http::Request::get("/").body(()).unwrap(), &mut ctx);
         assert_eq!(derived(&claims), Some(first), "the same values, not made again");
     }
 
