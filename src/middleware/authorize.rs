@@ -21,6 +21,7 @@ use cel::common::types::{
     CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
     CelUInt,
 };
+use cel::common::traits::Indexer;
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
 use cel::{Env, IdedExpr, Program, Value};
@@ -575,23 +576,47 @@ fn headers(headers: &http::HeaderMap) -> CelMap<'_> {
         .into()
 }
 
+impl<'r> Activation<'r> {
+    fn subject(&self) -> &(dyn Val + 'r) {
+        &**self.subject.get_or_init(|| match self.ctx.subject.as_deref() {
+            Some(subject) => Box::new(CelString::from(subject)),
+            None => Box::new(CelNull),
+        })
+    }
+
+    fn source(&self) -> &CelMap<'static> {
+        self.source.get_or_init(|| {
+            let ip: Box<dyn Val> = Box::new(CelString::from(self.ctx.client_ip.to_string()));
+            HashMap::from([(CelMapKey::from("ip"), ip)]).into()
+        })
+    }
+}
+
+/// The value at `name` of a map variable, borrowed from it.
+fn field<'b>(map: &'b CelMap<'_>, name: &str) -> Option<CowVal<'b, 'b>> {
+    Indexer::get(map, &CelString::from(name)).ok()
+}
+
 impl VariableResolver for Activation<'_> {
+    /// The interpreter asks for a qualified name whole first (`request.path`, then
+    /// `request`): answering the whole spares it a miss, a type lookup and a selection.
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let value: &'b (dyn Val + 'b) = match variable {
-            "request" => self.request.get_or_init(|| self.request()),
-            "source" => self.source.get_or_init(|| {
-                let ip: Box<dyn Val> = Box::new(CelString::from(self.ctx.client_ip.to_string()));
-                HashMap::from([(CelMapKey::from("ip"), ip)]).into()
-            }),
-            "subject" => &**self.subject.get_or_init(|| match self.ctx.subject.as_deref() {
-                Some(subject) => Box::new(CelString::from(subject)),
-                None => Box::new(CelNull),
-            }),
-            "claims" => self.claims(),
-            "time" => self.time.get_or_init(|| {
-                CelTimestamp::from(chrono::Utc::now().fixed_offset())
-            }),
-            _ => return None,
+        let value: &'b (dyn Val + 'b) = match variable.split_once('.') {
+            Some((_, name)) if name.contains('.') => return None,
+            Some(("request", name)) => return field(self.request.get_or_init(|| self.request()), name),
+            Some(("claims", name)) => return field(self.claims(), name),
+            Some(("source", name)) => return field(self.source(), name),
+            Some(_) => return None,
+            None => match variable {
+                "request" => self.request.get_or_init(|| self.request()),
+                "source" => self.source(),
+                "subject" => self.subject(),
+                "claims" => self.claims(),
+                "time" => self.time.get_or_init(|| {
+                    CelTimestamp::from(chrono::Utc::now().fixed_offset())
+                }),
+                _ => return None,
+            },
         };
         Some(CowVal::Borrowed(value))
     }
