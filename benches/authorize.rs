@@ -11,6 +11,10 @@ use gatehouse::chain::{Claims, Context, Flow};
 use gatehouse::config::Entries;
 use gatehouse::middleware::{Build, Handles, Spec};
 
+// The server's allocator: the interpreter allocates small values as it evaluates.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// 19 rules that do not match a reader's `GET /v1/items` (each reading claims, the path
 /// or the method), then the one that allows it.
 fn rules() -> String {
