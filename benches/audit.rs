@@ -82,6 +82,7 @@ fn enqueue(c: &mut Criterion) {
                         decision: Decision::Allow,
                         denied_by: None,
                         deny_reason: None,
+                        policy_rule: None,
                         fail_open: &[],
                         bytes_in: 0,
                         bytes_out: 734,

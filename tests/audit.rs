@@ -191,6 +191,7 @@ async fn events_carry_spec_fields() {
         "decision",
         "denied_by",
         "deny_reason",
+        "policy_rule",
         "fail_open",
         "bytes_in",
         "bytes_out",

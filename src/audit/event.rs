@@ -53,6 +53,9 @@ pub struct Event<'a> {
     pub denied_by: Option<&'a str>,
     /// The refusal's [`Reason`](crate::chain::Reason) code, when `decision` is `deny`.
     pub deny_reason: Option<&'a str>,
+    /// The policy rule that decided the request (or `default`), when a policy middleware
+    /// ran.
+    pub policy_rule: Option<&'a str>,
     /// The middlewares that let the request through only because their backend failed.
     pub fail_open: &'a [&'a str],
     pub bytes_in: u64,
@@ -106,6 +109,8 @@ impl Event<'_> {
         push_opt(&mut out, self.denied_by);
         out.extend_from_slice(b",\"deny_reason\":");
         push_opt(&mut out, self.deny_reason);
+        out.extend_from_slice(b",\"policy_rule\":");
+        push_opt(&mut out, self.policy_rule);
         out.extend_from_slice(b",\"fail_open\":[");
         for (i, name) in self.fail_open.iter().enumerate() {
             if i > 0 {
@@ -209,6 +214,7 @@ mod tests {
             decision: Decision::Error,
             denied_by: None,
             deny_reason: None,
+            policy_rule: None,
             fail_open: &[],
             bytes_in: 5,
             bytes_out: 0,
@@ -253,9 +259,10 @@ mod tests {
         assert_eq!(json["user_agent"], "curl/8.5.0");
         assert_eq!(json["x_tenant"], serde_json::Value::Null);
         assert_eq!(json["deny_reason"], serde_json::Value::Null);
+        assert_eq!(json["policy_rule"], serde_json::Value::Null);
         assert_eq!(json["fail_open"], serde_json::json!([]));
         assert_eq!(json["trace_id"], serde_json::Value::Null);
-        assert_eq!(json.as_object().unwrap().len(), 24);
+        assert_eq!(json.as_object().unwrap().len(), 25);
         let traced = Event {
             trace: Some((TraceId([0xab; 16]), SpanId([1, 2, 3, 4, 5, 6, 7, 8]))),
             ..event(&uri, &headers)
@@ -324,11 +331,13 @@ mod tests {
             decision: Decision::Deny,
             denied_by: Some("limit"),
             deny_reason: Some("rate_limited"),
+            policy_rule: Some("admins"),
             fail_open: &["shared-limit", "other\"one"],
             ..event(&uri, &[])
         };
         let json: serde_json::Value = serde_json::from_slice(&e.to_json(&[])).unwrap();
         assert_eq!(json["deny_reason"], "rate_limited");
+        assert_eq!(json["policy_rule"], "admins");
         assert_eq!(
             json["fail_open"],
             serde_json::json!(["shared-limit", "other\"one"])

@@ -1,8 +1,10 @@
 //! The per-request context: what middlewares learn about a request and pass on to later
 //! middlewares, to the response phase, and to the request's record.
 
+use std::any::Any;
+use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{Extensions, HeaderValue};
@@ -31,6 +33,12 @@ pub struct Context {
     /// Who the request is from, once an authentication middleware has said so (api key id,
     /// user name, JWT `sub`): read by `rate_limit` (`key = "subject"`) and the audit event.
     pub subject: Option<Arc<str>>,
+    /// What an authentication middleware verified about the subject (a JWT's claims), for
+    /// the policy middlewares after it; shared by every request with the same credentials.
+    pub claims: Option<Arc<Claims>>,
+    /// How a policy middleware decided the request, once one has: the audit event's
+    /// `policy_rule`, and what `explain` shows of the rules.
+    pub policy: Option<Policy>,
     /// How long the upstream took to answer with a response head, once it was asked.
     pub upstream_time: Option<Duration>,
     /// When the upstream's response head arrived: the response phases that need "now"
@@ -69,6 +77,8 @@ impl Context {
             worker,
             request_id: None,
             subject: None,
+            claims: None,
+            policy: None,
             upstream_time: None,
             upstream_answered: None,
             upgrade: None,
@@ -94,3 +104,61 @@ impl Context {
 /// to replay it.
 #[derive(Clone, Debug)]
 pub struct SessionDigest(pub Arc<str>);
+
+/// Claims an authentication middleware verified, as JSON values.
+pub struct Claims {
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// A form a reader derives from `values` (a policy engine's own values), made once and
+    /// kept as long as the claims: requests with the same credentials share it.
+    derived: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl Claims {
+    pub fn new(values: serde_json::Map<String, serde_json::Value>) -> Claims {
+        Claims {
+            values,
+            derived: OnceLock::new(),
+        }
+    }
+
+    /// The form of type `T` derived from the values, made by `make` the first time it is
+    /// asked for; `None` when a reader of another type derived its form first (one form
+    /// is kept: there is one such reader today).
+    pub fn derived<T: Any + Send + Sync>(
+        &self,
+        make: impl FnOnce(&serde_json::Map<String, serde_json::Value>) -> T,
+    ) -> Option<&T> {
+        self.derived
+            .get_or_init(|| Box::new(make(&self.values)))
+            .downcast_ref()
+    }
+}
+
+impl fmt::Debug for Claims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claims")
+            .field("values", &self.values)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a policy middleware decided a request: which of its rules did, and what the rules
+/// before it gave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The policy's rule names, in order (shared with the middleware).
+    pub rules: Arc<[Arc<str>]>,
+    /// The rule that decided; `None`: no rule matched and the default decided.
+    pub rule: Option<usize>,
+    pub allowed: bool,
+    /// The rules before the deciding one whose evaluation failed, with the error; every
+    /// other rule before it was false. Empty, and so not allocated, unless one failed.
+    pub errors: Vec<(usize, String)>,
+}
+
+impl Policy {
+    /// The deciding rule's name, or `default`.
+    pub fn rule_name(&self) -> &str {
+        self.rule.map_or("default", |i| &self.rules[i])
+    }
+}

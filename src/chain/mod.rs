@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::{request, response, HeaderName, Method, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 
-pub use context::{Context, SessionDigest};
+pub use context::{Claims, Context, Policy, SessionDigest};
 pub use reject::{Reason, Reject};
 
 use crate::config::value::PathPattern;

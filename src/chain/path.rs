@@ -45,7 +45,8 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, DotSegments> {
     Ok(Cow::Owned(out))
 }
 
-fn percent_decode(bytes: &[u8]) -> String {
+/// `%XX` escapes decoded; the result as UTF-8, invalid sequences replaced.
+pub fn percent_decode(bytes: &[u8]) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -35,6 +35,8 @@ pub enum Reason {
     MethodNotAllowed,
     BodyTooLarge,
     RateLimited,
+    /// A policy rule (`authorize`), or its default, refused the request.
+    PolicyDenied,
     /// `forward_auth`'s service said no.
     AuthServiceDenied,
     /// `forward_auth`'s service did not answer in time.
@@ -88,6 +90,7 @@ impl Reason {
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::BodyTooLarge => "body_too_large",
             Reason::RateLimited => "rate_limited",
+            Reason::PolicyDenied => "policy_denied",
             Reason::AuthServiceDenied => "auth_service_denied",
             Reason::AuthServiceUnavailable => "auth_service_unavailable",
             Reason::BackendUnavailable => "backend_unavailable",

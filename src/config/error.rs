@@ -18,6 +18,9 @@ pub struct KeyPath(Vec<Segment>);
 enum Segment {
     Key(String),
     Index(usize),
+    /// A character of the string value at the path: where inside a value written in a
+    /// language of its own (an expression) the problem is. Never shown in the path.
+    Char(usize),
 }
 
 impl KeyPath {
@@ -54,7 +57,7 @@ impl KeyPath {
         let mut out = KeyPath::default();
         for seg in &self.0 {
             match seg {
-                Segment::Key(_) => out.0.push(seg.clone()),
+                Segment::Key(_) | Segment::Char(_) => out.0.push(seg.clone()),
                 Segment::Index(i) => {
                     let mut gone: Vec<usize> = removed
                         .iter()
@@ -107,6 +110,14 @@ impl KeyPath {
         KeyPath(self.0.iter().chain(&more.0).cloned().collect())
     }
 
+    /// The `n`-th character (from 0) of the string at this path: the problem is located
+    /// there, in the file, rather than at the key.
+    pub fn char(&self, n: usize) -> KeyPath {
+        let mut p = self.clone();
+        p.0.push(Segment::Char(n));
+        p
+    }
+
     /// `self` followed by one key.
     pub fn key(&self, key: &str) -> KeyPath {
         let mut p = self.clone();
@@ -130,11 +141,18 @@ impl KeyPath {
     }
 
     /// The span of the deepest part of this path that exists in the parsed document: the
-    /// key itself when present, else its closest parent (e.g. for a missing key).
-    fn locate(&self, root: &Item) -> Option<Range<usize>> {
+    /// key itself when present, else its closest parent (e.g. for a missing key); for a
+    /// [`KeyPath::char`], that character of the string as written in `source`.
+    fn locate(&self, root: &Item, source: &str) -> Option<Range<usize>> {
         let mut span = None;
         let mut node = Node::Item(root);
         for seg in &self.0 {
+            if let Segment::Char(n) = seg {
+                let written = node
+                    .string_span()
+                    .map(|s| s.start + char_offset(&source[s], *n));
+                return written.map(|at| at..at).or(span);
+            }
             let Some((next, here)) = node.child(seg) else {
                 break;
             };
@@ -168,6 +186,17 @@ impl<'a> Node<'a> {
                 let v = node.array_value(*i)?;
                 Some((Node::Value(v), v.span()))
             }
+            (_, Segment::Char(_)) => None,
+        }
+    }
+
+    /// Where the string value of this node is written, quotes included.
+    fn string_span(self) -> Option<Range<usize>> {
+        match self {
+            Node::Item(Item::Value(v @ Value::String(_))) | Node::Value(v @ Value::String(_)) => {
+                v.span()
+            }
+            _ => None,
         }
     }
 
@@ -195,6 +224,7 @@ impl fmt::Display for KeyPath {
                 Segment::Key(k) if i == 0 => f.write_str(k)?,
                 Segment::Key(k) => write!(f, ".{k}")?,
                 Segment::Index(n) => write!(f, "[{}]", n + 1)?,
+                Segment::Char(_) => {}
             }
         }
         Ok(())
@@ -266,7 +296,7 @@ impl ConfigError {
             .into_iter()
             .map(|(path, message)| Located {
                 file: file.to_owned(),
-                position: path.locate(doc).map(|s| line_col(source, s.start)),
+                position: path.locate(doc, source).map(|s| line_col(source, s.start)),
                 path: Some(path),
                 message,
             })
@@ -305,6 +335,54 @@ impl fmt::Display for Located {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The byte offset in `raw`, a TOML string as written (delimiters included), of the
+/// `n`-th character of its value; its end when the value is shorter. Escapes count as the
+/// character they stand for, and a multi-line string's first newline and line-ending
+/// backslashes as nothing, as TOML reads them.
+fn char_offset(raw: &str, n: usize) -> usize {
+    let literal = raw.starts_with('\'');
+    let quote = if raw.starts_with("\"\"\"") || raw.starts_with("'''") {
+        3
+    } else {
+        1
+    };
+    let end = raw.len().saturating_sub(quote).max(quote);
+    let mut i = quote;
+    if quote == 3 {
+        i += ["\r\n", "\n"]
+            .iter()
+            .find(|nl| raw[i..].starts_with(**nl))
+            .map_or(0, |nl| nl.len());
+    }
+    let mut count = 0;
+    while i < end {
+        let rest = &raw[i..];
+        let width = if literal || !rest.starts_with('\\') {
+            rest.chars().next().map_or(1, char::len_utf8)
+        } else {
+            let after = &rest[1..];
+            let blank = after.trim_start_matches([' ', '\t']);
+            if quote == 3 && (blank.starts_with('\n') || blank.starts_with("\r\n")) {
+                // A line-ending backslash: it and the whitespace after it are not there.
+                i += 1 + after.len() - after.trim_start().len();
+                continue;
+            }
+            match after.chars().next() {
+                Some('u') => 6,
+                Some('U') => 10,
+                Some(c) => 1 + c.len_utf8(),
+                None => 1,
+            }
+        };
+        if count == n {
+            return i;
+        }
+        count += 1;
+        i += width;
+    }
+    end
+}
 
 fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let before = &source[..offset.min(source.len())];
@@ -347,5 +425,35 @@ mod tests {
         p.push_key("upstream");
         let err = ConfigError::at_key(Path::new("f"), src, root, p, "missing");
         assert_eq!(err.to_string(), "f:1:2: server.upstream: missing");
+    }
+
+    #[test]
+    fn locates_a_character_inside_a_string_value() {
+        let src = concat!(
+            "rules = [\n",
+            "  { name = \"a\", allow = \"x \\u00e9 y\" },\n",
+            "  { name = 'b', allow = 'é = y' },\n",
+            "]\n",
+            "multi = \"\"\"\n  one \\\n    two\"\"\"\n",
+        );
+        let doc = toml_edit::ImDocument::parse(src).unwrap();
+        let at = |path: KeyPath| {
+            let err = ConfigError::at_key(Path::new("f"), src, doc.as_item(), path, "m");
+            err.to_string()
+        };
+        let mut rule = KeyPath::default().key("rules");
+        rule.push_index(0);
+        // `y` is the 4th character: after `x`, a space, the escaped `é` and a space.
+        assert_eq!(at(rule.key("allow").char(4)), "f:2:35: rules[1].allow: m");
+        let mut rule = KeyPath::default().key("rules");
+        rule.push_index(1);
+        assert_eq!(at(rule.key("allow").char(4)), "f:3:30: rules[2].allow: m");
+        // Past the end: the closing quote.
+        assert_eq!(at(rule.key("allow").char(99)), "f:3:31: rules[2].allow: m");
+        // The first newline and the line-ending backslash are not part of the value.
+        assert_eq!(
+            at(KeyPath::default().key("multi").char(6)),
+            "f:7:5: multi: m"
+        );
     }
 }

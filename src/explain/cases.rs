@@ -1,7 +1,7 @@
 //! `gatehouse test`: policy tests for a config, run offline (in CI, before a config
 //! ships), as `opa test` runs them for a policy. Each `[[case]]` is one request explained
 //! with the config's chain ([`super::explain`]) and the status, the middleware that denied
-//! it and response headers it expects.
+//! it, the policy rule that decided it and response headers it expects.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,6 +40,8 @@ struct RawCase {
     upstream_status: u16,
     expect: u16,
     expect_denied_by: Option<String>,
+    /// The policy rule expected to decide (or `default`).
+    expect_rule: Option<String>,
     #[serde(default)]
     expect_headers: BTreeMap<String, String>,
 }
@@ -62,6 +64,7 @@ pub struct Case {
     pub request: Request,
     pub expect: StatusCode,
     pub expect_denied_by: Option<String>,
+    pub expect_rule: Option<String>,
     pub expect_headers: Vec<(HeaderName, String)>,
 }
 
@@ -134,6 +137,7 @@ pub fn load(file: &Path, config: &Config) -> Result<Vec<Case>, ConfigError> {
             request,
             expect,
             expect_denied_by: c.expect_denied_by,
+            expect_rule: c.expect_rule,
             expect_headers,
         });
     }
@@ -173,6 +177,15 @@ impl Case {
                     None => "not denied by a middleware".to_owned(),
                 };
                 failures.push(format!("expected denied by {want}, got {got}"));
+            }
+        }
+        if let Some(want) = &self.expect_rule {
+            if report.policy_rule.as_deref() != Some(want.as_str()) {
+                let got = match &report.policy_rule {
+                    Some(rule) => format!("rule {rule}"),
+                    None => "no policy middleware ran".to_owned(),
+                };
+                failures.push(format!("expected rule {want} to decide, got {got}"));
             }
         }
         for (name, want) in &self.expect_headers {

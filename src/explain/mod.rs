@@ -34,7 +34,7 @@ use crate::chain::reject::code_for;
 use http_body_util::BodyExt;
 
 use crate::audit::Decision;
-use crate::chain::{Answer, BodyPhase, Chain, Context, Exclusion, Reject, Trail};
+use crate::chain::{Answer, BodyPhase, Chain, Context, Exclusion, Policy, Reject, Trail};
 use crate::middleware::Handles;
 use crate::pool;
 use crate::protocol::h1::{self, Framing};
@@ -181,6 +181,9 @@ pub struct Report {
     pub fail_open: Vec<String>,
     /// Who the request is from, as authentication said (the audit event's `subject`).
     pub subject: Option<String>,
+    /// The policy rule that decided the request, or `default` (the audit event's
+    /// `policy_rule`); `None` when no policy middleware ran.
+    pub policy_rule: Option<String>,
 }
 
 /// The request as the chain saw it arrive.
@@ -207,6 +210,60 @@ pub struct Step {
     /// The body phase's verdict, when the body went through it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<BodyResult>,
+    /// How a policy middleware decided, rule by rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySteps>,
+}
+
+/// A policy middleware's decision: each rule it evaluated, in order, and what decided.
+#[derive(Debug, Serialize)]
+pub struct PolicySteps {
+    /// The deciding rule's name, or `default`.
+    pub rule: String,
+    pub allowed: bool,
+    pub rules: Vec<RuleResult>,
+}
+
+/// One evaluated rule: `true` (the deciding one), `false`, or `error` with `error` saying
+/// why (an error does not match).
+#[derive(Debug, Serialize)]
+pub struct RuleResult {
+    pub name: String,
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<&Policy> for PolicySteps {
+    fn from(p: &Policy) -> PolicySteps {
+        let evaluated = p.rule.map_or(p.rules.len(), |i| i + 1);
+        let rules = p.rules[..evaluated]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let error = p
+                    .errors
+                    .iter()
+                    .find(|(at, _)| *at == i)
+                    .map(|(_, e)| e.clone());
+                let result = match (&error, Some(i) == p.rule) {
+                    (Some(_), _) => "error",
+                    (None, true) => "true",
+                    (None, false) => "false",
+                };
+                RuleResult {
+                    name: name.to_string(),
+                    result,
+                    error,
+                }
+            })
+            .collect();
+        PolicySteps {
+            rule: p.rule_name().to_owned(),
+            allowed: p.allowed,
+            rules,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -368,8 +425,8 @@ struct Recorder<'c> {
     chain: &'c Chain,
     live: bool,
     steps: Vec<Step>,
-    /// The request (headers, target, subject) before the running request phase.
-    before: Option<(HeaderMap, Uri, Option<Arc<str>>)>,
+    /// The request before the running request phase.
+    before: Option<Before>,
     /// The response headers before the running response phase.
     response_before: HeaderMap,
     /// The running response phase's response-body verdict, if it has that phase.
@@ -378,6 +435,9 @@ struct Recorder<'c> {
     /// gatehouse's own refusal before the chain, if any.
     gatehouse: Option<Refusal>,
 }
+
+/// What a request phase may change: headers, target, subject, policy decision.
+type Before = (HeaderMap, Uri, Option<Arc<str>>, Option<Policy>);
 
 impl<'c> Recorder<'c> {
     fn new(chain: &'c Chain, live: bool) -> Self {
@@ -393,6 +453,7 @@ impl<'c> Recorder<'c> {
                     result: StepResult::NotReached,
                     changes: None,
                     body: None,
+                    policy: None,
                 })
                 .collect(),
             before: None,
@@ -428,12 +489,17 @@ impl Trail for Recorder<'_> {
                 return false;
             }
         }
-        self.before = Some((req.headers.clone(), req.uri.clone(), ctx.subject.clone()));
+        self.before = Some((
+            req.headers.clone(),
+            req.uri.clone(),
+            ctx.subject.clone(),
+            ctx.policy.clone(),
+        ));
         true
     }
 
     fn after(&mut self, i: usize, req: &request::Parts, ctx: &Context, answer: Option<&Answer>) {
-        let Some((headers, uri, subject)) = self.before.take() else {
+        let Some((headers, uri, subject, policy)) = self.before.take() else {
             return; // held back: `before` recorded what it would ask
         };
         let step = &mut self.steps[i];
@@ -454,6 +520,11 @@ impl Trail for Recorder<'_> {
                 .filter(|s| Some(*s) != subject.as_deref())
                 .map(str::to_owned),
         });
+        step.policy = ctx
+            .policy
+            .as_ref()
+            .filter(|p| Some(*p) != policy.as_ref())
+            .map(PolicySteps::from);
     }
 
     fn refused(&mut self, reject: &Reject) {
@@ -546,6 +617,7 @@ async fn run(config: &Config, proxy: &Arc<Proxy>, request: &Request, live: bool)
                 resp: reject.render(None, false).into_parts().0,
                 decision: Decision::Deny,
                 subject: None,
+                policy_rule: None,
                 denied_by: None,
                 deny_reason: Some(reason),
                 fail_open: 0,
@@ -587,6 +659,7 @@ async fn run(config: &Config, proxy: &Arc<Proxy>, request: &Request, live: bool)
         resp,
         decision: s.decision,
         subject: s.ctx.subject.as_deref().map(str::to_owned),
+        policy_rule: s.ctx.policy.as_ref().map(|p| p.rule_name().to_owned()),
         denied_by: s.ctx.denied_by,
         deny_reason: s.reason.map(|r| r.code()),
         fail_open: s.ctx.fail_open,
@@ -686,6 +759,7 @@ struct Outcome {
     resp: response::Parts,
     decision: Decision,
     subject: Option<String>,
+    policy_rule: Option<String>,
     denied_by: Option<usize>,
     deny_reason: Option<&'static str>,
     fail_open: u64,
@@ -718,6 +792,7 @@ fn finish(trail: Recorder<'_>, request: Summary, outcome: Outcome) -> Report {
         deny_reason: outcome.deny_reason,
         decision: outcome.decision.as_str(),
         subject: outcome.subject,
+        policy_rule: outcome.policy_rule,
     }
 }
 
@@ -736,7 +811,15 @@ impl Report {
         if let Some(refusal) = &self.gatehouse {
             let _ = write!(out, " (refused by gatehouse: {})", refusal.reason);
         } else if let (Some(by), Some(reason)) = (&self.denied_by, self.deny_reason) {
-            let _ = write!(out, " (denied by {by}: {reason})");
+            let _ = write!(out, " (denied by {by}: {reason}");
+            let denier = self
+                .chain
+                .iter()
+                .find(|s| matches!(s.result, StepResult::Deny(_)));
+            if let Some(policy) = denier.and_then(|s| s.policy.as_ref()) {
+                let _ = write!(out, ", rule {}", policy.rule);
+            }
+            out.push(')');
         } else if let Some(step) = self
             .chain
             .iter()
@@ -779,6 +862,23 @@ fn write_changes(f: &mut fmt::Formatter<'_>, changes: &Changes) -> fmt::Result {
     }
     if let Some(subject) = &changes.subject {
         writeln!(f, "        subject {subject}")?;
+    }
+    Ok(())
+}
+
+/// Each evaluated rule's result, then the default's decision when it decided.
+fn write_policy(f: &mut fmt::Formatter<'_>, policy: &PolicySteps) -> fmt::Result {
+    let verdict = if policy.allowed { "allows" } else { "denies" };
+    for rule in &policy.rules {
+        write!(f, "        rule {}: {}", rule.name, rule.result)?;
+        match &rule.error {
+            Some(error) => writeln!(f, " ({error}): does not match")?,
+            None if rule.result == "true" => writeln!(f, ": {verdict}")?,
+            None => writeln!(f)?,
+        }
+    }
+    if policy.rules.iter().all(|r| r.result != "true") {
+        writeln!(f, "        default: {verdict}")?;
     }
     Ok(())
 }
@@ -837,6 +937,9 @@ impl fmt::Display for Report {
                 }
             }
             writeln!(f)?;
+            if let Some(policy) = &step.policy {
+                write_policy(f, policy)?;
+            }
             if let Some(changes) = &step.changes {
                 write_changes(f, changes)?;
             }

@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 
 use super::auth::{claim_header_value, digest, unauthorized};
 use super::jwks::{jwks_keys, refresh_loop, Alg, Failure, Jwks, Key, KeySet, Remote};
-use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::chain::{Claims, Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{ConfigFile, Duration, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 
@@ -415,6 +415,7 @@ impl Jwt {
             // A verified token has a numeric `exp` (required); 0 would only mean "expired".
             exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
             nbf: claims.get("nbf").and_then(Value::as_u64),
+            claims: Arc::new(Claims::new(claims)),
         });
         if let (Some(cache), Some(key)) = (&self.cache, key) {
             cache.insert(key, generation, Arc::clone(&verified), unix_now());
@@ -440,6 +441,7 @@ impl Jwt {
         if verified.subject.is_some() {
             ctx.subject.clone_from(&verified.subject);
         }
+        ctx.claims = Some(Arc::clone(&verified.claims));
         for ((_, header), value) in self.forward.iter().zip(&verified.forward) {
             req.headers.remove(header);
             if let Some(value) = value {
@@ -539,6 +541,9 @@ struct Verified {
     allowed: bool,
     exp: u64,
     nbf: Option<u64>,
+    /// Every claim, for the policy middlewares after this one: kept with the cached
+    /// verification, so a repeated token is not parsed again.
+    claims: Arc<Claims>,
 }
 
 /// One remembered verification.
@@ -744,6 +749,7 @@ mod tests {
             allowed: true,
             exp,
             nbf,
+            claims: Arc::new(Claims::new(Map::new())),
         })
     }
 

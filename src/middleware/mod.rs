@@ -192,6 +192,7 @@ registry! {
     "jwt" => Jwt(jwt),
     "forward_auth" => ForwardAuth(forward_auth),
     "oidc" => Oidc(oidc),
+    "authorize" => Authorize(authorize),
     "compress" => Compress(compress),
 }
 

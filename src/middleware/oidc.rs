@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use super::auth::{claim_header_value, cookie, digest};
 use super::jwks::{Failure, KeySet, Remote, FETCH_TIMEOUT};
-use crate::chain::{Context, Flow, Middleware, Reason, Reject, SessionDigest};
+use crate::chain::{Claims, Context, Flow, Middleware, Reason, Reject, SessionDigest};
 use crate::config::redis::{entry_redis, RedisConnection};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
@@ -1423,11 +1423,15 @@ fn bearer_token(req: &request::Parts) -> Option<&str> {
 }
 
 /// Publishes the signed-in user to later middlewares and the audit event: `sub` is the
-/// subject, and the session is named by a digest of its id (never the cookie).
+/// subject, the claims are `authorize`'s, and the session is named by a digest of its id
+/// (never the cookie).
 fn publish(ctx: &mut Context, claims: &Map<String, Value>, session: Option<&str>) {
     if let Some(sub) = claims.get("sub").and_then(Value::as_str) {
         ctx.subject = Some(sub.into());
     }
+    // A copy: the session is opened from its cookie on every request anyway, so there is
+    // no verified form to share across requests as `jwt`'s cache does.
+    ctx.claims = Some(Arc::new(Claims::new(claims.clone())));
     if let Some(id) = session {
         let digest = digest(&[b"oidc session", id.as_bytes()]);
         let mut hex = String::with_capacity(32);

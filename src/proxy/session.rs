@@ -159,6 +159,7 @@ impl Proxy {
                 .reason
                 .filter(|_| s.decision == Decision::Deny)
                 .map(Reason::code),
+            policy_rule: s.ctx.policy.as_ref().map(|p| p.rule_name()),
             fail_open: &fail_open,
             bytes_in: s.bytes_in + s.upload.as_ref().map_or(0, |u| u.received()),
             bytes_out: s.bytes_out,

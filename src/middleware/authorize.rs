@@ -1,0 +1,732 @@
+//! `authorize`: who may do what, as ordered rules of CEL expressions (the Common
+//! Expression Language of Envoy's RBAC filter and Kubernetes admission policies) over the
+//! request, the client address, the subject and the claims an authentication verified.
+//!
+//! The first rule whose expression is true decides; `default` decides when none is.
+//! Expressions are compiled when the config loads, and every name they use is checked
+//! then, so a typo is a config error rather than a rule that never matches. Evaluating
+//! one can still fail (a claim the token lacks, a claim of another type): that rule does
+//! not match, and the failure is counted and logged, at most once per interval per rule.
+//!
+//! A request pays for what the rules read: each variable is made the first time an
+//! expression reads it, the request's headers and query parameters only when some rule
+//! reads them, and a token's claims once per token (kept with its cached verification).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cel::common::ast::{EntryExpr, Expr};
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
+    CelUInt,
+};
+use cel::common::traits::Indexer;
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
+use cel::{Env, IdedExpr, Program, Value};
+use http::header::{HOST, WWW_AUTHENTICATE};
+use http::{request, HeaderValue, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::chain::{path, Context, Flow, Middleware, Policy, Reason, Reject};
+use crate::config::{KeyPath, Problem};
+use crate::logging::Throttle;
+
+/// The variables an expression may read, as the error for any other name lists them.
+const VARIABLES: &str = "request, source, subject, claims, time";
+/// The fields of `request`.
+const REQUEST_FIELDS: [&str; 5] = ["method", "path", "host", "query", "headers"];
+
+/// `authorize`: ordered rules, each allowing or denying with a CEL expression; the first
+/// true one decides.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The rules, in order: `{ name = "…", allow = "<CEL>" }` or `{ name = "…", deny = "<CEL>" }`.
+    rules: Vec<RuleSettings>,
+    /// What happens when no rule's expression is true: `deny` or `allow`.
+    #[serde(default)]
+    default: Effect,
+}
+
+/// One rule: a name and one expression.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RuleSettings {
+    /// Names the rule in audit events, metrics, logs and `explain`.
+    name: String,
+    /// A CEL expression: when true, the request is allowed.
+    allow: Option<String>,
+    /// A CEL expression: when true, the request is refused.
+    deny: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+enum Effect {
+    #[default]
+    Deny,
+    Allow,
+}
+
+impl RuleSettings {
+    /// The expression, its key and whether it allows.
+    fn expression(&self) -> Option<(&str, &'static str, bool)> {
+        match (&self.allow, &self.deny) {
+            (Some(e), None) => Some((e, "allow", true)),
+            (None, Some(e)) => Some((e, "deny", false)),
+            _ => None,
+        }
+    }
+}
+
+/// What the expressions of a policy read beyond the scalars, so that a request builds
+/// only those.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reads {
+    headers: bool,
+    query: bool,
+}
+
+/// The environment every expression is compiled and run in: the standard library and
+/// the strings extension (`split`, `lowerAscii`, …).
+fn environment() -> Env {
+    let mut env = Env::stdlib();
+    env.add_extension(cel::extensions::strings)
+        .expect("the strings extension declares nothing the standard library has");
+    env
+}
+
+/// Compiles one expression and checks the names it reads; an error is at a character
+/// of `source` (from 0).
+fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize, String)> {
+    let program = env.compile(source).map_err(|errors| {
+        let first = errors.errors.first();
+        // The parser counts lines and columns from 1, in characters.
+        let at = first.map_or(0, |e| char_at(source, e.pos.0, e.pos.1));
+        let message = first.map_or_else(|| errors.to_string(), |e| e.msg.clone());
+        (at, message)
+    })?;
+    let mut bound = Vec::new();
+    check(program.expression(), &mut bound, reads).map_err(|(id, after, message)| {
+        // The parser's offsets are in bytes.
+        let byte = program
+            .source_info()
+            .offset_for(id)
+            .map_or(0, |(start, _)| start as usize);
+        let at = source
+            .get(..byte.min(source.len()))
+            .map_or(0, |s| s.chars().count());
+        (at + after, message)
+    })?;
+    Ok(program)
+}
+
+/// The character index of 1-based `line` and `col` in `source`.
+fn char_at(source: &str, line: isize, col: isize) -> usize {
+    let before: usize = source
+        .split_inclusive('\n')
+        .take(line.max(1) as usize - 1)
+        .map(|l| l.chars().count())
+        .sum();
+    before + col.max(1) as usize - 1
+}
+
+/// A name an expression may not read: the id of the node that reads it, how many
+/// characters after that node's start the name is, and the error.
+type Unknown = (u64, usize, String);
+
+/// Refuses a name outside the variables (and the fields of `request` and `source`);
+/// names a comprehension binds (`r` in `claims.roles.exists(r, …)`) are fine within it.
+fn check<'e>(e: &'e IdedExpr, bound: &mut Vec<&'e str>, reads: &mut Reads) -> Result<(), Unknown> {
+    match &e.expr {
+        Expr::Ident(name) if bound.contains(&name.as_str()) => Ok(()),
+        Expr::Ident(name) => match name.as_str() {
+            "request" => {
+                *reads = Reads {
+                    headers: true,
+                    query: true,
+                };
+                Ok(())
+            }
+            "source" | "subject" | "claims" | "time" => Ok(()),
+            other => Err((
+                e.id,
+                0,
+                format!("unknown variable `{other}`: expected one of {VARIABLES}"),
+            )),
+        },
+        Expr::Select(select) => {
+            if let Expr::Ident(root) = &select.operand.expr {
+                let field = select.field.as_str();
+                match root.as_str() {
+                    _ if bound.contains(&root.as_str()) => {}
+                    "request" if REQUEST_FIELDS.contains(&field) => {
+                        reads.headers |= field == "headers";
+                        reads.query |= field == "query";
+                        return Ok(());
+                    }
+                    "request" => {
+                        // The node starts at the dot.
+                        return Err((
+                            e.id,
+                            1,
+                            format!(
+                                "`request` has no field `{field}`: expected one of {}",
+                                REQUEST_FIELDS.join(", ")
+                            ),
+                        ))
+                    }
+                    "source" if field == "ip" => return Ok(()),
+                    "source" => {
+                        return Err((e.id, 1, format!("`source` has no field `{field}`: expected ip")))
+                    }
+                    _ => {}
+                }
+            }
+            check(&select.operand, bound, reads)
+        }
+        Expr::Call(call) => {
+            if let Some(target) = &call.target {
+                check(target, bound, reads)?;
+            }
+            call.args.iter().try_for_each(|a| check(a, bound, reads))
+        }
+        Expr::Comprehension(c) => {
+            check(&c.iter_range, bound, reads)?;
+            check(&c.accu_init, bound, reads)?;
+            let depth = bound.len();
+            bound.push(&c.iter_var);
+            bound.extend(c.iter_var2.as_deref());
+            bound.push(&c.accu_var);
+            let inner = [&c.loop_cond, &c.loop_step, &c.result]
+                .into_iter()
+                .try_for_each(|x| check(x, bound, reads));
+            bound.truncate(depth);
+            inner
+        }
+        Expr::List(list) => list.elements.iter().try_for_each(|x| check(x, bound, reads)),
+        Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
+            EntryExpr::MapEntry(m) => {
+                check(&m.key, bound, reads)?;
+                check(&m.value, bound, reads)
+            }
+            EntryExpr::StructField(f) => check(&f.value, bound, reads),
+        }),
+        Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
+            EntryExpr::MapEntry(m) => {
+                check(&m.key, bound, reads)?;
+                check(&m.value, bound, reads)
+            }
+            EntryExpr::StructField(f) => check(&f.value, bound, reads),
+        }),
+        Expr::Literal(_) | Expr::Unspecified => Ok(()),
+    }
+}
+
+impl Settings {
+    /// Every rule compiled, with what they read together; the first problem otherwise.
+    fn compiled(&self, env: &Env) -> Result<(Vec<(Program, bool)>, Reads), Problem> {
+        let mut reads = Reads::default();
+        let mut programs = Vec::with_capacity(self.rules.len());
+        for (i, rule) in self.rules.iter().enumerate() {
+            let mut at = KeyPath::default().key("rules");
+            at.push_index(i);
+            let Some((source, key, allows)) = rule.expression() else {
+                let key = if rule.allow.is_some() { "deny" } else { "allow" };
+                return Err((
+                    at.key(key),
+                    format!(
+                        "rule {:?}: set exactly one of `allow` and `deny` (a CEL expression)",
+                        rule.name
+                    ),
+                ));
+            };
+            let program = compile(env, source, &mut reads).map_err(|(n, message)| {
+                let message = format!("rule {:?}: invalid expression: {message}", rule.name);
+                (at.key(key).char(n), message)
+            })?;
+            programs.push((program, allows));
+        }
+        Ok((programs, reads))
+    }
+}
+
+impl super::Settings for Settings {
+    fn validate(&self) -> Result<(), Problem> {
+        if self.rules.is_empty() {
+            return Err((
+                KeyPath::default().key("rules"),
+                "list at least one rule: { name = \"…\", allow = \"<CEL>\" } or deny".into(),
+            ));
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let mut at = KeyPath::default().key("rules");
+            at.push_index(i);
+            if rule.name.trim().is_empty() {
+                return Err((at.key("name"), "the rule name is empty".into()));
+            }
+            if self.rules[..i].iter().any(|r| r.name == rule.name) {
+                return Err((at.key("name"), format!("duplicate rule name {:?}", rule.name)));
+            }
+            if rule.name == "default" {
+                return Err((
+                    at.key("name"),
+                    "`default` names the decision when no rule matches: choose another name"
+                        .into(),
+                ));
+            }
+        }
+        self.compiled(&environment()).map(|_| ())
+    }
+
+    fn summary(&self) -> String {
+        let rules: Vec<String> = self
+            .rules
+            .iter()
+            .map(|r| match r.expression() {
+                Some((_, key, _)) => format!("{}:{key}", r.name),
+                None => r.name.clone(),
+            })
+            .collect();
+        let default = match self.default {
+            Effect::Deny => "deny",
+            Effect::Allow => "allow",
+        };
+        format!("rules={} default={default}", super::list(&rules))
+    }
+
+    fn role(&self) -> super::Role {
+        super::Role {
+            // A preflight carries no credentials: a policy on the subject refuses it.
+            refuses: Some(http::Method::OPTIONS),
+            response_headers: vec![WWW_AUTHENTICATE],
+            ..super::Role::default()
+        }
+    }
+
+    fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
+        let env = environment();
+        let (programs, reads) = self.compiled(&env).expect("validated");
+        let errors = build.handles.metrics.family::<ErrorLabels, Counter>(
+            "gatehouse_policy_errors",
+            "Policy rule expressions that failed to evaluate (and so did not match), by middleware name and rule",
+        );
+        let middleware: Arc<str> = build.name.into();
+        let names: Arc<[Arc<str>]> = self.rules.iter().map(|r| r.name.as_str().into()).collect();
+        let rules = programs
+            .into_iter()
+            .zip(names.iter())
+            .map(|((program, allows), name)| Rule {
+                program,
+                allows,
+                errors: errors.get_or_create_owned(&ErrorLabels {
+                    middleware: middleware.clone(),
+                    rule: name.clone(),
+                }),
+                warnings: Throttle::default(),
+            })
+            .collect();
+        Box::new(Authorize {
+            env: Arc::new(env),
+            rules,
+            names,
+            default_allows: self.default == Effect::Allow,
+            reads,
+            middleware,
+            challenge: HeaderValue::from_static("Bearer"),
+        })
+    }
+}
+
+/// `gatehouse_policy_errors_total{middleware, rule}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    middleware: Arc<str>,
+    rule: Arc<str>,
+}
+
+struct Rule {
+    program: Program,
+    allows: bool,
+    /// Its evaluation failures, counted.
+    errors: Counter,
+    /// Lets one log line about its failures through per interval.
+    warnings: Throttle,
+}
+
+struct Authorize {
+    env: Arc<Env>,
+    rules: Vec<Rule>,
+    /// The rule names, in order, shared with every request's [`Policy`].
+    names: Arc<[Arc<str>]>,
+    default_allows: bool,
+    reads: Reads,
+    middleware: Arc<str>,
+    /// The challenge of a `401`: a refused request without a subject may authenticate.
+    challenge: HeaderValue,
+}
+
+impl Authorize {
+    /// The decision on a request: the rule that decided (`None`: the default), whether it
+    /// allows, and the rules before it that failed to evaluate.
+    fn decide(&self, req: &request::Parts, ctx: &Context) -> Policy {
+        let activation = Activation::new(req, ctx, self.reads);
+        let mut scope = cel::Context::with_env(Arc::clone(&self.env));
+        scope.set_variable_resolver(&activation);
+        let mut errors = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let error = match rule.program.execute(&scope) {
+                Ok(Value::Bool(true)) => {
+                    return self.policy(Some(i), rule.allows, errors);
+                }
+                Ok(Value::Bool(false)) => continue,
+                Ok(other) => format!("the expression gave {other:?}, not a bool"),
+                Err(e) => e.to_string(),
+            };
+            rule.errors.inc();
+            if let Some(held_back) = rule.warnings.ready() {
+                tracing::warn!(
+                    middleware = %self.middleware,
+                    rule = %self.names[i],
+                    error = %error,
+                    held_back,
+                    "a policy rule failed to evaluate, and so did not match"
+                );
+            }
+            errors.push((i, error));
+        }
+        self.policy(None, self.default_allows, errors)
+    }
+
+    fn policy(&self, rule: Option<usize>, allowed: bool, errors: Vec<(usize, String)>) -> Policy {
+        Policy {
+            rules: Arc::clone(&self.names),
+            rule,
+            allowed,
+            errors,
+        }
+    }
+}
+
+impl Middleware for Authorize {
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
+        let policy = self.decide(req, ctx);
+        let refusal = (!policy.allowed).then(|| {
+            let message = match policy.rule {
+                Some(_) => format!("denied by policy rule {:?}", policy.rule_name()),
+                None => "no policy rule allows the request (default)".to_owned(),
+            };
+            if ctx.subject.is_none() {
+                Reject::new(StatusCode::UNAUTHORIZED, Reason::PolicyDenied, message)
+                    .with_header(WWW_AUTHENTICATE, self.challenge.clone())
+            } else {
+                Reject::new(StatusCode::FORBIDDEN, Reason::PolicyDenied, message)
+            }
+        });
+        ctx.policy = Some(policy);
+        match refusal {
+            Some(reject) => Flow::Reject(reject),
+            None => Flow::Continue,
+        }
+    }
+}
+
+/// The claims as CEL values, derived once per set of claims (see [`Claims::derived`]).
+///
+/// [`Claims::derived`]: crate::chain::Claims::derived
+struct CelClaims(CelMap<'static>);
+
+/// A JSON value as a CEL value: numbers as `int` when whole and in range, else `uint`,
+/// else `double`.
+fn cel_value(value: &serde_json::Value) -> Box<dyn Val> {
+    use serde_json::Value as J;
+    match value {
+        J::Null => Box::new(CelNull),
+        J::Bool(b) => Box::new(CelBool::from(*b)),
+        J::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Box::new(CelInt::from(i)),
+            (None, Some(u)) => Box::new(CelUInt::from(u)),
+            _ => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
+        },
+        J::String(s) => Box::new(CelString::from(s.clone())),
+        J::Array(items) => Box::new(CelList::from(items.iter().map(cel_value).collect::<Vec<_>>())),
+        J::Object(map) => Box::new(cel_map(map)),
+    }
+}
+
+fn cel_map(map: &serde_json::Map<String, serde_json::Value>) -> CelMap<'static> {
+    map.iter()
+        .map(|(k, v)| (CelMapKey::from(k.clone()), cel_value(v)))
+        .collect::<HashMap<_, _>>()
+        .into()
+}
+
+/// The variables of one request, each made the first time an expression reads it, and
+/// borrowing from the request where it can.
+struct Activation<'r> {
+    req: &'r request::Parts,
+    ctx: &'r Context,
+    reads: Reads,
+    request: OnceLock<CelMap<'r>>,
+    source: OnceLock<CelMap<'static>>,
+    subject: OnceLock<Box<dyn Val + 'r>>,
+    /// The claims when they are not derived once per token (see [`CelClaims`]), or `{}`.
+    claims: OnceLock<CelMap<'static>>,
+    time: OnceLock<CelTimestamp>,
+}
+
+impl<'r> Activation<'r> {
+    fn new(req: &'r request::Parts, ctx: &'r Context, reads: Reads) -> Self {
+        Activation {
+            req,
+            ctx,
+            reads,
+            request: OnceLock::new(),
+            source: OnceLock::new(),
+            subject: OnceLock::new(),
+            claims: OnceLock::new(),
+            time: OnceLock::new(),
+        }
+    }
+
+    /// `request`: the method, the path as `paths` patterns see it (percent-decoded, so
+    /// `/%61dmin` is `/admin`), the host, and the query and headers if a rule reads them.
+    fn request(&self) -> CelMap<'r> {
+        let req = self.req;
+        let text = |s: &'r str| -> Box<dyn Val + 'r> { Box::new(CelString::from(s)) };
+        let path: Box<dyn Val + 'r> = match path::normalize(req.uri.path()) {
+            Ok(Cow::Owned(decoded)) => Box::new(CelString::from(decoded)),
+            _ => text(req.uri.path()),
+        };
+        let host = req
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()));
+        let mut fields: HashMap<CelMapKey<'r>, Box<dyn Val + 'r>> = HashMap::with_capacity(5);
+        fields.insert("method".into(), text(req.method.as_str()));
+        fields.insert("path".into(), path);
+        fields.insert(
+            "host".into(),
+            host.map_or_else(|| Box::new(CelNull) as Box<dyn Val>, text),
+        );
+        if self.reads.query {
+            fields.insert("query".into(), Box::new(query(req.uri.query())));
+        }
+        if self.reads.headers {
+            fields.insert("headers".into(), Box::new(headers(&req.headers)));
+        }
+        fields.into()
+    }
+
+    fn claims(&self) -> &CelMap<'_> {
+        let derived = self.ctx.claims.as_deref().map(|claims| {
+            claims
+                .derived(|values| CelClaims(cel_map(values)))
+                .map(|c| &c.0)
+        });
+        match derived {
+            Some(Some(shared)) => shared,
+            Some(None) => self.claims.get_or_init(|| {
+                cel_map(&self.ctx.claims.as_deref().expect("claims").values)
+            }),
+            None => self.claims.get_or_init(CelMap::default),
+        }
+    }
+}
+
+/// The query parameters, percent-decoded (`+` as a space), the first value of each name.
+fn query(query: Option<&str>) -> CelMap<'_> {
+    fn decode(s: &str) -> Cow<'_, str> {
+        if s.contains(['%', '+']) {
+            Cow::Owned(path::percent_decode(s.replace('+', " ").as_bytes()))
+        } else {
+            Cow::Borrowed(s)
+        }
+    }
+    let mut params: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = match decode(name) {
+            Cow::Borrowed(name) => CelMapKey::from(name),
+            Cow::Owned(name) => CelMapKey::from(name),
+        };
+        params
+            .entry(key)
+            .or_insert_with(|| Box::new(CelString::from(decode(value))));
+    }
+    params.into()
+}
+
+/// The request headers by (lower-case) name, the first value of each.
+fn headers(headers: &http::HeaderMap) -> CelMap<'_> {
+    headers
+        .keys()
+        .filter_map(|name| {
+            let value = String::from_utf8_lossy(headers.get(name)?.as_bytes());
+            let value: Box<dyn Val> = Box::new(CelString::from(value));
+            Some((CelMapKey::from(name.as_str()), value))
+        })
+        .collect::<HashMap<_, _>>()
+        .into()
+}
+
+impl<'r> Activation<'r> {
+    fn subject(&self) -> &(dyn Val + 'r) {
+        &**self.subject.get_or_init(|| match self.ctx.subject.as_deref() {
+            Some(subject) => Box::new(CelString::from(subject)),
+            None => Box::new(CelNull),
+        })
+    }
+
+    fn source(&self) -> &CelMap<'static> {
+        self.source.get_or_init(|| {
+            let ip: Box<dyn Val> = Box::new(CelString::from(self.ctx.client_ip.to_string()));
+            HashMap::from([(CelMapKey::from("ip"), ip)]).into()
+        })
+    }
+}
+
+/// The value at `name` of a map variable, borrowed from it.
+fn field<'b>(map: &'b CelMap<'_>, name: &str) -> Option<CowVal<'b, 'b>> {
+    Indexer::get(map, &CelString::from(name)).ok()
+}
+
+impl VariableResolver for Activation<'_> {
+    /// The interpreter asks for a qualified name whole first (`request.path`, then
+    /// `request`): answering the whole spares it a miss, a type lookup and a selection.
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        let value: &'b (dyn Val + 'b) = match variable.split_once('.') {
+            Some((_, name)) if name.contains('.') => return None,
+            Some(("request", name)) => return field(self.request.get_or_init(|| self.request()), name),
+            Some(("claims", name)) => return field(self.claims(), name),
+            Some(("source", name)) => return field(self.source(), name),
+            Some(_) => return None,
+            None => match variable {
+                "request" => self.request.get_or_init(|| self.request()),
+                "source" => self.source(),
+                "subject" => self.subject(),
+                "claims" => self.claims(),
+                "time" => self.time.get_or_init(|| {
+                    CelTimestamp::from(chrono::Utc::now().fixed_offset())
+                }),
+                _ => return None,
+            },
+        };
+        Some(CowVal::Borrowed(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The policy of `rules` built as a chain builds it, and its decision on `req`.
+    fn decide(rules: &str, req: http::Request<()>, ctx: &mut Context) -> Policy {
+        use super::super::Settings as _;
+        let settings: Settings = toml::from_str(rules).unwrap();
+        let middleware = settings.build(&super::super::Build {
+            name: "authorize",
+            handles: &super::super::Handles::offline(),
+            response_headers: &[],
+        });
+        let mut parts = req.into_parts().0;
+        let _ = middleware.on_request(&mut parts, ctx);
+        ctx.policy.take().expect("a decision")
+    }
+
+    fn context() -> Context {
+        Context::new(
+            [203, 0, 113, 9].into(),
+            [127, 0, 0, 1].into(),
+            false,
+            Instant::now(),
+            0,
+        )
+    }
+
+    #[test]
+    fn the_headers_and_query_are_made_only_for_rules_that_read_them() {
+        let env = environment();
+        let mut reads = Reads::default();
+        compile(&env, "request.path == '/' && source.ip == '::1'", &mut reads).unwrap();
+        assert!(!reads.headers && !reads.query);
+        compile(&env, "request.headers['x-tenant'] == 'a'", &mut reads).unwrap();
+        assert!(reads.headers && !reads.query);
+        let mut reads = Reads::default();
+        compile(&env, "size(request) > 0", &mut reads).unwrap();
+        assert!(reads.headers && reads.query, "the whole request is read");
+    }
+
+    #[test]
+    fn variables_as_the_rules_see_them() {
+        let rules = r#"rules = [
+          { name = "path", deny = "request.path != '/admin/x y'" },
+          { name = "query", deny = "request.query.q != 'a b+c' || request.query['n'] != '1'" },
+          { name = "header", deny = "request.headers['x-tenant'] != 'acme'" },
+          { name = "host", deny = "request.host != 'api.example:8080'" },
+          { name = "source", deny = "source.ip != '203.0.113.9'" },
+          { name = "anonymous", deny = "subject != null || claims != {}" },
+          { name = "time", deny = "time < timestamp('2024-01-01T00:00:00Z')" },
+          { name = "all", allow = "true" },
+        ]"#;
+        let req = http::Request::get("/%61dmin/x%20y?q=a+b%2Bc&n=1&n=2")
+            .header("host", "api.example:8080")
+            .header("x-tenant", "acme")
+            .header("x-tenant", "other")
+            .body(())
+            .unwrap();
+        let policy = decide(rules, req, &mut context());
+        assert_eq!(policy.errors, []);
+        assert_eq!(policy.rule_name(), "all");
+    }
+
+    #[test]
+    fn claims_are_derived_once_and_failures_do_not_match() {
+        let rules = r#"rules = [
+          { name = "typed", allow = "claims.level > 3" },
+          { name = "missing", allow = "'admin' in claims.roles" },
+          { name = "not-bool", allow = "claims.sub" },
+          { name = "reader", allow = "'read' in claims.scope.split(' ') && subject == 'alice'" },
+        ]"#;
+        let serde_json::Value::Object(values) =
+            serde_json::json!({"sub": "alice", "level": "high", "scope": "read write"})
+        else {
+            unreachable!()
+        };
+        let claims = Arc::new(crate::chain::Claims::new(values));
+        let mut ctx = context();
+        ctx.subject = Some("alice".into());
+        ctx.claims = Some(Arc::clone(&claims));
+        let policy = decide(rules, http::Request::get("/").body(()).unwrap(), &mut ctx);
+        assert_eq!(policy.rule_name(), "reader");
+        assert!(policy.allowed);
+        let failed: Vec<usize> = policy.errors.iter().map(|(i, _)| *i).collect();
+        assert_eq!(failed, [0, 1, 2], "{:?}", policy.errors);
+        let derived = |c: &crate::chain::Claims| {
+            c.derived(|_| -> CelClaims { unreachable!("derived already") })
+                .map(|c| c as *const CelClaims)
+        };
+        let first = derived(&claims).expect("derived by the first request");
+        decide(rules, http::Request::get("/").body(()).unwrap(), &mut ctx);
+        assert_eq!(derived(&claims), Some(first), "the same values, not made again");
+    }
+
+    #[test]
+    fn error_positions_count_characters() {
+        assert_eq!(char_at("ab\né + ) x", 2, 3), 5);
+        assert_eq!(char_at("abc", 1, 1), 0);
+        let env = environment();
+        let mut reads = Reads::default();
+        let (at, message) = compile(&env, "'é' == x", &mut reads).unwrap_err();
+        assert_eq!((at, message.as_str()), (7, "unknown variable `x`: expected one of request, source, subject, claims, time"));
+        let (at, _) = compile(&env, "claims.all(k, k == r)", &mut reads).unwrap_err();
+        assert_eq!(at, 19, "`k` is bound, `r` is not");
+    }
+}
