@@ -44,6 +44,15 @@ allowed = { email_domains = ["example.com"] }
 forward_claims = { sub = "x-user", email = "x-email", groups = "x-groups" }
 {store}
 
+# The session's claims decide under /admin/ (`authorize` reads what `oidc` verified).
+[[middleware]]
+type = "authorize"
+paths = ["/admin/**"]
+rules = [
+  { name = "no-debug-for-staff", deny = "request.path == '/admin/debug' && 'staff' in claims.groups" },
+  { name = "admins", allow = "'admins' in claims.groups" },
+]
+
 [audit]
 [[audit.sinks]]
 type = "file"
@@ -409,6 +418,22 @@ async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
     assert_eq!(seen["x-user"], ["alice"]);
     assert_eq!(seen["x-email"], ["alice@example.com"]);
     assert_eq!(seen["x-groups"], [r#"["staff","admins"]"#]);
+    // `authorize` decides from the session's claims.
+    let resp = alice
+        .go("GET", &format!("{origin}/admin/users"), None)
+        .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let resp = alice
+        .go("GET", &format!("{origin}/admin/debug"), None)
+        .await;
+    let body = resp.assert_gatehouse_error(403, "forbidden");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-debug-for-staff"),
+        "{body}"
+    );
     assert!(
         !seen
             .get("cookie")
@@ -551,6 +576,17 @@ async fn sign_in_refresh_and_sign_out_against_a_real_provider() {
     // An API client's bearer token is no session.
     let carol = events.iter().find(|e| e["subject"] == "carol").unwrap();
     assert_eq!(carol["session"], Value::Null, "{carol}");
+    // The rule that decided under /admin/, and none elsewhere.
+    let rule = |path: &str| {
+        let e = events.iter().find(|e| e["path"] == path).unwrap();
+        (e["status"].clone(), e["policy_rule"].clone())
+    };
+    assert_eq!(rule("/admin/users"), (200.into(), "admins".into()));
+    assert_eq!(
+        rule("/admin/debug"),
+        (403.into(), "no-debug-for-staff".into())
+    );
+    assert_eq!(rule("/echo").1, Value::Null);
 }
 
 /// An ID token for gatehouse's client, signed in as `user` by the test itself (the code
