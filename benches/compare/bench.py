@@ -10,7 +10,10 @@ Run through run.sh (see README.md in this folder):
 One upstream nginx (1 worker, a fixed 100-byte 200) and the load generator share --load-cpu;
 each proxy runs alone on --proxy-cpu with one worker. Scenarios: `basic` (a proxy adding one
 response header) and `full` (request id, timing header, API-key check, a per-client rate limit
-that never fires, an audit line per request). Every proxy is checked first (status, body,
+that never fires, an audit line per request); and what gzip costs: `json` (the proxy with gzip
+configured passing a ~20 KiB JSON body through uncompressed: the client sends no
+Accept-Encoding) and `gzip1`, `gzip6`, `gzip9` (the same body gzip-coded at that zlib level:
+nginx's `gzip on`, gatehouse's `compress`). Every proxy is checked first (status, body,
 headers, 401s, audit lines), then measured in interleaved rounds (A B C, A B C, ...): wrk's
 closed loop, or h2load at one offered rate with --rate. A proxy's CPU per request is its CPU
 clock over the window (every thread, exact to the ns; see benchlib.py) ÷ responses; ratios
@@ -19,6 +22,7 @@ are medians of per-round ratios to nginx (paired, so drift cancels). Stdlib only
 
 import argparse
 import datetime
+import gzip
 import http.client
 import json
 import os
@@ -45,11 +49,37 @@ API_KEY = "bench-7f3c2a91d4e8b6c05a1f"  # the `full` scenario's secret
 RATE_PER_SEC = 1000000                   # per-client limit far above any offered load: never fires
 RATE_BURST = 1000000
 
-SCENARIOS = {"basic": ["direct", "nginx", "haproxy", "gatehouse"], "full": ["nginx", "haproxy", "gatehouse"]}
-PORT_OFFSETS = {"nginx": 1, "haproxy": 2, "gatehouse": 3}  # + 10 (basic) or 20 (full) + --port-base
-SCENARIO_BLOCK = {"basic": 10, "full": 20}
+# The gzip scenarios' body: ~20 KiB of JSON, a list endpoint's page (the upstream serves it
+# as a file at JSON_PATH).
+JSON_BODY = json.dumps({"items": [{"id": i, "sku": f"SKU-{i:06d}", "name": f"item {i}",
+                                   "description": f"A sturdy item number {i}, shipped in a recyclable box.",
+                                   "price_cents": 199 + 37 * i, "in_stock": i % 3 != 0,
+                                   "tags": ["catalog", f"group-{i % 7}", "sale" if i % 5 == 0 else "regular"]}
+                                  for i in range(108)], "page": 1, "next": "/catalog?page=2"},
+                       separators=(",", ":")).encode()
+JSON_PATH = "/catalog.json"
+# scenario -> zlib level: nginx's gzip_comp_level, and gatehouse's compress level of that zlib
+# level (docs/middleware/compress.md); `json` is configured at 6 but not asked for gzip.
+GZIP_LEVELS = {"json": 6, "gzip1": 1, "gzip6": 6, "gzip9": 9}
+COMPRESS_LEVELS = {1: "fastest", 6: "default", 9: "best"}
+
+SCENARIOS = {"basic": ["direct", "nginx", "haproxy", "gatehouse"], "full": ["nginx", "haproxy", "gatehouse"],
+             **{s: ["nginx", "gatehouse"] for s in GZIP_LEVELS}}
+PORT_OFFSETS = {"nginx": 1, "haproxy": 2, "gatehouse": 3}  # + the scenario's block + --port-base
+SCENARIO_BLOCK = {"basic": 10, "full": 20, "json": 30, "gzip1": 40, "gzip6": 50, "gzip9": 60}
 # Response headers each proxy must add to a 200: one that skips the work gets no number.
-EXPECT = {"basic": ["x-bench-proxy"], "full": ["x-request-id", "x-response-time"]}
+EXPECT = {"basic": ["x-bench-proxy"], "full": ["x-request-id", "x-response-time"], "json": [],
+          **{s: ["content-encoding", "vary"] for s in GZIP_LEVELS if s != "json"}}
+
+
+def template(scenario):
+    """configs/<this>-<proxy>.*: the gzip scenarios share one, filled with their level."""
+    return "gzip" if scenario in GZIP_LEVELS else scenario
+
+
+def request_headers(scenario):
+    return ({"x-api-key": API_KEY} if scenario == "full" else
+            {"accept-encoding": "gzip"} if scenario in GZIP_LEVELS and scenario != "json" else {})
 
 
 class Target:
@@ -58,6 +88,7 @@ class Target:
         self.rounds, self.errors, self.discarded = [], [], []
         self.requests_sent = 0
         self.audit = None
+        self.body_bytes = None  # the checked response's body as sent
 
 
 # ----------------------------------------------------------------------------- targets
@@ -69,34 +100,40 @@ def start_target(scenario, name, args, workdir, launcher):
     values = {"WORKDIR": workdir, "NAME": tag, "LISTEN_PORT": port, "UPSTREAM_SERVER": f"127.0.0.1:{args.port_base}",
               "UPSTREAM_URL": f"http://127.0.0.1:{args.port_base}", "API_KEY": API_KEY,
               "LOG_FILE": audit_file or "/dev/null", "RATE_PER_SEC": RATE_PER_SEC, "RATE_BURST": RATE_BURST,
-              "NGINX_LOG_BUFFER": " buffer=64k flush=1s" if args.nginx_log_buffer else ""}
+              "NGINX_LOG_BUFFER": " buffer=64k flush=1s" if args.nginx_log_buffer else "",
+              "GZIP_LEVEL": GZIP_LEVELS.get(scenario, 6),
+              "COMPRESS_LEVEL": COMPRESS_LEVELS[GZIP_LEVELS.get(scenario, 6)]}
     stdout_path = env = None
     if name == "nginx":
-        conf = render(os.path.join(CONFIGS, f"{scenario}-nginx.conf"), values, os.path.join(workdir, f"{tag}.conf"))
+        conf = render(os.path.join(CONFIGS, f"{template(scenario)}-nginx.conf"), values, os.path.join(workdir, f"{tag}.conf"))
         argv = [args.nginx, "-p", workdir, "-c", conf, "-e", os.path.join(workdir, f"{tag}.error.log")]
     elif name == "haproxy":
-        conf = render(os.path.join(CONFIGS, f"{scenario}-haproxy.cfg"), values, os.path.join(workdir, f"{tag}.cfg"))
+        conf = render(os.path.join(CONFIGS, f"{template(scenario)}-haproxy.cfg"), values, os.path.join(workdir, f"{tag}.cfg"))
         argv = [args.haproxy, "-db", "-f", conf]
         stdout_path = audit_file  # haproxy logs to stdout only: in `full` stdout is the audit file
     else:
-        conf = render(os.path.join(CONFIGS, f"{scenario}-gatehouse.toml"), values,
+        conf = render(os.path.join(CONFIGS, f"{template(scenario)}-gatehouse.toml"), values,
                       os.path.join(workdir, f"{tag}.toml"))
         argv = [args.binary, "run", "--config", conf]
         env = {"RUST_LOG": "warn"}  # overrides [log].level: no per-request lines, as the others
         chk = subprocess.run([args.binary, "check", "--config", conf], capture_output=True, text=True,
                              env=dict(os.environ, **env), timeout=30)
         if chk.returncode != 0:
-            raise BenchError(f"`gatehouse check` rejected {conf} (from configs/{scenario}-gatehouse.toml): "
+            raise BenchError(f"`gatehouse check` rejected {conf} (from configs/{template(scenario)}-gatehouse.toml): "
                              f"the template does not match this gatehouse:\n{(chk.stdout + chk.stderr)[-2000:]}")
     p = launcher.start(tag, argv, args.proxy_cpu, env=env, stdout_path=stdout_path)
     wait_until(p, connector(port), f"listening on 127.0.0.1:{port}")
     return Target(scenario, name, port, p, audit_file)
 
 
-def http_get(port, headers=None):
+def path(scenario):
+    return JSON_PATH if scenario in GZIP_LEVELS else "/"
+
+
+def http_get(port, headers=None, url_path="/"):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        c.request("GET", "/", headers=headers or {})
+        c.request("GET", url_path, headers=headers or {})
         r = c.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
@@ -114,14 +151,26 @@ def sanity_check(t):
                 t.requests_sent += 1
                 if st != 401:
                     problems.append(f"x-api-key {headers.get('x-api-key', '(none)')} -> {st}, want 401")
-        st, hdrs, body = http_get(t.port, {"x-api-key": API_KEY} if t.scenario == "full" else None)
+        st, hdrs, body = http_get(t.port, request_headers(t.scenario), path(t.scenario))
         t.requests_sent += 1
     except (OSError, http.client.HTTPException) as e:
         return [f"request failed: {e!r}"]
     if st != 200:
-        problems.append(f"GET / -> {st}, want 200")
-    if body != BODY:
-        problems.append(f"the body is not the upstream's ({len(body)} bytes)")
+        problems.append(f"GET {path(t.scenario)} -> {st}, want 200")
+    coded = "accept-encoding" in request_headers(t.scenario)
+    if coded and hdrs.get("content-encoding") != "gzip":
+        problems.append(f"content-encoding {hdrs.get('content-encoding')!r}, want gzip")
+    elif not coded and "content-encoding" in hdrs:
+        problems.append(f"content-encoding {hdrs['content-encoding']!r} without accept-encoding")
+    else:
+        try:
+            decoded = gzip.decompress(body) if coded else body
+        except (OSError, EOFError) as e:
+            decoded = None
+            problems.append(f"the body is not gzip: {e}")
+        t.body_bytes = len(body)  # as sent: the compression ratio is JSON_BODY's length over this
+        if decoded is not None and decoded != (JSON_BODY if t.scenario in GZIP_LEVELS else BODY):
+            problems.append(f"the body is not the upstream's ({len(body)} bytes)")
     problems += [f"no {h} response header" for h in EXPECT[t.scenario] if t.name != "direct" and h not in hdrs]
     return problems
 
@@ -129,8 +178,8 @@ def sanity_check(t):
 # ----------------------------------------------------------------------------- measuring
 
 def run_load(t, seconds, args, workdir, tag):
-    url = f"http://127.0.0.1:{t.port}/"
-    headers = [f"x-api-key: {API_KEY}"] if t.scenario == "full" else []
+    url = f"http://127.0.0.1:{t.port}{path(t.scenario)}"
+    headers = [f"{k}: {v}" for k, v in request_headers(t.scenario).items()]
     if args.rate:
         return h2load(url, args.rate, seconds, args.connections, args.load_cpu,
                       os.path.join(workdir, f"{tag}.requests.tsv"), headers, args.h2load)
@@ -273,6 +322,30 @@ def table(scenario, targets, args):
             + markdown(head, rows))
 
 
+def gzip_table(ran):
+    """What gzip costs each proxy per KiB of JSON compressed: its CPU per request at each level,
+    over the request's size in KiB, and over and above passing the body through (`json`)."""
+    if not any(s in ran for s in GZIP_LEVELS if s != "json"):
+        return None
+    kib = len(JSON_BODY) / 1024
+    plain = {t.name: med([r.get("cpu_us") for r in t.rounds]) for t in ran.get("json", [])}
+    head = ["zlib level (gatehouse `level`)", "proxy", "body sent, bytes", "ratio", "CPU µs/req",
+            "CPU µs per KiB of JSON", "… over passing it through (`json`)", "CPU/req ÷ nginx"]
+    rows = []
+    for s in (s for s in GZIP_LEVELS if s in ran):
+        level = GZIP_LEVELS[s]
+        nginx = next((t for t in ran[s] if t.name == "nginx" and t.rounds), None)
+        for t in (t for t in ran[s] if t.rounds):
+            cpu = med([r.get("cpu_us") for r in t.rounds])
+            extra = (cpu - plain[t.name]) / kib if s != "json" and cpu and plain.get(t.name) else None
+            rows.append([f"`{s}`: not asked (identity)" if s == "json" else f"{level} (`{COMPRESS_LEVELS[level]}`)",
+                         t.name, fmt(t.body_bytes), fmt(len(JSON_BODY) / t.body_bytes, 2) if t.body_bytes else "—",
+                         cell(t.rounds, "cpu_us", 1), fmt(cpu / kib, 2) if cpu else "—", fmt(extra, 2),
+                         "—" if t is nginx or not nginx else fmt_ratio(paired_ratio(t.rounds, nginx.rounds, "cpu_us"))])
+    return (f"### gzip: CPU per KiB compressed ({len(JSON_BODY):,} bytes of JSON per response; the proxy's CPU, "
+            f"medians over rounds)\n\n" + markdown(head, rows))
+
+
 def notes(targets, args):
     out = []
     for t in targets:
@@ -336,7 +409,8 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default=os.path.join(HERE, "..", "..", "target", "release", "gatehouse"),
                     help="gatehouse binary (default: this checkout's target/release/gatehouse, which run.sh builds)")
-    ap.add_argument("--scenarios", default="basic,full", help="comma list of basic, full (default both)")
+    ap.add_argument("--scenarios", default="basic,full",
+                    help=f"comma list of {', '.join(SCENARIOS)} (default basic,full); gzip is json,gzip1,gzip6,gzip9")
     ap.add_argument("--targets", default="direct,nginx,haproxy,gatehouse",
                     help="comma list of direct, nginx, haproxy, gatehouse (default all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -368,7 +442,8 @@ def parse_args(argv):
         ap.add_argument(f"--{tool}", default=shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin")
                         or tool, help=f"{tool} executable (default: on PATH)")
     args = ap.parse_args(argv)
-    args.scenario_list = [s for s in args.scenarios.split(",") if s]
+    args.scenario_list = [x for s in args.scenarios.split(",") if s
+                          for x in (GZIP_LEVELS if s == "gzip" else [s])]
     args.target_list = [t for t in args.targets.split(",") if t]
     if not args.scenario_list or set(args.scenario_list) - set(SCENARIOS):
         ap.error(f"--scenarios: a comma list of {', '.join(SCENARIOS)}, got {args.scenarios!r}")
@@ -415,16 +490,19 @@ def main(argv):
                        "duration_s": args.duration, "connections": args.connections, "syscalls": args.syscalls,
                        "versions": versions(args)},
               "scenarios": {}}
-    failures = []
+    failures, ran = [], {}
     try:
+        os.makedirs(os.path.join(workdir, "static"))
+        with open(os.path.join(workdir, "static", JSON_PATH.lstrip("/")), "wb") as f:
+            f.write(JSON_BODY)
         conf = render(os.path.join(CONFIGS, "upstream-nginx.conf"),
                       {"WORKDIR": workdir, "UPSTREAM_PORT": args.port_base, "BODY": BODY_TEXT + "\\n"},
                       os.path.join(workdir, "upstream.conf"))
         upstream = launcher.start("upstream", [args.nginx, "-p", workdir, "-c", conf, "-e",
                                                os.path.join(workdir, "upstream.error.log")], args.load_cpu)
         wait_until(upstream, connector(args.port_base), "listening")
-        if http_get(args.port_base)[2] != BODY:
-            raise BenchError("the upstream nginx does not answer with the fixed body")
+        if http_get(args.port_base)[2] != BODY or http_get(args.port_base, url_path=JSON_PATH)[2] != JSON_BODY:
+            raise BenchError("the upstream nginx does not answer with the fixed bodies")
         for s in args.scenario_list:
             log(f"bench: scenario {s}")
             targets = []
@@ -437,6 +515,7 @@ def main(argv):
                 log(f"  start {name} (CPU {args.proxy_cpu})")
                 targets.append(start_target(s, name, args, workdir, launcher))
             run_scenario(s, targets, upstream, args, workdir)
+            ran[s] = targets
             for t in targets:  # stopping flushes the audit files before they are counted
                 if t.proc:
                     launcher.stop(t.proc)
@@ -450,6 +529,9 @@ def main(argv):
                 t.name: {"rounds": t.rounds, "discarded": t.discarded, "errors": t.errors, "audit": t.audit}
                 for t in targets}}
             failures += [f"{s}/{t.name}: {e}" for t in targets for e in t.errors]
+        costs = gzip_table(ran)
+        if costs:
+            print("\n" + costs)
     except (BenchError, OSError, http.client.HTTPException) as e:
         failures.append(str(e) if isinstance(e, BenchError) else repr(e))
     finally:

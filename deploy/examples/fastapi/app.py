@@ -32,6 +32,31 @@ async def read_item(item_id: int, request: Request) -> dict:
     }
 
 
+# A typical list endpoint's payload, ~20 KiB of JSON: what response compression is for
+# (bench.sh --gzip compresses it in Python, before/gzip_app.py, or in gatehouse).
+CATALOG = {
+    "items": [
+        {
+            "id": i,
+            "sku": f"SKU-{i:06d}",
+            "name": f"item {i}",
+            "description": f"A sturdy item number {i}, shipped in a recyclable box.",
+            "price_cents": 199 + 37 * i,
+            "in_stock": i % 3 != 0,
+            "tags": ["catalog", f"group-{i % 7}", "sale" if i % 5 == 0 else "regular"],
+        }
+        for i in range(108)
+    ],
+    "page": 1,
+    "next": "/catalog?page=2",
+}
+
+
+@app.get("/catalog")
+async def catalog() -> dict:
+    return CATALOG
+
+
 @app.get("/slow")
 async def slow(seconds: float = 0.5) -> dict:
     """A slow endpoint (a report, a model call): the timing header shows where time went."""

@@ -6,6 +6,7 @@ Run through bench.sh (it sets up the venv, wrk, h2load, nginx and the release bu
     bash deploy/examples/fastapi/bench.sh                        # before vs after, ~2.5 min
     bash deploy/examples/fastapi/bench.sh --targets after,after-unix   # TCP vs Unix-socket hop
     bash deploy/examples/fastapi/bench.sh --seat                 # the proxy's seat: nginx vs gatehouse
+    bash deploy/examples/fastapi/bench.sh --gzip                 # gzip in Python vs in gatehouse
 
 Targets, each a "pod" pinned to --pod-cpu (the load generators run on --load-cpu):
   before      before/app.py under uvicorn: the middleware in Python
@@ -17,12 +18,18 @@ Targets, each a "pod" pinned to --pod-cpu (the load generators run on --load-cpu
               worker, access_log off, one response header (the `basic` pair's config, shared
               with benches/compare)
   nginx-unix  the same, the app on a Unix socket
+  gzip-before before/gzip_app.py: app.py with Starlette's GZipMiddleware (gzip at --gzip-level)
+  gzip-after  app.py, gatehouse with `compress` (gzip only, the same level) in front: the
+              config benches/compare uses for its gzip scenarios
+The gzip-* targets are loaded with GET /catalog (~20 KiB of JSON) and Accept-Encoding: gzip,
+the others with GET /items/42 and the API key.
 The compared pairs reach the app the same way: nginx, basic and after over TCP; the -unix
 ones over a Unix socket. before and after* get the same settings: API_KEY, RATE_LIMIT
 (1000000/s: it never fires, but every request pays for it) and an AUDIT_FILE. Before
 measuring, those must answer 200/401 with the same header names as each other, pass their
 request id to the app and write one audit line per request; basic and nginx must answer 200
-with the app's body and their one header. Every target gets the same uvicorn command line
+with the app's body and their one header; gzip-* must answer gzip that decodes to the same
+JSON, with vary: accept-encoding. Every target gets the same uvicorn command line
 (bar the address).
 
 Then, interleaved (A B, B A, A B ...): --rounds closed-loop windows (wrk), then --rounds
@@ -37,6 +44,7 @@ table's to nginx over the same transport. Stdlib only.
 
 import argparse
 import contextlib
+import gzip
 import http.client
 import json
 import os
@@ -61,14 +69,21 @@ API_KEY = "bench-fastapi-3c9e71d2"
 # request that takes tens of µs to serve never does. A 429 would fail the window it is in.
 RATE_LIMIT = "1000000/s"
 PATH = "/items/42"
-# name -> (the app's directory, how the proxy reaches it, the proxy in front: None, "chain"
-# (gatehouse with ./proxy.toml), "basic" (gatehouse, one header) or "nginx")
-TARGETS = {"before": ("before", "tcp", None), "after": (".", "tcp", "chain"), "after-unix": (".", "unix", "chain"),
-           "basic": (".", "tcp", "basic"), "basic-unix": (".", "unix", "basic"),
-           "nginx": (".", "tcp", "nginx"), "nginx-unix": (".", "unix", "nginx")}
+GZIP_PATH = "/catalog"  # what the gzip-* targets are asked for
+# gatehouse's compress levels by the zlib level they use (docs/middleware/compress.md)
+COMPRESS_LEVELS = {1: "fastest", 6: "default", 9: "best"}
+# name -> (the app's directory and module, how the proxy reaches it, the proxy in front: None,
+# "chain" (gatehouse with ./proxy.toml), "basic" (gatehouse, one header), "nginx" or "compress"
+# (gatehouse, gzip only))
+TARGETS = {"before": ("before", "app", "tcp", None), "after": (".", "app", "tcp", "chain"),
+           "after-unix": (".", "app", "unix", "chain"), "basic": (".", "app", "tcp", "basic"),
+           "basic-unix": (".", "app", "unix", "basic"), "nginx": (".", "app", "tcp", "nginx"),
+           "nginx-unix": (".", "app", "unix", "nginx"), "gzip-before": ("before", "gzip_app", "tcp", None),
+           "gzip-after": (".", "app", "tcp", "compress")}
 SEAT = "nginx,basic,after,nginx-unix,basic-unix,after-unix"
+GZIP = "gzip-before,gzip-after"
 SEAT_LABELS = {"nginx": "nginx, `proxy_pass` + one response header", "basic": "gatehouse, one response header",
-               "chain": "gatehouse, the example's chain (`proxy.toml`)"}
+               "chain": "gatehouse, the example's chain (`proxy.toml`)", "compress": "gatehouse, `compress` (gzip)"}
 # Headers each feature adds: a target that lacks one is not doing the work being compared.
 FEATURE_HEADERS_200 = {"x-request-id", "x-response-time", "server-timing", "ratelimit-limit",
                        "ratelimit-remaining", "ratelimit-reset"}
@@ -83,7 +98,7 @@ class Target:
 
     def __init__(self, name, port):
         self.name = name
-        self.app_dir, self.transport, self.proxy = TARGETS[name]
+        self.app_dir, self.module, self.transport, self.proxy = TARGETS[name]
         self.port = port
         self.procs = {}  # role ("app", "proxy") -> Popen
         self.audit_file = None
@@ -91,9 +106,14 @@ class Target:
         self.open = []
 
     @property
+    def gzip(self):
+        """Does it compress /catalog (in Python or in gatehouse)?"""
+        return self.name.startswith("gzip-")
+
+    @property
     def chain(self):
         """Does it do the example's middleware (in Python or in gatehouse)?"""
-        return self.proxy in (None, "chain")
+        return self.proxy in (None, "chain") and not self.gzip
 
 
 def start_target(name, index, args, workdir, launcher):
@@ -102,10 +122,10 @@ def start_target(name, index, args, workdir, launcher):
     t = Target(name, base)
     t.audit_file = os.path.join(workdir, f"{name}.audit.jsonl") if t.chain else None
     settings = {"API_KEY": API_KEY, "RATE_LIMIT": RATE_LIMIT, "AUDIT_FILE": t.audit_file or os.devnull,
-                "PYTHONDONTWRITEBYTECODE": "1"}
+                "GZIP_LEVEL": str(args.gzip_level), "PYTHONDONTWRITEBYTECODE": "1"}
     listen = (base if t.proxy is None else base + 1) if t.transport == "tcp" else os.path.join(workdir, f"{name}.sock")
     address = ["--uds", listen] if t.transport == "unix" else ["--host", "127.0.0.1", "--port", str(listen)]
-    argv = [os.path.join(args.venv, "bin", "python"), "-m", "uvicorn", "app:app", "--app-dir", t.app_dir]
+    argv = [os.path.join(args.venv, "bin", "python"), "-m", "uvicorn", f"{t.module}:app", "--app-dir", t.app_dir]
     t.procs["app"] = launcher.start(f"{name}-app", argv + address, args.pod_cpu, settings, HERE)
     wait_until(t.procs["app"], connector(listen), "listening")
     if t.proxy is None:
@@ -113,7 +133,8 @@ def start_target(name, index, args, workdir, launcher):
     unix = t.transport == "unix"
     values = {"WORKDIR": workdir, "NAME": name, "LISTEN_PORT": base,
               "UPSTREAM_URL": f"unix:{listen}" if unix else f"http://127.0.0.1:{listen}",
-              "UPSTREAM_SERVER": f"unix:{listen}" if unix else f"127.0.0.1:{listen}"}
+              "UPSTREAM_SERVER": f"unix:{listen}" if unix else f"127.0.0.1:{listen}",
+              "COMPRESS_LEVEL": COMPRESS_LEVELS[args.gzip_level]}
     if t.proxy == "nginx":
         conf = render(os.path.join(COMPARE, "configs", "basic-nginx.conf"), values,
                       os.path.join(workdir, f"{name}.nginx.conf"))
@@ -123,7 +144,7 @@ def start_target(name, index, args, workdir, launcher):
         env = dict(settings, GATEHOUSE_LISTEN=f"127.0.0.1:{base}", ADMIN_LISTEN=f"127.0.0.1:{base + 2}",
                    APP_URL=values["UPSTREAM_URL"])
         config = (os.path.join(HERE, "proxy.toml") if t.proxy == "chain" else
-                  render(os.path.join(COMPARE, "configs", "basic-gatehouse.toml"), values,
+                  render(os.path.join(COMPARE, "configs", f"{'gzip' if t.gzip else 'basic'}-gatehouse.toml"), values,
                          os.path.join(workdir, f"{name}.toml")))
         check = subprocess.run([args.binary, "check", "--config", config], capture_output=True, text=True,
                                env=dict(os.environ, **env))
@@ -174,8 +195,11 @@ def check(targets):
     """Before measuring: each target with the example's chain does every feature, with the
     same header names as the others, and writes one audit line per request; each plain proxy
     answers 200 with the app's body and its one header. Returns the problems found."""
-    problems, seen = [], {}
+    problems, seen, catalogs = [], {}, {}
     for t in targets:
+        if t.gzip:
+            problems += check_gzip(t, catalogs)
+            continue
         status, ok_h, body = get(t.port, PATH, {"x-api-key": API_KEY})
         if status != 200:
             problems.append(f"{t.name}: GET {PATH} with the key -> {status}, want 200: {body[:200]!r}")
@@ -228,11 +252,38 @@ def check(targets):
     return problems
 
 
+def check_gzip(t, catalogs):
+    """A gzip-* target answers /catalog gzip-coded, decoding to JSON that every other gzip-*
+    target's decodes to too (catalogs: name -> decoded body), with vary: accept-encoding; and
+    without Accept-Encoding, uncompressed. Returns the problems found."""
+    status, h, body = get(t.port, GZIP_PATH, {"accept-encoding": "gzip"})
+    if status != 200:
+        return [f"{t.name}: GET {GZIP_PATH} -> {status}, want 200: {body[:200]!r}"]
+    if h.get("content-encoding") != "gzip" or "accept-encoding" not in h.get("vary", "").lower():
+        return [f"{t.name}: GET {GZIP_PATH} with accept-encoding: gzip got content-encoding "
+                f"{h.get('content-encoding')!r}, vary {h.get('vary')!r}; want gzip, accept-encoding"]
+    try:
+        decoded = gzip.decompress(body)
+        json.loads(decoded)
+    except (OSError, EOFError, ValueError) as e:
+        return [f"{t.name}: GET {GZIP_PATH}'s body is not gzip-coded JSON: {e}"]
+    problems = []
+    plain = get(t.port, GZIP_PATH, {})
+    if plain[0] != 200 or "content-encoding" in plain[1] or plain[2] != decoded:
+        problems.append(f"{t.name}: GET {GZIP_PATH} without accept-encoding is not the same JSON uncompressed")
+    for other, theirs in catalogs.items():
+        if theirs != decoded:
+            problems.append(f"{t.name}'s /catalog decodes to other JSON than {other}'s")
+    catalogs[t.name] = decoded
+    log(f"bench: {t.name}: /catalog {len(decoded):,} bytes of JSON, {len(body):,} gzip-coded")
+    return problems
+
+
 # ----------------------------------------------------------------------------- load
 
 def load(t, phase, seconds, args, workdir, tag):
-    url = f"http://127.0.0.1:{t.port}{PATH}"
-    headers = [f"x-api-key: {API_KEY}"]
+    url = f"http://127.0.0.1:{t.port}{GZIP_PATH if t.gzip else PATH}"
+    headers = ["accept-encoding: gzip"] if t.gzip else [f"x-api-key: {API_KEY}"]
     if phase == "closed":
         return wrk(url, seconds, args.connections, args.load_cpu, headers, wrk_bin=args.wrk)
     return h2load(url, args.rate, seconds, args.connections, args.load_cpu,
@@ -323,9 +374,10 @@ def pod_table(targets, args, audit):
         row("… the app (uvicorn)", phase, "app_us")
         row("… the proxy", phase, "proxy_us")
         row(f"context switches/request, whole pod, {rate_label(args, phase)}", phase, "pod_cs", 2)
-    plain("audit events per request served",
-          [audit[t.name][0] / audit[t.name][1] if t.name in audit and audit[t.name][1] else None
-           for t in targets], 3)
+    if audit:
+        plain("audit events per request served",
+              [audit[t.name][0] / audit[t.name][1] if t.name in audit and audit[t.name][1] else None
+               for t in targets], 3)
     plain("other work on the pod's CPU, % (median)",
           [med([r.get("other_pct") for r in t.closed + t.open]) for t in targets], 1)
     return markdown(head, rows)
@@ -339,7 +391,7 @@ def seat_table(targets, args, phase):
             "context switches/request", "syscalls/request", "app CPU µs/request"]
     rows = []
     for t in targets:
-        if t.proxy is None:
+        if t.proxy is None or t.gzip:  # the gzip pair's proxy is in the pod table; no nginx to compare with
             continue
         rounds, ref = getattr(t, phase), nginx.get(t.transport)
         ratio = paired_ratio(rounds, getattr(ref, phase), "proxy_us") if ref else None
@@ -390,6 +442,11 @@ def parse_args(argv):
     ap.add_argument("--seat", action="store_true",
                     help=f"the proxy's seat beside the app: unless given, --targets {SEAT} --phases open "
                          f"--rate 320 --rounds 5")
+    ap.add_argument("--gzip", action="store_true",
+                    help=f"gzip in Python against gzip in gatehouse: unless given, --targets {GZIP}")
+    ap.add_argument("--gzip-level", type=int, choices=sorted(COMPRESS_LEVELS), default=6,
+                    help="the gzip-* targets' zlib level: Starlette's compresslevel and gatehouse's compress level "
+                         "(1 fastest, 6 default, 9 best) (default 6)")
     ap.add_argument("--targets", help=f"comma list of {', '.join(TARGETS)}; the pod table's ratios are to the "
                                       f"first (default before,after)")
     ap.add_argument("--phases", help="comma list of closed (wrk) and open (h2load at --rate) (default both)")
@@ -414,7 +471,10 @@ def parse_args(argv):
         ap.add_argument(f"--{tool}", default=shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin")
                         or tool, help=f"{tool} executable (default: on PATH)")
     args = ap.parse_args(argv)
-    seat = {"targets": SEAT, "phases": "open", "rate": 320, "rounds": 5} if args.seat else {}
+    if args.seat and args.gzip:
+        ap.error("--seat and --gzip are two runs: give one")
+    seat = ({"targets": SEAT, "phases": "open", "rate": 320, "rounds": 5} if args.seat else
+            {"targets": GZIP} if args.gzip else {})
     for key, default in (("targets", "before,after"), ("phases", "closed,open"), ("rate", 0), ("rounds", 3)):
         if getattr(args, key) is None:
             setattr(args, key, seat.get(key, default))
@@ -440,7 +500,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    tools = [args.wrk, args.h2load, "taskset"] + ([args.nginx] if any(TARGETS[n][2] == "nginx" for n in args.names)
+    tools = [args.wrk, args.h2load, "taskset"] + ([args.nginx] if any(TARGETS[n][3] == "nginx" for n in args.names)
                                                   else []) + ([args.syscalls] if args.syscalls else [])
     for tool in tools:
         if not shutil.which(tool):
@@ -468,7 +528,13 @@ def main(argv):
         problems = check(targets)
         if problems:
             raise BenchError("check before measuring failed:\n- " + "\n- ".join(problems))
-        log("bench: checked: same header names, request id reaches the app, one audit line per request")
+        log("bench: checked: " + "; ".join(
+            what for what, any_of in (("same header names, request id reaches the app, one audit line per request",
+                                       any(t.chain for t in targets)),
+                                      ("the same JSON, gzip-coded", any(t.gzip for t in targets)),
+                                      ("the app's body and the proxy's header", any(not t.chain and not t.gzip
+                                                                                   for t in targets)))
+            if any_of))
         for t in targets:
             if args.warmup:
                 load(t, "closed", args.warmup, args, workdir, f"{t.name}-warmup")
@@ -499,7 +565,10 @@ def main(argv):
     print(f"FastAPI example, {' vs '.join(args.names)}: Python {python[0]} ({python[1]}), fastapi {python[2]}, "
           f"uvicorn {python[3]} (one worker, same options), gatehouse `{args.binary}`"
           + (f", {nginx}" if nginx else "") + f"; the pod on CPU {args.pod_cpu}, wrk/h2load on CPU {args.load_cpu}, "
-          f"{args.connections} connections; {args.rounds} interleaved rounds of {args.duration} s per load; "
+          f"{args.connections} connections; "
+          + (f"gzip level {args.gzip_level} (`compress` level `{COMPRESS_LEVELS[args.gzip_level]}`), GET {GZIP_PATH} "
+             f"with accept-encoding: gzip; " if any(t.gzip for t in targets) else "")
+          + f"{args.rounds} interleaved rounds of {args.duration} s per load; "
           f"medians (min–max); ratios are medians of per-round ratios.\n")
     print(pod_table(targets, args, audit))
     for n in notes(targets, args, audit):

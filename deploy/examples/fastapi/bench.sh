@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # What the pod spends per request: the FastAPI example with its middleware in Python
-# (before/app.py) against app.py behind gatehouse (proxy.toml), measured in one run; and what
-# the proxy in front of the app costs, gatehouse against nginx in the same seat (--seat).
+# (before/app.py) against app.py behind gatehouse (proxy.toml), measured in one run; what the
+# proxy in front of the app costs, gatehouse against nginx in the same seat (--seat); and
+# gzip-coded ~20 KiB JSON answers compressed by Starlette's GZipMiddleware against gatehouse's
+# `compress` (--gzip).
 #
 #   bash deploy/examples/fastapi/bench.sh                                 # ~2.5 min; Markdown on stdout
 #   bash deploy/examples/fastapi/bench.sh --rounds 1 --duration 3 --warmup 1   # ~30 s smoke run
 #   bash deploy/examples/fastapi/bench.sh --targets after,after-unix      # the app over TCP vs a Unix socket
 #   bash deploy/examples/fastapi/bench.sh --seat                          # ~6 min; the proxy's seat: nginx vs gatehouse
 #   bash deploy/examples/fastapi/bench.sh --seat --syscalls perf          # ... with syscalls per request
+#   bash deploy/examples/fastapi/bench.sh --gzip                          # ~2.5 min; gzip in Python vs in gatehouse
 #   bash deploy/examples/fastapi/bench.sh --help                          # every option
 #
 # Sets up what it needs first: wrk, h2load, taskset and nginx (and strace for --syscalls
