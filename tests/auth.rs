@@ -1243,42 +1243,6 @@ async fn with_tls(
     (up, gh, ca.der().clone(), dir)
 }
 
-/// One HTTP/1.1 request to `port` over TLS, trusting `ca`.
-async fn tls_send(
-    port: u16,
-    ca: rustls::pki_types::CertificateDer<'static>,
-    req: http::Request<Body>,
-) -> Resp {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let tls = within(STEP, "TLS handshake", connector.connect(name, tcp))
-        .await
-        .expect("TLS handshake with gatehouse");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    collect(
-        within(STEP, "response over TLS", sender.send_request(req))
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn forward_auth_tells_the_service_the_client_came_over_https() {
     let (auth, seen) = token_service().await;

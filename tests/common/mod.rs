@@ -1128,6 +1128,9 @@ pub struct TestCa {
     pub pem_file: PathBuf,
     pub leaf_pem: String,
     pub leaf_key_pem: String,
+    /// The `localhost` certificate and its key, as PEM files for servers outside the test.
+    pub leaf_file: PathBuf,
+    pub leaf_key_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -1145,9 +1148,14 @@ impl TestCa {
         let dir = tempfile::tempdir().unwrap();
         let pem_file = dir.path().join("ca.pem");
         std::fs::write(&pem_file, ca.pem()).unwrap();
+        let (leaf_file, leaf_key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&leaf_file, leaf.pem()).unwrap();
+        std::fs::write(&leaf_key_file, key.serialize_pem()).unwrap();
         TestCa {
             cert: ca.der().clone(),
             pem_file,
+            leaf_file,
+            leaf_key_file,
             leaf_pem: leaf.pem(),
             leaf_key_pem: key.serialize_pem(),
             _dir: dir,
@@ -1181,6 +1189,42 @@ impl TestCa {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
+}
+
+/// One HTTP/1.1 request to `port` over TLS (to `localhost`), trusting `ca`.
+pub async fn tls_send(
+    port: u16,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    req: http::Request<Body>,
+) -> Resp {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tls = within(STEP, "TLS handshake", connector.connect(name, tcp))
+        .await
+        .expect("TLS handshake with localhost");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    collect(
+        within(STEP, "response over TLS", sender.send_request(req))
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> http::Response<Body> {
