@@ -1211,36 +1211,17 @@ async fn forward_auth_request_headers_is_an_allow_list() {
 }
 
 /// A gatehouse terminating TLS with a certificate for `localhost` from a fresh CA, in front
-/// of `rest`; returns it with the CA's certificate to trust.
-async fn with_tls(
-    rest: &str,
-) -> (
-    Upstream,
-    Gatehouse,
-    rustls::pki_types::CertificateDer<'static>,
-    tempfile::TempDir,
-) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+/// of `rest`; returns it with the CA to trust.
+async fn with_tls(rest: &str) -> (Upstream, Gatehouse, TestCa) {
+    let ca = TestCa::new();
     let server = format!(
         "\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key_file.display()
+        ca.leaf_file.display(),
+        ca.leaf_key_file.display()
     );
     let up = Upstream::start().await;
     let gh = Gatehouse::start(&config(&server, "", rest), &[("upstream", &up.url())]).await;
-    (up, gh, ca.der().clone(), dir)
+    (up, gh, ca)
 }
 
 #[tokio::test]
@@ -1250,14 +1231,14 @@ async fn forward_auth_tells_the_service_the_client_came_over_https() {
         "[[middleware]]\ntype = \"forward_auth\"\nurl = \"{}\"\n",
         auth.url("/verify")
     );
-    let (_up, gh, ca, _dir) = with_tls(&rest).await;
+    let (_up, gh, ca) = with_tls(&rest).await;
     let req = request("GET", "/echo")
         .header("host", "localhost")
         .header("x-token", "open-sesame")
         .header("x-forwarded-proto", "http")
         .body(empty())
         .unwrap();
-    let resp = tls_send(gh.port, ca, req).await;
+    let resp = tls_send(gh.port, ca.cert.clone(), req).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.upstream_headers()["x-forwarded-proto"], ["https"]);
     let got = seen.lock().unwrap().last().cloned().unwrap();
