@@ -636,6 +636,90 @@ async fn jwt_jwks_url_rotates_refetches_on_unknown_kid_and_keeps_the_last_good_s
     assert_eq!(send(gh.port, bearer(&k2)).await.status, 200);
 }
 
+/// Waits until gatehouse has logged a line containing `what`, and returns its output.
+async fn logged(gh: &Gatehouse, what: &str) -> String {
+    within(STEP, what, async {
+        loop {
+            let output = gh.output();
+            if output.contains(what) {
+                return output;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn jwt_jwks_url_over_https_trusts_the_roots_of_ssl_cert_file_and_nothing_else() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let rsa = EncodingKey::from_rsa_pem(&fixture_bytes("rsa_private.pem")).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&rsa, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    let document = serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap();
+    let ca = TestCa::new();
+    let jwks = TestServer::start_tls(&ca, move |_| {
+        reply(200, &[("content-type", "application/json")], &document)
+    })
+    .await;
+    let rest = |url: &str| {
+        format!("[[middleware]]\ntype = \"jwt\"\nalgorithms = [\"RS256\"]\njwks_url = \"{url}\"\n")
+    };
+    let token = mint(Algorithm::RS256, &rsa, Some("k1"), claims(json!({})));
+
+    // Trusted through SSL_CERT_FILE: the keys are fetched over TLS and the token passes.
+    let (_up, gh) = proxy_with_env(&rest(&jwks.https_url("/jwks")), &[ca.trusted_env()]).await;
+    within(STEP, "the JWKS fetched over https", async {
+        while send(gh.port, bearer(&token)).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(gh);
+
+    // The same URL without the CA (the system's roots only): no keys, every token refused,
+    // and the log says why.
+    let fetched = jwks.hits();
+    let (up, gh) = proxy_with_env(&rest(&jwks.https_url("/jwks")), &[]).await;
+    let output = logged(&gh, "JWKS fetch failed").await;
+    assert!(
+        output.contains("TLS handshake with localhost: certificate not trusted"),
+        "{output}"
+    );
+    assert_rejected(
+        &gh,
+        &up,
+        bearer(&token),
+        401,
+        Some("Bearer error=\"invalid_token\""),
+    )
+    .await;
+    assert_eq!(
+        jwks.hits(),
+        fetched,
+        "a request got through an untrusted handshake"
+    );
+    drop(gh);
+
+    // Trusted, but asked by another name than the certificate's.
+    let by_address = format!("https://{}/jwks", jwks.addr);
+    let (up, gh) = proxy_with_env(&rest(&by_address), &[ca.trusted_env()]).await;
+    let output = logged(&gh, "JWKS fetch failed").await;
+    assert!(
+        output.contains("TLS handshake with 127.0.0.1: certificate name mismatch"),
+        "{output}"
+    );
+    assert_rejected(
+        &gh,
+        &up,
+        bearer(&token),
+        401,
+        Some("Bearer error=\"invalid_token\""),
+    )
+    .await;
+    assert_eq!(jwks.hits(), fetched);
+}
+
 /// Sends `token` `times` times and checks each is a `401 invalid_token` that never reaches
 /// the upstream; `what` names the case in a failure.
 async fn assert_refused(gh: &Gatehouse, up: &Upstream, token: &str, times: usize, what: &str) {
@@ -787,8 +871,8 @@ fn jwt_config_errors_name_the_key() {
     );
     assert_config_error(&jwt(&format!("algorithms = [\"RS256\"]\npublic_key_file = \"{pem}\"\njwks_url = \"http://127.0.0.1:1/\"")), "set exactly one of");
     assert_config_error(
-        &jwt("algorithms = [\"RS256\"]\njwks_url = \"https://idp/jwks\""),
-        "middleware[1].jwks_url: invalid URL",
+        &jwt("algorithms = [\"RS256\"]\njwks_url = \"ftp://idp/jwks\""),
+        "middleware[1].jwks_url: invalid URL \"ftp://idp/jwks\": expected https://",
     );
 }
 
@@ -798,7 +882,12 @@ fn jwt_config_errors_name_the_key() {
 /// `x-user`, and echoing what it was told as `x-auth-saw`), `Bearer deny` gets a 403 with
 /// its own body, anything else a 401 with a challenge.
 async fn auth_service() -> TestServer {
-    TestServer::start(|req| {
+    TestServer::start(auth_decision).await
+}
+
+/// What [`auth_service`] answers to `req`.
+fn auth_decision(req: &http::request::Parts) -> http::Response<Body> {
+    {
         let h = |name: &str| {
             req.headers
                 .get(name)
@@ -824,8 +913,7 @@ async fn auth_service() -> TestServer {
             "Bearer deny" => reply(403, &[("content-type", "text/plain")], "no entry for you"),
             _ => reply(401, &[("www-authenticate", "Bearer realm=\"sso\"")], ""),
         }
-    })
-    .await
+    }
 }
 
 fn forward_auth_config(url: &str) -> String {
@@ -900,6 +988,53 @@ async fn forward_auth_fails_closed() {
         assert!(body["request_id"].is_string(), "{body}");
         assert_eq!(up.request_count(), 0, "{url}: the upstream was reached");
     }
+}
+
+#[tokio::test]
+async fn forward_auth_over_https_verifies_the_auth_service() {
+    let ca = TestCa::new();
+    let auth = TestServer::start_tls(&ca, auth_decision).await;
+    // The handshake counts against `timeout`: room for a busy machine.
+    let rest = forward_auth_config(&auth.https_url("/verify")).replace("500ms", "10s");
+    let (up, gh) = proxy_with_env(&rest, &[ca.trusted_env()]).await;
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("authorization", "Bearer good")]),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(up.request_count(), 1);
+    assert_eq!(resp.upstream_headers()["x-user"], ["alice", "ops"]);
+    let resp = send(
+        gh.port,
+        get_with("/echo", &[("authorization", "Bearer deny")]),
+    )
+    .await;
+    assert_eq!(resp.status, 403, "{resp:?}");
+    drop(gh);
+
+    // Untrusted: refused like an auth service that is down, and the log says why.
+    let hits = auth.hits();
+    let (up, gh) = proxy_with_env(&rest, &[]).await;
+    for _ in 0..3 {
+        let resp = send(
+            gh.port,
+            get_with("/echo", &[("authorization", "Bearer good")]),
+        )
+        .await;
+        resp.assert_gatehouse_error(503, "unavailable");
+    }
+    assert_eq!(up.request_count(), 0);
+    assert_eq!(
+        auth.hits(),
+        hits,
+        "a request got through an untrusted handshake"
+    );
+    let output = logged(&gh, "the authentication service did not answer").await;
+    assert!(
+        output.contains("TLS handshake with localhost: certificate not trusted"),
+        "{output}"
+    );
 }
 
 /// An auth service of the kind found in the field: it decides on a header of its own,
@@ -1076,72 +1211,17 @@ async fn forward_auth_request_headers_is_an_allow_list() {
 }
 
 /// A gatehouse terminating TLS with a certificate for `localhost` from a fresh CA, in front
-/// of `rest`; returns it with the CA's certificate to trust.
-async fn with_tls(
-    rest: &str,
-) -> (
-    Upstream,
-    Gatehouse,
-    rustls::pki_types::CertificateDer<'static>,
-    tempfile::TempDir,
-) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+/// of `rest`; returns it with the CA to trust.
+async fn with_tls(rest: &str) -> (Upstream, Gatehouse, TestCa) {
+    let ca = TestCa::new();
     let server = format!(
         "\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key_file.display()
+        ca.leaf_file.display(),
+        ca.leaf_key_file.display()
     );
     let up = Upstream::start().await;
     let gh = Gatehouse::start(&config(&server, "", rest), &[("upstream", &up.url())]).await;
-    (up, gh, ca.der().clone(), dir)
-}
-
-/// One HTTP/1.1 request to `port` over TLS, trusting `ca`.
-async fn tls_send(
-    port: u16,
-    ca: rustls::pki_types::CertificateDer<'static>,
-    req: http::Request<Body>,
-) -> Resp {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let tls = within(STEP, "TLS handshake", connector.connect(name, tcp))
-        .await
-        .expect("TLS handshake with gatehouse");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    collect(
-        within(STEP, "response over TLS", sender.send_request(req))
-            .await
-            .unwrap(),
-    )
-    .await
+    (up, gh, ca)
 }
 
 #[tokio::test]
@@ -1151,14 +1231,14 @@ async fn forward_auth_tells_the_service_the_client_came_over_https() {
         "[[middleware]]\ntype = \"forward_auth\"\nurl = \"{}\"\n",
         auth.url("/verify")
     );
-    let (_up, gh, ca, _dir) = with_tls(&rest).await;
+    let (_up, gh, ca) = with_tls(&rest).await;
     let req = request("GET", "/echo")
         .header("host", "localhost")
         .header("x-token", "open-sesame")
         .header("x-forwarded-proto", "http")
         .body(empty())
         .unwrap();
-    let resp = tls_send(gh.port, ca, req).await;
+    let resp = tls_send(gh.port, ca.cert.clone(), req).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.upstream_headers()["x-forwarded-proto"], ["https"]);
     let got = seen.lock().unwrap().last().cloned().unwrap();

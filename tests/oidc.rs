@@ -1,6 +1,7 @@
 //! `oidc` against a real OpenID Provider: `oidc-provider` from npm (a certified
 //! implementation), configured by tests/fixtures/oidc/provider.mjs with one client, any user
-//! its development login form accepts, and 4-second access tokens. The sign-in is driven by
+//! its development login form accepts, and 4-second access tokens (once served over https,
+//! with a certificate from a test CA that gatehouse trusts through `SSL_CERT_FILE`). The sign-in is driven by
 //! a plain HTTP client with a cookie jar that fills in the provider's login and consent
 //! forms, and once by a real Chromium (through playwright-core): page → `302` → login form →
 //! consent → callback → the app sees the user.
@@ -34,7 +35,7 @@ listen = "127.0.0.1:{admin}"
 
 [[middleware]]
 type = "oidc"
-issuer = "http://127.0.0.1:{idp}"
+issuer = "{issuer}"
 client_id = "gatehouse"
 client_secret = "gatehouse-test-secret"
 cookie_secret = "{secret}"
@@ -102,12 +103,18 @@ struct Provider {
 }
 
 impl Provider {
-    async fn start(port: u16, app: u16) -> Provider {
+    /// `tls`: served over https as `https://localhost:PORT` with the CA's certificate.
+    async fn start(port: u16, app: u16, tls: Option<&TestCa>) -> Provider {
         let dir = node_modules();
-        let mut child = Command::new("node")
+        let mut command = Command::new("node");
+        command
             .arg("provider.mjs")
             .arg(port.to_string())
-            .arg(format!("http://127.0.0.1:{app}"))
+            .arg(format!("http://127.0.0.1:{app}"));
+        if let Some(ca) = tls {
+            command.arg(&ca.leaf_file).arg(&ca.leaf_key_file);
+        }
+        let mut child = command
             .current_dir(&dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -149,6 +156,8 @@ impl Provider {
 #[derive(Clone, Default)]
 struct Browser {
     jar: HashMap<String, String>,
+    /// The CA an https provider's certificate is from.
+    ca: Option<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Browser {
@@ -173,23 +182,34 @@ impl Browser {
         }
     }
 
-    /// One request to `url` (`http://127.0.0.1:port/path`), as a page navigation.
+    /// One request to `url` (`http://127.0.0.1:port/path`, or `https://localhost:port/path`
+    /// trusting [`Browser::ca`]), as a page navigation.
     async fn go(&mut self, method: &str, url: &str, form: Option<String>) -> Resp {
-        let rest = url.strip_prefix("http://127.0.0.1:").expect("a local URL");
+        let (host, rest) = match url.strip_prefix("https://localhost:") {
+            Some(rest) => ("localhost", rest),
+            None => (
+                "127.0.0.1",
+                url.strip_prefix("http://127.0.0.1:").expect("a local URL"),
+            ),
+        };
         let (port, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let port: u16 = port.parse().unwrap();
         let mut req = request(method, if path.is_empty() { "/" } else { path })
-            .header("host", format!("127.0.0.1:{port}"))
+            .header("host", format!("{host}:{port}"))
             .header("accept", "text/html,application/xhtml+xml");
         if !self.jar.is_empty() {
             req = req.header("cookie", self.cookie_header());
         }
-        let resp = match form {
-            Some(body) => {
-                let req = req.header("content-type", "application/x-www-form-urlencoded");
-                send(port, req.body(full(body)).unwrap()).await
-            }
-            None => send(port, req.body(empty()).unwrap()).await,
+        let req = match form {
+            Some(body) => req
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(full(body)),
+            None => req.body(empty()),
+        }
+        .unwrap();
+        let resp = match host {
+            "localhost" => tls_send(port, self.ca.clone().expect("a CA for https"), req).await,
+            _ => send(port, req).await,
         };
         self.keep(&resp);
         resp
@@ -256,10 +276,13 @@ enum Walk {
 
 /// `location` resolved against `base`.
 fn absolute(base: &str, location: &str) -> String {
-    if location.starts_with("http://") {
+    if location.starts_with("http://") || location.starts_with("https://") {
         return location.to_owned();
     }
-    let origin_end = base[7..].find('/').map_or(base.len(), |i| i + 7);
+    let authority = base.find("://").unwrap() + 3;
+    let origin_end = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| i + authority);
     format!("{}{location}", &base[..origin_end])
 }
 
@@ -283,7 +306,7 @@ struct Setup {
 /// The provider, the app and gatehouse in front of it (`store`: session store keys).
 async fn setup(store: &str) -> Setup {
     let (port, idp, admin) = (free_port(), free_port(), free_port());
-    let provider = Provider::start(idp, port).await;
+    let provider = Provider::start(idp, port, None).await;
     let app = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
@@ -291,7 +314,7 @@ async fn setup(store: &str) -> Setup {
         CONFIG,
         &[
             ("port", &port.to_string()),
-            ("idp", &idp.to_string()),
+            ("issuer", &format!("http://127.0.0.1:{idp}")),
             ("admin", &admin.to_string()),
             ("upstream", &app.url()),
             ("secret", SECRET),
@@ -671,7 +694,7 @@ async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
         CONFIG,
         &[
             ("port", &port.to_string()),
-            ("idp", &idp.to_string()),
+            ("issuer", &format!("http://127.0.0.1:{idp}")),
             ("admin", &admin.to_string()),
             ("upstream", &app.url()),
             ("secret", SECRET),
@@ -695,13 +718,84 @@ async fn a_provider_that_is_down_gets_an_error_page_not_a_loop() {
     );
 
     // Once it is up, discovery succeeds and browsers are sent to it.
-    let _provider = Provider::start(idp, port).await;
+    let _provider = Provider::start(idp, port, None).await;
     within(STEP, "discovery once the provider is up", async {
         while Browser::default().go("GET", &url, None).await.status != 302 {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(gatehouse_has_node),
+    ignore = "needs node and npm (apt-get install nodejs npm)"
+)]
+async fn a_provider_over_https_is_used_when_its_ca_is_trusted_and_only_then() {
+    let ca = TestCa::new();
+    let (port, idp, admin) = (free_port(), free_port(), free_port());
+    let _provider = Provider::start(idp, port, Some(&ca)).await;
+    let app = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let (port_s, admin_s, issuer) = (
+        port.to_string(),
+        admin.to_string(),
+        format!("https://localhost:{idp}"),
+    );
+    let vars = [
+        ("port", port_s.as_str()),
+        ("issuer", &issuer),
+        ("admin", &admin_s),
+        ("upstream", &app.url()),
+        ("secret", SECRET),
+        ("events", events.to_str().unwrap()),
+        ("store", ""),
+    ];
+    let echo = format!("http://127.0.0.1:{port}/echo");
+
+    // The system's roots only: the provider's certificate is not trusted, discovery fails
+    // saying so, and a browser gets the error page.
+    let mut gh = Gatehouse::spawn(CONFIG, &vars, &[]);
+    gh.wait_ready().await;
+    let output = within(STEP, "the failed discovery logged", async {
+        loop {
+            let output = gh.output();
+            if output.contains("OpenID discovery failed") {
+                return output;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        output.contains("TLS handshake with localhost: certificate not trusted"),
+        "{output}"
+    );
+    let resp = Browser::default().go("GET", &echo, None).await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    drop(gh);
+
+    // SSL_CERT_FILE names the CA: discovery, keys, the code exchange and userinfo all go
+    // over https, and the app sees the user (the email comes from userinfo).
+    let mut gh = Gatehouse::spawn(CONFIG, &vars, &[ca.trusted_env()]);
+    gh.wait_ready().await;
+    within(STEP, "discovery over https", async {
+        while Browser::default().go("GET", &echo, None).await.status != 302 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut alice = Browser {
+        ca: Some(ca.cert.clone()),
+        ..Browser::default()
+    };
+    let resp = alice.sign_in(port, "/echo", "alice").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let headers = resp.upstream_headers();
+    assert_eq!(headers["x-user"], ["alice"]);
+    assert_eq!(headers["x-email"], ["alice@example.com"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

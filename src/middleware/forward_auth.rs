@@ -18,7 +18,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};
-use crate::pool::{Endpoint, Target};
+use crate::logging::Throttle;
+use crate::pool::{outbound_url, Endpoint};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
 use crate::protocol::h1::hop::HOP_BY_HOP;
@@ -47,7 +48,7 @@ static NOT_SENT: [&HeaderName; 3] = [&CONTENT_LENGTH, &EXPECT, &HOST];
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// The auth service, `http://host[:port]/path`.
+    /// The auth service, `https://host[:port]/path` or `http://host[:port]/path`.
     #[schemars(with = "String")]
     url: AuthUrl,
     /// The longest the auth service may take.
@@ -80,19 +81,18 @@ fn never_sent(name: &HeaderName) -> Option<&'static str> {
     }
 }
 
-/// `http://host[:port]/path` of the auth service.
+/// `http[s]://host[:port]/path` of the auth service.
 #[derive(Clone, Debug)]
 struct AuthUrl(Uri);
 
 impl<'de> Deserialize<'de> for AuthUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        match s.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Ok(AuthUrl(uri)),
-            _ => Err(de::Error::custom(format!(
-                "invalid URL {s:?}: expected http://host:port/path (https is not supported)"
-            ))),
-        }
+        outbound_url(&s).map(AuthUrl).ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid URL {s:?}: expected https://host[:port]/path or http://host[:port]/path"
+            ))
+        })
     }
 }
 
@@ -141,7 +141,6 @@ impl super::Settings for Settings {
     }
 
     fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
-        let target = Target::from_uri(&self.url.0).expect("validated: an http URL with a host");
         Box::new(ForwardAuth {
             url: self.url.0.clone(),
             timeout: self.timeout.0,
@@ -150,7 +149,14 @@ impl super::Settings for Settings {
                 .request_headers
                 .as_ref()
                 .map(|names| names.iter().map(|h| h.0.clone()).collect()),
-            service: Endpoint::new(target, self.timeout.0, POOL_IDLE, build.handles.workers + 1),
+            service: Endpoint::for_url(
+                &self.url.0,
+                &build.handles.trust,
+                self.timeout.0,
+                POOL_IDLE,
+                build.handles.workers + 1,
+            ),
+            unanswered: Throttle::default(),
         })
     }
 }
@@ -163,6 +169,8 @@ struct ForwardAuth {
     allow: Option<Vec<HeaderName>>,
     /// The auth service, over pooled keep-alive connections.
     service: Endpoint,
+    /// Holds back repeats of the warning that the auth service did not answer.
+    unanswered: Throttle,
 }
 
 impl ForwardAuth {
@@ -255,7 +263,9 @@ impl Middleware for ForwardAuth {
                 }
                 Ok(answer) => Flow::Reject(denied(answer)),
                 Err(e) => {
-                    tracing::debug!(url = %self.url, error = %e, "forward_auth: no answer");
+                    if let Some(suppressed) = self.unanswered.ready() {
+                        tracing::warn!(url = %self.url, error = %e, suppressed, "forward_auth: the authentication service did not answer; refusing requests");
+                    }
                     Flow::Reject(Reject::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         Reason::AuthServiceUnavailable,

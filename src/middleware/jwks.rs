@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{watch, Notify};
 
 use crate::chain::Reason;
-use crate::pool::{Endpoint, Target};
+use crate::pool::{Endpoint, Trust};
 
 /// An unknown `kid` asks for a JWKS refetch at most this often.
 pub(super) const REFETCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -155,13 +155,12 @@ pub(super) struct Jwks {
 }
 
 impl Jwks {
-    pub(super) fn new(url: &Uri, workers: usize) -> Jwks {
-        let target = Target::from_uri(url).expect("validated: an http URL with a host");
+    pub(super) fn new(url: &Uri, trust: &Trust, workers: usize) -> Jwks {
         // Fetches are minutes apart: nothing worth keeping idle in between.
         let idle = std::time::Duration::from_secs(1);
         Jwks {
             url: url.clone(),
-            endpoint: Endpoint::new(target, FETCH_TIMEOUT, idle, workers + 1),
+            endpoint: Endpoint::for_url(url, trust, FETCH_TIMEOUT, idle, workers + 1),
             shard: workers,
         }
     }

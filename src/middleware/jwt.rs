@@ -33,6 +33,7 @@ use super::jwks::{jwks_keys, refresh_loop, Alg, Failure, Jwks, Key, KeySet, Remo
 use crate::chain::{Claims, Context, Flow, Middleware, Reason, Reject};
 use crate::config::value::{ConfigFile, Duration, FileContent, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
+use crate::pool::outbound_url;
 
 /// A cached verification is trusted at most this long (seconds), whatever the token's `exp`.
 const CACHE_TTL: u64 = 300;
@@ -55,7 +56,8 @@ pub struct Settings {
     public_key_file: Option<Box<ConfigFile<Vec<u8>>>>,
     /// A JWKS document file.
     jwks_file: Option<Box<ConfigFile<JwkSet>>>,
-    /// The issuer's JWKS, `http://host[:port]/path`, fetched again every `jwks_refresh`.
+    /// The issuer's JWKS, `https://host[:port]/path` (or `http://`), fetched again every
+    /// `jwks_refresh`.
     #[schemars(with = "Option<String>")]
     jwks_url: Option<Box<JwksUrl>>,
     /// How often `jwks_url` is fetched again.
@@ -116,23 +118,16 @@ impl FileContent for JwkSet {
     }
 }
 
-/// `http://host[:port]/path` of a JWKS document.
+/// `https://host[:port]/path` (or `http://`) of a JWKS document.
 #[derive(Clone, Debug)]
 struct JwksUrl(Uri);
 
 impl FromStr for JwksUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let uri: Uri = s
-            .parse()
-            .map_err(|_| format!("invalid URL {s:?}: expected http://host:port/path"))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!(
-                "invalid URL {s:?}: expected http://host:port/path (https is not supported: \
-                 fetch the keys into a `jwks_file`, or reach the issuer through a local proxy)"
-            ));
-        }
-        Ok(JwksUrl(uri))
+        outbound_url(s).map(JwksUrl).ok_or_else(|| {
+            format!("invalid URL {s:?}: expected https://host[:port]/path or http://host[:port]/path")
+        })
     }
 }
 
@@ -327,7 +322,7 @@ impl super::Settings for Settings {
             // `check` and an offline `explain` fetch nothing.
             let task = handles.runtime.as_ref().map(|rt| {
                 rt.spawn(refresh_loop(
-                    Jwks::new(&url.0, handles.workers),
+                    Jwks::new(&url.0, &handles.trust, handles.workers),
                     self.jwks_refresh.0,
                     self.algorithms.clone(),
                     self.base_validation(),

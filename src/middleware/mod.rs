@@ -13,6 +13,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use crate::chain::{Chain, Link, Middleware, Scope};
 use crate::config::{typed, Entries, MiddlewareEntry, Problem};
 use crate::metrics::Metrics;
+use crate::pool::Trust;
 use crate::redis_link::Links;
 
 mod auth;
@@ -93,6 +94,9 @@ pub struct Handles {
     pub read_only: bool,
     /// The Redis links built with these handles, for `/readyz`.
     pub redis: Links,
+    /// The roots that https side services (JWKS URLs, auth services, OpenID Providers) are
+    /// verified against, read once for all the chains built with these handles.
+    pub trust: Trust,
 }
 
 impl Handles {
@@ -105,6 +109,7 @@ impl Handles {
             workers: 1,
             read_only: false,
             redis: Links::default(),
+            trust: Trust::default(),
         }
     }
 }

@@ -43,6 +43,7 @@ use crate::chain::{Claims, Context, Flow, Middleware, Reason, Reject, SessionDig
 use crate::config::redis::{entry_redis, RedisConnection};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
+use crate::pool::outbound_url;
 
 mod cookies;
 mod provider;
@@ -80,7 +81,7 @@ const ALGORITHMS: [Algorithm; 9] = [
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// The provider's issuer URL, `http://host[:port][/path]`; its discovery document is
+    /// The provider's issuer URL, `https://host[:port][/path]` (or `http://`); its discovery document is
     /// `<issuer>/.well-known/openid-configuration`.
     #[schemars(with = "String")]
     issuer: Issuer,
@@ -198,14 +199,10 @@ impl<'de> Deserialize<'de> for Issuer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let trimmed = s.trim_end_matches('/');
-        match trimmed.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
-                Ok(Issuer(trimmed.to_owned()))
-            }
-            _ => Err(de::Error::custom(format!(
-                "invalid issuer {s:?}: expected http://host[:port][/path] (gatehouse calls \
-                 providers over plain HTTP only: one reachable only over https cannot be used \
-                 yet)"
+        match outbound_url(trimmed) {
+            Some(_) => Ok(Issuer(trimmed.to_owned())),
+            None => Err(de::Error::custom(format!(
+                "invalid issuer {s:?}: expected https://host[:port][/path] or http://host[:port][/path]"
             ))),
         }
     }
@@ -399,6 +396,7 @@ impl Settings {
                 discovery_url.clone(),
                 self.issuer.0.clone(),
                 handles.workers,
+                handles.trust.clone(),
                 validation,
                 Arc::clone(&provider),
                 Arc::clone(&keys),

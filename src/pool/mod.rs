@@ -8,6 +8,7 @@
 
 pub mod collector;
 mod h2;
+mod tls;
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -30,6 +31,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use h2::{Body as H2Body, BoxError};
+pub use tls::{outbound_url, Trust};
 
 /// A connection to the app, as the HTTP/1 driver runs an exchange on it.
 type Conn = upstream::Conn<Stream>;
@@ -62,11 +64,12 @@ impl Target {
         HeaderValue::from_str(&text).expect("a validated host is a valid header value")
     }
 
-    /// The target of an `http://host[:port]/...` URL.
-    pub fn from_uri(uri: &http::Uri) -> Option<Target> {
+    /// The target of an `http[s]://host[:port]/...` URL.
+    fn from_uri(uri: &http::Uri) -> Option<Target> {
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         Some(Target::Tcp {
             host: uri.host()?.trim_matches(['[', ']']).to_owned(),
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
         })
     }
 }
@@ -81,6 +84,8 @@ pub struct Endpoint {
     /// Present when requests go to the app over HTTP/2.
     h2: Option<Arc<h2::Pool>>,
     limit: Option<Limit>,
+    /// Present for an `https://` side service (never the app).
+    tls: Option<tls::Tls>,
 }
 
 /// A bound on an endpoint's connections, like Envoy's circuit breakers and nginx's
@@ -122,7 +127,7 @@ impl Drop for Slot {
 /// Why no response head came back.
 #[derive(Debug)]
 pub enum Error {
-    /// TCP or Unix connect failed (refused, unreachable).
+    /// TCP or Unix connect failed (refused, unreachable), or the TLS handshake did.
     Connect(io::Error),
     /// The connect timeout passed while connecting.
     ConnectTimeout,
@@ -206,7 +211,31 @@ impl Endpoint {
             }),
             h2: None,
             limit: None,
+            tls: None,
         }
+    }
+
+    /// The endpoint of a side service's URL (one [`outbound_url`] accepts), over TLS for
+    /// `https://`, verified against the roots of `trust`.
+    pub fn for_url(
+        url: &http::Uri,
+        trust: &Trust,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        shards: usize,
+    ) -> Endpoint {
+        let target = Target::from_uri(url).expect("validated: an http(s) URL with a host");
+        let mut endpoint = Endpoint::new(target, connect_timeout, idle_timeout, shards);
+        if url.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            let host = url.host().expect("validated: a URL with a host");
+            endpoint.tls = Some(tls::Tls::new(host, trust));
+            if url.port_u16().is_none_or(|p| p == 443) {
+                // The default port goes unsaid, as browsers send it.
+                endpoint.authority =
+                    HeaderValue::from_str(host).expect("a validated host is a valid header value");
+            }
+        }
+        endpoint
     }
 
     /// Sends requests over HTTP/2 with prior knowledge (see [`Endpoint::send_h2`]); the
@@ -385,10 +414,22 @@ impl Endpoint {
                 Target::Unix(path) => Socket::Unix(UnixStream::connect(path).await?),
             })
         };
-        let socket = tokio::time::timeout(self.connect_timeout, connect)
+        let handshake = async {
+            let socket = connect.await.map_err(Error::Connect)?;
+            match (&self.tls, socket) {
+                (Some(tls), Socket::Tcp(tcp)) => tls
+                    .connector()
+                    .connect(tls.name().clone(), tcp)
+                    .await
+                    .map(|s| Socket::Tls(Box::new(s)))
+                    // A failed handshake is a failed connect, in words saying why.
+                    .map_err(|e| Error::Connect(io::Error::other(tls::describe(&e, tls.name())))),
+                (_, socket) => Ok(socket),
+            }
+        };
+        let socket = tokio::time::timeout(self.connect_timeout, handshake)
             .await
-            .map_err(|_| Error::ConnectTimeout)?
-            .map_err(Error::Connect)?;
+            .map_err(|_| Error::ConnectTimeout)??;
         Ok(Stream {
             socket,
             _slot: slot,
@@ -476,6 +517,8 @@ pub struct Stream {
 enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: the TLS state is large, and only side services have it.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -485,6 +528,7 @@ impl Stream {
         let readable = match &self.socket {
             Socket::Tcp(s) => s.poll_read_ready(cx),
             Socket::Unix(s) => s.poll_read_ready(cx),
+            Socket::Tls(s) => s.get_ref().0.poll_read_ready(cx),
         };
         readable.is_pending()
     }
@@ -499,6 +543,7 @@ impl AsyncRead for Stream {
         match &mut self.get_mut().socket {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -512,6 +557,7 @@ impl AsyncWrite for Stream {
         match &mut self.get_mut().socket {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -519,6 +565,7 @@ impl AsyncWrite for Stream {
         match &mut self.get_mut().socket {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -526,6 +573,7 @@ impl AsyncWrite for Stream {
         match &mut self.get_mut().socket {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -97,6 +97,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         workers,
         read_only: false,
         redis: crate::redis_link::Links::default(),
+        trust: crate::pool::Trust::default(),
     });
     // Pool shards: one per worker, then the control thread's.
     let audit = match &config.audit {

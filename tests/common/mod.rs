@@ -87,6 +87,8 @@ pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
 pub fn gatehouse_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
     cmd.env_remove("GATEHOUSE_CONFIG").env_remove("RUST_LOG");
+    // The roots outbound https trusts: a test that wants others sets them.
+    cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
     for otel in [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_SERVICE_NAME",
@@ -1022,6 +1024,14 @@ pub async fn proxy_with(server: &str, upstream: &str, rest: &str) -> (Upstream, 
     (up, gh)
 }
 
+/// [`proxy_with`] the middlewares of `rest` only, `envs` set for the process.
+pub async fn proxy_with_env(rest: &str, envs: &[(&str, &str)]) -> (Upstream, Gatehouse) {
+    let up = Upstream::start().await;
+    let mut gh = Gatehouse::spawn(&config("", "", rest), &[("upstream", &up.url())], envs);
+    gh.wait_ready().await;
+    (up, gh)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small servers of the kind middlewares ask (JWKS documents, auth services)
 // ---------------------------------------------------------------------------------------------
@@ -1040,10 +1050,22 @@ impl TestServer {
     pub async fn start(
         handler: impl Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync + 'static,
     ) -> TestServer {
+        TestServer::serve(None, Arc::new(handler)).await
+    }
+
+    /// The same server over TLS, with a `localhost` certificate from `ca` (see
+    /// [`TestServer::https_url`]).
+    pub async fn start_tls(
+        ca: &TestCa,
+        handler: impl Fn(&http::request::Parts) -> http::Response<Body> + Send + Sync + 'static,
+    ) -> TestServer {
+        TestServer::serve(Some(ca.acceptor()), Arc::new(handler)).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>, handler: Arc<Handler>) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let handler: Arc<Handler> = Arc::new(handler);
         let counter = Arc::clone(&hits);
         let task = tokio::spawn(async move {
             loop {
@@ -1057,10 +1079,21 @@ impl TestServer {
                     let resp = handler(&parts);
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
+                let http1 = hyper::server::conn::http1::Builder::new();
+                match tls.clone() {
+                    None => {
+                        tokio::spawn(http1.serve_connection(TokioIo::new(stream), service));
+                    }
+                    // The handshake runs in the connection's task, so a client that fails
+                    // it (an untrusted certificate) holds up no other.
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = http1.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        });
+                    }
+                }
             }
         });
         TestServer { addr, hits, task }
@@ -1068,6 +1101,12 @@ impl TestServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `https://localhost:PORT{path}`: the name the certificate of [`TestServer::start_tls`]
+    /// is for.
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
     }
 
     pub fn hits(&self) -> usize {
@@ -1079,6 +1118,113 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A fresh certificate authority for a test, and one `localhost` certificate it issued; its
+/// certificate is also written to a PEM file for `SSL_CERT_FILE`.
+pub struct TestCa {
+    pub cert: rustls::pki_types::CertificateDer<'static>,
+    /// The CA certificate as PEM, in a file of its own.
+    pub pem_file: PathBuf,
+    pub leaf_pem: String,
+    pub leaf_key_pem: String,
+    /// The `localhost` certificate and its key, as PEM files for servers outside the test.
+    pub leaf_file: PathBuf,
+    pub leaf_key_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pem_file = dir.path().join("ca.pem");
+        std::fs::write(&pem_file, ca.pem()).unwrap();
+        let (leaf_file, leaf_key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&leaf_file, leaf.pem()).unwrap();
+        std::fs::write(&leaf_key_file, key.serialize_pem()).unwrap();
+        TestCa {
+            cert: ca.der().clone(),
+            pem_file,
+            leaf_file,
+            leaf_key_file,
+            leaf_pem: leaf.pem(),
+            leaf_key_pem: key.serialize_pem(),
+            _dir: dir,
+        }
+    }
+
+    /// `SSL_CERT_FILE` set to the CA's certificate: the environment for a gatehouse that
+    /// trusts it (and nothing else).
+    pub fn trusted_env(&self) -> (&'static str, &str) {
+        ("SSL_CERT_FILE", self.pem_file.to_str().unwrap())
+    }
+
+    /// A server side of TLS with the `localhost` certificate, offering `http/1.1`.
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        let chain =
+            vec![
+                rustls::pki_types::CertificateDer::from_pem_slice(self.leaf_pem.as_bytes())
+                    .unwrap(),
+            ];
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(self.leaf_key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// One HTTP/1.1 request to `port` over TLS (to `localhost`), trusting `ca`.
+pub async fn tls_send(
+    port: u16,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    req: http::Request<Body>,
+) -> Resp {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tls = within(STEP, "TLS handshake", connector.connect(name, tcp))
+        .await
+        .expect("TLS handshake with localhost");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    collect(
+        within(STEP, "response over TLS", sender.send_request(req))
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> http::Response<Body> {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::{ALGORITHMS, DISCOVERY_RETRY, MAX_ANSWER};
 use crate::middleware::jwks::{refresh_loop, Alg, Jwks, KeySet, Remote, FETCH_TIMEOUT};
-use crate::pool::{Endpoint, Target};
+use crate::pool::{outbound_url, Endpoint, Trust};
 
 /// What the provider's discovery document says, with the endpoints gatehouse calls.
 pub(super) struct Provider {
@@ -48,10 +48,8 @@ struct Document {
 
 /// An endpoint URL of the discovery document, checked to be one gatehouse can call.
 fn http_url(field: &str, url: &str) -> Result<Uri, String> {
-    url.parse::<Uri>()
-        .ok()
-        .filter(|u| u.scheme_str() == Some("http") && u.host().is_some())
-        .ok_or_else(|| format!("`{field}` {url:?} is not an http://host URL"))
+    outbound_url(url)
+        .ok_or_else(|| format!("`{field}` {url:?} is not an https://host or http://host URL"))
 }
 
 /// One GET of the discovery document, checked against the configured issuer.
@@ -59,9 +57,10 @@ async fn discover(
     url: &Uri,
     issuer: &str,
     workers: usize,
+    trust: &Trust,
 ) -> Result<(Provider, Uri), String> {
-    let target = Target::from_uri(url).expect("validated: an http URL with a host");
-    let endpoint = Endpoint::new(target, FETCH_TIMEOUT, StdDuration::from_secs(1), workers + 1);
+    let idle = StdDuration::from_secs(1);
+    let endpoint = Endpoint::for_url(url, trust, FETCH_TIMEOUT, idle, workers + 1);
     let req = http::Request::get(url.clone())
         .header(ACCEPT, "application/json")
         .body(Bytes::new())
@@ -81,20 +80,22 @@ async fn discover(
         ));
     }
     let jwks = http_url("jwks_uri", &doc.jwks_uri)?;
-    let mut pools: Vec<(Target, Arc<Endpoint>)> = Vec::new();
+    // One pool per origin: scheme, host and port.
+    let mut pools: Vec<(Uri, Arc<Endpoint>)> = Vec::new();
     let mut call = |field: &str, url: &str| -> Result<Call, String> {
         let url = http_url(field, url)?;
-        let target = Target::from_uri(&url).expect("checked: an http URL with a host");
-        let endpoint = match pools.iter().find(|(t, _)| *t == target) {
+        let origin = |u: &Uri| (u.scheme().cloned(), u.host().map(str::to_owned), u.port_u16());
+        let endpoint = match pools.iter().find(|(u, _)| origin(u) == origin(&url)) {
             Some((_, pool)) => Arc::clone(pool),
             None => {
-                let pool = Arc::new(Endpoint::new(
-                    target.clone(),
+                let pool = Arc::new(Endpoint::for_url(
+                    &url,
+                    trust,
                     FETCH_TIMEOUT,
                     StdDuration::from_secs(30),
                     workers + 1,
                 ));
-                pools.push((target, Arc::clone(&pool)));
+                pools.push((url.clone(), Arc::clone(&pool)));
                 pool
             }
         };
@@ -125,17 +126,19 @@ async fn discover(
 
 /// Discovers the provider (trying again every [`DISCOVERY_RETRY`] while it cannot be
 /// reached), then keeps its key set fresh as `jwt` keeps a JWKS URL's.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn discover_then_refresh(
     url: Uri,
     issuer: String,
     workers: usize,
+    trust: Trust,
     validation: Validation,
     provider: Arc<ArcSwapOption<Provider>>,
     keys: Arc<ArcSwap<KeySet>>,
     remote: Arc<Remote>,
 ) {
     let jwks = loop {
-        match discover(&url, &issuer, workers).await {
+        match discover(&url, &issuer, workers, &trust).await {
             Ok((found, jwks)) => {
                 provider.store(Some(Arc::new(found)));
                 break jwks;
@@ -148,7 +151,7 @@ pub(super) async fn discover_then_refresh(
     };
     let allowed: Vec<Alg> = ALGORITHMS.iter().map(|a| Alg(*a)).collect();
     refresh_loop(
-        Jwks::new(&jwks, workers),
+        Jwks::new(&jwks, &trust, workers),
         StdDuration::from_secs(300),
         allowed,
         validation,
