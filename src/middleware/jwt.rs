@@ -809,11 +809,12 @@ mod tests {
     }
 
     #[test]
-    fn jwks_url_is_http() {
+    fn jwks_url_is_http_or_https() {
         assert!("http://idp:8080/.well-known/jwks.json"
             .parse::<JwksUrl>()
             .is_ok());
-        assert!("https://idp/jwks".parse::<JwksUrl>().is_err());
+        assert!("https://idp/jwks".parse::<JwksUrl>().is_ok());
+        assert!("ftp://idp/jwks".parse::<JwksUrl>().is_err());
         assert!("idp/jwks".parse::<JwksUrl>().is_err());
     }
 
