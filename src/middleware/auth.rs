@@ -1,12 +1,15 @@
 //! What the authentication middlewares share: the 401 with its challenge, the digest
 //! that credentials are compared (and cached) by, and the `left:right` credential files.
 
+use std::collections::BTreeMap;
+
 use http::header::{COOKIE, WWW_AUTHENTICATE};
 use http::{request, HeaderValue, StatusCode};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::chain::{Reason, Reject};
+use crate::config::value::HeaderNameValue;
 
 /// SHA-256 of `parts`, fed one after another (with a separator byte between them, so
 /// `("ab", "c")` and `("a", "bc")` differ). Comparing fixed-size digests instead of the
@@ -78,4 +81,12 @@ pub(crate) fn colon_entries<'a>(
                 .ok_or_else(|| format!("line {}: expected `{expected}`", n + 1)),
         )
     }))
+}
+
+/// A `forward_claims` table as `gatehouse check` shows it: claim → header name.
+pub(crate) fn forwarded(claims: &BTreeMap<String, HeaderNameValue>) -> Vec<(&str, &str)> {
+    claims
+        .iter()
+        .map(|(c, h)| (c.as_str(), h.0.as_str()))
+        .collect()
 }

@@ -299,10 +299,7 @@ impl super::Settings for Settings {
             self.issuer,
             self.audiences,
             self.require_claims,
-            self.forward_claims
-                .iter()
-                .map(|(c, h)| (c, h.0.as_str()))
-                .collect::<Vec<_>>(),
+            super::auth::forwarded(&self.forward_claims),
             self.cache_size
         )
     }

@@ -352,10 +352,7 @@ impl super::Settings for Settings {
             self.refresh,
             super::list(&self.allowed.email_domains),
             super::list(&self.allowed.groups),
-            self.forward_claims
-                .iter()
-                .map(|(c, h)| (c, h.0.as_str()))
-                .collect::<Vec<_>>(),
+            super::auth::forwarded(&self.forward_claims),
             self.api_bearer
         )
     }
