@@ -11,6 +11,8 @@ use http::{Extensions, HeaderValue};
 
 use crate::trace::Trace;
 
+use super::Reason;
+
 /// State of one request as it travels down the chain and back up.
 ///
 /// Plain owned fields and one type map for the middlewares' own state: it lives in the
@@ -54,6 +56,9 @@ pub struct Context {
     pub state: Extensions,
     /// Index of the middleware that refused the request.
     pub denied_by: Option<usize>,
+    /// Why a response phase replaced the answer with a refusal (see
+    /// [`Context::refuse_response`]), for the request's record.
+    pub response_refusal: Option<Reason>,
     /// Bit `i` is set when middleware `i` let the request through only because its
     /// backend failed (`on_backend_error = "allow"`).
     pub fail_open: u64,
@@ -84,11 +89,20 @@ impl Context {
             upgrade: None,
             state: Extensions::new(),
             denied_by: None,
+            response_refusal: None,
             fail_open: 0,
             trace: Trace::default(),
             current: 0,
             ran: 0,
         }
+    }
+
+    /// Records that the running middleware's response phase replaced the answer with a
+    /// refusal for `reason` (a plugin that failed on the response): the record says `deny`,
+    /// by this middleware.
+    pub fn refuse_response(&mut self, reason: Reason) {
+        self.denied_by = Some(self.current);
+        self.response_refusal = Some(reason);
     }
 
     /// Records that the running middleware let the request through only because its

@@ -626,20 +626,21 @@ impl Middleware for Wasm {
         }
         let answer = match result {
             Ok((_, effects)) => effects.reply.map(|reply| {
-                let mut answer = http::Response::new(reply.body);
-                *answer.status_mut() = reply.status;
-                answer.headers_mut().extend(reply.headers);
-                answer
+                ctx.refuse_response(Reason::PluginDenied);
+                local_reply(reply).render(ctx.request_id.as_ref(), false)
             }),
             Err(failure) => match self.on_error {
                 OnError::Allow => {
                     ctx.failed_open();
                     return;
                 }
-                OnError::Deny => Some(
-                    plugin_failed(&self.slots.shared.name, &failure)
-                        .render(ctx.request_id.as_ref(), false),
-                ),
+                OnError::Deny => {
+                    ctx.refuse_response(Reason::PluginFailed);
+                    Some(
+                        plugin_failed(&self.slots.shared.name, &failure)
+                            .render(ctx.request_id.as_ref(), false),
+                    )
+                }
             },
         };
         if let Some(answer) = answer {

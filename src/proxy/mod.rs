@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONNECTION, COOKIE, HOST, USER_AGENT};
-use http::{request, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{request, response, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use prometheus_client::metrics::counter::Counter;
 
@@ -30,7 +30,7 @@ pub use session::{ResponseBody, Session};
 pub use upstream::{App, Exchange, Outbound, Upstream};
 
 use crate::audit::{Audit, Decision};
-use crate::chain::{path, Answer, Chain, Context, Reason, Reject, Trail};
+use crate::chain::{path, Answer, Chain, Context, Filters, Reason, Reject, Trail};
 use crate::config::value::{Cidr, UpstreamUrl};
 use crate::config::{Underscores, UpstreamConfig, UpstreamProtocol};
 use crate::grpc;
@@ -319,8 +319,23 @@ impl Proxy {
         }
         // The client's protocol decides the response's, not the upstream's.
         head.version = Version::default();
-        let filters = self.chain.on_response_with(&mut head, &mut s.ctx, trail);
+        let filters = self.response_filter(&mut head, s, trail);
         Response::from_parts(head, body.filtered(filters))
+    }
+
+    /// The chain's response phases; a refusal one of them made is the record's decision.
+    fn response_filter<T: Trail>(
+        &self,
+        head: &mut response::Parts,
+        s: &mut Session,
+        trail: T,
+    ) -> Filters {
+        let filters = self.chain.on_response_with(head, &mut s.ctx, trail);
+        if let Some(reason) = s.ctx.response_refusal.take() {
+            s.decision = Decision::Deny;
+            s.reason = Some(reason);
+        }
+        filters
     }
 
     /// gatehouse's own checks, then the chain's request phases; the answer, if one of them
@@ -497,7 +512,7 @@ impl Proxy {
             }
         };
         let (mut head, bytes) = resp.into_parts();
-        let filters = self.chain.on_response_with(&mut head, &mut s.ctx, trail);
+        let filters = self.response_filter(&mut head, s, trail);
         Response::from_parts(head, Body::full(bytes).filtered(filters))
     }
 }

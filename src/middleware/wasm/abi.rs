@@ -712,7 +712,11 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         },
     )?;
 
-    define_wasi(linker)
+    // The WASI of older SDKs (AssemblyScript's) under its first name.
+    for module in ["wasi_snapshot_preview1", "wasi_unstable"] {
+        define_wasi(linker, module)?;
+    }
+    Ok(())
 }
 
 fn set_header(mut caller: C, kind: u32, key: &[u8], value: &[u8], replace: bool) -> Result<u32, Error> {
@@ -738,10 +742,9 @@ fn now_nanos() -> u64 {
 
 /// The WASI functions a plugin's standard library imports. A plugin has no files, no
 /// environment and no arguments; what it writes to stdout or stderr goes to gatehouse's log.
-fn define_wasi(linker: &mut Linker<Host>) -> Result<(), Error> {
-    const WASI: &str = "wasi_snapshot_preview1";
+fn define_wasi(linker: &mut Linker<Host>, wasi: &str) -> Result<(), Error> {
     linker.func_wrap(
-        WASI,
+        wasi,
         "fd_write",
         |mut caller: C, fd: u32, iovs: u32, count: u32, written_ptr: u32| -> Result<u32, Error> {
             if fd != 1 && fd != 2 {
@@ -762,7 +765,7 @@ fn define_wasi(linker: &mut Linker<Host>) -> Result<(), Error> {
         },
     )?;
     linker.func_wrap(
-        WASI,
+        wasi,
         "random_get",
         |mut caller: C, ptr: u32, len: u32| -> Result<u32, Error> {
             let mut buf = vec![0u8; len as usize];
@@ -772,7 +775,7 @@ fn define_wasi(linker: &mut Linker<Host>) -> Result<(), Error> {
         },
     )?;
     linker.func_wrap(
-        WASI,
+        wasi,
         "clock_time_get",
         |mut caller: C, clock: u32, _precision: u64, ptr: u32| -> Result<u32, Error> {
             let nanos = match clock {
@@ -784,32 +787,32 @@ fn define_wasi(linker: &mut Linker<Host>) -> Result<(), Error> {
         },
     )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
-        linker.func_wrap(WASI, name, |mut caller: C, count: u32, size: u32| -> Result<u32, Error> {
+        linker.func_wrap(wasi, name, |mut caller: C, count: u32, size: u32| -> Result<u32, Error> {
             write_u32(&mut caller, count, 0)?;
             write_u32(&mut caller, size, 0)?;
             Ok(ERRNO_SUCCESS)
         })?;
     }
     for name in ["environ_get", "args_get"] {
-        linker.func_wrap(WASI, name, |_: C, _: u32, _: u32| -> u32 { ERRNO_SUCCESS })?;
+        linker.func_wrap(wasi, name, |_: C, _: u32, _: u32| -> u32 { ERRNO_SUCCESS })?;
     }
-    linker.func_wrap(WASI, "proc_exit", |_: C, code: u32| -> Result<(), Error> {
+    linker.func_wrap(wasi, "proc_exit", |_: C, code: u32| -> Result<(), Error> {
         Err(Error::i32_exit(code as i32))
     })?;
-    linker.func_wrap(WASI, "sched_yield", |_: C| -> u32 { ERRNO_SUCCESS })?;
+    linker.func_wrap(wasi, "sched_yield", |_: C| -> u32 { ERRNO_SUCCESS })?;
     for name in ["fd_close", "fd_fdstat_get", "fd_prestat_get"] {
-        linker.func_wrap(WASI, name, |_: C, _: u32, _: u32| -> u32 { ERRNO_BADF })?;
+        linker.func_wrap(wasi, name, |_: C, _: u32, _: u32| -> u32 { ERRNO_BADF })?;
     }
-    linker.func_wrap(WASI, "fd_prestat_dir_name", |_: C, _: u32, _: u32, _: u32| -> u32 {
+    linker.func_wrap(wasi, "fd_prestat_dir_name", |_: C, _: u32, _: u32, _: u32| -> u32 {
         ERRNO_BADF
     })?;
     linker.func_wrap(
-        WASI,
+        wasi,
         "fd_seek",
         |_: C, _: u32, _: i64, _: u32, _: u32| -> u32 { ERRNO_BADF },
     )?;
     linker.func_wrap(
-        WASI,
+        wasi,
         "fd_read",
         |_: C, _: u32, _: u32, _: u32, _: u32| -> u32 { ERRNO_BADF },
     )?;
