@@ -36,6 +36,7 @@ fn main() {
             .is_ok_and(|out| out.status.success())
     });
     let collector = env::var_os("GATEHOUSE_OTLP_COLLECTOR").is_some_and(|p| !p.is_empty());
+    let wasm_std = wasm32_wasip1_std();
 
     let mut searched_in_vain = false;
     let mut have = |cfg: &str, found: bool, watch: &[&Option<PathBuf>], missing: &str| {
@@ -88,6 +89,16 @@ fn main() {
         &[],
         "an OTLP collector (GATEHOUSE_OTLP_COLLECTOR naming rotel's rotel-agent, as .ci/run sets it)",
     );
+    have(
+        "gatehouse_has_wasm32_wasip1",
+        wasm_std.as_ref().is_some_and(|dir| dir.is_dir()),
+        &[],
+        "the wasm32-wasip1 target to build the test plugins (rustup target add wasm32-wasip1)",
+    );
+    // The directory of the toolchain's targets changes when one is added.
+    if let Some(targets) = wasm_std.as_ref().and_then(|dir| dir.parent()) {
+        println!("cargo::rerun-if-changed={}", targets.display());
+    }
     if searched_in_vain {
         for dir in path.iter().filter(|dir| dir.is_dir()) {
             println!("cargo::rerun-if-changed={}", dir.display());
@@ -106,6 +117,20 @@ fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Where the toolchain building gatehouse keeps the standard library for `wasm32-wasip1`
+/// (present once `rustup target add wasm32-wasip1` ran): `tests/wasm.rs` builds its
+/// plugins with the same toolchain.
+fn wasm32_wasip1_std() -> Option<PathBuf> {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(rustc)
+        .arg("--print")
+        .arg("sysroot")
+        .output()
+        .ok()?;
+    let sysroot = String::from_utf8(out.stdout).ok()?;
+    Some(Path::new(sysroot.trim()).join("lib/rustlib/wasm32-wasip1"))
 }
 
 /// Whether the build (and so, normally, the test run) is root's: `chattr +i` needs
