@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::wasm::plugin;
+use common::wasm::{assemblyscript_headers, plugin};
 use common::*;
 use serde_json::{json, Value};
 
@@ -137,44 +137,14 @@ fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
     ignore = "needs the wasm32-wasip1 target (rustup target add wasm32-wasip1)"
 )]
 async fn a_headers_plugin_changes_what_the_app_and_the_client_see() {
-    // A `headers` entry after the plugin's sets x-secret on every response before the
-    // plugin sees it (the response passes the chain from the inside out).
     let rest = format!(
-        "{}{}[[middleware]]\ntype = \"headers\"\nresponse = {{ set = {{ \"x-secret\" = \"s3\" }} }}\n",
+        "{}{}{SECRET_HEADER}",
         entry("headers", "headers", "configuration = \"from-config\""),
         entry("bare", "headers", ""),
     );
     let (_up, gh) = proxy_with("", "", &rest).await;
-
-    let resp = send(
-        gh.port,
-        get_with("/headers/echo", &[("x-in", "hello"), ("x-remove-me", "1")]),
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{resp:?}");
-    let seen = resp.upstream_headers();
-    assert_eq!(seen.get("x-plugin-saw"), Some(&vec!["hello".to_owned()]));
-    assert!(!seen.contains_key("x-remove-me"), "{seen:?}");
-    assert_eq!(resp.header("x-plugin").as_deref(), Some("headers"));
-    assert_eq!(resp.header("x-secret"), None, "{resp:?}");
-    assert_eq!(
-        resp.header("x-plugin-config").as_deref(),
-        Some("from-config")
-    );
-    assert_eq!(
-        resp.header("x-upstream").as_deref(),
-        Some("echo"),
-        "the app's own headers pass"
-    );
-
-    // Without x-in; and an entry without configuration.
-    let resp = get(gh.port, "/bare/echo").await;
-    assert_eq!(
-        resp.upstream_headers().get("x-plugin-saw"),
-        Some(&vec!["none".to_owned()])
-    );
-    assert_eq!(resp.header("x-plugin").as_deref(), Some("headers"));
-    assert_eq!(resp.header("x-plugin-config"), None, "{resp:?}");
+    assert_headers_plugin(gh.port, "headers", "headers", Some("from-config")).await;
+    assert_headers_plugin(gh.port, "bare", "headers", None).await;
 
     // Outside the plugins' paths nothing is changed.
     let resp = send(gh.port, get_with("/other/echo", &[("x-remove-me", "1")])).await;
@@ -184,6 +154,74 @@ async fn a_headers_plugin_changes_what_the_app_and_the_client_see() {
     assert!(
         seen.contains_key("x-remove-me") && !seen.contains_key("x-plugin-saw"),
         "{seen:?}"
+    );
+}
+
+/// The same plugin in AssemblyScript (its SDK's ABI is 0.2.0: `malloc` rather than
+/// `proxy_on_memory_allocate`, `wasi_unstable`, the root context found by root id), as
+/// Envoy runs it.
+#[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_node),
+    ignore = "needs node and npm (apt-get install nodejs npm)"
+)]
+async fn an_assemblyscript_headers_plugin_runs_as_the_rust_one() {
+    let module = tokio::task::spawn_blocking(assemblyscript_headers)
+        .await
+        .unwrap();
+    let rest = format!(
+        "{}{SECRET_HEADER}",
+        wasm_entry(
+            "as",
+            &module,
+            "paths = [\"/as/**\"]",
+            "root_id = \"headers\"\nconfiguration = \"from-as\""
+        )
+    );
+    let (_up, gh) = proxy_with("", "", &rest).await;
+    assert_headers_plugin(gh.port, "as", "headers-as", Some("from-as")).await;
+}
+
+/// A `headers` entry to put after a headers plugin's: it sets x-secret on every response
+/// before the plugin sees it (the response passes the chain from the inside out).
+const SECRET_HEADER: &str =
+    "[[middleware]]\ntype = \"headers\"\nresponse = { set = { \"x-secret\" = \"s3\" } }\n";
+
+/// What a headers plugin does on `/{entry}/…`: `marker` is its `x-plugin`, `config` its
+/// configuration.
+async fn assert_headers_plugin(port: u16, entry: &str, marker: &str, config: Option<&str>) {
+    let path = format!("/{entry}/echo");
+    let resp = send(
+        port,
+        get_with(&path, &[("x-in", "hello"), ("x-remove-me", "1")]),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{entry}: {resp:?}");
+    let seen = resp.upstream_headers();
+    assert_eq!(
+        seen.get("x-plugin-saw"),
+        Some(&vec!["hello".to_owned()]),
+        "{entry}: {seen:?}"
+    );
+    assert!(!seen.contains_key("x-remove-me"), "{entry}: {seen:?}");
+    assert_eq!(resp.header("x-plugin").as_deref(), Some(marker), "{resp:?}");
+    assert_eq!(resp.header("x-secret"), None, "{entry}: {resp:?}");
+    assert_eq!(
+        resp.header("x-plugin-config").as_deref(),
+        config,
+        "{resp:?}"
+    );
+    assert_eq!(
+        resp.header("x-upstream").as_deref(),
+        Some("echo"),
+        "the app's own headers pass"
+    );
+
+    let resp = get(port, &path).await;
+    assert_eq!(
+        resp.upstream_headers().get("x-plugin-saw"),
+        Some(&vec!["none".to_owned()]),
+        "{entry}: without x-in"
     );
 }
 

@@ -1,7 +1,11 @@
-//! The proxy-wasm test plugins of `tests/fixtures/wasm`, built for `wasm32-wasip1` once per
-//! test run: the first test that asks builds them all, the others wait for it. Across test
-//! binaries cargo's own lock on `target/wasm-plugins` serializes the builds, and the second
-//! finds everything fresh.
+//! The proxy-wasm test plugins, built once per test run: the first test that asks builds
+//! them, the others wait for it.
+//!
+//! * [`plugin`]: the Rust crates of `tests/fixtures/wasm`, for `wasm32-wasip1`. Across test
+//!   binaries cargo's own lock on `target/wasm-plugins` serializes the builds, and the second
+//!   finds everything fresh.
+//! * [`assemblyscript_headers`]: `tests/fixtures/wasm-as`, AssemblyScript with its proxy-wasm
+//!   SDK from npm (pinned in its package.json), installed and built in `target/wasm-as`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,4 +53,41 @@ pub fn plugin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The AssemblyScript plugin (the headers case, root id `headers`), built with the pinned
+/// `assemblyscript` compiler and `@solo-io/proxy-runtime` SDK; the packages are installed
+/// again only when package.json changes. Needs node and npm, and the npm registry the first
+/// time.
+pub fn assemblyscript_headers() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let fixture = root.join("tests/fixtures/wasm-as");
+            let dir = root.join("target/wasm-as");
+            std::fs::create_dir_all(dir.join("assembly")).unwrap();
+            for file in ["package.json", "assembly/index.ts"] {
+                std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+            }
+            let wanted = std::fs::read(fixture.join("package.json")).unwrap();
+            let installed = dir.join("installed-package.json");
+            if std::fs::read(&installed).ok().as_ref() != Some(&wanted) {
+                run_setup(
+                    Command::new("npm")
+                        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+                        .current_dir(&dir),
+                    &format!("npm install in {} (needs the npm registry)", dir.display()),
+                );
+                std::fs::write(&installed, &wanted).unwrap();
+            }
+            run_setup(
+                Command::new("npm")
+                    .args(["run", "--silent", "build"])
+                    .current_dir(&dir),
+                &format!("building the AssemblyScript plugin in {}", dir.display()),
+            );
+            dir.join("build/headers.wasm")
+        })
+        .clone()
 }
