@@ -72,6 +72,10 @@ pub enum Reason {
     /// A sign-in callback whose `state` is not the one this browser was sent with (missing,
     /// expired, replayed or from another browser).
     StateMismatch,
+    /// A `wasm` plugin answered the request itself (its status, headers and body).
+    PluginDenied,
+    /// A `wasm` plugin failed (trapped, ran out of fuel or memory, misused the ABI).
+    PluginFailed,
 }
 
 impl Reason {
@@ -108,6 +112,8 @@ impl Reason {
             Reason::SessionExpired => "session_expired",
             Reason::NotAllowed => "not_allowed",
             Reason::StateMismatch => "state_mismatch",
+            Reason::PluginDenied => "plugin_denied",
+            Reason::PluginFailed => "plugin_failed",
         }
     }
 

@@ -199,6 +199,7 @@ registry! {
     "oidc" => Oidc(oidc),
     "authorize" => Authorize(authorize),
     "compress" => Compress(compress),
+    "wasm" => Wasm(wasm),
 }
 
 /// Builds the chain of a config's entries, in order.
