@@ -139,11 +139,11 @@ fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
 async fn a_headers_plugin_changes_what_the_app_and_the_client_see() {
     let rest = format!(
         "{}{}{SECRET_HEADER}",
-        entry("headers", "headers", "configuration = \"from-config\""),
+        entry("plugin", "headers", "configuration = \"from-config\""),
         entry("bare", "headers", ""),
     );
     let (_up, gh) = proxy_with("", "", &rest).await;
-    assert_headers_plugin(gh.port, "headers", "headers", Some("from-config")).await;
+    assert_headers_plugin(gh.port, "plugin", "headers", Some("from-config")).await;
     assert_headers_plugin(gh.port, "bare", "headers", None).await;
 
     // Outside the plugins' paths nothing is changed.
