@@ -6,6 +6,9 @@
 //!   is put under a minimal pair and checked all the same.
 //! - A block of any language marked `file=NAME` (```` ```toml file=proxy.toml ````, ```` ```yaml
 //!   file=deploy.yaml ````) is also saved as `NAME` for the page's transcripts.
+//! - A page whose `file=` blocks include a `Cargo.toml` walks through writing a plugin: its
+//!   files are a crate, built for `wasm32-wasip1` as the page says, and its TOML blocks and
+//!   transcripts run in the crate's directory (skipped, and said so, without that target).
 //! - ```` ```toml invalid ```` shows a config error: `gatehouse check` must refuse it (exit 2).
 //! - ```` ```toml cases ```` is a policy test file: it must load in `gatehouse test` against
 //!   the repository's proxy.toml.
@@ -142,10 +145,6 @@ fn blocks(path: &Path) -> Vec<Block> {
     out
 }
 
-fn all_blocks() -> Vec<Block> {
-    pages().iter().flat_map(|p| blocks(p)).collect()
-}
-
 /// The config a TOML block stands for.
 fn config_of(block: &Block) -> String {
     if !block.mark("fragment") {
@@ -164,13 +163,110 @@ fn config_of(block: &Block) -> String {
     config
 }
 
+/// The directory holding a page's `file=` blocks, and their names; a page with a
+/// `Cargo.toml` among them is a plugin's crate, built there (in `target/docs-crates/`, so
+/// that a later run builds only what changed). `Err` says why the page cannot be run.
+fn page_files(page: &Path, blocks: &[Block]) -> Result<(Files, Vec<String>), String> {
+    let mut names = Vec::new();
+    let files = blocks.iter().filter_map(|b| Some((b, b.value("file")?)));
+    let is_crate = blocks.iter().any(|b| b.value("file") == Some("Cargo.toml"));
+    let dir = if is_crate {
+        if !cfg!(gatehouse_has_wasm32_wasip1) {
+            return Err(
+                "the wasm32-wasip1 target is not installed (rustup target add \
+                        wasm32-wasip1)"
+                    .into(),
+            );
+        }
+        let stem = page.file_stem().unwrap().to_string_lossy();
+        Files::Kept(root().join("target/docs-crates").join(&*stem))
+    } else {
+        Files::Temp(tempfile::tempdir().unwrap())
+    };
+    for (block, name) in files {
+        let text = match block.lang.as_str() {
+            "toml" if name != "Cargo.toml" => config_of(block),
+            _ => block.text.clone(),
+        };
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(&text) {
+            std::fs::write(&path, text).unwrap();
+        }
+        names.push(name.to_owned());
+    }
+    if is_crate {
+        // Both tests may ask at once; cargo's own lock keeps one build at a time.
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "--target", "wasm32-wasip1", "--quiet"])
+            .current_dir(dir.path())
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            panic!(
+                "{}: the page's crate does not build:\n{}",
+                page.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok((dir, names))
+}
+
+/// Where a page's files are: a temporary directory, or a crate's kept one.
+enum Files {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Files {
+    fn path(&self) -> &Path {
+        match self {
+            Files::Temp(dir) => dir.path(),
+            Files::Kept(dir) => dir,
+        }
+    }
+}
+
 #[test]
 fn every_toml_block_passes_gatehouse_check() {
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for block in all_blocks().iter().filter(|b| b.lang == "toml") {
-        let path = dir.path().join("proxy.toml");
+    for page in pages() {
+        let blocks = blocks(&page);
+        let is_crate = blocks.iter().any(|b| b.value("file") == Some("Cargo.toml"));
+        let cwd = if is_crate {
+            match page_files(&page, &blocks) {
+                Ok((files, _)) => Some(files),
+                Err(why) => {
+                    eprintln!("skipped: the configs of {}: {why}", page.display());
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let cwd = cwd.as_ref().map_or(root(), Files::path);
+        check_blocks(&blocks, dir.path(), cwd, &mut failures, &mut checked);
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert!(checked > 15, "only {checked} TOML blocks found");
+}
+
+fn check_blocks(
+    blocks: &[Block],
+    dir: &Path,
+    cwd: &Path,
+    failures: &mut Vec<String>,
+    checked: &mut usize,
+) {
+    for block in blocks
+        .iter()
+        .filter(|b| b.lang == "toml" && b.value("file") != Some("Cargo.toml"))
+    {
+        let path = dir.join("proxy.toml");
         std::fs::write(&path, config_of(block)).unwrap();
         let path = path.to_str().unwrap();
         // A policy test file loads against the repository's proxy.toml (its cases may fail:
@@ -182,8 +278,8 @@ fn every_toml_block_passes_gatehouse_check() {
         } else {
             (vec!["check", "--config", path], &[0])
         };
-        let out = cli(&args, ENV, Some(root()));
-        checked += 1;
+        let out = cli(&args, ENV, Some(cwd));
+        *checked += 1;
         if !out.code.is_some_and(|c| ok.contains(&c)) {
             failures.push(format!(
                 "{}: gatehouse check exited {:?}\n{}{}",
@@ -194,8 +290,6 @@ fn every_toml_block_passes_gatehouse_check() {
             ));
         }
     }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
-    assert!(checked > 15, "only {checked} TOML blocks found");
 }
 
 /// One `$ ...` line of a transcript and the output lines under it.
@@ -353,18 +447,13 @@ fn every_transcript_is_what_the_binary_prints() {
     let mut ran = 0;
     for page in pages() {
         let blocks = blocks(&page);
-        let files = tempfile::tempdir().unwrap();
-        let mut names = Vec::new();
-        for block in &blocks {
-            if let Some(name) = block.value("file") {
-                let text = match block.lang.as_str() {
-                    "toml" => config_of(block),
-                    _ => block.text.clone(),
-                };
-                std::fs::write(files.path().join(name), text).unwrap();
-                names.push(name.to_owned());
+        let (files, names) = match page_files(&page, &blocks) {
+            Ok(files) => files,
+            Err(why) => {
+                eprintln!("skipped: the transcripts of {}: {why}", page.display());
+                continue;
             }
-        }
+        };
         for block in blocks.iter().filter(|b| b.lang == "console") {
             let steps = match steps(block) {
                 Ok(steps) => steps,

@@ -189,9 +189,8 @@ impl super::Settings for Settings {
             .map(|(name, url)| format!("{name}={}", url.0))
             .collect();
         format!(
-            "module={} ({} bytes) on_error={} max_memory={} fuel_per_call={} clusters={}",
+            "module={} on_error={} max_memory={} fuel_per_call={} clusters={}",
             self.module.path.display(),
-            self.module.content.size,
             match self.on_error {
                 OnError::Deny => "deny",
                 OnError::Allow => "allow",

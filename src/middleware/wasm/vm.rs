@@ -39,13 +39,11 @@ pub(super) const ROOT: u32 = 1;
 pub struct Plugin {
     pub(super) module: Module,
     pub(super) linker: Arc<Linker<Host>>,
-    /// The file's size, for `check`'s summary.
-    pub(super) size: usize,
 }
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("size", &self.size).finish()
+        f.debug_struct("Plugin").finish_non_exhaustive()
     }
 }
 
@@ -88,7 +86,6 @@ impl FileContent for Plugin {
         Ok(Plugin {
             module,
             linker: Arc::new(linker),
-            size: bytes.len(),
         })
     }
 }
