@@ -93,7 +93,7 @@ fn main() {
         "gatehouse_has_wasm32_wasip1",
         wasm_std.as_ref().is_some_and(|dir| dir.is_dir()),
         &[],
-        "the wasm32-wasip1 target to build the test plugins (rustup target add wasm32-wasip1)",
+        "the wasm32-wasip1 target to build proxy-wasm plugins (rustup target add wasm32-wasip1)",
     );
     // The directory of the toolchain's targets changes when one is added.
     if let Some(targets) = wasm_std.as_ref().and_then(|dir| dir.parent()) {
@@ -120,7 +120,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Where the toolchain building gatehouse keeps the standard library for `wasm32-wasip1`
-/// (present once `rustup target add wasm32-wasip1` ran): `tests/wasm.rs` builds its
+/// (present once `rustup target add wasm32-wasip1` ran): the tests build their proxy-wasm
 /// plugins with the same toolchain.
 fn wasm32_wasip1_std() -> Option<PathBuf> {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());

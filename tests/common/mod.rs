@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod wasm;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
