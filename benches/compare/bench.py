@@ -13,7 +13,8 @@ response header) and `full` (request id, timing header, API-key check, a per-cli
 that never fires, an audit line per request); and what gzip costs: `json` (the proxy with gzip
 configured passing a ~20 KiB JSON body through uncompressed: the client sends no
 Accept-Encoding) and `gzip1`, `gzip6`, `gzip9` (the same body gzip-coded at that zlib level:
-nginx's `gzip on`, gatehouse's `compress`). Every proxy is checked first (status, body,
+nginx's `gzip on`, gatehouse's `compress`); and `wasm` (`basic` with gatehouse's header set by
+a proxy-wasm plugin, plugin/, instead of the `headers` middleware). Every proxy is checked first (status, body,
 headers, 401s, audit lines), then measured in interleaved rounds (A B C, A B C, ...): wrk's
 closed loop, or h2load at one offered rate with --rate. A proxy's CPU per request is its CPU
 clock over the window (every thread, exact to the ns; see benchlib.py) ÷ responses; ratios
@@ -64,17 +65,33 @@ GZIP_LEVELS = {"json": 6, "gzip1": 1, "gzip6": 6, "gzip9": 9}
 COMPRESS_LEVELS = {1: "fastest", 6: "default", 9: "best"}
 
 SCENARIOS = {"basic": ["direct", "nginx", "haproxy", "gatehouse"], "full": ["nginx", "haproxy", "gatehouse"],
-             **{s: ["nginx", "gatehouse"] for s in GZIP_LEVELS}}
+             **{s: ["nginx", "gatehouse"] for s in GZIP_LEVELS}, "wasm": ["nginx", "gatehouse"]}
 PORT_OFFSETS = {"nginx": 1, "haproxy": 2, "gatehouse": 3}  # + the scenario's block + --port-base
-SCENARIO_BLOCK = {"basic": 10, "full": 20, "json": 30, "gzip1": 40, "gzip6": 50, "gzip9": 60}
+SCENARIO_BLOCK = {"basic": 10, "full": 20, "json": 30, "gzip1": 40, "gzip6": 50, "gzip9": 60, "wasm": 70}
 # Response headers each proxy must add to a 200: one that skips the work gets no number.
-EXPECT = {"basic": ["x-bench-proxy"], "full": ["x-request-id", "x-response-time"], "json": [],
+EXPECT = {"basic": ["x-bench-proxy"], "wasm": ["x-bench-proxy"], "full": ["x-request-id", "x-response-time"],
+          "json": [],
           **{s: ["content-encoding", "vary"] for s in GZIP_LEVELS if s != "json"}}
 
 
-def template(scenario):
-    """configs/<this>-<proxy>.*: the gzip scenarios share one, filled with their level."""
+def template(scenario, proxy):
+    """configs/<this>-<proxy>.*: the gzip scenarios share one, filled with their level; `wasm`
+    is `basic` with gatehouse's header set by a plugin, so the others run their `basic`."""
+    if scenario == "wasm":
+        return "wasm" if proxy == "gatehouse" else "basic"
     return "gzip" if scenario in GZIP_LEVELS else scenario
+
+
+def build_plugin():
+    """The `wasm` scenario's plugin (plugin/), built for wasm32-wasip1 under target/."""
+    target_dir = os.path.join(HERE, "..", "..", "target", "bench-plugin")
+    out = subprocess.run(["cargo", "build", "--release", "--quiet", "--target", "wasm32-wasip1",
+                          "--manifest-path", os.path.join(HERE, "plugin", "Cargo.toml")],
+                         env=dict(os.environ, CARGO_TARGET_DIR=target_dir), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BenchError("the wasm scenario's plugin did not build (is the target installed? "
+                         f"rustup target add wasm32-wasip1):\n{out.stderr[-2000:]}")
+    return os.path.abspath(os.path.join(target_dir, "wasm32-wasip1", "release", "bench_header.wasm"))
 
 
 def request_headers(scenario):
@@ -102,24 +119,25 @@ def start_target(scenario, name, args, workdir, launcher):
               "LOG_FILE": audit_file or "/dev/null", "RATE_PER_SEC": RATE_PER_SEC, "RATE_BURST": RATE_BURST,
               "NGINX_LOG_BUFFER": " buffer=64k flush=1s" if args.nginx_log_buffer else "",
               "GZIP_LEVEL": GZIP_LEVELS.get(scenario, 6),
-              "COMPRESS_LEVEL": COMPRESS_LEVELS[GZIP_LEVELS.get(scenario, 6)]}
+              "COMPRESS_LEVEL": COMPRESS_LEVELS[GZIP_LEVELS.get(scenario, 6)],
+              "WASM_PLUGIN": args.wasm_plugin or ""}
     stdout_path = env = None
     if name == "nginx":
-        conf = render(os.path.join(CONFIGS, f"{template(scenario)}-nginx.conf"), values, os.path.join(workdir, f"{tag}.conf"))
+        conf = render(os.path.join(CONFIGS, f"{template(scenario, name)}-nginx.conf"), values, os.path.join(workdir, f"{tag}.conf"))
         argv = [args.nginx, "-p", workdir, "-c", conf, "-e", os.path.join(workdir, f"{tag}.error.log")]
     elif name == "haproxy":
-        conf = render(os.path.join(CONFIGS, f"{template(scenario)}-haproxy.cfg"), values, os.path.join(workdir, f"{tag}.cfg"))
+        conf = render(os.path.join(CONFIGS, f"{template(scenario, name)}-haproxy.cfg"), values, os.path.join(workdir, f"{tag}.cfg"))
         argv = [args.haproxy, "-db", "-f", conf]
         stdout_path = audit_file  # haproxy logs to stdout only: in `full` stdout is the audit file
     else:
-        conf = render(os.path.join(CONFIGS, f"{template(scenario)}-gatehouse.toml"), values,
+        conf = render(os.path.join(CONFIGS, f"{template(scenario, name)}-gatehouse.toml"), values,
                       os.path.join(workdir, f"{tag}.toml"))
         argv = [args.binary, "run", "--config", conf]
         env = {"RUST_LOG": "warn"}  # overrides [log].level: no per-request lines, as the others
         chk = subprocess.run([args.binary, "check", "--config", conf], capture_output=True, text=True,
                              env=dict(os.environ, **env), timeout=30)
         if chk.returncode != 0:
-            raise BenchError(f"`gatehouse check` rejected {conf} (from configs/{template(scenario)}-gatehouse.toml): "
+            raise BenchError(f"`gatehouse check` rejected {conf} (from configs/{template(scenario, name)}-gatehouse.toml): "
                              f"the template does not match this gatehouse:\n{(chk.stdout + chk.stderr)[-2000:]}")
     p = launcher.start(tag, argv, args.proxy_cpu, env=env, stdout_path=stdout_path)
     wait_until(p, connector(port), f"listening on 127.0.0.1:{port}")
@@ -471,6 +489,13 @@ def main(argv):
     if "gatehouse" in args.target_list and not os.access(args.binary, os.X_OK):
         log(f"bench: no gatehouse binary at {args.binary}: `cargo build --release`, or --binary PATH")
         return 2
+    args.wasm_plugin = None
+    if "wasm" in args.scenario_list and "gatehouse" in args.target_list:
+        try:
+            args.wasm_plugin = build_plugin()
+        except BenchError as e:
+            log(f"bench: {e}")
+            return 2
     ports = [args.port_base] + [args.port_base + SCENARIO_BLOCK[s] + PORT_OFFSETS[n]
                                 for s in args.scenario_list for n in SCENARIOS[s] if n in PORT_OFFSETS]
     busy = [p for p in ports if not port_free(p)]

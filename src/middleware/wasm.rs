@@ -16,6 +16,9 @@
 mod abi;
 mod vm;
 
+/// The ABI's header-map form, read from what a plugin hands over: public for its fuzz target.
+pub use abi::{deserialize_pairs, serialize_pairs};
+
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

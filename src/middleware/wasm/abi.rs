@@ -106,7 +106,7 @@ fn give(caller: &mut C, bytes: &[u8], ptr_ptr: u32, size_ptr: u32) -> Result<(),
 
 /// A header map in the ABI's form: the pair count, each pair's two sizes, then each name
 /// and value followed by a NUL.
-pub(super) fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+pub fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let data: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
     let mut out = Vec::with_capacity(4 + pairs.len() * 8 + data);
     out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
@@ -123,8 +123,9 @@ pub(super) fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     out
 }
 
-/// The pairs of a serialized header map; `None` if it is malformed.
-pub(super) fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+/// The pairs of a serialized header map; `None` if it is malformed (a count or a size past
+/// the end, a missing NUL). Bytes after the last pair are ignored.
+pub fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     let word = |at: usize| -> Option<usize> {
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
     };
@@ -821,7 +822,32 @@ fn define_wasi(linker: &mut Linker<Host>, wasi: &str) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Whatever a plugin hands over reads as pairs or as malformed, never past the end,
+        /// and what it reads is what the bytes began with.
+        #[test]
+        fn any_bytes_read_as_pairs_or_none(bytes in vec(any::<u8>(), 0..256)) {
+            if let Some(pairs) = deserialize_pairs(&bytes) {
+                let again = serialize_pairs(&pairs);
+                prop_assert!(pairs.is_empty() || bytes.starts_with(&again));
+            }
+        }
+
+        #[test]
+        fn pairs_read_back_as_written(
+            pairs in vec((vec(any::<u8>(), 0..20), vec(any::<u8>(), 0..20)), 0..12)
+        ) {
+            let pairs: Vec<(&[u8], &[u8])> =
+                pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+            let bytes = serialize_pairs(&pairs);
+            prop_assert_eq!(deserialize_pairs(&bytes), Some(pairs));
+        }
+    }
 
     #[test]
     fn header_pairs_round_trip_in_the_abi_form() {
