@@ -418,6 +418,51 @@ async fn shared_data_is_one_counter_across_the_workers_instances() {
     not(gatehouse_has_wasm32_wasip1),
     ignore = "needs the wasm32-wasip1 target (rustup target add wasm32-wasip1)"
 )]
+async fn queues_tell_their_owner_and_properties_describe_the_request() {
+    let rest = format!(
+        "[[middleware]]\ntype = \"api_key\"\nkeys = [{{ id = \"ci\", key = \"k3y\" }}]\n\n{}",
+        wasm_entry("qp", &plugin("queue_props"), "", "")
+    );
+    let (_up, gh) = proxy_with("workers = 1", "", &rest).await;
+    let resp = send(gh.port, get_with("/echo?x=1", &[("x-api-key", "k3y")])).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    for (name, want) in [
+        ("x-prop-path", "/echo?x=1"),
+        ("x-prop-method", "GET"),
+        ("x-prop-source", "127.0.0.1"),
+        ("x-prop-plugin", "qp"),
+        ("x-prop-subject", "ci"),
+        ("x-prop-code", "200"),
+        ("x-prop-set", "set-here"),
+    ] {
+        assert_eq!(resp.header(name).as_deref(), Some(want), "{name}: {resp:?}");
+    }
+    // The root context learns of the queued path after the request, from gatehouse's
+    // background task; later responses carry what it stored.
+    within(
+        Duration::from_secs(10),
+        "the queued path in shared data",
+        async {
+            loop {
+                let resp = send(gh.port, get_with("/echo?x=2", &[("x-api-key", "k3y")])).await;
+                if resp
+                    .header("x-last")
+                    .is_some_and(|p| p.starts_with("/echo?x="))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_wasm32_wasip1),
+    ignore = "needs the wasm32-wasip1 target (rustup target add wasm32-wasip1)"
+)]
 async fn plugin_metrics_are_exported_on_the_admin_listener() {
     let admin = free_port();
     let rest = format!(

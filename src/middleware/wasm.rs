@@ -351,13 +351,20 @@ struct End {
     worker: usize,
     id: u32,
     generation: u64,
+    /// The request as the last callback left it, for `on_log`.
+    props: Mutex<Option<Props>>,
 }
 
 impl Drop for End {
     fn drop(&mut self) {
+        let props = self
+            .props
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let _ = self
             .slots
-            .with_vm(self.worker, Some(self.generation), |vm| vm.finish(self.id));
+            .with_vm(self.worker, Some(self.generation), |vm| vm.finish(self.id, props));
     }
 }
 
@@ -376,6 +383,7 @@ fn props(req: &request::Parts, ctx: &Context) -> Props {
         request_id: ctx.request_id.clone(),
         subject: ctx.subject.clone(),
         status: None,
+        set: Vec::new(),
     }
 }
 
@@ -404,14 +412,14 @@ impl Wasm {
         &self,
         req: &mut request::Parts,
         ctx: &Context,
-        props: Props,
+        props: &mut Props,
         generation: Option<u64>,
         call: impl FnOnce(&mut Vm, u32) -> Result<u32, Failure>,
         id: Option<u32>,
     ) -> Result<(u32, u64, u32, Effects), Failure> {
         let stream = Stream {
             request: std::mem::take(&mut req.headers),
-            props: Some(props),
+            props: Some(props.clone()),
             writable: &[MapKind::RequestHeaders],
             ..Stream::default()
         };
@@ -430,6 +438,9 @@ impl Wasm {
         // The plugin's changes go upstream; after a failure, the request as it came.
         if let Some(stream) = back {
             req.headers = stream.request;
+            if let Some(changed) = stream.props {
+                *props = changed;
+            }
         }
         result
     }
@@ -464,6 +475,7 @@ impl Wasm {
             return Flow::Continue;
         }
         let calls = effects.calls;
+        let link = ctx.current;
         Flow::wait(async move {
             let mut pending = calls;
             while !pending.is_empty() {
@@ -495,12 +507,14 @@ impl Wasm {
                     answer.headers.len() as u32 + u32::from(answer.status.is_some()),
                     answer.body.len() as u32,
                 );
-                let props = props(req, ctx);
+                let Some(mut props) = exchange_of(ctx, link).map(|e| e.props.clone()) else {
+                    return Flow::Continue;
+                };
                 let mut answer = Some(answer);
                 let result = self.on_request_call(
                     req,
                     ctx,
-                    props,
+                    &mut props,
                     Some(generation),
                     |vm, _| {
                         vm.set_call(answer.take());
@@ -509,6 +523,9 @@ impl Wasm {
                     },
                     Some(id),
                 );
+                if let Some(exchange) = exchange_of(ctx, link) {
+                    exchange.props = props;
+                }
                 match result {
                     Err(failure) => return self.failed(ctx, &failure),
                     Ok((.., effects)) => {
@@ -553,14 +570,13 @@ fn plugin_failed(name: &str, failure: &Failure) -> Reject {
 
 impl Middleware for Wasm {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
-        let props = props(req, ctx);
+        let mut props = props(req, ctx);
         let count = req.headers.len() as u32 + 4;
         let end = bodiless(&req.headers);
-        let kept = props.clone();
         let result = self.on_request_call(
             req,
             ctx,
-            props,
+            &mut props,
             None,
             |vm, id| vm.request_headers(id, count, end),
             None,
@@ -574,12 +590,13 @@ impl Middleware for Wasm {
             worker: ctx.worker,
             id,
             generation,
+            props: Mutex::new(Some(props.clone())),
         });
         let exchange = Exchange {
             link: ctx.current,
             id,
             generation,
-            props: kept,
+            props,
             request: HeaderMap::new(),
             replace: None,
             _end: end,
@@ -626,6 +643,9 @@ impl Middleware for Wasm {
         if let Some(stream) = back {
             resp.headers = stream.response;
             exchange.request = stream.request;
+            exchange.props = stream.props.unwrap_or_else(|| exchange.props.clone());
+            let kept = exchange.props.clone();
+            *exchange._end.props.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
         }
         let answer = match result {
             Ok((_, effects)) => effects.reply.map(|reply| {
@@ -706,11 +726,11 @@ impl Middleware for Wasm {
         let result = self.on_request_call(
             &mut parts,
             ctx,
-            props(req, ctx),
+            &mut props(req, ctx),
             None,
             |vm, id| {
                 let action = vm.request_headers(id, count, true);
-                vm.finish(id)?;
+                vm.finish(id, None)?;
                 action
             },
             None,

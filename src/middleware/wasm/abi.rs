@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use wasmi::{Caller, Error, Linker};
+use wasmi::{Caller, Error, FuncType, Linker, Val, ValType};
 
 use super::vm::{Host, LocalReply, MapKind};
 
@@ -442,8 +442,10 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         "proxy_set_property",
         |mut caller: C, pp: u32, pl: u32, vp: u32, vl: u32| -> Result<u32, Error> {
             let (path, value) = (read(&caller, pp, pl)?, read(&caller, vp, vl)?);
-            caller.data_mut().set_property(path, value);
-            Ok(OK)
+            Ok(match caller.data_mut().set_property(path, value) {
+                true => OK,
+                false => NOT_FOUND,
+            })
         },
     )?;
 
@@ -739,6 +741,24 @@ fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A WASI function gatehouse does not offer (files, sockets, polling), answered with
+/// `ENOSYS` as a host without it would, so that a plugin whose standard library links it
+/// but never calls it still starts. Anything else missing stays missing: the plugin does
+/// not start, and the error names the import.
+pub(super) fn stub_wasi(linker: &mut Linker<Host>, module: &str, name: &str, ty: &FuncType) {
+    const ENOSYS: i32 = 52;
+    if !matches!(module, "wasi_snapshot_preview1" | "wasi_unstable")
+        || ty.results() != [ValType::I32]
+    {
+        return;
+    }
+    // Refused (and so left as it is) when gatehouse defines the function.
+    let _ = linker.func_new(module, name, ty.clone(), |_, _, out| {
+        out[0] = Val::I32(ENOSYS);
+        Ok(())
+    });
 }
 
 /// The WASI functions a plugin's standard library imports. A plugin has no files, no

@@ -21,7 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use wasmi::{
-    Config, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TrapCode,
+    Config, Engine, ExternType, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TrapCode,
     TypedFunc,
 };
 
@@ -83,6 +83,11 @@ impl FileContent for Plugin {
         }
         let mut linker = Linker::new(&engine);
         abi::define(&mut linker).expect("each host function is defined once");
+        for import in module.imports() {
+            if let ExternType::Func(ty) = import.ty() {
+                abi::stub_wasi(&mut linker, import.module(), import.name(), ty);
+            }
+        }
         Ok(Plugin {
             module,
             linker: Arc::new(linker),
@@ -385,6 +390,8 @@ pub(super) struct Props {
     pub request_id: Option<HeaderValue>,
     pub subject: Option<Arc<str>>,
     pub status: Option<StatusCode>,
+    /// Properties the plugin set on this request, read back by its later callbacks.
+    pub set: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Props {
@@ -439,8 +446,6 @@ pub(super) struct Stream {
     pub body: Option<(u32, Vec<u8>)>,
     pub body_changed: bool,
     pub props: Option<Props>,
-    /// Properties the plugin set on this request.
-    pub set: Vec<(Vec<u8>, Vec<u8>)>,
     /// The maps this callback may change.
     pub writable: &'static [MapKind],
 }
@@ -532,7 +537,8 @@ impl Host {
     /// strings as bytes, numbers as 8-byte little-endian integers.
     pub(super) fn property(&self, path: &[u8]) -> Option<Vec<u8>> {
         let path = path.strip_suffix(b"\0").unwrap_or(path);
-        if let Some((_, v)) = self.stream.set.iter().rev().find(|(k, _)| k == path) {
+        let set = self.stream.props.iter().flat_map(|p| p.set.iter());
+        if let Some((_, v)) = set.rev().find(|(k, _)| k == path) {
             return Some(v.clone());
         }
         let shared = &self.shared;
@@ -573,12 +579,19 @@ impl Host {
         }
     }
 
-    pub(super) fn set_property(&mut self, path: Vec<u8>, value: Vec<u8>) {
+    /// Sets a property of the current request; `false` outside one (a root context's
+    /// callback has no request).
+    pub(super) fn set_property(&mut self, path: Vec<u8>, value: Vec<u8>) -> bool {
+        let Some(props) = self.stream.props.as_mut() else {
+            return false;
+        };
         let path = match path.strip_suffix(b"\0") {
             Some(p) => p.to_vec(),
             None => path,
         };
-        self.stream.set.push((path, value));
+        props.set.retain(|(k, _)| *k != path);
+        props.set.push((path, value));
+        true
     }
 }
 
@@ -841,9 +854,15 @@ impl Vm {
         self.call(|s| f.call(s, (ROOT, token, headers, body, 0)))
     }
 
-    /// Ends a request context: done, log, delete, in the ABI's order.
-    pub fn finish(&mut self, id: u32) -> Result<(), Failure> {
-        self.store.data_mut().effective = id;
+    /// Ends a request context: done, log, delete, in the ABI's order, with what is known of
+    /// the request for `on_log` to read.
+    pub fn finish(&mut self, id: u32, props: Option<Props>) -> Result<(), Failure> {
+        let host = self.store.data_mut();
+        host.effective = id;
+        host.stream = Stream {
+            props,
+            ..Stream::default()
+        };
         if let Some(f) = self.exports.done {
             self.call(|s| f.call(s, id))?;
         }
@@ -853,7 +872,9 @@ impl Vm {
         if let Some(f) = self.exports.delete {
             self.call(|s| f.call(s, id))?;
         }
-        self.store.data_mut().live.retain(|&l| l != id);
+        let host = self.store.data_mut();
+        host.live.retain(|&l| l != id);
+        host.stream = Stream::default();
         Ok(())
     }
 
