@@ -304,8 +304,7 @@ async fn background(slots: std::sync::Weak<Slots>) {
                     }
                 }
             }
-            let ready = slots.shared.clone();
-            (next, ready)
+            (next, slots.shared.clone())
         };
         let (next, shared) = next;
         tokio::select! {
@@ -417,30 +416,25 @@ impl Wasm {
         call: impl FnOnce(&mut Vm, u32) -> Result<u32, Failure>,
         id: Option<u32>,
     ) -> Result<(u32, u64, u32, Effects), Failure> {
-        let stream = Stream {
+        let mut stream = Stream {
             request: std::mem::take(&mut req.headers),
             props: Some(props.clone()),
             writable: &[MapKind::RequestHeaders],
             ..Stream::default()
         };
-        let mut back = None;
         let result = self.slots.with_vm(ctx.worker, generation, |vm| {
             let id = match id {
                 Some(id) => id,
                 None => vm.create_context()?,
             };
             let generation = vm.generation;
-            let (stream, result) = vm.with_stream(id, stream, |vm| call(vm, id));
-            back = Some(stream);
-            let (action, effects) = result?;
+            let (action, effects) = vm.with_stream(id, &mut stream, |vm| call(vm, id))?;
             Ok((id, generation, action, effects))
         });
         // The plugin's changes go upstream; after a failure, the request as it came.
-        if let Some(stream) = back {
-            req.headers = stream.request;
-            if let Some(changed) = stream.props {
-                *props = changed;
-            }
+        req.headers = stream.request;
+        if let Some(changed) = stream.props {
+            *props = changed;
         }
         result
     }
@@ -622,7 +616,7 @@ impl Middleware for Wasm {
         };
         let mut props = exchange.props.clone();
         props.status = Some(resp.status);
-        let stream = Stream {
+        let mut stream = Stream {
             request: std::mem::take(&mut exchange.request),
             response: std::mem::take(&mut resp.headers),
             props: Some(props),
@@ -634,18 +628,15 @@ impl Middleware for Wasm {
         let end = resp.status == StatusCode::NO_CONTENT
             || resp.status == StatusCode::NOT_MODIFIED
             || stream.response.get(CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == b"0");
-        let mut back = None;
         let result = self.slots.with_vm(worker, Some(generation), |vm| {
-            let (stream, result) = vm.with_stream(id, stream, |vm| vm.response_headers(id, count, end));
-            back = Some(stream);
-            result
+            vm.with_stream(id, &mut stream, |vm| vm.response_headers(id, count, end))
         });
-        if let Some(stream) = back {
-            resp.headers = stream.response;
-            exchange.request = stream.request;
-            exchange.props = stream.props.unwrap_or_else(|| exchange.props.clone());
-            let kept = exchange.props.clone();
-            *exchange._end.props.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
+        resp.headers = stream.response;
+        exchange.request = stream.request;
+        if let Some(props) = stream.props {
+            *exchange._end.props.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(props.clone());
+            exchange.props = props;
         }
         let answer = match result {
             Ok((_, effects)) => effects.reply.map(|reply| {
@@ -824,23 +815,16 @@ impl BodyFilter for PluginBody {
         }
         let end = at == Boundary::End;
         let before = self.held.len();
-        let stream = Stream {
+        let mut stream = Stream {
             body: Some((abi::buffer::RESPONSE_BODY, std::mem::take(&mut self.held))),
             props: Some(self.props.clone()),
             ..Stream::default()
         };
         let (id, size) = (self.id, before as u32);
-        let mut back = None;
         let result = self.slots.with_vm(self.worker, Some(self.generation), |vm| {
-            let (stream, result) = vm.with_stream(id, stream, |vm| vm.response_body(id, size, end));
-            back = Some(stream);
-            result
+            vm.with_stream(id, &mut stream, |vm| vm.response_body(id, size, end))
         });
-        if let Some(Stream {
-            body: Some((_, body)),
-            ..
-        }) = back
-        {
+        if let Some((_, body)) = stream.body {
             self.held = body;
         }
         match result {

@@ -794,22 +794,23 @@ impl Vm {
         Ok(id)
     }
 
-    /// Hands `stream` to the plugin for one callback, and returns it with the effects.
+    /// Hands `stream` to the plugin for one callback and takes it back, changed, with the
+    /// effects. A caller's stream is untouched when the callback never ran.
     pub fn with_stream<R>(
         &mut self,
         id: u32,
-        stream: Stream,
+        stream: &mut Stream,
         call: impl FnOnce(&mut Vm) -> Result<R, Failure>,
-    ) -> (Stream, Result<(R, Effects), Failure>) {
+    ) -> Result<(R, Effects), Failure> {
         let host = self.store.data_mut();
-        host.stream = stream;
+        host.stream = std::mem::take(stream);
         host.effects = Effects::default();
         host.effective = id;
         let result = call(self);
         let host = self.store.data_mut();
-        let stream = std::mem::take(&mut host.stream);
+        *stream = std::mem::take(&mut host.stream);
         let effects = std::mem::take(&mut host.effects);
-        (stream, result.map(|r| (r, effects)))
+        result.map(|r| (r, effects))
     }
 
     pub fn request_headers(&mut self, id: u32, count: u32, end: bool) -> Result<u32, Failure> {
