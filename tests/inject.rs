@@ -584,7 +584,8 @@ fn a_changed_config_renames_the_configmap_and_rolls_the_pods() {
         );
         assert!(
             out.stderr.contains(&format!(
-                "{name}: its config changed: it now mounts ConfigMap {new_cm} instead of {old_cm}"
+                "{name}: its config changed: it now mounts ConfigMap {new_cm} instead of \
+                 {old_cm}; applying it rolls its pods"
             )),
             "{}",
             out.stderr

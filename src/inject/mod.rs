@@ -59,7 +59,7 @@ that covers the app's drain and then gatehouse's. A Service in the same input th
 app's port targets gatehouse's instead. The app's own probes are left as they are: the kubelet
 sends them to the pod IP, straight to the app's port. Other documents are written back byte for
 byte. The ConfigMap's name ends in a hash of the config, so a changed config changes the pod
-template and rolls the pods. Injecting inject's own output again changes nothing with the same
+template (a Deployment, StatefulSet or DaemonSet rolls its pods). Injecting inject's own output again changes nothing with the same
 config, and with another one moves the workload to a new ConfigMap (it replaces the old one in
 the output); a gatehouse sidecar written by hand is left as it is, and so is a workload whose
 containers declare no port (a worker), with a note.
@@ -367,11 +367,11 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, Str
                 pod::repoint(template, plan, &settings.sidecar, &config).map_err(failed)?;
                 notes.push(format!(
                     "{}: {}: its config changed: it now mounts ConfigMap {} instead of \
-                     {configmap}, so its pods roll; {configmap} stays in the cluster until \
-                     you delete it",
+                     {configmap}; {}; {configmap} stays in the cluster until you delete it",
                     w.at,
                     w.id(),
-                    cm.name
+                    cm.name,
+                    reaching(&w.kind)
                 ));
             }
             _ => unreachable!("only injected workloads get a ConfigMap"),
@@ -646,6 +646,19 @@ fn probe_request<'h>(
         .filter_map(|(n, v)| explain::parse_header(&format!("{n}: {v}")).ok())
         .collect();
     (request, what)
+}
+
+/// How a changed pod template reaches a kind's pods.
+fn reaching(kind: &str) -> &'static str {
+    match kind {
+        "Deployment" | "StatefulSet" | "DaemonSet" => "applying it rolls its pods",
+        "CronJob" => "its next Jobs use it",
+        "ReplicaSet" => {
+            "a ReplicaSet does not replace running pods: delete them (or use a Deployment)"
+        }
+        "Job" => "a Job's pod template cannot change: delete the Job and apply it again",
+        _ => "a Pod's volumes cannot change: delete the Pod and apply it again",
+    }
 }
 
 /// Labels the ConfigMaps inject writes, and so tells them from the user's.
