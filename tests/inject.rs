@@ -271,19 +271,7 @@ fn every_workload_is_injected_validated_and_routed_through_gatehouse() {
         let flat = dir.path().join(format!("flat-{}", case.file));
 
         // An independent reader, then the repository's validators.
-        let json = Command::new(venv.join("bin/python"))
-            .args(["-c", FLATTEN])
-            .arg(&injected)
-            .arg(&flat)
-            .output()
-            .unwrap();
-        assert!(
-            json.status.success(),
-            "{}: PyYAML: {}",
-            case.file,
-            String::from_utf8_lossy(&json.stderr)
-        );
-        let objects: Vec<Value> = serde_json::from_slice(&json.stdout).unwrap();
+        let objects = read_objects(&venv, &injected, &flat);
         run_setup(
             Command::new(venv.join("bin/kubernetes-validate"))
                 .args(["--strict", "--kubernetes-version", "1.29.0"])
@@ -448,15 +436,167 @@ fn every_workload_is_injected_validated_and_routed_through_gatehouse() {
 
 /// The input's objects (PyYAML), by kind/name.
 fn flatten_original(venv: &Path, input: &Path, dir: &Path) -> HashMap<String, Value> {
+    read_objects(venv, input, &dir.join("original.yaml"))
+        .into_iter()
+        .map(|o| (kind_name(&o), o))
+        .collect()
+}
+
+/// `input`'s objects as PyYAML reads them (a List's items flattened), also written to
+/// `flat` as one object per document for the validators.
+fn read_objects(venv: &Path, input: &Path, flat: &Path) -> Vec<Value> {
     let out = Command::new(venv.join("bin/python"))
         .args(["-c", FLATTEN])
         .arg(input)
-        .arg(dir.join("original.yaml"))
+        .arg(flat)
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let objects: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    objects.into_iter().map(|o| (kind_name(&o), o)).collect()
+    assert!(
+        out.status.success(),
+        "{}: PyYAML: {}",
+        input.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A config change reaches the pods: each ConfigMap's name ends in a hash of its content
+/// and the pod template mounts it by name (and carries the hash), so injecting inject's
+/// output with a changed config changes every pod template, which rolls the pods; with the
+/// same config nothing changes.
+#[test]
+#[cfg_attr(
+    not(gatehouse_has_python_venv),
+    ignore = "needs python3 with venv (apt-get install python3-venv) for the Kubernetes schema validator"
+)]
+fn a_changed_config_renames_the_configmap_and_rolls_the_pods() {
+    let venv = validator_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let first = inject(&fixture("shop.yaml"));
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    let once = dir.path().join("once.yaml");
+    std::fs::write(&once, &first.stdout).unwrap();
+
+    // The same config: not a byte changes, and nothing is said.
+    let same = inject(&once);
+    assert_eq!(same.code, Some(0), "{}", same.stderr);
+    assert_eq!(same.stdout, first.stdout);
+    assert!(!same.stderr.contains("config changed"), "{}", same.stderr);
+
+    // Another chain and a longer drain.
+    let config = dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(fixture("proxy.toml")).unwrap();
+    let changed_text = text.replace("shutdown_grace = \"20s\"", "shutdown_grace = \"40s\"")
+        + "\n[[middleware]]\ntype = \"timing\"\n";
+    assert_ne!(changed_text, text);
+    std::fs::write(&config, changed_text).unwrap();
+    let again = |input: &Path| {
+        let args = [
+            "inject",
+            "--config",
+            config.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ];
+        cli(&args, &[], None)
+    };
+    let out = again(&once);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let twice = dir.path().join("twice.yaml");
+    std::fs::write(&twice, &out.stdout).unwrap();
+
+    let before = read_objects(&venv, &once, &dir.path().join("flat-once.yaml"));
+    let flat = dir.path().join("flat-twice.yaml");
+    let after = read_objects(&venv, &twice, &flat);
+    run_setup(
+        Command::new(venv.join("bin/kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", "1.29.0"])
+            .arg(&flat),
+        "kubernetes-validate of inject's output re-injected with a changed config",
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    run_setup(
+        Command::new(venv.join("bin/python"))
+            .arg(root.join("deploy/check_drain.py"))
+            .arg(&flat),
+        "deploy/check_drain.py of inject's output re-injected with a changed config",
+    );
+    let by_name: HashMap<String, &Value> = after.iter().map(|o| (kind_name(o), o)).collect();
+    let old_names: HashMap<String, &Value> = before.iter().map(|o| (kind_name(o), o)).collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "each ConfigMap replaced, none added"
+    );
+
+    let mut updated = 0;
+    for old in &before {
+        let name = kind_name(old);
+        if old["kind"] == "ConfigMap" {
+            // inject's own are followed from their workloads below.
+            if old["metadata"]["labels"]["app.kubernetes.io/managed-by"] != "gatehouse-inject" {
+                assert_eq!(old, by_name[&name], "{name} changed");
+            }
+            continue;
+        }
+        let new = by_name[&name];
+        if old["kind"] == "Service"
+            || !containers(pod_template(old)).any(|c| c["name"] == "gatehouse")
+        {
+            assert_eq!(old, new, "{name} changed");
+            continue;
+        }
+        updated += 1;
+        let (old_pod, new_pod) = (pod_template(old), pod_template(new));
+        let (old_cm, _) = pod_config(old_pod, &old_names);
+        let (new_cm, config) = pod_config(new_pod, &by_name);
+        let (old_cm, new_cm) = (
+            old_cm["metadata"]["name"].as_str().unwrap(),
+            new_cm["metadata"]["name"].as_str().unwrap(),
+        );
+        assert_ne!(old_cm, new_cm, "{name}: the same ConfigMap name");
+        assert!(
+            !by_name.contains_key(&format!("configmap/{old_cm}")),
+            "{name}: the old ConfigMap {old_cm} is still in the output"
+        );
+        let hash = new_pod["metadata"]["annotations"]["gatehouse.io/config-hash"]
+            .as_str()
+            .unwrap();
+        assert!(new_cm.ends_with(&format!("-{hash}")), "{name}: {new_cm}");
+        assert_eq!(
+            config["middleware"].as_array().unwrap().last().unwrap()["type"].as_str(),
+            Some("timing"),
+            "{name}: the new chain"
+        );
+        // The app keeps its grace period (what the old one held beyond gatehouse's 25s drain
+        // and the 10s margin, and at least the drain); gatehouse's grew to 45s.
+        let grace = |pod: &Value| {
+            pod["spec"]["terminationGracePeriodSeconds"]
+                .as_i64()
+                .unwrap()
+        };
+        let app = grace(old_pod) - 25 - 10;
+        assert_eq!(grace(new_pod), app.max(45) + 45 + 10, "{name}");
+        // The containers are as they were: only what points at the config changed.
+        assert_eq!(
+            containers(old_pod).collect::<Vec<_>>(),
+            containers(new_pod).collect::<Vec<_>>(),
+            "{name}"
+        );
+        assert!(
+            out.stderr.contains(&format!(
+                "{name}: its config changed: it now mounts ConfigMap {new_cm} instead of \
+                 {old_cm}; applying it rolls its pods"
+            )),
+            "{}",
+            out.stderr
+        );
+    }
+    assert_eq!(updated, 4, "the four injected Deployments of shop.yaml");
+
+    // Updated once, it is as injected: the changed config again changes nothing.
+    let same = again(&twice);
+    assert_eq!(same.code, Some(0), "{}", same.stderr);
+    assert_eq!(same.stdout, out.stdout);
 }
 
 /// Documents inject does not change come out byte for byte: comments, anchors, quoting.

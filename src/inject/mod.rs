@@ -15,8 +15,16 @@
 //!   written anew from its tree: its comments before and after the content are kept, those
 //!   inside it are not, anchors come out expanded and strings in the sidecar's style.
 //!
-//! A workload that already has a `gatehouse` container, or the injected annotation, is left
-//! as it is (and so are its Services), so injecting twice is injecting once. So is one whose
+//! Each ConfigMap's name ends in a hash of its content, as kustomize's configMapGenerator
+//! does, and the pod template mounts it by that name: a changed config changes the pod
+//! template, which rolls the pods (they cannot be told to reload: the image has no shell to
+//! send SIGHUP with, and gatehouse does not watch its file).
+//!
+//! A workload inject wrote before (its pod template has the hash annotation) gets only its
+//! config updated: with the same config nothing changes, so injecting twice is injecting
+//! once; with another, its ConfigMap is replaced where it is in the input (or added before
+//! the workload), and the pod template points at the new one. A `gatehouse` container
+//! written by hand is left as it is (and so are its Services), and so is a workload whose
 //! containers declare no port (a worker), with a note, unless an annotation names the port.
 
 mod pod;
@@ -29,6 +37,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use http::Method;
+use sha2::{Digest, Sha256};
 
 use crate::config::ConfigError;
 use crate::explain;
@@ -49,8 +58,11 @@ config (listen, admin and upstream addresses set for the pod) and a termination 
 that covers the app's drain and then gatehouse's. A Service in the same input that targets the
 app's port targets gatehouse's instead. The app's own probes are left as they are: the kubelet
 sends them to the pod IP, straight to the app's port. Other documents are written back byte for
-byte; a workload already injected is left as it is, and so is one whose containers declare no
-port (a worker), with a note.
+byte. The ConfigMap's name ends in a hash of the config, so a changed config changes the pod
+template (a Deployment, StatefulSet or DaemonSet rolls its pods). Injecting inject's own output again changes nothing with the same
+config, and with another one moves the workload to a new ConfigMap (it replaces the old one in
+the output); a gatehouse sidecar written by hand is left as it is, and so is a workload whose
+containers declare no port (a worker), with a note.
 
 The app still listens on the pod IP, where other pods can reach it around gatehouse: add a
 NetworkPolicy, or bind the app to 127.0.0.1 (then its httpGet and tcpSocket probes, which the
@@ -291,12 +303,15 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, Str
         }
     }
 
-    let mut configmaps: HashMap<Loc, Node> = HashMap::new();
+    let mut configmaps: HashMap<Loc, NewConfig> = HashMap::new();
     for w in &workloads {
-        let Outcome::Inject(plan) = &w.outcome else {
+        let (Outcome::Inject(plan) | Outcome::Update { plan, .. }) = &w.outcome else {
             continue;
         };
         match configmap(w, plan, settings) {
+            // The same config as before: nothing to change.
+            Ok(cm) if matches!(&w.outcome, Outcome::Update { configmap, .. } if *configmap == cm.name) =>
+                {}
             Ok(cm) => {
                 configmaps.insert(w.loc, cm);
             }
@@ -319,18 +334,57 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, Str
         })
         .collect();
 
+    // Each new ConfigMap goes before its workload, unless it replaces one in the input.
+    let mut before = HashMap::new();
     for w in &workloads {
-        let Outcome::Inject(plan) = &w.outcome else {
+        let Some(cm) = configmaps.remove(&w.loc) else {
             continue;
+        };
+        let replaced = match &w.outcome {
+            Outcome::Update { configmap, .. } => objects
+                .iter()
+                .copied()
+                .find(|&loc| written_configmap(object(&docs, loc), configmap, &w.namespace)),
+            _ => None,
         };
         let template = object_mut(&mut docs, w.loc)
             .at_mut(w.path)
             .expect("planned from this template");
-        let moved = pod::apply(template, plan, &settings.sidecar, &configmap_name(w))
-            .map_err(|e| format!("{}: {}: {e}", w.at, w.id()))?;
+        let config = pod::ConfigRef {
+            name: &cm.name,
+            hash: &cm.hash,
+        };
+        let failed = |e| format!("{}: {}: {e}", w.at, w.id());
+        match &w.outcome {
+            Outcome::Inject(plan) => {
+                let moved =
+                    pod::apply(template, plan, &settings.sidecar, &config).map_err(failed)?;
+                if let Some(socket) = &plan.socket {
+                    notes.extend(socket_notes(w, plan, socket, &moved, settings.loaded));
+                }
+            }
+            Outcome::Update { plan, configmap } => {
+                pod::repoint(template, plan, &settings.sidecar, &config).map_err(failed)?;
+                notes.push(format!(
+                    "{}: {}: its config changed: it now mounts ConfigMap {} instead of \
+                     {configmap}; {}; {configmap} stays in the cluster until you delete it",
+                    w.at,
+                    w.id(),
+                    cm.name,
+                    reaching(&w.kind)
+                ));
+            }
+            _ => unreachable!("only injected workloads get a ConfigMap"),
+        }
         docs[w.loc.doc].changed = true;
-        if let Some(socket) = &plan.socket {
-            notes.extend(socket_notes(w, plan, socket, &moved, settings.loaded));
+        match replaced {
+            Some(loc) => {
+                *object_mut(&mut docs, loc) = cm.node;
+                docs[loc.doc].changed = true;
+            }
+            None => {
+                before.insert(w.loc, cm.node);
+            }
         }
     }
     for (loc, i, target) in retargets {
@@ -343,7 +397,7 @@ fn inject(name: &str, stream: &str, settings: &Settings) -> Result<Injected, Str
         docs[loc.doc].changed = true;
     }
     Ok(Injected {
-        yaml: render(docs, configmaps),
+        yaml: render(docs, before),
         notes,
     })
 }
@@ -594,20 +648,46 @@ fn probe_request<'h>(
     (request, what)
 }
 
-/// One per workload: each pod's copy differs, and a later inject of other workloads into
-/// the same namespace must not replace it.
-fn configmap_name(w: &Workload) -> String {
-    format!("gatehouse-{}-{}", w.kind.to_lowercase(), w.name)
+/// How a changed pod template reaches a kind's pods.
+fn reaching(kind: &str) -> &'static str {
+    match kind {
+        "Deployment" | "StatefulSet" | "DaemonSet" => "applying it rolls its pods",
+        "CronJob" => "its next Jobs use it",
+        "ReplicaSet" => {
+            "a ReplicaSet does not replace running pods: delete them (or use a Deployment)"
+        }
+        "Job" => "a Job's pod template cannot change: delete the Job and apply it again",
+        _ => "a Pod's volumes cannot change: delete the Pod and apply it again",
+    }
 }
 
-/// The ConfigMap holding a workload's copy of the config.
-fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<Node, String> {
-    let name = configmap_name(w);
-    if name.len() > 253 {
-        return Err(format!(
-            "its ConfigMap's name {name:?} would be longer than Kubernetes allows (253)"
-        ));
-    }
+/// Labels the ConfigMaps inject writes, and so tells them from the user's.
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "gatehouse-inject");
+
+/// A workload's ConfigMap: its name, which ends in the hash of its content, and the object.
+struct NewConfig {
+    name: String,
+    hash: String,
+    node: Node,
+}
+
+/// Whether `node` is the ConfigMap `name` in `namespace` that inject wrote.
+fn written_configmap(node: &Node, name: &str, namespace: &Option<String>) -> bool {
+    let meta = |key: &str| node.at(&["metadata", key]).and_then(Node::as_str);
+    type_of(node) == ("v1", "ConfigMap")
+        && meta("name") == Some(name)
+        && meta("namespace") == namespace.as_deref()
+        && node
+            .at(&["metadata", "labels", MANAGED_BY.0])
+            .and_then(Node::as_str)
+            == Some(MANAGED_BY.1)
+}
+
+/// The ConfigMap holding a workload's copy of the config. One per workload, as each pod's
+/// copy differs and a later inject of other workloads into the same namespace must not
+/// replace it; named, as kustomize's configMapGenerator does, with a hash of its content,
+/// so that a changed config changes the pod template that mounts it, and the pods roll.
+fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<NewConfig, String> {
     let text = proxy_toml::for_pod(
         settings.config,
         &settings.config_file,
@@ -623,22 +703,36 @@ fn configmap(w: &Workload, plan: &Plan, settings: &Settings) -> Result<Node, Str
             protocol: plan.protocol,
         },
     )?;
-    let mut metadata = Node::map([("name", Node::str(name))]);
+    let hash: String = Sha256::digest(text.as_bytes())
+        .iter()
+        .take(HASH_LEN / 2)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = format!("gatehouse-{}-{}-{hash}", w.kind.to_lowercase(), w.name);
+    if name.len() > 253 {
+        return Err(format!(
+            "its ConfigMap's name {name:?} would be longer than Kubernetes allows (253)"
+        ));
+    }
+    let mut metadata = Node::map([("name", Node::str(&name))]);
     if let Some(ns) = &w.namespace {
         metadata.set("namespace", Node::str(ns));
     }
-    let managed = (
-        "app.kubernetes.io/managed-by",
-        Node::str("gatehouse-inject"),
+    metadata.set(
+        "labels",
+        Node::map([(MANAGED_BY.0, Node::str(MANAGED_BY.1))]),
     );
-    metadata.set("labels", Node::map([managed]));
-    Ok(Node::map([
+    let node = Node::map([
         ("apiVersion", Node::str("v1")),
         ("kind", Node::str("ConfigMap")),
         ("metadata", metadata),
         ("data", Node::map([(pod::CONFIG_KEY, Node::str(text))])),
-    ]))
+    ]);
+    Ok(NewConfig { name, hash, node })
 }
+
+/// Hex digits of the content hash in a ConfigMap's name: kustomize's length.
+const HASH_LEN: usize = 10;
 
 /// The output: unchanged documents as they were; a changed one preceded by its workload's
 /// ConfigMap (a List's go into its items), keeping its comments before and after content.
@@ -715,16 +809,21 @@ fn comments(text: &str) -> (String, String) {
 mod tests {
     use super::*;
 
+    const CONFIG: &str =
+        "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n";
+
     fn settings() -> Settings<'static> {
-        const CONFIG: &str =
-            "[server]\nlisten = \"0.0.0.0:8080\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n";
-        let loaded = Config::parse(Path::new("proxy.toml"), CONFIG, &|_| None).unwrap();
+        settings_for(CONFIG, 25)
+    }
+
+    fn settings_for(config: &'static str, drain: i64) -> Settings<'static> {
+        let loaded = Config::parse(Path::new("proxy.toml"), config, &|_| None).unwrap();
         Settings {
             sidecar: Sidecar {
                 image: "gatehouse:test",
-                drain: 25,
+                drain,
             },
-            config: CONFIG,
+            config,
             // Each test's settings live for the test.
             loaded: Box::leak(Box::new(loaded)),
             config_file: "proxy.toml".into(),
@@ -738,13 +837,78 @@ mod tests {
     #[test]
     fn injects_retargets_and_keeps_what_it_does_not_touch() {
         let out = inject("in.yaml", APP, &settings()).unwrap().yaml;
-        assert!(out.starts_with("# the web tier\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: gatehouse-deployment-web\n"), "{out}");
+        assert!(out.starts_with("# the web tier\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: gatehouse-deployment-web-"), "{out}");
         assert!(out.contains("---\n# untouched\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: other}   # keep me\n"), "{out}");
         assert!(out.contains("# end of web\n"), "{out}");
         assert!(out.contains("    - name: a\n      port: 80\n      targetPort: gatehouse\n    - name: b\n      port: 3000\n      targetPort: 8080\n    - name: c\n      port: 81\n      targetPort: 9999\n"), "{out}");
         assert!(out.contains("url = \"http://127.0.0.1:3000\""), "{out}");
         // Injected output is left as it is.
         assert_eq!(inject("out.yaml", &out, &settings()).unwrap().yaml, out);
+    }
+
+    #[test]
+    fn a_changed_config_replaces_the_configmap_where_it_was() {
+        let once = inject("in.yaml", APP, &settings()).unwrap().yaml;
+        let changed = settings_for(
+            "[server]\nlisten = \"0.0.0.0:8080\"\nshutdown_delay = \"20s\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n",
+            45,
+        );
+        let out = inject("out.yaml", &once, &changed).unwrap();
+        // Each ConfigMap's name, and what the Deployment's pod template refers to.
+        let read = |yaml: &str| {
+            let docs: Vec<Node> = yaml::split(yaml)
+                .iter()
+                .filter_map(|s| yaml::parse(s).unwrap())
+                .collect();
+            let names: Vec<String> = docs
+                .iter()
+                .filter(|d| type_of(d).1 == "ConfigMap")
+                .filter_map(|d| d.at(&["metadata", "name"])?.as_str())
+                .filter(|n| n.starts_with("gatehouse-"))
+                .map(str::to_owned)
+                .collect();
+            let template = docs
+                .iter()
+                .find_map(|d| d.at(&["spec", "template"]))
+                .unwrap();
+            let text = |path: &[&str]| template.at(path).and_then(Node::as_str).unwrap().to_owned();
+            let mounted = template.at(&["spec", "volumes"]).unwrap().as_seq()[0]
+                .at(&["configMap", "name"])
+                .and_then(Node::as_str)
+                .unwrap()
+                .to_owned();
+            (
+                names,
+                mounted,
+                text(&["metadata", "annotations", pod::CONFIG_HASH]),
+            )
+        };
+        let (old, old_mounted, old_hash) = read(&once);
+        let (new, mounted, hash) = read(&out.yaml);
+        // One ConfigMap, in the same place, named anew, and the pod template mounts it.
+        assert_eq!(old, std::slice::from_ref(&old_mounted));
+        assert_eq!(new, std::slice::from_ref(&mounted));
+        assert_ne!(mounted, old_mounted);
+        assert!(mounted.ends_with(&format!("-{hash}")) && hash != old_hash);
+        assert!(out
+            .yaml
+            .starts_with("# the web tier\n---\napiVersion: v1\nkind: ConfigMap\n"));
+        // The app's drain (its default 30s, taken as at least gatehouse's new 45s), then
+        // gatehouse's and the margin.
+        assert!(
+            out.yaml.contains("terminationGracePeriodSeconds: 100\n"),
+            "{}",
+            out.yaml
+        );
+        assert!(
+            out.notes[0].contains("its config changed"),
+            "{:?}",
+            out.notes
+        );
+        assert_eq!(
+            inject("again.yaml", &out.yaml, &changed).unwrap().yaml,
+            out.yaml
+        );
     }
 
     #[test]

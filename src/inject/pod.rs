@@ -16,6 +16,11 @@ pub const PROTOCOL: &str = "gatehouse.io/upstream-protocol";
 pub const APP_SOCKET: &str = "gatehouse.io/app-socket";
 /// Set on the pod template of every injected workload.
 pub const INJECTED: &str = "gatehouse.io/injected";
+/// Set with `INJECTED` by inject: the hash of the pod's config (the end of its ConfigMap's
+/// name), and the drain its grace period covers. A template that has them is one inject
+/// may update for a new config.
+pub const CONFIG_HASH: &str = "gatehouse.io/config-hash";
+const DRAIN: &str = "gatehouse.io/drain-seconds";
 
 /// The sidecar's container name, and its ports' names (a Service's named `targetPort`
 /// moves to `PORT_NAME`).
@@ -65,7 +70,14 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Inject(Plan),
+    /// Injected by inject before: the plan it was injected with, and the ConfigMap it
+    /// mounts, which a changed config replaces.
+    Update {
+        plan: Plan,
+        configmap: String,
+    },
     OptedOut,
+    /// A gatehouse sidecar inject did not write (no `CONFIG_HASH`): the user's to keep.
     AlreadyInjected,
     /// No container declares a TCP port and no annotation names one: a worker, most
     /// likely, with no traffic to proxy.
@@ -103,13 +115,20 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
     let containers = spec.get("containers").map_or(&[][..], Node::as_seq);
     let init = spec.get("initContainers").map_or(&[][..], Node::as_seq);
     let all = || containers.iter().chain(init);
-    if annotation(INJECTED).is_some() || all().any(|c| name(c) == Some(NAME)) {
+    let injected = annotation(INJECTED).is_some() || all().any(|c| name(c) == Some(NAME));
+    // Only what inject wrote carries the hash: a sidecar written by hand is the user's.
+    if injected
+        && template
+            .at(&["metadata", "annotations", CONFIG_HASH])
+            .is_none()
+    {
         return Ok(Outcome::AlreadyInjected);
     }
     if containers.is_empty() {
         return Err("the pod has no containers".into());
     }
-    if annotation(CONTAINER).is_none()
+    if !injected
+        && annotation(CONTAINER).is_none()
         && annotation(APP_PORT).is_none()
         && containers.iter().all(|c| ports(c, true).is_empty())
     {
@@ -123,20 +142,44 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
     }
 
     let app = app_port(containers, annotation(CONTAINER), annotation(APP_PORT))?;
-    let protocol = match annotation(PROTOCOL) {
-        Some("h2c") => Some("h2c"),
-        Some("http1") => Some("http1"),
-        Some(other) => {
-            return Err(format!(
-                "annotation {PROTOCOL}: {other:?}: expected \"http1\" or \"h2c\""
-            ))
-        }
-        None => containers
-            .iter()
-            .find(|c| name(c) == Some(app.container.as_str()))
-            .filter(|c| grpc_probe(c, app.number))
-            .map(|_| "h2c"),
+    let socket = annotation(APP_SOCKET).map(socket_path).transpose()?;
+    let app_container = containers
+        .iter()
+        .find(|c| name(c) == Some(app.container.as_str()));
+    let protocol = |probed: u16| match annotation(PROTOCOL) {
+        Some("h2c") => Ok(Some("h2c")),
+        Some("http1") => Ok(Some("http1")),
+        Some(other) => Err(format!(
+            "annotation {PROTOCOL}: {other:?}: expected \"http1\" or \"h2c\""
+        )),
+        None => Ok(app_container
+            .filter(|c| grpc_probe(c, probed))
+            .map(|_| "h2c")),
     };
+    let current = match spec.get("terminationGracePeriodSeconds") {
+        None => DEFAULT_GRACE,
+        Some(n) => n
+            .as_int()
+            .ok_or("terminationGracePeriodSeconds: expected a whole number of seconds")?,
+    };
+    if injected {
+        let w = written(spec, init, annotation(DRAIN), current, sidecar)?;
+        // With the app on a socket, its probes were moved to gatehouse's port.
+        let probed = if socket.is_some() { w.port } else { app.number };
+        return Ok(Outcome::Update {
+            plan: Plan {
+                protocol: protocol(probed)?,
+                app,
+                socket,
+                port: w.port,
+                admin: w.admin,
+                grace: w.grace,
+            },
+            configmap: w.configmap,
+        });
+    }
+
+    let protocol = protocol(app.number)?;
     let mut used: BTreeSet<u16> = all().flat_map(|c| ports(c, false)).map(|p| p.1).collect();
     used.insert(app.number);
     let port = choose_port(annotation(PORT), PORT, DEFAULT_PORT, &used)?;
@@ -164,12 +207,9 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
             "the pod already has a volume named {v}, which gatehouse's sidecar uses"
         ));
     }
-    let socket = annotation(APP_SOCKET).map(socket_path).transpose()?;
     if let Some(path) = &socket {
         let dir = socket_dir(path);
-        let mounts = containers
-            .iter()
-            .find(|c| name(c) == Some(app.container.as_str()))
+        let mounts = app_container
             .and_then(|c| c.get("volumeMounts"))
             .map_or(&[][..], Node::as_seq);
         if mounts
@@ -184,23 +224,76 @@ pub fn plan(template: &Node, workload: &Node, sidecar: &Sidecar) -> Result<Outco
         }
     }
 
-    let current = match spec.get("terminationGracePeriodSeconds") {
-        None => DEFAULT_GRACE,
-        Some(n) => n
-            .as_int()
-            .ok_or("terminationGracePeriodSeconds: expected a whole number of seconds")?,
-    };
-    // A native sidecar is stopped only once the app has exited: the pod's grace period must
-    // cover the app's drain (taken as at least gatehouse's own), then gatehouse's.
-    let grace = current.max(sidecar.drain) + sidecar.drain + GRACE_MARGIN;
     Ok(Outcome::Inject(Plan {
         app,
         protocol,
         socket,
         port,
         admin,
-        grace,
+        grace: grace(current, sidecar.drain),
     }))
+}
+
+/// A native sidecar is stopped only once the app has exited: the pod's grace period must
+/// cover the app's drain (`app`, taken as at least gatehouse's own), then gatehouse's.
+fn grace(app: i64, drain: i64) -> i64 {
+    app.max(drain) + drain + GRACE_MARGIN
+}
+
+/// What a template inject wrote before says of itself.
+struct Written {
+    port: u16,
+    admin: u16,
+    /// The grace period for the new drain: the app's own is what the current one holds
+    /// beyond the drain it was written for.
+    grace: i64,
+    /// The ConfigMap it mounts.
+    configmap: String,
+}
+
+fn written(
+    spec: &Node,
+    init: &[Node],
+    drain: Option<&str>,
+    current: i64,
+    sidecar: &Sidecar,
+) -> Result<Written, String> {
+    let broken = |what: String| {
+        format!(
+            "annotation {CONFIG_HASH} says inject wrote it, but {what}: re-inject the \
+             manifest as it was before inject, or remove the annotation to leave it as it is"
+        )
+    };
+    let gatehouse = init
+        .iter()
+        .find(|c| name(c) == Some(NAME))
+        .ok_or_else(|| broken(format!("it has no init container named {NAME}")))?;
+    let declared = ports(gatehouse, false);
+    let port = |wanted: &str| {
+        declared
+            .iter()
+            .find(|p| p.0 == Some(wanted))
+            .map(|p| p.1)
+            .ok_or_else(|| broken(format!("container {NAME} has no port named {wanted}")))
+    };
+    let (port, admin) = (port(PORT_NAME)?, port(ADMIN_PORT_NAME)?);
+    let configmap = spec
+        .get("volumes")
+        .map_or(&[][..], Node::as_seq)
+        .iter()
+        .find(|v| name(v) == Some(VOLUME))
+        .and_then(|v| v.at(&["configMap", "name"]))
+        .and_then(Node::as_str)
+        .ok_or_else(|| broken(format!("it has no volume {VOLUME} from a ConfigMap")))?;
+    let drain: i64 = drain
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| broken(format!("annotation {DRAIN} is not a number of seconds")))?;
+    Ok(Written {
+        port,
+        admin,
+        grace: grace(current - drain - GRACE_MARGIN, sidecar.drain),
+        configmap: configmap.to_owned(),
+    })
 }
 
 /// Whether a probe of `container` asks gRPC health on `port`.
@@ -403,17 +496,21 @@ pub enum ProbeKind {
     Tcp,
 }
 
-/// Adds the sidecar, its config volume, the marker annotation and the grace period to
-/// `template`, whose config is in the ConfigMap `configmap`; with the app on a Unix
-/// socket, also the socket's volume, and the app's probes of its port moved to gatehouse's
-/// (returned).
+/// The ConfigMap a pod's config is in: its name, and the hash of its content that ends it.
+pub struct ConfigRef<'a> {
+    pub name: &'a str,
+    pub hash: &'a str,
+}
+
+/// Adds the sidecar, its config volume and the marker annotations to `template`, and
+/// points it at its config (see [`repoint`]); with the app on a Unix socket, also the
+/// socket's volume, and the app's probes of its port moved to gatehouse's (returned).
 pub fn apply(
     template: &mut Node,
     plan: &Plan,
     sidecar: &Sidecar,
-    configmap: &str,
+    config: &ConfigRef,
 ) -> Result<Vec<MovedProbe>, String> {
-    let shape = |what: &str| format!("{what}: expected a mapping or list as Kubernetes has it");
     template
         .child("metadata", empty_map)
         .and_then(|m| m.child("annotations", empty_map))
@@ -427,11 +524,9 @@ pub fn apply(
     spec.child("volumes", empty_seq)
         .and_then(Node::as_seq_mut)
         .ok_or_else(|| shape("volumes"))?
-        .push(Node::map([
-            ("name", Node::str(VOLUME)),
-            ("configMap", Node::map([("name", Node::str(configmap))])),
-        ]));
-    spec.set("terminationGracePeriodSeconds", Node::int(plan.grace));
+        .push(Node::map([("name", Node::str(VOLUME))]));
+    repoint(template, plan, sidecar, config)?;
+    let spec = template.get_mut("spec").ok_or_else(|| shape("spec"))?;
     let Some(socket) = &plan.socket else {
         return Ok(Vec::new());
     };
@@ -464,6 +559,37 @@ pub fn apply(
             ("mountPath", Node::str(socket_dir(socket))),
         ]));
     Ok(move_probes(app, plan))
+}
+
+/// Points an injected `template` at the ConfigMap of its config: the config volume, the
+/// hash annotation (so the pod template, and with it the pods, change when the config
+/// does) and the grace period for the config's drain, recorded beside it.
+pub fn repoint(
+    template: &mut Node,
+    plan: &Plan,
+    sidecar: &Sidecar,
+    config: &ConfigRef,
+) -> Result<(), String> {
+    let annotations = template
+        .child("metadata", empty_map)
+        .and_then(|m| m.child("annotations", empty_map))
+        .ok_or_else(|| shape("metadata.annotations"))?;
+    annotations.set(CONFIG_HASH, Node::str(config.hash));
+    annotations.set(DRAIN, Node::str(sidecar.drain.to_string()));
+    let spec = template.get_mut("spec").ok_or_else(|| shape("spec"))?;
+    spec.get_mut("volumes")
+        .and_then(Node::as_seq_mut)
+        .and_then(|vs| vs.iter_mut().find(|v| name(v) == Some(VOLUME)))
+        .ok_or_else(|| shape("volumes"))?
+        .child("configMap", empty_map)
+        .ok_or_else(|| shape("volumes[].configMap"))?
+        .set("name", Node::str(config.name));
+    spec.set("terminationGracePeriodSeconds", Node::int(plan.grace));
+    Ok(())
+}
+
+fn shape(what: &str) -> String {
+    format!("{what}: expected a mapping or list as Kubernetes has it")
 }
 
 /// Points the app container's probes of its port at gatehouse's instead.
@@ -739,18 +865,19 @@ mod tests {
             .contains("expected \"http1\" or \"h2c\""));
     }
 
+    const CM: ConfigRef = ConfigRef {
+        name: "cm-0123456789",
+        hash: "0123456789",
+    };
+
     #[test]
-    fn an_injected_template_is_left_alone() {
-        let t = "spec:\n  containers: [{name: web, ports: [{containerPort: 80}]}]\n";
+    fn an_injected_template_is_updated_and_a_hand_written_one_left_alone() {
+        let t = "spec:\n  terminationGracePeriodSeconds: 120\n  containers: [{name: web, ports: [{containerPort: 80}]}]\n";
         let mut template = node(t);
         let Outcome::Inject(p) = plan_of(t).unwrap() else {
             panic!("not injected")
         };
-        apply(&mut template, &p, &SIDECAR, "cm").unwrap();
-        assert_eq!(
-            plan(&template, &node("name: w\n"), &SIDECAR).unwrap(),
-            Outcome::AlreadyInjected
-        );
+        apply(&mut template, &p, &SIDECAR, &CM).unwrap();
         let init = template.at(&["spec", "initContainers"]).unwrap().as_seq();
         assert_eq!(
             init[0].at(&["restartPolicy"]).unwrap().as_str(),
@@ -758,10 +885,50 @@ mod tests {
         );
         assert_eq!(
             template
-                .at(&["spec", "terminationGracePeriodSeconds"])
+                .at(&["spec", "volumes"])
                 .unwrap()
-                .as_int(),
-            Some(65)
+                .as_seq()
+                .iter()
+                .find_map(|v| v.at(&["configMap", "name"]))
+                .and_then(Node::as_str),
+            Some(CM.name)
+        );
+        assert_eq!(
+            template
+                .at(&["metadata", "annotations", CONFIG_HASH])
+                .and_then(Node::as_str),
+            Some(CM.hash)
+        );
+        // The app's own 120s, then gatehouse's 25s drain and the margin.
+        assert_eq!(p.grace, 120 + 25 + 10);
+        let workload = node(
+            "name: w
+",
+        );
+        assert_eq!(
+            plan(&template, &workload, &SIDECAR).unwrap(),
+            Outcome::Update {
+                plan: p.clone(),
+                configmap: CM.name.into()
+            }
+        );
+        // A config with a longer drain: the app keeps its 120s, gatehouse gets the new drain.
+        let longer = Sidecar {
+            drain: 40,
+            ..SIDECAR
+        };
+        let Outcome::Update { plan: q, .. } = plan(&template, &workload, &longer).unwrap() else {
+            panic!("not updated")
+        };
+        assert_eq!((q.port, q.admin, q.grace), (p.port, p.admin, 120 + 40 + 10));
+
+        let by_hand = "spec:\n  initContainers: [{name: gatehouse, ports: [{containerPort: 8080}]}]\n  containers: [{name: web, ports: [{containerPort: 80}]}]\n";
+        assert_eq!(plan_of(by_hand).unwrap(), Outcome::AlreadyInjected);
+        let broken = format!("metadata: {{annotations: {{{CONFIG_HASH}: x}}}}\n{by_hand}");
+        let e = plan_of(&broken).unwrap_err();
+        assert!(
+            e.contains("container gatehouse has no port named gatehouse"),
+            "{e}"
         );
     }
 
@@ -773,7 +940,15 @@ mod tests {
         };
         assert_eq!(p.socket.as_deref(), Some("/run/app/s.sock"));
         let mut template = node(t);
-        let moved = apply(&mut template, &p, &SIDECAR, "cm").unwrap();
+        let moved = apply(&mut template, &p, &SIDECAR, &CM).unwrap();
+        // Planned again, its moved gRPC probe still says the app speaks h2c.
+        assert_eq!(
+            plan(&template, &node("name: w\n"), &SIDECAR).unwrap(),
+            Outcome::Update {
+                plan: p.clone(),
+                configmap: CM.name.into()
+            }
+        );
         assert_eq!(
             moved,
             [
