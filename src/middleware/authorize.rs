@@ -16,15 +16,14 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use cel::common::ast::{EntryExpr, Expr};
+use cel::common::ast::{operators, CallExpr, EntryExpr, Expr, LiteralValue, MapExpr, StructExpr};
 use cel::common::types::{
     CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
     CelUInt,
 };
-use cel::common::traits::Indexer;
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
-use cel::{Env, IdedExpr, Program, Value};
+use cel::{Env, IdedExpr, Value};
 use http::header::{HOST, WWW_AUTHENTICATE};
 use http::{request, HeaderValue, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -102,8 +101,9 @@ fn environment() -> Env {
 }
 
 /// Compiles one expression and checks the names it reads; an error is at a character
-/// of `source` (from 0).
-fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize, String)> {
+/// of `source` (from 0). What runs is the checked expression with its fields indexed
+/// (see [`check`]); errors are placed in the text as written.
+fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<IdedExpr, (usize, String)> {
     let program = env.compile(source).map_err(|errors| {
         let first = errors.errors.first();
         // The parser counts lines and columns from 1, in characters.
@@ -111,8 +111,8 @@ fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize
         let message = first.map_or_else(|| errors.to_string(), |e| e.msg.clone());
         (at, message)
     })?;
-    let mut bound = Vec::new();
-    check(program.expression(), &mut bound, reads).map_err(|(id, after, message)| {
+    let mut expression = program.expression().clone();
+    check(&mut expression, &mut Vec::new(), reads).map_err(|(id, after, message)| {
         // The parser's offsets are in bytes.
         let byte = program
             .source_info()
@@ -123,7 +123,7 @@ fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize
             .map_or(0, |s| s.chars().count());
         (at + after, message)
     })?;
-    Ok(program)
+    Ok(expression)
 }
 
 /// The character index of 1-based `line` and `col` in `source`.
@@ -142,9 +142,17 @@ type Unknown = (u64, usize, String);
 
 /// Refuses a name outside the variables (and the fields of `request` and `source`);
 /// names a comprehension binds (`r` in `claims.roles.exists(r, …)`) are fine within it.
-fn check<'e>(e: &'e IdedExpr, bound: &mut Vec<&'e str>, reads: &mut Reads) -> Result<(), Unknown> {
-    match &e.expr {
-        Expr::Ident(name) if bound.contains(&name.as_str()) => Ok(()),
+///
+/// And rewrites each field selected on a map variable, `claims.role`, into an index,
+/// `claims["role"]`, which gives the same value and, for a missing key, the same error:
+/// both look the key up in the map. The interpreter resolves a selection on a name as a
+/// qualified name, joining its segments into new strings (`claims.role`, then `claims`)
+/// on every evaluation; an index resolves the variable alone. A presence test,
+/// `has(claims.role)`, stays a selection, and so do fields of a name a comprehension
+/// binds: that is not the variable.
+fn check(e: &mut IdedExpr, bound: &mut Vec<String>, reads: &mut Reads) -> Result<(), Unknown> {
+    match &mut e.expr {
+        Expr::Ident(name) if bound.contains(name) => Ok(()),
         Expr::Ident(name) => match name.as_str() {
             "request" => {
                 *reads = Reads {
@@ -161,78 +169,87 @@ fn check<'e>(e: &'e IdedExpr, bound: &mut Vec<&'e str>, reads: &mut Reads) -> Re
             )),
         },
         Expr::Select(select) => {
-            if let Expr::Ident(root) = &select.operand.expr {
-                let field = select.field.as_str();
-                match root.as_str() {
-                    _ if bound.contains(&root.as_str()) => {}
-                    "request" if REQUEST_FIELDS.contains(&field) => {
-                        reads.headers |= field == "headers";
-                        reads.query |= field == "query";
-                        return Ok(());
-                    }
-                    "request" => {
-                        // The node starts at the dot.
-                        return Err((
-                            e.id,
-                            1,
-                            format!(
-                                "`request` has no field `{field}`: expected one of {}",
-                                REQUEST_FIELDS.join(", ")
-                            ),
-                        ))
-                    }
-                    "source" if field == "ip" => return Ok(()),
-                    "source" => {
-                        return Err((e.id, 1, format!("`source` has no field `{field}`: expected ip")))
-                    }
-                    _ => {}
+            let root = match &select.operand.expr {
+                Expr::Ident(root) if !bound.contains(root) => root.as_str(),
+                _ => return check(&mut select.operand, bound, reads),
+            };
+            let field = select.field.as_str();
+            match root {
+                "request" if REQUEST_FIELDS.contains(&field) => {
+                    reads.headers |= field == "headers";
+                    reads.query |= field == "query";
                 }
+                "request" => {
+                    // The node starts at the dot.
+                    return Err((
+                        e.id,
+                        1,
+                        format!(
+                            "`request` has no field `{field}`: expected one of {}",
+                            REQUEST_FIELDS.join(", ")
+                        ),
+                    ));
+                }
+                "source" if field == "ip" => {}
+                "source" => {
+                    return Err((e.id, 1, format!("`source` has no field `{field}`: expected ip")))
+                }
+                "claims" => {}
+                _ => return check(&mut select.operand, bound, reads),
             }
-            check(&select.operand, bound, reads)
+            if !select.test {
+                let key = LiteralValue::String(std::mem::take(&mut select.field).into());
+                let variable = std::mem::take(&mut *select.operand);
+                e.expr = Expr::Call(CallExpr {
+                    func_name: operators::INDEX.to_owned(),
+                    target: None,
+                    // Node ids only place errors in the source, which the original does.
+                    args: vec![variable, IdedExpr { id: e.id, expr: Expr::Literal(key) }],
+                });
+            }
+            Ok(())
         }
         Expr::Call(call) => {
-            if let Some(target) = &call.target {
+            if let Some(target) = &mut call.target {
                 check(target, bound, reads)?;
             }
-            call.args.iter().try_for_each(|a| check(a, bound, reads))
+            call.args.iter_mut().try_for_each(|a| check(a, bound, reads))
         }
         Expr::Comprehension(c) => {
-            check(&c.iter_range, bound, reads)?;
-            check(&c.accu_init, bound, reads)?;
+            check(&mut c.iter_range, bound, reads)?;
+            check(&mut c.accu_init, bound, reads)?;
             let depth = bound.len();
-            bound.push(&c.iter_var);
-            bound.extend(c.iter_var2.as_deref());
-            bound.push(&c.accu_var);
-            let inner = [&c.loop_cond, &c.loop_step, &c.result]
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.clone());
+            bound.push(c.accu_var.clone());
+            let inner = [&mut c.loop_cond, &mut c.loop_step, &mut c.result]
                 .into_iter()
                 .try_for_each(|x| check(x, bound, reads));
             bound.truncate(depth);
             inner
         }
-        Expr::List(list) => list.elements.iter().try_for_each(|x| check(x, bound, reads)),
-        Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(m) => {
-                check(&m.key, bound, reads)?;
-                check(&m.value, bound, reads)
-            }
-            EntryExpr::StructField(f) => check(&f.value, bound, reads),
-        }),
-        Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(m) => {
-                check(&m.key, bound, reads)?;
-                check(&m.value, bound, reads)
-            }
-            EntryExpr::StructField(f) => check(&f.value, bound, reads),
-        }),
+        Expr::List(list) => list
+            .elements
+            .iter_mut()
+            .try_for_each(|x| check(x, bound, reads)),
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+            entries.iter_mut().try_for_each(|entry| match &mut entry.expr {
+                EntryExpr::MapEntry(m) => {
+                    check(&mut m.key, bound, reads)?;
+                    check(&mut m.value, bound, reads)
+                }
+                EntryExpr::StructField(f) => check(&mut f.value, bound, reads),
+            })
+        }
         Expr::Literal(_) | Expr::Unspecified => Ok(()),
     }
 }
 
 impl Settings {
     /// Every rule compiled, with what they read together; the first problem otherwise.
-    fn compiled(&self, env: &Env) -> Result<(Vec<(Program, bool)>, Reads), Problem> {
+    fn compiled(&self, env: &Env) -> Result<(Vec<(IdedExpr, bool)>, Reads), Problem> {
         let mut reads = Reads::default();
-        let mut programs = Vec::with_capacity(self.rules.len());
+        let mut expressions = Vec::with_capacity(self.rules.len());
         for (i, rule) in self.rules.iter().enumerate() {
             let mut at = KeyPath::default().key("rules");
             at.push_index(i);
@@ -246,13 +263,13 @@ impl Settings {
                     ),
                 ));
             };
-            let program = compile(env, source, &mut reads).map_err(|(n, message)| {
+            let expression = compile(env, source, &mut reads).map_err(|(n, message)| {
                 let message = format!("rule {:?}: invalid expression: {message}", rule.name);
                 (at.key(key).char(n), message)
             })?;
-            programs.push((program, allows));
+            expressions.push((expression, allows));
         }
-        Ok((programs, reads))
+        Ok((expressions, reads))
     }
 }
 
@@ -311,18 +328,18 @@ impl super::Settings for Settings {
 
     fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
         let env = environment();
-        let (programs, reads) = self.compiled(&env).expect("validated");
+        let (expressions, reads) = self.compiled(&env).expect("validated");
         let errors = build.handles.metrics.family::<ErrorLabels, Counter>(
             "gatehouse_policy_errors",
             "Policy rule expressions that failed to evaluate (and so did not match), by middleware name and rule",
         );
         let middleware: Arc<str> = build.name.into();
         let names: Arc<[Arc<str>]> = self.rules.iter().map(|r| r.name.as_str().into()).collect();
-        let rules = programs
+        let rules = expressions
             .into_iter()
             .zip(names.iter())
-            .map(|((program, allows), name)| Rule {
-                program,
+            .map(|((expression, allows), name)| Rule {
+                expression,
                 allows,
                 errors: errors.get_or_create_owned(&ErrorLabels {
                     middleware: middleware.clone(),
@@ -351,7 +368,8 @@ struct ErrorLabels {
 }
 
 struct Rule {
-    program: Program,
+    /// The compiled expression, fields indexed (see [`check`]).
+    expression: IdedExpr,
     allows: bool,
     /// Its evaluation failures, counted.
     errors: Counter,
@@ -380,7 +398,7 @@ impl Authorize {
         scope.set_variable_resolver(&activation);
         let mut errors = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            let error = match rule.program.execute(&scope) {
+            let error = match Value::resolve(&rule.expression, &scope) {
                 Ok(Value::Bool(true)) => {
                     return self.policy(Some(i), rule.allows, errors);
                 }
@@ -592,31 +610,17 @@ impl<'r> Activation<'r> {
     }
 }
 
-/// The value at `name` of a map variable, borrowed from it.
-fn field<'b>(map: &'b CelMap<'_>, name: &str) -> Option<CowVal<'b, 'b>> {
-    Indexer::get(map, &CelString::from(name)).ok()
-}
-
 impl VariableResolver for Activation<'_> {
-    /// The interpreter asks for a qualified name whole first (`request.path`, then
-    /// `request`): answering the whole spares it a miss, a type lookup and a selection.
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let value: &'b (dyn Val + 'b) = match variable.split_once('.') {
-            Some((_, name)) if name.contains('.') => return None,
-            Some(("request", name)) => return field(self.request.get_or_init(|| self.request()), name),
-            Some(("claims", name)) => return field(self.claims(), name),
-            Some(("source", name)) => return field(self.source(), name),
-            Some(_) => return None,
-            None => match variable {
-                "request" => self.request.get_or_init(|| self.request()),
-                "source" => self.source(),
-                "subject" => self.subject(),
-                "claims" => self.claims(),
-                "time" => self.time.get_or_init(|| {
-                    CelTimestamp::from(chrono::Utc::now().fixed_offset())
-                }),
-                _ => return None,
-            },
+        let value: &'b (dyn Val + 'b) = match variable {
+            "request" => self.request.get_or_init(|| self.request()),
+            "source" => self.source(),
+            "subject" => self.subject(),
+            "claims" => self.claims(),
+            "time" => self
+                .time
+                .get_or_init(|| CelTimestamp::from(chrono::Utc::now().fixed_offset())),
+            _ => return None,
         };
         Some(CowVal::Borrowed(value))
     }
@@ -625,6 +629,9 @@ impl VariableResolver for Activation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
     use std::time::Instant;
 
     /// The policy of `rules` built as a chain builds it, and its decision on `req`.
@@ -649,6 +656,104 @@ mod tests {
             Instant::now(),
             0,
         )
+    }
+
+
+    /// Field selections on every variable, nested, under a presence test, and on names
+    /// a comprehension binds, one of them shadowing a variable.
+    const SELECTIONS: [&str; 22] = [
+        "claims.role",
+        "claims.roles",
+        "claims.level",
+        "claims.org",
+        "claims.org.name",
+        "claims.org.teams",
+        "claims.missing",
+        "has(claims.role)",
+        "has(claims.org.name)",
+        "request.path",
+        "request.method",
+        "request.host",
+        "request.query.q",
+        "request.headers['x-tenant']",
+        "request.headers.accept",
+        "source.ip",
+        "subject",
+        "subject.name",
+        "claims.roles.exists(r, r == claims.role)",
+        "claims.roles.exists(claims, claims.startsWith('ad'))",
+        "claims.roles.exists(claims, claims.x == 1)",
+        "[claims.org].all(request, request.name == claims.org.name)",
+    ];
+
+    /// A claim's value, of any JSON type.
+    fn claim() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        prop_oneof![
+            select(&["admin", "reader", "/v1/items", "acme", ""][..]).prop_map(|s| json!(s)),
+            (-2i64..5).prop_map(|n| json!(n)),
+            any::<bool>().prop_map(|b| json!(b)),
+            Just(serde_json::Value::Null),
+            vec(select(&["admin", "reader", "ops"][..]), 0..3).prop_map(|v| json!(v)),
+            (select(&["acme", "admin"][..]), vec(select(&["ops", "dev"][..]), 0..2))
+                .prop_map(|(name, teams)| json!({"name": name, "teams": teams})),
+        ]
+    }
+
+    /// An expression: a selection, compared with a literal, or two joined.
+    fn expression() -> impl Strategy<Value = String> {
+        let atom = select(&SELECTIONS[..]).prop_map(str::to_owned);
+        let leaf = prop_oneof![
+            atom.clone(),
+            (atom.clone(), select(&["'admin'", "3", "'/v1/items'", "null", "['ops']"][..]))
+                .prop_map(|(a, b)| format!("{a} == {b}")),
+            (atom.clone(), atom.clone()).prop_map(|(a, b)| format!("{a} in {b}")),
+            atom.clone().prop_map(|a| format!("size({a}) > 1")),
+        ];
+        leaf.prop_recursive(2, 6, 2, |inner| {
+            (inner.clone(), select(&["&&", "||", "==", "!="][..]), inner)
+                .prop_map(|(a, op, b)| format!("({a}) {op} ({b})"))
+        })
+    }
+
+    proptest! {
+        /// What runs, fields indexed, gives what the expression as written gives: the same
+        /// value, or the same error.
+        #[test]
+        fn indexed_fields_evaluate_as_the_selections_written(
+            source in expression(),
+            claims in proptest::collection::btree_map(
+                select(&["role", "roles", "level", "org", "sub"][..]).prop_map(str::to_owned),
+                claim(),
+                0..5,
+            ),
+            path in select(&["/v1/items", "/admin/x"][..]),
+            tenant in proptest::option::of(select(&["acme", "admin"][..])),
+            query in select(&["", "q=admin", "q=a&q=b"][..]),
+            subject in proptest::option::of(select(&["alice", "admin"][..])),
+        ) {
+            let env = environment();
+            let written = env.compile(&source).unwrap();
+            let mut reads = Reads::default();
+            let indexed = compile(&env, &source, &mut reads).unwrap();
+            let mut req = http::Request::get(format!("{path}?{query}"));
+            if let Some(tenant) = tenant {
+                req = req.header("x-tenant", tenant);
+            }
+            let parts = req.body(()).unwrap().into_parts().0;
+            let mut ctx = context();
+            ctx.subject = subject.map(Into::into);
+            ctx.claims = Some(Arc::new(crate::chain::Claims::new(claims.into_iter().collect())));
+            let activation = Activation::new(&parts, &ctx, reads);
+            let mut scope = cel::Context::with_env(Arc::new(env));
+            scope.set_variable_resolver(&activation);
+            prop_assert_eq!(
+                Value::resolve(&indexed, &scope),
+                written.execute(&scope),
+                "{}",
+                source
+            );
+        }
     }
 
     #[test]
