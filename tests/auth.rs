@@ -1247,7 +1247,7 @@ async fn forward_auth_tells_the_service_the_client_came_over_https() {
 }
 
 #[test]
-fn forward_auth_request_headers_config_errors_and_summary() {
+fn forward_auth_request_headers_and_claims_config_errors_and_summary() {
     let entry = |extra: &str| {
         format!("[[middleware]]\ntype = \"forward_auth\"\nurl = \"http://127.0.0.1:9/verify\"\n{extra}\n")
     };
@@ -1274,11 +1274,26 @@ fn forward_auth_request_headers_config_errors_and_summary() {
             ),
         );
     }
+    assert_config_error(
+        &entry("claims_from_headers = { \"\" = \"x-user\" }"),
+        "middleware[1].claims_from_headers: a claim name is empty",
+    );
+    assert_config_error(
+        &entry("claims_from_headers = { role = \"x user role\" }"),
+        "invalid header name \"x user role\"",
+    );
     for (extra, summary) in [
-        ("", "request_headers=all copy_headers=[]"),
+        (
+            "",
+            "request_headers=all copy_headers=[] claims_from_headers=[]",
+        ),
         (
             "request_headers = [\"x-token\", \"cookie\"]",
             "request_headers=[x-token, cookie]",
+        ),
+        (
+            "claims_from_headers = { sub = \"x-user\", role = \"X-User-Role\" }",
+            "claims_from_headers=[(\"role\", \"x-user-role\"), (\"sub\", \"x-user\")]",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();

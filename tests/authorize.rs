@@ -1,6 +1,7 @@
 //! `authorize` through the real binary: a policy of admins, readers, an address deny rule
 //! and a default decides requests carrying real JWTs (and none), each decision named in the
-//! audit event and the refusal; a rule that fails to evaluate does not match and is counted;
+//! audit event and the refusal; claims and the subject can come from a `forward_auth`
+//! service's answer headers; a rule that fails to evaluate does not match and is counted;
 //! an invalid expression stops the config at its position; `explain` and `gatehouse test`
 //! name the deciding rule; a reload replaces the rules while requests keep coming.
 mod common;
@@ -228,6 +229,109 @@ async fn the_policy_decides_by_its_first_true_rule_and_names_it() {
         log.contains("a policy rule failed to evaluate") && log.contains("admins"),
         "{log}"
     );
+}
+
+/// An auth service that knows users by their `authorization`, answering with who they are
+/// and their roles (`max` has two, in two header lines); `Bearer nobody` passes without a
+/// role; anything else gets a 401.
+fn directory(req: &http::request::Parts) -> http::Response<Body> {
+    let user = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    match user {
+        Some("Bearer ada") => reply(200, &[("x-user", "ada"), ("x-user-role", "admin")], ""),
+        Some("Bearer rob") => reply(200, &[("x-user", "rob"), ("x-user-role", "reader")], ""),
+        Some("Bearer max") => reply(
+            200,
+            &[
+                ("x-user", "max"),
+                ("x-user-role", "reader"),
+                ("x-user-role", "admin"),
+            ],
+            "",
+        ),
+        Some("Bearer nobody") => reply(200, &[("x-user", "nobody")], ""),
+        _ => reply(401, &[("www-authenticate", "Bearer realm=\"sso\"")], ""),
+    }
+}
+
+#[tokio::test]
+async fn claims_from_the_headers_of_forward_auths_answer() {
+    let auth = TestServer::start(directory).await;
+    let rest = format!(
+        r#"
+[[middleware]]
+type = "forward_auth"
+url = "{}"
+claims_from_headers = {{ sub = "x-user", role = "x-user-role" }}
+
+[[middleware]]
+type = "authorize"
+rules = [
+  {{ name = "admins", allow = "request.path.startsWith('/admin/') && 'admin' in claims.role.split(', ')" }},
+  {{ name = "readers", allow = "request.method == 'GET' && subject != null && !request.path.startsWith('/admin/')" }},
+]
+"#,
+        auth.url("/verify")
+    );
+    let (up, gh) = proxy_with(SERVER, "", &rest).await;
+    let as_user = |method: &str, path: &str, user: &str| {
+        request(method, path)
+            .header("authorization", format!("Bearer {user}"))
+            // A client's own claim headers are not the service's answer.
+            .header("x-user-role", "admin")
+            .body(empty())
+            .unwrap()
+    };
+    // (user, request, status, what)
+    let cases = [
+        ("ada", "POST", "/admin/users", 200, "the admin's role claim"),
+        (
+            "max",
+            "POST",
+            "/admin/users",
+            200,
+            "both role headers, joined",
+        ),
+        ("rob", "GET", "/items", 200, "the reader's subject"),
+        (
+            "rob",
+            "POST",
+            "/admin/users",
+            403,
+            "a reader is no admin; 403: it has a subject",
+        ),
+        (
+            "rob",
+            "GET",
+            "/admin/users",
+            403,
+            "readers read outside /admin/ only",
+        ),
+        (
+            "nobody",
+            "POST",
+            "/admin/users",
+            403,
+            "no role header: no role claim",
+        ),
+    ];
+    for (user, method, path, status, what) in cases {
+        let resp = send(gh.port, as_user(method, path, user)).await;
+        assert_eq!(
+            resp.status, status,
+            "{user} {method} {path}: {what}: {resp:?}"
+        );
+        if status == 403 {
+            let body = resp.assert_gatehouse_error(403, "forbidden");
+            assert_eq!(
+                body["message"], "no policy rule allows the request (default) (policy_denied)",
+                "{what}"
+            );
+        }
+    }
+    assert_eq!(up.request_count(), 3);
 }
 
 /// The config of `rules` (the lines of an inline array) in a file, and `gatehouse check`'s

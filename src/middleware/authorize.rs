@@ -8,23 +8,23 @@
 //! one can still fail (a claim the token lacks, a claim of another type): that rule does
 //! not match, and the failure is counted and logged, at most once per interval per rule.
 //!
-//! A request pays for what the rules read: each variable is made the first time an
-//! expression reads it, the request's headers and query parameters only when some rule
-//! reads them, and a token's claims once per token (kept with its cached verification).
+//! A request pays for what the rules read: each variable, and each field of `request` and
+//! `source`, is made the first time an expression reads it (the headers and the query
+//! parameters only when some rule reads them), and a token's claims once per token (kept
+//! with its cached verification).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use cel::common::ast::{EntryExpr, Expr};
+use cel::common::ast::{operators, CallExpr, EntryExpr, Expr, LiteralValue, MapExpr, StructExpr};
 use cel::common::types::{
     CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
     CelUInt,
 };
-use cel::common::traits::Indexer;
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
-use cel::{Env, IdedExpr, Program, Value};
+use cel::{Env, IdedExpr, Value};
 use http::header::{HOST, WWW_AUTHENTICATE};
 use http::{request, HeaderValue, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -84,14 +84,6 @@ impl RuleSettings {
     }
 }
 
-/// What the expressions of a policy read beyond the scalars, so that a request builds
-/// only those.
-#[derive(Debug, Default, Clone, Copy)]
-struct Reads {
-    headers: bool,
-    query: bool,
-}
-
 /// The environment every expression is compiled and run in: the standard library and
 /// the strings extension (`split`, `lowerAscii`, …).
 fn environment() -> Env {
@@ -102,8 +94,9 @@ fn environment() -> Env {
 }
 
 /// Compiles one expression and checks the names it reads; an error is at a character
-/// of `source` (from 0).
-fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize, String)> {
+/// of `source` (from 0). What runs is the checked expression with its fields read
+/// directly (see [`check`]); errors are placed in the text as written.
+fn compile(env: &Env, source: &str) -> Result<IdedExpr, (usize, String)> {
     let program = env.compile(source).map_err(|errors| {
         let first = errors.errors.first();
         // The parser counts lines and columns from 1, in characters.
@@ -111,8 +104,8 @@ fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize
         let message = first.map_or_else(|| errors.to_string(), |e| e.msg.clone());
         (at, message)
     })?;
-    let mut bound = Vec::new();
-    check(program.expression(), &mut bound, reads).map_err(|(id, after, message)| {
+    let mut expression = program.expression().clone();
+    check(&mut expression, &mut Vec::new()).map_err(|(id, after, message)| {
         // The parser's offsets are in bytes.
         let byte = program
             .source_info()
@@ -123,7 +116,7 @@ fn compile(env: &Env, source: &str, reads: &mut Reads) -> Result<Program, (usize
             .map_or(0, |s| s.chars().count());
         (at + after, message)
     })?;
-    Ok(program)
+    Ok(expression)
 }
 
 /// The character index of 1-based `line` and `col` in `source`.
@@ -142,18 +135,20 @@ type Unknown = (u64, usize, String);
 
 /// Refuses a name outside the variables (and the fields of `request` and `source`);
 /// names a comprehension binds (`r` in `claims.roles.exists(r, …)`) are fine within it.
-fn check<'e>(e: &'e IdedExpr, bound: &mut Vec<&'e str>, reads: &mut Reads) -> Result<(), Unknown> {
-    match &e.expr {
-        Expr::Ident(name) if bound.contains(&name.as_str()) => Ok(()),
+///
+/// And rewrites each field read of a variable into a form the interpreter reads without
+/// resolving a qualified name, which joins the segments into new strings (`claims.role`,
+/// then `claims`) on every evaluation. A field of `request` or `source`, always there,
+/// becomes its whole name (`request.path`), which the [`Activation`] answers without
+/// making the map; a claim becomes an index, `claims["role"]`, which gives the same value
+/// and, for a claim the token lacks, the same error: both look the key up in the map. A
+/// presence test, `has(claims.role)`, stays a selection, and so do fields of a name a
+/// comprehension binds: that is not the variable.
+fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
+    match &mut e.expr {
+        Expr::Ident(name) if bound.contains(name) => Ok(()),
         Expr::Ident(name) => match name.as_str() {
-            "request" => {
-                *reads = Reads {
-                    headers: true,
-                    query: true,
-                };
-                Ok(())
-            }
-            "source" | "subject" | "claims" | "time" => Ok(()),
+            "request" | "source" | "subject" | "claims" | "time" => Ok(()),
             other => Err((
                 e.id,
                 0,
@@ -161,78 +156,88 @@ fn check<'e>(e: &'e IdedExpr, bound: &mut Vec<&'e str>, reads: &mut Reads) -> Re
             )),
         },
         Expr::Select(select) => {
-            if let Expr::Ident(root) = &select.operand.expr {
-                let field = select.field.as_str();
-                match root.as_str() {
-                    _ if bound.contains(&root.as_str()) => {}
-                    "request" if REQUEST_FIELDS.contains(&field) => {
-                        reads.headers |= field == "headers";
-                        reads.query |= field == "query";
-                        return Ok(());
-                    }
-                    "request" => {
-                        // The node starts at the dot.
-                        return Err((
-                            e.id,
-                            1,
-                            format!(
-                                "`request` has no field `{field}`: expected one of {}",
-                                REQUEST_FIELDS.join(", ")
-                            ),
-                        ))
-                    }
-                    "source" if field == "ip" => return Ok(()),
-                    "source" => {
-                        return Err((e.id, 1, format!("`source` has no field `{field}`: expected ip")))
-                    }
-                    _ => {}
+            let root = match &select.operand.expr {
+                Expr::Ident(root) if !bound.contains(root) => root.as_str(),
+                _ => return check(&mut select.operand, bound),
+            };
+            let field = select.field.as_str();
+            match root {
+                "request" if REQUEST_FIELDS.contains(&field) => {}
+                "request" => {
+                    // The node starts at the dot.
+                    return Err((
+                        e.id,
+                        1,
+                        format!(
+                            "`request` has no field `{field}`: expected one of {}",
+                            REQUEST_FIELDS.join(", ")
+                        ),
+                    ));
                 }
+                "source" if field == "ip" => {}
+                "source" => {
+                    return Err((e.id, 1, format!("`source` has no field `{field}`: expected ip")))
+                }
+                "claims" => {}
+                _ => return check(&mut select.operand, bound),
             }
-            check(&select.operand, bound, reads)
+            if select.test {
+                return Ok(());
+            }
+            e.expr = if root == "claims" {
+                let key = LiteralValue::String(std::mem::take(&mut select.field).into());
+                let variable = std::mem::take(&mut *select.operand);
+                Expr::Call(CallExpr {
+                    func_name: operators::INDEX.to_owned(),
+                    target: None,
+                    // Node ids only place errors in the source, which the original does.
+                    args: vec![variable, IdedExpr { id: e.id, expr: Expr::Literal(key) }],
+                })
+            } else {
+                Expr::Ident(format!("{root}.{field}"))
+            };
+            Ok(())
         }
         Expr::Call(call) => {
-            if let Some(target) = &call.target {
-                check(target, bound, reads)?;
+            if let Some(target) = &mut call.target {
+                check(target, bound)?;
             }
-            call.args.iter().try_for_each(|a| check(a, bound, reads))
+            call.args.iter_mut().try_for_each(|a| check(a, bound))
         }
         Expr::Comprehension(c) => {
-            check(&c.iter_range, bound, reads)?;
-            check(&c.accu_init, bound, reads)?;
+            check(&mut c.iter_range, bound)?;
+            check(&mut c.accu_init, bound)?;
             let depth = bound.len();
-            bound.push(&c.iter_var);
-            bound.extend(c.iter_var2.as_deref());
-            bound.push(&c.accu_var);
-            let inner = [&c.loop_cond, &c.loop_step, &c.result]
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.clone());
+            bound.push(c.accu_var.clone());
+            let inner = [&mut c.loop_cond, &mut c.loop_step, &mut c.result]
                 .into_iter()
-                .try_for_each(|x| check(x, bound, reads));
+                .try_for_each(|x| check(x, bound));
             bound.truncate(depth);
             inner
         }
-        Expr::List(list) => list.elements.iter().try_for_each(|x| check(x, bound, reads)),
-        Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(m) => {
-                check(&m.key, bound, reads)?;
-                check(&m.value, bound, reads)
-            }
-            EntryExpr::StructField(f) => check(&f.value, bound, reads),
-        }),
-        Expr::Struct(s) => s.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(m) => {
-                check(&m.key, bound, reads)?;
-                check(&m.value, bound, reads)
-            }
-            EntryExpr::StructField(f) => check(&f.value, bound, reads),
-        }),
+        Expr::List(list) => list
+            .elements
+            .iter_mut()
+            .try_for_each(|x| check(x, bound)),
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+            entries.iter_mut().try_for_each(|entry| match &mut entry.expr {
+                EntryExpr::MapEntry(m) => {
+                    check(&mut m.key, bound)?;
+                    check(&mut m.value, bound)
+                }
+                EntryExpr::StructField(f) => check(&mut f.value, bound),
+            })
+        }
         Expr::Literal(_) | Expr::Unspecified => Ok(()),
     }
 }
 
 impl Settings {
     /// Every rule compiled, with what they read together; the first problem otherwise.
-    fn compiled(&self, env: &Env) -> Result<(Vec<(Program, bool)>, Reads), Problem> {
-        let mut reads = Reads::default();
-        let mut programs = Vec::with_capacity(self.rules.len());
+    fn compiled(&self, env: &Env) -> Result<Vec<(IdedExpr, bool)>, Problem> {
+        let mut expressions = Vec::with_capacity(self.rules.len());
         for (i, rule) in self.rules.iter().enumerate() {
             let mut at = KeyPath::default().key("rules");
             at.push_index(i);
@@ -246,13 +251,13 @@ impl Settings {
                     ),
                 ));
             };
-            let program = compile(env, source, &mut reads).map_err(|(n, message)| {
+            let expression = compile(env, source).map_err(|(n, message)| {
                 let message = format!("rule {:?}: invalid expression: {message}", rule.name);
                 (at.key(key).char(n), message)
             })?;
-            programs.push((program, allows));
+            expressions.push((expression, allows));
         }
-        Ok((programs, reads))
+        Ok(expressions)
     }
 }
 
@@ -311,18 +316,18 @@ impl super::Settings for Settings {
 
     fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
         let env = environment();
-        let (programs, reads) = self.compiled(&env).expect("validated");
+        let expressions = self.compiled(&env).expect("validated");
         let errors = build.handles.metrics.family::<ErrorLabels, Counter>(
             "gatehouse_policy_errors",
             "Policy rule expressions that failed to evaluate (and so did not match), by middleware name and rule",
         );
         let middleware: Arc<str> = build.name.into();
         let names: Arc<[Arc<str>]> = self.rules.iter().map(|r| r.name.as_str().into()).collect();
-        let rules = programs
+        let rules = expressions
             .into_iter()
             .zip(names.iter())
-            .map(|((program, allows), name)| Rule {
-                program,
+            .map(|((expression, allows), name)| Rule {
+                expression,
                 allows,
                 errors: errors.get_or_create_owned(&ErrorLabels {
                     middleware: middleware.clone(),
@@ -336,7 +341,6 @@ impl super::Settings for Settings {
             rules,
             names,
             default_allows: self.default == Effect::Allow,
-            reads,
             middleware,
             challenge: HeaderValue::from_static("Bearer"),
         })
@@ -351,7 +355,8 @@ struct ErrorLabels {
 }
 
 struct Rule {
-    program: Program,
+    /// The compiled expression, fields indexed (see [`check`]).
+    expression: IdedExpr,
     allows: bool,
     /// Its evaluation failures, counted.
     errors: Counter,
@@ -365,7 +370,6 @@ struct Authorize {
     /// The rule names, in order, shared with every request's [`Policy`].
     names: Arc<[Arc<str>]>,
     default_allows: bool,
-    reads: Reads,
     middleware: Arc<str>,
     /// The challenge of a `401`: a refused request without a subject may authenticate.
     challenge: HeaderValue,
@@ -375,17 +379,20 @@ impl Authorize {
     /// The decision on a request: the rule that decided (`None`: the default), whether it
     /// allows, and the rules before it that failed to evaluate.
     fn decide(&self, req: &request::Parts, ctx: &Context) -> Policy {
-        let activation = Activation::new(req, ctx, self.reads);
+        let activation = Activation::new(req, ctx);
         let mut scope = cel::Context::with_env(Arc::clone(&self.env));
         scope.set_variable_resolver(&activation);
         let mut errors = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            let error = match rule.program.execute(&scope) {
-                Ok(Value::Bool(true)) => {
-                    return self.policy(Some(i), rule.allows, errors);
-                }
-                Ok(Value::Bool(false)) => continue,
-                Ok(other) => format!("the expression gave {other:?}, not a bool"),
+            let error = match Value::resolve_val(&rule.expression, &scope) {
+                Ok(value) => match value.downcast_ref::<CelBool>().map(|b| *b.inner()) {
+                    Some(true) => return self.policy(Some(i), rule.allows, errors),
+                    Some(false) => continue,
+                    None => match Value::try_from(value.as_ref()) {
+                        Ok(other) => format!("the expression gave {other:?}, not a bool"),
+                        Err(e) => e.to_string(),
+                    },
+                },
                 Err(e) => e.to_string(),
             };
             rule.errors.inc();
@@ -467,61 +474,90 @@ fn cel_map(map: &serde_json::Map<String, serde_json::Value>) -> CelMap<'static> 
 }
 
 /// The variables of one request, each made the first time an expression reads it, and
-/// borrowing from the request where it can.
+/// borrowing from the request where it can. The fields of `request` and `source` are
+/// made one by one, as rules read them (see [`check`]); their maps only when a rule reads
+/// the variable whole (`size(request)`).
 struct Activation<'r> {
     req: &'r request::Parts,
     ctx: &'r Context,
-    reads: Reads,
+    method: OnceLock<CelString<'r>>,
+    path: OnceLock<CelString<'r>>,
+    /// `None`: no host, `null`.
+    host: OnceLock<Option<CelString<'r>>>,
+    query: OnceLock<CelMap<'r>>,
+    headers: OnceLock<CelMap<'r>>,
     request: OnceLock<CelMap<'r>>,
+    ip: OnceLock<CelString<'static>>,
     source: OnceLock<CelMap<'static>>,
-    subject: OnceLock<Box<dyn Val + 'r>>,
+    /// `None`: no subject, `null`.
+    subject: Option<CelString<'r>>,
     /// The claims when they are not derived once per token (see [`CelClaims`]), or `{}`.
     claims: OnceLock<CelMap<'static>>,
     time: OnceLock<CelTimestamp>,
 }
 
 impl<'r> Activation<'r> {
-    fn new(req: &'r request::Parts, ctx: &'r Context, reads: Reads) -> Self {
+    fn new(req: &'r request::Parts, ctx: &'r Context) -> Self {
         Activation {
             req,
             ctx,
-            reads,
+            method: OnceLock::new(),
+            path: OnceLock::new(),
+            host: OnceLock::new(),
+            query: OnceLock::new(),
+            headers: OnceLock::new(),
             request: OnceLock::new(),
+            ip: OnceLock::new(),
             source: OnceLock::new(),
-            subject: OnceLock::new(),
+            subject: ctx.subject.as_deref().map(CelString::from),
             claims: OnceLock::new(),
             time: OnceLock::new(),
         }
     }
 
-    /// `request`: the method, the path as `paths` patterns see it (percent-decoded, so
-    /// `/%61dmin` is `/admin`), the host, and the query and headers if a rule reads them.
-    fn request(&self) -> CelMap<'r> {
+    /// A field of `request`: the method, the path as `paths` patterns see it
+    /// (percent-decoded, so `/%61dmin` is `/admin`), the host, the query or the headers.
+    fn request_field(&self, name: &str) -> Option<&(dyn Val + 'r)> {
         let req = self.req;
-        let text = |s: &'r str| -> Box<dyn Val + 'r> { Box::new(CelString::from(s)) };
-        let path: Box<dyn Val + 'r> = match path::normalize(req.uri.path()) {
-            Ok(Cow::Owned(decoded)) => Box::new(CelString::from(decoded)),
-            _ => text(req.uri.path()),
-        };
-        let host = req
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()));
-        let mut fields: HashMap<CelMapKey<'r>, Box<dyn Val + 'r>> = HashMap::with_capacity(5);
-        fields.insert("method".into(), text(req.method.as_str()));
-        fields.insert("path".into(), path);
-        fields.insert(
-            "host".into(),
-            host.map_or_else(|| Box::new(CelNull) as Box<dyn Val>, text),
-        );
-        if self.reads.query {
-            fields.insert("query".into(), Box::new(query(req.uri.query())));
-        }
-        if self.reads.headers {
-            fields.insert("headers".into(), Box::new(headers(&req.headers)));
-        }
-        fields.into()
+        Some(match name {
+            "method" => self
+                .method
+                .get_or_init(|| CelString::from(req.method.as_str())),
+            "path" => self
+                .path
+                .get_or_init(|| match path::normalize(req.uri.path()) {
+                    Ok(Cow::Owned(decoded)) => CelString::from(decoded),
+                    _ => CelString::from(req.uri.path()),
+                }),
+            "host" => {
+                let host = self.host.get_or_init(|| {
+                    req.headers
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+                        .map(CelString::from)
+                });
+                match host {
+                    Some(host) => host,
+                    None => &CelNull,
+                }
+            }
+            "query" => self.query.get_or_init(|| query(req.uri.query())),
+            "headers" => self.headers.get_or_init(|| headers(&req.headers)),
+            _ => return None,
+        })
+    }
+
+    /// `request`, whole: every field.
+    fn request(&self) -> CelMap<'r> {
+        REQUEST_FIELDS
+            .iter()
+            .filter_map(|&name| {
+                let value = self.request_field(name)?.clone_as_boxed();
+                Some((CelMapKey::from(name), value))
+            })
+            .collect::<HashMap<_, _>>()
+            .into()
     }
 
     fn claims(&self) -> &CelMap<'_> {
@@ -578,45 +614,39 @@ fn headers(headers: &http::HeaderMap) -> CelMap<'_> {
 
 impl<'r> Activation<'r> {
     fn subject(&self) -> &(dyn Val + 'r) {
-        &**self.subject.get_or_init(|| match self.ctx.subject.as_deref() {
-            Some(subject) => Box::new(CelString::from(subject)),
-            None => Box::new(CelNull),
-        })
+        match &self.subject {
+            Some(subject) => subject,
+            None => &CelNull,
+        }
+    }
+
+    fn ip(&self) -> &CelString<'static> {
+        self.ip
+            .get_or_init(|| CelString::from(self.ctx.client_ip.to_string()))
     }
 
     fn source(&self) -> &CelMap<'static> {
         self.source.get_or_init(|| {
-            let ip: Box<dyn Val> = Box::new(CelString::from(self.ctx.client_ip.to_string()));
-            HashMap::from([(CelMapKey::from("ip"), ip)]).into()
+            HashMap::from([(CelMapKey::from("ip"), self.ip().clone_as_boxed())]).into()
         })
     }
 }
 
-/// The value at `name` of a map variable, borrowed from it.
-fn field<'b>(map: &'b CelMap<'_>, name: &str) -> Option<CowVal<'b, 'b>> {
-    Indexer::get(map, &CelString::from(name)).ok()
-}
-
 impl VariableResolver for Activation<'_> {
-    /// The interpreter asks for a qualified name whole first (`request.path`, then
-    /// `request`): answering the whole spares it a miss, a type lookup and a selection.
+    /// A variable, or a field of `request` or `source` by its whole name (`request.path`):
+    /// the interpreter asks for a qualified name whole first, and [`check`] makes every
+    /// field read of those a whole name.
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let value: &'b (dyn Val + 'b) = match variable.split_once('.') {
-            Some((_, name)) if name.contains('.') => return None,
-            Some(("request", name)) => return field(self.request.get_or_init(|| self.request()), name),
-            Some(("claims", name)) => return field(self.claims(), name),
-            Some(("source", name)) => return field(self.source(), name),
-            Some(_) => return None,
-            None => match variable {
-                "request" => self.request.get_or_init(|| self.request()),
-                "source" => self.source(),
-                "subject" => self.subject(),
-                "claims" => self.claims(),
-                "time" => self.time.get_or_init(|| {
-                    CelTimestamp::from(chrono::Utc::now().fixed_offset())
-                }),
-                _ => return None,
-            },
+        let value: &'b (dyn Val + 'b) = match variable {
+            "request" => self.request.get_or_init(|| self.request()),
+            "source" => self.source(),
+            "subject" => self.subject(),
+            "claims" => self.claims(),
+            "time" => self
+                .time
+                .get_or_init(|| CelTimestamp::from(chrono::Utc::now().fixed_offset())),
+            "source.ip" => self.ip(),
+            _ => self.request_field(variable.strip_prefix("request.")?)?,
         };
         Some(CowVal::Borrowed(value))
     }
@@ -625,6 +655,9 @@ impl VariableResolver for Activation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
     use std::time::Instant;
 
     /// The policy of `rules` built as a chain builds it, and its decision on `req`.
@@ -651,17 +684,136 @@ mod tests {
         )
     }
 
+
+    /// Field selections on every variable, nested, under a presence test, and on names
+    /// a comprehension binds, one of them shadowing a variable; and the same fields read
+    /// from the variables whole.
+    const SELECTIONS: [&str; 26] = [
+        "request['path']",
+        "request['host']",
+        "request['query']",
+        "source['ip']",
+        "claims.role",
+        "claims.roles",
+        "claims.level",
+        "claims.org",
+        "claims.org.name",
+        "claims.org.teams",
+        "claims.missing",
+        "has(claims.role)",
+        "has(claims.org.name)",
+        "request.path",
+        "request.method",
+        "request.host",
+        "request.query.q",
+        "request.headers['x-tenant']",
+        "request.headers.accept",
+        "source.ip",
+        "subject",
+        "subject.name",
+        "claims.roles.exists(r, r == claims.role)",
+        "claims.roles.exists(claims, claims.startsWith('ad'))",
+        "claims.roles.exists(claims, claims.x == 1)",
+        "[claims.org].all(request, request.name == claims.org.name)",
+    ];
+
+    /// A claim's value, of any JSON type.
+    fn claim() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        prop_oneof![
+            select(&["admin", "reader", "/v1/items", "acme", ""][..]).prop_map(|s| json!(s)),
+            (-2i64..5).prop_map(|n| json!(n)),
+            any::<bool>().prop_map(|b| json!(b)),
+            Just(serde_json::Value::Null),
+            vec(select(&["admin", "reader", "ops"][..]), 0..3).prop_map(|v| json!(v)),
+            (select(&["acme", "admin"][..]), vec(select(&["ops", "dev"][..]), 0..2))
+                .prop_map(|(name, teams)| json!({"name": name, "teams": teams})),
+        ]
+    }
+
+    /// An expression: a selection, compared with a literal, or two joined.
+    fn expression() -> impl Strategy<Value = String> {
+        let atom = select(&SELECTIONS[..]).prop_map(str::to_owned);
+        let leaf = prop_oneof![
+            atom.clone(),
+            (atom.clone(), select(&["'admin'", "3", "'/v1/items'", "null", "['ops']"][..]))
+                .prop_map(|(a, b)| format!("{a} == {b}")),
+            (atom.clone(), atom.clone()).prop_map(|(a, b)| format!("{a} in {b}")),
+            atom.clone().prop_map(|a| format!("size({a}) > 1")),
+        ];
+        leaf.prop_recursive(2, 6, 2, |inner| {
+            (inner.clone(), select(&["&&", "||", "==", "!="][..]), inner)
+                .prop_map(|(a, op, b)| format!("({a}) {op} ({b})"))
+        })
+    }
+
+    proptest! {
+        /// What runs, fields indexed, gives what the expression as written gives: the same
+        /// value, or the same error.
+        #[test]
+        fn indexed_fields_evaluate_as_the_selections_written(
+            source in expression(),
+            claims in proptest::collection::btree_map(
+                select(&["role", "roles", "level", "org", "sub"][..]).prop_map(str::to_owned),
+                claim(),
+                0..5,
+            ),
+            path in select(&["/v1/items", "/admin/x"][..]),
+            tenant in proptest::option::of(select(&["acme", "admin"][..])),
+            query in select(&["", "q=admin", "q=a&q=b"][..]),
+            subject in proptest::option::of(select(&["alice", "admin"][..])),
+        ) {
+            let env = environment();
+            let written = env.compile(&source).unwrap();
+            let indexed = compile(&env, &source).unwrap();
+            let mut req = http::Request::get(format!("{path}?{query}"));
+            if let Some(tenant) = tenant {
+                req = req.header("x-tenant", tenant);
+            }
+            let parts = req.body(()).unwrap().into_parts().0;
+            let mut ctx = context();
+            ctx.subject = subject.map(Into::into);
+            ctx.claims = Some(Arc::new(crate::chain::Claims::new(claims.into_iter().collect())));
+            let activation = Activation::new(&parts, &ctx);
+            let mut scope = cel::Context::with_env(Arc::new(env));
+            scope.set_variable_resolver(&activation);
+            prop_assert_eq!(
+                Value::resolve(&indexed, &scope),
+                written.execute(&scope),
+                "{}",
+                source
+            );
+        }
+    }
+
     #[test]
     fn the_headers_and_query_are_made_only_for_rules_that_read_them() {
-        let env = environment();
-        let mut reads = Reads::default();
-        compile(&env, "request.path == '/' && source.ip == '::1'", &mut reads).unwrap();
-        assert!(!reads.headers && !reads.query);
-        compile(&env, "request.headers['x-tenant'] == 'a'", &mut reads).unwrap();
-        assert!(reads.headers && !reads.query);
-        let mut reads = Reads::default();
-        compile(&env, "size(request) > 0", &mut reads).unwrap();
-        assert!(reads.headers && reads.query, "the whole request is read");
+        let env = Arc::new(environment());
+        let parts = http::Request::get("/?q=1")
+            .header("x-tenant", "a")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let ctx = context();
+        // Whether evaluating `source` made the headers, the query, and `request` whole.
+        let made = |source: &str| {
+            let activation = Activation::new(&parts, &ctx);
+            let mut scope = cel::Context::with_env(Arc::clone(&env));
+            scope.set_variable_resolver(&activation);
+            let expression = compile(&env, source).unwrap();
+            assert_eq!(Value::resolve(&expression, &scope), Ok(Value::Bool(true)));
+            (
+                activation.headers.get().is_some(),
+                activation.query.get().is_some(),
+                activation.request.get().is_some(),
+            )
+        };
+        let fields = "request.path == '/' && source.ip == '203.0.113.9' && request.method == 'GET'";
+        assert_eq!(made(fields), (false, false, false));
+        assert_eq!(made("request.headers['x-tenant'] == 'a'"), (true, false, false));
+        assert_eq!(made("has(request.query.q)"), (false, true, false));
+        assert_eq!(made("size(request) == 5"), (true, true, true), "the whole request");
     }
 
     #[test]
@@ -723,10 +875,9 @@ mod tests {
         assert_eq!(char_at("ab\né + ) x", 2, 3), 5);
         assert_eq!(char_at("abc", 1, 1), 0);
         let env = environment();
-        let mut reads = Reads::default();
-        let (at, message) = compile(&env, "'é' == x", &mut reads).unwrap_err();
+        let (at, message) = compile(&env, "'é' == x").unwrap_err();
         assert_eq!((at, message.as_str()), (7, "unknown variable `x`: expected one of request, source, subject, claims, time"));
-        let (at, _) = compile(&env, "claims.all(k, k == r)", &mut reads).unwrap_err();
+        let (at, _) = compile(&env, "claims.all(k, k == r)").unwrap_err();
         assert_eq!(at, 19, "`k` is bound, `r` is not");
     }
 }

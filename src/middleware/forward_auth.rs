@@ -4,10 +4,12 @@
 //! allow-list), since auth services in the field decide on whatever header they were
 //! written for, plus the method, URI, host, client chain and scheme as `x-forwarded-*`
 //! headers; never the body. A 2xx lets the request through (with `copy_headers` taken from
-//! the answer); anything else is the client's answer; no answer in time is a 503 (fails
-//! closed).
+//! the answer, and `claims_from_headers` made claims for `authorize`); anything else is
+//! the client's answer; no answer in time is a 503 (fails closed).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use bytes::Bytes;
@@ -17,7 +19,7 @@ use serde::de::{self, Deserializer};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::chain::{Claims, Context, Flow, Middleware, Reason, Reject};
 use crate::logging::Throttle;
 use crate::pool::{outbound_url, Endpoint};
 use crate::config::value::{Duration, HeaderNameValue};
@@ -60,6 +62,10 @@ pub struct Settings {
     /// The client request headers sent to the auth service; unset: all of them but
     /// hop-by-hop and body framing.
     request_headers: Option<Vec<HeaderNameValue>>,
+    /// Claims made of headers of a 2xx answer, for `authorize`: claim name → header
+    /// name. The claim `sub` is also the subject.
+    #[serde(default)]
+    claims_from_headers: BTreeMap<String, HeaderNameValue>,
 }
 
 fn default_timeout() -> Duration {
@@ -102,6 +108,12 @@ impl super::Settings for Settings {
         if self.timeout.0.is_zero() {
             return Err((at.key("timeout"), "must be more than 0s".into()));
         }
+        if self.claims_from_headers.contains_key("") {
+            return Err((
+                at.key("claims_from_headers"),
+                "a claim name is empty: name each claim, e.g. { role = \"x-user-role\" }".into(),
+            ));
+        }
         let Some(names) = &self.request_headers else {
             return Ok(());
         };
@@ -128,11 +140,12 @@ impl super::Settings for Settings {
             super::list(&v.iter().map(|h| h.0.as_str()).collect::<Vec<_>>())
         };
         format!(
-            "url={} timeout={} request_headers={} copy_headers={}",
+            "url={} timeout={} request_headers={} copy_headers={} claims_from_headers={:?}",
             self.url.0,
             self.timeout,
             self.request_headers.as_deref().map_or("all".into(), names),
-            names(&self.copy_headers)
+            names(&self.copy_headers),
+            super::auth::forwarded(&self.claims_from_headers)
         )
     }
 
@@ -145,6 +158,11 @@ impl super::Settings for Settings {
             url: self.url.0.clone(),
             timeout: self.timeout.0,
             copy: self.copy_headers.iter().map(|h| h.0.clone()).collect(),
+            claims: self
+                .claims_from_headers
+                .iter()
+                .map(|(c, h)| (c.clone(), h.0.clone()))
+                .collect(),
             allow: self
                 .request_headers
                 .as_ref()
@@ -165,6 +183,8 @@ struct ForwardAuth {
     url: Uri,
     timeout: StdDuration,
     copy: Vec<HeaderName>,
+    /// Claim name → the answer header it is made of.
+    claims: Vec<(String, HeaderName)>,
     /// The client headers to send; `None`: all but hop-by-hop and body framing.
     allow: Option<Vec<HeaderName>>,
     /// The auth service, over pooled keep-alive connections.
@@ -219,6 +239,30 @@ impl ForwardAuth {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         auth
     }
+
+    /// The claims of an admitted request, made of the answer's headers: each header's
+    /// values as text (several joined by `, `, as HTTP combines them); a header the answer
+    /// lacks is a claim the request lacks. The claim `sub`, when there is one and it is not
+    /// empty, is the subject, as a token's is.
+    fn publish_claims(&self, answer: &HeaderMap, ctx: &mut Context) {
+        let mut values = serde_json::Map::new();
+        for (claim, header) in &self.claims {
+            let texts: Vec<_> = answer
+                .get_all(header)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                .collect();
+            if !texts.is_empty() {
+                values.insert(claim.clone(), texts.join(", ").into());
+            }
+        }
+        if let Some(serde_json::Value::String(sub)) = values.get("sub") {
+            if !sub.is_empty() {
+                ctx.subject = Some(sub.as_str().into());
+            }
+        }
+        ctx.claims = Some(Arc::new(Claims::new(values)));
+    }
 }
 
 /// The client's answer when the service refuses: its status and body, with the headers
@@ -253,6 +297,9 @@ impl Middleware for ForwardAuth {
                 .await
             {
                 Ok(answer) if answer.status().is_success() => {
+                    if !self.claims.is_empty() {
+                        self.publish_claims(answer.headers(), ctx);
+                    }
                     for name in &self.copy {
                         req.headers.remove(name);
                         for value in answer.headers().get_all(name) {
