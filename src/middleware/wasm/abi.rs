@@ -124,7 +124,7 @@ pub fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 }
 
 /// The pairs of a serialized header map; `None` if it is malformed (a count or a size past
-/// the end, a missing NUL). Bytes after the last pair are ignored.
+/// the end, a NUL missing after a name or value). Bytes after the last pair are ignored.
 pub fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     let word = |at: usize| -> Option<usize> {
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
@@ -138,15 +138,19 @@ pub fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
         return None;
     }
     let mut pairs = Vec::with_capacity(count);
+    // Each name and value is followed by a NUL, which is checked, not assumed.
+    let mut field = |len: usize| -> Option<&[u8]> {
+        let end = data.checked_add(len)?;
+        let text = bytes.get(data..end)?;
+        (bytes.get(end) == Some(&0)).then_some(())?;
+        data = end + 1;
+        Some(text)
+    };
     for i in 0..count {
         let (k, v) = (word(4 + i * 8)?, word(8 + i * 8)?);
-        let key = bytes.get(data..data.checked_add(k)?)?;
-        data += k + 1;
-        let value = bytes.get(data..data.checked_add(v)?)?;
-        data += v + 1;
-        pairs.push((key, value));
+        pairs.push((field(k)?, field(v)?));
     }
-    (data <= bytes.len()).then_some(pairs)
+    Some(pairs)
 }
 
 fn header(name: &[u8], value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
@@ -876,6 +880,16 @@ mod tests {
         assert_eq!(&bytes[..4], &3u32.to_le_bytes());
         assert_eq!(deserialize_pairs(&bytes).unwrap(), pairs);
         assert_eq!(deserialize_pairs(&[]).unwrap(), Vec::<(&[u8], &[u8])>::new());
+    }
+
+    #[test]
+    fn a_name_or_value_without_its_nul_is_refused() {
+        // Found by the fuzz target: sizes that add up, but a 2 where a NUL must be.
+        let bytes = [
+            2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0,
+            81, 79,
+        ];
+        assert_eq!(deserialize_pairs(&bytes), None);
     }
 
     #[test]
