@@ -83,7 +83,8 @@ pub(crate) fn colon_entries<'a>(
     }))
 }
 
-/// A `forward_claims` table as `gatehouse check` shows it: claim → header name.
+/// A table of claims and header names (`jwt`'s and `oidc`'s `forward_claims`,
+/// `forward_auth`'s `claims_from_headers`) as `gatehouse check` shows it: claim → header.
 pub(crate) fn forwarded(claims: &BTreeMap<String, HeaderNameValue>) -> Vec<(&str, &str)> {
     claims
         .iter()
