@@ -264,6 +264,60 @@ async fn a_local_reply_answers_for_the_app_and_is_audited_as_the_entry_s_deny() 
     not(gatehouse_has_wasm32_wasip1),
     ignore = "needs the wasm32-wasip1 target (rustup target add wasm32-wasip1)"
 )]
+async fn the_request_body_is_shown_whole_and_may_be_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let rest = format!(
+        "{}{}{}",
+        entry("rb", "request_body", ""),
+        entry("small", "request_body", "max_body = \"16B\""),
+        audit_to(&events)
+    );
+    let (_up, gh) = proxy_with("", "", &rest).await;
+    let post = |path: &str, body: &'static str| {
+        request("POST", path)
+            .header("content-type", "text/plain")
+            .body(full(body))
+            .unwrap()
+    };
+
+    // Held for the plugin while it pauses, passed on to the app all the same.
+    let resp = send(gh.port, post("/rb/echo", "hello, plugin")).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("x-body-seen").as_deref(), Some("13"));
+    assert!(resp.text().contains("hello, plugin"), "{resp:?}");
+
+    let refused = send(gh.port, post("/rb/no", "this is forbidden here")).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(refused.text(), "body refused\n");
+    assert_eq!(refused.header("x-denied-by").as_deref(), Some("body"));
+    assert_denied(
+        &event_for(&events, "/rb/no").await,
+        "rb",
+        "plugin_denied",
+        403,
+    );
+
+    // More than max_body held for a plugin that pauses: 413.
+    let big = send(
+        gh.port,
+        post("/small/echo", "a body longer than sixteen bytes"),
+    )
+    .await;
+    assert_eq!(big.status, 413, "{big:?}");
+    assert_denied(
+        &event_for(&events, "/small/echo").await,
+        "small",
+        "body_too_large",
+        413,
+    );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_wasm32_wasip1),
+    ignore = "needs the wasm32-wasip1 target (rustup target add wasm32-wasip1)"
+)]
 async fn a_body_rewrite_replaces_the_whole_response_body() {
     let scope = "paths = [\"/big\", \"/echo\"]";
     let rest = wasm_entry("upper", &plugin("body_rewrite"), scope, "");

@@ -54,6 +54,10 @@ pub struct Context {
     /// its file (a `cors` verdict, a `rate_limit` quota), so the context names none of
     /// them. Allocated only when one stores something.
     pub state: Extensions,
+    /// What request phases leave for their body phase (a plugin's context): the request
+    /// body takes it when it starts streaming, since the body phases run where the context
+    /// is not. Allocated only when one stores something.
+    pub body: Extensions,
     /// Index of the middleware that refused the request.
     pub denied_by: Option<usize>,
     /// Why a response phase replaced the answer with a refusal (see
@@ -88,6 +92,7 @@ impl Context {
             upstream_answered: None,
             upgrade: None,
             state: Extensions::new(),
+            body: Extensions::new(),
             denied_by: None,
             response_refusal: None,
             fail_open: 0,

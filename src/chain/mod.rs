@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{request, response, HeaderName, Method, Response, StatusCode};
+use http::{request, response, Extensions, HeaderName, Method, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 
 pub use context::{Claims, Context, Policy, SessionDigest};
@@ -106,6 +106,15 @@ pub enum BodyPhase {
     Pass(&'static str),
 }
 
+/// A piece of a request body, as the body phases are shown it.
+pub struct Piece<'a> {
+    pub data: &'a Bytes,
+    /// Body bytes received so far, this piece included.
+    pub received: u64,
+    /// The body ends here (its last piece came before; `data` is empty).
+    pub end: bool,
+}
+
 /// The filters of one response's body, in the order the body goes through them (the
 /// app's side first). Empty, and so not allocated, for most responses.
 pub type Filters = Vec<Box<dyn BodyFilter>>;
@@ -122,10 +131,12 @@ pub trait Middleware: Send + Sync + 'static {
     }
 
     /// Body phase: called for each piece of the request body as it streams upstream (if
-    /// the request phase ran), with the body bytes received so far, this piece included.
-    /// An error refuses the request mid-stream: the upstream request is abandoned and the
-    /// client gets the answer.
-    fn on_request_body(&self, _data: &Bytes, _received: u64) -> Result<(), Reject> {
+    /// the request phase ran), with the body bytes received so far, this piece included,
+    /// and once more, with `end` and no data, when a body that had any ends. `state` is
+    /// what request phases left in [`Context::body`] for it: the body streams where the
+    /// context is not. An error refuses the request mid-stream: the upstream request is
+    /// abandoned and the client gets the answer.
+    fn on_request_body(&self, _piece: &Piece<'_>, _state: &mut Extensions) -> Result<(), Reject> {
         Ok(())
     }
 
@@ -396,8 +407,8 @@ impl Chain {
     pub fn on_request_body(
         &self,
         mask: u64,
-        data: &Bytes,
-        received: u64,
+        piece: &Piece<'_>,
+        state: &mut Extensions,
     ) -> Result<(), (usize, Reject)> {
         let mut left = mask;
         while left != 0 {
@@ -405,7 +416,7 @@ impl Chain {
             left &= left - 1;
             self.links[i]
                 .middleware
-                .on_request_body(data, received)
+                .on_request_body(piece, state)
                 .map_err(|reject| (i, reject))?;
         }
         Ok(())
@@ -514,7 +525,8 @@ mod tests {
         fn inspects_body(&self) -> bool {
             self.id >= 2
         }
-        fn on_request_body(&self, _: &Bytes, received: u64) -> Result<(), Reject> {
+        fn on_request_body(&self, piece: &Piece<'_>, _: &mut Extensions) -> Result<(), Reject> {
+            let received = piece.received;
             self.log
                 .lock()
                 .unwrap()
@@ -745,9 +757,17 @@ mod tests {
         log.lock().unwrap().clear();
         let mask = chain.body_phases(&ctx);
         assert_eq!(mask, 0b1100);
-        let piece = Bytes::from_static(b"0123456");
-        assert!(chain.on_request_body(mask, &piece, 7).is_ok());
-        let (i, reject) = chain.on_request_body(mask, &piece, 14).unwrap_err();
+        let data = Bytes::from_static(b"0123456");
+        let piece = |received| Piece {
+            data: &data,
+            received,
+            end: false,
+        };
+        let mut state = Extensions::new();
+        assert!(chain.on_request_body(mask, &piece(7), &mut state).is_ok());
+        let (i, reject) = chain
+            .on_request_body(mask, &piece(14), &mut state)
+            .unwrap_err();
         assert_eq!((i, reject.status.as_u16()), (2, 413));
         assert_eq!(*log.lock().unwrap(), ["body2:7", "body3:7", "body2:14"]);
     }

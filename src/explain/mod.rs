@@ -687,7 +687,7 @@ impl proxy::Upstream for Assumed<'_> {
     where
         B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     {
-        let mut body = proxy.request_body(out.body, s);
+        let mut body = proxy.request_body(out.body, &mut s.ctx);
         let mut failed = false;
         while let Some(frame) = body.frame().await {
             if frame.is_err() {

@@ -2,13 +2,12 @@
 //! streaming by counting bytes (its body phase), so a lying or chunked client cannot get
 //! more through. Nothing is buffered: a body over the limit is cut off mid-stream.
 
-use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{request, StatusCode};
+use http::{request, Extensions, StatusCode};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::chain::{Context, Flow, Middleware, Reason, Reject};
+use crate::chain::{Context, Flow, Middleware, Piece, Reason, Reject};
 use crate::config::value::ByteSize;
 use crate::protocol::h1::parse_length;
 
@@ -76,8 +75,8 @@ impl Middleware for BodyLimit {
         true
     }
 
-    fn on_request_body(&self, _: &Bytes, received: u64) -> Result<(), Reject> {
-        if received > self.max {
+    fn on_request_body(&self, piece: &Piece<'_>, _: &mut Extensions) -> Result<(), Reject> {
+        if piece.received > self.max {
             return Err(self.too_large());
         }
         Ok(())

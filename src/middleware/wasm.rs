@@ -9,9 +9,10 @@
 //! fails is answered for by `on_error`, and its instance is replaced.
 //!
 //! Phases: request headers (where the plugin may answer, or pause the request on HTTP
-//! calls to the configured `clusters` and decide on their answers), response headers, and
-//! the response body (held while the plugin pauses on it, up to `max_body`, so it can
-//! rewrite it whole). The request body streams to the app untouched by plugins.
+//! calls to the configured `clusters` and decide on their answers), the request body (shown
+//! to the plugin as it streams to the app, what it pauses on held for it up to `max_body`;
+//! it may refuse the request, not change the body), response headers, and the response
+//! body (held while the plugin pauses on it, up to `max_body`, so it can rewrite it whole).
 
 mod abi;
 mod vm;
@@ -27,12 +28,14 @@ use std::time::{Duration as StdDuration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{request, response, HeaderMap, StatusCode, Uri};
+use http::{request, response, Extensions, HeaderMap, StatusCode, Uri};
 use schemars::JsonSchema;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{BodyFilter, BodyPhase, Boundary, Context, Flow, Middleware, Reason, Reject};
+use crate::chain::{
+    BodyFilter, BodyPhase, Boundary, Context, Flow, Middleware, Piece, Reason, Reject,
+};
 use crate::config::value::{ByteSize, ConfigFile};
 use crate::config::{KeyPath, Problem};
 use crate::logging::Throttle;
@@ -78,8 +81,8 @@ pub struct Settings {
     /// loops forever fails there instead of holding its worker.
     #[serde(default = "default_fuel")]
     fuel_per_call: u64,
-    /// The most of a response body held while the plugin pauses on it; a response whose
-    /// body passes this while held is cut off.
+    /// The most of a body held while the plugin pauses on it: a request whose body passes
+    /// this while held is refused (`413`), a response is cut off.
     #[serde(default = "default_max_body")]
     max_body: ByteSize,
     /// The names the plugin's `dispatch_http_call` may use, each an `http://host[:port]`
@@ -371,6 +374,27 @@ impl Drop for End {
 #[derive(Clone, Default)]
 struct Exchanges(Vec<Exchange>);
 
+/// A request's context as its body phase reaches it (in [`Context::body`]): the body
+/// streams where the request's context is not.
+#[derive(Clone)]
+struct BodyState {
+    /// Whose state this is: each entry has its own slots.
+    slots: Arc<Slots>,
+    worker: usize,
+    id: u32,
+    generation: u64,
+    props: Props,
+    /// A copy of what the plugin paused on (the body itself has gone on to the app).
+    held: Vec<u8>,
+    /// The plugin failed and `on_error = "allow"`: the rest is not shown to it.
+    failed: bool,
+    _end: Arc<End>,
+}
+
+/// The body states of a request, one per `wasm` entry it went through.
+#[derive(Clone, Default)]
+struct BodyStates(Vec<BodyState>);
+
 fn props(req: &request::Parts, ctx: &Context) -> Props {
     Props {
         method: req.method.clone(),
@@ -579,13 +603,31 @@ impl Middleware for Wasm {
             Ok(done) => done,
             Err(failure) => return self.failed(ctx, &failure),
         };
-        let end = Arc::new(End {
+        let end_of = Arc::new(End {
             slots: self.slots.clone(),
             worker: ctx.worker,
             id,
             generation,
             props: Mutex::new(Some(props.clone())),
         });
+        if !end {
+            let body = BodyState {
+                slots: self.slots.clone(),
+                worker: ctx.worker,
+                id,
+                generation,
+                props: props.clone(),
+                held: Vec::new(),
+                failed: false,
+                _end: end_of.clone(),
+            };
+            match ctx.body.get_mut::<BodyStates>() {
+                Some(all) => all.0.push(body),
+                None => {
+                    ctx.body.insert(BodyStates(vec![body]));
+                }
+            }
+        }
         let exchange = Exchange {
             link: ctx.current,
             id,
@@ -593,7 +635,7 @@ impl Middleware for Wasm {
             props,
             request: HeaderMap::new(),
             replace: None,
-            _end: end,
+            _end: end_of,
         };
         match ctx.state.get_mut::<Exchanges>() {
             Some(all) => all.0.push(exchange),
@@ -602,6 +644,63 @@ impl Middleware for Wasm {
             }
         }
         self.decide(req, ctx, action, effects, id, generation)
+    }
+
+    fn inspects_body(&self) -> bool {
+        true
+    }
+
+    fn on_request_body(&self, piece: &Piece<'_>, state: &mut Extensions) -> Result<(), Reject> {
+        let Some(body) = state
+            .get_mut::<BodyStates>()
+            .and_then(|all| all.0.iter_mut().find(|b| Arc::ptr_eq(&b.slots, &self.slots)))
+        else {
+            return Ok(()); // a request without a body, or one the plugin did not see
+        };
+        if body.failed {
+            return Ok(());
+        }
+        body.held.extend_from_slice(piece.data);
+        let mut stream = Stream {
+            body: Some((abi::buffer::REQUEST_BODY, std::mem::take(&mut body.held))),
+            props: Some(body.props.clone()),
+            ..Stream::default()
+        };
+        let (id, end) = (body.id, piece.end);
+        let size = stream.body.as_ref().map_or(0, |(_, b)| b.len() as u32);
+        let result = self.slots.with_vm(body.worker, Some(body.generation), |vm| {
+            vm.with_stream(id, &mut stream, |vm| vm.request_body(id, size, end))
+        });
+        if let Some((_, held)) = stream.body {
+            body.held = held;
+        }
+        if let Some(props) = stream.props {
+            body.props = props;
+        }
+        match result {
+            Err(failure) => match self.on_error {
+                OnError::Allow => {
+                    body.failed = true;
+                    body.held = Vec::new();
+                    Ok(())
+                }
+                OnError::Deny => Err(plugin_failed(&self.slots.shared.name, &failure)),
+            },
+            Ok((_, effects)) if effects.reply.is_some() => {
+                Err(local_reply(effects.reply.expect("checked")))
+            }
+            Ok((CONTINUE, _)) => {
+                body.held.clear();
+                Ok(())
+            }
+            // Held while the plugin pauses, within the bound.
+            Ok(_) if body.held.len() > self.max_body => Err(Reject::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Reason::BodyTooLarge,
+                "the plugin held more of the request body than max_body",
+            )),
+            Ok(_) => Ok(()),
+        }
     }
 
     fn on_response(&self, resp: &mut response::Parts, ctx: &mut Context) {
@@ -807,12 +906,6 @@ impl BodyFilter for PluginBody {
             return Ok(Bytes::new());
         }
         self.held.extend_from_slice(&data);
-        if self.held.len() > self.max_body {
-            return Err(io::Error::other(format!(
-                "the plugin held more than max_body ({} bytes) of the response body",
-                self.max_body
-            )));
-        }
         let end = at == Boundary::End;
         let before = self.held.len();
         let mut stream = Stream {
@@ -843,6 +936,11 @@ impl BodyFilter for PluginBody {
                 }
                 Ok(Bytes::from(std::mem::take(&mut self.held)))
             }
+            // Held while the plugin pauses, within the bound.
+            Ok(_) if self.held.len() > self.max_body => Err(io::Error::other(format!(
+                "the plugin held more than max_body ({} bytes) of the response body",
+                self.max_body
+            ))),
             Ok(_) => Ok(Bytes::new()),
         }
     }

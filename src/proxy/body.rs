@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName};
+use http::{Extensions, HeaderMap, HeaderName};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::chain::{BodyFilter, Boundary, Chain, Filters, Reject};
+use crate::chain::{BodyFilter, Boundary, Chain, Filters, Piece, Reject};
 use crate::config::Underscores;
 use crate::pool::{self, H2Body, Upgraded};
 use crate::protocol::h1::hop;
@@ -26,15 +26,29 @@ pub struct RequestBody<B, T> {
     phases: u64,
     /// `server.underscores_in_headers`, which trailer fields obey too.
     underscores: Underscores,
+    /// What the request phases left for the body phases ([`Context::body`]).
+    ///
+    /// [`Context::body`]: crate::chain::Context::body
+    state: Extensions,
+    /// The body phases were told it ended.
+    ended: bool,
 }
 
 impl<B, T: Tally> RequestBody<B, T> {
-    pub fn new(inner: B, tally: T, phases: u64, underscores: Underscores) -> Self {
+    pub fn new(
+        inner: B,
+        tally: T,
+        phases: u64,
+        underscores: Underscores,
+        state: Extensions,
+    ) -> Self {
         RequestBody {
             inner,
             tally,
             phases,
             underscores,
+            state,
+            ended: false,
         }
     }
 
@@ -186,15 +200,39 @@ where
                 this.tally.fail(None);
                 return Poll::Ready(Some(Err(BodyError::Client)));
             }
-            None => return Poll::Ready(None),
+            None => {
+                // A body that had any bytes tells its phases it ended, once.
+                let received = this.tally.add(0);
+                if this.phases != 0 && received > 0 && !std::mem::replace(&mut this.ended, true) {
+                    let end = Piece {
+                        data: &Bytes::new(),
+                        received,
+                        end: true,
+                    };
+                    let checked =
+                        this.tally
+                            .chain()
+                            .on_request_body(this.phases, &end, &mut this.state);
+                    if let Err(refused) = checked {
+                        this.tally.fail(Some(refused));
+                        return Poll::Ready(Some(Err(BodyError::Refused)));
+                    }
+                }
+                return Poll::Ready(None);
+            }
         };
         if let Some(data) = frame.data_ref() {
             let received = this.tally.add(data.len() as u64);
             if this.phases != 0 {
-                let checked = this
-                    .tally
-                    .chain()
-                    .on_request_body(this.phases, data, received);
+                let piece = Piece {
+                    data,
+                    received,
+                    end: false,
+                };
+                let checked =
+                    this.tally
+                        .chain()
+                        .on_request_body(this.phases, &piece, &mut this.state);
                 if let Err(refused) = checked {
                     this.tally.fail(Some(refused));
                     return Poll::Ready(Some(Err(BodyError::Refused)));

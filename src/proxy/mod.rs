@@ -367,9 +367,16 @@ impl Proxy {
 
     /// The request body on its way out, through the chain's body phases of the entries
     /// whose request phase ran, its progress kept in the body.
-    pub fn request_body<B>(&self, body: B, s: &Session) -> RequestBody<B, Local<'_>> {
-        let phases = self.chain.body_phases(&s.ctx);
-        RequestBody::new(body, Local::new(&self.chain), phases, self.underscores)
+    pub fn request_body<B>(&self, body: B, ctx: &mut Context) -> RequestBody<B, Local<'_>> {
+        let phases = self.chain.body_phases(ctx);
+        let state = std::mem::take(&mut ctx.body);
+        RequestBody::new(
+            body,
+            Local::new(&self.chain),
+            phases,
+            self.underscores,
+            state,
+        )
     }
 
     /// Refuses, or mends, what no middleware should ever see: what HTTP/1's parser

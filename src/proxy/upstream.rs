@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{request, response, HeaderValue, Request, Uri, Version};
+use http::{request, response, Extensions, HeaderValue, Request, Uri, Version};
 use http_body::Body as HttpBody;
 
 use super::body::{Body, Progress, RequestBody, Shared};
@@ -109,12 +109,13 @@ impl Proxy {
             s.upstream_version = Version::HTTP_2;
             // Boxed: only a request sent over HTTP/2 carries this future.
             let (worker, upload) = (s.ctx.worker, &mut s.upload);
+            let state = std::mem::take(&mut s.ctx.body);
             let forward = self.forward_h2(
-                parts, body, &forwarded, phases, sent, timeout, worker, upload,
+                parts, body, state, &forwarded, phases, sent, timeout, worker, upload,
             );
             Box::pin(forward).await
         } else {
-            let mut body = self.request_body(body, s);
+            let mut body = self.request_body(body, &mut s.ctx);
             let encode = |framing, out: &mut Vec<u8>| {
                 encode(parts, framing, &forwarded, upgrade.as_ref(), out);
             };
@@ -153,6 +154,7 @@ impl Proxy {
         &self,
         parts: &mut request::Parts,
         body: B,
+        state: Extensions,
         forwarded: &Forwarded<'_>,
         phases: u64,
         sent: Instant,
@@ -170,7 +172,7 @@ impl Proxy {
         let progress = Arc::new(Progress::default());
         *upload = Some(progress.clone());
         let tally = Shared::new(self.chain.clone(), progress.clone());
-        let body = RequestBody::new(body, tally, phases, self.underscores);
+        let body = RequestBody::new(body, tally, phases, self.underscores, state);
         let req = h2_request(parts, forwarded, self.upstream.authority(), body);
         let (result, answered) = self
             .upstream

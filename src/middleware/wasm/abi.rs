@@ -318,13 +318,13 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         |mut caller: C, kind: u32, start: u32, size: u32, ptr: u32, len: u32| -> Result<u32, Error> {
             let data = read(&caller, ptr, len)?;
             let host = caller.data_mut();
-            let Some((k, body)) = host.stream.body.as_mut().filter(|(k, _)| *k == kind) else {
-                // The request body streams to the app as it arrives: it is read-only.
-                return Ok(if kind == buffer::REQUEST_BODY { UNIMPLEMENTED } else { NOT_FOUND });
-            };
-            if *k == buffer::REQUEST_BODY {
+            // The request body streams to the app as it arrives: the plugin reads a copy.
+            if kind == buffer::REQUEST_BODY {
                 return Ok(UNIMPLEMENTED);
             }
+            let Some((_, body)) = host.stream.body.as_mut().filter(|(k, _)| *k == kind) else {
+                return Ok(NOT_FOUND);
+            };
             let start = (start as usize).min(body.len());
             let end = start.saturating_add(size as usize).min(body.len());
             body.splice(start..end, data);

@@ -623,6 +623,7 @@ struct Exports {
     tick: Option<TypedFunc<u32, ()>>,
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     http_call_response: Option<CallResponse>,
@@ -714,6 +715,7 @@ impl Vm {
             tick: export!("proxy_on_tick"),
             queue_ready: export!("proxy_on_queue_ready"),
             request_headers: export!("proxy_on_request_headers"),
+            request_body: export!("proxy_on_request_body"),
             response_headers: export!("proxy_on_response_headers"),
             response_body: export!("proxy_on_response_body"),
             http_call_response: export!("proxy_on_http_call_response"),
@@ -818,6 +820,13 @@ impl Vm {
             return Ok(CONTINUE);
         };
         self.call(|s| f.call(s, (id, count, u32::from(end))))
+    }
+
+    pub fn request_body(&mut self, id: u32, size: u32, end: bool) -> Result<u32, Failure> {
+        let Some(f) = self.exports.request_body else {
+            return Ok(CONTINUE);
+        };
+        self.call(|s| f.call(s, (id, size, u32::from(end))))
     }
 
     pub fn response_headers(&mut self, id: u32, count: u32, end: bool) -> Result<u32, Failure> {
