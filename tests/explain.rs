@@ -67,15 +67,6 @@ fn assert_lines(text: &str, lines: &[&str]) {
     }
 }
 
-fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["chain"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no step {name} in {report:#}"))
-}
-
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -122,15 +122,6 @@ async fn explain_json(config: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
 }
 
-fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["chain"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no step {name} in {report:#}"))
-}
-
 #[tokio::test]
 #[cfg_attr(
     not(gatehouse_has_wasm32_wasip1),

@@ -347,6 +347,22 @@ struct Exchange {
     _end: Arc<End>,
 }
 
+impl Exchange {
+    /// The context as a body phase reaches it, holding nothing yet.
+    fn held(&self, slots: &Arc<Slots>, worker: usize) -> Held {
+        Held {
+            slots: slots.clone(),
+            worker,
+            id: self.id,
+            generation: self.generation,
+            props: self.props.clone(),
+            held: Vec::new(),
+            failed: false,
+            _end: self._end.clone(),
+        }
+    }
+}
+
 /// Ends a request's context in its instance when the request is done with.
 struct End {
     slots: Arc<Slots>,
@@ -374,26 +390,57 @@ impl Drop for End {
 #[derive(Clone, Default)]
 struct Exchanges(Vec<Exchange>);
 
-/// A request's context as its body phase reaches it (in [`Context::body`]): the body
-/// streams where the request's context is not.
+/// A request's context as the body phases reach it (a request body's phase from
+/// [`Context::body`], a response body's filter): the bodies stream where the request's
+/// context is not. It holds a copy of what the plugin paused on.
 #[derive(Clone)]
-struct BodyState {
-    /// Whose state this is: each entry has its own slots.
+struct Held {
+    /// Whose context this is: each entry has its own slots.
     slots: Arc<Slots>,
     worker: usize,
     id: u32,
     generation: u64,
     props: Props,
-    /// A copy of what the plugin paused on (the body itself has gone on to the app).
+    /// What the plugin paused on, to be shown again with what comes next.
     held: Vec<u8>,
     /// The plugin failed and `on_error = "allow"`: the rest is not shown to it.
     failed: bool,
     _end: Arc<End>,
 }
 
-/// The body states of a request, one per `wasm` entry it went through.
+impl Held {
+    /// Shows the plugin what it holds and `data` as the body buffer `kind`, `end` saying
+    /// whether the body ends there; the plugin's action and effects.
+    fn call(
+        &mut self,
+        kind: u32,
+        data: &[u8],
+        end: bool,
+        callback: fn(&mut Vm, u32, u32, bool) -> Result<u32, Failure>,
+    ) -> Result<(u32, Effects), Failure> {
+        self.held.extend_from_slice(data);
+        let mut stream = Stream {
+            body: Some((kind, std::mem::take(&mut self.held))),
+            props: Some(self.props.clone()),
+            ..Stream::default()
+        };
+        let (id, size) = (self.id, stream.body.as_ref().map_or(0, |(_, b)| b.len() as u32));
+        let result = self.slots.with_vm(self.worker, Some(self.generation), |vm| {
+            vm.with_stream(id, &mut stream, |vm| callback(vm, id, size, end))
+        });
+        if let Some((_, held)) = stream.body {
+            self.held = held;
+        }
+        if let Some(props) = stream.props {
+            self.props = props;
+        }
+        result
+    }
+}
+
+/// The request-body states of a request, one per `wasm` entry it went through.
 #[derive(Clone, Default)]
-struct BodyStates(Vec<BodyState>);
+struct BodyStates(Vec<Held>);
 
 fn props(req: &request::Parts, ctx: &Context) -> Props {
     Props {
@@ -610,24 +657,6 @@ impl Middleware for Wasm {
             generation,
             props: Mutex::new(Some(props.clone())),
         });
-        if !end {
-            let body = BodyState {
-                slots: self.slots.clone(),
-                worker: ctx.worker,
-                id,
-                generation,
-                props: props.clone(),
-                held: Vec::new(),
-                failed: false,
-                _end: end_of.clone(),
-            };
-            match ctx.body.get_mut::<BodyStates>() {
-                Some(all) => all.0.push(body),
-                None => {
-                    ctx.body.insert(BodyStates(vec![body]));
-                }
-            }
-        }
         let exchange = Exchange {
             link: ctx.current,
             id,
@@ -637,6 +666,15 @@ impl Middleware for Wasm {
             replace: None,
             _end: end_of,
         };
+        if !end {
+            let body = exchange.held(&self.slots, ctx.worker);
+            match ctx.body.get_mut::<BodyStates>() {
+                Some(all) => all.0.push(body),
+                None => {
+                    ctx.body.insert(BodyStates(vec![body]));
+                }
+            }
+        }
         match ctx.state.get_mut::<Exchanges>() {
             Some(all) => all.0.push(exchange),
             None => {
@@ -660,23 +698,8 @@ impl Middleware for Wasm {
         if body.failed {
             return Ok(());
         }
-        body.held.extend_from_slice(piece.data);
-        let mut stream = Stream {
-            body: Some((abi::buffer::REQUEST_BODY, std::mem::take(&mut body.held))),
-            props: Some(body.props.clone()),
-            ..Stream::default()
-        };
-        let (id, end) = (body.id, piece.end);
-        let size = stream.body.as_ref().map_or(0, |(_, b)| b.len() as u32);
-        let result = self.slots.with_vm(body.worker, Some(body.generation), |vm| {
-            vm.with_stream(id, &mut stream, |vm| vm.request_body(id, size, end))
-        });
-        if let Some((_, held)) = stream.body {
-            body.held = held;
-        }
-        if let Some(props) = stream.props {
-            body.props = props;
-        }
+        let kind = abi::buffer::REQUEST_BODY;
+        let result = body.call(kind, piece.data, piece.end, Vm::request_body);
         match result {
             Err(failure) => match self.on_error {
                 OnError::Allow => {
@@ -686,9 +709,12 @@ impl Middleware for Wasm {
                 }
                 OnError::Deny => Err(plugin_failed(&self.slots.shared.name, &failure)),
             },
-            Ok((_, effects)) if effects.reply.is_some() => {
-                Err(local_reply(effects.reply.expect("checked")))
-            }
+            Ok((
+                _,
+                Effects {
+                    reply: Some(reply), ..
+                },
+            )) => Err(local_reply(reply)),
             Ok((CONTINUE, _)) => {
                 body.held.clear();
                 Ok(())
@@ -788,17 +814,10 @@ impl Middleware for Wasm {
             return BodyPhase::Pass("the plugin has no response body callback");
         }
         BodyPhase::Filter(Box::new(PluginBody {
-            slots: self.slots.clone(),
-            worker,
-            id: exchange.id,
-            generation: exchange.generation,
-            props: exchange.props.clone(),
-            held: Vec::new(),
+            held: exchange.held(&self.slots, worker),
             max_body: self.max_body,
             length: resp.headers.contains_key(CONTENT_LENGTH),
             allow: self.on_error == OnError::Allow,
-            failed: false,
-            _end: exchange._end.clone(),
         }))
     }
 
@@ -882,62 +901,43 @@ impl BodyFilter for Replace {
 /// The response body through the plugin's `on_http_response_body`: each piece is shown to
 /// it; while it pauses, pieces are held (up to `max_body`) so it sees them together.
 struct PluginBody {
-    slots: Arc<Slots>,
-    worker: usize,
-    id: u32,
-    generation: u64,
-    props: Props,
-    held: Vec<u8>,
+    held: Held,
     max_body: usize,
     /// The head announced a `content-length`: the plugin may not change the body's length.
     length: bool,
     allow: bool,
-    /// The plugin failed and `on_error = "allow"`: the rest passes as it is.
-    failed: bool,
-    _end: Arc<End>,
 }
 
 impl BodyFilter for PluginBody {
     fn filter(&mut self, data: Bytes, at: Boundary) -> io::Result<Bytes> {
-        if self.failed {
+        let held = &mut self.held;
+        if held.failed {
             return Ok(data);
         }
         if at == Boundary::Pause && data.is_empty() {
             return Ok(Bytes::new());
         }
-        self.held.extend_from_slice(&data);
         let end = at == Boundary::End;
-        let before = self.held.len();
-        let mut stream = Stream {
-            body: Some((abi::buffer::RESPONSE_BODY, std::mem::take(&mut self.held))),
-            props: Some(self.props.clone()),
-            ..Stream::default()
-        };
-        let (id, size) = (self.id, before as u32);
-        let result = self.slots.with_vm(self.worker, Some(self.generation), |vm| {
-            vm.with_stream(id, &mut stream, |vm| vm.response_body(id, size, end))
-        });
-        if let Some((_, body)) = stream.body {
-            self.held = body;
-        }
+        let before = held.held.len() + data.len();
+        let result = held.call(abi::buffer::RESPONSE_BODY, &data, end, Vm::response_body);
         match result {
             Err(failure) if self.allow => {
-                self.failed = true;
-                tracing::debug!(plugin = %self.slots.shared.name, %failure, "wasm: the response body passes as it is");
-                Ok(Bytes::from(std::mem::take(&mut self.held)))
+                held.failed = true;
+                tracing::debug!(plugin = %held.slots.shared.name, %failure, "wasm: the response body passes as it is");
+                Ok(Bytes::from(std::mem::take(&mut held.held)))
             }
             Err(failure) => Err(io::Error::other(format!("the plugin failed: {failure}"))),
             Ok((action, _)) if action == CONTINUE || end => {
-                if self.length && self.held.len() != before {
+                if self.length && held.held.len() != before {
                     return Err(io::Error::other(
                         "the plugin changed the response body's length but left its \
                          content-length (remove it in on_http_response_headers)",
                     ));
                 }
-                Ok(Bytes::from(std::mem::take(&mut self.held)))
+                Ok(Bytes::from(std::mem::take(&mut held.held)))
             }
             // Held while the plugin pauses, within the bound.
-            Ok(_) if self.held.len() > self.max_body => Err(io::Error::other(format!(
+            Ok(_) if held.held.len() > self.max_body => Err(io::Error::other(format!(
                 "the plugin held more than max_body ({} bytes) of the response body",
                 self.max_body
             ))),
@@ -946,7 +946,7 @@ impl BodyFilter for PluginBody {
     }
 
     fn describe(&self) -> String {
-        format!("through plugin {}", self.slots.shared.name)
+        format!("through plugin {}", self.held.slots.shared.name)
     }
 }
 

@@ -1370,3 +1370,13 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// The step of `explain --format json`'s report for the chain entry `name`.
+pub fn step<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {report:#}"))
+}
