@@ -699,36 +699,6 @@ async fn http2_cookie_crumbs_reach_an_http1_app_as_one_cookie() {
     );
 }
 
-/// A body of frames sent in turn.
-struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
-
-impl http_body::Body for Frames {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(Ok))
-    }
-}
-
-/// A body of `data` followed by `trailers`.
-fn with_trailers(data: &'static str, trailers: &[(&str, &str)]) -> Body {
-    let mut fields = http::HeaderMap::new();
-    for (name, value) in trailers {
-        fields.append(
-            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            value.parse().unwrap(),
-        );
-    }
-    let frames = [
-        http_body::Frame::data(bytes::Bytes::from(data)),
-        http_body::Frame::trailers(fields),
-    ];
-    http_body_util::BodyExt::boxed(Frames(frames.into()))
-}
-
 #[tokio::test]
 async fn request_trailers_never_carry_what_the_head_may_not_or_the_chain_owns() {
     let (_up, gh) = proxy_with(

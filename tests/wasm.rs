@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::wasm::{assemblyscript_headers, plugin};
 use common::*;
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 /// A `type = "wasm"` entry named `name` that runs the test plugin `module` on `/{name}/**`
@@ -302,6 +303,50 @@ async fn the_request_body_is_shown_whole_and_may_be_refused() {
         "body_too_large",
         413,
     );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(gatehouse_has_wasm32_wasip1),
+    ignore = "needs the wasm32-wasip1 target (rustup target add wasm32-wasip1)"
+)]
+async fn trailers_both_ways_pass_through_the_plugin() {
+    let rest = wasm_entry("trail", &plugin("trailers"), "", "");
+    let (_up, gh) = proxy_with("", "", &rest).await;
+    // Over HTTP/2, whose client sends trailers.
+    let mut sender = h2_connect(gh.port).await;
+    let req = request("POST", &format!("http://127.0.0.1:{}/echo", gh.port))
+        .body(with_trailers("hello", &[("x-checksum", "abc123")]))
+        .unwrap();
+    let resp = collect(sender.send_request(req).await.unwrap()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let json: Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(
+        json["trailers"]["x-plugin-saw"],
+        json!(["abc123"]),
+        "{json}"
+    );
+    assert_eq!(json["trailers"]["x-checksum"], json!(["abc123"]), "{json}");
+
+    let req = request("GET", "/trailers")
+        .header("te", "trailers")
+        .body(empty())
+        .unwrap();
+    let resp = H1::connect(gh.port).await.send_streaming(req).await;
+    let collected = within(
+        Duration::from_secs(10),
+        "the body",
+        resp.into_body().collect(),
+    )
+    .await
+    .unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the response's trailers");
+    assert_eq!(collected.to_bytes(), "with trailers");
+    assert_eq!(trailers["x-up-trailer"], "1");
+    assert_eq!(trailers["x-plugin-trailer"], "seen");
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{request, response, Extensions, HeaderName, Method, Response, StatusCode};
+use http::{request, response, Extensions, HeaderMap, HeaderName, Method, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 
 pub use context::{Claims, Context, Policy, SessionDigest};
@@ -93,6 +93,11 @@ pub trait BodyFilter: Send + 'static {
     /// with `at` saying where the body stands after it. Empty output sends nothing.
     fn filter(&mut self, data: Bytes, at: Boundary) -> std::io::Result<Bytes>;
 
+    /// The body's trailers, when it has some, before its end: the filter may change them.
+    fn trailers(&mut self, _trailers: &mut HeaderMap) -> std::io::Result<()> {
+        Ok(())
+    }
+
     /// What it does, in words for `explain` ("gzip at level default"). Never called
     /// while serving.
     fn describe(&self) -> String;
@@ -137,6 +142,17 @@ pub trait Middleware: Send + Sync + 'static {
     /// context is not. An error refuses the request mid-stream: the upstream request is
     /// abandoned and the client gets the answer.
     fn on_request_body(&self, _piece: &Piece<'_>, _state: &mut Extensions) -> Result<(), Reject> {
+        Ok(())
+    }
+
+    /// Trailers phase: the request body's trailers, if it has any, after its last piece and
+    /// before they go upstream (gatehouse's own rules for trailers apply after it). An error
+    /// refuses the request as the body phase's does.
+    fn on_request_trailers(
+        &self,
+        _trailers: &mut HeaderMap,
+        _state: &mut Extensions,
+    ) -> Result<(), Reject> {
         Ok(())
     }
 
@@ -417,6 +433,25 @@ impl Chain {
             self.links[i]
                 .middleware
                 .on_request_body(piece, state)
+                .map_err(|reject| (i, reject))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the trailers phases in `mask` (the body phases' mask) on the request's trailers.
+    pub fn on_request_trailers(
+        &self,
+        mask: u64,
+        trailers: &mut HeaderMap,
+        state: &mut Extensions,
+    ) -> Result<(), (usize, Reject)> {
+        let mut left = mask;
+        while left != 0 {
+            let i = left.trailing_zeros() as usize;
+            left &= left - 1;
+            self.links[i]
+                .middleware
+                .on_request_trailers(trailers, state)
                 .map_err(|reject| (i, reject))?;
         }
         Ok(())

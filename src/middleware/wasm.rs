@@ -11,8 +11,9 @@
 //! Phases: request headers (where the plugin may answer, or pause the request on HTTP
 //! calls to the configured `clusters` and decide on their answers), the request body (shown
 //! to the plugin as it streams to the app, what it pauses on held for it up to `max_body`;
-//! it may refuse the request, not change the body), response headers, and the response
-//! body (held while the plugin pauses on it, up to `max_body`, so it can rewrite it whole).
+//! it may refuse the request, not change the body), the request's trailers, response
+//! headers, the response body (held while the plugin pauses on it, up to `max_body`, so it
+//! can rewrite it whole) and its trailers.
 
 mod abi;
 mod vm;
@@ -28,7 +29,7 @@ use std::time::{Duration as StdDuration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{request, response, Extensions, HeaderMap, StatusCode, Uri};
+use http::{request, response, Extensions, HeaderMap, Method, StatusCode, Uri};
 use schemars::JsonSchema;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
@@ -409,6 +410,43 @@ struct Held {
 }
 
 impl Held {
+    /// Hands the plugin `trailers` (the request's or the response's, as `kind` says) for
+    /// one callback, and takes them back, changed.
+    fn trailers(
+        &mut self,
+        kind: MapKind,
+        trailers: &mut HeaderMap,
+        callback: fn(&mut Vm, u32, u32) -> Result<u32, Failure>,
+    ) -> Result<Effects, Failure> {
+        let request = kind == MapKind::RequestTrailers;
+        let taken = std::mem::take(trailers);
+        let count = taken.len() as u32;
+        let mut stream = Stream {
+            props: Some(self.props.clone()),
+            writable: if request {
+                &[MapKind::RequestTrailers]
+            } else {
+                &[MapKind::ResponseTrailers]
+            },
+            ..Stream::default()
+        };
+        if request {
+            stream.request_trailers = taken;
+        } else {
+            stream.response_trailers = taken;
+        }
+        let id = self.id;
+        let result = self.slots.with_vm(self.worker, Some(self.generation), |vm| {
+            vm.with_stream(id, &mut stream, |vm| callback(vm, id, count))
+        });
+        *trailers = if request {
+            stream.request_trailers
+        } else {
+            stream.response_trailers
+        };
+        result.map(|(_, effects)| effects)
+    }
+
     /// Shows the plugin what it holds and `data` as the body buffer `kind`, `end` saying
     /// whether the body ends there; the plugin's action and effects.
     fn call(
@@ -457,12 +495,17 @@ fn props(req: &request::Parts, ctx: &Context) -> Props {
     }
 }
 
-/// Whether a request has no body to come.
-fn bodiless(headers: &HeaderMap) -> bool {
-    !headers.contains_key(TRANSFER_ENCODING)
-        && headers
-            .get(CONTENT_LENGTH)
-            .is_none_or(|v| v.as_bytes() == b"0")
+/// Whether a request has no body to come, as far as its head tells: an HTTP/1 head says
+/// (a length, or chunked); an HTTP/2 stream may carry a body without a `content-length`,
+/// so there only a zero length, or a method that has no body, says so.
+fn bodiless(req: &request::Parts) -> bool {
+    let length = req.headers.get(CONTENT_LENGTH).map(|v| v.as_bytes());
+    if length.is_some_and(|l| l != b"0") || req.headers.contains_key(TRANSFER_ENCODING) {
+        return false;
+    }
+    length.is_some()
+        || req.version < http::Version::HTTP_2
+        || matches!(req.method, Method::GET | Method::HEAD)
 }
 
 impl Wasm {
@@ -637,7 +680,7 @@ impl Middleware for Wasm {
     fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Context) -> Flow<'a> {
         let mut props = props(req, ctx);
         let count = req.headers.len() as u32 + 4;
-        let end = bodiless(&req.headers);
+        let end = bodiless(req);
         let result = self.on_request_call(
             req,
             ctx,
@@ -726,6 +769,32 @@ impl Middleware for Wasm {
                 "the plugin held more of the request body than max_body",
             )),
             Ok(_) => Ok(()),
+        }
+    }
+
+    fn on_request_trailers(
+        &self,
+        trailers: &mut HeaderMap,
+        state: &mut Extensions,
+    ) -> Result<(), Reject> {
+        let Some(body) = state
+            .get_mut::<BodyStates>()
+            .and_then(|all| all.0.iter_mut().find(|b| Arc::ptr_eq(&b.slots, &self.slots)))
+            .filter(|b| !b.failed)
+        else {
+            return Ok(());
+        };
+        let result = body.trailers(MapKind::RequestTrailers, trailers, Vm::request_trailers);
+        match result {
+            Ok(Effects {
+                reply: Some(reply), ..
+            }) => Err(local_reply(reply)),
+            Ok(_) => Ok(()),
+            Err(_) if self.on_error == OnError::Allow => {
+                body.failed = true;
+                Ok(())
+            }
+            Err(failure) => Err(plugin_failed(&self.slots.shared.name, &failure)),
         }
     }
 
@@ -942,6 +1011,21 @@ impl BodyFilter for PluginBody {
                 self.max_body
             ))),
             Ok(_) => Ok(Bytes::new()),
+        }
+    }
+
+    fn trailers(&mut self, trailers: &mut HeaderMap) -> io::Result<()> {
+        if self.held.failed {
+            return Ok(());
+        }
+        let kind = MapKind::ResponseTrailers;
+        match self.held.trailers(kind, trailers, Vm::response_trailers) {
+            Ok(_) => Ok(()),
+            Err(_) if self.allow => {
+                self.held.failed = true;
+                Ok(())
+            }
+            Err(failure) => Err(io::Error::other(format!("the plugin failed: {failure}"))),
         }
     }
 

@@ -239,6 +239,16 @@ where
                 }
             }
         } else if let Some(fields) = frame.trailers_mut() {
+            if this.phases != 0 {
+                let checked =
+                    this.tally
+                        .chain()
+                        .on_request_trailers(this.phases, fields, &mut this.state);
+                if let Err(refused) = checked {
+                    this.tally.fail(Some(refused));
+                    return Poll::Ready(Some(Err(BodyError::Refused)));
+                }
+            }
             admit_trailers(fields, this.tally.chain(), this.underscores);
         }
         Poll::Ready(Some(Ok(frame)))
@@ -345,7 +355,13 @@ impl Filtered {
                         (piece, Boundary::More)
                     }
                     Err(frame) => {
-                        self.trailers = frame.into_trailers().ok();
+                        let mut trailers = frame.into_trailers().ok();
+                        if let Some(fields) = trailers.as_mut() {
+                            for filter in &mut self.filters {
+                                filter.trailers(fields)?;
+                            }
+                        }
+                        self.trailers = trailers;
                         self.ended = true;
                         (Bytes::new(), Boundary::End)
                     }

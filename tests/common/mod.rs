@@ -622,6 +622,12 @@ async fn upstream_route(req: Request<Incoming>) -> Result<Response<Body>, Infall
                 .body(empty())
                 .unwrap()
         }
+        // A body followed by a trailer (hyper sends it to a client that accepts trailers,
+        // when the head names it).
+        "/trailers" => Response::builder()
+            .header("trailer", "x-up-trailer")
+            .body(with_trailers("with trailers", &[("x-up-trailer", "1")]))
+            .unwrap(),
         p if p.starts_with("/status/") => {
             let code: u16 = p["/status/".len()..].parse().unwrap_or(500);
             stream_response(
@@ -1379,4 +1385,34 @@ pub fn step<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Va
         .iter()
         .find(|s| s["name"] == name)
         .unwrap_or_else(|| panic!("no step {name} in {report:#}"))
+}
+
+/// A body of frames sent in turn.
+pub struct Frames(pub std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// A body of `data` followed by `trailers`.
+pub fn with_trailers(data: &'static str, trailers: &[(&str, &str)]) -> Body {
+    let mut fields = http::HeaderMap::new();
+    for (name, value) in trailers {
+        fields.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let frames = [
+        http_body::Frame::data(bytes::Bytes::from(data)),
+        http_body::Frame::trailers(fields),
+    ];
+    http_body_util::BodyExt::boxed(Frames(frames.into()))
 }

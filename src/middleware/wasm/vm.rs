@@ -624,8 +624,10 @@ struct Exports {
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
+    request_trailers: Option<TypedFunc<(u32, u32), u32>>,
     response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
+    response_trailers: Option<TypedFunc<(u32, u32), u32>>,
     http_call_response: Option<CallResponse>,
     done: Option<TypedFunc<u32, u32>>,
     log: Option<TypedFunc<u32, ()>>,
@@ -716,8 +718,10 @@ impl Vm {
             queue_ready: export!("proxy_on_queue_ready"),
             request_headers: export!("proxy_on_request_headers"),
             request_body: export!("proxy_on_request_body"),
+            request_trailers: export!("proxy_on_request_trailers"),
             response_headers: export!("proxy_on_response_headers"),
             response_body: export!("proxy_on_response_body"),
+            response_trailers: export!("proxy_on_response_trailers"),
             http_call_response: export!("proxy_on_http_call_response"),
             done: export!("proxy_on_done"),
             log: export!("proxy_on_log"),
@@ -827,6 +831,22 @@ impl Vm {
             return Ok(CONTINUE);
         };
         self.call(|s| f.call(s, (id, size, u32::from(end))))
+    }
+
+    /// The request's trailers (in the stream handed over), `count` of them.
+    pub fn request_trailers(&mut self, id: u32, count: u32) -> Result<u32, Failure> {
+        let Some(f) = self.exports.request_trailers else {
+            return Ok(CONTINUE);
+        };
+        self.call(|s| f.call(s, (id, count)))
+    }
+
+    /// The response's trailers (in the stream handed over), `count` of them.
+    pub fn response_trailers(&mut self, id: u32, count: u32) -> Result<u32, Failure> {
+        let Some(f) = self.exports.response_trailers else {
+            return Ok(CONTINUE);
+        };
+        self.call(|s| f.call(s, (id, count)))
     }
 
     pub fn response_headers(&mut self, id: u32, count: u32, end: bool) -> Result<u32, Failure> {
