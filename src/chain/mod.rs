@@ -426,16 +426,7 @@ impl Chain {
         piece: &Piece<'_>,
         state: &mut Extensions,
     ) -> Result<(), (usize, Reject)> {
-        let mut left = mask;
-        while left != 0 {
-            let i = left.trailing_zeros() as usize;
-            left &= left - 1;
-            self.links[i]
-                .middleware
-                .on_request_body(piece, state)
-                .map_err(|reject| (i, reject))?;
-        }
-        Ok(())
+        self.each_body_phase(mask, |m| m.on_request_body(piece, state))
     }
 
     /// Runs the trailers phases in `mask` (the body phases' mask) on the request's trailers.
@@ -445,16 +436,16 @@ impl Chain {
         trailers: &mut HeaderMap,
         state: &mut Extensions,
     ) -> Result<(), (usize, Reject)> {
-        let mut left = mask;
-        while left != 0 {
-            let i = left.trailing_zeros() as usize;
-            left &= left - 1;
-            self.links[i]
-                .middleware
-                .on_request_trailers(trailers, state)
-                .map_err(|reject| (i, reject))?;
-        }
-        Ok(())
+        self.each_body_phase(mask, |m| m.on_request_trailers(trailers, state))
+    }
+
+    /// Runs `phase` on each middleware of `mask`, in order, until one refuses.
+    fn each_body_phase(
+        &self,
+        mask: u64,
+        mut phase: impl FnMut(&dyn Middleware) -> Result<(), Reject>,
+    ) -> Result<(), (usize, Reject)> {
+        bits(mask).try_for_each(|i| phase(&*self.links[i].middleware).map_err(|r| (i, r)))
     }
 
     /// Runs the response phases, bottom to top, of the middlewares whose request phase ran,
