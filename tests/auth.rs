@@ -680,16 +680,42 @@ async fn jwt_jwks_url_over_https_trusts_the_roots_of_ssl_cert_file_and_nothing_e
     // The same URL without the CA (the system's roots only): no keys, every token refused,
     // and the log says why.
     let fetched = jwks.hits();
-    let (up, gh) = proxy_with_env(&rest(&jwks.https_url("/jwks")), &[]).await;
+    refused_handshake(
+        &rest(&jwks.https_url("/jwks")),
+        &[],
+        "TLS handshake with localhost: certificate not trusted",
+        &token,
+        (&jwks, fetched),
+    )
+    .await;
+
+    // Trusted, but asked by another name than the certificate's.
+    refused_handshake(
+        &rest(&format!("https://{}/jwks", jwks.addr)),
+        &[ca.trusted_env()],
+        "TLS handshake with 127.0.0.1: certificate name mismatch",
+        &token,
+        (&jwks, fetched),
+    )
+    .await;
+}
+
+/// A JWKS URL whose handshake fails: the log says `why`, `token` is refused, and the JWKS
+/// server has still seen only its `fetched` requests.
+async fn refused_handshake(
+    config: &str,
+    envs: &[(&str, &str)],
+    why: &str,
+    token: &str,
+    (jwks, fetched): (&TestServer, usize),
+) {
+    let (up, gh) = proxy_with_env(config, envs).await;
     let output = logged(&gh, "JWKS fetch failed").await;
-    assert!(
-        output.contains("TLS handshake with localhost: certificate not trusted"),
-        "{output}"
-    );
+    assert!(output.contains(why), "{output}");
     assert_rejected(
         &gh,
         &up,
-        bearer(&token),
+        bearer(token),
         401,
         Some("Bearer error=\"invalid_token\""),
     )
@@ -699,25 +725,6 @@ async fn jwt_jwks_url_over_https_trusts_the_roots_of_ssl_cert_file_and_nothing_e
         fetched,
         "a request got through an untrusted handshake"
     );
-    drop(gh);
-
-    // Trusted, but asked by another name than the certificate's.
-    let by_address = format!("https://{}/jwks", jwks.addr);
-    let (up, gh) = proxy_with_env(&rest(&by_address), &[ca.trusted_env()]).await;
-    let output = logged(&gh, "JWKS fetch failed").await;
-    assert!(
-        output.contains("TLS handshake with 127.0.0.1: certificate name mismatch"),
-        "{output}"
-    );
-    assert_rejected(
-        &gh,
-        &up,
-        bearer(&token),
-        401,
-        Some("Bearer error=\"invalid_token\""),
-    )
-    .await;
-    assert_eq!(jwks.hits(), fetched);
 }
 
 /// Sends `token` `times` times and checks each is a `401 invalid_token` that never reaches

@@ -345,7 +345,8 @@ struct Exchange {
     request: HeaderMap,
     /// A body that replaces the app's (a local reply or a failure in the response phase).
     replace: Option<Bytes>,
-    _end: Arc<End>,
+    /// Ends the context in the plugin when the last clone goes.
+    end: Arc<End>,
 }
 
 impl Exchange {
@@ -359,7 +360,7 @@ impl Exchange {
             props: self.props.clone(),
             held: Vec::new(),
             failed: false,
-            _end: self._end.clone(),
+            _end: self.end.clone(),
         }
     }
 }
@@ -707,7 +708,7 @@ impl Middleware for Wasm {
             props,
             request: HeaderMap::new(),
             replace: None,
-            _end: end_of,
+            end: end_of,
         };
         if !end {
             let body = exchange.held(&self.slots, ctx.worker);
@@ -828,7 +829,7 @@ impl Middleware for Wasm {
         resp.headers = stream.response;
         exchange.request = stream.request;
         if let Some(props) = stream.props {
-            *exchange._end.props.lock().unwrap_or_else(PoisonError::into_inner) =
+            *exchange.end.props.lock().unwrap_or_else(PoisonError::into_inner) =
                 Some(props.clone());
             exchange.props = props;
         }

@@ -476,8 +476,6 @@ pub struct Host {
     next_token: u32,
 }
 
-const EMPTY_PROPS: &[u8] = b"";
-
 impl Host {
     pub(super) fn knows(&self, id: u32) -> bool {
         id == ROOT || self.live.contains(&id)
@@ -546,7 +544,7 @@ impl Host {
         match path {
             b"plugin_name" => return text(&shared.name),
             b"plugin_root_id" => return text(&shared.root_id),
-            b"plugin_vm_id" => return Some(EMPTY_PROPS.to_vec()),
+            b"plugin_vm_id" => return Some(Vec::new()),
             _ => {}
         }
         let props = self.stream.props.as_ref()?;
