@@ -366,6 +366,11 @@ fn an_invalid_expression_is_a_config_error_at_its_place_in_the_file() {
             "proxy.toml:12:38: middleware[1].rules[1].allow: rule \"field\": invalid expression: `request` has no field `pathname`",
         ),
         (
+            // A literal pattern is compiled at load: the error is at the pattern.
+            "  { name = \"versions\", allow = \"request.path.matches('^/v[0-9+/')\" },\n",
+            "proxy.toml:12:54: middleware[1].rules[1].allow: rule \"versions\": invalid expression: invalid pattern for matches(): regex parse error",
+        ),
+        (
             "  { name = \"both\", allow = \"true\", deny = \"false\" },\n",
             "middleware[1].rules[1].deny: rule \"both\": set exactly one of `allow` and `deny`",
         ),

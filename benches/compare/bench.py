@@ -14,7 +14,8 @@ that never fires, an audit line per request); and what gzip costs: `json` (the p
 configured passing a ~20 KiB JSON body through uncompressed: the client sends no
 Accept-Encoding) and `gzip1`, `gzip6`, `gzip9` (the same body gzip-coded at that zlib level:
 nginx's `gzip on`, gatehouse's `compress`); and `wasm` (`basic` with gatehouse's header set by
-a proxy-wasm plugin, plugin/, instead of the `headers` middleware). Every proxy is checked first (status, body,
+a proxy-wasm plugin, plugin/, instead of the `headers` middleware); and `policy` (`full` with
+an `authorize` policy of five rules for gatehouse). Every proxy is checked first (status, body,
 headers, 401s, audit lines), then measured in interleaved rounds (A B C, A B C, ...): wrk's
 closed loop, or h2load at one offered rate with --rate. A proxy's CPU per request is its CPU
 clock over the window (every thread, exact to the ns; see benchlib.py) ÷ responses; ratios
@@ -65,20 +66,26 @@ GZIP_LEVELS = {"json": 6, "gzip1": 1, "gzip6": 6, "gzip9": 9}
 COMPRESS_LEVELS = {1: "fastest", 6: "default", 9: "best"}
 
 SCENARIOS = {"basic": ["direct", "nginx", "haproxy", "gatehouse"], "full": ["nginx", "haproxy", "gatehouse"],
-             **{s: ["nginx", "gatehouse"] for s in GZIP_LEVELS}, "wasm": ["nginx", "gatehouse"]}
+             **{s: ["nginx", "gatehouse"] for s in GZIP_LEVELS}, "wasm": ["nginx", "gatehouse"],
+             "policy": ["nginx", "gatehouse"]}
+# `full` and what is measured against it: `policy` is `full` with an `authorize` for gatehouse.
+FULL = {"full", "policy"}
 PORT_OFFSETS = {"nginx": 1, "haproxy": 2, "gatehouse": 3}  # + the scenario's block + --port-base
-SCENARIO_BLOCK = {"basic": 10, "full": 20, "json": 30, "gzip1": 40, "gzip6": 50, "gzip9": 60, "wasm": 70}
+SCENARIO_BLOCK = {"basic": 10, "full": 20, "json": 30, "gzip1": 40, "gzip6": 50, "gzip9": 60, "wasm": 70, "policy": 80}
 # Response headers each proxy must add to a 200: one that skips the work gets no number.
 EXPECT = {"basic": ["x-bench-proxy"], "wasm": ["x-bench-proxy"], "full": ["x-request-id", "x-response-time"],
-          "json": [],
+          "policy": ["x-request-id", "x-response-time"], "json": [],
           **{s: ["content-encoding", "vary"] for s in GZIP_LEVELS if s != "json"}}
 
 
 def template(scenario, proxy):
     """configs/<this>-<proxy>.*: the gzip scenarios share one, filled with their level; `wasm`
-    is `basic` with gatehouse's header set by a plugin, so the others run their `basic`."""
+    is `basic` with gatehouse's header set by a plugin, so the others run their `basic`;
+    `policy` is `full` with an `authorize` policy, so the others run their `full`."""
     if scenario == "wasm":
         return "wasm" if proxy == "gatehouse" else "basic"
+    if scenario == "policy":
+        return "policy" if proxy == "gatehouse" else "full"
     return "gzip" if scenario in GZIP_LEVELS else scenario
 
 
@@ -95,7 +102,7 @@ def build_plugin():
 
 
 def request_headers(scenario):
-    return ({"x-api-key": API_KEY} if scenario == "full" else
+    return ({"x-api-key": API_KEY} if scenario in FULL else
             {"accept-encoding": "gzip"} if scenario in GZIP_LEVELS and scenario != "json" else {})
 
 
@@ -113,7 +120,7 @@ class Target:
 def start_target(scenario, name, args, workdir, launcher):
     port = args.port_base + SCENARIO_BLOCK[scenario] + PORT_OFFSETS[name]
     tag = f"{scenario}-{name}"
-    audit_file = os.path.join(workdir, f"{tag}.audit.jsonl") if scenario == "full" else None
+    audit_file = os.path.join(workdir, f"{tag}.audit.jsonl") if scenario in FULL else None
     values = {"WORKDIR": workdir, "NAME": tag, "LISTEN_PORT": port, "UPSTREAM_SERVER": f"127.0.0.1:{args.port_base}",
               "UPSTREAM_URL": f"http://127.0.0.1:{args.port_base}", "API_KEY": API_KEY,
               "LOG_FILE": audit_file or "/dev/null", "RATE_PER_SEC": RATE_PER_SEC, "RATE_BURST": RATE_BURST,
@@ -163,7 +170,7 @@ def sanity_check(t):
     without or with a wrong key."""
     problems = []
     try:
-        if t.scenario == "full":
+        if t.scenario in FULL:
             for headers in ({}, {"x-api-key": API_KEY + "-wrong"}):
                 st, _, _ = http_get(t.port, headers)
                 t.requests_sent += 1

@@ -36,10 +36,19 @@ use crate::chain::{path, Context, Flow, Middleware, Policy, Reason, Reject};
 use crate::config::{KeyPath, Problem};
 use crate::logging::Throttle;
 
+mod program;
+use program::{Field, Node, Variable};
+
 /// The variables an expression may read, as the error for any other name lists them.
 const VARIABLES: &str = "request, source, subject, claims, time";
 /// The fields of `request`.
-const REQUEST_FIELDS: [&str; 5] = ["method", "path", "host", "query", "headers"];
+const REQUEST_FIELDS: [(&str, Field); 5] = [
+    ("method", Field::Method),
+    ("path", Field::Path),
+    ("host", Field::Host),
+    ("query", Field::Query),
+    ("headers", Field::Headers),
+];
 
 /// `authorize`: ordered rules, each allowing or denying with a CEL expression; the first
 /// true one decides.
@@ -93,10 +102,11 @@ fn environment() -> Env {
     env
 }
 
-/// Compiles one expression and checks the names it reads; an error is at a character
-/// of `source` (from 0). What runs is the checked expression with its fields read
-/// directly (see [`check`]); errors are placed in the text as written.
-fn compile(env: &Env, source: &str) -> Result<IdedExpr, (usize, String)> {
+/// Compiles one expression, checks the names it reads and resolves it for evaluation
+/// ([`Node`]); an error is at a character of `source` (from 0). What the interpreter runs
+/// is the checked expression with its fields read directly (see [`check`]); errors are
+/// placed in the text as written.
+fn compile(env: &Arc<Env>, source: &str) -> Result<(IdedExpr, Node), (usize, String)> {
     let program = env.compile(source).map_err(|errors| {
         let first = errors.errors.first();
         // The parser counts lines and columns from 1, in characters.
@@ -104,8 +114,7 @@ fn compile(env: &Env, source: &str) -> Result<IdedExpr, (usize, String)> {
         let message = first.map_or_else(|| errors.to_string(), |e| e.msg.clone());
         (at, message)
     })?;
-    let mut expression = program.expression().clone();
-    check(&mut expression, &mut Vec::new()).map_err(|(id, after, message)| {
+    let place = |(id, after, message): Unknown| {
         // The parser's offsets are in bytes.
         let byte = program
             .source_info()
@@ -115,8 +124,11 @@ fn compile(env: &Env, source: &str) -> Result<IdedExpr, (usize, String)> {
             .get(..byte.min(source.len()))
             .map_or(0, |s| s.chars().count());
         (at + after, message)
-    })?;
-    Ok(expression)
+    };
+    let mut expression = program.expression().clone();
+    check(&mut expression, &mut Vec::new()).map_err(place)?;
+    let node = Node::new(&expression, env).map_err(place)?;
+    Ok((expression, node))
 }
 
 /// The character index of 1-based `line` and `col` in `source`.
@@ -129,8 +141,9 @@ fn char_at(source: &str, line: isize, col: isize) -> usize {
     before + col.max(1) as usize - 1
 }
 
-/// A name an expression may not read: the id of the node that reads it, how many
-/// characters after that node's start the name is, and the error.
+/// What an expression may not say (a name it may not read, a pattern that does not
+/// compile): the id of the node that says it, how many characters after that node's
+/// start, and the error.
 type Unknown = (u64, usize, String);
 
 /// Refuses a name outside the variables (and the fields of `request` and `source`);
@@ -162,7 +175,7 @@ fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
             };
             let field = select.field.as_str();
             match root {
-                "request" if REQUEST_FIELDS.contains(&field) => {}
+                "request" if REQUEST_FIELDS.iter().any(|(name, _)| *name == field) => {}
                 "request" => {
                     // The node starts at the dot.
                     return Err((
@@ -170,7 +183,7 @@ fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
                         1,
                         format!(
                             "`request` has no field `{field}`: expected one of {}",
-                            REQUEST_FIELDS.join(", ")
+                            REQUEST_FIELDS.map(|(name, _)| name).join(", ")
                         ),
                     ));
                 }
@@ -236,7 +249,7 @@ fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
 
 impl Settings {
     /// Every rule compiled, with what they read together; the first problem otherwise.
-    fn compiled(&self, env: &Env) -> Result<Vec<(IdedExpr, bool)>, Problem> {
+    fn compiled(&self, env: &Arc<Env>) -> Result<Vec<(IdedExpr, Node, bool)>, Problem> {
         let mut expressions = Vec::with_capacity(self.rules.len());
         for (i, rule) in self.rules.iter().enumerate() {
             let mut at = KeyPath::default().key("rules");
@@ -251,11 +264,11 @@ impl Settings {
                     ),
                 ));
             };
-            let expression = compile(env, source).map_err(|(n, message)| {
+            let (expression, node) = compile(env, source).map_err(|(n, message)| {
                 let message = format!("rule {:?}: invalid expression: {message}", rule.name);
                 (at.key(key).char(n), message)
             })?;
-            expressions.push((expression, allows));
+            expressions.push((expression, node, allows));
         }
         Ok(expressions)
     }
@@ -286,7 +299,7 @@ impl super::Settings for Settings {
                 ));
             }
         }
-        self.compiled(&environment()).map(|_| ())
+        self.compiled(&Arc::new(environment())).map(|_| ())
     }
 
     fn summary(&self) -> String {
@@ -315,7 +328,7 @@ impl super::Settings for Settings {
     }
 
     fn build(&self, build: &super::Build) -> Box<dyn Middleware> {
-        let env = environment();
+        let env = Arc::new(environment());
         let expressions = self.compiled(&env).expect("validated");
         let errors = build.handles.metrics.family::<ErrorLabels, Counter>(
             "gatehouse_policy_errors",
@@ -326,8 +339,9 @@ impl super::Settings for Settings {
         let rules = expressions
             .into_iter()
             .zip(names.iter())
-            .map(|((expression, allows), name)| Rule {
+            .map(|((expression, node, allows), name)| Rule {
                 expression,
+                node,
                 allows,
                 errors: errors.get_or_create_owned(&ErrorLabels {
                     middleware: middleware.clone(),
@@ -337,7 +351,7 @@ impl super::Settings for Settings {
             })
             .collect();
         Box::new(Authorize {
-            env: Arc::new(env),
+            env,
             rules,
             names,
             default_allows: self.default == Effect::Allow,
@@ -355,8 +369,10 @@ struct ErrorLabels {
 }
 
 struct Rule {
-    /// The compiled expression, fields indexed (see [`check`]).
+    /// The compiled expression, fields indexed (see [`check`]), as the interpreter runs it.
     expression: IdedExpr,
+    /// The same, resolved for evaluation; the interpreter decides where it cannot.
+    node: Node,
     allows: bool,
     /// Its evaluation failures, counted.
     errors: Counter,
@@ -384,16 +400,21 @@ impl Authorize {
         scope.set_variable_resolver(&activation);
         let mut errors = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            let error = match Value::resolve_val(&rule.expression, &scope) {
-                Ok(value) => match value.downcast_ref::<CelBool>().map(|b| *b.inner()) {
-                    Some(true) => return self.policy(Some(i), rule.allows, errors),
-                    Some(false) => continue,
-                    None => match Value::try_from(value.as_ref()) {
-                        Ok(other) => format!("the expression gave {other:?}, not a bool"),
-                        Err(e) => e.to_string(),
+            let fast = rule.node.eval(&activation, &scope).and_then(|v| v.truth());
+            let error = match fast {
+                Ok(true) => return self.policy(Some(i), rule.allows, errors),
+                Ok(false) => continue,
+                Err(_) => match Value::resolve_val(&rule.expression, &scope) {
+                    Ok(value) => match value.downcast_ref::<CelBool>().map(|b| *b.inner()) {
+                        Some(true) => return self.policy(Some(i), rule.allows, errors),
+                        Some(false) => continue,
+                        None => match Value::try_from(value.as_ref()) {
+                            Ok(other) => format!("the expression gave {other:?}, not a bool"),
+                            Err(e) => e.to_string(),
+                        },
                     },
+                    Err(e) => e.to_string(),
                 },
-                Err(e) => e.to_string(),
             };
             rule.errors.inc();
             if let Some(held_back) = rule.warnings.ready() {
@@ -515,47 +536,11 @@ impl<'r> Activation<'r> {
         }
     }
 
-    /// A field of `request`: the method, the path as `paths` patterns see it
-    /// (percent-decoded, so `/%61dmin` is `/admin`), the host, the query or the headers.
-    fn request_field(&self, name: &str) -> Option<&(dyn Val + 'r)> {
-        let req = self.req;
-        Some(match name {
-            "method" => self
-                .method
-                .get_or_init(|| CelString::from(req.method.as_str())),
-            "path" => self
-                .path
-                .get_or_init(|| match path::normalize(req.uri.path()) {
-                    Ok(Cow::Owned(decoded)) => CelString::from(decoded),
-                    _ => CelString::from(req.uri.path()),
-                }),
-            "host" => {
-                let host = self.host.get_or_init(|| {
-                    req.headers
-                        .get(HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-                        .map(CelString::from)
-                });
-                match host {
-                    Some(host) => host,
-                    None => &CelNull,
-                }
-            }
-            "query" => self.query.get_or_init(|| query(req.uri.query())),
-            "headers" => self.headers.get_or_init(|| headers(&req.headers)),
-            _ => return None,
-        })
-    }
-
     /// `request`, whole: every field.
     fn request(&self) -> CelMap<'r> {
         REQUEST_FIELDS
             .iter()
-            .filter_map(|&name| {
-                let value = self.request_field(name)?.clone_as_boxed();
-                Some((CelMapKey::from(name), value))
-            })
+            .map(|&(name, field)| (CelMapKey::from(name), self.request_field(field).clone_as_boxed()))
             .collect::<HashMap<_, _>>()
             .into()
     }
@@ -632,23 +617,61 @@ impl<'r> Activation<'r> {
     }
 }
 
+impl<'r> Activation<'r> {
+    /// A variable, or a field of `request` or `source`.
+    fn variable(&self, variable: Variable) -> &(dyn Val + '_) {
+        match variable {
+            Variable::Request => self.request.get_or_init(|| self.request()),
+            Variable::Field(field) => self.request_field(field),
+            Variable::Source => self.source(),
+            Variable::SourceIp => self.ip(),
+            Variable::Subject => self.subject(),
+            Variable::Claims => self.claims(),
+            Variable::Time => self
+                .time
+                .get_or_init(|| CelTimestamp::from(chrono::Utc::now().fixed_offset())),
+        }
+    }
+
+    /// A field of `request`: the method, the path as `paths` patterns see it
+    /// (percent-decoded, so `/%61dmin` is `/admin`), the host, the query or the headers.
+    fn request_field(&self, field: Field) -> &(dyn Val + 'r) {
+        let req = self.req;
+        match field {
+            Field::Method => self
+                .method
+                .get_or_init(|| CelString::from(req.method.as_str())),
+            Field::Path => self
+                .path
+                .get_or_init(|| match path::normalize(req.uri.path()) {
+                    Ok(Cow::Owned(decoded)) => CelString::from(decoded),
+                    _ => CelString::from(req.uri.path()),
+                }),
+            Field::Host => {
+                let host = self.host.get_or_init(|| {
+                    req.headers
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+                        .map(CelString::from)
+                });
+                match host {
+                    Some(host) => host,
+                    None => &CelNull,
+                }
+            }
+            Field::Query => self.query.get_or_init(|| query(req.uri.query())),
+            Field::Headers => self.headers.get_or_init(|| headers(&req.headers)),
+        }
+    }
+}
+
 impl VariableResolver for Activation<'_> {
     /// A variable, or a field of `request` or `source` by its whole name (`request.path`):
     /// the interpreter asks for a qualified name whole first, and [`check`] makes every
     /// field read of those a whole name.
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let value: &'b (dyn Val + 'b) = match variable {
-            "request" => self.request.get_or_init(|| self.request()),
-            "source" => self.source(),
-            "subject" => self.subject(),
-            "claims" => self.claims(),
-            "time" => self
-                .time
-                .get_or_init(|| CelTimestamp::from(chrono::Utc::now().fixed_offset())),
-            "source.ip" => self.ip(),
-            _ => self.request_field(variable.strip_prefix("request.")?)?,
-        };
-        Some(CowVal::Borrowed(value))
+        Some(CowVal::Borrowed(self.variable(Variable::named(variable)?)))
     }
 }
 
@@ -740,16 +763,27 @@ mod tests {
                 .prop_map(|(a, b)| format!("{a} == {b}")),
             (atom.clone(), atom.clone()).prop_map(|(a, b)| format!("{a} in {b}")),
             atom.clone().prop_map(|a| format!("size({a}) > 1")),
+            (atom.clone(), select(&["['admin', 'ops']", "{'admin': 1}", "'admin'"][..]))
+                .prop_map(|(a, b)| format!("{a} in {b}")),
+            (atom.clone(), select(&["startsWith", "endsWith", "contains", "matches"][..]),
+                select(&["'ad'", "'/v1'", "'^/v1/'", "'in$'", "claims.role"][..]))
+                .prop_map(|(a, method, b)| format!("{a}.{method}({b})")),
         ];
         leaf.prop_recursive(2, 6, 2, |inner| {
-            (inner.clone(), select(&["&&", "||", "==", "!="][..]), inner)
-                .prop_map(|(a, op, b)| format!("({a}) {op} ({b})"))
+            prop_oneof![
+                (inner.clone(), select(&["&&", "||", "==", "!="][..]), inner.clone())
+                    .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
+                inner.clone().prop_map(|a| format!("!({a})")),
+                (inner.clone(), inner.clone(), inner)
+                    .prop_map(|(c, a, b)| format!("({c}) ? ({a}) : ({b})")),
+            ]
         })
     }
 
     proptest! {
         /// What runs, fields indexed, gives what the expression as written gives: the same
-        /// value, or the same error.
+        /// value, or the same error; and where the resolved evaluation ([`Node`]) gives a
+        /// value, the same value.
         #[test]
         fn indexed_fields_evaluate_as_the_selections_written(
             source in expression(),
@@ -763,9 +797,9 @@ mod tests {
             query in select(&["", "q=admin", "q=a&q=b"][..]),
             subject in proptest::option::of(select(&["alice", "admin"][..])),
         ) {
-            let env = environment();
+            let env = Arc::new(environment());
             let written = env.compile(&source).unwrap();
-            let indexed = compile(&env, &source).unwrap();
+            let (indexed, node) = compile(&env, &source).unwrap();
             let mut req = http::Request::get(format!("{path}?{query}"));
             if let Some(tenant) = tenant {
                 req = req.header("x-tenant", tenant);
@@ -775,14 +809,14 @@ mod tests {
             ctx.subject = subject.map(Into::into);
             ctx.claims = Some(Arc::new(crate::chain::Claims::new(claims.into_iter().collect())));
             let activation = Activation::new(&parts, &ctx);
-            let mut scope = cel::Context::with_env(Arc::new(env));
+            let mut scope = cel::Context::with_env(Arc::clone(&env));
             scope.set_variable_resolver(&activation);
-            prop_assert_eq!(
-                Value::resolve(&indexed, &scope),
-                written.execute(&scope),
-                "{}",
-                source
-            );
+            let expected = written.execute(&scope);
+            prop_assert_eq!(&Value::resolve(&indexed, &scope), &expected, "{}", source);
+            let fast = node.eval(&activation, &scope).map(|v| Value::try_from(v.val()));
+            if let Ok(value) = fast {
+                prop_assert_eq!(value, expected, "{}", source);
+            }
         }
     }
 
@@ -801,7 +835,7 @@ mod tests {
             let activation = Activation::new(&parts, &ctx);
             let mut scope = cel::Context::with_env(Arc::clone(&env));
             scope.set_variable_resolver(&activation);
-            let expression = compile(&env, source).unwrap();
+            let (expression, _) = compile(&env, source).unwrap();
             assert_eq!(Value::resolve(&expression, &scope), Ok(Value::Bool(true)));
             (
                 activation.headers.get().is_some(),
@@ -874,10 +908,13 @@ mod tests {
     fn error_positions_count_characters() {
         assert_eq!(char_at("ab\né + ) x", 2, 3), 5);
         assert_eq!(char_at("abc", 1, 1), 0);
-        let env = environment();
+        let env = Arc::new(environment());
         let (at, message) = compile(&env, "'é' == x").unwrap_err();
         assert_eq!((at, message.as_str()), (7, "unknown variable `x`: expected one of request, source, subject, claims, time"));
         let (at, _) = compile(&env, "claims.all(k, k == r)").unwrap_err();
         assert_eq!(at, 19, "`k` is bound, `r` is not");
+        let (at, message) = compile(&env, "subject == 'é' || request.path.matches('/v1/(')").unwrap_err();
+        assert_eq!(at, 39, "at the pattern");
+        assert!(message.starts_with("invalid pattern for matches(): regex parse error"), "{message}");
     }
 }
