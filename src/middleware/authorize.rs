@@ -189,7 +189,11 @@ fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
                 }
                 "source" if field == "ip" => {}
                 "source" => {
-                    return Err((e.id, 1, format!("`source` has no field `{field}`: expected ip")))
+                    return Err((
+                        e.id,
+                        1,
+                        format!("`source` has no field `{field}`: expected ip"),
+                    ))
                 }
                 "claims" => {}
                 _ => return check(&mut select.operand, bound),
@@ -204,7 +208,13 @@ fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
                     func_name: operators::INDEX.to_owned(),
                     target: None,
                     // Node ids only place errors in the source, which the original does.
-                    args: vec![variable, IdedExpr { id: e.id, expr: Expr::Literal(key) }],
+                    args: vec![
+                        variable,
+                        IdedExpr {
+                            id: e.id,
+                            expr: Expr::Literal(key),
+                        },
+                    ],
                 })
             } else {
                 Expr::Ident(format!("{root}.{field}"))
@@ -230,19 +240,16 @@ fn check(e: &mut IdedExpr, bound: &mut Vec<String>) -> Result<(), Unknown> {
             bound.truncate(depth);
             inner
         }
-        Expr::List(list) => list
-            .elements
+        Expr::List(list) => list.elements.iter_mut().try_for_each(|x| check(x, bound)),
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => entries
             .iter_mut()
-            .try_for_each(|x| check(x, bound)),
-        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
-            entries.iter_mut().try_for_each(|entry| match &mut entry.expr {
+            .try_for_each(|entry| match &mut entry.expr {
                 EntryExpr::MapEntry(m) => {
                     check(&mut m.key, bound)?;
                     check(&mut m.value, bound)
                 }
                 EntryExpr::StructField(f) => check(&mut f.value, bound),
-            })
-        }
+            }),
         Expr::Literal(_) | Expr::Unspecified => Ok(()),
     }
 }
@@ -255,7 +262,11 @@ impl Settings {
             let mut at = KeyPath::default().key("rules");
             at.push_index(i);
             let Some((source, key, allows)) = rule.expression() else {
-                let key = if rule.allow.is_some() { "deny" } else { "allow" };
+                let key = if rule.allow.is_some() {
+                    "deny"
+                } else {
+                    "allow"
+                };
                 return Err((
                     at.key(key),
                     format!(
@@ -289,13 +300,15 @@ impl super::Settings for Settings {
                 return Err((at.key("name"), "the rule name is empty".into()));
             }
             if self.rules[..i].iter().any(|r| r.name == rule.name) {
-                return Err((at.key("name"), format!("duplicate rule name {:?}", rule.name)));
+                return Err((
+                    at.key("name"),
+                    format!("duplicate rule name {:?}", rule.name),
+                ));
             }
             if rule.name == "default" {
                 return Err((
                     at.key("name"),
-                    "`default` names the decision when no rule matches: choose another name"
-                        .into(),
+                    "`default` names the decision when no rule matches: choose another name".into(),
                 ));
             }
         }
@@ -482,7 +495,9 @@ fn cel_value(value: &serde_json::Value) -> Box<dyn Val> {
             _ => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
         },
         J::String(s) => Box::new(CelString::from(s.clone())),
-        J::Array(items) => Box::new(CelList::from(items.iter().map(cel_value).collect::<Vec<_>>())),
+        J::Array(items) => Box::new(CelList::from(
+            items.iter().map(cel_value).collect::<Vec<_>>(),
+        )),
         J::Object(map) => Box::new(cel_map(map)),
     }
 }
@@ -540,7 +555,12 @@ impl<'r> Activation<'r> {
     fn request(&self) -> CelMap<'r> {
         REQUEST_FIELDS
             .iter()
-            .map(|&(name, field)| (CelMapKey::from(name), self.request_field(field).clone_as_boxed()))
+            .map(|&(name, field)| {
+                (
+                    CelMapKey::from(name),
+                    self.request_field(field).clone_as_boxed(),
+                )
+            })
             .collect::<HashMap<_, _>>()
             .into()
     }
@@ -553,9 +573,9 @@ impl<'r> Activation<'r> {
         });
         match derived {
             Some(Some(shared)) => shared,
-            Some(None) => self.claims.get_or_init(|| {
-                cel_map(&self.ctx.claims.as_deref().expect("claims").values)
-            }),
+            Some(None) => self
+                .claims
+                .get_or_init(|| cel_map(&self.ctx.claims.as_deref().expect("claims").values)),
             None => self.claims.get_or_init(CelMap::default),
         }
     }
@@ -707,7 +727,6 @@ mod tests {
         )
     }
 
-
     /// Field selections on every variable, nested, under a presence test, and on names
     /// a comprehension binds, one of them shadowing a variable; and the same fields read
     /// from the variables whole.
@@ -749,7 +768,10 @@ mod tests {
             any::<bool>().prop_map(|b| json!(b)),
             Just(serde_json::Value::Null),
             vec(select(&["admin", "reader", "ops"][..]), 0..3).prop_map(|v| json!(v)),
-            (select(&["acme", "admin"][..]), vec(select(&["ops", "dev"][..]), 0..2))
+            (
+                select(&["acme", "admin"][..]),
+                vec(select(&["ops", "dev"][..]), 0..2)
+            )
                 .prop_map(|(name, teams)| json!({"name": name, "teams": teams})),
         ]
     }
@@ -759,19 +781,32 @@ mod tests {
         let atom = select(&SELECTIONS[..]).prop_map(str::to_owned);
         let leaf = prop_oneof![
             atom.clone(),
-            (atom.clone(), select(&["'admin'", "3", "'/v1/items'", "null", "['ops']"][..]))
+            (
+                atom.clone(),
+                select(&["'admin'", "3", "'/v1/items'", "null", "['ops']"][..])
+            )
                 .prop_map(|(a, b)| format!("{a} == {b}")),
             (atom.clone(), atom.clone()).prop_map(|(a, b)| format!("{a} in {b}")),
             atom.clone().prop_map(|a| format!("size({a}) > 1")),
-            (atom.clone(), select(&["['admin', 'ops']", "{'admin': 1}", "'admin'"][..]))
+            (
+                atom.clone(),
+                select(&["['admin', 'ops']", "{'admin': 1}", "'admin'"][..])
+            )
                 .prop_map(|(a, b)| format!("{a} in {b}")),
-            (atom.clone(), select(&["startsWith", "endsWith", "contains", "matches"][..]),
-                select(&["'ad'", "'/v1'", "'^/v1/'", "'in$'", "claims.role"][..]))
+            (
+                atom.clone(),
+                select(&["startsWith", "endsWith", "contains", "matches"][..]),
+                select(&["'ad'", "'/v1'", "'^/v1/'", "'in$'", "claims.role"][..])
+            )
                 .prop_map(|(a, method, b)| format!("{a}.{method}({b})")),
         ];
         leaf.prop_recursive(2, 6, 2, |inner| {
             prop_oneof![
-                (inner.clone(), select(&["&&", "||", "==", "!="][..]), inner.clone())
+                (
+                    inner.clone(),
+                    select(&["&&", "||", "==", "!="][..]),
+                    inner.clone()
+                )
                     .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
                 inner.clone().prop_map(|a| format!("!({a})")),
                 (inner.clone(), inner.clone(), inner)
@@ -845,9 +880,16 @@ mod tests {
         };
         let fields = "request.path == '/' && source.ip == '203.0.113.9' && request.method == 'GET'";
         assert_eq!(made(fields), (false, false, false));
-        assert_eq!(made("request.headers['x-tenant'] == 'a'"), (true, false, false));
+        assert_eq!(
+            made("request.headers['x-tenant'] == 'a'"),
+            (true, false, false)
+        );
         assert_eq!(made("has(request.query.q)"), (false, true, false));
-        assert_eq!(made("size(request) == 5"), (true, true, true), "the whole request");
+        assert_eq!(
+            made("size(request) == 5"),
+            (true, true, true),
+            "the whole request"
+        );
     }
 
     #[test]
@@ -901,7 +943,11 @@ mod tests {
         };
         let first = derived(&claims).expect("derived by the first request");
         decide(rules, http::Request::get("/").body(()).unwrap(), &mut ctx);
-        assert_eq!(derived(&claims), Some(first), "the same values, not made again");
+        assert_eq!(
+            derived(&claims),
+            Some(first),
+            "the same values, not made again"
+        );
     }
 
     #[test]
@@ -910,11 +956,21 @@ mod tests {
         assert_eq!(char_at("abc", 1, 1), 0);
         let env = Arc::new(environment());
         let (at, message) = compile(&env, "'é' == x").unwrap_err();
-        assert_eq!((at, message.as_str()), (7, "unknown variable `x`: expected one of request, source, subject, claims, time"));
+        assert_eq!(
+            (at, message.as_str()),
+            (
+                7,
+                "unknown variable `x`: expected one of request, source, subject, claims, time"
+            )
+        );
         let (at, _) = compile(&env, "claims.all(k, k == r)").unwrap_err();
         assert_eq!(at, 19, "`k` is bound, `r` is not");
-        let (at, message) = compile(&env, "subject == 'é' || request.path.matches('/v1/(')").unwrap_err();
+        let (at, message) =
+            compile(&env, "subject == 'é' || request.path.matches('/v1/(')").unwrap_err();
         assert_eq!(at, 39, "at the pattern");
-        assert!(message.starts_with("invalid pattern for matches(): regex parse error"), "{message}");
+        assert!(
+            message.starts_with("invalid pattern for matches(): regex parse error"),
+            "{message}"
+        );
     }
 }

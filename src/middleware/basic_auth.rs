@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::{request, HeaderValue};
-use serde::de::{self, Deserializer};
 use schemars::JsonSchema;
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use super::auth::{colon_entries, digest, unauthorized};

@@ -526,9 +526,8 @@ impl Encoder {
                 flate2::Compression::new(quality),
             )),
             Algorithm::Br => {
-                let fits = length.map_or(window_log, |n| {
-                    bits(n).clamp(BROTLI_MIN_WINDOW, window_log)
-                });
+                let fits =
+                    length.map_or(window_log, |n| bits(n).clamp(BROTLI_MIN_WINDOW, window_log));
                 Codec::Br(Some(Box::new(brotli::CompressorWriter::new(
                     Vec::new(),
                     BROTLI_BUFFER,
@@ -662,7 +661,10 @@ mod tests {
         assert!(negotiate(&c, &["gzip;q=0.5, identity"]).is_err());
         assert_eq!(negotiate(&c, &["gzip, identity;q=0.5"]), Ok("gzip"));
         // An unreadable q-value drops its element only.
-        assert_eq!(negotiate(&c, &["br;q=2, gzip;q=0.1.2, zstd;q=abc, gzip"]), Ok("gzip"));
+        assert_eq!(
+            negotiate(&c, &["br;q=2, gzip;q=0.1.2, zstd;q=abc, gzip"]),
+            Ok("gzip")
+        );
         let gzip_only = compress(&[Gzip]);
         assert!(negotiate(&gzip_only, &["br, zstd"]).is_err());
     }
@@ -731,7 +733,11 @@ mod tests {
                         out.extend_from_slice(&encoder.filter(piece, Boundary::More).unwrap());
                     }
                     out.extend_from_slice(&encoder.filter(Bytes::new(), Boundary::End).unwrap());
-                    assert_eq!(decode(algorithm, &out, false), body, "{algorithm:?} {level:?}");
+                    assert_eq!(
+                        decode(algorithm, &out, false),
+                        body,
+                        "{algorithm:?} {level:?}"
+                    );
                 }
             }
         }

@@ -15,15 +15,15 @@ use std::time::Duration as StdDuration;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, LOCATION, TE, WWW_AUTHENTICATE};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
-use serde::de::{self, Deserializer};
 use schemars::JsonSchema;
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::chain::{Claims, Context, Flow, Middleware, Reason, Reject};
-use crate::logging::Throttle;
-use crate::pool::{outbound_url, Endpoint};
 use crate::config::value::{Duration, HeaderNameValue};
 use crate::config::{KeyPath, Problem};
+use crate::logging::Throttle;
+use crate::pool::{outbound_url, Endpoint};
 use crate::protocol::h1::hop::HOP_BY_HOP;
 use crate::protocol::h1::request::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 

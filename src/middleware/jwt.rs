@@ -23,8 +23,8 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use serde::de::{self, Deserializer};
 use schemars::JsonSchema;
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -126,7 +126,9 @@ impl FromStr for JwksUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         outbound_url(s).map(JwksUrl).ok_or_else(|| {
-            format!("invalid URL {s:?}: expected https://host[:port]/path or http://host[:port]/path")
+            format!(
+                "invalid URL {s:?}: expected https://host[:port]/path or http://host[:port]/path"
+            )
         })
     }
 }
@@ -486,7 +488,11 @@ impl Middleware for Jwt {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return self.reject(Reason::InvalidCredentials, "malformed token");
         };
-        match self.keys.load().verify(token, header.alg, header.kid.as_deref()) {
+        match self
+            .keys
+            .load()
+            .verify(token, header.alg, header.kid.as_deref())
+        {
             Ok(verified) => self.accept(key, verified, req, ctx),
             Err(Failure::Invalid(reason)) => self.invalid_token(reason),
             Err(Failure::NoKey) => match &self.remote {
@@ -498,7 +504,11 @@ impl Middleware for Jwt {
                             return self
                                 .reject(Reason::InvalidCredentials, "no key for this token");
                         }
-                        match self.keys.load().verify(&token, header.alg, header.kid.as_deref()) {
+                        match self
+                            .keys
+                            .load()
+                            .verify(&token, header.alg, header.kid.as_deref())
+                        {
                             Ok(verified) => self.accept(key, verified, req, ctx),
                             Err(Failure::Invalid(reason)) => self.invalid_token(reason),
                             Err(Failure::NoKey) => {
@@ -683,7 +693,6 @@ fn claim_satisfies(value: Option<&Value>, name: &str, want: &str) -> bool {
         _ => false,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

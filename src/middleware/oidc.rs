@@ -661,7 +661,10 @@ fn page(status: StatusCode, reason: Reason, message: String) -> Reject {
          <h1>Sign-in failed</h1><p>{escaped}</p><p><a href=\"/\">Start again</a></p>\n"
     );
     let mut reject = Reject::new(status, reason, message)
-        .with_header(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"))
+        .with_header(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )
         .with_header(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     reject.body = Some(Bytes::from(body));
     reject
@@ -831,7 +834,9 @@ impl Inner {
                 reason,
                 "sign in first: this resource needs a browser session",
             );
-            reject.headers.extend(cookies.into_iter().map(|c| (SET_COOKIE, c)));
+            reject
+                .headers
+                .extend(cookies.into_iter().map(|c| (SET_COOKIE, c)));
             return Flow::Reject(reject);
         }
         let Some(provider) = self.provider.load_full() else {
@@ -892,8 +897,12 @@ impl Inner {
             LOCATION,
             HeaderValue::from_str(&location).expect("an encoded URL is a valid header value"),
         ));
-        reject.headers.push((CACHE_CONTROL, HeaderValue::from_static("no-store")));
-        reject.headers.extend(cookies.into_iter().map(|c| (SET_COOKIE, c)));
+        reject
+            .headers
+            .push((CACHE_CONTROL, HeaderValue::from_static("no-store")));
+        reject
+            .headers
+            .extend(cookies.into_iter().map(|c| (SET_COOKIE, c)));
         Flow::Reject(reject)
     }
 
@@ -972,9 +981,7 @@ impl Inner {
         if let Some(basic) = &self.basic {
             req = req.header(AUTHORIZATION, basic.clone());
         }
-        let req = req
-            .body(Bytes::from(body))
-            .map_err(|e| e.to_string())?;
+        let req = req.body(Bytes::from(body)).map_err(|e| e.to_string())?;
         call.endpoint
             .fetch(shard, req, FETCH_TIMEOUT, MAX_ANSWER)
             .await
@@ -1000,7 +1007,11 @@ impl Inner {
         let Ok(req) = req else {
             return claims;
         };
-        let info = match call.endpoint.fetch(shard, req, FETCH_TIMEOUT, MAX_ANSWER).await {
+        let info = match call
+            .endpoint
+            .fetch(shard, req, FETCH_TIMEOUT, MAX_ANSWER)
+            .await
+        {
             Ok(resp) if resp.status().is_success() => {
                 serde_json::from_slice::<Map<String, Value>>(resp.body()).ok()
             }
@@ -1044,7 +1055,11 @@ impl Inner {
     async fn verify(&self, token: &str) -> Result<Map<String, Value>, Reason> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| Reason::InvalidCredentials)?;
         for attempt in 0..2 {
-            match self.keys.load().verify(token, header.alg, header.kid.as_deref()) {
+            match self
+                .keys
+                .load()
+                .verify(token, header.alg, header.kid.as_deref())
+            {
                 Ok((_, claims)) => return Ok(claims),
                 Err(Failure::Invalid(reason)) => return Err(reason),
                 Err(Failure::NoKey) if attempt == 0 && self.remote.refetch().await => {}
@@ -1084,8 +1099,7 @@ impl Inner {
                 page(
                     StatusCode::BAD_REQUEST,
                     Reason::StateMismatch,
-                    "the sign-in answer does not belong to the sign-in this browser started"
-                        .into(),
+                    "the sign-in answer does not belong to the sign-in this browser started".into(),
                 )
                 .with_header(SET_COOKIE, clear_state),
             );
@@ -1108,8 +1122,7 @@ impl Inner {
             return Flow::Reject(page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Reason::AuthServiceUnavailable,
-                "the sign-in cannot be completed: no code, or the provider is not reachable"
-                    .into(),
+                "the sign-in cannot be completed: no code, or the provider is not reachable".into(),
             ));
         };
         let redirect_uri = format!("{origin}{}", self.redirect_path);
@@ -1241,7 +1254,9 @@ impl Inner {
                 }
             }
         }
-        let end = provider.as_ref().and_then(|p| p.end_session_endpoint.as_deref());
+        let end = provider
+            .as_ref()
+            .and_then(|p| p.end_session_endpoint.as_deref());
         let location = match end {
             Some(end) => {
                 let mut query = form_urlencoded::Serializer::new(String::new());
@@ -1255,7 +1270,10 @@ impl Inner {
                 let sep = if end.contains('?') { '&' } else { '?' };
                 format!("{end}{sep}{}", query.finish())
             }
-            None => self.post_logout_redirect.clone().unwrap_or_else(|| "/".into()),
+            None => self
+                .post_logout_redirect
+                .clone()
+                .unwrap_or_else(|| "/".into()),
         };
         Flow::Respond(redirect(&location, cookies))
     }
@@ -1287,9 +1305,7 @@ impl Inner {
                         let mut result = inner.refresh_once(session, &token, shard).await;
                         if let Some(store) = &inner.store {
                             result = match result {
-                                Some(fresh) => {
-                                    inner.save(&fresh, shard).await.ok().map(|()| fresh)
-                                }
+                                Some(fresh) => inner.save(&fresh, shard).await.ok().map(|()| fresh),
                                 None => {
                                     let _ = store.delete(shard, &id).await;
                                     None
@@ -1387,7 +1403,11 @@ impl Inner {
             return Some(Err(None));
         };
         Some(
-            match self.keys.load().verify(token, header.alg, header.kid.as_deref()) {
+            match self
+                .keys
+                .load()
+                .verify(token, header.alg, header.kid.as_deref())
+            {
                 Ok((_, claims)) => Ok(claims),
                 Err(Failure::Invalid(_)) => Err(None),
                 Err(Failure::NoKey) => Err(Some(token.to_owned())),
@@ -1442,7 +1462,10 @@ fn publish(ctx: &mut Context, claims: &Map<String, Value>, session: Option<&str>
 fn strip_cookies(req: &mut request::Parts, name: &str) {
     let ours = |pair: &str| {
         let key = pair.trim().split_once('=').map_or(pair.trim(), |(k, _)| k);
-        key == name || key.strip_prefix(name).is_some_and(|rest| rest.starts_with('_'))
+        key == name
+            || key
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('_'))
     };
     let values: Vec<HeaderValue> = req.headers.get_all(COOKIE).iter().cloned().collect();
     if !values
@@ -1455,7 +1478,10 @@ fn strip_cookies(req: &mut request::Parts, name: &str) {
     req.headers.remove(COOKIE);
     let mut kept = String::new();
     for value in values.iter().filter_map(|v| v.to_str().ok()) {
-        for pair in value.split(';').filter(|p| !p.trim().is_empty() && !ours(p)) {
+        for pair in value
+            .split(';')
+            .filter(|p| !p.trim().is_empty() && !ours(p))
+        {
             if !kept.is_empty() {
                 kept.push_str("; ");
             }
@@ -1564,10 +1590,15 @@ impl Middleware for Oidc {
             });
         }
         match inner.cookie_holds::<Session>(req) {
-            Ok(Some(s)) if s.expires > unix_now() => {
-                (Inner::due(&s, unix_now()) && inner.refresh && s.refresh_token.is_some())
-                    .then(|| at(&format!("would refresh {}'s session", s.subject().unwrap_or("?"))))
-            }
+            Ok(Some(s)) if s.expires > unix_now() => (Inner::due(&s, unix_now())
+                && inner.refresh
+                && s.refresh_token.is_some())
+            .then(|| {
+                at(&format!(
+                    "would refresh {}'s session",
+                    s.subject().unwrap_or("?")
+                ))
+            }),
             _ if provider.is_none() && wants_html(req) => Some(format!(
                 "would read the discovery document at {} to send the browser to sign in",
                 inner.discovery_url
@@ -1612,20 +1643,38 @@ mod tests {
         let inner = inner(&[], &[]);
         let sealed = inner.jar.seal("a", &json!({"x": 1}));
         assert_eq!(inner.jar.open::<Value>("a", &sealed), Some(json!({"x": 1})));
-        assert_eq!(inner.jar.open::<Value>("b", &sealed), None, "bound to its name");
+        assert_eq!(
+            inner.jar.open::<Value>("b", &sealed),
+            None,
+            "bound to its name"
+        );
         let mut tampered = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
         *tampered.last_mut().unwrap() ^= 1;
-        assert_eq!(inner.jar.open::<Value>("a", &URL_SAFE_NO_PAD.encode(tampered)), None);
+        assert_eq!(
+            inner
+                .jar
+                .open::<Value>("a", &URL_SAFE_NO_PAD.encode(tampered)),
+            None
+        );
         // A cookie sealed with the previous secret still opens.
         let previous = XChaCha20Poly1305::new(&[2u8; 32].into());
         let nonce = [7u8; 24];
         let mut old = nonce.to_vec();
         old.extend(
             previous
-                .encrypt(&XNonce::from(nonce), Payload { msg: b"[1]", aad: b"a" })
+                .encrypt(
+                    &XNonce::from(nonce),
+                    Payload {
+                        msg: b"[1]",
+                        aad: b"a",
+                    },
+                )
                 .unwrap(),
         );
-        assert_eq!(inner.jar.open::<Value>("a", &URL_SAFE_NO_PAD.encode(old)), Some(json!([1])));
+        assert_eq!(
+            inner.jar.open::<Value>("a", &URL_SAFE_NO_PAD.encode(old)),
+            Some(json!([1]))
+        );
     }
 
     /// The request a browser sends back after `set_cookies`.
@@ -1668,7 +1717,13 @@ mod tests {
             let c = c.to_str().unwrap();
             assert!(c.starts_with(&format!("gatehouse_session_{i}=")), "{c}");
             assert!(c.len() < 4000, "{} bytes", c.len());
-            for attr in ["; Path=/", "; HttpOnly", "; SameSite=Lax", "; Secure", "; Max-Age="] {
+            for attr in [
+                "; Path=/",
+                "; HttpOnly",
+                "; SameSite=Lax",
+                "; Secure",
+                "; Max-Age=",
+            ] {
                 assert!(c.contains(attr), "{attr} in {c}");
             }
         }
@@ -1685,8 +1740,10 @@ mod tests {
             .unwrap();
         assert!(small[0].to_str().unwrap().starts_with("gatehouse_session="));
         assert_eq!(small.len(), 1 + set.len());
-        assert!(small[1..].iter().all(|c| c.to_str().unwrap().contains("=; Path=/")
-            && c.to_str().unwrap().ends_with("Max-Age=0")));
+        assert!(small[1..]
+            .iter()
+            .all(|c| c.to_str().unwrap().contains("=; Path=/")
+                && c.to_str().unwrap().ends_with("Max-Age=0")));
         // Too large for the cookies a browser keeps: refused, not cut short.
         let groups: Vec<String> = (0..4000).map(|i| format!("group-{i}")).collect();
         let huge = session(json!({"sub": "alice", "groups": groups}));
@@ -1700,7 +1757,9 @@ mod tests {
         assert!(inner.allowed(&claims(
             json!({"email": "a@Example.com", "groups": ["staff", "admins"]})
         )));
-        assert!(!inner.allowed(&claims(json!({"email": "a@example.com", "groups": ["staff"]}))));
+        assert!(!inner.allowed(&claims(
+            json!({"email": "a@example.com", "groups": ["staff"]})
+        )));
         assert!(!inner.allowed(&claims(
             json!({"email": "a@example.com", "email_verified": false, "groups": ["admins"]})
         )));

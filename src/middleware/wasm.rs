@@ -298,7 +298,9 @@ async fn background(slots: std::sync::Weak<Slots>) {
             let mut next = now + StdDuration::from_secs(1);
             for slot in slots.vms.iter() {
                 let mut vm = slot.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(instance) = vm.as_mut() else { continue };
+                let Some(instance) = vm.as_mut() else {
+                    continue;
+                };
                 match instance.tick(now) {
                     Ok(Some(due)) => next = next.min(due),
                     Ok(None) => {}
@@ -384,7 +386,9 @@ impl Drop for End {
             .take();
         let _ = self
             .slots
-            .with_vm(self.worker, Some(self.generation), |vm| vm.finish(self.id, props));
+            .with_vm(self.worker, Some(self.generation), |vm| {
+                vm.finish(self.id, props)
+            });
     }
 }
 
@@ -437,9 +441,11 @@ impl Held {
             stream.response_trailers = taken;
         }
         let id = self.id;
-        let result = self.slots.with_vm(self.worker, Some(self.generation), |vm| {
-            vm.with_stream(id, &mut stream, |vm| callback(vm, id, count))
-        });
+        let result = self
+            .slots
+            .with_vm(self.worker, Some(self.generation), |vm| {
+                vm.with_stream(id, &mut stream, |vm| callback(vm, id, count))
+            });
         *trailers = if request {
             stream.request_trailers
         } else {
@@ -463,10 +469,15 @@ impl Held {
             props: Some(self.props.clone()),
             ..Stream::default()
         };
-        let (id, size) = (self.id, stream.body.as_ref().map_or(0, |(_, b)| b.len() as u32));
-        let result = self.slots.with_vm(self.worker, Some(self.generation), |vm| {
-            vm.with_stream(id, &mut stream, |vm| callback(vm, id, size, end))
-        });
+        let (id, size) = (
+            self.id,
+            stream.body.as_ref().map_or(0, |(_, b)| b.len() as u32),
+        );
+        let result = self
+            .slots
+            .with_vm(self.worker, Some(self.generation), |vm| {
+                vm.with_stream(id, &mut stream, |vm| callback(vm, id, size, end))
+            });
         if let Some((_, held)) = stream.body {
             self.held = held;
         }
@@ -733,10 +744,11 @@ impl Middleware for Wasm {
     }
 
     fn on_request_body(&self, piece: &Piece<'_>, state: &mut Extensions) -> Result<(), Reject> {
-        let Some(body) = state
-            .get_mut::<BodyStates>()
-            .and_then(|all| all.0.iter_mut().find(|b| Arc::ptr_eq(&b.slots, &self.slots)))
-        else {
+        let Some(body) = state.get_mut::<BodyStates>().and_then(|all| {
+            all.0
+                .iter_mut()
+                .find(|b| Arc::ptr_eq(&b.slots, &self.slots))
+        }) else {
             return Ok(()); // a request without a body, or one the plugin did not see
         };
         if body.failed {
@@ -780,7 +792,11 @@ impl Middleware for Wasm {
     ) -> Result<(), Reject> {
         let Some(body) = state
             .get_mut::<BodyStates>()
-            .and_then(|all| all.0.iter_mut().find(|b| Arc::ptr_eq(&b.slots, &self.slots)))
+            .and_then(|all| {
+                all.0
+                    .iter_mut()
+                    .find(|b| Arc::ptr_eq(&b.slots, &self.slots))
+            })
             .filter(|b| !b.failed)
         else {
             return Ok(());
@@ -822,15 +838,21 @@ impl Middleware for Wasm {
         let count = stream.response.len() as u32 + 1;
         let end = resp.status == StatusCode::NO_CONTENT
             || resp.status == StatusCode::NOT_MODIFIED
-            || stream.response.get(CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == b"0");
+            || stream
+                .response
+                .get(CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
         let result = self.slots.with_vm(worker, Some(generation), |vm| {
             vm.with_stream(id, &mut stream, |vm| vm.response_headers(id, count, end))
         });
         resp.headers = stream.response;
         exchange.request = stream.request;
         if let Some(props) = stream.props {
-            *exchange.end.props.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(props.clone());
+            *exchange
+                .end
+                .props
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(props.clone());
             exchange.props = props;
         }
         let answer = match result {
@@ -878,7 +900,9 @@ impl Middleware for Wasm {
         }
         let has_body = self
             .slots
-            .with_vm(worker, Some(exchange.generation), |vm| Ok(vm.has_response_body()))
+            .with_vm(worker, Some(exchange.generation), |vm| {
+                Ok(vm.has_response_body())
+            })
             .unwrap_or(false);
         if !has_body {
             return BodyPhase::Pass("the plugin has no response body callback");
@@ -1034,4 +1058,3 @@ impl BodyFilter for PluginBody {
         format!("through plugin {}", self.held.slots.shared.name)
     }
 }
-

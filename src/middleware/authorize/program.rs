@@ -84,11 +84,11 @@ pub(super) enum Node {
     /// A literal, or a subexpression of literals evaluated at load.
     Constant(Box<dyn Val>),
     Variable(Variable),
-    And(Box<[Node; 2]>),
-    Or(Box<[Node; 2]>),
+    /// `&&` (decided by `false`) and `||` (decided by `true`).
+    Logical(bool, Box<[Node; 2]>),
     Not(Box<Node>),
-    Equals(Box<[Node; 2]>),
-    NotEquals(Box<[Node; 2]>),
+    /// `==` (`true`) and `!=` (`false`).
+    Equals(bool, Box<[Node; 2]>),
     /// `[0] in [1]`.
     In(Box<[Node; 2]>),
     /// `[0][[1]]`, on a variable or on what indexing one gave.
@@ -136,43 +136,40 @@ type Invalid = (u64, usize, String);
 impl Node {
     /// Resolves a checked expression.
     pub(super) fn new(e: &IdedExpr, env: &Arc<Env>) -> Result<Node, Invalid> {
-        let interpreted = || Ok(Node::Interpreted(e.clone()));
-        match &e.expr {
-            Expr::Literal(literal) => Ok(Node::Constant(literal.to_val().into_owned())),
-            Expr::Ident(name) => Ok(Variable::named(name).map_or_else(
-                || Node::Interpreted(e.clone()),
-                Node::Variable,
-            )),
-            _ if is_constant(e) => Ok(constant(e, env).unwrap_or_else(|| Node::Interpreted(e.clone()))),
+        let interpreted = || Node::Interpreted(e.clone());
+        Ok(match &e.expr {
+            Expr::Literal(literal) => Node::Constant(literal.to_val().into_owned()),
+            Expr::Ident(name) => Variable::named(name).map_or_else(interpreted, Node::Variable),
+            _ if is_constant(e) => constant(e, env).unwrap_or_else(interpreted),
             Expr::Call(call) => match (&call.target, call.func_name.as_str(), &call.args[..]) {
-                (None, operators::LOGICAL_AND, [a, b]) => Ok(Node::And(pair(a, b, env)?)),
-                (None, operators::LOGICAL_OR, [a, b]) => Ok(Node::Or(pair(a, b, env)?)),
-                (None, operators::LOGICAL_NOT, [a]) => Ok(Node::Not(Box::new(Node::new(a, env)?))),
-                (None, operators::EQUALS, [a, b]) => Ok(Node::Equals(pair(a, b, env)?)),
-                (None, operators::NOT_EQUALS, [a, b]) => Ok(Node::NotEquals(pair(a, b, env)?)),
-                (None, operators::IN, [a, b]) => Ok(Node::In(pair(a, b, env)?)),
+                (None, operators::LOGICAL_AND, [a, b]) => Node::Logical(false, pair(a, b, env)?),
+                (None, operators::LOGICAL_OR, [a, b]) => Node::Logical(true, pair(a, b, env)?),
+                (None, operators::LOGICAL_NOT, [a]) => Node::Not(Box::new(Node::new(a, env)?)),
+                (None, operators::EQUALS, [a, b]) => Node::Equals(true, pair(a, b, env)?),
+                (None, operators::NOT_EQUALS, [a, b]) => Node::Equals(false, pair(a, b, env)?),
+                (None, operators::IN, [a, b]) => Node::In(pair(a, b, env)?),
                 (None, operators::INDEX, [a, b]) if indexes_a_variable(a) => {
-                    Ok(Node::Index(pair(a, b, env)?))
+                    Node::Index(pair(a, b, env)?)
                 }
-                (None, operators::CONDITIONAL, [c, a, b]) => Ok(Node::Conditional(Box::new([
+                (None, operators::CONDITIONAL, [c, a, b]) => Node::Conditional(Box::new([
                     Node::new(c, env)?,
                     Node::new(a, env)?,
                     Node::new(b, env)?,
-                ]))),
+                ])),
                 (Some(target), method, [arg]) => {
                     let text = match method {
                         "startsWith" => Text::StartsWith,
                         "endsWith" => Text::EndsWith,
                         "contains" => Text::Contains,
                         "matches" => return matches(e, target, arg, env),
-                        _ => return interpreted(),
+                        _ => return Ok(interpreted()),
                     };
-                    Ok(Node::Text(text, pair(target, arg, env)?))
+                    Node::Text(text, pair(target, arg, env)?)
                 }
                 _ => interpreted(),
             },
             _ => interpreted(),
-        }
+        })
     }
 
     /// Evaluates the node over a request's variables; `scope` runs what the interpreter does.
@@ -186,41 +183,30 @@ impl Node {
             Node::Constant(value) => Out::Value(CowVal::Borrowed(value.as_ref())),
             Node::Variable(v) => Out::Value(CowVal::Borrowed(variables.variable(*v))),
             // As the interpreter: the left side first; an error on one side is absorbed
-            // when the other decides (`false` for `&&`, `true` for `||`).
-            Node::And(n) => {
+            // when the other decides.
+            Node::Logical(decides, n) => {
                 let left = eval(&n[0]).and_then(|v| v.truth());
-                if matches!(left, Ok(false)) {
-                    return Ok(Out::Bool(false));
+                if matches!(left, Ok(l) if l == *decides) {
+                    return Ok(Out::Bool(*decides));
                 }
                 match (left, eval(&n[1])?.truth()) {
-                    (Ok(true), Ok(right)) => Out::Bool(right),
-                    (Err(Defer), Ok(false)) => Out::Bool(false),
-                    _ => return Err(Defer),
-                }
-            }
-            Node::Or(n) => {
-                let left = eval(&n[0]).and_then(|v| v.truth());
-                if matches!(left, Ok(true)) {
-                    return Ok(Out::Bool(true));
-                }
-                match (left, eval(&n[1])?.truth()) {
-                    (Ok(false), Ok(right)) => Out::Bool(right),
-                    (Err(Defer), Ok(true)) => Out::Bool(true),
+                    (Ok(_), Ok(right)) => Out::Bool(right),
+                    (Err(Defer), Ok(right)) if right == *decides => Out::Bool(right),
                     _ => return Err(Defer),
                 }
             }
             Node::Not(n) => Out::Bool(!eval(n)?.truth()?),
-            Node::Equals(n) => {
+            Node::Equals(equal, n) => {
                 let (left, right) = (eval(&n[0])?, eval(&n[1])?);
-                Out::Bool(left.val().equals(right.val()))
-            }
-            Node::NotEquals(n) => {
-                let (left, right) = (eval(&n[0])?, eval(&n[1])?);
-                Out::Bool(!left.val().equals(right.val()))
+                Out::Bool(left.val().equals(right.val()) == *equal)
             }
             Node::In(n) => {
                 let (item, container) = (eval(&n[0])?, eval(&n[1])?);
-                let found = container.val().as_container().ok_or(Defer)?.contains(item.val());
+                let found = container
+                    .val()
+                    .as_container()
+                    .ok_or(Defer)?
+                    .contains(item.val());
                 Out::Bool(found.map_err(|_| Defer)?)
             }
             Node::Index(n) => {
@@ -272,12 +258,22 @@ fn string<'s>(value: &'s Out<'_>) -> Option<&'s str> {
 
 /// `target.matches(pattern)`: a literal pattern compiled now, with the regex crate as
 /// the interpreter compiles it at every call; any other left to the interpreter.
-fn matches(e: &IdedExpr, target: &IdedExpr, pattern: &IdedExpr, env: &Arc<Env>) -> Result<Node, Invalid> {
+fn matches(
+    e: &IdedExpr,
+    target: &IdedExpr,
+    pattern: &IdedExpr,
+    env: &Arc<Env>,
+) -> Result<Node, Invalid> {
     let Expr::Literal(LiteralValue::String(source)) = &pattern.expr else {
         return Ok(Node::Interpreted(e.clone()));
     };
-    let regex = Regex::new(source.inner())
-        .map_err(|error| (pattern.id, 0, format!("invalid pattern for matches(): {error}")))?;
+    let regex = Regex::new(source.inner()).map_err(|error| {
+        (
+            pattern.id,
+            0,
+            format!("invalid pattern for matches(): {error}"),
+        )
+    })?;
     Ok(Node::Matches(Box::new(Node::new(target, env)?), regex))
 }
 
@@ -288,7 +284,9 @@ fn is_constant(e: &IdedExpr) -> bool {
         Expr::Ident(_) | Expr::Comprehension(_) | Expr::Struct(_) | Expr::Unspecified => false,
         Expr::Literal(_) => true,
         Expr::Select(select) => is_constant(&select.operand),
-        Expr::Call(call) => call.target.as_deref().is_none_or(is_constant) && call.args.iter().all(is_constant),
+        Expr::Call(call) => {
+            call.target.as_deref().is_none_or(is_constant) && call.args.iter().all(is_constant)
+        }
         Expr::List(ListExpr { elements, .. }) => elements.iter().all(is_constant),
         Expr::Map(MapExpr { entries }) => entries.iter().all(|entry| match &entry.expr {
             EntryExpr::MapEntry(m) => is_constant(&m.key) && is_constant(&m.value),

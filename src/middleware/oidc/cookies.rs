@@ -129,10 +129,7 @@ impl Jar {
     }
 
     /// The names of the session cookies (whole or chunks) the request carries.
-    fn present<'a>(
-        &'a self,
-        req: &'a request::Parts,
-    ) -> impl Iterator<Item = String> + 'a {
+    fn present<'a>(&'a self, req: &'a request::Parts) -> impl Iterator<Item = String> + 'a {
         std::iter::once(self.name.clone())
             .chain((0..MAX_CHUNKS).map(|i| self.chunk_name(i)))
             .filter(|name| cookie(req, name).is_some())

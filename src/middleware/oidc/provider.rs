@@ -84,7 +84,13 @@ async fn discover(
     let mut pools: Vec<(Uri, Arc<Endpoint>)> = Vec::new();
     let mut call = |field: &str, url: &str| -> Result<Call, String> {
         let url = http_url(field, url)?;
-        let origin = |u: &Uri| (u.scheme().cloned(), u.host().map(str::to_owned), u.port_u16());
+        let origin = |u: &Uri| {
+            (
+                u.scheme().cloned(),
+                u.host().map(str::to_owned),
+                u.port_u16(),
+            )
+        };
         let endpoint = match pools.iter().find(|(u, _)| origin(u) == origin(&url)) {
             Some((_, pool)) => Arc::clone(pool),
             None => {
@@ -160,4 +166,3 @@ pub(super) async fn discover_then_refresh(
     )
     .await
 }
-

@@ -107,8 +107,11 @@ impl Store {
             return Ok(());
         }
         let key = self.key(id);
-        self.call(worker, |mut conn| async move { conn.del::<_, ()>(key).await })
-            .await
+        self.call(
+            worker,
+            |mut conn| async move { conn.del::<_, ()>(key).await },
+        )
+        .await
     }
 
     /// One command on `worker`'s connection, within [`TIMEOUT`], telling the link how it

@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use http::header::RETRY_AFTER;
 use http::{request, response, HeaderName, HeaderValue, StatusCode};
-use serde::de::{self, Deserializer};
 use schemars::JsonSchema;
+use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{Context, Flow, Middleware, Reason, Reject};

@@ -250,7 +250,10 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         "proxy_log",
         |caller: C, level: u32, ptr: u32, len: u32| -> Result<u32, Error> {
             let message = read(&caller, ptr, len)?;
-            caller.data().shared.log(level, &String::from_utf8_lossy(&message));
+            caller
+                .data()
+                .shared
+                .log(level, &String::from_utf8_lossy(&message));
             Ok(OK)
         },
     )?;
@@ -274,8 +277,7 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut caller: C, period: u32| -> u32 {
-            caller.data_mut().tick =
-                (period > 0).then(|| Duration::from_millis(u64::from(period)));
+            caller.data_mut().tick = (period > 0).then(|| Duration::from_millis(u64::from(period)));
             OK
         },
     )?;
@@ -315,7 +317,13 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
     linker.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |mut caller: C, kind: u32, start: u32, size: u32, ptr: u32, len: u32| -> Result<u32, Error> {
+        |mut caller: C,
+         kind: u32,
+         start: u32,
+         size: u32,
+         ptr: u32,
+         len: u32|
+         -> Result<u32, Error> {
             let data = read(&caller, ptr, len)?;
             let host = caller.data_mut();
             // The request body streams to the app as it arrives: the plugin reads a copy.
@@ -371,7 +379,13 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
     linker.func_wrap(
         "env",
         "proxy_get_header_map_value",
-        |mut caller: C, kind: u32, kp: u32, kl: u32, ptr_ptr: u32, size_ptr: u32| -> Result<u32, Error> {
+        |mut caller: C,
+         kind: u32,
+         kp: u32,
+         kl: u32,
+         ptr_ptr: u32,
+         size_ptr: u32|
+         -> Result<u32, Error> {
             let key = read(&caller, kp, kl)?;
             let host = caller.data();
             let value = if key.starts_with(b":") {
@@ -387,7 +401,10 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
                     .into_iter()
                     .flatten()
                     .peekable();
-                values.peek().is_some().then(|| values.collect::<Vec<_>>().join(&b","[..]))
+                values
+                    .peek()
+                    .is_some()
+                    .then(|| values.collect::<Vec<_>>().join(&b","[..]))
             };
             match value {
                 Some(value) => {
@@ -457,7 +474,13 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
     linker.func_wrap(
         "env",
         "proxy_get_shared_data",
-        |mut caller: C, kp: u32, kl: u32, ptr_ptr: u32, size_ptr: u32, cas_ptr: u32| -> Result<u32, Error> {
+        |mut caller: C,
+         kp: u32,
+         kl: u32,
+         ptr_ptr: u32,
+         size_ptr: u32,
+         cas_ptr: u32|
+         -> Result<u32, Error> {
             let key = read(&caller, kp, kl)?;
             let Some((value, cas)) = caller.data().shared.data.get(&key) else {
                 return Ok(NOT_FOUND);
@@ -484,7 +507,10 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         |mut caller: C, np: u32, nl: u32, id_ptr: u32| -> Result<u32, Error> {
             let name = read(&caller, np, nl)?;
             let host = caller.data();
-            let id = host.shared.queues.register(name, host.worker, host.effective);
+            let id = host
+                .shared
+                .queues
+                .register(name, host.worker, host.effective);
             write_u32(&mut caller, id_ptr, id)?;
             Ok(OK)
         },
@@ -548,11 +574,15 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             Some(kind) => linker.func_wrap("env", name, move |caller: C| f(caller, kind))?,
         };
     }
-    linker.func_wrap("env", "proxy_close_stream", |mut caller: C, _kind: u32| -> u32 {
-        // Closing is answering with nothing more to say: the client's connection resets.
-        caller.data_mut().effects.closed = true;
-        OK
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut caller: C, _kind: u32| -> u32 {
+            // Closing is answering with nothing more to say: the client's connection resets.
+            caller.data_mut().effects.closed = true;
+            OK
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_send_local_response",
@@ -577,7 +607,10 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             let Some(pairs) = deserialize_pairs(&headers) else {
                 return Ok(BAD_ARGUMENT);
             };
-            let headers = pairs.into_iter().filter_map(|(k, v)| header(k, v)).collect();
+            let headers = pairs
+                .into_iter()
+                .filter_map(|(k, v)| header(k, v))
+                .collect();
             caller.data_mut().effects.reply = Some(LocalReply {
                 status,
                 headers,
@@ -656,9 +689,20 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
     linker.func_wrap(
         "env",
         "proxy_grpc_call",
-        |_: C, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32| -> u32 {
-            UNIMPLEMENTED
-        },
+        |_: C,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32|
+         -> u32 { UNIMPLEMENTED },
     )?;
     linker.func_wrap(
         "env",
@@ -667,11 +711,17 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             UNIMPLEMENTED
         },
     )?;
-    linker.func_wrap("env", "proxy_grpc_send", |_: C, _: u32, _: u32, _: u32, _: u32| -> u32 {
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |_: C, _: u32, _: u32, _: u32, _: u32| -> u32 { UNIMPLEMENTED },
+    )?;
+    linker.func_wrap("env", "proxy_grpc_cancel", |_: C, _: u32| -> u32 {
         UNIMPLEMENTED
     })?;
-    linker.func_wrap("env", "proxy_grpc_cancel", |_: C, _: u32| -> u32 { UNIMPLEMENTED })?;
-    linker.func_wrap("env", "proxy_grpc_close", |_: C, _: u32| -> u32 { UNIMPLEMENTED })?;
+    linker.func_wrap("env", "proxy_grpc_close", |_: C, _: u32| -> u32 {
+        UNIMPLEMENTED
+    })?;
 
     // Metrics.
     linker.func_wrap(
@@ -701,12 +751,16 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             }
         },
     )?;
-    linker.func_wrap("env", "proxy_record_metric", |caller: C, id: u32, value: u64| -> u32 {
-        match caller.data().shared.metrics.record(id, value) {
-            true => OK,
-            false => BAD_ARGUMENT,
-        }
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |caller: C, id: u32, value: u64| -> u32 {
+            match caller.data().shared.metrics.record(id, value) {
+                true => OK,
+                false => BAD_ARGUMENT,
+            }
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_get_metric",
@@ -726,7 +780,13 @@ pub(super) fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
     Ok(())
 }
 
-fn set_header(mut caller: C, kind: u32, key: &[u8], value: &[u8], replace: bool) -> Result<u32, Error> {
+fn set_header(
+    mut caller: C,
+    kind: u32,
+    key: &[u8],
+    value: &[u8],
+    replace: bool,
+) -> Result<u32, Error> {
     let Some(headers) = map_mut(caller.data_mut(), kind) else {
         return Ok(BAD_ARGUMENT);
     };
@@ -812,11 +872,15 @@ fn define_wasi(linker: &mut Linker<Host>, wasi: &str) -> Result<(), Error> {
         },
     )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
-        linker.func_wrap(wasi, name, |mut caller: C, count: u32, size: u32| -> Result<u32, Error> {
-            write_u32(&mut caller, count, 0)?;
-            write_u32(&mut caller, size, 0)?;
-            Ok(ERRNO_SUCCESS)
-        })?;
+        linker.func_wrap(
+            wasi,
+            name,
+            |mut caller: C, count: u32, size: u32| -> Result<u32, Error> {
+                write_u32(&mut caller, count, 0)?;
+                write_u32(&mut caller, size, 0)?;
+                Ok(ERRNO_SUCCESS)
+            },
+        )?;
     }
     for name in ["environ_get", "args_get"] {
         linker.func_wrap(wasi, name, |_: C, _: u32, _: u32| -> u32 { ERRNO_SUCCESS })?;
@@ -828,9 +892,11 @@ fn define_wasi(linker: &mut Linker<Host>, wasi: &str) -> Result<(), Error> {
     for name in ["fd_close", "fd_fdstat_get", "fd_prestat_get"] {
         linker.func_wrap(wasi, name, |_: C, _: u32, _: u32| -> u32 { ERRNO_BADF })?;
     }
-    linker.func_wrap(wasi, "fd_prestat_dir_name", |_: C, _: u32, _: u32, _: u32| -> u32 {
-        ERRNO_BADF
-    })?;
+    linker.func_wrap(
+        wasi,
+        "fd_prestat_dir_name",
+        |_: C, _: u32, _: u32, _: u32| -> u32 { ERRNO_BADF },
+    )?;
     linker.func_wrap(
         wasi,
         "fd_seek",
@@ -879,7 +945,10 @@ mod tests {
         let bytes = serialize_pairs(&pairs);
         assert_eq!(&bytes[..4], &3u32.to_le_bytes());
         assert_eq!(deserialize_pairs(&bytes).unwrap(), pairs);
-        assert_eq!(deserialize_pairs(&[]).unwrap(), Vec::<(&[u8], &[u8])>::new());
+        assert_eq!(
+            deserialize_pairs(&[]).unwrap(),
+            Vec::<(&[u8], &[u8])>::new()
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use wasmi::{
-    Config, Engine, ExternType, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TrapCode,
-    TypedFunc,
+    Config, Engine, ExternType, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder,
+    TrapCode, TypedFunc,
 };
 
 use crate::config::value::FileContent;
@@ -214,7 +214,10 @@ impl Queues {
 
     pub fn resolve(&self, name: &[u8]) -> Option<u32> {
         let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        queues.iter().position(|q| q.name == name).map(|i| i as u32 + 1)
+        queues
+            .iter()
+            .position(|q| q.name == name)
+            .map(|i| i as u32 + 1)
     }
 
     pub fn enqueue(&self, id: u32, value: Vec<u8>) -> bool {
@@ -295,7 +298,11 @@ impl PluginMetrics {
     pub fn define(&self, kind: u32, name: &str) -> Option<u32> {
         let mut defined = self.defined.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((id, ..)) = defined.iter().find(|(_, n, m)| {
-            n == name && matches!((kind, m), (COUNTER, Metric::Counter(_)) | (GAUGE, Metric::Gauge(_)))
+            n == name
+                && matches!(
+                    (kind, m),
+                    (COUNTER, Metric::Counter(_)) | (GAUGE, Metric::Gauge(_))
+                )
         }) {
             return Some(*id);
         }
@@ -564,9 +571,11 @@ impl Host {
                     .map_or(0, |d| d.as_nanos() as i64);
                 Some(nanos.to_le_bytes().to_vec())
             }
-            b"request\0duration" => {
-                Some((props.start.elapsed().as_nanos() as i64).to_le_bytes().to_vec())
-            }
+            b"request\0duration" => Some(
+                (props.start.elapsed().as_nanos() as i64)
+                    .to_le_bytes()
+                    .to_vec(),
+            ),
             b"response\0code" => props
                 .status
                 .map(|s| i64::from(s.as_u16()).to_le_bytes().to_vec()),
@@ -681,9 +690,7 @@ impl Vm {
             },
         );
         store.limiter(|host| &mut host.limits);
-        store
-            .set_fuel(bounds.fuel)
-            .map_err(|e| fail("fuel", e))?;
+        store.set_fuel(bounds.fuel).map_err(|e| fail("fuel", e))?;
         let instance = plugin
             .linker
             .instantiate_and_start(&mut store, &plugin.module)
@@ -749,7 +756,9 @@ impl Vm {
         let vm_config = shared.vm_configuration.len() as u32;
         if let Some(f) = vm.exports.vm_start {
             if vm.call(|s| f.call(s, (ROOT, vm_config)))? == 0 {
-                return Err(Failure("the plugin refused to start (on_vm_start returned false)".into()));
+                return Err(Failure(
+                    "the plugin refused to start (on_vm_start returned false)".into(),
+                ));
             }
         }
         let config = shared.configuration.len() as u32;
