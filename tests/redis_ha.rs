@@ -415,6 +415,10 @@ async fn cluster(dir: &Path) -> (Vec<Redis>, Vec<u16>) {
     let mut nodes = Vec::new();
     for &port in &ports {
         let conf = dir.join(format!("nodes-{port}.conf"));
+        // The cluster bus listens on its own port, by default the node's + 10000: from the
+        // ports free_port() hands out, that can fall in the kernel's ephemeral range, where
+        // the tests' own connections take ports, and the node then fails to start.
+        let bus = free_port().to_string();
         nodes.push(
             Redis::with(
                 port,
@@ -425,6 +429,8 @@ async fn cluster(dir: &Path) -> (Vec<Redis>, Vec<u16>) {
                     conf.to_str().unwrap(),
                     "--cluster-node-timeout",
                     "1000",
+                    "--cluster-port",
+                    &bus,
                 ],
             )
             .await,

@@ -1323,7 +1323,7 @@ impl Redis {
     /// ACL users, replication, `--sentinel`, cluster mode), waiting until it accepts
     /// connections.
     pub async fn with(port: u16, args: &[&str]) -> Redis {
-        let child = Command::new("redis-server")
+        let mut child = Command::new("redis-server")
             .args(args)
             .args([
                 "--port",
@@ -1342,6 +1342,9 @@ impl Redis {
                 .await
                 .is_err()
             {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("redis-server on port {port} exited at start ({status}): is a port it binds taken?");
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
