@@ -790,6 +790,15 @@ mod tests {
             atom.clone().prop_map(|a| format!("size({a}) > 1")),
             (
                 atom.clone(),
+                select(&["<", "<=", ">", ">="][..]),
+                select(&["3", "'m'", "1.5", "null", "claims.level"][..])
+            )
+                .prop_map(|(a, op, b)| format!("{a} {op} {b}")),
+            // Equal operands: where `<=` and `<` differ.
+            (atom.clone(), select(&["<", "<=", ">", ">="][..]))
+                .prop_map(|(a, op)| format!("{a} {op} {a}")),
+            (
+                atom.clone(),
                 select(&["['admin', 'ops']", "{'admin': 1}", "'admin'"][..])
             )
                 .prop_map(|(a, b)| format!("{a} in {b}")),

@@ -3,20 +3,20 @@
 //! The CEL interpreter dispatches every operator by comparing its name, resolves every
 //! variable through the container's candidate names, and collects a method's arguments
 //! into a vector: about 150 ns for a rule as small as `request.method == 'PATCH'`. The
-//! operators policies are made of (`&&`, `||`, `!`, `==`, `!=`, `in`, `? :`, indexing,
-//! `startsWith`, `endsWith`, `contains`, `matches`) are resolved here once, when the
-//! config loads, and run on the interpreter's own values with its own equality,
-//! containment and indexing; the variables are read by their place in the request, not
+//! operators policies are made of (`&&`, `||`, `!`, `==`, `!=`, `<`, `<=`, `>`, `>=`, `in`,
+//! `? :`, indexing, `startsWith`, `endsWith`, `contains`, `matches`) are resolved here
+//! once, when the config loads, and run on the interpreter's own values with its own
+//! equality, ordering, containment and indexing; the variables are read by their place in the request, not
 //! by name; subexpressions without variables (`['GET', 'HEAD']`) are evaluated once; a
 //! `matches` pattern written as a literal is compiled once (the interpreter compiles it
 //! at every call), and a pattern that does not compile is a config error.
 //!
-//! Everything else (comprehensions, arithmetic, comparisons, `size`, `has`, the strings
-//! extension) is handed to the interpreter, subexpression by subexpression. Where this
+//! Everything else (comprehensions, arithmetic, `size`, `has`, the strings extension) is handed to the interpreter, subexpression by subexpression. Where this
 //! evaluation meets anything the interpreter would report as an error it gives up
 //! ([`Defer`]) and the interpreter evaluates the whole rule: its value or its error is
 //! the answer, so both paths give the same results (a property test holds them to it).
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use cel::common::ast::{operators, EntryExpr, Expr, ListExpr, LiteralValue, MapExpr};
@@ -70,6 +70,27 @@ impl Variable {
     }
 }
 
+/// An ordering comparison.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Relation {
+    Less,
+    LessEquals,
+    Greater,
+    GreaterEquals,
+}
+
+impl Relation {
+    /// Whether `left` ordered against `right` as `ordering` satisfies the relation.
+    fn holds(self, ordering: Ordering) -> bool {
+        match self {
+            Relation::Less => ordering == Ordering::Less,
+            Relation::LessEquals => ordering != Ordering::Greater,
+            Relation::Greater => ordering == Ordering::Greater,
+            Relation::GreaterEquals => ordering != Ordering::Less,
+        }
+    }
+}
+
 /// A string test a method call makes.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Text {
@@ -89,6 +110,7 @@ pub(super) enum Node {
     Not(Box<Node>),
     /// `==` (`true`) and `!=` (`false`).
     Equals(bool, Box<[Node; 2]>),
+    Compare(Relation, Box<[Node; 2]>),
     /// `[0] in [1]`.
     In(Box<[Node; 2]>),
     /// `[0][[1]]`, on a variable or on what indexing one gave.
@@ -147,6 +169,16 @@ impl Node {
                 (None, operators::LOGICAL_NOT, [a]) => Node::Not(Box::new(Node::new(a, env)?)),
                 (None, operators::EQUALS, [a, b]) => Node::Equals(true, pair(a, b, env)?),
                 (None, operators::NOT_EQUALS, [a, b]) => Node::Equals(false, pair(a, b, env)?),
+                (None, operators::LESS, [a, b]) => Node::Compare(Relation::Less, pair(a, b, env)?),
+                (None, operators::LESS_EQUALS, [a, b]) => {
+                    Node::Compare(Relation::LessEquals, pair(a, b, env)?)
+                }
+                (None, operators::GREATER, [a, b]) => {
+                    Node::Compare(Relation::Greater, pair(a, b, env)?)
+                }
+                (None, operators::GREATER_EQUALS, [a, b]) => {
+                    Node::Compare(Relation::GreaterEquals, pair(a, b, env)?)
+                }
                 (None, operators::IN, [a, b]) => Node::In(pair(a, b, env)?),
                 (None, operators::INDEX, [a, b]) if indexes_a_variable(a) => {
                     Node::Index(pair(a, b, env)?)
@@ -199,6 +231,11 @@ impl Node {
             Node::Equals(equal, n) => {
                 let (left, right) = (eval(&n[0])?, eval(&n[1])?);
                 Out::Bool(left.val().equals(right.val()) == *equal)
+            }
+            Node::Compare(relation, n) => {
+                let (left, right) = (eval(&n[0])?, eval(&n[1])?);
+                let comparer = left.val().as_comparer().ok_or(Defer)?;
+                Out::Bool(relation.holds(comparer.compare(right.val()).map_err(|_| Defer)?))
             }
             Node::In(n) => {
                 let (item, container) = (eval(&n[0])?, eval(&n[1])?);
