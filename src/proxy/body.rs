@@ -181,6 +181,23 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
+impl<B, T: Tally> RequestBody<B, T> {
+    /// What the app's side of the body gets: the frame (`None`: the end), or, when a body
+    /// phase refused the request, an error, the refusal kept for the client's response.
+    fn answer(
+        &mut self,
+        checked: Result<Option<Frame<Bytes>>, (usize, Reject)>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Poll::Ready(match checked {
+            Ok(frame) => frame.map(Ok),
+            Err(refused) => {
+                self.tally.fail(Some(refused));
+                Some(Err(BodyError::Refused))
+            }
+        })
+    }
+}
+
 impl<B, T> HttpBody for RequestBody<B, T>
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -203,55 +220,49 @@ where
             None => {
                 // A body that had any bytes tells its phases it ended, once.
                 let received = this.tally.add(0);
-                if this.phases != 0 && received > 0 && !std::mem::replace(&mut this.ended, true) {
-                    let end = Piece {
-                        data: &Bytes::new(),
-                        received,
-                        end: true,
-                    };
-                    let checked =
-                        this.tally
-                            .chain()
-                            .on_request_body(this.phases, &end, &mut this.state);
-                    if let Err(refused) = checked {
-                        this.tally.fail(Some(refused));
-                        return Poll::Ready(Some(Err(BodyError::Refused)));
-                    }
+                if this.phases == 0 || received == 0 || std::mem::replace(&mut this.ended, true) {
+                    return Poll::Ready(None);
                 }
-                return Poll::Ready(None);
-            }
-        };
-        if let Some(data) = frame.data_ref() {
-            let received = this.tally.add(data.len() as u64);
-            if this.phases != 0 {
-                let piece = Piece {
-                    data,
+                let end = Piece {
+                    data: &Bytes::new(),
                     received,
-                    end: false,
+                    end: true,
                 };
                 let checked =
                     this.tally
                         .chain()
-                        .on_request_body(this.phases, &piece, &mut this.state);
-                if let Err(refused) = checked {
-                    this.tally.fail(Some(refused));
-                    return Poll::Ready(Some(Err(BodyError::Refused)));
-                }
+                        .on_request_body(this.phases, &end, &mut this.state);
+                return this.answer(checked.map(|()| None));
+            }
+        };
+        let checked = if let Some(data) = frame.data_ref() {
+            let received = this.tally.add(data.len() as u64);
+            let piece = Piece {
+                data,
+                received,
+                end: false,
+            };
+            match this.phases {
+                0 => Ok(()),
+                phases => this
+                    .tally
+                    .chain()
+                    .on_request_body(phases, &piece, &mut this.state),
             }
         } else if let Some(fields) = frame.trailers_mut() {
-            if this.phases != 0 {
-                let checked =
-                    this.tally
-                        .chain()
-                        .on_request_trailers(this.phases, fields, &mut this.state);
-                if let Err(refused) = checked {
-                    this.tally.fail(Some(refused));
-                    return Poll::Ready(Some(Err(BodyError::Refused)));
-                }
+            let chain = this.tally.chain();
+            let checked = match this.phases {
+                0 => Ok(()),
+                phases => chain.on_request_trailers(phases, fields, &mut this.state),
+            };
+            if checked.is_ok() {
+                admit_trailers(fields, chain, this.underscores);
             }
-            admit_trailers(fields, this.tally.chain(), this.underscores);
-        }
-        Poll::Ready(Some(Ok(frame)))
+            checked
+        } else {
+            Ok(())
+        };
+        this.answer(checked.map(|()| Some(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
