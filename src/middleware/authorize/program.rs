@@ -305,10 +305,21 @@ fn matches(
         return Ok(Node::Interpreted(e.clone()));
     };
     let regex = Regex::new(source.inner()).map_err(|error| {
+        // The regex crate's syntax error draws the pattern with a caret over several
+        // lines; the error already points at the pattern, so its last line says enough.
+        let reason = match &error {
+            regex::Error::Syntax(text) => text
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("error: "))
+                .unwrap_or(text)
+                .to_owned(),
+            _ => error.to_string(),
+        };
         (
             pattern.id,
             0,
-            format!("invalid pattern for matches(): {error}"),
+            format!("invalid pattern for matches(): {reason}"),
         )
     })?;
     Ok(Node::Matches(Box::new(Node::new(target, env)?), regex))
