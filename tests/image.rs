@@ -6,8 +6,8 @@
 //! that `docker load`, `podman load` and `kind load image-archive` give the image are checked
 //! in the archive's `index.json` and `manifest.json`.
 //!
-//! The archive needs the release musl build, which `cargo test` does not make, so these tests
-//! are ignored by default, with the reason; `.ci/run` builds the archive, installs skopeo and
+//! The archive needs the release musl build, which `cargo test` does not make, so the tests
+//! of the archive are ignored by default, with the reason; `.ci/run` builds the archive, installs skopeo and
 //! umoci, and runs them with `cargo test --test image -- --ignored`, where a missing piece
 //! fails.
 
@@ -293,4 +293,26 @@ fn the_archive_is_reproducible() {
     };
     let (first, second) = (build("a.tar"), build("b.tar"));
     assert!(first == second, "two builds of the image differ");
+}
+
+/// `build-static.sh` checks its one argument before it installs or builds anything: a typo
+/// must not start a 14-minute trained build, or a plain one the user did not ask for.
+#[test]
+fn build_static_refuses_an_unknown_argument() {
+    let out = Command::new("bash")
+        .arg(Path::new(ROOT).join("deploy/build-static.sh"))
+        .arg("--pgo-off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "build-static: unknown argument '--pgo-off' (usage: build-static.sh [--no-pgo])"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing ran before the check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
