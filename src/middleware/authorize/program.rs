@@ -6,15 +6,17 @@
 //! operators policies are made of (`&&`, `||`, `!`, `==`, `!=`, `<`, `<=`, `>`, `>=`, `in`,
 //! `? :`, indexing, `startsWith`, `endsWith`, `contains`, `matches`) are resolved here
 //! once, when the config loads, and run on the interpreter's own values with its own
-//! equality, ordering, containment and indexing; the variables are read by their place in the request, not
-//! by name; subexpressions without variables (`['GET', 'HEAD']`) are evaluated once; a
-//! `matches` pattern written as a literal is compiled once (the interpreter compiles it
-//! at every call), and a pattern that does not compile is a config error.
+//! equality, ordering, containment and indexing; the variables are read by their place in
+//! the request, not by name; subexpressions without variables (`['GET', 'HEAD']`) are
+//! evaluated once; a `matches` pattern written as a literal is compiled once (the
+//! interpreter compiles it at every call), and a pattern that does not compile is a config
+//! error.
 //!
-//! Everything else (comprehensions, arithmetic, `size`, `has`, the strings extension) is handed to the interpreter, subexpression by subexpression. Where this
-//! evaluation meets anything the interpreter would report as an error it gives up
-//! ([`Defer`]) and the interpreter evaluates the whole rule: its value or its error is
-//! the answer, so both paths give the same results (a property test holds them to it).
+//! Everything else (comprehensions, arithmetic, `size`, `has`, the strings extension) is
+//! handed to the interpreter, subexpression by subexpression. Where this evaluation meets
+//! anything the interpreter would report as an error it gives up ([`Defer`]) and the
+//! interpreter evaluates the whole rule: its value or its error is the answer, so both
+//! paths give the same results (a property test holds them to it).
 
 use std::cmp::Ordering;
 use std::sync::Arc;
